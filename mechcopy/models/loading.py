@@ -1,0 +1,92 @@
+"""`load_model`: one entry point for zoo names, local HF folders, official names and tiny models."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import loading_from_pretrained as tl_loading
+
+from mechcopy.models import zoo
+
+
+def _hooked_from_hf_dir(path: Path, name: str, device: str | None, dtype: torch.dtype) -> HookedTransformer:
+    """Build a HookedTransformer from a local Hugging Face folder without touching any hub.
+
+    TransformerLens' own config and weight converters do the work; the tokenizer is loaded from
+    the same folder so that TransformerLens never re-fetches it by name.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = path.resolve()
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    cfg_dict = tl_loading.convert_hf_model_config(str(path))
+    cfg_dict.update(
+        model_name=name,
+        original_architecture=hf_model.config.architectures[0],
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        dtype=dtype,
+        tokenizer_name=str(path),
+    )
+    # convert_hf_model_config infers the config from the folder's config.json; check the sizes
+    # that matter against the HF model so a name-based guess inside TransformerLens cannot slip by.
+    hc = hf_model.config
+    for key, hf_val in [("n_layers", hc.num_hidden_layers), ("d_model", hc.hidden_size),
+                        ("d_mlp", hc.intermediate_size), ("d_vocab", hc.vocab_size)]:
+        if cfg_dict[key] != hf_val:
+            raise ValueError(f"config mismatch for {name}: {key}={cfg_dict[key]} vs HF {hf_val}")
+    cfg = HookedTransformerConfig(**cfg_dict)
+    state_dict = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf_model, dtype=torch.float32)
+    del hf_model
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
+    # Logits stay equal to the HF model's: fold norms (exact), but do not centre the unembedding.
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=True, center_writing_weights=False, center_unembed=False,
+        fold_value_biases=True,
+    )
+    model.to(cfg.device)
+    model.to(dtype)
+    model.eval()
+    return model
+
+
+def load_model(name: str = zoo.DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load a model as a hooked model (HookedTransformer, or HookedMamba for Mamba checkpoints).
+
+    `name` is a zoo name (see `mechcopy models`), a local Hugging Face model folder, the name of a
+    mechcopy model-organism folder, or a TransformerLens official name (needs the hub or a filled HF
+    cache). Tiny random models for tests come from `mechcopy.models.tiny`.
+    """
+    dtype = dtype or torch.float32
+    if name in zoo.ZOO:
+        folder = zoo.fetch(name)
+        return _hooked_from_hf_dir(folder, name, device, dtype)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is a folder but has no config.json (not a Hugging Face model folder)")
+        model_type = _json(path / "config.json").get("model_type", "")
+        if model_type == "mamba":
+            from mechcopy.models.mamba import HookedMamba
+
+            return HookedMamba.from_pretrained(path, device=device, dtype=dtype)
+        return _hooked_from_hf_dir(path, path.name, device, dtype)
+    from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, MODEL_ALIASES
+
+    known_tl = set(OFFICIAL_MODEL_NAMES) | {a for aliases in MODEL_ALIASES.values() for a in aliases}
+    if name in known_tl:
+        logging.info("loading %s through TransformerLens (needs the hub or a filled HF cache)", name)
+        return HookedTransformer.from_pretrained(name, device=device, dtype=dtype)
+    raise KeyError(
+        f"unknown model {name!r}. Known zoo models: {', '.join(zoo.ZOO)} (default {zoo.DEFAULT_MODEL}); "
+        "or pass a local Hugging Face model folder, or a TransformerLens official name."
+    )
+
+
+def _json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random models (fast) and the real zoo models (session-scoped)."""
+
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from mechcopy.models.tiny import tiny_transformer
+
+    return tiny_transformer(n_layers=2, d_model=32, d_mlp=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from mechcopy import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    from mechcopy import load_model
+
+    return load_model("gemma-3-270m")
