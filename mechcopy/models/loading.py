@@ -12,18 +12,22 @@ from transformer_lens import loading_from_pretrained as tl_loading
 from mechcopy.models import zoo
 
 
-def _hooked_from_hf_dir(path: Path, name: str, device: str | None, dtype: torch.dtype) -> HookedTransformer:
+def _hooked_from_hf_dir(
+    path: Path, name: str, device: str | None, dtype: torch.dtype, tl_name: str | None = None
+) -> HookedTransformer:
     """Build a HookedTransformer from a local Hugging Face folder without touching any hub.
 
     TransformerLens' own config and weight converters do the work; the tokenizer is loaded from
-    the same folder so that TransformerLens never re-fetches it by name.
+    the same folder so that TransformerLens never re-fetches it by name. `tl_name` names a
+    TransformerLens model whose config TransformerLens builds by name (Gemma 3, which it does not
+    infer from a config.json); the sizes are checked against the folder's config either way.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = path.resolve()
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    cfg_dict = tl_loading.convert_hf_model_config(str(path))
+    cfg_dict = tl_loading.convert_hf_model_config(tl_name or str(path))
     cfg_dict.update(
         model_name=name,
         original_architecture=hf_model.config.architectures[0],
@@ -39,7 +43,7 @@ def _hooked_from_hf_dir(path: Path, name: str, device: str | None, dtype: torch.
         if cfg_dict[key] != hf_val:
             raise ValueError(f"config mismatch for {name}: {key}={cfg_dict[key]} vs HF {hf_val}")
     cfg = HookedTransformerConfig(**cfg_dict)
-    state_dict = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf_model, dtype=torch.float32)
+    state_dict = tl_loading.get_pretrained_state_dict(tl_name or str(path), cfg, hf_model=hf_model, dtype=torch.float32)
     del hf_model
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
     # Logits stay equal to the HF model's: fold norms (exact), but do not centre the unembedding.
@@ -63,7 +67,7 @@ def load_model(name: str = zoo.DEFAULT_MODEL, device: str | None = None, dtype: 
     dtype = dtype or torch.float32
     if name in zoo.ZOO:
         folder = zoo.fetch(name)
-        return _hooked_from_hf_dir(folder, name, device, dtype)
+        return _hooked_from_hf_dir(folder, name, device, dtype, zoo.ZOO[name].tl_name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

