@@ -1,0 +1,422 @@
+"""Pictures: matplotlib figures on plain data, and circuitsvis views that render offline.
+
+Figure functions take pandas DataFrames (columns documented per function) or arrays and return a
+`matplotlib.figure.Figure` built without pyplot (no global state, never shown); `save_figure`
+writes it as PNG. They never compute anything: analyses return results, these only draw them.
+
+circuitsvis' own objects load their script from a CDN when printed with `str()`, and their
+notebook display probes the internet (http://google.com) on every render. `CircuitsvisHTML`
+inlines circuitsvis' bundled script instead, so views render with no network, in notebooks
+(`_repr_html_`), in saved files (`.save`) and in the report (`mechcopy.report`), which includes
+the script once for all views.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from matplotlib.figure import Figure
+
+from mechcopy.sites import is_mamba, neuron_site
+
+# One colour per condition family, the same in every figure.
+CONDITION_COLORS = {
+    "unpruned": "#4C72B0",
+    "pruned": "#DD8452",
+    "random": "#8C8C8C",
+    "bottom": "#55A868",
+}
+_EXTRA_COLORS = ["#C44E52", "#8172B3", "#937860", "#DA8BC3", "#CCB974", "#64B5CD"]
+DPI = 110
+
+
+# --------------------------------------------------------------------------- matplotlib figures
+
+
+def _check_columns(df: pd.DataFrame, needed: Sequence[str], what: str) -> None:
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} needs DataFrame columns {list(needed)}; missing {missing} "
+                         f"(got {list(df.columns)})")
+    if len(df) == 0:
+        raise ValueError(f"{what}: the DataFrame is empty, nothing to plot")
+
+
+def condition_family(condition: str) -> str:
+    """`random-3` -> `random`: seeds of one baseline are drawn as one bar."""
+    return re.sub(r"[-_ ]?\d+$", "", str(condition))
+
+
+def _color(family: str, order: list[str]) -> str:
+    if family in CONDITION_COLORS:
+        return CONDITION_COLORS[family]
+    extras = [f for f in order if f not in CONDITION_COLORS]
+    return _EXTRA_COLORS[extras.index(family) % len(_EXTRA_COLORS)]
+
+
+def _label(token: str) -> str:
+    """A token as a tick label: visible whitespace, and no `$` (matplotlib would parse mathtext)."""
+    return token.replace("\n", "\\n").replace("\t", "\\t").replace("$", r"\$")
+
+
+def aggregate_conditions(df: pd.DataFrame, metrics=("accuracy", "copy_rate")) -> pd.DataFrame:
+    """Collapse seeded conditions (`random-0`, `random-1`, ...) into one row per task and family.
+
+    A family with one row keeps its own interval (`<metric>_lo/_hi`). A family with several rows
+    (seeds) gets the mean over seeds, and as interval the spread over seeds (min..max of the
+    seeds' values), stated in the figure's legend as "(n seeds)".
+    """
+    rows = []
+    df = df.assign(family=df["condition"].map(condition_family))
+    for (task, family), g in df.groupby(["task", "family"], sort=False):
+        row = {"task": task, "condition": family, "n_seeds": len(g)}
+        for m in metrics:
+            if len(g) == 1:
+                row[m] = float(g[m].iloc[0])
+                row[f"{m}_lo"] = float(g[f"{m}_lo"].iloc[0]) if f"{m}_lo" in g else np.nan
+                row[f"{m}_hi"] = float(g[f"{m}_hi"].iloc[0]) if f"{m}_hi" in g else np.nan
+            else:
+                row[m] = float(g[m].mean())
+                row[f"{m}_lo"] = float(g[m].min())
+                row[f"{m}_hi"] = float(g[m].max())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _ordered_families(families) -> list[str]:
+    seen = list(dict.fromkeys(families))
+    known = [f for f in CONDITION_COLORS if f in seen]
+    return known + [f for f in seen if f not in CONDITION_COLORS]
+
+
+def plot_task_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
+    """Accuracy and copy rate per task and condition, grouped bars with interval whiskers.
+
+    Columns: task, condition, accuracy, accuracy_lo, accuracy_hi, copy_rate, copy_rate_lo,
+    copy_rate_hi (rates in [0, 1]; `_lo/_hi` a confidence interval). Conditions such as
+    `unpruned`, `pruned`, `random-0..n` (drawn as one bar: mean over seeds, whisker = spread over
+    seeds) and `bottom`.
+    """
+    _check_columns(df, ["task", "condition", "accuracy", "accuracy_lo", "accuracy_hi",
+                        "copy_rate", "copy_rate_lo", "copy_rate_hi"], "plot_task_bars")
+    agg = aggregate_conditions(df)
+    tasks = list(dict.fromkeys(agg["task"]))
+    families = _ordered_families(agg["condition"])
+    n_t, n_c = len(tasks), len(families)
+    width = 0.8 / n_c
+    fig = Figure(figsize=(max(6.0, 0.55 * n_t * max(n_c, 2) / 2 + 2), 7.0), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    x = np.arange(n_t)
+    for ax, metric, name in zip(axes, ("accuracy", "copy_rate"), ("accuracy", "copy-error rate")):
+        for j, fam in enumerate(families):
+            sub = agg[agg["condition"] == fam].set_index("task").reindex(tasks)
+            val = sub[metric].to_numpy(float)
+            lo = np.clip(val - sub[f"{metric}_lo"].to_numpy(float), 0, None)
+            hi = np.clip(sub[f"{metric}_hi"].to_numpy(float) - val, 0, None)
+            seeds = int(sub["n_seeds"].max()) if sub["n_seeds"].notna().any() else 1
+            label = fam + (f" (mean of {seeds} seeds, bar = spread)" if seeds > 1 else "")
+            ax.bar(x - 0.4 + width * (j + 0.5), val, width, color=_color(fam, families), label=label,
+                   yerr=np.nan_to_num(np.vstack([lo, hi])), capsize=2, error_kw={"elinewidth": 0.8})
+        ax.set_ylabel(name)
+        ax.set_ylim(0, 1.05)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    axes[0].legend(fontsize=8, ncols=min(n_c, 4), loc="upper left", bbox_to_anchor=(0, 1.25))
+    axes[1].set_xticks(x, [_label(t) for t in tasks], rotation=45 if n_t > 4 else 0, ha="right" if n_t > 4 else "center")
+    fig.suptitle(title or "ICL accuracy and copy-error rate per task (whiskers: 95% interval)")
+    return fig
+
+
+def plot_k_sweep(df: pd.DataFrame, chosen_k: int | None = None, title: str | None = None) -> Figure:
+    """The dev-set sweep over the number of pruned neurons k.
+
+    Columns: k, dev_accuracy, dev_copy_rate, ppl_increase (relative, e.g. 0.02 = +2%); an optional
+    boolean column `chosen` marks the chosen k when `chosen_k` is not given.
+    """
+    _check_columns(df, ["k", "dev_accuracy", "dev_copy_rate", "ppl_increase"], "plot_k_sweep")
+    df = df.sort_values("k")
+    if chosen_k is None and "chosen" in df.columns and df["chosen"].astype(bool).any():
+        chosen_k = int(df.loc[df["chosen"].astype(bool), "k"].iloc[0])
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    k = df["k"].to_numpy(float)
+    ax.plot(k, df["dev_accuracy"], "o-", color=CONDITION_COLORS["unpruned"], label="dev accuracy")
+    ax.plot(k, df["dev_copy_rate"], "s-", color=CONDITION_COLORS["pruned"], label="dev copy-error rate")
+    ax.set_xlabel("k (neurons pruned)")
+    ax.set_ylabel("rate")
+    ax.set_ylim(0, 1.05)
+    positive = k[k > 0]
+    if len(positive) and positive.max() / positive.min() > 20:
+        ax.set_xscale("symlog", linthresh=max(1.0, positive.min()))
+    ax2 = ax.twinx()
+    ax2.plot(k, 100 * df["ppl_increase"].to_numpy(float), "^--", color="#55A868", label="perplexity increase")
+    ax2.set_ylabel("perplexity increase (%)")
+    if chosen_k is not None:
+        ax.axvline(chosen_k, color="k", ls=":", lw=1.2, label=f"chosen k = {chosen_k}")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.suptitle(title or "Choosing k on the probe dev split")
+    return fig
+
+
+def plot_layer_distribution(counts: Sequence[int], title: str | None = None) -> Figure:
+    """Number of selected neurons per layer (`counts[l]` for layer l, e.g. `NeuronSet.layer_counts()`)."""
+    counts = [int(c) for c in counts]
+    if not counts:
+        raise ValueError("plot_layer_distribution: counts is empty (one entry per layer expected)")
+    fig = Figure(figsize=(max(5.0, 0.25 * len(counts) + 2), 3.6), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(np.arange(len(counts)), counts, color=CONDITION_COLORS["pruned"])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("neurons")
+    ax.set_xticks(np.arange(0, len(counts), max(1, len(counts) // 15)))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.suptitle(title or f"Copy neurons per layer ({sum(counts)} in all)")
+    return fig
+
+
+def plot_tv_by_layer(df: pd.DataFrame, title: str | None = None) -> Figure:
+    """Task-vector accuracy against the injection layer.
+
+    Columns: layer, task, condition (e.g. unpruned / pruned), accuracy. One thin line per task
+    (colour) and condition (line style); with several tasks, a thick line per condition gives
+    the mean over tasks.
+    """
+    _check_columns(df, ["layer", "task", "condition", "accuracy"], "plot_tv_by_layer")
+    tasks = list(dict.fromkeys(df["task"]))
+    conds = list(dict.fromkeys(df["condition"]))
+    styles = ["-", "--", ":", "-."]
+    fig = Figure(figsize=(7.5, 4.4), layout="constrained")
+    ax = fig.subplots()
+    cmap = __import__("matplotlib").colormaps["tab10" if len(tasks) <= 10 else "tab20"]
+    many = len(tasks) > 1
+    for ci, cond in enumerate(conds):
+        for ti, task in enumerate(tasks):
+            sub = df[(df["task"] == task) & (df["condition"] == cond)].sort_values("layer")
+            if len(sub):
+                ax.plot(sub["layer"], sub["accuracy"], styles[ci % 4], color=cmap(ti % cmap.N),
+                        lw=0.9 if many else 1.8, alpha=0.6 if many else 1.0,
+                        label=f"{task} ({cond})" if len(tasks) <= 6 or ci == 0 else None)
+        if many:
+            mean = df[df["condition"] == cond].groupby("layer")["accuracy"].mean()
+            ax.plot(mean.index, mean.to_numpy(), styles[ci % 4], color="k", lw=2.4,
+                    label=f"mean over tasks ({cond})")
+    ax.set_xlabel("layer (task vector taken and injected after it)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(title or "Task-vector accuracy by layer")
+    return fig
+
+
+def plot_patching_heatmap(values: Float[np.ndarray, "layers positions"] | torch.Tensor,
+                          token_labels: Sequence[str], title: str = "Activation patching") -> Figure:
+    """A layers x positions heatmap (e.g. normalised logit difference), centred on zero."""
+    values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+    if values.ndim != 2:
+        raise ValueError(f"plot_patching_heatmap: values must be 2-D [layers, positions], got shape {values.shape}")
+    if len(token_labels) != values.shape[1]:
+        raise ValueError(f"plot_patching_heatmap: {len(token_labels)} token labels for {values.shape[1]} positions")
+    n_l, n_p = values.shape
+    vmax = float(np.nanmax(np.abs(values))) or 1.0
+    fig = Figure(figsize=(max(5.0, 0.32 * n_p + 2.5), max(3.0, 0.18 * n_l + 1.8)), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
+    ax.set_xticks(np.arange(n_p), [_label(t) for t in token_labels], rotation=90, fontsize=7)
+    ax.set_yticks(np.arange(0, n_l, max(1, n_l // 15)))
+    ax.set_xlabel("position (token)")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, shrink=0.9)
+    ax.set_title(_label(title))
+    return fig
+
+
+def plot_loss_curve(steps: Sequence[float], losses: Sequence[float], title: str | None = None) -> Figure:
+    """Training loss against step (log scale when the loss spans more than a factor of 10)."""
+    steps, losses = np.asarray(steps, float), np.asarray(losses, float)
+    if steps.shape != losses.shape or steps.ndim != 1 or len(steps) == 0:
+        raise ValueError(f"plot_loss_curve: steps and losses must be equal-length 1-D, got {steps.shape}, {losses.shape}")
+    fig = Figure(figsize=(6.0, 3.6), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(steps, losses, color=CONDITION_COLORS["unpruned"], lw=1.4)
+    if np.all(losses > 0) and losses.max() / losses.min() > 10:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.suptitle(title or "Training loss")
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
+    """Write `fig` as PNG to `path` atomically (temporary file beside it, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- circuitsvis, offline
+
+
+@lru_cache(maxsize=1)
+def circuitsvis_library() -> str:
+    """circuitsvis' bundled browser script (defines `CircuitsVis`), safe to inline in <script>.
+
+    The same text circuitsvis inlines in `local_src`, minus its source-map comment (a browser with
+    developer tools open would try to fetch `iife.js.map`).
+    """
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    if not path.exists():
+        raise FileNotFoundError(f"circuitsvis' bundled script is missing ({path}); reinstall circuitsvis")
+    js = path.read_text(encoding="utf-8").replace("</script>", "")
+    return re.sub(r"\n//# sourceMappingURL=\S*\s*$", "\n", js)
+
+
+def _js_props(props: dict) -> str:
+    """Props as a JS object literal; `</` escaped so a token such as `</script>` cannot end the script."""
+    from circuitsvis.utils.convert_props import convert_props
+
+    return convert_props(props).replace("</", "<\\/")
+
+
+@dataclass(frozen=True)
+class CircuitsvisHTML:
+    """A circuitsvis view that renders with no network.
+
+    `component` is the circuitsvis React component (e.g. "AttentionHeads"), `props` its JSON
+    properties. `local_src` is a self-contained snippet (script inlined, ~1.3 MB); `snippet()`
+    without the library is what the report uses, adding the script once per page.
+    """
+
+    component: str
+    props: str
+    title: str = ""
+
+    @classmethod
+    def build(cls, component: str, title: str = "", **props) -> "CircuitsvisHTML":
+        return cls(component, _js_props(props), title)
+
+    def snippet(self, include_library: bool = True) -> str:
+        div = f"circuits-vis-{uuid.uuid4().hex[:12]}"
+        call = f'CircuitsVis.render("{div}", CircuitsVis.{self.component}, {self.props});'
+        if include_library:
+            # A module script keeps `CircuitsVis` local, so several views in one notebook don't clash.
+            return (f'<div id="{div}" style="margin: 15px 0;"></div>\n'
+                    f'<script type="module">\n{circuitsvis_library()}\n{call}\n</script>')
+        return f'<div id="{div}" class="circuitsvis" style="margin: 15px 0;"></div>\n<script>{call}</script>'
+
+    @property
+    def local_src(self) -> str:
+        return self.snippet(include_library=True)
+
+    def _repr_html_(self) -> str:
+        return self.local_src
+
+    def __html__(self) -> str:
+        return self.local_src
+
+    def __str__(self) -> str:
+        return self.local_src
+
+    def save(self, path: str | Path) -> Path:
+        """Write a standalone HTML page with this view (no network needed to open it)."""
+        import html
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+                f"<title>{html.escape(self.title or self.component)}</title></head>\n<body>\n"
+                f"{self.local_src}\n</body></html>\n")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(tmp, path)
+        return path
+
+
+def attention_view(model, text: str, layer: int, heads: Sequence[int] | None = None) -> CircuitsvisHTML:
+    """circuitsvis attention heads of `layer` on `text` (from `blocks.{layer}.attn.hook_pattern`).
+
+    Uses the `AttentionHeads` component (what `circuitsvis.attention.attention_heads` renders; the
+    older `attention_patterns` is deprecated in circuitsvis).
+    """
+    if is_mamba(model):
+        raise ValueError("attention_view: a Mamba model has no attention patterns; "
+                         "use neuron_activations_view on its mixer neurons instead")
+    if not 0 <= layer < model.cfg.n_layers:
+        raise IndexError(f"layer {layer} out of range: the model has {model.cfg.n_layers} layers")
+    name = f"blocks.{layer}.attn.hook_pattern"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(text, names_filter=lambda n: n == name)
+    pattern = cache[name][0]  # [head, dest, src]
+    head_ids = list(range(pattern.shape[0])) if heads is None else [int(h) for h in heads]
+    return CircuitsvisHTML.build(
+        "AttentionHeads", title=f"Attention, layer {layer}",
+        attention=pattern[head_ids].float().cpu().numpy().round(4),
+        tokens=model.to_str_tokens(text),
+        attentionHeadNames=[f"L{layer}H{h}" for h in head_ids],
+        maskUpperTri=True,
+    )
+
+
+def neuron_activations_view(model, text: str, neurons, max_neurons: int | None = 200) -> CircuitsvisHTML:
+    """Activations of the neurons in `neurons` (a `NeuronSet`) over the tokens of `text`.
+
+    Read at each layer's neuron site (`mechcopy.sites.neuron_site`, so transformers and Mamba
+    alike) and shown with circuitsvis' `TextNeuronActivations`, one entry per neuron labelled
+    `L{layer}N{index}`. With more than `max_neurons` neurons, the ones with the largest absolute
+    activation on this text are kept.
+    """
+    neurons.check(model)
+    by_layer = neurons.by_layer()
+    sites = {neuron_site(model, layer): layer for layer in by_layer}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(text, names_filter=lambda n: n in sites)
+    cols, labels = [], []
+    for site, layer in sites.items():
+        idx = by_layer[layer]
+        cols.append(cache[site][0][:, idx].float())  # [pos, n_in_layer]
+        labels += [f"L{layer}N{int(i)}" for i in idx]
+    acts = torch.cat(cols, dim=1)  # [pos, n]
+    if max_neurons is not None and acts.shape[1] > max_neurons:
+        keep = acts.abs().amax(0).topk(max_neurons).indices.sort().values
+        acts, labels = acts[:, keep], [labels[int(i)] for i in keep]
+    return CircuitsvisHTML.build(
+        "TextNeuronActivations", title=f"{len(labels)} neurons' activations",
+        tokens=model.to_str_tokens(text),
+        activations=acts[:, None, :].cpu().numpy().round(4),  # [tokens, 1, neurons]
+        firstDimensionName="Set", secondDimensionName="Neuron",
+        firstDimensionLabels=[str(neurons.meta.get("name", "neurons"))],
+        secondDimensionLabels=labels,
+    )
+
+
+def to_json_props(view: CircuitsvisHTML) -> dict:
+    """The view's properties as a Python dict (for tests and for saving the data beside a figure)."""
+    return json.loads(view.props.replace("<\\/", "</"))

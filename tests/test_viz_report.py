@@ -1,0 +1,332 @@
+"""Figures, offline circuitsvis views and the HTML report, the report checked in headless Chromium.
+
+The browser test opens the report from disk and requires: every figure decoded and painted, every
+circuitsvis view rendered into DOM content, no console error, and no network request other than
+the report file itself and data: URIs (read from the DevTools Protocol's Network events). A
+control page proves those two detectors do catch an error and a request.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from mechcopy import viz
+from mechcopy.hooks import capture
+from mechcopy.report import Section, render_report, write_report
+from mechcopy.sites import NeuronSet, model_fingerprint, neuron_site
+
+TEXT = "hot -> cold\nbig -> small\nfast ->"
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+def _n_colors(image) -> int:
+    rgb = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(np.int32)
+    return len(np.unique(rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2]))
+
+
+def task_df(seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for task in ("antonyms", "country_capital", "next_letter"):
+        for cond in ("unpruned", "pruned", "random-0", "random-1", "random-2", "bottom"):
+            acc, cr = rng.uniform(0.1, 0.9), rng.uniform(0.0, 0.5)
+            rows.append(dict(task=task, condition=cond, accuracy=acc, accuracy_lo=acc - 0.05,
+                             accuracy_hi=min(1, acc + 0.05), copy_rate=cr, copy_rate_lo=max(0, cr - 0.04),
+                             copy_rate_hi=cr + 0.04))
+    return pd.DataFrame(rows)
+
+
+def k_df() -> pd.DataFrame:
+    ks = [0, 5, 10, 20, 50, 100, 200]
+    return pd.DataFrame(dict(k=ks, dev_accuracy=np.linspace(0.1, 0.5, 7), dev_copy_rate=np.linspace(0.8, 0.3, 7),
+                             ppl_increase=np.linspace(0, 0.08, 7)))
+
+
+def tv_df() -> pd.DataFrame:
+    rows = [dict(layer=l, task=t, condition=c, accuracy=(l / 10 + 0.05 * j + (0.1 if c == "pruned" else 0)) % 1)
+            for l in range(10) for j, t in enumerate(("antonyms", "next_letter")) for c in ("unpruned", "pruned")]
+    return pd.DataFrame(rows)
+
+
+def all_figures() -> dict[str, Figure]:
+    heat = np.sin(np.arange(40).reshape(5, 8) / 3.0)
+    return {
+        "task_bars": viz.plot_task_bars(task_df()),
+        "k_sweep": viz.plot_k_sweep(k_df(), chosen_k=50),
+        "layers": viz.plot_layer_distribution([0, 3, 5, 1, 0, 9]),
+        "tv_by_layer": viz.plot_tv_by_layer(tv_df()),
+        "patching": viz.plot_patching_heatmap(heat, ["<bos>", "hot", " ->", " $x", "\n", "big", " ->", "?"], "patch"),
+        "loss": viz.plot_loss_curve(np.arange(100), 5 * np.exp(-np.arange(100) / 20) + 0.1),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_neurons(tiny):
+    return NeuronSet(((0, 3), (0, 17), (1, 5), (1, 60)), model_fingerprint(tiny), {"name": "test set"})
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_figures_save_as_png(tmp_path):
+    from PIL import Image
+
+    for name, fig in all_figures().items():
+        assert isinstance(fig, Figure)
+        path = viz.save_figure(fig, tmp_path / f"{name}.png")
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width > 200 and im.height > 150
+            assert _n_colors(im.convert("RGB")) > 20, f"{name} looks blank"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.png" for n in all_figures())  # no temp files
+
+
+def test_task_bars_draw_the_data():
+    df = task_df()
+    fig = viz.plot_task_bars(df)
+    acc_ax, copy_ax = fig.axes[:2]
+    fams = ["unpruned", "pruned", "random", "bottom"]
+    tasks = list(dict.fromkeys(df["task"]))
+    heights = np.array([p.get_height() for p in acc_ax.patches]).reshape(len(fams), len(tasks))
+    for i, fam in enumerate(fams):
+        for j, task in enumerate(tasks):
+            sub = df[(df.task == task) & (df.condition.str.startswith(fam))]
+            assert heights[i, j] == pytest.approx(sub.accuracy.mean())  # random: the mean over seeds
+    copies = np.array([p.get_height() for p in copy_ax.patches]).reshape(len(fams), len(tasks))
+    assert copies[1, 0] == pytest.approx(df[(df.task == tasks[0]) & (df.condition == "pruned")].copy_rate.item())
+    agg = viz.aggregate_conditions(df).set_index(["task", "condition"])
+    seeds = df[(df.task == "antonyms") & df.condition.str.startswith("random")]
+    assert agg.loc[("antonyms", "random"), "accuracy_lo"] == pytest.approx(seeds.accuracy.min())
+    assert agg.loc[("antonyms", "random"), "accuracy_hi"] == pytest.approx(seeds.accuracy.max())
+    assert agg.loc[("antonyms", "pruned"), "accuracy_hi"] == pytest.approx(
+        df[(df.task == "antonyms") & (df.condition == "pruned")].accuracy_hi.item())
+    with pytest.raises(ValueError, match="copy_rate_hi"):
+        viz.plot_task_bars(df.drop(columns="copy_rate_hi"))
+
+
+def test_heatmap_and_curves_show_their_values():
+    values = np.random.default_rng(0).normal(size=(4, 6))
+    fig = viz.plot_patching_heatmap(torch.tensor(values), list("abcdef"), "t")
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), values)
+    lo, hi = fig.axes[0].images[0].get_clim()
+    assert lo == pytest.approx(-np.abs(values).max()) and hi == pytest.approx(np.abs(values).max())
+    with pytest.raises(ValueError, match="token labels"):
+        viz.plot_patching_heatmap(values, list("abc"), "t")
+    fig = viz.plot_k_sweep(k_df().assign(chosen=lambda d: d.k == 20))
+    assert any(list(l.get_xdata()) == [20, 20] for l in fig.axes[0].lines)  # the chosen-k marker
+    fig = viz.plot_layer_distribution([2, 0, 7])
+    assert [p.get_height() for p in fig.axes[0].patches] == [2, 0, 7]
+
+
+# --------------------------------------------------------------------------- circuitsvis views
+
+
+def test_attention_view_matches_the_pattern(tiny):
+    view = viz.attention_view(tiny, TEXT, layer=1)
+    store: dict = {}
+    tiny.run_with_hooks(TEXT, fwd_hooks=[("blocks.1.attn.hook_pattern", capture(store))])
+    props = viz.to_json_props(view)
+    np.testing.assert_allclose(np.array(props["attention"]), store["blocks.1.attn.hook_pattern"][0].numpy(), atol=1e-4)
+    assert props["tokens"] == tiny.to_str_tokens(TEXT)
+    assert props["attentionHeadNames"] == [f"L1H{h}" for h in range(tiny.cfg.n_heads)]
+    assert "http" not in view.local_src.split("<script", 1)[0]
+    same = lambda h: re.sub(r"circuits-vis-\w+", "ID", h)  # each render gets its own div id
+    assert same(view._repr_html_()) == same(view.local_src) and view.local_src.count("var CircuitsVis=") == 1
+    with pytest.raises(IndexError):
+        viz.attention_view(tiny, TEXT, layer=2)
+
+
+def test_neuron_view_matches_the_sites(tiny, tiny_neurons, tmp_path):
+    view = viz.neuron_activations_view(tiny, TEXT, tiny_neurons)
+    props = viz.to_json_props(view)
+    store: dict = {}
+    tiny.run_with_hooks(TEXT, fwd_hooks=[(neuron_site(tiny, l), capture(store)) for l in (0, 1)])
+    expected = torch.stack([store[neuron_site(tiny, l)][0, :, i] for l, i in tiny_neurons.neurons], dim=-1)
+    np.testing.assert_allclose(np.array(props["activations"])[:, 0, :], expected.numpy(), atol=1e-4)
+    assert props["secondDimensionLabels"] == ["L0N3", "L0N17", "L1N5", "L1N60"]
+    top2 = viz.to_json_props(viz.neuron_activations_view(tiny, TEXT, tiny_neurons, max_neurons=2))
+    strongest = sorted(expected.abs().amax(0).topk(2).indices.tolist())
+    assert top2["secondDimensionLabels"] == [props["secondDimensionLabels"][i] for i in strongest]
+    saved = view.save(tmp_path / "v.html")
+    assert saved.read_text().startswith("<!DOCTYPE html>")
+    other = NeuronSet(((0, 1),), {**model_fingerprint(tiny), "n_layers": 9})
+    with pytest.raises(ValueError, match="another model"):
+        viz.neuron_activations_view(tiny, TEXT, other)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@pytest.fixture(scope="module")
+def report(tiny, tiny_neurons, tmp_path_factory):
+    """A report with every figure kind, both views, circuitsvis' own local_src, a table and meta."""
+    import circuitsvis
+
+    folder = tmp_path_factory.mktemp("report")
+    figs = {name: viz.save_figure(fig, folder / f"{name}.png") for name, fig in all_figures().items()}
+    native = circuitsvis.tokens.colored_tokens(["a", "b", "c"], [0.1, -0.5, 0.9]).local_src
+    sections = [
+        Section("Tasks", "Accuracy and **copy rate**.\n\n- one\n- two `code`", [figs["task_bars"]],
+                table=task_df().round(3)),
+        Section("Choosing k", "Dev split only.", [figs["k_sweep"], figs["layers"]]),
+        Section("Task vectors", "", [figs["tv_by_layer"], figs["patching"]]),
+        Section("Organism", "Loss.", [figs["loss"]]),
+        Section("Views", "Attention and neurons <b>escaped</b>.",
+                html=[viz.attention_view(tiny, TEXT, 0), viz.neuron_activations_view(tiny, TEXT, tiny_neurons),
+                      native]),
+    ]
+    meta = {"model": model_fingerprint(tiny), "git": "abc123", "settings": {"k": 50, "seed": 0}}
+    path = write_report(folder / "report.html", "mechcopy test report", sections, meta)
+    return path, len(figs), 3
+
+
+def test_report_is_one_offline_file(report):
+    path, n_figures, n_views = report
+    text = path.read_text()
+    assert text.count("<img ") == n_figures and text.count('src="data:image/png;base64,') == n_figures
+    assert text.count("var CircuitsVis=") == 1  # the script once, however many views
+    assert text.count("CircuitsVis.render(") == n_views
+    assert "sourceMappingURL" not in text and "unpkg.com" not in text
+    # No attribute anywhere loads a resource from elsewhere (the script's own string constants aside).
+    assert not re.search(r"""(src|href|action|srcset)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert "&lt;b&gt;escaped&lt;/b&gt;" in text and "<strong>copy rate</strong>" in text
+    assert "abc123" in text and "weight_hash" in text
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(ValueError, match="CDN"):
+        import circuitsvis
+
+        render_report("x", [Section("v", html=[str(circuitsvis.tokens.colored_tokens(["a"], [1.0]))])])
+    with pytest.raises(FileNotFoundError, match="save it first"):
+        render_report("x", [Section("f", figures=[path.parent / "missing.png"])])
+
+
+# --------------------------------------------------------------------------- headless Chromium
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--disable-default-apps", "--disable-extensions",
+                  "--window-size=1280,900"]
+
+
+def _browser_paths() -> tuple[str, str] | None:
+    chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
+    return (chromium, driver) if chromium and driver else None
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    paths = _browser_paths()
+    msg = ("headless Chromium is needed for the report test: install it with "
+           "`apt-get install -y chromium chromium-driver` (.ci/run does this)")
+    if paths is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("selenium is missing: pip install -e '.[dev]'")
+        pytest.skip("selenium is missing: pip install -e '.[dev]'")
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never try to download a driver
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = paths[0]
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(paths[1]), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _open(driver, path: Path) -> None:
+    driver.get_log("browser"), driver.get_log("performance")  # drop what earlier pages logged
+    driver.get(path.resolve().as_uri())
+
+
+def _console_errors(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+
+
+def _requests(driver) -> list[str]:
+    urls = []
+    for entry in driver.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        if msg["method"] == "Network.requestWillBeSent":
+            urls.append(msg["params"]["request"]["url"])
+    return urls
+
+
+def _screenshot(driver):
+    from PIL import Image
+
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+    return Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB")
+
+
+def test_browser_detectors_catch_errors_and_requests(browser, tmp_path):
+    """Control: a page that logs an error and fetches from the network must trip both detectors."""
+    page = tmp_path / "control.html"
+    page.write_text('<html><body><img src="http://127.0.0.1:9/x.png">'
+                    '<script>console.error("control error")</script></body></html>')
+    _open(browser, page)
+    time.sleep(0.5)
+    assert any("control error" in m for m in _console_errors(browser))
+    assert "http://127.0.0.1:9/x.png" in _requests(browser)
+
+
+def test_report_renders_offline_in_chromium(browser, report, tmp_path):
+    path, n_figures, n_views = report
+    _open(browser, path)
+    # circuitsvis renders with React after load: wait until every view holds DOM content.
+    count_js = """return Array.from(document.querySelectorAll('div.view')).map(v =>
+        Array.from(v.querySelectorAll('*')).filter(e => e.tagName !== 'SCRIPT').length);"""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        counts = browser.execute_script(count_js)
+        if len(counts) == n_views and all(c > 3 for c in counts):
+            break
+        time.sleep(0.25)
+    assert len(counts) == n_views and all(c > 3 for c in counts), f"circuitsvis views did not render: {counts}"
+    heights = browser.execute_script(
+        "return Array.from(document.querySelectorAll('div.view')).map(v => v.getBoundingClientRect().height)")
+    assert all(h > 30 for h in heights), heights
+    text = browser.execute_script("return document.querySelectorAll('div.view')[1].innerText")
+    assert "hot" in text, text  # the neuron view shows the prompt's tokens
+    imgs = browser.execute_script("""return Array.from(document.images).map(i => {
+        const r = i.getBoundingClientRect();
+        return [i.complete, i.naturalWidth, r.x + window.scrollX, r.y + window.scrollY, r.width, r.height];});""")
+    assert len(imgs) == n_figures
+    assert all(done and width > 0 for done, width, *_ in imgs), imgs
+
+    errors, requests = _console_errors(browser), _requests(browser)
+    assert errors == [], f"console errors: {errors}"
+    foreign = [u for u in requests if not (u == path.resolve().as_uri() or u.startswith("data:"))]
+    assert foreign == [], f"the report made network requests: {foreign}"
+
+    shot = _screenshot(browser)
+    shot.save(tmp_path / "report.png")
+    assert shot.height > 2000 and _n_colors(shot) > 500, "the screenshot looks blank"
+    for done, width, x, y, w, h in imgs:  # each figure is painted: its screen region is not blank
+        region = shot.crop((int(x), int(y), int(x + w), int(y + h)))
+        assert _n_colors(region) > 20, f"figure at y={y} not painted"
