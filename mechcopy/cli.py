@@ -11,6 +11,7 @@ import warnings
 COMMAND_MODULES = [
     "mechcopy.models.commands",
     "mechcopy.reproduce",
+    "mechcopy.organisms.commands",
 ]
 
 

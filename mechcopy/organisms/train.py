@@ -1,0 +1,237 @@
+"""Train, save and load the model organisms (a small HookedTransformer and a small HookedMamba).
+
+Saved folder: `model.safetensors` (weights), `organism.json` (architecture, model sizes, training
+config, fingerprint, final metrics), `loss.json` and `loss.png` (the loss curve). Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mechcopy.organisms.data import FAMILIES, CharCodec, episode_text, episodes, make_batch
+from mechcopy.sites import model_fingerprint, write_json_atomic
+
+ARCHS = ("transformer", "mamba")
+CONFIG_FILE = "organism.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Default sizes: small enough for ~10 minutes on 2 shared CPU cores.
+DEFAULT_MODEL_KWARGS: dict[str, dict[str, Any]] = {
+    "transformer": {"n_layers": 3, "d_model": 64, "n_heads": 4, "d_mlp": 256, "n_ctx": 128},
+    "mamba": {"n_layers": 3, "d_model": 64},
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines an organism (with the seed, training is reproducible on one machine)."""
+
+    arch: str = "transformer"
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    k_min: int = 2
+    k_max: int = 8
+    families: tuple[str, ...] = FAMILIES
+    seed: int = 0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    eval_every: int = 250
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if not 1 <= self.k_min <= self.k_max:
+            raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+        object.__setattr__(self, "families", tuple(self.families))
+        object.__setattr__(self, "model_kwargs", {**DEFAULT_MODEL_KWARGS[self.arch], **self.model_kwargs})
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-s{self.seed}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_model(arch: str, model_kwargs: dict[str, Any], seed: int, device: str = "cpu"):
+    """A fresh (random) organism of `arch` with the character tokenizer."""
+    if arch == "transformer":
+        from mechcopy.models.tiny import tiny_transformer
+
+        model = tiny_transformer(seed=seed, **model_kwargs)
+    elif arch == "mamba":
+        from mechcopy.models.mamba import tiny_mamba
+
+        model = tiny_mamba(seed=seed, **model_kwargs)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return model.to(device)
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def quick_accuracy(model, sets: tuple[str, ...] = ("map-heldout", "shift-heldout", "class", "probe"),
+                   n: int = 64, k: int = 4, seed: int = 12345) -> dict[str, float]:
+    """Query accuracy per evaluation set, straight from token ids (no prompt builder): for training logs."""
+    codec = CharCodec(model.tokenizer)
+    device = next(model.parameters()).device
+    out = {}
+    for name in sets:
+        eps = episodes(name, n, k, seed)
+        ids = torch.tensor([codec.encode(episode_text(e, with_answer=False)) for e in eps], device=device)
+        pred = model(ids)[:, -1].argmax(-1)
+        gold = torch.tensor([codec.char_to_id[e.query[1]] for e in eps], device=device)
+        out[name] = (pred == gold).float().mean().item()
+    return out
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: str
+    config: dict[str, Any]
+    final_loss: float
+    final_accuracy: dict[str, float]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True,
+                   model=None) -> tuple[Any, TrainResult]:
+    """Train an organism with AdamW on fresh synthetic batches; save it to `out_dir` if given.
+
+    Loss: cross-entropy on every output character (each demo's label and the query's answer).
+    Returns the trained model (eval mode) and a `TrainResult`.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    model = model if model is not None else build_model(cfg.arch, cfg.model_kwargs, cfg.seed, cfg.device)
+    codec = CharCodec(model.tokenizer)
+    rng = random.Random(f"organism-train-{cfg.seed}")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n.lower()]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n.lower())]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    curve: dict[str, list] = {"step": [], "loss": [], "query_loss": [], "eval_step": [], "eval": []}
+    start = time.time()
+    model.train()
+    bar = tqdm(range(cfg.steps), desc=f"train {cfg.name}", disable=not progress, mininterval=2)
+    for step in bar:
+        batch = make_batch(codec, rng, cfg.batch_size, (cfg.k_min, cfg.k_max), cfg.families)
+        tokens = batch.tokens.to(cfg.device)
+        logits = model(tokens)
+        mask = batch.loss_mask[:, :-1].to(cfg.device)
+        targets = tokens[:, 1:]
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+        loss = losses[mask].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        qloss = losses[batch.query_mask[:, :-1].to(cfg.device)].mean().item()
+        curve["step"].append(step)
+        curve["loss"].append(loss.item())
+        curve["query_loss"].append(qloss)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            model.eval()
+            acc = quick_accuracy(model)
+            model.train()
+            curve["eval_step"].append(step + 1)
+            curve["eval"].append(acc)
+            bar.set_postfix(loss=f"{loss.item():.3f}", **{k.split("-")[0][:5]: f"{v:.2f}" for k, v in acc.items()})
+    model.eval()
+    seconds = time.time() - start
+    final_loss = sum(curve["loss"][-50:]) / len(curve["loss"][-50:])
+    result = TrainResult(str(out_dir) if out_dir else "", cfg.to_json(), final_loss,
+                         curve["eval"][-1] if curve["eval"] else {}, seconds)
+    if out_dir is not None:
+        save_organism(model, cfg, out_dir, curve, result)
+    return model, result
+
+
+def save_organism(model, cfg: TrainConfig, out_dir: str | Path, curve: dict | None = None,
+                  result: TrainResult | None = None) -> Path:
+    """Write weights (safetensors), config JSON and, if given, the loss curve (JSON + PNG)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "arch": cfg.arch})
+    meta = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "seed": cfg.seed, "tokenizer": "char",
+            "train": cfg.to_json(), "fingerprint": model_fingerprint(model),
+            "result": result.to_json() if result else None}
+    write_json_atomic(out / CONFIG_FILE, meta)
+    if curve is not None:
+        write_json_atomic(out / "loss.json", curve)
+        plot_loss(curve, out / "loss.png", title=cfg.name)
+    return out
+
+
+def plot_loss(curve: dict, path: str | Path, title: str = "") -> Path:
+    """Loss (smoothed) and periodic held-out accuracies against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3), dpi=90)
+    w = max(1, len(curve["loss"]) // 100)
+    smooth = lambda xs: [sum(xs[max(0, i - w + 1): i + 1]) / len(xs[max(0, i - w + 1): i + 1]) for i in range(len(xs))]
+    a1.plot(curve["step"], smooth(curve["loss"]), label="all outputs")
+    a1.plot(curve["step"], smooth(curve["query_loss"]), label="query", alpha=0.7)
+    a1.set_xlabel("step"), a1.set_ylabel("cross-entropy"), a1.set_yscale("log"), a1.legend(fontsize=7)
+    for name in (curve["eval"][0] if curve["eval"] else {}):
+        a2.plot(curve["eval_step"], [e[name] for e in curve["eval"]], label=name, marker=".")
+    a2.set_xlabel("step"), a2.set_ylabel("query accuracy (k=4)"), a2.set_ylim(0, 1), a2.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def load_organism(path: str | Path, device: str = "cpu"):
+    """The trained hooked model saved in folder `path` by `train_organism`."""
+    from safetensors.torch import load_file
+
+    folder = Path(path).expanduser()
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{folder} holds no organism ({CONFIG_FILE} missing): train one with "
+                                "`mechcopy train-organism --arch transformer --out DIR`")
+    meta = json.loads(cfg_path.read_text())
+    model = build_model(meta["arch"], meta["model_kwargs"], meta["seed"], device)
+    state = load_file(str(folder / WEIGHTS_FILE), device=device)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model
+
+
+def default_dir(arch: str, seed: int) -> Path:
+    """Where `train-organism` saves by default: the user's cache, never the git tree."""
+    from mechcopy.models.zoo import cache_root
+
+    return cache_root() / "organisms" / f"{arch}-s{seed}"

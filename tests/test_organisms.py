@@ -1,0 +1,111 @@
+"""Model organisms: data generator properties, a tiny training run that learns held-out functions,
+and a save/load round trip with identical logits."""
+
+import random
+
+import pytest
+import torch
+
+from mechcopy.organisms import data as D
+from mechcopy.organisms.train import TrainConfig, load_organism, quick_accuracy, save_organism, train_organism
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from mechcopy.models.tiny import char_tokenizer
+
+    return char_tokenizer()
+
+
+def test_functions_are_what_they_claim():
+    shift = D.make_function("shift", 3)
+    assert shift("a") == "d" and shift("y") == "b"
+    cls = D.make_function("class", 1)
+    assert [cls(x) for x in "abcde"] == ["1", "2", "3", "0", "1"] and cls.labels == ("0", "1", "2", "3")
+    with pytest.raises(ValueError, match="permutation"):
+        D.make_function("map", "abc")
+
+
+def test_held_out_functions_never_sampled_in_training():
+    rng = random.Random(0)
+    train = {D.sample_function(f, rng, "train").name for f in ("map", "shift") for _ in range(400)}
+    held = {D.sample_function(f, rng, "heldout").name for f in ("map", "shift") for _ in range(400)}
+    assert train and held and not (train & held)
+    assert all(not D.is_held_out(D.make_function(*n.split("-", 1))) for n in train)
+    assert all(D.is_held_out(D.make_function(*n.split("-", 1))) for n in held)
+    # the criterion is a property of the function, not of the sampler: both splits are non-trivial
+    assert {n.split("-")[0] for n in held} == {"map", "shift"}
+    # the training batches use only training functions (shifts visible in the text)
+    codec_rng = random.Random(1)
+    for _ in range(200):
+        ep = D.sample_episode(D.sample_function("shift", codec_rng, "train"), 3, codec_rng)
+        x, y = ep.demos[0]
+        assert (ord(y) - ord(x)) % 26 not in D.HELD_OUT_SHIFTS
+
+
+def test_probe_gold_never_among_demo_labels_and_answers_correct():
+    for ep in D.episodes("probe", 300, k=4, seed=3):
+        assert ep.query[1] not in ep.demo_labels
+        assert ep.query[1] == ep.function(ep.query[0])
+        assert all(ep.function(x) == y for x, y in ep.demos)
+    for name in ("shift-heldout", "class"):
+        for ep in D.episodes(name, 100, k=4, seed=3):
+            assert ep.query[0] not in [x for x, _ in ep.demos]  # rule tasks: the query is new
+    for ep in D.episodes("map-heldout", 100, k=4, seed=3):
+        assert ep.query in ep.demos  # retrieval: the query repeats a demo
+
+
+def test_generator_is_deterministic_per_seed():
+    assert D.episodes("probe", 50, seed=7) == D.episodes("probe", 50, seed=7)
+    assert D.episodes("probe", 50, seed=7) != D.episodes("probe", 50, seed=8)
+    codec_tok = pytest.importorskip("mechcopy.models.tiny").char_tokenizer()
+    codec = D.CharCodec(codec_tok)
+    b1 = D.make_batch(codec, random.Random(5), 16)
+    b2 = D.make_batch(codec, random.Random(5), 16)
+    assert torch.equal(b1.tokens, b2.tokens) and torch.equal(b1.loss_mask, b2.loss_mask)
+
+
+def test_training_text_matches_shared_prompt_builder(tok):
+    """The training sequences are the evaluation prompts plus the answer, token for token."""
+    from mechcopy.tasks.prompts import encode
+
+    codec = D.CharCodec(tok)
+    ps = D.organism_prompts("probe", tok, n=20, k=4, seed=0)
+    for p, ep in zip(ps.prompts, D.episodes("probe", 20, k=4, seed=0)):
+        assert p.text == D.episode_text(ep, with_answer=False) and p.text.endswith("-> ")
+        full = codec.encode(D.episode_text(ep))
+        assert full == encode(tok, p.text) + list(p.answer_ids)
+        # the loss positions are exactly where the next token is an output character
+        outputs = [y for _, y in ep.demos] + [ep.query[1]]
+        assert [codec.char_to_id[y] for y in outputs] == [full[i + 1] for i in D.answer_positions(ep)]
+        assert set(p.demo_labels) == set(ep.demo_labels) and p.answer not in p.demo_labels
+    a, d = D.probe_splits(tok, n_attr=30, n_dev=30)
+    assert not {p.text for p in a} & {p.text for p in d}
+
+
+def test_tiny_training_learns_held_out_maps():
+    """Seconds of training: retrieval on held-out random maps goes well above chance and above the
+    untrained model (chance is 1/26 for a letter, 1/k for a random demo label)."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(arch="transformer", steps=250, batch_size=32, lr=1e-2, warmup=20, k_min=2, k_max=3,
+                      families=("map",), seed=0, eval_every=10_000,
+                      model_kwargs={"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 64})
+    from mechcopy.organisms.train import build_model
+
+    untrained = quick_accuracy(build_model("transformer", cfg.model_kwargs, 0), ("map-heldout",), n=200, k=3)
+    model, _ = train_organism(cfg, None, progress=False)
+    trained = quick_accuracy(model, ("map-heldout",), n=200, k=3)
+    assert trained["map-heldout"] > max(0.5, untrained["map-heldout"] + 0.3), (untrained, trained)
+
+
+def test_save_load_round_trip(tmp_path, tok):
+    cfg = TrainConfig(arch="transformer", steps=3, batch_size=4, seed=1, eval_every=10_000,
+                      model_kwargs={"n_layers": 1, "d_model": 16, "n_heads": 2, "d_mlp": 32, "n_ctx": 64})
+    model, result = train_organism(cfg, tmp_path / "org", progress=False)
+    for f in ("model.safetensors", "organism.json", "loss.json", "loss.png"):
+        assert (tmp_path / "org" / f).exists(), f
+    loaded = load_organism(tmp_path / "org")
+    tokens = model.to_tokens("a -> b\nc -> ")
+    assert torch.equal(model(tokens), loaded(tokens))
+    with pytest.raises(FileNotFoundError, match="train-organism"):
+        load_organism(tmp_path)
