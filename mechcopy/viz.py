@@ -126,14 +126,15 @@ def plot_task_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
             lo = np.clip(val - sub[f"{metric}_lo"].to_numpy(float), 0, None)
             hi = np.clip(sub[f"{metric}_hi"].to_numpy(float) - val, 0, None)
             seeds = int(sub["n_seeds"].max()) if sub["n_seeds"].notna().any() else 1
-            label = fam + (f" (mean of {seeds} seeds, bar = spread)" if seeds > 1 else "")
+            label = fam + (f" (mean of {seeds} seeds; whisker = range)" if seeds > 1 else "")
             ax.bar(x - 0.4 + width * (j + 0.5), val, width, color=_color(fam, families), label=label,
                    yerr=np.nan_to_num(np.vstack([lo, hi])), capsize=2, error_kw={"elinewidth": 0.8})
         ax.set_ylabel(name)
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    axes[0].legend(fontsize=8, ncols=min(n_c, 4), loc="upper left", bbox_to_anchor=(0, 1.25))
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, ncols=min(n_c, 2 if n_t < 5 else 4),
+               loc="outside lower center")
     axes[1].set_xticks(x, [_label(t) for t in tasks], rotation=45 if n_t > 4 else 0, ha="right" if n_t > 4 else "center")
     fig.suptitle(title or "ICL accuracy and copy-error rate per task (whiskers: 95% interval)")
     return fig
@@ -160,6 +161,8 @@ def plot_k_sweep(df: pd.DataFrame, chosen_k: int | None = None, title: str | Non
     positive = k[k > 0]
     if len(positive) and positive.max() / positive.min() > 20:
         ax.set_xscale("symlog", linthresh=max(1.0, positive.min()))
+        ax.set_xticks(k, [f"{v:g}" for v in k])
+        ax.minorticks_off()
     ax2 = ax.twinx()
     ax2.plot(k, 100 * df["ppl_increase"].to_numpy(float), "^--", color="#55A868", label="perplexity increase")
     ax2.set_ylabel("perplexity increase (%)")
