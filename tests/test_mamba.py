@@ -346,3 +346,65 @@ def test_integrated_gradients_completeness_and_one_token_path(tm):
     contrast(out).sum().backward()
     ig_fast = act[0, 0] * leaf.grad[:, 0].mean(0)
     assert torch.allclose(ig_fast, ig_ref, atol=1e-5)
+
+
+def _fake_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """mamba-ssm's selective_scan_fn semantics (u, delta: b d l; B, C: b n l), in plain torch."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = torch.nn.functional.softplus(delta)
+    x = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for i in range(u.shape[2]):
+        x = torch.exp(delta[:, :, i, None] * A) * x + (delta[:, :, i] * u[:, :, i])[..., None] * B[:, None, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
+    out = torch.stack(ys, dim=2) + u * D[:, None]
+    return out * torch.nn.functional.silu(z) if z is not None else out
+
+
+def _fake_mamba_inner(xz, conv_w, conv_b, x_proj_w, dt_w, out_w, out_b, A, B, C, D, delta_bias, delta_softplus):
+    """mamba-ssm's mamba_inner_fn semantics (xz: b 2d l; returns b l d_model), in plain torch."""
+    x, z = xz.chunk(2, dim=1)
+    L, R, N = x.shape[-1], dt_w.shape[1], A.shape[1]
+    x = torch.nn.functional.silu(torch.nn.functional.conv1d(x, conv_w, conv_b, padding=conv_w.shape[-1] - 1,
+                                                            groups=x.shape[1])[..., :L])
+    x_dbl = torch.einsum("bdl,ed->ble", x, x_proj_w)
+    delta = torch.einsum("dr,blr->bdl", dt_w, x_dbl[..., :R])
+    Bv, Cv = x_dbl[..., R:R + N].transpose(1, 2), x_dbl[..., R + N:].transpose(1, 2)
+    y = _fake_selective_scan(x, delta, A, Bv, Cv, D, z, delta_bias, delta_softplus)
+    return torch.nn.functional.linear(y.transpose(1, 2), out_w, out_b)
+
+
+def test_kernel_dispatch_with_reference_kernels(monkeypatch):
+    """On CPU, stand-in kernels with mamba-ssm's argument layout check which path runs and that hooks fire."""
+    import mechcopy.models.mamba as mm
+
+    calls = {"scan": 0, "inner": 0}
+
+    def scan(*a, **k):
+        calls["scan"] += 1
+        return _fake_selective_scan(*a, **k)
+
+    def inner(*a, **k):
+        calls["inner"] += 1
+        return _fake_mamba_inner(*a, **k)
+
+    model = tiny_mamba(n_layers=2, d_model=16, d_state=4, seed=5)
+    tokens = model.to_tokens("abc -> 1\nde ->")
+    with torch.no_grad():
+        model.set_use_kernels(False)
+        plain, plain_cache = model.run_with_cache(tokens)
+        model.set_use_kernels(True)
+        monkeypatch.setattr(mm, "_KERNEL_CACHE", {"selective_scan_fn": scan, "mamba_inner_fn": inner})
+        monkeypatch.setattr(mm, "_kernel_device_ok", lambda h: True)
+        fused = model(tokens)
+        assert calls == {"scan": 0, "inner": 2}
+        seen = {}
+        scanned = model.run_with_hooks(tokens, fwd_hooks=[(neuron_site(model, 0), hooks.capture(seen))])
+        assert calls == {"scan": 1, "inner": 3}  # layer 0 hooked: scan kernel only; layer 1: fused
+        assert torch.allclose(seen["blocks.0.mixer.hook_gated"], plain_cache["blocks.0.mixer.hook_gated"], atol=1e-5)
+        model.run_with_cache(tokens)  # hook_ssm_state asked for: plain scan everywhere
+        _, state = model(tokens, return_state=True)  # recurrent use: plain
+        assert calls == {"scan": 1, "inner": 3}
+    assert torch.allclose(fused, plain, atol=1e-5) and torch.allclose(scanned, plain, atol=1e-5)

@@ -136,6 +136,11 @@ def _kernels() -> dict[str, Any]:
 _KERNEL_CACHE: dict[str, Any] | None = None
 
 
+def _kernel_device_ok(h: Tensor) -> bool:
+    """The mamba-ssm kernels run on CUDA tensors in float32 / float16 / bfloat16."""
+    return h.is_cuda and h.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
 # ---------------------------------------------------------------------------------------------------
 # modules
 
@@ -218,7 +223,7 @@ class MambaMixer(nn.Module):
         cfg = self.cfg
         batch, pos, _ = h.shape
         stateful = conv_state is not None or ssm_state is not None or return_state
-        kernels = _kernels() if (self.use_kernels and h.is_cuda and h.dtype != torch.float64 and not stateful) else {}
+        kernels = _kernels() if (self.use_kernels and _kernel_device_ok(h) and not stateful) else {}
         if "mamba_inner_fn" in kernels and not self._hooked(MIXER_INTERNAL_HOOKS):
             return self.hook_out(self._fused(h, kernels["mamba_inner_fn"]))
 
