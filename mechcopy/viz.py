@@ -308,7 +308,7 @@ def _js_props(props: dict) -> str:
     return convert_props(props).replace("</", "<\\/")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class CircuitsvisHTML:
     """A circuitsvis view that renders with no network.
 
@@ -340,6 +340,9 @@ class CircuitsvisHTML:
 
     def _repr_html_(self) -> str:
         return self.local_src
+
+    def __repr__(self) -> str:
+        return f"CircuitsvisHTML({self.component}, {self.title!r}, props: {len(self.props) / 1e3:.1f} kB)"
 
     def __html__(self) -> str:
         return self.local_src
@@ -381,7 +384,7 @@ def attention_view(model, text: str, layer: int, heads: Sequence[int] | None = N
     head_ids = list(range(pattern.shape[0])) if heads is None else [int(h) for h in heads]
     return CircuitsvisHTML.build(
         "AttentionHeads", title=f"Attention, layer {layer}",
-        attention=pattern[head_ids].float().cpu().numpy().round(4),
+        attention=pattern[head_ids].double().cpu().numpy().round(4),
         tokens=model.to_str_tokens(text),
         attentionHeadNames=[f"L{layer}H{h}" for h in head_ids],
         maskUpperTri=True,
@@ -413,7 +416,7 @@ def neuron_activations_view(model, text: str, neurons, max_neurons: int | None =
     return CircuitsvisHTML.build(
         "TextNeuronActivations", title=f"{len(labels)} neurons' activations",
         tokens=model.to_str_tokens(text),
-        activations=acts[:, None, :].cpu().numpy().round(4),  # [tokens, 1, neurons]
+        activations=acts[:, None, :].double().cpu().numpy().round(4),  # [tokens, 1, neurons]
         firstDimensionName="Set", secondDimensionName="Neuron",
         firstDimensionLabels=[str(neurons.meta.get("name", "neurons"))],
         secondDimensionLabels=labels,
