@@ -101,6 +101,24 @@ def _ordered_families(families) -> list[str]:
     return known + [f for f in seen if f not in CONDITION_COLORS]
 
 
+def task_results_df(results) -> pd.DataFrame:
+    """`TaskResult`s (objects or their `to_json()` dicts) as the table `plot_task_bars` draws.
+
+    Columns: task, condition, n, accuracy, accuracy_lo, accuracy_hi, copy_rate, copy_rate_lo,
+    copy_rate_hi, copy_share_of_errors, other_rate.
+    """
+    rows = []
+    for r in results:
+        d = r if isinstance(r, dict) else r.to_json()
+        rows.append({
+            "task": d["task"], "condition": d["condition"], "n": d["n"],
+            "accuracy": d["accuracy"], "accuracy_lo": d["accuracy_ci"][0], "accuracy_hi": d["accuracy_ci"][1],
+            "copy_rate": d["copy_rate"], "copy_rate_lo": d["copy_rate_ci"][0], "copy_rate_hi": d["copy_rate_ci"][1],
+            "copy_share_of_errors": d.get("copy_share_of_errors"), "other_rate": d.get("other_rate"),
+        })
+    return pd.DataFrame(rows)
+
+
 def plot_task_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
     """Accuracy and copy rate per task and condition, grouped bars with interval whiskers.
 

@@ -118,6 +118,18 @@ def test_task_bars_draw_the_data():
         viz.plot_task_bars(df.drop(columns="copy_rate_hi"))
 
 
+def test_task_results_df_reads_results():
+    from types import SimpleNamespace
+
+    d = dict(task="t", condition="pruned", n=10, accuracy=0.3, copy_rate=0.5, copy_share_of_errors=0.7,
+             other_rate=0.2, accuracy_ci=[0.1, 0.5], copy_rate_ci=[0.3, 0.7], predictions=["a"] * 10)
+    obj = SimpleNamespace(to_json=lambda: d)
+    df = viz.task_results_df([d, obj])
+    assert list(df.iloc[0][["accuracy_lo", "accuracy_hi", "copy_rate_lo", "copy_rate_hi"]]) == [0.1, 0.5, 0.3, 0.7]
+    assert df.iloc[1].to_dict() == df.iloc[0].to_dict()
+    viz.plot_task_bars(df)
+
+
 def test_heatmap_and_curves_show_their_values():
     values = np.random.default_rng(0).normal(size=(4, 6))
     fig = viz.plot_patching_heatmap(torch.tensor(values), list("abcdef"), "t")
