@@ -12,6 +12,8 @@ COMMAND_MODULES = [
     "mechcopy.models.commands",
     "mechcopy.reproduce",
     "mechcopy.organisms.commands",
+    "mechcopy.task_vectors",
+    "mechcopy.patching",
 ]
 
 
