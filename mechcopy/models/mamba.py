@@ -263,17 +263,19 @@ class MambaMixer(nn.Module):
         dtype = u.dtype
         ct = torch.promote_types(dtype, torch.float32)
         u, delta, A, B, C = u.to(ct), delta.to(ct), A.to(ct), B.to(ct), C.to(ct)
-        dA = torch.exp(delta[..., None] * A)                    # [batch, pos, d_inner, d_state]
-        dBu = (delta * u)[..., None] * B[:, :, None, :]         # [batch, pos, d_inner, d_state]
         h = h0.to(ct) if h0 is not None else u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
         want_states = self.hook_ssm_state.has_hooks()
         ys, states = [], []
-        for t in range(u.shape[1]):
-            h = dA[:, t] * h + dBu[:, t]
+        # Per-position pieces are made inside the loop (cache-sized tensors; ~2x faster forward and
+        # backward than materialising [batch, pos, d_inner, d_state] decays), and the inputs are
+        # unbound once: indexing [:, t] in the loop makes backward zero-fill a full-size gradient
+        # per position (quadratic in the length).
+        for d_t, du_t, B_t, C_t in zip(delta.unbind(1), (delta * u).unbind(1), B.unbind(1), C[..., None].unbind(1)):
+            h = torch.exp(d_t[..., None] * A) * h + du_t[..., None] * B_t[:, None, :]
             if want_states:
                 states.append(h)
             else:
-                ys.append(torch.matmul(h, C[:, t, :, None])[..., 0])
+                ys.append(torch.matmul(h, C_t)[..., 0])
         if want_states:
             # Edits made by a hook here change y at that position only; later states are not recomputed.
             H = self.hook_ssm_state(torch.stack(states, dim=1))
