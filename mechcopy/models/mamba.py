@@ -72,6 +72,7 @@ class MambaConfig:
     dtype: torch.dtype = torch.float32
     default_prepend_bos: bool = False
     n_ctx: int = 2048                # nominal: Mamba has no context limit; for code that asks
+    output_logits_soft_cap: float = -1.0  # off (as in TransformerLens), for code shared with transformers
     tokenizer_name: str | None = None
     seed: int | None = None
 
@@ -482,7 +483,10 @@ class HookedMamba(HookedRootModule):
         """
         tokens = None
         if start_at_layer is None:
-            tokens = self.to_tokens(input, prepend_bos=prepend_bos) if isinstance(input, (str, list)) else input
+            if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
+                tokens = self.to_tokens(list(input) if not isinstance(input, str) else input, prepend_bos=prepend_bos)
+            else:
+                tokens = torch.as_tensor(input)
             if tokens.ndim == 1:
                 tokens = tokens[None]
             resid = self.hook_embed(self.embed(tokens.to(self.embed.W_E.device)))
