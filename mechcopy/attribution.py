@@ -1,0 +1,414 @@
+"""Which neurons push the model to copy a demonstration label: Integrated Gradients on neurons.
+
+For a prompt with gold first token g and demo-label first tokens D, the target at the prediction
+(last) position is one of
+
+* ``contrast``     logit(c) - logit(g), c = the demo label with the highest CLEAN logit (fixed per prompt);
+* ``gold_logprob`` log p(g);
+* ``copy_prob``    sum of p(d) over d in D.
+
+IG for neuron i of layer l (baseline 0): ``IG_i = a_i * int_0^1 dT(alpha * a)/da_i dalpha``, where only
+layer l's neuron vector at the last position is scaled and every other layer stays clean. Per layer,
+completeness says ``sum_i IG_i = T(a) - T(0)``; every result carries both sides.
+
+Two implementations compute the same numbers (tests compare them):
+
+* ``reference``: the full sequence, one layer at a time, the alphas batched, a hook at the neuron site.
+* ``fast``: scaling layer l at the last position changes nothing before layer l and nothing at earlier
+  positions, so each (layer, alpha) row is one token that attends to the clean prefix's cached keys and
+  values. Blocks run by hand: the rows of layer l join the batch when the loop reaches block l, and only
+  the unembedding rows the target needs are computed (two for ``contrast``).
+
+Mamba (``sites.is_mamba``) runs the reference path; ``fast`` falls back to it with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechcopy.sites import is_mamba, model_fingerprint, neuron_site, neurons_per_layer, write_json_atomic
+
+TARGETS = ("contrast", "gold_logprob", "copy_prob")
+METHODS = ("fast", "reference")
+RULES = ("gauss-legendre", "midpoint")
+NORMALISATIONS = ("minmax", "none", "zscore")
+
+
+# ---------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A target for one prompt: which vocabulary rows it reads and how it combines them."""
+
+    name: str
+    gold: int                     # gold first token g
+    demos: tuple[int, ...]        # demo-label first tokens D (without g)
+    copy: int | None = None       # c = argmax over D of the clean logits (contrast only)
+
+    def rows(self) -> list[int] | None:
+        """Unembedding rows needed (None: the full vocabulary, for targets that need the softmax)."""
+        return [self.copy, self.gold] if self.name == "contrast" else None
+
+    def __call__(self, logits: Float[Tensor, "rows vocab_or_sel"]) -> Float[Tensor, "rows"]:
+        if self.name == "contrast":
+            if logits.shape[-1] == 2:        # already the (c, g) rows
+                return logits[:, 0] - logits[:, 1]
+            return logits[:, self.copy] - logits[:, self.gold]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if self.name == "gold_logprob":
+            return logp[:, self.gold]
+        return logp[:, list(self.demos)].exp().sum(-1)
+
+
+def _first_tokens(prompt) -> tuple[int, tuple[int, ...]]:
+    gold = int(prompt.answer_ids[0])
+    demos = tuple(sorted({int(ids[0]) for ids in prompt.demo_label_ids} - {gold}))
+    if not demos:
+        raise ValueError(
+            f"prompt {prompt.text!r}: no demo label starts with a token other than the gold answer's, "
+            "so the copy targets are undefined; use probe prompts (gold never among the demo labels)")
+    return gold, demos
+
+
+def make_target(name: str, prompt, clean_logits: Float[Tensor, "vocab"]) -> TargetSpec:
+    """Build the target of `prompt`; `contrast` fixes c from the clean last-position logits."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
+    gold, demos = _first_tokens(prompt)
+    copy = None
+    if name == "contrast":
+        copy = demos[int(torch.argmax(clean_logits[list(demos)]))]
+    return TargetSpec(name, gold, demos, copy)
+
+
+def quadrature(steps: int, rule: str = "gauss-legendre") -> tuple[Tensor, Tensor]:
+    """Nodes alpha in (0, 1) and weights (summing to 1) for int_0^1 f(alpha) dalpha."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if rule == "midpoint":
+        alphas = (np.arange(steps) + 0.5) / steps
+        weights = np.full(steps, 1.0 / steps)
+    elif rule == "gauss-legendre":
+        x, w = np.polynomial.legendre.leggauss(steps)
+        alphas, weights = (x + 1) / 2, w / 2
+    else:
+        raise ValueError(f"unknown quadrature rule {rule!r}; choose one of {', '.join(RULES)}")
+    return torch.tensor(alphas, dtype=torch.float32), torch.tensor(weights, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Attributions:
+    """Per-prompt neuron attributions plus the per-layer completeness pieces.
+
+    `values[p, l, i]` is neuron i of layer l on prompt p. `sums[p, l] = values[p, l].sum()` should equal
+    `target_clean[p] - target_zero[p, l]` (IG; exact only as steps grow).
+    """
+
+    values: Float[Tensor, "prompts layers neurons"]
+    target_clean: Float[Tensor, "prompts"]
+    target_zero: Float[Tensor, "prompts layers"]
+    target: str
+    attribution: str            # "ig" | "gradxact"
+    method: str                 # "fast" | "reference"
+    steps: int
+    rule: str
+    copy_tokens: tuple[int | None, ...] = ()
+    gold_tokens: tuple[int, ...] = ()
+    layers: tuple[int, ...] = ()
+
+    @property
+    def deltas(self) -> Float[Tensor, "prompts layers"]:
+        return self.target_clean[:, None] - self.target_zero
+
+    @property
+    def sums(self) -> Float[Tensor, "prompts layers"]:
+        return self.values.sum(-1)
+
+    def completeness_error(self) -> Float[Tensor, "prompts layers"]:
+        """|sum IG - (T(a) - T(0))| / |T(a) - T(0)| per prompt and layer."""
+        return (self.sums - self.deltas).abs() / self.deltas.abs().clamp_min(1e-12)
+
+    @classmethod
+    def cat(cls, parts: Sequence["Attributions"]) -> "Attributions":
+        """Join results over prompts (same target, method, steps and layers)."""
+        first = parts[0]
+        for p in parts[1:]:
+            if (p.target, p.attribution, p.steps, p.rule, p.layers) != (
+                    first.target, first.attribution, first.steps, first.rule, first.layers):
+                raise ValueError("cannot join attributions computed with different settings")
+        return cls(torch.cat([p.values for p in parts]), torch.cat([p.target_clean for p in parts]),
+                   torch.cat([p.target_zero for p in parts]), first.target, first.attribution, first.method,
+                   first.steps, first.rule, sum((p.copy_tokens for p in parts), ()),
+                   sum((p.gold_tokens for p in parts), ()), first.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "attribution": self.attribution, "method": self.method,
+                "steps": self.steps, "rule": self.rule, "n_prompts": int(self.values.shape[0]),
+                "target_clean": self.target_clean.tolist(), "target_zero": self.target_zero.tolist(),
+                "layer_sums": self.sums.tolist(), "copy_tokens": list(self.copy_tokens),
+                "gold_tokens": list(self.gold_tokens), "layers": list(self.layers)}
+
+
+# ---------------------------------------------------------------- one prompt, two paths
+
+
+def _tokens(model, prompt) -> Tensor:
+    return model.to_tokens(prompt.text).to(model.cfg.device)
+
+
+def _clean(model, tokens: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Clean last-position logits, neuron activations per layer and resid_pre per layer."""
+    L = model.cfg.n_layers
+    sites = {neuron_site(model, l) for l in range(L)}
+    names = sites | {f"blocks.{l}.hook_resid_pre" for l in range(L)}
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    acts = [cache[neuron_site(model, l)][0, -1].float() for l in range(L)]
+    resid = [cache[f"blocks.{l}.hook_resid_pre"][0, -1:] for l in range(L)]
+    return logits[0, -1].float(), acts, resid
+
+
+def _reference_layer(model, tokens, layer, act, alphas, weights, target):
+    """IG of one layer on the full sequence; returns (attribution [N], target at alpha=0)."""
+    m = len(alphas)
+    scaled = torch.cat([alphas, torch.zeros(1)])[:, None].to(act) * act[None]       # [m+1, N]
+    leaf = scaled.clone().requires_grad_(True)
+
+    def put_leaf(a, hook):
+        return torch.cat([a[:, :-1], leaf[:, None].to(a.dtype)], dim=1)
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens.expand(m + 1, -1), fwd_hooks=[(neuron_site(model, layer), put_leaf)])
+        values = target(logits[:, -1].float())
+        (grad,) = torch.autograd.grad(values[:m].sum(), leaf)
+    ig = act * (weights.to(act)[:, None] * grad[:m].float()).sum(0)
+    return ig.detach(), float(values[m].detach())
+
+
+def _attribute_reference(model, prompt, target_name, alphas, weights, layers):
+    tokens = _tokens(model, prompt)
+    clean_logits, acts, _ = _clean(model, tokens)
+    target = make_target(target_name, prompt, clean_logits)
+    out, zero = [], []
+    for layer in layers:
+        ig, t0 = _reference_layer(model, tokens, layer, acts[layer], alphas, weights, target)
+        out.append(ig)
+        zero.append(t0)
+    t_clean = float(target(clean_logits[None])[0])
+    return torch.stack(out), t_clean, torch.tensor(zero), target
+
+
+def _prefix_cache(model, tokens: Tensor):
+    """A frozen key/value cache of positions [:-1] of the clean run."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    with torch.no_grad():
+        model(tokens[:, :-1], past_kv_cache=cache, return_type=None)
+    cache.freeze()
+    return cache
+
+
+def _attribute_fast(model, prompt, target_name, alphas, weights, layers):
+    """One token per (layer, alpha) row, attending to the frozen prefix cache; rows join at their layer."""
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    tokens = _tokens(model, prompt)
+    clean_logits, acts, resid = _clean(model, tokens)
+    target = make_target(target_name, prompt, clean_logits)
+    prefix = _prefix_cache(model, tokens)
+    L, m = len(layers), len(alphas)
+    rows_per_layer = m + 1                                    # the m nodes plus alpha = 0
+    node = torch.cat([alphas, torch.zeros(1)])[:, None]
+    leaves = {l: (node.to(acts[l]) * acts[l][None]).clone().requires_grad_(True) for l in layers}
+
+    def put_leaf(layer):
+        def hook(a, hook):                                    # a: [rows, 1, N]; layer's rows are the last ones
+            return torch.cat([a[:-rows_per_layer], leaves[layer][:, None].to(a.dtype)], dim=0)
+        return hook
+
+    hooks = [(neuron_site(model, l), put_leaf(l)) for l in layers]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        x = resid[0].new_zeros(0, 1, resid[0].shape[-1])
+        for layer in range(layers[0], model.cfg.n_layers):
+            block = model.blocks[layer]
+            if layer in leaves:
+                x = torch.cat([x, resid[layer][None].expand(rows_per_layer, 1, -1)], dim=0)
+            entry = prefix[layer]
+            n = x.shape[0]
+            rows_entry = TransformerLensKeyValueCacheEntry(
+                entry.past_keys.expand(n, -1, -1, -1), entry.past_values.expand(n, -1, -1, -1), frozen=True)
+            x = block(x, past_kv_cache_entry=rows_entry)
+        if model.cfg.normalization_type is not None:
+            x = model.ln_final(x)
+        x = x[:, 0]                                           # [L*(m+1), d_model], first layer's rows first
+        rows = target.rows()
+        if rows is None:
+            logits = model.unembed(x[:, None])[:, 0]
+        else:
+            logits = x @ model.unembed.W_U[:, rows] + model.unembed.b_U[rows]
+        logits = apply_softcap(logits, model.cfg.output_logits_soft_cap)
+        values = target(logits.float()).reshape(L, rows_per_layer)
+        grads = torch.autograd.grad(values[:, :m].sum(), [leaves[l] for l in layers])
+    w = weights[:, None]
+    ig = torch.stack([acts[l] * (w.to(acts[l]) * g[:m].float()).sum(0) for l, g in zip(layers, grads)])
+    t_clean = float(target(clean_logits[None])[0])
+    return ig.detach(), t_clean, values[:, m].detach().float(), target
+
+
+def _attribute(model, prompts, target, alphas, weights, method, kind, steps, rule, progress, layers):
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else sorted({int(l) for l in layers})
+    if not layers or not all(0 <= l < n_layers for l in layers):
+        raise IndexError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {layers}")
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "fast" and is_mamba(model):
+        warnings.warn("the fast IG path needs a key/value cache, which HookedMamba lacks; "
+                      "using the reference path (same numbers, slower)", stacklevel=3)
+        method = "reference"
+    if not prompts:
+        raise ValueError("no prompts to attribute")
+    fn = _attribute_fast if method == "fast" else _attribute_reference
+    vals, clean, zero, copies, golds = [], [], [], [], []
+    for prompt in tqdm(prompts, desc=f"{kind} ({method})", disable=not progress):
+        v, c, z, t = fn(model, prompt, target, alphas, weights, layers)
+        vals.append(v)
+        clean.append(c)
+        zero.append(z)
+        copies.append(t.copy)
+        golds.append(t.gold)
+    return Attributions(torch.stack(vals), torch.tensor(clean), torch.stack(zero), target, kind, method,
+                        steps, rule, tuple(copies), tuple(golds), tuple(layers))
+
+
+def integrated_gradients(model, prompts: Sequence, target: str = "contrast", steps: int = 20,
+                         method: str = "fast", rule: str = "gauss-legendre", layers: Sequence[int] | None = None,
+                         progress: bool = False) -> Attributions:
+    """IG of every neuron of every layer, per prompt (`.values` is [n_prompts, n_layers, n_neurons]).
+
+    `layers` limits the layers attributed (default all; `.values` then has one slice per listed layer).
+    """
+    alphas, weights = quadrature(steps, rule)
+    return _attribute(model, prompts, target, alphas, weights, method, "ig", steps, rule, progress, layers)
+
+
+def grad_x_act(model, prompts: Sequence, target: str = "contrast", method: str = "fast",
+               layers: Sequence[int] | None = None, progress: bool = False) -> Attributions:
+    """Gradient x activation at the clean point (first order; IG with a single node at alpha = 1)."""
+    one = torch.ones(1)
+    return _attribute(model, prompts, target, one, one, method, "gradxact", 1, "endpoint", progress, layers)
+
+
+# ---------------------------------------------------------------- copy scores
+
+
+def normalise(values: Float[Tensor, "prompts layers neurons"], how: str = "minmax") -> Tensor:
+    """Per-prompt normalisation over all neurons of all layers."""
+    flat = values.reshape(values.shape[0], -1)
+    if how == "none":
+        out = flat
+    elif how == "minmax":
+        lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+        out = (flat - lo) / (hi - lo).clamp_min(1e-12)
+    elif how == "zscore":
+        out = (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-12)
+    else:
+        raise ValueError(f"unknown normalisation {how!r}; choose one of {', '.join(NORMALISATIONS)}")
+    return out.reshape(values.shape)
+
+
+@dataclass(frozen=True)
+class CopyScores:
+    """Mean normalised attribution per neuron over the attribution prompts (high = pushes to copy)."""
+
+    scores: Float[Tensor, "layers neurons"]
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.meta.get("model", {})
+
+    def check(self, model) -> None:
+        """Raise unless these scores were computed on a model with `model`'s identity and sizes."""
+        fp = model_fingerprint(model)
+        want = (fp["n_layers"], fp["neurons_per_layer"])
+        if tuple(self.scores.shape) != want:
+            raise ValueError(f"scores have shape {tuple(self.scores.shape)}, the model has {want} "
+                             "(layers, neurons): they were computed on another model")
+        for k in ("name", "architecture"):
+            if k in self.model and self.model[k] != fp[k]:
+                raise ValueError(f"scores were computed on another model ({k}: {self.model[k]!r} vs {fp[k]!r})")
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.meta)
+
+    def save(self, path: str | Path) -> Path:
+        """`path` (.safetensors) holds the tensor; the JSON metadata also goes into its header."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"scores": self.scores.contiguous().float()}, str(tmp),
+                  metadata={"mechcopy": json.dumps(self.meta, default=str)})
+        tmp.replace(path)
+        write_json_atomic(path.with_suffix(".json"), self.meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CopyScores":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no copy-score file at {path}; run `mechcopy find` first")
+        with safe_open(str(path), framework="pt") as f:
+            if "scores" not in f.keys():
+                raise ValueError(f"{path} holds no 'scores' tensor: not a copy-score file")
+            scores = f.get_tensor("scores")
+            meta = json.loads((f.metadata() or {}).get("mechcopy", "{}"))
+        return cls(scores, meta)
+
+
+def copy_scores(model, attributions: Attributions | Tensor, normalisation: str = "minmax",
+                prompts: Sequence | None = None, seed: int = 0, **meta) -> CopyScores:
+    """Normalise each prompt's attributions, then average over prompts."""
+    values = attributions.values if isinstance(attributions, Attributions) else attributions
+    scores = normalise(values, normalisation).mean(0)
+    info: dict[str, Any] = {"model": model_fingerprint(model), "normalisation": normalisation, "seed": seed,
+                            "n_prompts": int(values.shape[0])}
+    if isinstance(attributions, Attributions):
+        info.update(target=attributions.target, steps=attributions.steps, method=attributions.method,
+                    attribution=attributions.attribution, rule=attributions.rule,
+                    completeness_error_median=float(attributions.completeness_error().median()))
+    if prompts is not None:
+        info["prompts"] = [{"text": p.text, "answer": p.answer} for p in prompts]
+    info.update(meta)
+    return CopyScores(scores, info)
+
+
+def rank_correlation(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two score tensors (flattened)."""
+    ra = a.flatten().argsort().argsort().double()
+    rb = b.flatten().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / math.sqrt(float((ra @ ra) * (rb @ rb))))

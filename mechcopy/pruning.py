@@ -1,0 +1,189 @@
+"""Select copy neurons from their scores, choose k on the probe's dev split, and prune them.
+
+Pruning sets the selected neurons to zero at every position. Two equivalent forms: a named hook
+(`pruning_hooks`, `pruned`: temporary, composable) and a permanent weight edit (`prune_weights`: zero
+the matching rows of `W_out`, or Mamba's `out_proj` input columns); tests check they give identical
+logits. Baselines: random neurons matched per layer (`random_matched`, several seeds) and the
+bottom-score set (`bottom_set`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mechcopy.attribution import CopyScores
+from mechcopy.hooks import zero_neurons
+from mechcopy.sites import NeuronSet, is_mamba, model_fingerprint, neuron_site, neurons_per_layer
+
+MODES = ("global", "per-layer", "threshold")
+DEFAULT_KS = (5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def pruning_hooks(model, neurons: NeuronSet) -> list[tuple[str, Callable]]:
+    """`zero_neurons` at each layer's neuron site (checked against `model` first)."""
+    neurons.check(model)
+    return [(neuron_site(model, layer), zero_neurons(idx)) for layer, idx in neurons.by_layer().items()]
+
+
+@contextmanager
+def pruned(model, neurons: NeuronSet):
+    """Inside the block, `model` runs with `neurons` zeroed (hooks removed on exit)."""
+    with model.hooks(fwd_hooks=pruning_hooks(model, neurons)):
+        yield model
+
+
+def prune_weights(model, neurons: NeuronSet) -> None:
+    """Permanently prune: zero `W_out` rows (transformer) or `out_proj` input columns (Mamba)."""
+    neurons.check(model)
+    with torch.no_grad():
+        for layer, idx in neurons.by_layer().items():
+            if is_mamba(model):
+                w = model.blocks[layer].mixer.out_proj.weight      # [d_model, d_inner]
+                w[:, idx.to(w.device)] = 0
+            else:
+                w = model.blocks[layer].mlp.W_out                  # [d_mlp, d_model]
+                w[idx.to(w.device)] = 0
+
+
+def random_matched(model, neurons: NeuronSet, seed: int) -> NeuronSet:
+    """Random neurons with the same count in every layer (avoiding the set itself where possible)."""
+    neurons.check(model)
+    width = neurons_per_layer(model)
+    gen = torch.Generator().manual_seed(int(seed))
+    chosen = []
+    for layer, idx in neurons.by_layer().items():
+        pool = torch.ones(width, dtype=torch.bool)
+        if width - len(idx) >= len(idx):
+            pool[idx] = False
+        candidates = pool.nonzero()[:, 0]
+        pick = candidates[torch.randperm(len(candidates), generator=gen)[: len(idx)]]
+        chosen += [(layer, int(i)) for i in pick]
+    return NeuronSet(tuple(chosen), neurons.model,
+                     {"selection": "random-matched", "seed": int(seed), "matched_to": len(neurons)})
+
+
+def conditions(model, neurons: NeuronSet, n_random: int = 5, seed: int = 0,
+               scores: CopyScores | None = None) -> list[tuple[str, list]]:
+    """[("pruned", hooks), ("random-<seed>", hooks) x n_random, ("bottom", hooks)] for evaluation.
+
+    `bottom` needs copy scores: `scores`, or the file named in `neurons.meta["scores_path"]`.
+    """
+    neurons.check(model)
+    out = [("pruned", pruning_hooks(model, neurons))]
+    for s in range(seed, seed + n_random):
+        out.append((f"random-{s}", pruning_hooks(model, random_matched(model, neurons, s))))
+    if scores is None and neurons.meta.get("scores_path"):
+        from pathlib import Path
+
+        path = Path(neurons.meta["scores_path"])
+        if path.exists():
+            scores = CopyScores.load(path)
+    if scores is not None:
+        out.append(("bottom", pruning_hooks(model, bottom_set(scores, len(neurons)))))
+    return out
+
+
+# ---------------------------------------------------------------- selection
+
+
+def select(scores: CopyScores, mode: str = "global", k: int | None = None,
+           threshold: float | None = None) -> NeuronSet:
+    """Top neurons by copy score: global top-k, top-k in every layer, or score >= threshold."""
+    s = scores.scores
+    n_layers, width = s.shape
+    if mode == "global":
+        if k is None or not 0 < k <= s.numel():
+            raise ValueError(f"global top-k needs 0 < k <= {s.numel()}, got {k}")
+        flat = torch.topk(s.flatten(), k).indices
+        pairs = [(int(i) // width, int(i) % width) for i in flat]
+    elif mode == "per-layer":
+        if k is None or not 0 < k <= width:
+            raise ValueError(f"per-layer top-k needs 0 < k <= {width}, got {k}")
+        idx = torch.topk(s, k, dim=1).indices
+        pairs = [(l, int(i)) for l in range(n_layers) for i in idx[l]]
+    elif mode == "threshold":
+        if threshold is None:
+            raise ValueError("threshold selection needs a threshold")
+        pairs = [(int(l), int(i)) for l, i in (s >= threshold).nonzero()]
+        if not pairs:
+            raise ValueError(f"no neuron scores >= {threshold} (max score {float(s.max()):.4g}); lower it")
+    else:
+        raise ValueError(f"unknown selection mode {mode!r}; choose one of {', '.join(MODES)}")
+    return NeuronSet(tuple(pairs), scores.model,
+                     {"selection": mode, "k": k, "threshold": threshold, "n": len(pairs)})
+
+
+def bottom_set(scores: CopyScores, k: int) -> NeuronSet:
+    """The k lowest-scoring neurons (global): the set that pushes hardest *against* copying."""
+    if not 0 < k <= scores.scores.numel():
+        raise ValueError(f"bottom-k needs 0 < k <= {scores.scores.numel()}, got {k}")
+    width = scores.scores.shape[1]
+    flat = torch.topk(-scores.scores.flatten(), k).indices
+    return NeuronSet(tuple((int(i) // width, int(i) % width) for i in flat), scores.model,
+                     {"selection": "bottom", "k": k})
+
+
+# ---------------------------------------------------------------- the k sweep on the dev split
+
+
+@dataclass(frozen=True)
+class KSweep:
+    """Dev accuracy and perplexity for each k; the chosen k maximises dev accuracy within the ppl bound."""
+
+    rows: tuple[dict[str, Any], ...]
+    baseline: dict[str, Any]
+    chosen_k: int | None
+    mode: str
+    max_ppl_increase: float
+    text: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rows": list(self.rows), "baseline": self.baseline, "chosen_k": self.chosen_k,
+                "mode": self.mode, "max_ppl_increase": self.max_ppl_increase, "text": self.text, **self.meta}
+
+
+def sweep_k(model, scores: CopyScores, dev_prompts: Sequence, ks: Sequence[int] = DEFAULT_KS,
+            mode: str = "global", max_ppl_increase: float = 0.05, text: str | None = None,
+            text_name: str = "pydoc_data.topics", n_tokens: int = 4096, seed: int = 0,
+            progress: bool = False) -> KSweep:
+    """For each k: dev accuracy under pruning and relative perplexity increase on held-out text.
+
+    Never pass evaluation-task prompts here: the dev split of the probe is the only tuning data.
+    """
+    from mechcopy.evaluation import evaluate, perplexity
+
+    if not dev_prompts:
+        raise ValueError("the k sweep needs dev prompts (the probe's dev split)")
+    scores.check(model)
+    width = neurons_per_layer(model)
+    ks = sorted({int(k) for k in ks if 0 < k <= (width if mode == "per-layer" else scores.scores.numel())})
+    if not ks:
+        raise ValueError("no valid k in the sweep grid for this model")
+    base = evaluate(model, dev_prompts, condition="unpruned", seed=seed, n_boot=200)
+    ppl0 = perplexity(model, text, n_tokens=n_tokens)
+    baseline = {"k": 0, "n_neurons": 0, "dev_accuracy": base.accuracy, "dev_copy_rate": base.copy_rate,
+                "ppl": ppl0, "ppl_increase": 0.0}
+    rows = []
+    for k in tqdm(ks, desc="k sweep", disable=not progress):
+        ns = select(scores, mode, k=k)
+        hooks = pruning_hooks(model, ns)
+        res = evaluate(model, dev_prompts, fwd_hooks=hooks, condition=f"k={k}", seed=seed, n_boot=200)
+        ppl = perplexity(model, text, fwd_hooks=hooks, n_tokens=n_tokens)
+        inc = ppl / ppl0 - 1.0
+        rows.append({"k": k, "n_neurons": len(ns), "dev_accuracy": res.accuracy,
+                     "dev_copy_rate": res.copy_rate, "ppl": ppl, "ppl_increase": inc,
+                     "feasible": inc <= max_ppl_increase})
+    feasible = [r for r in rows if r["feasible"]]
+    chosen = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if feasible else None
+    return KSweep(tuple(rows), baseline, chosen, mode, max_ppl_increase, text_name,
+                  {"n_dev": len(dev_prompts), "n_tokens": n_tokens, "seed": seed,
+                   "model": model_fingerprint(model)})

@@ -1,0 +1,151 @@
+"""Pruning: hook == weight edit, random baselines, selection modes, the k sweep, bad inputs."""
+
+import copy
+
+import pytest
+import torch
+
+from mechcopy.attribution import CopyScores
+from mechcopy.pruning import (
+    bottom_set, conditions, prune_weights, pruned, pruning_hooks, random_matched, select, sweep_k,
+)
+from mechcopy.sites import NeuronSet, model_fingerprint, neuron_site, neurons_per_layer
+
+
+@pytest.fixture(scope="module")
+def tiny3():
+    from mechcopy.models.tiny import tiny_transformer
+
+    return tiny_transformer(n_layers=3, d_model=32, d_mlp=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def mamba():
+    from mechcopy.models.mamba import tiny_mamba
+
+    return tiny_mamba(n_layers=2, d_model=32, seed=0)
+
+
+def _set(model, pairs, **meta):
+    return NeuronSet(tuple(pairs), model_fingerprint(model), meta)
+
+
+def _scores(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return CopyScores(torch.rand(model.cfg.n_layers, neurons_per_layer(model), generator=g),
+                      {"model": model_fingerprint(model)})
+
+
+TEXT = "pear -> 2\nfig -> 1\nplum -> "
+
+
+@pytest.mark.parametrize("which", ["tiny3", "mamba"])
+def test_hook_equals_weight_edit(which, request):
+    model = request.getfixturevalue(which)
+    ns = _set(model, [(0, 1), (0, 5), (1, 7), (1, 30)])
+    with torch.no_grad():
+        clean = model(TEXT)
+        with pruned(model, ns):
+            hooked = model(TEXT)
+        again = model(TEXT)
+        edited = copy.deepcopy(model)
+        prune_weights(edited, ns)
+        weight = edited(TEXT)
+    assert torch.equal(clean, again), "the context manager must remove its hooks"
+    assert not torch.allclose(clean, hooked)
+    assert torch.allclose(hooked, weight, atol=1e-6, rtol=0)
+
+
+def test_hooks_zero_exactly_the_selected_neurons(tiny3):
+    ns = _set(tiny3, [(1, 3), (1, 9), (2, 0)])
+    hooks = pruning_hooks(tiny3, ns)
+    assert [h[0] for h in hooks] == [neuron_site(tiny3, 1), neuron_site(tiny3, 2)]
+    with torch.no_grad():
+        _, clean = tiny3.run_with_cache(TEXT)
+        with pruned(tiny3, ns):
+            _, cache = tiny3.run_with_cache(TEXT)
+    post = cache[neuron_site(tiny3, 1)]
+    assert (post[..., [3, 9]] == 0).all()
+    keep = [i for i in range(64) if i not in (3, 9)]
+    assert torch.equal(post[..., keep], clean[neuron_site(tiny3, 1)][..., keep])
+    assert torch.equal(cache[neuron_site(tiny3, 0)], clean[neuron_site(tiny3, 0)])
+
+
+def test_random_matched_keeps_layer_counts_and_varies(tiny3):
+    ns = _set(tiny3, [(0, 1), (0, 2), (0, 3), (2, 10)])
+    r0, r1, r0b = (random_matched(tiny3, ns, s) for s in (0, 1, 0))
+    for r in (r0, r1):
+        assert r.layer_counts(3) == ns.layer_counts(3)
+        assert not set(r.neurons) & set(ns.neurons)
+    assert r0.neurons != r1.neurons
+    assert r0.neurons == r0b.neurons
+    assert r0.meta["seed"] == 0
+
+
+def test_selection_modes(tiny3):
+    sc = _scores(tiny3)
+    s = sc.scores
+    top = select(sc, "global", k=5)
+    assert len(top) == 5
+    cut = torch.topk(s.flatten(), 5).values.min()
+    assert all(s[l, i] >= cut for l, i in top.neurons)
+    assert top.meta["selection"] == "global" and top.meta["k"] == 5
+    per = select(sc, "per-layer", k=3)
+    assert per.layer_counts(3) == [3, 3, 3]
+    for l, i in per.neurons:
+        assert s[l, i] >= torch.topk(s[l], 3).values.min()
+    th = select(sc, "threshold", threshold=0.9)
+    assert set(th.neurons) == {(int(l), int(i)) for l, i in (s >= 0.9).nonzero()}
+    bot = bottom_set(sc, 5)
+    assert max(float(s[l, i]) for l, i in bot.neurons) <= float(torch.topk(-s.flatten(), 5).values.neg().max())
+    with pytest.raises(ValueError):
+        select(sc, "global", k=0)
+    with pytest.raises(ValueError):
+        select(sc, "threshold", threshold=2.0)
+    with pytest.raises(ValueError):
+        select(sc, "sideways", k=3)
+
+
+def test_conditions(tiny3):
+    sc = _scores(tiny3)
+    ns = select(sc, "global", k=6)
+    conds = conditions(tiny3, ns, n_random=3, seed=10, scores=sc)
+    assert [c[0] for c in conds] == ["pruned", "random-10", "random-11", "random-12", "bottom"]
+    assert [c[0] for c in conditions(tiny3, ns, n_random=1)] == ["pruned", "random-0"]
+
+
+def test_bad_inputs(tiny3, mamba, tmp_path):
+    other = _set(mamba, [(0, 1)])
+    with pytest.raises(ValueError, match="another model"):
+        pruning_hooks(tiny3, other)
+    with pytest.raises(IndexError, match="out of range"):
+        pruning_hooks(tiny3, _set(tiny3, [(0, 64)]))
+    with pytest.raises(IndexError, match="out of range"):
+        prune_weights(tiny3, _set(tiny3, [(3, 0)]))
+    with pytest.raises(ValueError, match="empty"):
+        conditions(tiny3, _set(tiny3, []))
+    ns = _set(tiny3, [(0, 1)])
+    path = ns.save(tmp_path / "n.json")
+    with pytest.raises(ValueError, match="another model"):
+        with pruned(mamba, NeuronSet.load(path)):
+            pass
+
+
+def test_sweep_picks_best_feasible_k(tiny3):
+    from mechcopy.tasks.probe import probe_splits
+
+    _, dev = probe_splits(tiny3.tokenizer, n_attr=2, n_dev=6)
+    sc = _scores(tiny3)
+    sw = sweep_k(tiny3, sc, dev, ks=[2, 4, 150, 500], max_ppl_increase=0.5, n_tokens=256)
+    assert [r["k"] for r in sw.rows] == [2, 4, 150]  # 500 > 192 neurons: dropped
+    feasible = [r for r in sw.rows if r["ppl_increase"] <= 0.5]
+    assert all(r["feasible"] == (r in feasible) for r in sw.rows)
+    if feasible:
+        best = max(r["dev_accuracy"] for r in feasible)
+        assert sw.chosen_k == min(r["k"] for r in feasible if r["dev_accuracy"] == best)
+    else:
+        assert sw.chosen_k is None
+    assert sw.baseline["ppl_increase"] == 0.0
+    assert sw.to_json()["rows"][0]["k"] == 2
+    tight = sweep_k(tiny3, sc, dev, ks=[150], max_ppl_increase=-1.0, n_tokens=256)
+    assert tight.chosen_k is None
