@@ -255,6 +255,12 @@ def test_recurrent_state_matches_full_run(tm):
             return a
         ref = tm.run_with_hooks(tokens, fwd_hooks=[(site, zero_last)])
         assert torch.allclose(scaled[::3, 0], ref[:, -1], atol=1e-5)
+        # block by block, the prefix state broadcast over rows (like a frozen key/value cache entry)
+        x = cache["blocks.0.hook_resid_pre"][:1, -1:].repeat_interleave(2, 0)
+        for l, block in enumerate(tm.blocks):
+            n = x.shape[0]
+            x = block(x, state.conv[l][:1].expand(n, -1, -1), state.ssm[l][:1].expand(n, -1, -1))
+        assert torch.allclose(tm.unembed(tm.ln_final(x))[:, 0], full[:1, -1].expand(2, -1), atol=1e-5)
         # stop_at_layer returns the residual stream
         assert torch.allclose(tm(tokens, stop_at_layer=1), cache["blocks.1.hook_resid_pre"])
 
