@@ -444,6 +444,10 @@ class HookedMamba(HookedRootModule):
         self.embed.W_E.copy_(normal(self.embed.W_E.shape, 1.0))
         self.unembed.W_U.copy_(normal(self.unembed.W_U.shape, 2.0 / cfg.d_model**0.5))
         self.unembed.b_U.zero_()
+        for norm in [self.ln_final] + [block.norm for block in self.blocks]:
+            norm.w.fill_(1.0)
+            if norm.is_ln:
+                norm.b.zero_()
         for block in self.blocks:
             m = block.mixer
             m.in_proj.weight.copy_(normal(m.in_proj.weight.shape, 1.0 / cfg.d_model**0.5))
