@@ -66,7 +66,7 @@ class TargetSpec:
             if logits.shape[-1] == 2:        # already the (c, g) rows
                 return logits[:, 0] - logits[:, 1]
             return logits[:, self.copy] - logits[:, self.gold]
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(_f(logits), dim=-1)
         if self.name == "gold_logprob":
             return logp[:, self.gold]
         return logp[:, list(self.demos)].exp().sum(-1)
@@ -167,6 +167,11 @@ class Attributions:
 # ---------------------------------------------------------------- one prompt, two paths
 
 
+def _f(x: Tensor) -> Tensor:
+    """At least float32 (keeps float64 models in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _tokens(model, prompt) -> Tensor:
     return model.to_tokens(prompt.text).to(model.cfg.device)
 
@@ -178,9 +183,9 @@ def _clean(model, tokens: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     names = sites | {f"blocks.{l}.hook_resid_pre" for l in range(L)}
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    acts = [cache[neuron_site(model, l)][0, -1].float() for l in range(L)]
+    acts = [_f(cache[neuron_site(model, l)][0, -1]) for l in range(L)]
     resid = [cache[f"blocks.{l}.hook_resid_pre"][0, -1:] for l in range(L)]
-    return logits[0, -1].float(), acts, resid
+    return _f(logits[0, -1]), acts, resid
 
 
 def _reference_layer(model, tokens, layer, act, alphas, weights, target):
@@ -194,9 +199,9 @@ def _reference_layer(model, tokens, layer, act, alphas, weights, target):
 
     with torch.enable_grad():
         logits = model.run_with_hooks(tokens.expand(m + 1, -1), fwd_hooks=[(neuron_site(model, layer), put_leaf)])
-        values = target(logits[:, -1].float())
+        values = target(_f(logits[:, -1]))
         (grad,) = torch.autograd.grad(values[:m].sum(), leaf)
-    ig = act * (weights.to(act)[:, None] * grad[:m].float()).sum(0)
+    ig = act * (weights.to(act)[:, None] * _f(grad[:m])).sum(0)
     return ig.detach(), float(values[m].detach())
 
 
@@ -264,12 +269,12 @@ def _attribute_fast(model, prompt, target_name, alphas, weights, layers):
         else:
             logits = x @ model.unembed.W_U[:, rows] + model.unembed.b_U[rows]
         logits = apply_softcap(logits, model.cfg.output_logits_soft_cap)
-        values = target(logits.float()).reshape(L, rows_per_layer)
+        values = target(_f(logits)).reshape(L, rows_per_layer)
         grads = torch.autograd.grad(values[:, :m].sum(), [leaves[l] for l in layers])
     w = weights[:, None]
-    ig = torch.stack([acts[l] * (w.to(acts[l]) * g[:m].float()).sum(0) for l, g in zip(layers, grads)])
+    ig = torch.stack([acts[l] * (w.to(acts[l]) * _f(g[:m])).sum(0) for l, g in zip(layers, grads)])
     t_clean = float(target(clean_logits[None])[0])
-    return ig.detach(), t_clean, values[:, m].detach().float(), target
+    return ig.detach(), t_clean, _f(values[:, m].detach()), target
 
 
 def _attribute(model, prompts, target, alphas, weights, method, kind, steps, rule, progress, layers):
@@ -296,7 +301,7 @@ def _attribute(model, prompts, target, alphas, weights, method, kind, steps, rul
         zero.append(z)
         copies.append(t.copy)
         golds.append(t.gold)
-    return Attributions(torch.stack(vals), torch.tensor(clean), torch.stack(zero), target, kind, method,
+    return Attributions(torch.stack(vals), torch.tensor(clean, dtype=vals[0].dtype), torch.stack(zero).to(vals[0].dtype), target, kind, method,
                         steps, rule, tuple(copies), tuple(golds), tuple(layers))
 
 

@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "mechcopy.organisms.commands",
     "mechcopy.task_vectors",
     "mechcopy.patching",
+    "mechcopy.find_cli",
 ]
 
 

@@ -149,3 +149,44 @@ def test_sweep_picks_best_feasible_k(tiny3):
     assert sw.to_json()["rows"][0]["k"] == 2
     tight = sweep_k(tiny3, sc, dev, ks=[150], max_ppl_increase=-1.0, n_tokens=256)
     assert tight.chosen_k is None
+
+
+def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch):
+    """`find` end to end on the tiny model; an interrupted run resumes and gives the same result."""
+    import mechcopy.attribution as attribution
+    from mechcopy.attribution import CopyScores
+    from mechcopy.find_cli import find
+
+    kw = dict(n=4, n_dev=4, shots=2, steps=3, ks=[2, 4], max_ppl_increase=10.0, ppl_tokens=128, every=2,
+              progress=False)
+    full = find(tiny3, tmp_path / "a.json", **kw)
+    assert len(full) == full.meta["sweep"]["chosen_k"]
+    assert NeuronSet.load(tmp_path / "a.json").neurons == full.neurons
+    scores = CopyScores.load(full.meta["scores_path"])
+    assert select(scores, "global", k=len(full)).neurons == full.neurons
+    assert [c[0] for c in conditions(tiny3, full, n_random=1)] == ["pruned", "random-0", "bottom"]
+
+    real, calls = attribution.integrated_gradients, []
+
+    def flaky(*a, **k):
+        calls.append(len(a[1]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(attribution, "integrated_gradients", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        find(tiny3, tmp_path / "b.json", **kw)
+    calls.clear()
+    monkeypatch.setattr(attribution, "integrated_gradients", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k))[1])
+    resumed = find(tiny3, tmp_path / "b.json", **kw)
+    assert calls == [2], "the resumed run attributes only the prompts the checkpoint lacks"
+    assert resumed.neurons == full.neurons
+    assert torch.equal(CopyScores.load(resumed.meta["scores_path"]).scores, scores.scores)
+
+
+def test_find_cli_registered():
+    from mechcopy.cli import build_parser
+
+    args = build_parser().parse_args(["find", "--out", "x.json", "--method", "gradxact"])
+    assert args.method == "gradxact" and args.n == 200 and args.steps == 20 and args.target == "contrast"
