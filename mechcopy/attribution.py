@@ -19,14 +19,14 @@ Two implementations compute the same numbers (tests compare them):
   values. Blocks run by hand: the rows of layer l join the batch when the loop reaches block l, and only
   the unembedding rows the target needs are computed (two for ``contrast``).
 
-Mamba (``sites.is_mamba``) runs the reference path; ``fast`` falls back to it with a warning.
+On Mamba (``sites.is_mamba``) the fast path continues the prefix's recurrent state (conv window and SSM
+state, ``HookedMamba(..., return_state=True)``) instead of a key/value cache.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -229,15 +229,43 @@ def _prefix_cache(model, tokens: Tensor):
     return cache
 
 
-def _attribute_fast(model, prompt, target_name, alphas, weights, layers):
-    """One token per (layer, alpha) row, attending to the frozen prefix cache; rows join at their layer."""
+def _transformer_stepper(model, tokens: Tensor):
+    """block(layer, rows) for one-token rows attending to the clean prefix's frozen keys and values."""
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    prefix = _prefix_cache(model, tokens)
+
+    def run(layer: int, x: Tensor) -> Tensor:
+        entry, n = prefix[layer], x.shape[0]
+        rows_entry = TransformerLensKeyValueCacheEntry(
+            entry.past_keys.expand(n, -1, -1, -1), entry.past_values.expand(n, -1, -1, -1), frozen=True)
+        return model.blocks[layer](x, past_kv_cache_entry=rows_entry)
+
+    return run
+
+
+def _mamba_stepper(model, tokens: Tensor):
+    """block(layer, rows) for one-token rows continuing the clean prefix's conv window and SSM state."""
+    with torch.no_grad():
+        _, state = model(tokens[:, :-1], return_type=None, return_state=True)
+
+    def run(layer: int, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        conv = state.conv[layer].expand(n, -1, -1).contiguous()
+        ssm = state.ssm[layer].expand(n, -1, -1).contiguous()
+        return model.blocks[layer](x, conv, ssm, False)
+
+    return run
+
+
+def _attribute_fast(model, prompt, target_name, alphas, weights, layers):
+    """One token per (layer, alpha) row continuing the clean prefix; rows join the batch at their layer."""
     from transformer_lens.utilities.activation_functions import apply_softcap
 
     tokens = _tokens(model, prompt)
     clean_logits, acts, resid = _clean(model, tokens)
     target = make_target(target_name, prompt, clean_logits)
-    prefix = _prefix_cache(model, tokens)
+    run_block = _mamba_stepper(model, tokens) if is_mamba(model) else _transformer_stepper(model, tokens)
     L, m = len(layers), len(alphas)
     rows_per_layer = m + 1                                    # the m nodes plus alpha = 0
     node = torch.cat([alphas, torch.zeros(1)])[:, None]
@@ -252,14 +280,9 @@ def _attribute_fast(model, prompt, target_name, alphas, weights, layers):
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         x = resid[0].new_zeros(0, 1, resid[0].shape[-1])
         for layer in range(layers[0], model.cfg.n_layers):
-            block = model.blocks[layer]
             if layer in leaves:
                 x = torch.cat([x, resid[layer][None].expand(rows_per_layer, 1, -1)], dim=0)
-            entry = prefix[layer]
-            n = x.shape[0]
-            rows_entry = TransformerLensKeyValueCacheEntry(
-                entry.past_keys.expand(n, -1, -1, -1), entry.past_values.expand(n, -1, -1, -1), frozen=True)
-            x = block(x, past_kv_cache_entry=rows_entry)
+            x = run_block(layer, x)
         if model.cfg.normalization_type is not None:
             x = model.ln_final(x)
         x = x[:, 0]                                           # [L*(m+1), d_model], first layer's rows first
@@ -268,7 +291,7 @@ def _attribute_fast(model, prompt, target_name, alphas, weights, layers):
             logits = model.unembed(x[:, None])[:, 0]
         else:
             logits = x @ model.unembed.W_U[:, rows] + model.unembed.b_U[rows]
-        logits = apply_softcap(logits, model.cfg.output_logits_soft_cap)
+        logits = apply_softcap(logits, getattr(model.cfg, "output_logits_soft_cap", None))
         values = target(_f(logits)).reshape(L, rows_per_layer)
         grads = torch.autograd.grad(values[:, :m].sum(), [leaves[l] for l in layers])
     w = weights[:, None]
@@ -286,10 +309,6 @@ def _attribute(model, prompts, target, alphas, weights, method, kind, steps, rul
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "fast" and is_mamba(model):
-        warnings.warn("the fast IG path needs a key/value cache, which HookedMamba lacks; "
-                      "using the reference path (same numbers, slower)", stacklevel=3)
-        method = "reference"
     if not prompts:
         raise ValueError("no prompts to attribute")
     fn = _attribute_fast if method == "fast" else _attribute_reference

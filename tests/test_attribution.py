@@ -1,7 +1,5 @@
 """Integrated Gradients on neurons: completeness, fast == reference, grad x act, copy scores."""
 
-import warnings
-
 import pytest
 import torch
 
@@ -140,11 +138,10 @@ def test_completeness_and_fast_on_tiny_mamba(mamba):
     tgt = make_target("contrast", prompt, mamba(prompt.text)[0, -1])
     delta = _target_at(mamba, prompt, tgt, 1, 1.0) - _target_at(mamba, prompt, tgt, 1, 0.0)
     assert abs(float(att.deltas[0, 1]) - delta) < 1e-5
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fast = integrated_gradients(mamba, ps, steps=64, method="fast")
-    assert any("reference path" in str(w.message) for w in caught)
-    assert torch.allclose(fast.values, att.values, atol=1e-6)
+    fast = integrated_gradients(mamba, ps, steps=64, method="fast")         # continues the recurrent state
+    assert fast.method == "fast"
+    assert (fast.values - att.values).abs().max() <= 1e-3 * att.values.abs().max()
+    assert torch.allclose(fast.target_zero, att.target_zero, atol=1e-5)
 
 
 def test_copy_scores_normalisation_and_roundtrip(tiny3, tmp_path):
