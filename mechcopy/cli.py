@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "mechcopy.task_vectors",
     "mechcopy.patching",
     "mechcopy.find_cli",
+    "mechcopy.evaluate_cli",
 ]
 
 

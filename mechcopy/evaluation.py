@@ -1,0 +1,217 @@
+"""ICL accuracy, copy-error rates with bootstrap intervals, and perplexity, under any forward hooks.
+
+Prompts are batched only with prompts of the same token length, so no padding or attention mask is
+needed and the numbers are exact for transformers and Mamba alike. Every forward pass runs inside
+`model.hooks(fwd_hooks=...)`, so pruning and other interventions compose with the evaluator.
+Single-token answers are scored by the argmax of the next token; multi-token answers by greedy
+generation up to the separator. A copy error is a wrong prediction equal to one of the demo labels.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechcopy.tasks.prompts import SEPARATOR, ICLPrompt, PromptSet
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Accuracy and error breakdown of one task under one condition (rates are shares of all n)."""
+
+    task: str
+    condition: str
+    n: int
+    accuracy: float
+    copy_rate: float
+    copy_share_of_errors: float
+    other_rate: float
+    accuracy_ci: tuple[float, float]
+    copy_rate_ci: tuple[float, float]
+    predictions: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["accuracy_ci"], d["copy_rate_ci"] = list(self.accuracy_ci), list(self.copy_rate_ci)
+        d["predictions"] = list(self.predictions)
+        return d
+
+
+def _as_list(prompts) -> list[ICLPrompt]:
+    return list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
+
+
+def _is_transformer(model) -> bool:
+    from transformer_lens import HookedTransformer
+
+    return isinstance(model, HookedTransformer)
+
+
+def last_logits(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
+    """Logits at the last position. For a HookedTransformer only the last position is unembedded
+    (the same numbers as `model(tokens)[:, -1]`, and every hook point still runs)."""
+    if not _is_transformer(model):
+        return model(tokens)[:, -1]
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    resid = model(tokens, stop_at_layer=model.cfg.n_layers)[:, -1:]
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)[:, -1]
+
+
+def _steps(p: ICLPrompt) -> int:
+    """1 (next-token argmax) when the answer and every demo label are one token, else the
+    generation budget: the longest of them + 2 tokens."""
+    longest = max([len(p.answer_ids), *map(len, p.demo_label_ids)])
+    return 1 if longest == 1 else longest + 2
+
+
+def predict(model, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int = 32,
+            sep: str = SEPARATOR, progress: bool = False) -> list[str]:
+    """The model's answer to each prompt (decoded text, stripped), under `fwd_hooks`.
+
+    Prompts whose answer and demo labels are all one token: argmax of the next token. Otherwise greedy
+    generation (the full sequence is re-run each step, exact for any architecture) until the
+    generated text contains `sep`, the EOS token, or max(answer, demo label lengths) + 2 tokens.
+    Only prompts of equal token length share a batch.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = _as_list(prompts)
+    tok = model.tokenizer
+    eos = getattr(tok, "eos_token_id", None)
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    groups: dict[tuple[int, int], list[tuple[int, Tensor]]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        ids = model.to_tokens(p.text)[0]
+        steps = _steps(p)
+        if n_ctx is not None and len(ids) + steps > n_ctx:
+            raise ValueError(f"prompt {i} of task {p.task!r} has {len(ids)} tokens (+{steps} to generate), "
+                             f"longer than the model's context of {n_ctx}; use fewer shots")
+        groups[(len(ids), steps == 1)].append((i, ids))
+    out: list[str | None] = [None] * len(prompts)
+    batches = [items[s:s + batch_size] for items in groups.values() for s in range(0, len(items), batch_size)]
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        for batch in tqdm(batches, desc="predict", disable=not progress, leave=False):
+            index = [i for i, _ in batch]
+            tokens = torch.stack([ids for _, ids in batch])
+            budget = [_steps(prompts[i]) for i in index]
+            steps = max(budget)
+            generated = [[] for _ in index]
+            done = [False] * len(index)
+            for _ in range(steps):
+                nxt = last_logits(model, tokens).argmax(-1)
+                for r, t in enumerate(nxt.tolist()):
+                    if done[r]:
+                        continue
+                    if t == eos and steps > 1:
+                        done[r] = True
+                        continue
+                    generated[r].append(t)
+                    if len(generated[r]) >= budget[r] or sep in tok.decode(generated[r]):
+                        done[r] = True
+                if all(done) or steps == 1:
+                    break
+                tokens = torch.cat([tokens, nxt[:, None].to(tokens.device)], dim=1)
+            for r, i in enumerate(index):
+                out[i] = tok.decode(generated[r]).split(sep)[0].strip()
+    return out  # type: ignore[return-value]
+
+
+def classify(prompts: Sequence[ICLPrompt], predictions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean arrays (correct, copy): correct = prediction equals the answer (stripped); copy = wrong
+    and equal to one of the demo labels."""
+    predictions = [pred.strip() for pred in predictions]
+    correct = np.array([pred == p.answer.strip() for p, pred in zip(prompts, predictions)], dtype=bool)
+    copy = np.array([not c and pred in {l.strip() for l in p.demo_labels}
+                     for p, pred, c in zip(prompts, predictions, correct)], dtype=bool)
+    return correct, copy
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> np.ndarray:
+    """Percentile bootstrap intervals of the mean for each column of `values` [n, m] -> [m, 2]."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim == 1:
+        values = values[:, None]
+    n = len(values)
+    if n == 0:
+        return np.full((values.shape[1], 2), np.nan)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    means = values[idx].mean(axis=1)  # [n_boot, m]
+    return np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0).T
+
+
+def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], condition: str = "unpruned",
+              seed: int = 0, n_boot: int = 1000) -> TaskResult:
+    """Score predictions against prompts (no model needed): rates and 95% bootstrap intervals."""
+    prompts = _as_list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to evaluate (did every pair get dropped? see PromptSet.dropped)")
+    correct, copy = classify(prompts, predictions)
+    n, n_err = len(prompts), int((~correct).sum())
+    ci = bootstrap_ci(np.stack([correct, copy], axis=1), n_boot=n_boot, seed=seed)
+    tasks = sorted({p.task for p in prompts})
+    return TaskResult(
+        task=tasks[0] if len(tasks) == 1 else ",".join(tasks), condition=condition, n=n,
+        accuracy=float(correct.mean()), copy_rate=float(copy.mean()),
+        copy_share_of_errors=float(copy.sum() / n_err) if n_err else 0.0,
+        other_rate=float((~correct & ~copy).mean()),
+        accuracy_ci=(float(ci[0, 0]), float(ci[0, 1])), copy_rate_ci=(float(ci[1, 0]), float(ci[1, 1])),
+        predictions=tuple(predictions),
+    )
+
+
+def evaluate(model, prompts: Sequence[ICLPrompt], fwd_hooks=(), condition: str = "unpruned", seed: int = 0,
+             n_boot: int = 1000, batch_size: int = 32, progress: bool = False) -> TaskResult:
+    """Predict every prompt under `fwd_hooks` and score it (accuracy, copy rate, 95% bootstrap CIs)."""
+    prompts = _as_list(prompts)
+    preds = predict(model, prompts, fwd_hooks=fwd_hooks, batch_size=batch_size, progress=progress)
+    return summarize(prompts, preds, condition=condition, seed=seed, n_boot=n_boot)
+
+
+def default_text() -> str:
+    """Held-out English text available offline everywhere: the standard library's pydoc topics."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics.values())
+
+
+def perplexity(model, text: str | None = None, fwd_hooks=(), n_tokens: int = 4096, window: int = 256,
+               batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) over the first `n_tokens` tokens of `text`, in non-overlapping windows.
+
+    Each window is fed as BOS + window tokens (when the tokenizer has a BOS) and every window token is
+    predicted; without a BOS the first token of each window is context only.
+    """
+    tok = model.tokenizer
+    text = default_text() if text is None else text
+    ids = list(tok(text[: max(n_tokens * 12, 1000)], add_special_tokens=False)["input_ids"])
+    if len(ids) < n_tokens:
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    ids = ids[:n_tokens]
+    bos = getattr(tok, "bos_token_id", None)
+    windows = [([bos] if bos is not None else []) + ids[s:s + window] for s in range(0, len(ids), window)]
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+        raise ValueError("the text is too short to measure perplexity (needs at least 2 tokens)")
+    by_len: dict[int, list[list[int]]] = defaultdict(list)
+    for w in windows:
+        by_len[len(w)].append(w)
+    total, count = 0.0, 0
+    device = getattr(model.cfg, "device", "cpu")
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        for ws in by_len.values():
+            for s in range(0, len(ws), batch_size):
+                tokens = torch.tensor(ws[s:s + batch_size], device=device)
+                logp = torch.log_softmax(model(tokens).float(), dim=-1)[:, :-1]
+                nll = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
+                total += float(nll.sum())
+                count += nll.numel()
+    return float(np.exp(total / count))

@@ -1,0 +1,175 @@
+"""Few-shot prompts that are exact about tokens.
+
+A prompt is `demo_1 SEP demo_2 SEP ... SEP query-part-of-template`, and it ends right before the
+answer's first token. The builder tokenizes the full text `demos + query + answer` and the prefix with
+the model's BOS convention (what `model.to_tokens(text)` gives), checks that the prefix tokens are a
+prefix of the full tokens, and takes the rest as the answer ids. When the first answer token is only
+whitespace (SmolLM2 splits `" 3"` into `" "`, `"3"`), that token moves into the prompt (which then
+ends with `"-> "`), and demo labels are tokenized the same way so `demo_label_ids` compare with
+`answer_ids`. Pairs that cannot be made exact are dropped and reported with the reason.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+TEMPLATE = "{x} -> {y}"
+SEPARATOR = "\n"
+
+
+@dataclass(frozen=True)
+class ICLPrompt:
+    """One few-shot prompt; `text` is exactly what the model sees, `answer_ids` its gold continuation."""
+
+    task: str
+    text: str
+    query: str
+    answer: str
+    answer_ids: tuple[int, ...]
+    demos: tuple[tuple[str, str], ...]
+    demo_labels: tuple[str, ...]
+    demo_label_ids: tuple[tuple[int, ...], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task": self.task, "text": self.text, "query": self.query, "answer": self.answer,
+                "answer_ids": list(self.answer_ids), "demos": [list(d) for d in self.demos],
+                "demo_labels": list(self.demo_labels), "demo_label_ids": [list(i) for i in self.demo_label_ids]}
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts built for one task, and the (pair, reason) of every pair that had to be dropped."""
+
+    task: str
+    prompts: tuple[ICLPrompt, ...]
+    dropped: tuple[tuple[tuple[str, str], str], ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self):
+        return iter(self.prompts)
+
+    def __getitem__(self, i):
+        return self.prompts[i]
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with the model's BOS convention: BOS (if the tokenizer has one) + tokens.
+
+    This equals `model.to_tokens(text)[0]` for HookedTransformer's default `prepend_bos=True`.
+    """
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return ([bos] if bos is not None else []) + ids
+
+
+def _split_template(template: str) -> tuple[str, str]:
+    if template.count("{x}") != 1 or template.count("{y}") != 1 or template.index("{x}") > template.index("{y}"):
+        raise ValueError(f"template {template!r} must contain '{{x}}' once, then '{{y}}' once (e.g. {TEMPLATE!r})")
+    head, tail = template.split("{y}")
+    return head, tail
+
+
+def _fill(template: str, x: str, y: str) -> str:
+    return template.replace("{x}", x).replace("{y}", y)
+
+
+def _continuation(tokenizer, prefix: str, rest: str, what: str) -> list[int]:
+    """Ids that `rest` adds after `prefix`, checking the prefix tokens are unchanged by it."""
+    p_ids, f_ids = encode(tokenizer, prefix), encode(tokenizer, prefix + rest)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in f_ids:
+        raise ValueError(f"the tokenizer does not know some characters of {what} (it maps them to the unknown token)")
+    if f_ids[: len(p_ids)] != p_ids:
+        raise ValueError(f"{what} merges with the end of the prompt into other tokens "
+                         f"({len(p_ids)} prompt tokens are not a prefix of the full text's tokens)")
+    cont = f_ids[len(p_ids):]
+    if not cont:
+        raise ValueError(f"{what} adds no tokens")
+    return cont
+
+
+def _is_blank(tokenizer, tok: int) -> bool:
+    return tokenizer.decode([tok]).strip() == ""
+
+
+def make_prompt(demos: Sequence[tuple[str, str]], query_pair: tuple[str, str], tokenizer,
+                template: str = TEMPLATE, sep: str = SEPARATOR, task: str = "") -> ICLPrompt:
+    """Build one prompt; raise ValueError (with the reason) if the answer is not one exact continuation."""
+    head, _ = _split_template(template)
+    x, y = query_pair
+    lead = head.replace("{x}", x)
+    stem = lead.rstrip(" ")
+    spaces = lead[len(stem):]
+    context = sep.join(_fill(template, dx, dy) for dx, dy in demos) + (sep if demos else "")
+    prefix = context + stem
+    cont = _continuation(tokenizer, prefix, spaces + y, f"answer {y!r}")
+    moved = None
+    if len(cont) > 1 and _is_blank(tokenizer, cont[0]):
+        # The answer starts with a whitespace-only token: it belongs to the prompt, so the model's
+        # next token is the first piece of the answer proper (as in every demo).
+        moved = cont[0]
+        ws = tokenizer.decode([moved])
+        if not (spaces + y).startswith(ws) or encode(tokenizer, prefix + ws) != encode(tokenizer, prefix)[:] + [moved]:
+            raise ValueError(f"answer {y!r} starts with a whitespace token {ws!r} that does not tokenize "
+                             "the same at the end of the prompt")
+        prefix, cont = prefix + ws, cont[1:]
+    if tokenizer.decode(cont).strip() != y.strip():
+        raise ValueError(f"answer {y!r} tokens decode to {tokenizer.decode(cont)!r}")
+    label_ids = []
+    for dx, dy in demos:
+        ids = _continuation(tokenizer, context + stem, spaces + dy, f"demo label {dy!r}")
+        if moved is not None:
+            if ids[0] != moved or len(ids) < 2:
+                raise ValueError(f"demo label {dy!r} does not start with the whitespace token that answer "
+                                 f"{y!r} starts with, so their ids are not comparable")
+            ids = ids[1:]
+        label_ids.append(tuple(ids))
+    return ICLPrompt(
+        task=task, text=prefix, query=x, answer=y, answer_ids=tuple(cont), demos=tuple(map(tuple, demos)),
+        demo_labels=tuple(dy for _, dy in demos), demo_label_ids=tuple(label_ids),
+    )
+
+
+def build_prompts(task, tokenizer, k: int = 4, n: int = 100, seed: int = 0,
+                  template: str = TEMPLATE, sep: str = SEPARATOR) -> PromptSet:
+    """Up to `n` k-shot prompts for `task`, seeded; each query is a distinct pair.
+
+    Demos never contain the query, nor any pair with the same input. For the copy probe
+    (`task.kind == "probe"`) no demo has the query's label either, so every prediction equal to a
+    demo label is a copy error. Pairs whose answer does not tokenize exactly are dropped (with the
+    reason) and never used, as query or demo. `n` is capped by the number of usable pairs.
+    """
+    if k < 0 or n < 0:
+        raise ValueError(f"k and n must be >= 0, got k={k}, n={n}")
+    rng = random.Random(seed)
+    dropped: list[tuple[tuple[str, str], str]] = []
+    usable: list[tuple[str, str]] = []
+    for pair in dict.fromkeys(task.pairs):  # de-duplicate, keep order
+        try:
+            make_prompt([], pair, tokenizer, template, sep, task.name)
+        except ValueError as e:
+            dropped.append((pair, str(e)))
+        else:
+            usable.append(pair)
+    if len(usable) < k + 1:
+        raise ValueError(f"task {task.name!r} has {len(usable)} usable pairs ({len(dropped)} dropped); "
+                         f"{k} shots need at least {k + 1}. Add pairs or use fewer shots.")
+    probe = task.kind == "probe"
+    prompts: list[ICLPrompt] = []
+    for query in rng.sample(usable, len(usable)):
+        if len(prompts) >= n:
+            break
+        pool = [p for p in usable if p[0] != query[0] and not (probe and p[1] == query[1])]
+        if len(pool) < k:
+            dropped.append((query, f"only {len(pool)} pairs can be demonstrations for it; {k} needed"))
+            continue
+        demos = rng.sample(pool, k)
+        try:
+            prompts.append(make_prompt(demos, query, tokenizer, template, sep, task.name))
+        except ValueError as e:
+            dropped.append((query, str(e)))
+    return PromptSet(task=task.name, prompts=tuple(prompts), dropped=tuple(dropped))

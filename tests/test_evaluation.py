@@ -1,0 +1,217 @@
+"""The evaluator: forced models with hand-computable answers, batching, CIs, perplexity, the CLI."""
+
+import json
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from mechcopy.evaluation import (
+    bootstrap_ci, evaluate, last_logits, perplexity, predict, summarize, _steps,
+)
+from mechcopy.models.tiny import tiny_transformer
+from mechcopy.tasks import Task, load_task
+from mechcopy.tasks.probe import probe_prompts
+from mechcopy.tasks.prompts import build_prompts, encode, make_prompt
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bigram():
+    """A model whose next token depends only on the current token, through W_E and W_U, once the
+    blocks are silenced by hooks: `forced(table)` returns the hooks and sets the bigram table."""
+    model = tiny_transformer(n_layers=1, d_model=128, n_heads=4, d_mlp=16, seed=1)
+    d_vocab = model.cfg.d_vocab
+    assert d_vocab <= model.cfg.d_model
+    with torch.no_grad():
+        model.embed.W_E.zero_()
+        model.embed.W_E[torch.arange(d_vocab), torch.arange(d_vocab)] = 1.0
+        model.ln_final.w.fill_(1.0)
+    silence = [(f"blocks.0.hook_{part}_out", lambda act, hook: torch.zeros_like(act)) for part in ("attn", "mlp")]
+    tok = model.tokenizer
+
+    def forced(table: dict[str, str]):
+        with torch.no_grad():
+            model.unembed.W_U.zero_()
+            model.unembed.b_U.zero_()
+            for a, b in table.items():
+                (ia,), (ib,) = tok(a, add_special_tokens=False)["input_ids"], tok(b, add_special_tokens=False)["input_ids"]
+                model.unembed.W_U[ia, ib] = 1.0
+        return silence
+
+    return model, forced
+
+
+def digit_prompts(tok):
+    """Prompts whose demo labels include "7" and whose gold answers are never "7"."""
+    demos = [("apple", "7"), ("river", "5"), ("stone", "7")]
+    return [make_prompt(demos, (q, a), tok, task="digits") for q, a in [("cat", "3"), ("moon", "3"), ("sky", "3")]]
+
+
+def test_forced_copy_gives_copy_rate_one(bigram):
+    model, forced = bigram
+    prompts = digit_prompts(model.tokenizer)
+    assert all(p.text.endswith("-> ") and len(p.answer_ids) == 1 for p in prompts)
+    r = evaluate(model, prompts, fwd_hooks=forced({" ": "7"}), condition="forced-copy")
+    assert (r.accuracy, r.copy_rate, r.copy_share_of_errors, r.other_rate) == (0.0, 1.0, 1.0, 0.0)
+    assert r.predictions == ("7",) * 3 and r.condition == "forced-copy" and r.n == 3 and r.task == "digits"
+    r = evaluate(model, prompts, fwd_hooks=forced({" ": "3"}))
+    assert (r.accuracy, r.copy_rate, r.copy_share_of_errors, r.other_rate) == (1.0, 0.0, 0.0, 0.0)
+    r = evaluate(model, prompts, fwd_hooks=forced({" ": "9"}))
+    assert (r.accuracy, r.copy_rate, r.other_rate) == (0.0, 0.0, 1.0)
+    # the hooks are applied: without them the blocks speak and the forcing no longer decides alone
+    hooks = forced({" ": "7"})
+    tokens = model.to_tokens(prompts[0].text)
+    with model.hooks(fwd_hooks=hooks):
+        forced_logits = last_logits(model, tokens)
+    assert not torch.allclose(forced_logits, last_logits(model, tokens))
+
+
+def test_multi_token_answers_by_greedy_generation(bigram):
+    model, forced = bigram
+    tok = model.tokenizer
+    p = make_prompt([("hot", "cold"), ("up", "down")], ("fast", "slow"), tok, task="antonyms")
+    assert len(p.answer_ids) == 4 and p.text.endswith("-> ")
+    chain = lambda word, then="\n": {a: b for a, b in zip(" " + word, word + then)}
+    assert predict(model, [p], fwd_hooks=forced(chain("slow"))) == ["slow"]
+    r = evaluate(model, [p], fwd_hooks=forced(chain("down")))
+    assert r.predictions == ("down",) and r.copy_rate == 1.0
+    # generation stops at the separator even if the model would go on
+    assert predict(model, [p], fwd_hooks=forced({**chain("slo"), "\n": "x", "x": "y"})) == ["slo"]
+    # ... and at the budget: the longest of answer and demo labels + 2 tokens
+    assert predict(model, [p], fwd_hooks=forced({" ": "z", "z": "z"})) == ["z" * _steps(p)]
+    assert _steps(p) == 4 + 2
+
+
+def test_batches_equal_single_runs(tiny):
+    short = Task("short", (("a", "bc"), ("b", "cde"), ("c", "d"), ("d", "ef"), ("e", "fgh"), ("f", "g")))
+    prompts = list(probe_prompts(tiny.tokenizer, n=16, k=3, seed=1)) + list(
+        build_prompts(short, tiny.tokenizer, k=2, n=6, seed=0))
+    assert len({len(tiny.to_tokens(p.text)[0]) for p in prompts}) > 3  # several lengths
+    assert predict(tiny, prompts, batch_size=32) == predict(tiny, prompts, batch_size=1)
+    tokens = torch.stack([tiny.to_tokens(p.text)[0] for p in prompts[:1]] * 2)
+    assert torch.allclose(last_logits(tiny, tokens), tiny(tokens)[:, -1], atol=1e-5)
+
+
+def test_summarize_by_hand_and_intervals():
+    demos = (("a", "1"), ("b", "2"))
+    from mechcopy.tasks.prompts import ICLPrompt
+
+    def prompt(ans):
+        return ICLPrompt("t", "", "q", ans, (0,), demos, ("1", "2"), ((1,), (2,)))
+
+    prompts = [prompt("3")] * 8
+    preds = ["3", "3", "1", "2", " 2", "9", "x", "3 "]
+    r = summarize(prompts, preds, seed=0)
+    assert r.accuracy == 3 / 8 and r.copy_rate == 3 / 8 and r.other_rate == 2 / 8
+    assert r.copy_share_of_errors == 3 / 5
+    assert r.accuracy_ci[0] <= r.accuracy <= r.accuracy_ci[1]
+    assert r.copy_rate_ci[0] <= r.copy_rate <= r.copy_rate_ci[1]
+    assert json.loads(json.dumps(r.to_json()))["accuracy_ci"] == list(r.accuracy_ci)
+    # intervals contain the estimate, are seeded, and shrink with n
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (20, 200, 2000):
+        x = rng.random(n) < 0.3
+        lo, hi = bootstrap_ci(x, seed=1)[0]
+        assert lo <= x.mean() <= hi
+        assert (lo, hi) == tuple(bootstrap_ci(x, seed=1)[0])
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2]
+    assert abs(widths[2] - 2 * 1.96 * math.sqrt(0.3 * 0.7 / 2000)) < 0.01  # matches the normal approximation
+
+
+def test_perplexity_matches_naive(tiny):
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    ppl = perplexity(tiny, text, n_tokens=40, window=16)
+    tok_ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"][:40]
+    bos = tiny.tokenizer.bos_token_id
+    nll = []
+    with torch.no_grad():
+        for s in range(0, 40, 16):
+            window = [bos] + tok_ids[s:s + 16]
+            for t in range(1, len(window)):
+                logits = tiny(torch.tensor([window[:t]]))[0, -1]
+                nll.append(-torch.log_softmax(logits, -1)[window[t]].item())
+    assert ppl == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
+    # hooks compose: zeroing every MLP neuron changes the perplexity
+    hooks = [("blocks.0.mlp.hook_post", lambda a, hook: a * 0)]
+    assert perplexity(tiny, text, hooks, n_tokens=40, window=16) != pytest.approx(ppl, rel=1e-6)
+    assert perplexity(tiny, n_tokens=64, window=32) > 1  # default text: the stdlib's pydoc topics
+
+
+def test_evaluate_cli(tiny, tmp_path, monkeypatch):
+    import mechcopy
+    from mechcopy.cli import main
+    from mechcopy.sites import NeuronSet, model_fingerprint
+
+    monkeypatch.setattr(mechcopy, "load_model", lambda name: tiny)
+    task_file = tmp_path / "t.json"
+    pairs = [[w, w.upper()] for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op")]
+    task_file.write_text(json.dumps({"name": "upper", "pairs": pairs}))
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--shots", "2", "--n", "5",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["model"] == model_fingerprint(tiny)
+    assert data["settings"]["shots"] == 2 and data["settings"]["seed"] == 0
+    (row,) = data["results"]
+    for key in ("task", "condition", "accuracy", "copy_rate", "n", "accuracy_ci", "copy_rate_ci"):
+        assert key in row
+    assert row["task"] == "upper" and row["condition"] == "unpruned" and row["n"] == 5
+
+    # --prune asks mechcopy.pruning.conditions for the extra conditions
+    neurons = tmp_path / "n.json"
+    NeuronSet(((0, 1), (1, 2)), model_fingerprint(tiny)).save(neurons)
+    calls = []
+
+    def conditions(model, ns, n_random, seed):
+        calls.append((len(ns), n_random, seed))
+        return [("pruned", [("blocks.0.mlp.hook_post", lambda a, hook: a * 0)]), ("random-0", [])]
+
+    fake = types.SimpleNamespace(conditions=conditions)
+    monkeypatch.setitem(sys.modules, "mechcopy.pruning", fake)
+    monkeypatch.setattr(mechcopy, "pruning", fake, raising=False)
+    assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--shots", "2", "--n", "5",
+                 "--prune", str(neurons), "--random-baseline", "1", "--out", str(out)]) == 0
+    assert calls == [(2, 1, 0)]
+    assert [r["condition"] for r in json.loads(out.read_text())["results"]] == ["unpruned", "pruned", "random-0"]
+
+
+def test_mamba_predict_batches(tiny):
+    mamba = pytest.importorskip("mechcopy.models.mamba")
+    model = mamba.tiny_mamba(seed=0)
+    prompts = list(probe_prompts(model.tokenizer, n=12, k=2, seed=0))
+    assert predict(model, prompts, batch_size=32) == predict(model, prompts, batch_size=1)
+    # the BOS convention is the model's (tiny Mamba prepends none); the rest of the tokens agree
+    bos = 1 if model.cfg.default_prepend_bos else 0
+    assert all(encode(model.tokenizer, p.text)[1 - bos:] == model.to_tokens(p.text)[0].tolist() for p in prompts)
+
+
+@pytest.mark.slow
+def test_smollm2_prompts_antonyms_and_probe(smollm2):
+    tok = smollm2.tokenizer
+    probe = probe_prompts(tok, n=30, k=4, seed=0)
+    antonyms = build_prompts(load_task("antonyms"), tok, k=4, n=12, seed=0)
+    for p in list(probe) + list(antonyms):
+        assert encode(tok, p.text) == smollm2.to_tokens(p.text)[0].tolist()
+    # SmolLM2 splits " 3" into " ", "3": the space sits in the prompt and the answer is one digit token
+    assert all(p.text.endswith("-> ") and len(p.answer_ids) == 1 for p in probe)
+    assert all(p.text.endswith(" ->") for p in antonyms)  # words keep their leading space
+    r = evaluate(smollm2, antonyms)
+    assert r.accuracy > 0
+    r = evaluate(smollm2, probe)
+    assert r.copy_rate > 0.5, r
