@@ -126,15 +126,22 @@ class Episode:
         return tuple(y for _, y in self.demos)
 
 
-def sample_episode(fn: Function, k: int, rng: random.Random, probe: bool = False) -> Episode:
+def sample_episode(fn: Function, k: int, rng: random.Random, probe: bool = False,
+                   repeats: bool = False) -> Episode:
     """Demos then a query. `map`: the query repeats a demo input (retrieval); otherwise the query is new.
 
     `probe=True` (class family only): demos are drawn from inputs whose label differs from the
-    query's, so the gold label is never among the demo labels.
+    query's, so the gold label is never among the demo labels. `repeats=True` (map, training):
+    demo inputs are drawn with replacement from a small pool, so many outputs in one sequence are
+    retrievals (a denser learning signal for the induction mechanism).
     """
     if k < 1 and fn.family == "map":
         raise ValueError("a map episode needs at least one demo (the query repeats a demo input)")
     if fn.family == "map":
+        if repeats:
+            pool = rng.sample(LETTERS, max(1, (k + 1) // 2))
+            demos = tuple((x, fn(x)) for x in (rng.choice(pool) for _ in range(k)))
+            return Episode(fn, demos, demos[rng.randrange(k)])
         xs = rng.sample(LETTERS, k)
         demos = tuple((x, fn(x)) for x in xs)
         return Episode(fn, demos, demos[rng.randrange(k)])
@@ -201,7 +208,7 @@ def make_batch(codec: CharCodec, rng: random.Random, batch_size: int, k_range: t
     for _ in range(batch_size):
         fam = rng.choice(list(families))
         fn = sample_function(fam, rng, split)
-        ep = sample_episode(fn, rng.randint(*k_range), rng)
+        ep = sample_episode(fn, rng.randint(*k_range), rng, repeats=fam == "map" and rng.random() < 0.5)
         ids = codec.encode(episode_text(ep))
         pos = answer_positions(ep)
         rows.append(ids)
@@ -220,7 +227,7 @@ def make_batch(codec: CharCodec, rng: random.Random, batch_size: int, k_range: t
 
 # ---- prompts for evaluation, through the shared prompt builder ----------------------------------
 
-EVAL_SETS = ("map-heldout", "shift-heldout", "shift-train", "class", "probe")
+EVAL_SETS = ("map-heldout", "map-train", "shift-heldout", "shift-train", "class", "probe")
 
 
 def episodes(name: str, n: int, k: int = 4, seed: int = 0) -> list[Episode]:
