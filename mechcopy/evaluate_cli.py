@@ -56,8 +56,12 @@ def _run(args) -> int:
     from mechcopy.tasks import load_tasks
 
     tasks = load_tasks(args.tasks)
-    if args.random_baseline and not args.prune:
+    if args.random_baseline is not None and not args.prune:
         raise ValueError("--random-baseline needs --prune NEURONS.json (the set whose size and layers to match)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model = load_model(args.model)
     conditions = [("unpruned", [])]
     settings = {"tasks": [t.name for t in tasks], "shots": args.shots, "n": args.n, "seed": args.seed,
@@ -67,8 +71,9 @@ def _run(args) -> int:
         neurons.check(model)
         from mechcopy import pruning  # written by the attribution engineer; imported only when needed
 
-        conditions += list(pruning.conditions(model, neurons, args.random_baseline, args.seed))
-        settings.update(prune=str(args.prune), n_neurons=len(neurons), random_baseline=args.random_baseline)
+        n_random = 5 if args.random_baseline is None else args.random_baseline
+        conditions += list(pruning.conditions(model, neurons, n_random, args.seed))
+        settings.update(prune=str(args.prune), n_neurons=len(neurons), random_baseline=n_random)
     t0 = time.perf_counter()
     rows, dropped = run_evaluation(model, tasks, args.shots, args.n, args.seed, conditions)
     settings["seconds"] = round(time.perf_counter() - t0, 1)
@@ -93,8 +98,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     p.add_argument("--prune", type=Path, default=None, help="a neuron file (JSON): also evaluate it pruned")
-    p.add_argument("--random-baseline", type=int, default=0,
-                   help="with --prune: this many random neuron sets of the same size and layers")
+    p.add_argument("--random-baseline", type=int, default=None,
+                   help="with --prune: this many random neuron sets of the same size and layers (default 5)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is often fastest on a machine other jobs share)")
     p.set_defaults(func=lambda args: _run(_default_model(args)))
 
 
