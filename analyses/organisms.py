@@ -35,7 +35,7 @@ from mechcopy.organisms.train import load_organism
 from mechcopy.pruning import conditions, pruning_hooks, select
 from mechcopy.sites import model_fingerprint, write_json_atomic
 
-EVAL = ("map-heldout", "shift-heldout", "class", "probe-test")
+EVAL = ("map-heldout", "shift-heldout", "class", "probe-test", "probe-same")
 GENERAL = ("map-train", "class")  # general ability: training-split functions
 
 

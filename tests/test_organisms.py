@@ -21,7 +21,7 @@ def test_functions_are_what_they_claim():
     shift = D.make_function("shift", 3)
     assert shift("a") == "d" and shift("y") == "b"
     cls = D.make_function("class", 1)
-    assert [cls(x) for x in "abcde"] == ["1", "2", "3", "0", "1"] and cls.labels == ("0", "1", "2", "3")
+    assert [cls(x) for x in "abcde"] == ["5", "6", "7", "8", "5"] and cls.labels == ("5", "6", "7", "8")
     with pytest.raises(ValueError, match="permutation"):
         D.make_function("map", "abc")
 
@@ -48,6 +48,8 @@ def test_probe_gold_never_among_demo_labels_and_answers_correct():
         assert ep.query[1] not in ep.demo_labels
         assert ep.query[1] == ep.function(ep.query[0])
         assert all(ep.function(x) == y for x, y in ep.demos)
+    for ep in D.episodes("probe-same", 100, k=4, seed=3):
+        assert len(set(ep.demo_labels)) == 1 and ep.query[1] not in ep.demo_labels
     for name in ("shift-heldout", "class"):
         for ep in D.episodes(name, 100, k=4, seed=3):
             assert ep.query[0] not in [x for x, _ in ep.demos]  # rule tasks: the query is new

@@ -8,11 +8,12 @@ prompt builder and evaluator. Three families of functions over the 26 lowercase 
   model must *retrieve* the matching demo's output (associative recall, an induction task).
 - ``shift``: ``y = x + s (mod 26)``; the query is a new input, so the model must infer ``s``
   from the demos and apply it (a rule task, every answer a new letter).
-- ``class``: ``y = str((index(x) + o) mod 4)``, a few-label function with labels ``0``-``3``:
-  the letter's class is fixed knowledge the model learns in training, the offset ``o`` must be
-  inferred from any one demo. The copy *probe* is this family with demos drawn only from the
-  other classes, so the gold label is never among the demo labels (as in vowel counting) and
-  every prediction equal to a demo label is a copy error.
+- ``class``: ``y = alphabet_o[index(x) mod 4]``, a few-label function whose four labels come from
+  one of two label alphabets (``0123`` or ``5678``): the letter's class is fixed knowledge the model
+  learns in training (as vowel counting is for a language model), the alphabet ``o`` must be read
+  off the demos. The copy *probe* is this family with demos drawn only from the other classes, so
+  the gold label is never among the demo labels (as in vowel counting) and every prediction equal
+  to a demo label is a copy error.
 
 Held-out functions, never sampled in training: maps whose table hash falls in one residue class,
 and the shift amounts in ``HELD_OUT_SHIFTS``. All randomness goes through explicit seeds.
@@ -32,6 +33,7 @@ from mechcopy.tasks.prompts import SEPARATOR, TEMPLATE
 
 LETTERS = string.ascii_lowercase
 N_CLASSES = 4
+CLASS_ALPHABETS = ("0123", "5678")
 FAMILIES = ("map", "shift", "class")
 HELD_OUT_SHIFTS = (3, 10, 17, 24)
 MAP_HELD_OUT_MOD = 4  # a map is held out when its table hash is 0 mod this (a quarter of all maps)
@@ -43,7 +45,7 @@ class Function:
     """One function of a family, as its full table over the 26 letters."""
 
     family: str
-    param: str  # map: the image of a..z; shift: s; class: o
+    param: str  # map: the image of a..z; shift: s; class: the label alphabet's number
     table: tuple[tuple[str, str], ...]
 
     @property
@@ -65,13 +67,15 @@ class Function:
 
 
 def make_function(family: str, param: int | str) -> Function:
-    """Build a function from its family and parameter (shift s, class offset o, or a map's image)."""
+    """Build a function from its family and parameter (shift s, class alphabet o, or a map's image)."""
     if family == "shift":
         s = int(param) % 26
         table = tuple((x, LETTERS[(i + s) % 26]) for i, x in enumerate(LETTERS))
     elif family == "class":
-        o = int(param) % N_CLASSES
-        table = tuple((x, str((i + o) % N_CLASSES)) for i, x in enumerate(LETTERS))
+        o = int(param)
+        if not 0 <= o < len(CLASS_ALPHABETS):
+            raise ValueError(f"class functions are numbered 0..{len(CLASS_ALPHABETS) - 1}, got {param!r}")
+        table = tuple((x, CLASS_ALPHABETS[o][i % N_CLASSES]) for i, x in enumerate(LETTERS))
     elif family == "map":
         image = str(param)
         if sorted(image) != list(LETTERS):
@@ -89,7 +93,7 @@ def is_held_out(fn: Function) -> bool:
     if fn.family == "map":
         digest = hashlib.sha256(fn.param.encode()).digest()
         return int.from_bytes(digest[:8], "big") % MAP_HELD_OUT_MOD == 0
-    return False  # class: only 4 functions; its probe prompts are new episodes, not new functions
+    return False  # class: only 2 functions; its probe prompts are new episodes, not new functions
 
 
 def sample_function(family: str, rng: random.Random, split: str = "train") -> Function:
@@ -102,7 +106,7 @@ def sample_function(family: str, rng: random.Random, split: str = "train") -> Fu
     if family == "class":
         if split == "heldout":
             raise ValueError("the class family has no held-out functions (use the probe)")
-        return make_function("class", rng.randrange(N_CLASSES))
+        return make_function("class", rng.randrange(len(CLASS_ALPHABETS)))
     if family == "map":
         while True:  # rejection sampling: a quarter of maps are held out
             image = list(LETTERS)
@@ -127,13 +131,14 @@ class Episode:
 
 
 def sample_episode(fn: Function, k: int, rng: random.Random, probe: bool = False,
-                   repeats: bool = False) -> Episode:
+                   repeats: bool = False, same_label: bool = False) -> Episode:
     """Demos then a query. `map`: the query repeats a demo input (retrieval); otherwise the query is new.
 
     `probe=True` (class family only): demos are drawn from inputs whose label differs from the
     query's, so the gold label is never among the demo labels. `repeats=True` (map, training):
     demo inputs are drawn with replacement from a small pool, so many outputs in one sequence are
-    retrievals (a denser learning signal for the induction mechanism).
+    retrievals (a denser learning signal for the induction mechanism). `same_label=True` (probe
+    only): every demo has the same (wrong) label, the strongest pull to copy ("lemon -> 2, garden -> 2").
     """
     if k < 1 and fn.family == "map":
         raise ValueError("a map episode needs at least one demo (the query repeats a demo input)")
@@ -151,6 +156,9 @@ def sample_episode(fn: Function, k: int, rng: random.Random, probe: bool = False
         if fn.family != "class":
             raise ValueError("the probe is defined on the class family only")
         pool = [x for x in LETTERS if fn(x) != gold]
+        if same_label:
+            label = rng.choice(sorted({fn(x) for x in pool}))
+            pool = [x for x in pool if fn(x) == label]
     else:
         pool = [x for x in LETTERS if x != q]
     xs = rng.sample(pool, k)
@@ -227,7 +235,7 @@ def make_batch(codec: CharCodec, rng: random.Random, batch_size: int, k_range: t
 
 # ---- prompts for evaluation, through the shared prompt builder ----------------------------------
 
-EVAL_SETS = ("map-heldout", "map-train", "shift-heldout", "shift-train", "class", "probe")
+EVAL_SETS = ("map-heldout", "map-train", "shift-heldout", "shift-train", "class", "probe", "probe-same")
 
 
 def episodes(name: str, n: int, k: int = 4, seed: int = 0) -> list[Episode]:
@@ -239,6 +247,8 @@ def episodes(name: str, n: int, k: int = 4, seed: int = 0) -> list[Episode]:
     for _ in range(n):
         if name == "probe":
             out.append(sample_episode(sample_function("class", rng), k, rng, probe=True))
+        elif name == "probe-same":
+            out.append(sample_episode(sample_function("class", rng), k, rng, probe=True, same_label=True))
         elif name == "class":
             out.append(sample_episode(sample_function("class", rng), k, rng))
         else:
