@@ -112,3 +112,12 @@ def test_save_load_round_trip(tmp_path, tok):
     assert torch.equal(model(tokens), loaded(tokens))
     with pytest.raises(FileNotFoundError, match="train-organism"):
         load_organism(tmp_path)
+
+
+def test_time_budget_stops_and_saves(tmp_path):
+    cfg = TrainConfig(arch="transformer", steps=100_000, batch_size=2, seed=0, eval_every=10_000, max_minutes=0.02,
+                      model_kwargs={"n_layers": 1, "d_model": 16, "n_heads": 2, "d_mlp": 32, "n_ctx": 64})
+    _, result = train_organism(cfg, tmp_path / "org", progress=False)
+    assert result.stopped_early and 0 < result.steps_done < 100_000
+    assert result.final_accuracy  # evaluated once at the stop
+    assert load_organism(tmp_path / "org") is not None

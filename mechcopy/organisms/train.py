@@ -48,6 +48,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 250
     device: str = "cpu"
+    max_minutes: float | None = None  # stop (and save) after this wall time; the schedule ends then too
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -80,10 +81,11 @@ def build_model(arch: str, model_kwargs: dict[str, Any], seed: int, device: str 
     return model.to(device)
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
+def _lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine to 10% over the steps or the time budget, whichever ends first."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), time_fraction))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -110,6 +112,8 @@ class TrainResult:
     final_loss: float
     final_accuracy: dict[str, float]
     seconds: float
+    steps_done: int = 0
+    stopped_early: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,12 +136,18 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n.lower())]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-    curve: dict[str, list] = {"step": [], "loss": [], "query_loss": [], "eval_step": [], "eval": []}
     start = time.time()
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+    time_fraction = lambda: (time.time() - start) / budget if budget else 0.0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg, time_fraction()))
+    curve: dict[str, list] = {"step": [], "loss": [], "query_loss": [], "eval_step": [], "eval": []}
     model.train()
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.name}", disable=not progress, mininterval=2)
+    stopped = None
     for step in bar:
+        if budget and time.time() - start > budget:
+            stopped = f"time budget of {cfg.max_minutes} min reached after {step} steps"
+            break
         batch = make_batch(codec, rng, cfg.batch_size, (cfg.k_min, cfg.k_max), cfg.families)
         tokens = batch.tokens.to(cfg.device)
         logits = model(tokens)
@@ -154,7 +164,7 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
         curve["step"].append(step)
         curve["loss"].append(loss.item())
         curve["query_loss"].append(qloss)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps or (budget and time_fraction() >= 1):
             model.eval()
             acc = quick_accuracy(model)
             model.train()
@@ -165,7 +175,7 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
     seconds = time.time() - start
     final_loss = sum(curve["loss"][-50:]) / len(curve["loss"][-50:])
     result = TrainResult(str(out_dir) if out_dir else "", cfg.to_json(), final_loss,
-                         curve["eval"][-1] if curve["eval"] else {}, seconds)
+                         curve["eval"][-1] if curve["eval"] else {}, seconds, len(curve["step"]), stopped)
     if out_dir is not None:
         save_organism(model, cfg, out_dir, curve, result)
     return model, result
