@@ -53,14 +53,15 @@ def _is_transformer(model) -> bool:
     return isinstance(model, HookedTransformer)
 
 
-def last_logits(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
+def last_logits(model, tokens: Int[Tensor, "batch pos"], past_kv_cache=None) -> Float[Tensor, "batch d_vocab"]:
     """Logits at the last position. For a HookedTransformer only the last position is unembedded
-    (the same numbers as `model(tokens)[:, -1]`, and every hook point still runs)."""
+    (the same numbers as `model(tokens)[:, -1]`, and every hook point still runs); `past_kv_cache`
+    (a TransformerLensKeyValueCache) continues a cached prefix."""
     if not _is_transformer(model):
         return model(tokens)[:, -1]
     from transformer_lens.utilities.activation_functions import apply_softcap
 
-    resid = model(tokens, stop_at_layer=model.cfg.n_layers)[:, -1:]
+    resid = model(tokens, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)[:, -1:]
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
     return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)[:, -1]
@@ -74,13 +75,15 @@ def _steps(p: ICLPrompt) -> int:
 
 
 def predict(model, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int = 32,
-            sep: str = SEPARATOR, progress: bool = False) -> list[str]:
+            sep: str = SEPARATOR, progress: bool = False, kv_cache: bool = True) -> list[str]:
     """The model's answer to each prompt (decoded text, stripped), under `fwd_hooks`.
 
     Prompts whose answer and demo labels are all one token: argmax of the next token. Otherwise greedy
-    generation (the full sequence is re-run each step, exact for any architecture) until the
-    generated text contains `sep`, the EOS token, or max(answer, demo label lengths) + 2 tokens.
-    Only prompts of equal token length share a batch.
+    generation until the generated text contains `sep`, the EOS token, or max(answer, demo label
+    lengths) + 2 tokens. Only prompts of equal token length share a batch. Generation continues a
+    key-value cache on HookedTransformers (`kv_cache=True`) and re-runs the full sequence otherwise
+    (Mamba); both are exact. Hooks run on every pass: a hook that acts on one position (e.g. the
+    last) sees the prompt on the first pass and one new token on each cached pass.
     """
     from tqdm.auto import tqdm
 
@@ -106,8 +109,14 @@ def predict(model, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int =
             steps = max(budget)
             generated = [[] for _ in index]
             done = [False] * len(index)
+            cache = None
+            if kv_cache and steps > 1 and _is_transformer(model):
+                from transformer_lens import TransformerLensKeyValueCache
+
+                cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(index))
+            inp = tokens
             for _ in range(steps):
-                nxt = last_logits(model, tokens).argmax(-1)
+                nxt = last_logits(model, inp, past_kv_cache=cache).argmax(-1)
                 for r, t in enumerate(nxt.tolist()):
                     if done[r]:
                         continue
@@ -119,7 +128,8 @@ def predict(model, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int =
                         done[r] = True
                 if all(done) or steps == 1:
                     break
-                tokens = torch.cat([tokens, nxt[:, None].to(tokens.device)], dim=1)
+                nxt = nxt[:, None].to(tokens.device)
+                inp = nxt if cache is not None else torch.cat([inp, nxt], dim=1)
             for r, i in enumerate(index):
                 out[i] = tok.decode(generated[r]).split(sep)[0].strip()
     return out  # type: ignore[return-value]

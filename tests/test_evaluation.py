@@ -101,7 +101,10 @@ def test_batches_equal_single_runs(tiny):
     prompts = list(probe_prompts(tiny.tokenizer, n=16, k=3, seed=1)) + list(
         build_prompts(short, tiny.tokenizer, k=2, n=6, seed=0))
     assert len({len(tiny.to_tokens(p.text)[0]) for p in prompts}) > 3  # several lengths
-    assert predict(tiny, prompts, batch_size=32) == predict(tiny, prompts, batch_size=1)
+    batched = predict(tiny, prompts, batch_size=32)
+    assert batched == predict(tiny, prompts, batch_size=1)
+    assert batched == predict(tiny, prompts, batch_size=32, kv_cache=False)  # cached = full re-runs
+    assert any(len(p) > 1 for p in batched)  # generation really ran
     tokens = torch.stack([tiny.to_tokens(p.text)[0] for p in prompts[:1]] * 2)
     assert torch.allclose(last_logits(tiny, tokens), tiny(tokens)[:, -1], atol=1e-5)
 
