@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shots", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--neurons", help="also patch this NeuronSet")
+    ap.add_argument("--comps", help="run only these components (comma-separated) into a part file; "
+                    "when every component's part exists they are merged into the result")
     ap.add_argument("--out-dir", default="results/patching")
     ap.add_argument("--figures", default="docs/figures")
     args = ap.parse_args(argv)
@@ -57,6 +59,27 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.out_dir)
     path = out_dir / f"{args.model}_{args.task}_{args.corruption}.json"
+    if args.comps and not path.exists():
+        part = out_dir / f"{args.model}_{args.task}_{args.corruption}.{args.comps.replace(',', '+')}.json"
+        if not part.exists():
+            from mechcopy import load_model
+            from mechcopy.patching import activation_patching
+            from mechcopy.tasks import load_task
+
+            model = load_model(args.model)
+            res = activation_patching(model, load_task(args.task), args.corruption, n=args.n, shots=args.shots,
+                                      seed=args.seed, comps=args.comps.split(","), progress=True).to_json()
+            write_json_atomic(part, res)
+        parts = [json.loads(p.read_text()) for p in sorted(out_dir.glob(f"{args.model}_{args.task}_{args.corruption}.*.json"))]
+        order = ["resid_pre", "attn_out", "mlp_out", "mixer_out"]
+        comps = sorted({c for p in parts for c in p["components"]}, key=order.index)
+        if set(comps) != set(order[:3]) and set(comps) != {"resid_pre", "mixer_out"}:
+            print(f"have {comps}; waiting for the other components")
+            return 0
+        merged = dict(parts[0])
+        by = {c: v for p in parts for c, v in zip(p["components"], p["values"])}
+        merged.update(components=comps, values=[by[c] for c in comps])
+        write_json_atomic(path, merged)
     if path.exists():
         res = json.loads(path.read_text())
     else:
