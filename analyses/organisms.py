@@ -134,7 +134,32 @@ def summary_rows(results: list[dict]) -> list[dict]:
                 rows.append({"organism": name, "set": s, "condition": f"random (x{len(rnd)})",
                              "accuracy": sum(accs) / len(accs), "acc_lo": min(accs), "acc_hi": max(accs),
                              "copy_rate": sum(cps) / len(cps), "copy_lo": min(cps), "copy_hi": max(cps)})
+    by_arch: dict[str, list[dict]] = {}
+    for res in results:
+        by_arch.setdefault(res["arch"], []).append(res)
+    for arch, group in by_arch.items():  # the interval over training seeds (min..max of the seeds)
+        if len(group) < 2:
+            continue
+        names = {Path(r["organism"]).name for r in group}
+        for s in EVAL:
+            for cond in ("unpruned", "pruned", "bottom", f"random (x{group[0]['params']['n_random']})"):
+                cells = [r for r in rows if r["organism"] in names and r["set"] == s and r["condition"] == cond]
+                if len(cells) < 2:
+                    continue
+                accs, cps = [c["accuracy"] for c in cells], [c["copy_rate"] for c in cells]
+                rows.append({"organism": f"{arch} ({len(cells)} seeds)", "set": s, "condition": cond,
+                             "accuracy": sum(accs) / len(accs), "acc_lo": min(accs), "acc_hi": max(accs),
+                             "copy_rate": sum(cps) / len(cps), "copy_lo": min(cps), "copy_hi": max(cps)})
     return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary rows as a Markdown table (accuracy and copy rate with their intervals)."""
+    lines = ["| organism | set | condition | accuracy [95% CI] | copy rate [95% CI] |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['organism']} | {r['set']} | {r['condition']} | {r['accuracy']:.2f} "
+                     f"[{r['acc_lo']:.2f}, {r['acc_hi']:.2f}] | {r['copy_rate']:.2f} [{r['copy_lo']:.2f}, {r['copy_hi']:.2f}] |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: list[dict], folders: list[str], out_dir: Path) -> list[Path]:
@@ -208,13 +233,17 @@ def main(argv=None) -> int:
     p.add_argument("--n-attr", type=int, default=100)
     p.add_argument("--ig-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="reuse OUT/<organism>.json where it exists (tables and figures only)")
     args = p.parse_args(argv)
     out = Path(args.out)
     results = []
     for folder in args.folders:
         cached = out / f"{Path(folder).name}.json"
-        res = run_organism(folder, n_eval=args.n_eval, n_attr=args.n_attr, ig_steps=args.ig_steps, seed=args.seed)
-        write_json_atomic(cached, res)
+        if args.reuse and cached.exists():
+            res = json.loads(cached.read_text())
+        else:
+            res = run_organism(folder, n_eval=args.n_eval, n_attr=args.n_attr, ig_steps=args.ig_steps, seed=args.seed)
+            write_json_atomic(cached, res)
         results.append(res)
         print(f"{folder}: done in {res['seconds']:.0f} s, k={len(res['neurons'])}", file=sys.stderr)
     rows = summary_rows(results)
@@ -223,6 +252,7 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    (out / "table.md").write_text(markdown_table(rows))
     for r in rows:
         print(f"{r['organism']:>16} {r['set']:>14} {r['condition']:>12}  acc {r['accuracy']:.2f} "
               f"[{r['acc_lo']:.2f}, {r['acc_hi']:.2f}]  copy {r['copy_rate']:.2f} [{r['copy_lo']:.2f}, {r['copy_hi']:.2f}]")
