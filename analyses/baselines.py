@@ -96,6 +96,12 @@ def render(results: list[dict[str, Any]]) -> str:
                 f"{r['other_rate']:.2f} | {r.get('n_dropped', 0)} | {r.get('seconds', 0):.0f} |")
         zero = [r["task"] for r in rows if r["accuracy"] <= ZERO]
         lines += ["", "**Cannot do at all** (accuracy ≤ %.2f): %s." % (ZERO, ", ".join(zero) if zero else "none"), ""]
+        top = sorted(rows, key=lambda r: -r["copy_rate"])[:4]
+        lines += ["**Most copying:** " + ", ".join(f"{r['task']} {r['copy_rate']:.2f}" for r in top) + ".", ""]
+        load = st["load_average_at_end"][0]
+        if load > st["cpu_count"]:
+            lines += [f"The machine was shared (load {load:.0f} on {st['cpu_count']} cores), so this process "
+                      f"had roughly {st['cpu_count'] / load:.2f} of a core: the time is an upper bound.", ""]
         drops = {t: d for t, d in res.get("dropped", {}).items() if d}
         if drops:
             lines.append("Dropped pairs (answer not one exact token continuation for this tokenizer):")
