@@ -126,10 +126,10 @@ def main(argv=None) -> int:
         result = pruning_table(model, neurons, load_tasks(args.tasks), args.n, args.shots, args.seed, args.random)
         result["wall_s"] = round(time.perf_counter() - t0, 1)
     out = args.out or args.neurons.with_name(args.neurons.name.replace(".neurons.json", "") + ".pruning")
-    write_json_atomic(out.with_suffix(".json"), result)
-    pd.DataFrame(result["rows"]).drop(columns=["predictions"]).to_csv(out.with_suffix(".csv"), index=False)
+    write_json_atomic(out.with_name(out.name + ".json"), result)
+    pd.DataFrame(result["rows"]).drop(columns=["predictions"]).to_csv(out.with_name(out.name + ".csv"), index=False)
     md = markdown(result)
-    out.with_suffix(".md").write_text(md + "\n")
+    out.with_name(out.name + ".md").write_text(md + "\n")
     print(md)
     print(f"\n{len(neurons)} neurons; layer counts {result['layer_counts']}; {result['wall_s']} s")
     return 0
