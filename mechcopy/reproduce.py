@@ -18,7 +18,8 @@ from pathlib import Path
 
 from mechcopy.sites import NeuronSet, model_fingerprint, write_json_atomic
 
-TV_TASKS = ("antonyms", "country_capital", "en_fr", "present_past", "to_upper", "next_letter")
+# tasks with enough single-token answers on SmolLM2 and Gemma (task vectors score single tokens)
+TV_TASKS = ("person_language", "to_lower", "next_letter", "present_past", "antonyms", "fr_en")
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,16 @@ class ReproduceConfig:
     target: str = "contrast"
     tasks: str = "all"
     shots: int = 4
-    n_eval: int = 50             # prompts per task in the evaluation
-    n_random: int = 3            # random-neuron baselines
+    n_eval: int = 20             # prompts per task in the evaluation (`mechcopy evaluate` for more)
+    n_random: int = 2            # random-neuron baselines
     tv_tasks: tuple[str, ...] = TV_TASKS
     n_tv: int = 30               # zero-shot test prompts per task for task vectors
+    n_tv_dev: int = 15           # zero-shot dev prompts per task (choose the layer)
+    tv_layer_step: int = 2       # task vectors after every 2nd layer (and the last)
     patch_task: str = "antonyms"
     patch_corruption: str = "shuffled_labels"
-    n_patch: int = 8
+    patch_shots: int = 3
+    n_patch: int = 4
     seed: int = 0
 
 
@@ -83,19 +87,22 @@ def stage_task_vectors(model, cfg: ReproduceConfig, out: Path) -> dict:
     from mechcopy.tasks import load_task
 
     neurons = NeuronSet.load(out / "neurons.json")
-    tv_cfg = TaskVectorConfig(shots=cfg.shots, n_test=cfg.n_tv, seed=cfg.seed)
+    n = model.cfg.n_layers
+    layers = tuple(sorted(set(range(0, n, cfg.tv_layer_step)) | {n - 1}))
+    tv_cfg = TaskVectorConfig(shots=cfg.shots, n_dev=cfg.n_tv_dev, n_test=cfg.n_tv, seed=cfg.seed, layers=layers)
     results = run_task_vectors(model, [load_task(t) for t in cfg.tv_tasks], tv_cfg, neurons)
     return {"results": [r.to_json() for r in results]}
 
 
 def stage_patching(model, cfg: ReproduceConfig, out: Path) -> dict:
-    """Clean-into-corrupted activation patching on one task, with the copy neurons as one more site."""
+    """Clean-into-corrupted patching of the residual stream on one task, and of the copy neurons."""
     from mechcopy.patching import activation_patching
     from mechcopy.tasks import load_task
 
     neurons = NeuronSet.load(out / "neurons.json")
     res = activation_patching(model, load_task(cfg.patch_task), cfg.patch_corruption, n=cfg.n_patch,
-                              shots=cfg.shots, seed=cfg.seed, neurons=neurons, progress=True)
+                              shots=cfg.patch_shots, seed=cfg.seed, neurons=neurons, comps=["resid_pre"],
+                              progress=True)
     return res.to_json()
 
 

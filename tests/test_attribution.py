@@ -33,20 +33,6 @@ def _target_at(model, prompt, target, layer, scale):
     return float(target(logits[None].float())[0])
 
 
-@pytest.fixture(scope="module")
-def tiny3():
-    from mechcopy.models.tiny import tiny_transformer
-
-    return tiny_transformer(n_layers=3, d_model=32, d_mlp=64, seed=1)
-
-
-@pytest.fixture(scope="module")
-def mamba():
-    from mechcopy.models.mamba import tiny_mamba
-
-    return tiny_mamba(n_layers=2, d_model=32, seed=0)
-
-
 def test_quadrature_integrates_polynomials():
     for rule in ("gauss-legendre", "midpoint"):
         a, w = quadrature(64, rule)

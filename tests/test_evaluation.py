@@ -17,16 +17,7 @@ from mechcopy.tasks import Task, load_task
 from mechcopy.tasks.probe import probe_prompts
 from mechcopy.tasks.prompts import build_prompts, encode, make_prompt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from mechcopy.sites import NeuronSet, model_fingerprint, neuron_site
 from mechcopy.tasks import Task
 from mechcopy.tasks.prompts import make_prompt
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORDS = ["cat", "dog", "sun", "tree", "book", "fish", "bird", "lamp", "rock", "milk", "rain", "door",
          "leaf", "frog", "ship", "corn", "wolf", "hand", "ring", "salt", "wind", "star", "moon", "pear"]
 
@@ -23,15 +25,6 @@ def vowels(w):
 LENGTH = Task("length", tuple((w, str(len(w))) for w in WORDS))
 VOWELS = Task("vowels", tuple((w, vowels(w)) for w in WORDS))
 FIRSTLEN = Task("firstlen", tuple((w, str((ord(w[0]) - 96) % 10)) for w in WORDS))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread on a busy machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

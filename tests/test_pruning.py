@@ -12,20 +12,6 @@ from mechcopy.pruning import (
 from mechcopy.sites import NeuronSet, model_fingerprint, neuron_site, neurons_per_layer
 
 
-@pytest.fixture(scope="module")
-def tiny3():
-    from mechcopy.models.tiny import tiny_transformer
-
-    return tiny_transformer(n_layers=3, d_model=32, d_mlp=64, seed=1)
-
-
-@pytest.fixture(scope="module")
-def mamba():
-    from mechcopy.models.mamba import tiny_mamba
-
-    return tiny_mamba(n_layers=2, d_model=32, seed=0)
-
-
 def _set(model, pairs, **meta):
     return NeuronSet(tuple(pairs), model_fingerprint(model), meta)
 

@@ -10,19 +10,12 @@ from mechcopy.hooks import zero_neurons
 from mechcopy.tasks import Task
 from mechcopy.tasks.prompts import make_prompt
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORDS = ["cat", "dog", "sun", "tree", "book", "fish", "bird", "lamp", "rock", "milk", "rain", "door",
          "leaf", "frog", "ship", "corn", "wolf", "hand", "ring", "salt", "wind", "star", "moon", "pear",
          "apple", "house", "river", "stone", "cloud", "plant"]
 LENGTH = Task("length", tuple((w, str(len(w))) for w in WORDS))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread on a busy machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_identity_same_prompt_reproduces_icl_logits(tiny):

@@ -109,7 +109,7 @@ def load_task(name_or_path: str) -> Task:
         raise KeyError(f"unknown task {name_or_path!r}: not a built-in task ({', '.join(list_tasks())}) "
                        "and not a JSON file")
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     return validate_task_json(obj, source=str(path))
