@@ -9,6 +9,8 @@ from mechcopy import hooks
 from mechcopy.models.mamba import HookedMamba, MambaConfig, MambaState, Norm, tiny_mamba
 from mechcopy.sites import is_mamba, model_fingerprint, neuron_site, neurons_per_layer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MIXER_HOOKS = {  # name -> shape as a function of (batch, pos, cfg)
     "hook_x": lambda b, p, c: (b, p, c.d_inner),
     "hook_z": lambda b, p, c: (b, p, c.d_inner),
@@ -44,15 +46,6 @@ def _random_hf(seed=0, **kw):
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     return hf
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads contend badly on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
