@@ -11,15 +11,15 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+
+from mechcopy.sites import write_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Inline scripts and styles, data: images; nothing from anywhere else (no fetch, no fonts, no frames).
@@ -190,15 +190,4 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section], meta
 
     `meta` (model fingerprint, git revision, settings, ...) goes in the footer.
     """
-    text = render_report(title, sections, meta)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, render_report(title, sections, meta))

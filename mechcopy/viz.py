@@ -14,9 +14,7 @@ the script once for all views.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,7 +27,7 @@ import torch
 from jaxtyping import Float
 from matplotlib.figure import Figure
 
-from mechcopy.sites import is_mamba, neuron_site
+from mechcopy.sites import is_mamba, neuron_site, write_atomic
 
 # One colour per condition family, the same in every figure.
 CONDITION_COLORS = {
@@ -287,17 +285,11 @@ def plot_loss_curve(steps: Sequence[float], losses: Sequence[float], title: str 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     """Write `fig` as PNG to `path` atomically (temporary file beside it, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    return write_atomic(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- circuitsvis, offline
@@ -372,16 +364,10 @@ class CircuitsvisHTML:
         """Write a standalone HTML page with this view (no network needed to open it)."""
         import html
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
                 f"<title>{html.escape(self.title or self.component)}</title></head>\n<body>\n"
                 f"{self.local_src}\n</body></html>\n")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, page)
 
 
 def attention_view(model, text: str, layer: int, heads: Sequence[int] | None = None) -> CircuitsvisHTML:
