@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mechcopy.sites import NeuronSet, model_fingerprint, write_json_atomic
+from mechcopy.sites import NeuronSet, is_mamba, model_fingerprint, write_json_atomic
 
 # tasks with enough single-token answers on SmolLM2 and Gemma (task vectors score single tokens)
 TV_TASKS = ("person_language", "to_lower", "next_letter", "present_past", "antonyms", "fr_en")
@@ -193,10 +193,9 @@ def stage_report(model, cfg: ReproduceConfig, out: Path) -> dict:
     # 5. circuitsvis on a copy-error prompt
     prompt, pred = _copy_error_prompt(model, cfg)
     layer = max(range(len(counts)), key=counts.__getitem__)
-    views = [viz.attention_view(model, prompt.text, layer),
-             viz.neuron_activations_view(model, prompt.text, neurons, max_neurons=50)] \
-        if not getattr(model.cfg, "architecture", "") == "mamba" else \
-        [viz.neuron_activations_view(model, prompt.text, neurons, max_neurons=50)]
+    views = [viz.neuron_activations_view(model, prompt.text, neurons, max_neurons=50)]
+    if not is_mamba(model):  # Mamba has no attention to show
+        views.insert(0, viz.attention_view(model, prompt.text, layer))
     sections.append(Section("A copy error up close",
                             f"Gold answer {prompt.answer!r}, demo labels {list(prompt.demo_labels)}, model says "
                             f"{pred!r}. Attention of layer {layer} (the layer with the most copy neurons) and "
