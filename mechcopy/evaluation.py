@@ -158,6 +158,28 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: f
     return np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0).T
 
 
+# two-sided 97.5% quantiles of Student's t by degrees of freedom (standard table values)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95% Student-t interval over independent runs (training seeds): (mean, lo, hi).
+
+    With few seeds the interval is wide on purpose; one run gives (value, nan, nan).
+    """
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("seed_interval needs at least one value")
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, float("nan"), float("nan")
+    df = x.size - 1
+    t = _T975[max(d for d in _T975 if d <= df)] if df <= 30 else 1.96  # rounding df down: conservative
+    half = t * float(x.std(ddof=1)) / np.sqrt(x.size)
+    return mean, float(mean - half), float(mean + half)
+
+
 def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], condition: str = "unpruned",
               seed: int = 0, n_boot: int = 1000) -> TaskResult:
     """Score predictions against prompts (no model needed): rates and 95% bootstrap intervals."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mechcopy.evaluation import (
-    bootstrap_ci, evaluate, last_logits, perplexity, predict, summarize, _steps,
+    bootstrap_ci, evaluate, seed_interval, last_logits, perplexity, predict, summarize, _steps,
 )
 from mechcopy.models.tiny import tiny_transformer
 from mechcopy.tasks import Task, load_task
@@ -126,6 +126,20 @@ def test_summarize_by_hand_and_intervals():
         widths.append(hi - lo)
     assert widths[0] > widths[1] > widths[2]
     assert abs(widths[2] - 2 * 1.96 * math.sqrt(0.3 * 0.7 / 2000)) < 0.01  # matches the normal approximation
+
+
+def test_seed_interval_covers_the_mean_95_percent():
+    """The t interval over seeds: right for a hand example, and 95% coverage by simulation for 3 and 5 seeds."""
+    mean, lo, hi = seed_interval([0.4, 0.5, 0.6])
+    assert mean == pytest.approx(0.5) and hi - mean == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert math.isnan(seed_interval([0.3])[1])
+    with pytest.raises(ValueError):
+        seed_interval([])
+    rng = np.random.default_rng(0)
+    for n in (3, 5):
+        hits = [lo <= 1.0 <= hi for lo, hi in
+                (seed_interval(rng.normal(1.0, 0.2, n))[1:] for _ in range(4000))]
+        assert 0.935 < np.mean(hits) < 0.965, (n, np.mean(hits))
 
 
 def test_perplexity_matches_naive(tiny):

@@ -1,5 +1,5 @@
 """Model organisms: data generator properties, a tiny training run that learns held-out functions,
-and a save/load round trip with identical logits."""
+a save/load round trip with identical logits, and the full method (and its summary over seeds)."""
 
 import random
 
@@ -8,6 +8,8 @@ import torch
 
 from mechcopy.organisms import data as D
 from mechcopy.organisms.train import TrainConfig, load_organism, quick_accuracy, save_organism, train_organism
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,8 @@ def test_training_text_matches_shared_prompt_builder(tok):
         outputs = [y for _, y in ep.demos] + [ep.query[1]]
         assert [codec.char_to_id[y] for y in outputs] == [full[i + 1] for i in D.answer_positions(ep)]
         assert set(p.demo_labels) == set(ep.demo_labels) and p.answer not in p.demo_labels
-    a, d = D.probe_splits(tok, n_attr=30, n_dev=30)
-    assert not {p.text for p in a} & {p.text for p in d}
+    a, d, t = D.probe_splits(tok, n_attr=30, n_dev=30, n_test=30)
+    assert not {p.text for p in a} & {p.text for p in d} and not {p.text for p in a + d} & {p.text for p in t}
 
 
 def test_tiny_training_learns_held_out_maps():
@@ -121,3 +123,80 @@ def test_time_budget_stops_and_saves(tmp_path):
     assert result.stopped_early and 0 < result.steps_done < 100_000
     assert result.final_accuracy  # evaluated once at the stop
     assert load_organism(tmp_path / "org") is not None
+
+
+def test_shift_probe_gold_never_a_demo_label_and_only_training_shifts(tok):
+    for ep in D.episodes("probe-shift", 300, k=4, seed=2):
+        assert ep.query[1] not in ep.demo_labels and ep.query[0] not in [x for x, _ in ep.demos]
+        assert ep.function.family == "shift" and not D.is_held_out(ep.function)
+    attr, dev, test = D.probe_splits(tok, n_attr=40, n_dev=40, n_test=40, probe="probe-shift")
+    texts = [{p.text for p in split} for split in (attr, dev, test)]
+    assert all(len(t) == 40 for t in texts) and not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert all(p.answer not in p.demo_labels for p in attr + dev + test)
+    with pytest.raises(ValueError, match="known"):
+        D.probe_splits(tok, probe="map-heldout")
+
+
+def _fake_result(arch, cells):
+    """A run_method-shaped result whose table holds `cells`: {(set, condition): (accuracy, copy_rate)}."""
+    table = [{"set": s, "condition": c, "accuracy": a, "copy_rate": r} for (s, c), (a, r) in cells.items()]
+    return {"arch": arch, "methods": {"probe": {"table": table}}}
+
+
+def test_seed_summary_matches_a_naive_computation():
+    """Random sets are averaged within a seed first; the interval is the t interval over seeds; the
+    paired difference is taken within each seed."""
+    import math
+
+    from mechcopy.organisms.method import seed_summary
+
+    seeds = [  # (unpruned, pruned, random-0, random-1) accuracies; copy rate = 1 - accuracy
+        (0.50, 0.60, 0.40, 0.50), (0.70, 0.65, 0.70, 0.60), (0.60, 0.80, 0.50, 0.55)]
+    results = [_fake_result("mamba", {("s", "unpruned"): (u, 1 - u), ("s", "pruned"): (p, 1 - p),
+                                      ("s", "random-0"): (r0, 1 - r0), ("s", "random-1"): (r1, 1 - r1)})
+               for u, p, r0, r1 in seeds]
+    rows = {(r["set"], r["condition"]): r for r in seed_summary(results)}
+    rnd = rows[("s", "random")]
+    means = [(r0 + r1) / 2 for _, _, r0, r1 in seeds]
+    assert rnd["seeds"] == 3 and rnd["accuracy_per_seed"] == pytest.approx(means)
+    m = sum(means) / 3
+    sd = math.sqrt(sum((x - m) ** 2 for x in means) / 2)
+    assert rnd["accuracy"] == pytest.approx(m)
+    assert (rnd["acc_lo"], rnd["acc_hi"]) == pytest.approx((m - 4.303 * sd / math.sqrt(3), m + 4.303 * sd / math.sqrt(3)))
+    diff = rows[("s", "pruned - unpruned")]
+    assert diff["accuracy_per_seed"] == pytest.approx([p - u for u, p, _, _ in seeds])
+    assert diff["copy_rate_per_seed"] == pytest.approx([u - p for u, p, _, _ in seeds])
+
+
+def test_full_method_on_a_tiny_organism(tmp_path):
+    """run_method end to end on seconds of training: every probe and condition is there, IG is complete,
+    the chosen k is the sweep's, and its 'pruned' numbers equal a weight-edited copy of the organism."""
+    import copy
+
+    from mechcopy.evaluation import evaluate
+    from mechcopy.organisms.method import MethodConfig, run_method
+    from mechcopy.pruning import prune_weights
+    from mechcopy.sites import NeuronSet, model_fingerprint
+
+    cfg = TrainConfig(arch="transformer", steps=150, batch_size=16, lr=1e-2, warmup=10, seed=0, eval_every=10_000,
+                      model_kwargs={"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 64})
+    model, _ = train_organism(cfg, None, progress=False)
+    config = MethodConfig(n_eval=24, n_attr=6, n_dev=16, ig_steps=24, n_random=2, ks=(1, 4, 16))
+    res = run_method(model, config, progress=False)
+    assert set(res["methods"]) == set(D.PROBES) and res["arch"] == "transformer"
+    for probe, m in res["methods"].items():
+        assert m["ig"]["completeness_error_median"] < 0.02, probe
+        assert len(m["neurons"]) == m["sweep"]["chosen_k"] in config.ks
+        conds = {r["condition"] for r in m["table"]}
+        assert conds == {"unpruned", "pruned", "random-0", "random-1", "bottom"}
+        assert {r["set"] for r in m["table"]} == {"map-heldout", "shift-heldout", "class", "probe-same",
+                                                  "probe-test", "probe-shift-test"}
+    # the pruned row of the probe-shift method equals the weight-edited model on the same prompts
+    m = res["methods"]["probe-shift"]
+    edited = copy.deepcopy(model)
+    prune_weights(edited, NeuronSet(tuple(map(tuple, m["neurons"])), model_fingerprint(model)))
+    _, _, test = D.probe_splits(model.tokenizer, config.n_attr, config.n_dev, config.n_eval, config.k_shots,
+                                config.seed, probe="probe-shift")
+    row = next(r for r in m["table"] if r["set"] == "probe-shift-test" and r["condition"] == "pruned")
+    assert evaluate(edited, test).accuracy == row["accuracy"]
+    assert {r["condition"] for r in res["task_vectors"]} == {"unpruned", "pruned (probe)", "pruned (probe-shift)"}

@@ -7,6 +7,7 @@ character tokenizer; `train` trains, saves (safetensors + JSON) and loads them.
 from mechcopy.organisms.data import (
     EVAL_SETS,
     FAMILIES,
+    PROBES,
     Episode,
     Function,
     is_held_out,
@@ -19,7 +20,7 @@ from mechcopy.organisms.data import (
 from mechcopy.organisms.train import TrainConfig, TrainResult, load_organism, train_organism
 
 __all__ = [
-    "EVAL_SETS", "FAMILIES", "Episode", "Function", "is_held_out", "make_function", "organism_prompts",
+    "EVAL_SETS", "FAMILIES", "PROBES", "Episode", "Function", "is_held_out", "make_function", "organism_prompts",
     "probe_splits", "sample_episode", "sample_function", "TrainConfig", "TrainResult", "load_organism",
     "train_organism",
 ]

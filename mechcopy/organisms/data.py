@@ -15,6 +15,10 @@ prompt builder and evaluator. Three families of functions over the 26 lowercase 
   the gold label is never among the demo labels (as in vowel counting) and every prediction equal
   to a demo label is a copy error.
 
+A second probe, ``probe-shift``, is the shift family on *training* shifts: a shift is a bijection
+and the query is new, so its answer is never a demo label either, and a model that has not learnt
+to infer the shift can fall back on copying a demo label (where the organisms do copy).
+
 Held-out functions, never sampled in training: maps whose table hash falls in one residue class,
 and the shift amounts in ``HELD_OUT_SHIFTS``. All randomness goes through explicit seeds.
 """
@@ -235,7 +239,8 @@ def make_batch(codec: CharCodec, rng: random.Random, batch_size: int, k_range: t
 
 # ---- prompts for evaluation, through the shared prompt builder ----------------------------------
 
-EVAL_SETS = ("map-heldout", "map-train", "shift-heldout", "shift-train", "class", "probe", "probe-same")
+EVAL_SETS = ("map-heldout", "map-train", "shift-heldout", "class", "probe", "probe-same", "probe-shift")
+PROBES = ("probe", "probe-shift")  # the prompt sets whose gold is never a demo label (attribution, k choice)
 
 
 def episodes(name: str, n: int, k: int = 4, seed: int = 0) -> list[Episode]:
@@ -251,6 +256,8 @@ def episodes(name: str, n: int, k: int = 4, seed: int = 0) -> list[Episode]:
             out.append(sample_episode(sample_function("class", rng), k, rng, probe=True, same_label=True))
         elif name == "class":
             out.append(sample_episode(sample_function("class", rng), k, rng))
+        elif name == "probe-shift":  # training shifts, new query: gold is never a demo label
+            out.append(sample_episode(sample_function("shift", rng, "train"), k, rng))
         else:
             fam, split = name.split("-")
             out.append(sample_episode(sample_function(fam, rng, "heldout" if split == "heldout" else "train"), k, rng))
@@ -268,9 +275,19 @@ def organism_prompts(name: str, tokenizer, n: int = 200, k: int = 4, seed: int =
     return PromptSet(task=f"organism-{name}", prompts=prompts, dropped=())
 
 
-def probe_splits(tokenizer, n_attr: int = 100, n_dev: int = 100, k: int = 4, seed: int = 0):
-    """Disjoint attribution and dev probe prompts (different seeds, duplicates removed from dev)."""
-    attr = list(organism_prompts("probe", tokenizer, n_attr, k, seed).prompts)
+def probe_splits(tokenizer, n_attr: int = 100, n_dev: int = 100, n_test: int = 100, k: int = 4, seed: int = 0,
+                 probe: str = "probe"):
+    """Disjoint attribution, dev and test prompts of probe `probe` (see `PROBES`).
+
+    Each split comes from its own seed; prompts already in an earlier split are removed.
+    """
+    if probe not in PROBES:
+        raise ValueError(f"unknown organism probe {probe!r}; known: {', '.join(PROBES)}")
+    attr = list(organism_prompts(probe, tokenizer, n_attr, k, seed).prompts)
     seen = {p.text for p in attr}
-    dev = [p for p in organism_prompts("probe", tokenizer, 2 * n_dev, k, seed + 10_000).prompts if p.text not in seen]
-    return attr, dev[:n_dev]
+    dev = [p for p in organism_prompts(probe, tokenizer, 2 * n_dev, k, seed + 10_000).prompts
+           if p.text not in seen][:n_dev]
+    seen |= {p.text for p in dev}
+    test = [p for p in organism_prompts(probe, tokenizer, 2 * n_test, k, seed + 20_000).prompts
+            if p.text not in seen][:n_test]
+    return attr, dev, test

@@ -1,0 +1,201 @@
+"""The full copy-neuron method on a model organism, and its summary over training seeds.
+
+`run_method(model)` runs, for each probe in `PROBES`:
+probe attribution split -> IG on every neuron (target `contrast`) -> copy scores (min-max per prompt)
+-> k chosen on the probe's *dev* split -> evaluation of the pruned set against random layer-matched sets
+and the bottom-score set (`mechcopy.pruning.conditions`) on held-out functions, the class family and
+both probes' test splits -> task vectors (unpruned and pruned) on class and shift functions.
+
+k is the best dev accuracy among the k that keep the organism's general ability (query accuracy on
+*training-split* map and class episodes) within `max_general_drop`: the organisms read no English,
+so the perplexity bound of `pruning.sweep_k` does not apply.
+
+`seed_summary(results)` turns one result per trained organism into rows with the mean and a 95%
+t interval over training seeds (`evaluation.seed_interval`), per architecture, probe, set and condition,
+plus the per-seed paired difference pruned - unpruned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from mechcopy.attribution import copy_scores, integrated_gradients
+from mechcopy.evaluation import evaluate, seed_interval
+from mechcopy.organisms.data import PROBES, make_function, organism_prompts, probe_splits
+from mechcopy.pruning import conditions, pruning_hooks, select
+from mechcopy.sites import is_mamba, model_fingerprint
+
+GENERAL = ("map-train", "class")  # general ability: training-split functions
+HELD_OUT = ("map-heldout", "shift-heldout", "class", "probe-same")  # evaluated besides the probes' test splits
+TV_FUNCTIONS = (("class", 0), ("class", 1))  # the family whose ICL works (shifts stay at chance)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Sizes of one run of the method (prompts per split, IG steps, the k grid, baselines)."""
+
+    n_eval: int = 200
+    n_attr: int = 100
+    n_dev: int = 100
+    k_shots: int = 4
+    ig_steps: int = 20
+    n_random: int = 5
+    ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    max_general_drop: float = 0.05
+    probes: tuple[str, ...] = PROBES
+    task_vectors: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = set(self.probes) - set(PROBES)
+        if unknown:
+            raise ValueError(f"unknown organism probe(s) {sorted(unknown)}; known: {', '.join(PROBES)}")
+        object.__setattr__(self, "ks", tuple(self.ks))
+        object.__setattr__(self, "probes", tuple(self.probes))
+
+
+def choose_k(model, scores, dev, general, ks: Sequence[int], max_drop: float = 0.05, seed: int = 0) -> dict:
+    """Dev-probe and general accuracy for each global top-k; the best dev accuracy among feasible k.
+
+    Feasible: general accuracy within `max_drop` of the unpruned model's. Ties go to the smaller k.
+    """
+    base_dev = evaluate(model, dev, condition="unpruned", seed=seed, n_boot=100)
+    base_gen = evaluate(model, general, condition="unpruned", seed=seed, n_boot=100).accuracy
+    rows = []
+    for k in ks:
+        hooks = pruning_hooks(model, select(scores, "global", k=k))
+        d = evaluate(model, dev, fwd_hooks=hooks, condition=f"k={k}", seed=seed, n_boot=100)
+        g = evaluate(model, general, fwd_hooks=hooks, condition=f"k={k}", seed=seed, n_boot=100).accuracy
+        rows.append({"k": k, "dev_accuracy": d.accuracy, "dev_copy_rate": d.copy_rate, "general_accuracy": g,
+                     "feasible": g >= base_gen - max_drop})
+    feasible = [r for r in rows if r["feasible"]]
+    chosen = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if feasible else min(ks)
+    return {"baseline": {"dev_accuracy": base_dev.accuracy, "dev_copy_rate": base_dev.copy_rate,
+                         "general_accuracy": base_gen},
+            "rows": rows, "chosen_k": chosen, "max_general_drop": max_drop, "any_feasible": bool(feasible)}
+
+
+def _cell(res, name: str, condition: str) -> dict:
+    return {"set": name, "condition": condition, "accuracy": res.accuracy, "accuracy_ci": list(res.accuracy_ci),
+            "copy_rate": res.copy_rate, "copy_rate_ci": list(res.copy_rate_ci), "n": res.n}
+
+
+def _task_vectors(model, hooks_by_condition: dict[str, list], seed: int) -> list[dict]:
+    from mechcopy.task_vectors import TaskVectorConfig, split_task, task_vector_experiment
+
+    config = TaskVectorConfig(shots=4, n_extract=5, n_dev=8, n_test=9, seed=seed)
+    out = []
+    for family, param in TV_FUNCTIONS:
+        task = make_function(family, param).to_task()
+        split = split_task(task, model.tokenizer, config)
+        for cond, hooks in hooks_by_condition.items():
+            r = task_vector_experiment(model, task, config, hooks, cond, split)
+            out.append({"task": r.task, "condition": cond, "best_layer": r.best_layer,
+                         "dev_accuracy": list(r.dev_accuracy), "test_accuracy": r.test_accuracy,
+                         "zero_shot_accuracy": r.zero_shot_accuracy, "icl_accuracy": r.icl_accuracy,
+                         "copy_rate": r.copy_rate, "n_test": r.n_test})
+    return out
+
+
+def run_method(model, config: MethodConfig = MethodConfig(), progress: bool = True) -> dict:
+    """Every number of the organism write-up for one trained organism (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    torch.manual_seed(config.seed)
+    c, tok = config, model.tokenizer
+    splits = {p: probe_splits(tok, c.n_attr, c.n_dev, c.n_eval, c.k_shots, c.seed, probe=p) for p in PROBES}
+    sets = {name: list(organism_prompts(name, tok, c.n_eval, c.k_shots, c.seed).prompts) for name in HELD_OUT}
+    sets.update({f"{p}-test": splits[p][2] for p in PROBES})
+    general = [p for name in GENERAL for p in organism_prompts(name, tok, c.n_dev, c.k_shots, c.seed + 30_000).prompts]
+
+    unpruned = {name: evaluate(model, ps, condition="unpruned", seed=c.seed) for name, ps in sets.items()}
+    out: dict[str, Any] = {
+        "model": model_fingerprint(model), "arch": "mamba" if is_mamba(model) else "transformer",
+        "config": asdict(c),
+        "unpruned": {name: {k: v for k, v in r.to_json().items() if k != "predictions"} for name, r in unpruned.items()},
+        "methods": {},
+    }
+    tv_hooks = {"unpruned": []}
+    for probe in tqdm(c.probes, desc="organism method", disable=not progress):
+        attr, dev, _ = splits[probe]
+        ig = integrated_gradients(model, attr, target="contrast", steps=c.ig_steps, method="fast")
+        scores = copy_scores(model, ig, normalisation="minmax", seed=c.seed)
+        sweep = choose_k(model, scores, dev, general, c.ks, c.max_general_drop, c.seed)
+        neurons = select(scores, "global", k=sweep["chosen_k"])
+        table = [_cell(r, name, "unpruned") for name, r in unpruned.items()]
+        for cond, hooks in conditions(model, neurons, n_random=c.n_random, seed=c.seed, scores=scores):
+            table += [_cell(evaluate(model, ps, fwd_hooks=hooks, condition=cond, seed=c.seed), name, cond)
+                      for name, ps in sets.items()]
+        positive = scores.scores.clamp_min(0)
+        tv_hooks[f"pruned ({probe})"] = pruning_hooks(model, neurons)
+        out["methods"][probe] = {
+            "ig": {"completeness_error_median": float(ig.completeness_error().median()),
+                   "target_clean_mean": float(ig.target_clean.mean())},
+            "scores_per_layer": scores.scores.tolist(),
+            "score_mass_per_layer": (positive.sum(1) / positive.sum()).tolist(),
+            "sweep": sweep,
+            "neurons": [list(n) for n in neurons.neurons],
+            "neurons_per_layer_selected": neurons.layer_counts(model.cfg.n_layers),
+            "table": table,
+        }
+    if c.task_vectors:
+        out["task_vectors"] = _task_vectors(model, tv_hooks, c.seed)
+    out["seconds"] = time.time() - t0
+    return out
+
+
+# ------------------------------------------------------------------------------ over training seeds
+
+
+def _condition_group(condition: str) -> str:
+    return "random" if condition.startswith("random") else condition
+
+
+def seed_summary(results: Sequence[dict]) -> list[dict]:
+    """Mean and 95% t interval over training seeds per (arch, probe, set, condition); random sets are
+    first averaged within a seed. Also the per-seed difference pruned - unpruned (`condition` "pruned - unpruned")."""
+    per_seed: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for res in results:
+        for probe, m in res["methods"].items():
+            cells: dict[tuple, list[dict]] = defaultdict(list)
+            for row in m["table"]:
+                cells[(row["set"], _condition_group(row["condition"]))].append(row)
+            for (name, cond), rows in cells.items():
+                acc = sum(r["accuracy"] for r in rows) / len(rows)
+                copy = sum(r["copy_rate"] for r in rows) / len(rows)
+                per_seed[(res["arch"], probe, name, cond)].append((acc, copy))
+            for name in {n for n, _ in cells}:  # the paired difference within this seed
+                (pruned,), (base,) = cells[(name, "pruned")], cells[(name, "unpruned")]
+                per_seed[(res["arch"], probe, name, "pruned - unpruned")].append(
+                    (pruned["accuracy"] - base["accuracy"], pruned["copy_rate"] - base["copy_rate"]))
+    rows = []
+    for (arch, probe, name, cond), vals in sorted(per_seed.items()):
+        acc, copy = seed_interval([a for a, _ in vals]), seed_interval([c for _, c in vals])
+        rows.append({"arch": arch, "probe": probe, "set": name, "condition": cond, "seeds": len(vals),
+                     "accuracy": acc[0], "acc_lo": acc[1], "acc_hi": acc[2],
+                     "copy_rate": copy[0], "copy_lo": copy[1], "copy_hi": copy[2],
+                     "accuracy_per_seed": [a for a, _ in vals], "copy_rate_per_seed": [c for _, c in vals]})
+    return rows
+
+
+def task_vector_summary(results: Sequence[dict]) -> list[dict]:
+    """Task-vector test accuracy (and zero-shot / ICL baselines) per (arch, task, condition) over seeds."""
+    per_seed: dict[tuple, list[dict]] = defaultdict(list)
+    for res in results:
+        for r in res.get("task_vectors", []):
+            per_seed[(res["arch"], r["task"], r["condition"])].append(r)
+    rows = []
+    for (arch, task, cond), rs in sorted(per_seed.items()):
+        row = {"arch": arch, "task": task, "condition": cond, "seeds": len(rs),
+               "best_layers": [r["best_layer"] for r in rs]}
+        for key in ("test_accuracy", "zero_shot_accuracy", "icl_accuracy", "copy_rate"):
+            mean, lo, hi = seed_interval([r[key] for r in rs])
+            row.update({key: mean, f"{key}_lo": lo, f"{key}_hi": hi})
+        rows.append(row)
+    return rows
