@@ -266,19 +266,45 @@ def plot_patching_heatmap(values: Float[np.ndarray, "layers positions"] | torch.
     return fig
 
 
-def plot_loss_curve(steps: Sequence[float], losses: Sequence[float], title: str | None = None) -> Figure:
-    """Training loss against step (log scale when the loss spans more than a factor of 10)."""
-    steps, losses = np.asarray(steps, float), np.asarray(losses, float)
-    if steps.shape != losses.shape or steps.ndim != 1 or len(steps) == 0:
-        raise ValueError(f"plot_loss_curve: steps and losses must be equal-length 1-D, got {steps.shape}, {losses.shape}")
-    fig = Figure(figsize=(6.0, 3.6), layout="constrained")
-    ax = fig.subplots()
-    ax.plot(steps, losses, color=CONDITION_COLORS["unpruned"], lw=1.4)
-    if np.all(losses > 0) and losses.max() / losses.min() > 10:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
+def plot_loss_curve(steps: Sequence[float], losses: Sequence[float] | dict[str, Sequence[float]],
+                    title: str | None = None, evals: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                    smooth: int = 1) -> Figure:
+    """Training loss against step (log scale when it spans more than a factor of 10).
+
+    `losses` is one series or several by name (e.g. all outputs and the query alone), each smoothed by a
+    trailing mean over `smooth` steps. With `evals` ({name: (steps, accuracies)}) a second panel shows
+    evaluation accuracies during training.
+    """
+    steps = np.asarray(steps, float)
+    series = {"loss": losses} if not isinstance(losses, dict) else losses
+    fig = Figure(figsize=(9.0 if evals else 6.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2 if evals else 1, squeeze=False)[0]
+    span = []
+    for i, (name, values) in enumerate(series.items()):
+        values = np.asarray(values, float)
+        if values.shape != steps.shape or steps.ndim != 1 or len(steps) == 0:
+            raise ValueError(f"plot_loss_curve: steps and losses must be equal-length 1-D, got {steps.shape}, {values.shape}")
+        if smooth > 1:
+            csum = np.cumsum(np.insert(values, 0, 0.0))
+            lo = np.maximum(0, np.arange(len(values)) - smooth + 1)
+            values = (csum[1:] - csum[lo]) / (np.arange(len(values)) + 1 - lo)
+        axes[0].plot(steps, values, color=CONDITION_COLORS["unpruned"] if i == 0 else None, lw=1.4, label=name)
+        span += [values.min(), values.max()]
+    if min(span) > 0 and max(span) / min(span) > 10:
+        axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    axes[0].grid(alpha=0.3)
+    if len(series) > 1:
+        axes[0].legend(fontsize=8)
+    if evals:
+        for name, (x, y) in evals.items():
+            axes[1].plot(x, y, marker=".", label=name)
+        axes[1].set_xlabel("step")
+        axes[1].set_ylabel("accuracy")
+        axes[1].set_ylim(0, 1)
+        axes[1].grid(alpha=0.3)
+        axes[1].legend(fontsize=8)
     fig.suptitle(title or "Training loss")
     return fig
 

@@ -72,6 +72,8 @@ def all_figures() -> dict[str, Figure]:
         "tv_by_layer": viz.plot_tv_by_layer(tv_df()),
         "patching": viz.plot_patching_heatmap(heat, ["<bos>", "hot", " ->", " $x", "\n", "big", " ->", "?"], "patch"),
         "loss": viz.plot_loss_curve(np.arange(100), 5 * np.exp(-np.arange(100) / 20) + 0.1),
+        "loss_and_evals": viz.plot_loss_curve(np.arange(100), {"all": np.linspace(3, 1, 100), "query": np.linspace(4, 2, 100)},
+                                              evals={"map": ([50, 100], [0.2, 0.6])}, smooth=5),
     }
 
 
@@ -93,6 +95,17 @@ def test_figures_save_as_png(tmp_path):
             assert im.format == "PNG" and im.width > 200 and im.height > 150
             assert _n_colors(im.convert("RGB")) > 20, f"{name} looks blank"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.png" for n in all_figures())  # no temp files
+
+
+def test_loss_curve_smooths_with_a_trailing_mean():
+    rng = np.random.default_rng(0)
+    loss = rng.random(50)
+    fig = viz.plot_loss_curve(np.arange(50), {"a": loss}, smooth=7, evals={"acc": ([10, 50], [0.1, 0.5])})
+    drawn = fig.axes[0].lines[0].get_ydata()
+    naive = [loss[max(0, i - 6): i + 1].mean() for i in range(50)]
+    assert np.allclose(drawn, naive) and list(fig.axes[1].lines[0].get_ydata()) == [0.1, 0.5]
+    with pytest.raises(ValueError, match="equal-length"):
+        viz.plot_loss_curve(np.arange(5), np.arange(4))
 
 
 def test_task_bars_draw_the_data():

@@ -30,13 +30,14 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    from mechcopy.organisms.train import ARCHS, TrainConfig
+    from mechcopy.organisms.train import ARCHS, DEFAULT_STEPS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train-organism", help="train a small transformer or Mamba for in-context learning")
     p.add_argument("--arch", choices=ARCHS, default="transformer")
     p.add_argument("--out", help="output folder (default: the cache's organisms/ARCH-sSEED)")
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: " + ", ".join(f"{a} {n}" for a, n in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
