@@ -31,14 +31,34 @@ SETS = ("map-heldout", "shift-heldout", "class", "probe-test", "probe-same", "pr
 ARCH_COLOURS = {"transformer": "tab:blue", "mamba": "tab:orange"}
 
 
-def fmt(mean: float, lo: float, hi: float) -> str:
-    return f"{mean:.2f}" if math.isnan(lo) else f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
+def fmt(mean: float, lo: float, hi: float, rate: bool = True) -> str:
+    """`mean [lo, hi]`; a rate's interval is clipped to [0, 1] (a difference's is not)."""
+    if math.isnan(lo):
+        return f"{mean:.2f}"
+    if rate:
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def markdown_tables(summary: pd.DataFrame, tv: pd.DataFrame) -> str:
+def sweep_table(results: list[dict]) -> list[str]:
+    """Per organism and probe: dev accuracy unpruned, the best k and its dev accuracy, and the chosen k."""
+    lines = ["| organism | probe | dev accuracy unpruned | best feasible k: dev accuracy | chosen k | "
+             "dev copy rate unpruned -> chosen |", "|---|---|---|---|---|---|"]
+    for res in results:
+        for probe, m in res["methods"].items():
+            sw = m["sweep"]
+            chosen = next(r for r in sw["rows"] if r["k"] == sw["chosen_k"])
+            best = f"{chosen['dev_accuracy']:.2f}" if sw["any_feasible"] else "none feasible"
+            lines.append(f"| {Path(res['organism']).name} | {probe} | {sw['baseline']['dev_accuracy']:.2f} | {best} | "
+                         f"{sw['chosen_k']} | {sw['baseline']['dev_copy_rate']:.2f} -> {chosen['dev_copy_rate']:.2f} |")
+    return lines
+
+
+def markdown_tables(summary: pd.DataFrame, tv: pd.DataFrame, results: list[dict]) -> str:
     """ICL and copy rates of the unpruned organisms; the pruning table per probe; task vectors."""
     def row_cells(r):
-        return (fmt(r.accuracy, r.acc_lo, r.acc_hi), fmt(r.copy_rate, r.copy_lo, r.copy_hi),
+        rate = r.condition != "pruned - unpruned"
+        return (fmt(r.accuracy, r.acc_lo, r.acc_hi, rate), fmt(r.copy_rate, r.copy_lo, r.copy_hi, rate),
                 ", ".join(f"{a:.2f}" for a in r.accuracy_per_seed))
 
     out = ["## Unpruned organisms (mean [95% t interval] over training seeds)", "",
@@ -52,6 +72,8 @@ def markdown_tables(summary: pd.DataFrame, tv: pd.DataFrame) -> str:
         part = summary[(summary.probe == probe) & (summary.condition != "unpruned")]
         for r in part.itertuples():
             out.append(f"| {r.arch} | {r.set} | {r.condition} | " + " | ".join(row_cells(r)) + " |")
+    out += ["", "## The k sweep on each probe's dev split (feasible: general accuracy within 5 points)", ""]
+    out += sweep_table(results)
     if len(tv):
         out += ["", "## Task vectors (test accuracy, mean [95% t interval] over seeds)", "",
                 "| arch | function | condition | task vector | zero-shot | ICL | best layer per seed |",
@@ -103,7 +125,8 @@ def plot(results: list[dict], folders: list[str], summary: pd.DataFrame, out_dir
             for c_i, cond in enumerate(CONDITIONS):
                 part = summary[(summary.arch == arch) & (summary.probe == probe) & (summary.condition == cond)]
                 part = part.set_index("set").reindex(sets)
-                err = [(part[metric] - part[lo]).fillna(0).clip(lower=0), (part[hi] - part[metric]).fillna(0).clip(lower=0)]
+                err = [(part[metric] - part[lo].clip(lower=0)).fillna(0).clip(lower=0),
+                       (part[hi].clip(upper=1) - part[metric]).fillna(0).clip(lower=0)]
                 ax.bar([x + 0.2 * c_i for x in range(len(sets))], part[metric], width=0.2, yerr=err, capsize=2,
                        label=cond)
             ax.set_xticks([x + 0.3 for x in range(len(sets))], sets, fontsize=6, rotation=30, ha="right")
@@ -169,8 +192,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary.to_csv(out / "summary.csv", index=False)
     tv.to_csv(out / "task_vectors.csv", index=False)
-    write_atomic(out / "table.md", markdown_tables(summary, tv))
-    print(markdown_tables(summary, tv))
+    write_atomic(out / "table.md", markdown_tables(summary, tv, results))
+    print(markdown_tables(summary, tv, results))
     for path in plot(results, args.folders, summary, Path(args.figures) if args.figures else out):
         print(f"wrote {path}")
     return 0

@@ -39,9 +39,9 @@ TV_FUNCTIONS = (("class", 0), ("class", 1))  # the family whose ICL works (shift
 class MethodConfig:
     """Sizes of one run of the method (prompts per split, IG steps, the k grid, baselines)."""
 
-    n_eval: int = 200
+    n_eval: int = 400
     n_attr: int = 100
-    n_dev: int = 100
+    n_dev: int = 200
     k_shots: int = 4
     ig_steps: int = 20
     n_random: int = 5
