@@ -209,7 +209,7 @@ def report(tiny, tiny_neurons, tmp_path_factory):
                 table=task_df().round(3)),
         Section("Choosing k", "Dev split only.", [figs["k_sweep"], figs["layers"]]),
         Section("Task vectors", "", [figs["tv_by_layer"], figs["patching"]]),
-        Section("Organism", "Loss.", [figs["loss"]]),
+        Section("Organism", "Loss.", [figs["loss"], figs["loss_and_evals"]]),
         Section("Views", "Attention and neurons <b>escaped</b>.",
                 html=[viz.attention_view(tiny, TEXT, 0), viz.neuron_activations_view(tiny, TEXT, tiny_neurons),
                       native]),
