@@ -96,6 +96,7 @@ def plot(results: list[dict], folders: list[str], summary: pd.DataFrame, out_dir
     paths = []
     # 1. training: loss and held-out map accuracy, every seed
     fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
+    labelled = set()
     for folder, res in zip(folders, results):
         lp = Path(folder) / "loss.json"
         if not lp.exists():
@@ -103,8 +104,11 @@ def plot(results: list[dict], folders: list[str], summary: pd.DataFrame, out_dir
         c, colour = json.loads(lp.read_text()), ARCH_COLOURS[res["arch"]]
         w = max(1, len(c["loss"]) // 60)
         idx = range(0, len(c["loss"]), w)
+        n_seeds = sum(r["arch"] == res["arch"] for r in results)
         axes[0].plot([c["step"][i] for i in idx], [sum(c["loss"][i:i + w]) / len(c["loss"][i:i + w]) for i in idx],
-                     color=colour, alpha=0.7, label=Path(folder).name)
+                     color=colour, alpha=0.7,
+                     label=None if res["arch"] in labelled else f"{res['arch']} ({n_seeds} seeds)")
+        labelled.add(res["arch"])
         axes[1].plot(c["eval_step"], [e["map-heldout"] for e in c["eval"]], color=colour, alpha=0.7)
         axes[1].plot(c["eval_step"], [e["shift-heldout"] for e in c["eval"]], ":", color=colour, alpha=0.7)
     axes[0].set_xlabel("step"), axes[0].set_ylabel("loss (outputs)"), axes[0].legend(fontsize=6)

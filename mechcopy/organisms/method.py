@@ -132,13 +132,12 @@ def run_method(model, config: MethodConfig = MethodConfig(), progress: bool = Tr
         for cond, hooks in conditions(model, neurons, n_random=c.n_random, seed=c.seed, scores=scores):
             table += [_cell(evaluate(model, ps, fwd_hooks=hooks, condition=cond, seed=c.seed), name, cond)
                       for name, ps in sets.items()]
-        positive = scores.scores.clamp_min(0)
         tv_hooks[f"pruned ({probe})"] = pruning_hooks(model, neurons)
         out["methods"][probe] = {
             "ig": {"completeness_error_median": float(ig.completeness_error().median()),
                    "target_clean_mean": float(ig.target_clean.mean())},
             "scores_per_layer": scores.scores.tolist(),
-            "score_mass_per_layer": (positive.sum(1) / positive.sum()).tolist(),
+            "top16_per_layer": select(scores, "global", k=16).layer_counts(model.cfg.n_layers),
             "sweep": sweep,
             "neurons": [list(n) for n in neurons.neurons],
             "neurons_per_layer_selected": neurons.layer_counts(model.cfg.n_layers),
