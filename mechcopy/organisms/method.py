@@ -137,7 +137,7 @@ def run_method(model, config: MethodConfig = MethodConfig(), progress: bool = Tr
             "ig": {"completeness_error_median": float(ig.completeness_error().median()),
                    "target_clean_mean": float(ig.target_clean.mean())},
             "scores_per_layer": scores.scores.tolist(),
-            "top16_per_layer": select(scores, "global", k=16).layer_counts(model.cfg.n_layers),
+            "top16_per_layer": select(scores, "global", k=min(16, scores.scores.numel())).layer_counts(model.cfg.n_layers),
             "sweep": sweep,
             "neurons": [list(n) for n in neurons.neurons],
             "neurons_per_layer_selected": neurons.layer_counts(model.cfg.n_layers),
