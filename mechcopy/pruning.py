@@ -136,54 +136,80 @@ def bottom_set(scores: CopyScores, k: int) -> NeuronSet:
 
 @dataclass(frozen=True)
 class KSweep:
-    """Dev accuracy and perplexity for each k; the chosen k maximises dev accuracy within the ppl bound."""
+    """Dev accuracy for each k and the cost to general ability; the chosen k maximises dev accuracy
+    among the k within every bound (perplexity increase and/or accuracy drop on general prompts)."""
 
     rows: tuple[dict[str, Any], ...]
     baseline: dict[str, Any]
     chosen_k: int | None
     mode: str
-    max_ppl_increase: float
-    text: str
+    max_ppl_increase: float | None
+    text: str | None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    max_general_drop: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"rows": list(self.rows), "baseline": self.baseline, "chosen_k": self.chosen_k,
-                "mode": self.mode, "max_ppl_increase": self.max_ppl_increase, "text": self.text, **self.meta}
+                "mode": self.mode, "max_ppl_increase": self.max_ppl_increase, "text": self.text,
+                "max_general_drop": self.max_general_drop, **self.meta}
 
 
 def sweep_k(model, scores: CopyScores, dev_prompts: Sequence, ks: Sequence[int] = DEFAULT_KS,
-            mode: str = "global", max_ppl_increase: float = 0.05, text: str | None = None,
+            mode: str = "global", max_ppl_increase: float | None = 0.05, text: str | None = None,
             text_name: str = "pydoc_data.topics", n_tokens: int = 4096, seed: int = 0,
-            progress: bool = False) -> KSweep:
-    """For each k: dev accuracy under pruning and relative perplexity increase on held-out text.
+            progress: bool = False, general_prompts: Sequence | None = None,
+            max_general_drop: float = 0.05) -> KSweep:
+    """For each k: dev accuracy under pruning and its cost to general ability.
 
+    The cost is the relative perplexity increase on held-out text (bound `max_ppl_increase`; None
+    skips it), and, with `general_prompts`, the accuracy drop on those prompts (bound
+    `max_general_drop`): the bound for models that read no English, such as the model organisms.
     Never pass evaluation-task prompts here: the dev split of the probe is the only tuning data.
     """
     from mechcopy.evaluation import evaluate, perplexity
 
     if not dev_prompts:
         raise ValueError("the k sweep needs dev prompts (the probe's dev split)")
+    if max_ppl_increase is None and general_prompts is None:
+        raise ValueError("the k sweep needs a bound: max_ppl_increase and/or general_prompts")
     scores.check(model)
     width = neurons_per_layer(model)
     ks = sorted({int(k) for k in ks if 0 < k <= (width if mode == "per-layer" else scores.scores.numel())})
     if not ks:
         raise ValueError("no valid k in the sweep grid for this model")
-    base = evaluate(model, dev_prompts, condition="unpruned", seed=seed, n_boot=200)
-    ppl0 = perplexity(model, text, n_tokens=n_tokens)
-    baseline = {"k": 0, "n_neurons": 0, "dev_accuracy": base.accuracy, "dev_copy_rate": base.copy_rate,
-                "ppl": ppl0, "ppl_increase": 0.0}
+
+    def measure(hooks, name: str) -> dict[str, Any]:
+        res = evaluate(model, dev_prompts, fwd_hooks=hooks, condition=name, seed=seed, n_boot=200)
+        row = {"dev_accuracy": res.accuracy, "dev_copy_rate": res.copy_rate}
+        if max_ppl_increase is not None:
+            row["ppl"] = perplexity(model, text, fwd_hooks=hooks, n_tokens=n_tokens)
+        if general_prompts is not None:
+            row["general_accuracy"] = evaluate(model, general_prompts, fwd_hooks=hooks, condition=name,
+                                               seed=seed, n_boot=200).accuracy
+        return row
+
+    baseline = {"k": 0, "n_neurons": 0, **measure([], "unpruned")}
     rows = []
     for k in tqdm(ks, desc="k sweep", disable=not progress):
         ns = select(scores, mode, k=k)
-        hooks = pruning_hooks(model, ns)
-        res = evaluate(model, dev_prompts, fwd_hooks=hooks, condition=f"k={k}", seed=seed, n_boot=200)
-        ppl = perplexity(model, text, fwd_hooks=hooks, n_tokens=n_tokens)
-        inc = ppl / ppl0 - 1.0
-        rows.append({"k": k, "n_neurons": len(ns), "dev_accuracy": res.accuracy,
-                     "dev_copy_rate": res.copy_rate, "ppl": ppl, "ppl_increase": inc,
-                     "feasible": inc <= max_ppl_increase})
-    feasible = [r for r in rows if r["feasible"]]
-    chosen = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if feasible else None
-    return KSweep(tuple(rows), baseline, chosen, mode, max_ppl_increase, text_name,
-                  {"n_dev": len(dev_prompts), "n_tokens": n_tokens, "seed": seed,
-                   "model": model_fingerprint(model)})
+        row = {"k": k, "n_neurons": len(ns), **measure(pruning_hooks(model, ns), f"k={k}")}
+        feasible = True
+        if max_ppl_increase is not None:
+            row["ppl_increase"] = row["ppl"] / baseline["ppl"] - 1.0
+            feasible &= row["ppl_increase"] <= max_ppl_increase
+        if general_prompts is not None:
+            row["general_drop"] = baseline["general_accuracy"] - row["general_accuracy"]
+            feasible &= row["general_accuracy"] >= baseline["general_accuracy"] - max_general_drop
+        rows.append({**row, "feasible": feasible})
+    if max_ppl_increase is not None:
+        baseline["ppl_increase"] = 0.0
+    feasible_rows = [r for r in rows if r["feasible"]]
+    chosen = max(feasible_rows, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if feasible_rows else None
+    meta = {"n_dev": len(dev_prompts), "seed": seed, "model": model_fingerprint(model)}
+    if max_ppl_increase is not None:
+        meta["n_tokens"] = n_tokens
+    if general_prompts is not None:
+        meta["n_general"] = len(general_prompts)
+    return KSweep(tuple(rows), baseline, chosen, mode, max_ppl_increase,
+                  text_name if max_ppl_increase is not None else None, meta,
+                  max_general_drop if general_prompts is not None else None)

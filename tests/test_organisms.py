@@ -170,7 +170,8 @@ def test_seed_summary_matches_a_naive_computation():
 
 def test_full_method_on_a_tiny_organism(tmp_path):
     """run_method end to end on seconds of training: every probe and condition is there, IG is complete,
-    the chosen k is the sweep's, and its 'pruned' numbers equal a weight-edited copy of the organism."""
+    the pruned k is the sweep's (or the grid's smallest when none is feasible), and its 'pruned' numbers
+    equal a weight-edited copy of the organism."""
     import copy
 
     from mechcopy.evaluation import evaluate
@@ -186,7 +187,8 @@ def test_full_method_on_a_tiny_organism(tmp_path):
     assert set(res["methods"]) == set(D.PROBES) and res["arch"] == "transformer"
     for probe, m in res["methods"].items():
         assert m["ig"]["completeness_error_median"] < 0.02, probe
-        assert len(m["neurons"]) == m["sweep"]["chosen_k"] in config.ks
+        assert len(m["neurons"]) == m["pruned_k"] in config.ks
+        assert m["sweep"]["chosen_k"] in (m["pruned_k"], None) and m["sweep"]["max_general_drop"] == 0.05
         conds = {r["condition"] for r in m["table"]}
         assert conds == {"unpruned", "pruned", "random-0", "random-1", "bottom"}
         assert {r["set"] for r in m["table"]} == {"map-heldout", "shift-heldout", "class", "probe-same",

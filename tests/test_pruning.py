@@ -137,6 +137,29 @@ def test_sweep_picks_best_feasible_k(tiny3):
     assert tight.chosen_k is None
 
 
+def test_sweep_with_a_general_accuracy_bound(tiny3):
+    """The bound for models that read no English: accuracy drop on general prompts, no perplexity."""
+    from mechcopy.evaluation import evaluate
+    from mechcopy.tasks.probe import probe_splits
+
+    _, dev = probe_splits(tiny3.tokenizer, n_attr=2, n_dev=6)
+    _, general = probe_splits(tiny3.tokenizer, n_attr=2, n_dev=8, seed=5)
+    sc = _scores(tiny3)
+    sw = sweep_k(tiny3, sc, dev, ks=[2, 50, 150], max_ppl_increase=None, general_prompts=general,
+                 max_general_drop=0.1)
+    base = evaluate(tiny3, general).accuracy
+    assert sw.baseline["general_accuracy"] == base and "ppl" not in sw.baseline
+    for r in sw.rows:
+        acc = evaluate(tiny3, general, fwd_hooks=pruning_hooks(tiny3, select(sc, "global", k=r["k"]))).accuracy
+        assert r["general_accuracy"] == acc and r["feasible"] == (acc >= base - 0.1) and "ppl" not in r
+    feasible = [r for r in sw.rows if r["feasible"]]
+    best = max((r["dev_accuracy"] for r in feasible), default=None)
+    assert sw.chosen_k == (min(r["k"] for r in feasible if r["dev_accuracy"] == best) if feasible else None)
+    assert sw.to_json()["max_general_drop"] == 0.1 and sw.text is None
+    with pytest.raises(ValueError, match="bound"):
+        sweep_k(tiny3, sc, dev, ks=[2], max_ppl_increase=None)
+
+
 def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch):
     """`find` end to end on the tiny model; an interrupted run resumes and gives the same result."""
     import mechcopy.attribution as attribution

@@ -6,9 +6,11 @@ probe attribution split -> IG on every neuron (target `contrast`) -> copy scores
 and the bottom-score set (`mechcopy.pruning.conditions`) on held-out functions, the class family and
 both probes' test splits -> task vectors (unpruned and pruned) on class and shift functions.
 
-k is the best dev accuracy among the k that keep the organism's general ability (query accuracy on
-*training-split* map and class episodes) within `max_general_drop`: the organisms read no English,
-so the perplexity bound of `pruning.sweep_k` does not apply.
+k comes from `pruning.sweep_k` with the general-ability bound instead of perplexity (the organisms
+read no English): the best dev accuracy among the k that keep query accuracy on *training-split* map
+and class episodes within `max_general_drop`. When no k is feasible the smallest k of the grid is
+pruned anyway (recorded as `pruned_k` beside the sweep's `chosen_k` of None), so the table still
+shows what the method's first step costs.
 
 `seed_summary(results)` turns one result per trained organism into rows with the mean and a 95%
 t interval over training seeds (`evaluation.seed_interval`), per architecture, probe, set and condition,
@@ -27,7 +29,7 @@ import torch
 from mechcopy.attribution import copy_scores, integrated_gradients
 from mechcopy.evaluation import evaluate, seed_interval
 from mechcopy.organisms.data import PROBES, make_function, organism_prompts, probe_splits
-from mechcopy.pruning import conditions, pruning_hooks, select
+from mechcopy.pruning import conditions, pruning_hooks, select, sweep_k
 from mechcopy.sites import is_mamba, model_fingerprint
 
 GENERAL = ("map-train", "class")  # general ability: training-split functions
@@ -57,27 +59,6 @@ class MethodConfig:
             raise ValueError(f"unknown organism probe(s) {sorted(unknown)}; known: {', '.join(PROBES)}")
         object.__setattr__(self, "ks", tuple(self.ks))
         object.__setattr__(self, "probes", tuple(self.probes))
-
-
-def choose_k(model, scores, dev, general, ks: Sequence[int], max_drop: float = 0.05, seed: int = 0) -> dict:
-    """Dev-probe and general accuracy for each global top-k; the best dev accuracy among feasible k.
-
-    Feasible: general accuracy within `max_drop` of the unpruned model's. Ties go to the smaller k.
-    """
-    base_dev = evaluate(model, dev, condition="unpruned", seed=seed, n_boot=100)
-    base_gen = evaluate(model, general, condition="unpruned", seed=seed, n_boot=100).accuracy
-    rows = []
-    for k in ks:
-        hooks = pruning_hooks(model, select(scores, "global", k=k))
-        d = evaluate(model, dev, fwd_hooks=hooks, condition=f"k={k}", seed=seed, n_boot=100)
-        g = evaluate(model, general, fwd_hooks=hooks, condition=f"k={k}", seed=seed, n_boot=100).accuracy
-        rows.append({"k": k, "dev_accuracy": d.accuracy, "dev_copy_rate": d.copy_rate, "general_accuracy": g,
-                     "feasible": g >= base_gen - max_drop})
-    feasible = [r for r in rows if r["feasible"]]
-    chosen = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if feasible else min(ks)
-    return {"baseline": {"dev_accuracy": base_dev.accuracy, "dev_copy_rate": base_dev.copy_rate,
-                         "general_accuracy": base_gen},
-            "rows": rows, "chosen_k": chosen, "max_general_drop": max_drop, "any_feasible": bool(feasible)}
 
 
 def _cell(res, name: str, condition: str) -> dict:
@@ -126,8 +107,10 @@ def run_method(model, config: MethodConfig = MethodConfig(), progress: bool = Tr
         attr, dev, _ = splits[probe]
         ig = integrated_gradients(model, attr, target="contrast", steps=c.ig_steps, method="fast")
         scores = copy_scores(model, ig, normalisation="minmax", seed=c.seed)
-        sweep = choose_k(model, scores, dev, general, c.ks, c.max_general_drop, c.seed)
-        neurons = select(scores, "global", k=sweep["chosen_k"])
+        sweep = sweep_k(model, scores, dev, c.ks, "global", max_ppl_increase=None, seed=c.seed,
+                        general_prompts=general, max_general_drop=c.max_general_drop)
+        pruned_k = sweep.chosen_k if sweep.chosen_k is not None else min(c.ks)
+        neurons = select(scores, "global", k=pruned_k)
         table = [_cell(r, name, "unpruned") for name, r in unpruned.items()]
         for cond, hooks in conditions(model, neurons, n_random=c.n_random, seed=c.seed, scores=scores):
             table += [_cell(evaluate(model, ps, fwd_hooks=hooks, condition=cond, seed=c.seed), name, cond)
@@ -138,7 +121,8 @@ def run_method(model, config: MethodConfig = MethodConfig(), progress: bool = Tr
                    "target_clean_mean": float(ig.target_clean.mean())},
             "scores_per_layer": scores.scores.tolist(),
             "top16_per_layer": select(scores, "global", k=min(16, scores.scores.numel())).layer_counts(model.cfg.n_layers),
-            "sweep": sweep,
+            "sweep": sweep.to_json(),
+            "pruned_k": pruned_k,
             "neurons": [list(n) for n in neurons.neurons],
             "neurons_per_layer_selected": neurons.layer_counts(model.cfg.n_layers),
             "table": table,
