@@ -283,11 +283,10 @@ def probe_splits(tokenizer, n_attr: int = 100, n_dev: int = 100, n_test: int = 1
     """
     if probe not in PROBES:
         raise ValueError(f"unknown organism probe {probe!r}; known: {', '.join(PROBES)}")
-    attr = list(organism_prompts(probe, tokenizer, n_attr, k, seed).prompts)
-    seen = {p.text for p in attr}
-    dev = [p for p in organism_prompts(probe, tokenizer, 2 * n_dev, k, seed + 10_000).prompts
-           if p.text not in seen][:n_dev]
-    seen |= {p.text for p in dev}
-    test = [p for p in organism_prompts(probe, tokenizer, 2 * n_test, k, seed + 20_000).prompts
-            if p.text not in seen][:n_test]
-    return attr, dev, test
+    splits, seen = [], set()
+    for i, n in enumerate((n_attr, n_dev, n_test)):  # twice as many drawn, so duplicates can be dropped
+        fresh = [p for p in organism_prompts(probe, tokenizer, 2 * n, k, seed + 10_000 * i).prompts
+                 if p.text not in seen][:n]
+        seen |= {p.text for p in fresh}
+        splits.append(fresh)
+    return tuple(splits)
