@@ -23,9 +23,9 @@ ZERO = 0.02  # accuracy at or below this counts as "cannot do the task at all"
 
 def baselines(model, shots: int = 4, n: int = 100, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Evaluate all built-in tasks (probe and object counting included); returns the results JSON."""
-    from mechcopy.evaluate_cli import run_evaluation
+    from mechcopy.evaluation import run_evaluation
     from mechcopy.evaluation import perplexity
-    from mechcopy.sites import model_fingerprint
+    from mechcopy.neurons import model_fingerprint
     from mechcopy.tasks import load_tasks
 
     tasks = load_tasks("all")
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--doc", type=Path, default=Path("docs/baselines.md"))
     ap.add_argument("--doc-only", action="store_true", help="only re-render the doc from existing JSON")
     args = ap.parse_args(argv)
-    from mechcopy.sites import write_json_atomic
+    from mechcopy.io import write_json_atomic
 
     if not args.doc_only:
         import torch

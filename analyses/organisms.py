@@ -24,7 +24,7 @@ import torch
 
 from mechcopy.organisms.method import MethodConfig, run_method, seed_summary, task_vector_summary
 from mechcopy.organisms.train import load_organism
-from mechcopy.sites import write_atomic, write_json_atomic
+from mechcopy.io import write_atomic, write_json_atomic
 
 CONDITIONS = ("unpruned", "pruned", "random", "bottom")
 SETS = ("map-heldout", "shift-heldout", "class", "probe-test", "probe-same", "probe-shift-test")

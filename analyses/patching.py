@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--figures", default="docs/figures")
     args = ap.parse_args(argv)
 
-    from mechcopy.sites import write_json_atomic
+    from mechcopy.io import write_json_atomic
 
     out_dir = Path(args.out_dir)
     path = out_dir / f"{args.model}_{args.task}_{args.corruption}.json"
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     else:
         from mechcopy import load_model
         from mechcopy.patching import activation_patching
-        from mechcopy.sites import NeuronSet
+        from mechcopy.neurons import NeuronSet
         from mechcopy.tasks import list_tasks, load_task
 
         model = load_model(args.model)

@@ -22,9 +22,9 @@ from typing import Any
 def pruning_table(model, neurons, tasks, n: int = 50, shots: int = 4, seed: int = 0, n_random: int = 5,
                   progress: bool = True) -> dict[str, Any]:
     """Evaluate every task under every condition; returns rows and a per-task summary (no printing)."""
-    from mechcopy.evaluate_cli import run_evaluation
+    from mechcopy.evaluation import run_evaluation
     from mechcopy.pruning import conditions
-    from mechcopy.sites import model_fingerprint
+    from mechcopy.neurons import model_fingerprint
 
     conds = [("unpruned", [])] + conditions(model, neurons, n_random=n_random, seed=seed)
     t0 = time.perf_counter()
@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from mechcopy import load_model
-    from mechcopy.sites import NeuronSet, write_json_atomic
+    from mechcopy.io import write_json_atomic
+    from mechcopy.neurons import NeuronSet
     from mechcopy.tasks import load_tasks
 
     t0 = time.perf_counter()

@@ -77,15 +77,15 @@ def main(argv=None) -> int:
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args(argv)
 
-    from mechcopy.sites import write_json_atomic
+    from mechcopy.io import write_json_atomic
 
     out_dir = Path(args.out_dir)
     path = out_dir / f"{args.model}.json"
     done = json.loads(path.read_text()) if path.exists() else {"results": []}
     if not args.plot_only:
         from mechcopy import load_model
-        from mechcopy.sites import NeuronSet, model_fingerprint
-        from mechcopy.task_vectors import TaskVectorConfig, split_task, task_vector_experiment
+        from mechcopy.neurons import NeuronSet, model_fingerprint
+        from mechcopy.task_vectors import TaskVectorConfig, task_vector_experiment
         from mechcopy.tasks import load_tasks
 
         model = load_model(args.model)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         for task in load_tasks(args.tasks):
             have = {(r["task"], r["condition"]) for r in done["results"]}
             try:
-                split = split_task(task, model.tokenizer, config)
+                split = config.split(task, model.tokenizer)
             except ValueError as e:
                 print(f"{task.name}: skipped ({e})")
                 continue

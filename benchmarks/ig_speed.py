@@ -71,7 +71,8 @@ def main(argv=None) -> int:
 
     from mechcopy import load_model
     from mechcopy.attribution import grad_x_act, integrated_gradients, rank_correlation
-    from mechcopy.sites import model_fingerprint, write_json_atomic
+    from mechcopy.io import write_json_atomic
+    from mechcopy.neurons import model_fingerprint
     from mechcopy.tasks.probe import probe_splits
 
     model = load_model(args.model)

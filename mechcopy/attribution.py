@@ -19,8 +19,8 @@ Two implementations compute the same numbers (tests compare them):
   values. Blocks run by hand: the rows of layer l join the batch when the loop reaches block l, and only
   the unembedding rows the target needs are computed (two for ``contrast``).
 
-On Mamba (``sites.is_mamba``) the fast path continues the prefix's recurrent state (conv window and SSM
-state, ``HookedMamba(..., return_state=True)``) instead of a key/value cache.
+The architecture supplies the one-token blocks (``arch_of(model).ig_stepper``): a frozen key/value
+cache of the prefix on transformers, the prefix's recurrent state (conv window and SSM state) on Mamba.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechcopy.sites import is_mamba, model_fingerprint, neuron_site, neurons_per_layer, write_json_atomic
+from mechcopy.arch import HookedModel, arch_of
+from mechcopy.io import write_atomic, write_json_atomic
+from mechcopy.neurons import model_fingerprint
+from mechcopy.sites import neuron_site
 
 TARGETS = ("contrast", "gold_logprob", "copy_prob")
 METHODS = ("fast", "reference")
@@ -156,6 +159,32 @@ class Attributions:
                    first.steps, first.rule, sum((p.copy_tokens for p in parts), ()),
                    sum((p.gold_tokens for p in parts), ()), first.layers)
 
+    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+        """Write the attributions (safetensors) with their settings and `meta` in the header, atomically."""
+        from safetensors.torch import save
+
+        tensors = {"values": self.values.contiguous(), "target_clean": self.target_clean.contiguous(),
+                   "target_zero": self.target_zero.contiguous(),
+                   "copy_tokens": torch.tensor([-1 if c is None else c for c in self.copy_tokens], dtype=torch.long),
+                   "gold_tokens": torch.tensor(list(self.gold_tokens), dtype=torch.long)}
+        header = {**(meta or {}), "target": self.target, "attribution": self.attribution, "method": self.method,
+                  "steps": self.steps, "rule": self.rule, "layers": list(self.layers)}
+        return write_atomic(path, save(tensors, metadata={"mechcopy": json.dumps(header, default=str)}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["Attributions", dict[str, Any]]:
+        """(attributions, header) from a file written by `save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("mechcopy", "{}"))
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        att = cls(t["values"], t["target_clean"], t["target_zero"], meta["target"], meta["attribution"],
+                  meta["method"], meta["steps"], meta["rule"],
+                  tuple(None if c < 0 else int(c) for c in t["copy_tokens"].tolist()),
+                  tuple(int(g) for g in t["gold_tokens"].tolist()), tuple(meta["layers"]))
+        return att, meta
+
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "attribution": self.attribution, "method": self.method,
                 "steps": self.steps, "rule": self.rule, "n_prompts": int(self.values.shape[0]),
@@ -172,11 +201,11 @@ def _f(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _tokens(model, prompt) -> Tensor:
+def _tokens(model: HookedModel, prompt) -> Tensor:
     return model.to_tokens(prompt.text).to(model.cfg.device)
 
 
-def _clean(model, tokens: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def _clean(model: HookedModel, tokens: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Clean last-position logits, neuron activations per layer and resid_pre per layer."""
     L = model.cfg.n_layers
     sites = {neuron_site(model, l) for l in range(L)}
@@ -188,7 +217,7 @@ def _clean(model, tokens: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     return _f(logits[0, -1]), acts, resid
 
 
-def _reference_layer(model, tokens, layer, act, alphas, weights, target):
+def _reference_layer(model: HookedModel, tokens, layer, act, alphas, weights, target):
     """IG of one layer on the full sequence; returns (attribution [N], target at alpha=0)."""
     m = len(alphas)
     scaled = torch.cat([alphas, torch.zeros(1)])[:, None].to(act) * act[None]       # [m+1, N]
@@ -205,7 +234,7 @@ def _reference_layer(model, tokens, layer, act, alphas, weights, target):
     return ig.detach(), float(values[m].detach())
 
 
-def _attribute_reference(model, prompt, target_name, alphas, weights, layers):
+def _attribute_reference(model: HookedModel, prompt, target_name, alphas, weights, layers):
     tokens = _tokens(model, prompt)
     clean_logits, acts, _ = _clean(model, tokens)
     target = make_target(target_name, prompt, clean_logits)
@@ -218,54 +247,13 @@ def _attribute_reference(model, prompt, target_name, alphas, weights, layers):
     return torch.stack(out), t_clean, torch.tensor(zero), target
 
 
-def _prefix_cache(model, tokens: Tensor):
-    """A frozen key/value cache of positions [:-1] of the clean run."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
-    with torch.no_grad():
-        model(tokens[:, :-1], past_kv_cache=cache, return_type=None)
-    cache.freeze()
-    return cache
-
-
-def _transformer_stepper(model, tokens: Tensor):
-    """block(layer, rows) for one-token rows attending to the clean prefix's frozen keys and values."""
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
-    prefix = _prefix_cache(model, tokens)
-
-    def run(layer: int, x: Tensor) -> Tensor:
-        entry, n = prefix[layer], x.shape[0]
-        rows_entry = TransformerLensKeyValueCacheEntry(
-            entry.past_keys.expand(n, -1, -1, -1), entry.past_values.expand(n, -1, -1, -1), frozen=True)
-        return model.blocks[layer](x, past_kv_cache_entry=rows_entry)
-
-    return run
-
-
-def _mamba_stepper(model, tokens: Tensor):
-    """block(layer, rows) for one-token rows continuing the clean prefix's conv window and SSM state."""
-    with torch.no_grad():
-        _, state = model(tokens[:, :-1], return_type=None, return_state=True)
-
-    def run(layer: int, x: Tensor) -> Tensor:
-        n = x.shape[0]
-        conv = state.conv[layer].expand(n, -1, -1).contiguous()
-        ssm = state.ssm[layer].expand(n, -1, -1).contiguous()
-        return model.blocks[layer](x, conv, ssm, False)
-
-    return run
-
-
-def _attribute_fast(model, prompt, target_name, alphas, weights, layers):
+def _attribute_fast(model: HookedModel, prompt, target_name, alphas, weights, layers):
     """One token per (layer, alpha) row continuing the clean prefix; rows join the batch at their layer."""
-    from transformer_lens.utilities.activation_functions import apply_softcap
-
+    arch = arch_of(model)
     tokens = _tokens(model, prompt)
     clean_logits, acts, resid = _clean(model, tokens)
     target = make_target(target_name, prompt, clean_logits)
-    run_block = _mamba_stepper(model, tokens) if is_mamba(model) else _transformer_stepper(model, tokens)
+    run_block = arch.ig_stepper(model, tokens)
     L, m = len(layers), len(alphas)
     rows_per_layer = m + 1                                    # the m nodes plus alpha = 0
     node = torch.cat([alphas, torch.zeros(1)])[:, None]
@@ -283,15 +271,8 @@ def _attribute_fast(model, prompt, target_name, alphas, weights, layers):
             if layer in leaves:
                 x = torch.cat([x, resid[layer][None].expand(rows_per_layer, 1, -1)], dim=0)
             x = run_block(layer, x)
-        if model.cfg.normalization_type is not None:
-            x = model.ln_final(x)
-        x = x[:, 0]                                           # [L*(m+1), d_model], first layer's rows first
-        rows = target.rows()
-        if rows is None:
-            logits = model.unembed(x[:, None])[:, 0]
-        else:
-            logits = x @ model.unembed.W_U[:, rows] + model.unembed.b_U[rows]
-        logits = apply_softcap(logits, getattr(model.cfg, "output_logits_soft_cap", None))
+        # [L*(m+1), vocab or 2], first layer's rows first
+        logits = arch.final_logits(model, x, target.rows())[:, 0]
         values = target(_f(logits)).reshape(L, rows_per_layer)
         grads = torch.autograd.grad(values[:, :m].sum(), [leaves[l] for l in layers])
     w = weights[:, None]
@@ -300,7 +281,7 @@ def _attribute_fast(model, prompt, target_name, alphas, weights, layers):
     return ig.detach(), t_clean, _f(values[:, m].detach()), target
 
 
-def _attribute(model, prompts, target, alphas, weights, method, kind, steps, rule, progress, layers):
+def _attribute(model: HookedModel, prompts, target, alphas, weights, method, kind, steps, rule, progress, layers):
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else sorted({int(l) for l in layers})
     if not layers or not all(0 <= l < n_layers for l in layers):
@@ -324,7 +305,7 @@ def _attribute(model, prompts, target, alphas, weights, method, kind, steps, rul
                         steps, rule, tuple(copies), tuple(golds), tuple(layers))
 
 
-def integrated_gradients(model, prompts: Sequence, target: str = "contrast", steps: int = 20,
+def integrated_gradients(model: HookedModel, prompts: Sequence, target: str = "contrast", steps: int = 20,
                          method: str = "fast", rule: str = "gauss-legendre", layers: Sequence[int] | None = None,
                          progress: bool = False) -> Attributions:
     """IG of every neuron of every layer, per prompt (`.values` is [n_prompts, n_layers, n_neurons]).
@@ -335,7 +316,7 @@ def integrated_gradients(model, prompts: Sequence, target: str = "contrast", ste
     return _attribute(model, prompts, target, alphas, weights, method, "ig", steps, rule, progress, layers)
 
 
-def grad_x_act(model, prompts: Sequence, target: str = "contrast", method: str = "fast",
+def grad_x_act(model: HookedModel, prompts: Sequence, target: str = "contrast", method: str = "fast",
                layers: Sequence[int] | None = None, progress: bool = False) -> Attributions:
     """Gradient x activation at the clean point (first order; IG with a single node at alpha = 1)."""
     one = torch.ones(1)
@@ -371,7 +352,7 @@ class CopyScores:
     def model(self) -> dict[str, Any]:
         return self.meta.get("model", {})
 
-    def check(self, model) -> None:
+    def check(self, model: HookedModel) -> None:
         """Raise unless these scores were computed on a model with `model`'s identity and sizes."""
         fp = model_fingerprint(model)
         want = (fp["n_layers"], fp["neurons_per_layer"])
@@ -387,14 +368,11 @@ class CopyScores:
 
     def save(self, path: str | Path) -> Path:
         """`path` (.safetensors) holds the tensor; the JSON metadata also goes into its header."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"scores": self.scores.contiguous().float()}, str(tmp),
-                  metadata={"mechcopy": json.dumps(self.meta, default=str)})
-        tmp.replace(path)
+        write_atomic(path, save({"scores": self.scores.contiguous().float()},
+                                metadata={"mechcopy": json.dumps(self.meta, default=str)}))
         write_json_atomic(path.with_suffix(".json"), self.meta)
         return path
 
@@ -413,7 +391,7 @@ class CopyScores:
         return cls(scores, meta)
 
 
-def copy_scores(model, attributions: Attributions | Tensor, normalisation: str = "minmax",
+def copy_scores(model: HookedModel, attributions: Attributions | Tensor, normalisation: str = "minmax",
                 prompts: Sequence | None = None, seed: int = 0, **meta) -> CopyScores:
     """Normalise each prompt's attributions, then average over prompts."""
     values = attributions.values if isinstance(attributions, Attributions) else attributions

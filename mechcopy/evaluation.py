@@ -18,6 +18,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechcopy.arch import HookedModel, arch_of
+from mechcopy.stats import bootstrap_ci
 from mechcopy.tasks.prompts import SEPARATOR, ICLPrompt, PromptSet
 
 
@@ -47,26 +49,6 @@ def _as_list(prompts) -> list[ICLPrompt]:
     return list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
 
 
-def _is_transformer(model) -> bool:
-    from transformer_lens import HookedTransformer
-
-    return isinstance(model, HookedTransformer)
-
-
-def last_logits(model, tokens: Int[Tensor, "batch pos"], past_kv_cache=None) -> Float[Tensor, "batch d_vocab"]:
-    """Logits at the last position. For a HookedTransformer only the last position is unembedded
-    (the same numbers as `model(tokens)[:, -1]`, and every hook point still runs); `past_kv_cache`
-    (a TransformerLensKeyValueCache) continues a cached prefix."""
-    if not _is_transformer(model):
-        return model(tokens)[:, -1]
-    from transformer_lens.utilities.activation_functions import apply_softcap
-
-    resid = model(tokens, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)[:, -1:]
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)[:, -1]
-
-
 def _steps(p: ICLPrompt) -> int:
     """1 (next-token argmax) when the answer and every demo label are one token, else the
     generation budget: the longest of them + 2 tokens."""
@@ -74,20 +56,21 @@ def _steps(p: ICLPrompt) -> int:
     return 1 if longest == 1 else longest + 2
 
 
-def predict(model, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int = 32,
+def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int = 32,
             sep: str = SEPARATOR, progress: bool = False, kv_cache: bool = True) -> list[str]:
     """The model's answer to each prompt (decoded text, stripped), under `fwd_hooks`.
 
     Prompts whose answer and demo labels are all one token: argmax of the next token. Otherwise greedy
     generation until the generated text contains `sep`, the EOS token, or max(answer, demo label
-    lengths) + 2 tokens. Only prompts of equal token length share a batch. Generation continues a
-    key-value cache on HookedTransformers (`kv_cache=True`) and re-runs the full sequence otherwise
-    (Mamba); both are exact. Hooks run on every pass: a hook that acts on one position (e.g. the
+    lengths) + 2 tokens. Only prompts of equal token length share a batch. Generation continues the
+    architecture's decoder (`kv_cache=True`: a key/value cache on transformers, the recurrent state on
+    Mamba) or re-runs the full sequence (`kv_cache=False`); both are exact. Hooks run on every pass: a hook that acts on one position (e.g. the
     last) sees the prompt on the first pass and one new token on each cached pass.
     """
     from tqdm.auto import tqdm
 
     prompts = _as_list(prompts)
+    arch = arch_of(model)
     tok = model.tokenizer
     eos = getattr(tok, "eos_token_id", None)
     n_ctx = getattr(model.cfg, "n_ctx", None)
@@ -109,14 +92,10 @@ def predict(model, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int =
             steps = max(budget)
             generated = [[] for _ in index]
             done = [False] * len(index)
-            cache = None
-            if kv_cache and steps > 1 and _is_transformer(model):
-                from transformer_lens import TransformerLensKeyValueCache
-
-                cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(index))
+            decode = arch.decoder(model, len(index)) if kv_cache and steps > 1 else None
             inp = tokens
             for _ in range(steps):
-                nxt = last_logits(model, inp, past_kv_cache=cache).argmax(-1)
+                nxt = (decode(inp) if decode is not None else arch.last_logits(model, inp)).argmax(-1)
                 for r, t in enumerate(nxt.tolist()):
                     if done[r]:
                         continue
@@ -129,55 +108,26 @@ def predict(model, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int =
                 if all(done) or steps == 1:
                     break
                 nxt = nxt[:, None].to(tokens.device)
-                inp = nxt if cache is not None else torch.cat([inp, nxt], dim=1)
+                inp = nxt if decode is not None else torch.cat([inp, nxt], dim=1)
             for r, i in enumerate(index):
                 out[i] = tok.decode(generated[r]).split(sep)[0].strip()
     return out  # type: ignore[return-value]
 
 
+def copy_error(prediction: str, answer: str, labels) -> bool:
+    """The copy-error rule: a wrong prediction equal to one of `labels` (all compared after strip())."""
+    pred = prediction.strip()
+    return pred != answer.strip() and pred in {label.strip() for label in labels}
+
+
 def classify(prompts: Sequence[ICLPrompt], predictions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean arrays (correct, copy): correct = prediction equals the answer (stripped); copy = wrong
-    and equal to one of the demo labels."""
-    predictions = [pred.strip() for pred in predictions]
-    correct = np.array([pred == p.answer.strip() for p, pred in zip(prompts, predictions)], dtype=bool)
-    copy = np.array([not c and pred in {l.strip() for l in p.demo_labels}
-                     for p, pred, c in zip(prompts, predictions, correct)], dtype=bool)
+    """Boolean arrays (correct, copy): correct = prediction equals the answer (stripped); copy =
+    `copy_error` against the prompt's demo labels."""
+    if len(predictions) != len(prompts):
+        raise ValueError(f"{len(predictions)} predictions for {len(prompts)} prompts; they must pair up one to one")
+    correct = np.array([pred.strip() == p.answer.strip() for p, pred in zip(prompts, predictions)], dtype=bool)
+    copy = np.array([copy_error(pred, p.answer, p.demo_labels) for p, pred in zip(prompts, predictions)], dtype=bool)
     return correct, copy
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> np.ndarray:
-    """Percentile bootstrap intervals of the mean for each column of `values` [n, m] -> [m, 2]."""
-    values = np.asarray(values, dtype=float)
-    if values.ndim == 1:
-        values = values[:, None]
-    n = len(values)
-    if n == 0:
-        return np.full((values.shape[1], 2), np.nan)
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    means = values[idx].mean(axis=1)  # [n_boot, m]
-    return np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0).T
-
-
-# two-sided 97.5% quantiles of Student's t by degrees of freedom (standard table values)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and 95% Student-t interval over independent runs (training seeds): (mean, lo, hi).
-
-    With few seeds the interval is wide on purpose; one run gives (value, nan, nan).
-    """
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        raise ValueError("seed_interval needs at least one value")
-    mean = float(x.mean())
-    if x.size == 1:
-        return mean, float("nan"), float("nan")
-    df = x.size - 1
-    t = _T975[max(d for d in _T975 if d <= df)] if df <= 30 else 1.96  # rounding df down: conservative
-    half = t * float(x.std(ddof=1)) / np.sqrt(x.size)
-    return mean, float(mean - half), float(mean + half)
 
 
 def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], condition: str = "unpruned",
@@ -200,7 +150,7 @@ def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], conditio
     )
 
 
-def evaluate(model, prompts: Sequence[ICLPrompt], fwd_hooks=(), condition: str = "unpruned", seed: int = 0,
+def evaluate(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), condition: str = "unpruned", seed: int = 0,
              n_boot: int = 1000, batch_size: int = 32, progress: bool = False) -> TaskResult:
     """Predict every prompt under `fwd_hooks` and score it (accuracy, copy rate, 95% bootstrap CIs)."""
     prompts = _as_list(prompts)
@@ -215,7 +165,7 @@ def default_text() -> str:
     return "\n\n".join(topics.values())
 
 
-def perplexity(model, text: str | None = None, fwd_hooks=(), n_tokens: int = 4096, window: int = 256,
+def perplexity(model: HookedModel, text: str | None = None, fwd_hooks=(), n_tokens: int = 4096, window: int = 256,
                batch_size: int = 4) -> float:
     """exp(mean next-token NLL) over the first `n_tokens` tokens of `text`, in non-overlapping windows.
 
@@ -247,3 +197,47 @@ def perplexity(model, text: str | None = None, fwd_hooks=(), n_tokens: int = 409
                 total += float(nll.sum())
                 count += nll.numel()
     return float(np.exp(total / count))
+
+
+def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed: int = 0,
+                   conditions=(("unpruned", []),), progress: bool = True) -> tuple[list[dict], dict]:
+    """Build prompts for every task and evaluate each condition; returns (result rows, dropped pairs).
+
+    `conditions` is a list of (name, fwd_hooks). Each row is `TaskResult.to_json()` plus the task kind,
+    the number of dropped pairs and the seconds the evaluation took.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from mechcopy.tasks.prompts import build_prompts
+
+    rows, dropped = [], {}
+    bar = tqdm(total=len(tasks) * len(conditions), desc="evaluate", disable=not progress)
+    for task in tasks:
+        ps = build_prompts(task, model.tokenizer, k=shots, n=n, seed=seed)
+        dropped[task.name] = [[list(pair), reason] for pair, reason in ps.dropped]
+        for name, hooks in conditions:
+            bar.set_postfix_str(f"{task.name} / {name}")
+            t0 = time.perf_counter()
+            result = evaluate(model, ps.prompts, fwd_hooks=hooks, condition=name, seed=seed)
+            rows.append({**result.to_json(), "kind": task.kind, "n_dropped": len(ps.dropped),
+                         "seconds": round(time.perf_counter() - t0, 2)})
+            bar.update()
+    bar.close()
+    return rows, dropped
+
+
+def results_table(rows: list[dict]):
+    """A pandas table: task, condition, n, accuracy and copy rate with their 95% intervals."""
+    import pandas as pd
+
+    def fmt(x, ci):
+        return f"{x:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+    return pd.DataFrame([{
+        "task": r["task"], "condition": r["condition"], "n": r["n"],
+        "accuracy [95% CI]": fmt(r["accuracy"], r["accuracy_ci"]),
+        "copy rate [95% CI]": fmt(r["copy_rate"], r["copy_rate_ci"]),
+        "copy/errors": round(r["copy_share_of_errors"], 2), "other": round(r["other_rate"], 2),
+    } for r in rows])

@@ -1,10 +1,8 @@
 """Activation patching between clean and corrupted ICL prompts, per component x layer x position.
 
-Pairs: a clean k-shot prompt and a corrupted copy of it with the same token length:
-- `shuffled_labels`: the demo labels permuted among the demos (a derangement of the label order);
-- `other_task`: the demos replaced by demos of another task (matched line by line in token length);
-- `gold_label`: one demo's label (one of the same token length) replaced by the query's gold answer.
-Pairs whose lengths differ, or that have no usable reference token, are dropped and counted.
+Pairs: a clean k-shot prompt and a corrupted copy of it with the same token length, built by
+`mechcopy.tasks.pairs` (`shuffled_labels`, `other_task`, `gold_label`). Pairs whose lengths differ,
+or that have no usable reference token, are dropped and counted.
 
 Metric: the normalised logit difference at the last position,
 `(LD_patched - LD_corrupt) / (LD_clean - LD_corrupt)`, where `LD = logit(gold) - logit(ref)` uses the
@@ -16,17 +14,16 @@ demos), so clean-into-clean is exactly 1 and corrupt-into-corrupt exactly 0 at e
 Components: the residual stream entering each block (`resid_pre`) and each block's writes, attention
 and MLP output on transformers (`attn_out`, `mlp_out`), the mixer output on Mamba (`mixer_out`);
 and a `NeuronSet`, patched at all positions at once and one position at a time. Patches go through
-`mechcopy.hooks.patch_from_cache`, so one loop serves HookedTransformer and HookedMamba;
-`method="tl"` uses `transformer_lens.patching` instead (HookedTransformer only; tested equal).
+`mechcopy.hooks.patch_from_cache`, so one loop serves every architecture (a patch at layer l starts
+the run at block l from the cached residual stream); `method="tl"` uses `transformer_lens.patching`
+instead (HookedTransformer only; tested equal).
 
-Positions are aligned across pairs by *role*: every clean prompt's tokens are labelled (`x1`, `->1`,
-`y1`, `\\n1`, ..., `xq`, `->q`) and only pairs with the most common role sequence are kept, so one
-column means the same part of the prompt in every pair.
+Positions are aligned across pairs by *role* (`mechcopy.tasks.pairs.token_roles`): only pairs with
+the most common role sequence are kept, so one column means the same part of the prompt in every pair.
 """
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -35,117 +32,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechcopy.arch import HookedModel, arch_of
 from mechcopy.hooks import patch_from_cache
-from mechcopy.sites import is_mamba, neuron_site
-
-CORRUPTIONS = ("shuffled_labels", "other_task", "gold_label")
-
-TRANSFORMER_COMPONENTS = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-}
-MAMBA_COMPONENTS = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "mixer_out": "blocks.{layer}.mixer.hook_out",
-}
-
-
-def components(model) -> dict[str, str]:
-    """Component name -> hook-name template for this model's architecture."""
-    return dict(MAMBA_COMPONENTS if is_mamba(model) else TRANSFORMER_COMPONENTS)
-
-
-# ---------------------------------------------------------------------------------------------------
-# prompt pairs
-
-
-def corrupt_prompt(prompt, kind: str, tokenizer, rng: random.Random, other_task=None):
-    """A corrupted copy of `prompt` (same query); raises ValueError when this prompt cannot be corrupted."""
-    from mechcopy.tasks.prompts import make_prompt
-
-    demos = [tuple(d) for d in prompt.demos]
-    query = (prompt.query, prompt.answer)
-    if kind == "shuffled_labels":
-        labels = [y for _, y in demos]
-        if len(set(labels)) < 2:
-            raise ValueError("all demo labels are equal: nothing to shuffle")
-        for _ in range(100):
-            perm = labels[:]
-            rng.shuffle(perm)
-            if all(a != b for a, b in zip(perm, labels)):
-                break
-        else:
-            raise ValueError("no derangement of the demo labels found")
-        new = [(x, y) for (x, _), y in zip(demos, perm)]
-    elif kind == "gold_label":
-        n_gold = len(prompt.answer_ids)
-        same = [i for i, (ids, lab) in enumerate(zip(prompt.demo_label_ids, prompt.demo_labels))
-                if len(ids) == n_gold and lab != prompt.answer]
-        if not same:
-            raise ValueError("no demo label with the gold answer's token length")
-        i = rng.choice(same)
-        new = [(x, prompt.answer if j == i else y) for j, (x, y) in enumerate(demos)]
-    elif kind == "other_task":
-        if other_task is None:
-            raise ValueError("the other_task corruption needs another task (other_task=...)")
-
-        def n_tok(x, y):
-            return len(tokenizer.encode(f"{x} -> {y}", add_special_tokens=False))
-
-        pool = list(other_task.pairs)
-        rng.shuffle(pool)
-        by_len: dict[int, list] = {}
-        for pair in pool:
-            if pair[1] != prompt.answer:
-                by_len.setdefault(n_tok(*pair), []).append(pair)
-        new = []
-        for x, y in demos:
-            cands = by_len.get(n_tok(x, y), [])
-            if not cands:
-                raise ValueError(f"no demo of {other_task.name!r} with the token length of {x!r} -> {y!r}")
-            new.append(cands.pop())
-    else:
-        raise ValueError(f"unknown corruption {kind!r}; choose one of {', '.join(CORRUPTIONS)}")
-    return make_prompt(new, query, tokenizer, task=f"{prompt.task}:{kind}")
-
-
-def token_roles(model, prompt) -> list[str]:
-    """A role label per token of `prompt.text` (BOS, `x1`, `->1`, `y1`, `\\n1`, ..., `xq`, `->q`).
-
-    A token takes the role of its last character; if the tokens do not spell the text back (e.g.
-    split multi-byte characters) the raw string tokens are returned instead.
-    """
-    strs = model.to_str_tokens(prompt.text)
-    text = prompt.text
-    has_bos = len(strs) > 0 and "".join(strs[1:]) == text and "".join(strs) != text
-    body = strs[1:] if has_bos else strs
-    if "".join(body) != text:
-        return [repr(s)[1:-1] for s in strs]
-    role = [""] * len(text)
-    cur = 0
-
-    def mark(start, end, name):
-        for c in range(start, end):
-            role[c] = name
-
-    for i, (x, y) in enumerate(prompt.demos, 1):
-        xs = text.index(x, cur)
-        mark(cur, xs, f"\\n{i - 1}" if i > 1 else "pre")
-        mark(xs, xs + len(x), f"x{i}")
-        ys = text.index(y, xs + len(x))
-        mark(xs + len(x), ys, f"->{i}")
-        mark(ys, ys + len(y), f"y{i}")
-        cur = ys + len(y)
-    qs = text.index(prompt.query, cur)
-    mark(cur, qs, f"\\n{len(prompt.demos)}" if prompt.demos else "pre")
-    mark(qs, qs + len(prompt.query), "xq")
-    mark(qs + len(prompt.query), len(text), "->q")
-    out, pos = (["BOS"] if has_bos else []), 0
-    for s in body:
-        pos += len(s)
-        out.append(role[pos - 1] if s else "")
-    return out
+from mechcopy.sites import components, neuron_site
+from mechcopy.tasks.pairs import CORRUPTIONS, corrupted_pairs, token_roles
 
 
 @dataclass(frozen=True)
@@ -165,29 +55,18 @@ class PatchPairs:
         return len(self.clean)
 
 
-def make_pairs(model, task, corruption: str, n: int = 10, shots: int = 4, seed: int = 0, other_task=None,
-               n_candidates: int | None = None) -> PatchPairs:
+def make_pairs(model: HookedModel, task, corruption: str, n: int = 10, shots: int = 4, seed: int = 0,
+               other_task=None, n_candidates: int | None = None) -> PatchPairs:
     """Build up to `n` clean/corrupted pairs from `task` (see the module docstring for what is dropped)."""
-    from mechcopy.tasks.prompts import build_prompts
-
-    if corruption not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
-    tok = model.tokenizer
-    rng = random.Random(seed)
-    cands = build_prompts(task, tok, k=shots, n=n_candidates or max(6 * n, 60), seed=seed).prompts
-    dropped: list[str] = []
+    cands, dropped = corrupted_pairs(task, model.tokenizer, corruption, n_candidates or max(6 * n, 60), shots,
+                                     seed, other_task)
     kept = []
-    for p in cands:
-        try:
-            c = corrupt_prompt(p, corruption, tok, rng, other_task)
-        except ValueError as e:
-            dropped.append(f"{p.query!r}: {e}")
-            continue
+    for p, c in cands:
         tc, tx = model.to_tokens(p.text)[0], model.to_tokens(c.text)[0]
         if tc.shape != tx.shape:
             dropped.append(f"{p.query!r}: corrupted prompt has {tx.shape[0]} tokens, clean {tc.shape[0]}")
             continue
-        kept.append((p, c, tc, tx, tuple(token_roles(model, p))))
+        kept.append((p, c, tc, tx, tuple(token_roles(model.to_str_tokens(p.text), p))))
     if not kept:
         raise ValueError(f"no clean/corrupted pair of equal token length for task {task.name!r} with "
                          f"{corruption!r} ({len(dropped)} dropped, e.g. {dropped[:2]})")
@@ -198,10 +77,8 @@ def make_pairs(model, task, corruption: str, n: int = 10, shots: int = 4, seed: 
     clean_tokens = torch.stack([k[2] for k in group])
     corrupt_tokens = torch.stack([k[3] for k in group])
     gold = torch.tensor([k[0].answer_ids[0] for k in group])
-    from mechcopy.evaluation import last_logits
-
     with torch.no_grad():
-        corrupt_logits = last_logits(model, corrupt_tokens)
+        corrupt_logits = arch_of(model).last_logits(model, corrupt_tokens)
     refs, keep = [], []
     for i, (_, c, *_rest) in enumerate(group):
         ids = sorted({ids[0] for ids in c.demo_label_ids} - {int(gold[i])})
@@ -238,9 +115,9 @@ class NormalisedLogitDiff:
     ld_corrupt: float
 
     @classmethod
-    def from_runs(cls, model, clean_tokens, corrupt_tokens, gold, ref, fwd_hooks=()) -> "NormalisedLogitDiff":
-        from mechcopy.evaluation import last_logits
-
+    def from_runs(cls, model: HookedModel, clean_tokens, corrupt_tokens, gold, ref, fwd_hooks=()
+                  ) -> "NormalisedLogitDiff":
+        last_logits = arch_of(model).last_logits
         with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
             ld_c = float(logit_diff(last_logits(model, clean_tokens), gold, ref).mean())
             ld_x = float(logit_diff(last_logits(model, corrupt_tokens), gold, ref).mean())
@@ -254,31 +131,28 @@ class NormalisedLogitDiff:
         return (ld - self.ld_corrupt) / (self.ld_clean - self.ld_corrupt)
 
 
-def patched_metric(model, source_cache, target_tokens, metric: Callable, hook_names: Sequence[str],
+def patched_metric(model: HookedModel, source_cache, target_tokens, metric: Callable, hook_names: Sequence[str],
                    positions=None, idx=None, fwd_hooks=()) -> float:
     """Metric of the target run with `hook_names` patched from `source_cache` (at `positions`, dims `idx`)."""
-    from mechcopy.evaluation import last_logits
-
     hooks = list(fwd_hooks) + [(name, patch_from_cache(source_cache, positions, idx)) for name in hook_names]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        return float(metric(last_logits(model, target_tokens)))
+        return float(metric(arch_of(model).last_logits(model, target_tokens)))
 
 
 def patch_sweep(
-    model, source_tokens, target_tokens, metric: Callable, comps: Sequence[str] | None = None,
+    model: HookedModel, source_tokens, target_tokens, metric: Callable, comps: Sequence[str] | None = None,
     fwd_hooks=(), skip_identical: bool = True, progress: bool = False,
 ) -> Float[Tensor, "component layer pos"]:
     """Patch each component at each layer and position from the source run into the target run.
 
     With `skip_identical`, positions before the first token where source and target differ are not run:
     causality makes every activation there identical, so the patched run *is* the target run.
-    On a HookedTransformer a patch at layer l starts the forward pass at block l from the target run's
-    cached residual stream (blocks before l are unchanged by it), about halving the cost.
+    A patch at layer l starts the forward pass at block l from the target run's cached residual stream
+    (blocks before l are unchanged by it), about halving the cost.
     """
     from tqdm.auto import tqdm
 
-    from mechcopy.evaluation import last_logits
-
+    arch = arch_of(model)
     templates = components(model)
     comps = list(templates) if comps is None else list(comps)
     bad = [c for c in comps if c not in templates]
@@ -288,54 +162,32 @@ def patch_sweep(
     starts = {f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)}
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         _, cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in names)
-        base = float(metric(last_logits(model, target_tokens)))
-        target_cache = None
-        if _is_transformer(model):
-            _, target_cache = model.run_with_cache(target_tokens, names_filter=lambda n: n in starts)
+        base = float(metric(arch.last_logits(model, target_tokens)))
+        _, target_cache = model.run_with_cache(target_tokens, names_filter=lambda n: n in starts)
     n_pos = target_tokens.shape[1]
     diff = (source_tokens != target_tokens).any(0).nonzero()
     first = int(diff[0]) if (skip_identical and len(diff)) else (n_pos if skip_identical else 0)
     out = torch.full((len(comps), model.cfg.n_layers, n_pos), base)
     todo = [(ci, l, p) for ci in range(len(comps)) for l in range(model.cfg.n_layers) for p in range(first, n_pos)]
     for ci, l, p in tqdm(todo, desc="patching", disable=not progress, leave=False):
-        name = templates[comps[ci]].format(layer=l)
-        if target_cache is None:
-            out[ci, l, p] = patched_metric(model, cache, target_tokens, metric, [name], [p], None, fwd_hooks)
-            continue
-        hooks = list(fwd_hooks) + [(name, patch_from_cache(cache, [p]))]
+        hooks = list(fwd_hooks) + [(templates[comps[ci]].format(layer=l), patch_from_cache(cache, [p]))]
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-            out[ci, l, p] = float(metric(_last_logits_from(model, target_cache[f"blocks.{l}.hook_resid_pre"], l)))
+            out[ci, l, p] = float(metric(arch.last_logits(model, target_cache[f"blocks.{l}.hook_resid_pre"], l)))
     return out
 
 
-def _is_transformer(model) -> bool:
-    from transformer_lens import HookedTransformer
-
-    return isinstance(model, HookedTransformer)
-
-
-def _last_logits_from(model, resid: Float[Tensor, "batch pos d_model"], layer: int) -> Float[Tensor, "batch d_vocab"]:
-    """Last-position logits of a HookedTransformer run from the residual stream entering block `layer`."""
-    from transformer_lens.utilities.activation_functions import apply_softcap
-
-    resid = model(resid, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)[:, -1:]
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)[:, -1]
-
-
-def tl_patch_sweep(model, source_tokens, target_tokens, metric: Callable) -> Float[Tensor, "component layer pos"]:
+def tl_patch_sweep(model: HookedModel, source_tokens, target_tokens, metric: Callable) -> Float[Tensor, "component layer pos"]:
     """The same sweep for resid_pre, attn_out, mlp_out with `transformer_lens.patching` (HookedTransformer)."""
     from transformer_lens import patching as tlp
 
-    if is_mamba(model):
-        raise ValueError("transformer_lens.patching works on HookedTransformer only; use method='own'")
+    if not arch_of(model).tl_patching:
+        raise ValueError(f"transformer_lens.patching does not work on {arch_of(model).name} models; use method='own'")
     with torch.no_grad():
         _, cache = model.run_with_cache(source_tokens)
         return tlp.get_act_patch_block_every(model, target_tokens, cache, metric).cpu()
 
 
-def patch_neurons(model, neurons, source_tokens, target_tokens, metric: Callable, fwd_hooks=()
+def patch_neurons(model: HookedModel, neurons, source_tokens, target_tokens, metric: Callable, fwd_hooks=()
                   ) -> tuple[float, Float[Tensor, "pos"]]:
     """Patch a NeuronSet's activations from source into target: at all positions, and one position at a time."""
     neurons.check(model)
@@ -383,12 +235,12 @@ class PatchingResult:
 
 
 def activation_patching(
-    model, task, corruption: str, n: int = 10, shots: int = 4, seed: int = 0, other_task=None,
+    model: HookedModel, task, corruption: str, n: int = 10, shots: int = 4, seed: int = 0, other_task=None,
     neurons=None, comps: Sequence[str] | None = None, method: str = "own", fwd_hooks=(),
     progress: bool = False,
 ) -> PatchingResult:
     """Clean-into-corrupted patching for `task` under `corruption`, averaged over up to `n` pairs."""
-    from mechcopy.sites import model_fingerprint
+    from mechcopy.neurons import model_fingerprint
 
     pairs = make_pairs(model, task, corruption, n, shots, seed, other_task)
     metric = NormalisedLogitDiff.from_runs(model, pairs.clean_tokens, pairs.corrupt_tokens, pairs.gold,
@@ -419,54 +271,3 @@ def activation_patching(
                   "metric": "(LD_patched - LD_corrupt) / (LD_clean - LD_corrupt), LD means over pairs"},
         model=model_fingerprint(model),
     )
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI
-
-
-def _run(args) -> int:
-    import time
-
-    from mechcopy.models import load_model
-    from mechcopy.sites import NeuronSet, write_json_atomic
-    from mechcopy.tasks import list_tasks, load_task
-
-    t0 = time.time()
-    model = load_model(args.model)
-    task = load_task(args.task)
-    other = None
-    if args.corruption == "other_task":
-        name = args.other_task or next(t for t in list_tasks() if t != task.name)
-        other = load_task(name)
-    neurons = NeuronSet.load(args.neurons) if args.neurons else None
-    res = activation_patching(model, task, args.corruption, n=args.n, shots=args.shots, seed=args.seed,
-                              other_task=other, neurons=neurons, method=args.method, progress=True)
-    arr = res.array()
-    print(f"{res.task} / {res.corruption}: {res.n_pairs} pairs ({res.n_dropped} dropped), "
-          f"LD clean {res.ld_clean:.3f}, corrupted {res.ld_corrupt:.3f}")
-    for ci, comp in enumerate(res.components):
-        l, p = divmod(int(arr[ci].argmax()), arr.shape[2])
-        print(f"  {comp:9s} max {float(arr[ci].max()):.3f} at layer {l}, position {p} ({res.roles[p]})")
-    if neurons is not None:
-        print(f"  neurons ({res.neurons}) all positions: {res.neuron_all_positions:.3f}")
-    out = {"command": "patch", "seconds": round(time.time() - t0, 1), **res.to_json()}
-    write_json_atomic(args.out, out)
-    print(f"-> {args.out}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("patch", help="activation patching, clean into corrupted ICL prompts (layers x positions)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--task", required=True, help="built-in task name or task JSON file")
-    p.add_argument("--corruption", choices=CORRUPTIONS, default="shuffled_labels")
-    p.add_argument("--other-task", help="for --corruption other_task (default: the first other built-in task)")
-    p.add_argument("--n", type=int, default=10, help="prompt pairs averaged")
-    p.add_argument("--shots", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--neurons", help="neurons.json: also patch this neuron set")
-    p.add_argument("--method", choices=["own", "tl"], default="own",
-                   help="own loop (any model) or transformer_lens.patching (HookedTransformer)")
-    p.add_argument("--out", required=True, help="results JSON")
-    p.set_defaults(func=_run)

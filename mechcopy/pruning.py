@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 
 from mechcopy.attribution import CopyScores
 from mechcopy.hooks import zero_neurons
-from mechcopy.sites import NeuronSet, is_mamba, model_fingerprint, neuron_site, neurons_per_layer
+from mechcopy.arch import HookedModel, arch_of
+from mechcopy.neurons import NeuronSet, model_fingerprint
+from mechcopy.sites import neuron_site, neurons_per_layer
 
 MODES = ("global", "per-layer", "threshold")
 DEFAULT_KS = (5, 10, 20, 50, 100, 200, 500, 1000)
@@ -27,33 +29,28 @@ DEFAULT_KS = (5, 10, 20, 50, 100, 200, 500, 1000)
 # ---------------------------------------------------------------- pruning
 
 
-def pruning_hooks(model, neurons: NeuronSet) -> list[tuple[str, Callable]]:
+def pruning_hooks(model: HookedModel, neurons: NeuronSet) -> list[tuple[str, Callable]]:
     """`zero_neurons` at each layer's neuron site (checked against `model` first)."""
     neurons.check(model)
     return [(neuron_site(model, layer), zero_neurons(idx)) for layer, idx in neurons.by_layer().items()]
 
 
 @contextmanager
-def pruned(model, neurons: NeuronSet):
+def pruned(model: HookedModel, neurons: NeuronSet):
     """Inside the block, `model` runs with `neurons` zeroed (hooks removed on exit)."""
     with model.hooks(fwd_hooks=pruning_hooks(model, neurons)):
         yield model
 
 
-def prune_weights(model, neurons: NeuronSet) -> None:
+def prune_weights(model: HookedModel, neurons: NeuronSet) -> None:
     """Permanently prune: zero `W_out` rows (transformer) or `out_proj` input columns (Mamba)."""
     neurons.check(model)
-    with torch.no_grad():
-        for layer, idx in neurons.by_layer().items():
-            if is_mamba(model):
-                w = model.blocks[layer].mixer.out_proj.weight      # [d_model, d_inner]
-                w[:, idx.to(w.device)] = 0
-            else:
-                w = model.blocks[layer].mlp.W_out                  # [d_mlp, d_model]
-                w[idx.to(w.device)] = 0
+    arch = arch_of(model)
+    for layer, idx in neurons.by_layer().items():
+        arch.prune_weights(model, layer, idx)
 
 
-def random_matched(model, neurons: NeuronSet, seed: int) -> NeuronSet:
+def random_matched(model: HookedModel, neurons: NeuronSet, seed: int) -> NeuronSet:
     """Random neurons with the same count in every layer (avoiding the set itself where possible)."""
     neurons.check(model)
     width = neurons_per_layer(model)
@@ -70,7 +67,7 @@ def random_matched(model, neurons: NeuronSet, seed: int) -> NeuronSet:
                      {"selection": "random-matched", "seed": int(seed), "matched_to": len(neurons)})
 
 
-def conditions(model, neurons: NeuronSet, n_random: int = 5, seed: int = 0,
+def conditions(model: HookedModel, neurons: NeuronSet, n_random: int = 5, seed: int = 0,
                scores: CopyScores | None = None) -> list[tuple[str, list]]:
     """[("pruned", hooks), ("random-<seed>", hooks) x n_random, ("bottom", hooks)] for evaluation.
 
@@ -154,7 +151,7 @@ class KSweep:
                 "max_general_drop": self.max_general_drop, **self.meta}
 
 
-def sweep_k(model, scores: CopyScores, dev_prompts: Sequence, ks: Sequence[int] = DEFAULT_KS,
+def sweep_k(model: HookedModel, scores: CopyScores, dev_prompts: Sequence, ks: Sequence[int] = DEFAULT_KS,
             mode: str = "global", max_ppl_increase: float | None = 0.05, text: str | None = None,
             text_name: str = "pydoc_data.topics", n_tokens: int = 4096, seed: int = 0,
             progress: bool = False, general_prompts: Sequence | None = None,

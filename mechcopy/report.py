@@ -1,4 +1,5 @@
-"""One standalone, offline HTML report: text, PNG figures, circuitsvis views, tables, metadata.
+"""The main job's report: `build_report(out_dir, model)` turns a `mechcopy reproduce` output folder
+into one standalone, offline HTML file; `render_report`/`write_report` assemble any sections.
 
 Everything is inside the file: figures as base64 `data:` URIs, circuitsvis' script once in the
 head (each view then only calls `CircuitsVis.render`), tables as HTML. A Content-Security-Policy
@@ -19,7 +20,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mechcopy.sites import write_atomic
+from mechcopy.arch import HookedModel, arch_of
+from mechcopy.io import write_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Inline scripts and styles, data: images; nothing from anywhere else (no fetch, no fonts, no frames).
@@ -191,3 +193,126 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section], meta
     `meta` (model fingerprint, git revision, settings, ...) goes in the footer.
     """
     return write_atomic(path, render_report(title, sections, meta))
+
+
+# ------------------------------------------------------------------------------------------------
+# the main job's report, from its output folder
+
+
+def _stage(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text())["result"]
+
+
+def _headline(model: HookedModel, settings: dict, neurons, evaluation: list[dict], fig_dir: Path) -> tuple[Section, Any]:
+    """Per-task bars and the mean over tasks per condition family."""
+    from mechcopy import viz
+
+    cfg = settings["config"]
+    df = viz.task_results_df(evaluation)
+    df["family"] = df["condition"].map(viz.condition_family)
+    means = df.groupby("family")[["accuracy", "copy_rate"]].mean().round(3).reset_index()
+    bars = viz.save_figure(viz.plot_task_bars(df), fig_dir / "tasks.png")
+    unp = means.set_index("family")
+    text = (f"{len(neurons)} copy neurons pruned on {model.cfg.model_name}; {df['task'].nunique()} tasks, "
+            f"{cfg['n_eval']} prompts each (fewer where the data or tokenisation allow fewer), {cfg['shots']} shots. "
+            f"Mean over tasks: accuracy {unp.loc['unpruned', 'accuracy']:.3f} unpruned vs "
+            f"{unp.loc['pruned', 'accuracy']:.3f} pruned vs {unp.loc['random', 'accuracy']:.3f} random; "
+            f"copy rate {unp.loc['unpruned', 'copy_rate']:.3f} vs {unp.loc['pruned', 'copy_rate']:.3f} vs "
+            f"{unp.loc['random', 'copy_rate']:.3f}. Random = mean over {cfg['n_random']} random neuron sets of the "
+            "same size per layer; bottom = the lowest-scoring neurons.")
+    table = df.pivot_table(index="task", columns="family", values=["accuracy", "copy_rate"]).round(3)
+    table.columns = [f"{m} {c}" for m, c in table.columns]
+    return Section("Accuracy and copy rate per task, before and after pruning", text, [bars],
+                   table=table.reset_index()), means
+
+
+def _selection(model: HookedModel, settings: dict, neurons, fig_dir: Path) -> Section:
+    """The k sweep and where the neurons are."""
+    from mechcopy import viz
+
+    cfg = settings["config"]
+    sweep = neurons.meta.get("sweep", {})
+    figs = []
+    if sweep.get("rows"):
+        sdf = pd.DataFrame([sweep["baseline"], *sweep["rows"]])
+        figs.append(viz.save_figure(viz.plot_k_sweep(sdf, sweep.get("chosen_k")), fig_dir / "k_sweep.png"))
+    counts = neurons.layer_counts(model.cfg.n_layers)
+    figs.append(viz.save_figure(viz.plot_layer_distribution(counts), fig_dir / "layers.png"))
+    return Section(
+        "Selecting the copy neurons",
+        f"Integrated Gradients ({cfg['steps']} steps, target `{cfg['target']}`) on {cfg['n_probe']} probe prompts; "
+        f"k chosen on {cfg['n_dev']} dev prompts of the probe, never on the evaluation tasks "
+        f"(chosen k = {sweep.get('chosen_k')}, perplexity bound {sweep.get('max_ppl_increase')}).", figs)
+
+
+def _task_vectors(tv: list[dict], fig_dir: Path) -> Section:
+    from mechcopy import viz
+
+    rows = [{"layer": layer, "task": r["task"], "condition": r["condition"], "accuracy": acc}
+            for r in tv for layer, acc in zip(r["layers"], r["dev_accuracy"])]
+    tv_fig = viz.save_figure(viz.plot_tv_by_layer(pd.DataFrame(rows)), fig_dir / "task_vectors.png")
+    tv_table = pd.DataFrame([{k: r[k] for k in ("task", "condition", "best_layer", "test_accuracy",
+                                                 "zero_shot_accuracy", "icl_accuracy", "copy_rate")} for r in tv])
+    return Section("Task vectors by layer, unpruned vs pruned",
+                   "Dev accuracy by injection layer; the table gives test accuracy at the best dev "
+                   "layer beside zero-shot and ICL accuracy.", [tv_fig], table=tv_table.round(3))
+
+
+def _patching(patch: dict, fig_dir: Path) -> Section:
+    from mechcopy import viz
+
+    comp = patch["components"].index("resid_pre") if "resid_pre" in patch["components"] else 0
+    heat = viz.plot_patching_heatmap(patch["values"][comp], patch["tokens"][: len(patch["values"][comp][0])],
+                                     f"{patch['task']} / {patch['corruption']}: {patch['components'][comp]}")
+    return Section("Activation patching",
+                   f"Normalised logit difference when patching clean into corrupted "
+                   f"({patch['corruption']}), averaged over {patch['n_pairs']} prompt pairs. "
+                   f"Copy neurons patched at all positions: {patch.get('neuron_all_positions')}.",
+                   [viz.save_figure(heat, fig_dir / "patching.png")])
+
+
+def _copy_error_prompt(model: HookedModel, cfg: dict):
+    """A dev probe prompt on which the unpruned model copies a demo label (else the first one)."""
+    from mechcopy.evaluation import copy_error, predict
+    from mechcopy.tasks.probe import probe_splits
+
+    _, dev = probe_splits(model.tokenizer, n_attr=cfg["n_probe"], n_dev=cfg["n_dev"], k=cfg["shots"], seed=cfg["seed"])
+    preds = predict(model, dev[:16])
+    for prompt, pred in zip(dev, preds):
+        if copy_error(pred, prompt.answer, prompt.demo_labels):
+            return prompt, pred
+    return dev[0], preds[0]
+
+
+def _copy_error_up_close(model: HookedModel, settings: dict, neurons) -> Section:
+    """circuitsvis views of one copy error: attention (where the architecture has it) and the neurons."""
+    from mechcopy import viz
+
+    prompt, pred = _copy_error_prompt(model, settings["config"])
+    counts = neurons.layer_counts(model.cfg.n_layers)
+    layer = max(range(len(counts)), key=counts.__getitem__)
+    views = [viz.neuron_activations_view(model, prompt.text, neurons, max_neurons=50)]
+    if arch_of(model).has_attention:
+        views.insert(0, viz.attention_view(model, prompt.text, layer))
+    return Section("A copy error up close",
+                   f"Gold answer {prompt.answer!r}, demo labels {list(prompt.demo_labels)}, model says "
+                   f"{pred!r}. Attention of layer {layer} (the layer with the most copy neurons) and "
+                   "the copy neurons' activations over the prompt's tokens.", html=views)
+
+
+def build_report(out_dir: str | Path, model: HookedModel) -> dict:
+    """Figures (PNG too) and circuitsvis views of a `mechcopy reproduce` folder, assembled into
+    `out_dir/report.html`; returns what the report stage records."""
+    from mechcopy.neurons import NeuronSet
+
+    out = Path(out_dir)
+    fig_dir = out / "figures"
+    settings = json.loads((out / "settings.json").read_text())
+    neurons = NeuronSet.load(out / "neurons.json")
+    headline, means = _headline(model, settings, neurons, _stage(out, "evaluate")["results"], fig_dir)
+    sections = [headline, _selection(model, settings, neurons, fig_dir),
+                _task_vectors(_stage(out, "task_vectors")["results"], fig_dir),
+                _patching(_stage(out, "patching"), fig_dir), _copy_error_up_close(model, settings, neurons)]
+    path = write_report(out / "report.html", f"mechcopy: copy neurons of {model.cfg.model_name}", sections, settings)
+    return {"report": str(path), "figures": sorted(str(p) for p in fig_dir.glob("*.png")),
+            "mean_over_tasks": means.to_dict("records")}

@@ -27,7 +27,9 @@ import torch
 from jaxtyping import Float
 from matplotlib.figure import Figure
 
-from mechcopy.sites import is_mamba, neuron_site, write_atomic
+from mechcopy.arch import HookedModel, arch_of
+from mechcopy.io import write_atomic
+from mechcopy.sites import neuron_site
 
 # One colour per condition family, the same in every figure.
 CONDITION_COLORS = {
@@ -396,15 +398,15 @@ class CircuitsvisHTML:
         return write_atomic(path, page)
 
 
-def attention_view(model, text: str, layer: int, heads: Sequence[int] | None = None) -> CircuitsvisHTML:
+def attention_view(model: HookedModel, text: str, layer: int, heads: Sequence[int] | None = None) -> CircuitsvisHTML:
     """circuitsvis attention heads of `layer` on `text` (from `blocks.{layer}.attn.hook_pattern`).
 
     Uses the `AttentionHeads` component (what `circuitsvis.attention.attention_heads` renders; the
     older `attention_patterns` is deprecated in circuitsvis).
     """
-    if is_mamba(model):
-        raise ValueError("attention_view: a Mamba model has no attention patterns; "
-                         "use neuron_activations_view on its mixer neurons instead")
+    if not arch_of(model).has_attention:
+        raise ValueError(f"attention_view: a {arch_of(model).name} model has no attention patterns; "
+                         "use neuron_activations_view on its neurons instead")
     if not 0 <= layer < model.cfg.n_layers:
         raise IndexError(f"layer {layer} out of range: the model has {model.cfg.n_layers} layers")
     name = f"blocks.{layer}.attn.hook_pattern"
@@ -421,7 +423,7 @@ def attention_view(model, text: str, layer: int, heads: Sequence[int] | None = N
     )
 
 
-def neuron_activations_view(model, text: str, neurons, max_neurons: int | None = 200) -> CircuitsvisHTML:
+def neuron_activations_view(model: HookedModel, text: str, neurons, max_neurons: int | None = 200) -> CircuitsvisHTML:
     """Activations of the neurons in `neurons` (a `NeuronSet`) over the tokens of `text`.
 
     Read at each layer's neuron site (`mechcopy.sites.neuron_site`, so transformers and Mamba

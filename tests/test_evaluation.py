@@ -2,16 +2,14 @@
 
 import json
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from mechcopy.evaluation import (
-    bootstrap_ci, evaluate, seed_interval, last_logits, perplexity, predict, summarize, _steps,
-)
+from mechcopy.arch import arch_of
+from mechcopy.evaluation import evaluate, perplexity, predict, summarize, _steps
+from mechcopy.stats import bootstrap_ci
 from mechcopy.models.tiny import tiny_transformer
 from mechcopy.tasks import Task, load_task
 from mechcopy.tasks.probe import probe_prompts
@@ -67,8 +65,8 @@ def test_forced_copy_gives_copy_rate_one(bigram):
     hooks = forced({" ": "7"})
     tokens = model.to_tokens(prompts[0].text)
     with model.hooks(fwd_hooks=hooks):
-        forced_logits = last_logits(model, tokens)
-    assert not torch.allclose(forced_logits, last_logits(model, tokens))
+        forced_logits = arch_of(model).last_logits(model, tokens)
+    assert not torch.allclose(forced_logits, arch_of(model).last_logits(model, tokens))
 
 
 def test_multi_token_answers_by_greedy_generation(bigram):
@@ -97,7 +95,7 @@ def test_batches_equal_single_runs(tiny):
     assert batched == predict(tiny, prompts, batch_size=32, kv_cache=False)  # cached = full re-runs
     assert any(len(p) > 1 for p in batched)  # generation really ran
     tokens = torch.stack([tiny.to_tokens(p.text)[0] for p in prompts[:1]] * 2)
-    assert torch.allclose(last_logits(tiny, tokens), tiny(tokens)[:, -1], atol=1e-5)
+    assert torch.allclose(arch_of(tiny).last_logits(tiny, tokens), tiny(tokens)[:, -1], atol=1e-5)
 
 
 def test_summarize_by_hand_and_intervals():
@@ -128,20 +126,6 @@ def test_summarize_by_hand_and_intervals():
     assert abs(widths[2] - 2 * 1.96 * math.sqrt(0.3 * 0.7 / 2000)) < 0.01  # matches the normal approximation
 
 
-def test_seed_interval_covers_the_mean_95_percent():
-    """The t interval over seeds: right for a hand example, and 95% coverage by simulation for 3 and 5 seeds."""
-    mean, lo, hi = seed_interval([0.4, 0.5, 0.6])
-    assert mean == pytest.approx(0.5) and hi - mean == pytest.approx(4.303 * 0.1 / math.sqrt(3))
-    assert math.isnan(seed_interval([0.3])[1])
-    with pytest.raises(ValueError):
-        seed_interval([])
-    rng = np.random.default_rng(0)
-    for n in (3, 5):
-        hits = [lo <= 1.0 <= hi for lo, hi in
-                (seed_interval(rng.normal(1.0, 0.2, n))[1:] for _ in range(4000))]
-        assert 0.935 < np.mean(hits) < 0.965, (n, np.mean(hits))
-
-
 def test_perplexity_matches_naive(tiny):
     text = "The quick brown fox jumps over the lazy dog. " * 3
     ppl = perplexity(tiny, text, n_tokens=40, window=16)
@@ -163,10 +147,10 @@ def test_perplexity_matches_naive(tiny):
 
 def test_evaluate_cli(tiny, tmp_path, monkeypatch):
     import mechcopy
-    from mechcopy.cli import main
-    from mechcopy.sites import NeuronSet, model_fingerprint
+    from mechcopy.commands import main
+    from mechcopy.neurons import NeuronSet, model_fingerprint
 
-    monkeypatch.setattr(mechcopy, "load_model", lambda name: tiny)
+    monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: tiny)
     task_file = tmp_path / "t.json"
     pairs = [[w, w.upper()] for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op")]
     task_file.write_text(json.dumps({"name": "upper", "pairs": pairs}))
@@ -190,11 +174,11 @@ def test_evaluate_cli(tiny, tmp_path, monkeypatch):
         calls.append((len(ns), n_random, seed))
         return [("pruned", [("blocks.0.mlp.hook_post", lambda a, hook: a * 0)]), ("random-0", [])]
 
-    fake = types.SimpleNamespace(conditions=conditions)
-    monkeypatch.setitem(sys.modules, "mechcopy.pruning", fake)
-    monkeypatch.setattr(mechcopy, "pruning", fake, raising=False)
+    import mechcopy.pruning
+
+    monkeypatch.setattr(mechcopy.pruning, "conditions", conditions)
     assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--shots", "2", "--n", "5",
-                 "--prune", str(neurons), "--random-baseline", "1", "--out", str(out)]) == 0
+                 "--prune", str(neurons), "--n-random", "1", "--out", str(out)]) == 0
     assert calls == [(2, 1, 0)]
     assert [r["condition"] for r in json.loads(out.read_text())["results"]] == ["unpruned", "pruned", "random-0"]
 

@@ -7,7 +7,9 @@ import torch
 
 from mechcopy import hooks
 from mechcopy.models.mamba import HookedMamba, MambaConfig, MambaState, Norm, tiny_mamba
-from mechcopy.sites import is_mamba, model_fingerprint, neuron_site, neurons_per_layer
+from mechcopy.arch import MAMBA, arch_of
+from mechcopy.neurons import model_fingerprint
+from mechcopy.sites import neuron_site, neurons_per_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +84,7 @@ def test_loaded_from_folder_equals_hf(tmp_path, hf_small):
     hf_small.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     model = load_model(str(tmp_path), device="cpu")
-    assert type(model).__name__ == "HookedMamba" and is_mamba(model)
+    assert type(model).__name__ == "HookedMamba" and arch_of(model) is MAMBA
     tokens = model.to_tokens(["ab -> c\nxy ->", "hello world!!"])
     with torch.no_grad():
         assert (model(tokens) - hf_small(tokens).logits).abs().max().item() < 1e-4

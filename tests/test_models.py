@@ -128,7 +128,7 @@ def test_unknown_model_lists_known():
 
 
 def test_models_json_cli():
-    out = subprocess.run([sys.executable, "-m", "mechcopy.cli", "models", "--json"],
+    out = subprocess.run([sys.executable, "-m", "mechcopy", "models", "--json"],
                          capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
     assert {r["name"] for r in rows} == {"smollm2-135m", "gemma-3-270m"}
@@ -136,6 +136,6 @@ def test_models_json_cli():
 
 
 def test_cli_unknown_fetch_is_clear():
-    proc = subprocess.run([sys.executable, "-m", "mechcopy.cli", "models", "fetch", "gpt-5"],
+    proc = subprocess.run([sys.executable, "-m", "mechcopy", "models", "fetch", "gpt-5"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "known: smollm2-135m, gemma-3-270m" in proc.stderr

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from mechcopy import patching as P
-from mechcopy.sites import NeuronSet, model_fingerprint, neuron_site
+from mechcopy.neurons import NeuronSet, model_fingerprint
+from mechcopy.sites import neuron_site
+from mechcopy.tasks.pairs import corrupt_prompt, token_roles
 from mechcopy.tasks import Task
 from mechcopy.tasks.prompts import make_prompt
 
@@ -41,7 +43,7 @@ def test_pairs_equal_length_and_aligned_roles(tiny, pairs):
     assert len(pairs) >= 2
     assert pairs.clean_tokens.shape == pairs.corrupt_tokens.shape
     for c in pairs.clean:
-        assert tuple(P.token_roles(tiny, c)) == pairs.roles
+        assert tuple(token_roles(tiny.to_str_tokens(c.text), c)) == pairs.roles
     assert pairs.roles[0] == "BOS" and pairs.roles[-1] == "->q" and "y1" in pairs.roles
     for i, (c, x) in enumerate(zip(pairs.clean, pairs.corrupt)):
         assert sorted(c.demo_labels) == sorted(x.demo_labels)            # a permutation of the labels
@@ -53,7 +55,7 @@ def test_pairs_equal_length_and_aligned_roles(tiny, pairs):
 
 def test_token_roles_hand_made(tiny):
     p = make_prompt([("ab", "3"), ("c", "7")], ("de", "1"), tiny.tokenizer)
-    assert P.token_roles(tiny, p) == ["BOS", "x1", "x1", "->1", "->1", "->1", "->1", "y1", "\\n1",
+    assert token_roles(tiny.to_str_tokens(p.text), p) == ["BOS", "x1", "x1", "->1", "->1", "->1", "->1", "y1", "\\n1",
                                       "x2", "->2", "->2", "->2", "->2", "y2", "\\n2",
                                       "xq", "xq", "->q", "->q", "->q", "->q"]
 
@@ -61,17 +63,17 @@ def test_token_roles_hand_made(tiny):
 def test_corruptions(tiny):
     tok, rng = tiny.tokenizer, random.Random(0)
     p = make_prompt([("cat", "3"), ("tree", "4"), ("fish", "4")], ("lamp", "4"), tok)
-    g = P.corrupt_prompt(p, "gold_label", tok, rng)
+    g = corrupt_prompt(p, "gold_label", tok, rng)
     assert g.answer in g.demo_labels and sum(a != b for a, b in zip(g.demo_labels, p.demo_labels)) == 1
     assert len(tiny.to_tokens(g.text)[0]) == len(tiny.to_tokens(p.text)[0])
     p2 = make_prompt([("cat", "3"), ("tree", "4")], ("lamp", "4"), tok)
-    o = P.corrupt_prompt(p2, "other_task", tok, rng, other_task=VOWELS)
+    o = corrupt_prompt(p2, "other_task", tok, rng, other_task=VOWELS)
     assert all(d in VOWELS.pairs for d in o.demos) and o.query == p2.query
     assert len(tiny.to_tokens(o.text)[0]) == len(tiny.to_tokens(p2.text)[0])
     with pytest.raises(ValueError, match="nothing to shuffle"):
-        P.corrupt_prompt(make_prompt([("cat", "3"), ("dog", "3")], ("sun", "3"), tok), "shuffled_labels", tok, rng)
+        corrupt_prompt(make_prompt([("cat", "3"), ("dog", "3")], ("sun", "3"), tok), "shuffled_labels", tok, rng)
     with pytest.raises(ValueError, match="unknown corruption"):
-        P.corrupt_prompt(p, "nonsense", tok, rng)
+        corrupt_prompt(p, "nonsense", tok, rng)
     pairs = P.make_pairs(tiny, LENGTH, "other_task", n=3, shots=2, seed=0, other_task=VOWELS)
     assert pairs.clean_tokens.shape == pairs.corrupt_tokens.shape
 

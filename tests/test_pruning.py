@@ -9,7 +9,8 @@ from mechcopy.attribution import CopyScores
 from mechcopy.pruning import (
     bottom_set, conditions, prune_weights, pruned, pruning_hooks, random_matched, select, sweep_k,
 )
-from mechcopy.sites import NeuronSet, model_fingerprint, neuron_site, neurons_per_layer
+from mechcopy.neurons import NeuronSet, model_fingerprint
+from mechcopy.sites import neuron_site, neurons_per_layer
 
 
 def _set(model, pairs, **meta):
@@ -164,11 +165,11 @@ def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch):
     """`find` end to end on the tiny model; an interrupted run resumes and gives the same result."""
     import mechcopy.attribution as attribution
     from mechcopy.attribution import CopyScores
-    from mechcopy.find_cli import find
+    from mechcopy.find import FindConfig, find_copy_neurons
 
-    kw = dict(n=4, n_dev=4, shots=2, steps=3, ks=[2, 4], max_ppl_increase=10.0, ppl_tokens=128, every=2,
-              progress=False)
-    full = find(tiny3, tmp_path / "a.json", **kw)
+    config = FindConfig(n=4, n_dev=4, shots=2, steps=3, ks=(2, 4), max_ppl_increase=10.0, ppl_tokens=128,
+                        checkpoint_every=2)
+    full = find_copy_neurons(tiny3, tmp_path / "a.json", config, progress=False)
     assert len(full) == full.meta["sweep"]["chosen_k"]
     assert NeuronSet.load(tmp_path / "a.json").neurons == full.neurons
     scores = CopyScores.load(full.meta["scores_path"])
@@ -185,17 +186,37 @@ def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch):
 
     monkeypatch.setattr(attribution, "integrated_gradients", flaky)
     with pytest.raises(KeyboardInterrupt):
-        find(tiny3, tmp_path / "b.json", **kw)
+        find_copy_neurons(tiny3, tmp_path / "b.json", config, progress=False)
     calls.clear()
     monkeypatch.setattr(attribution, "integrated_gradients", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k))[1])
-    resumed = find(tiny3, tmp_path / "b.json", **kw)
+    resumed = find_copy_neurons(tiny3, tmp_path / "b.json", config, progress=False)
     assert calls == [2], "the resumed run attributes only the prompts the checkpoint lacks"
     assert resumed.neurons == full.neurons
     assert torch.equal(CopyScores.load(resumed.meta["scores_path"]).scores, scores.scores)
 
 
 def test_find_cli_registered():
-    from mechcopy.cli import build_parser
+    from mechcopy.commands import build_parser
 
-    args = build_parser().parse_args(["find", "--out", "x.json", "--method", "gradxact"])
-    assert args.method == "gradxact" and args.n == 200 and args.steps == 20 and args.target == "contrast"
+    from mechcopy.commands.common import config_from_args
+    from mechcopy.find import FindConfig
+
+    args = build_parser().parse_args(["find", "--out", "x.json", "--attribution", "gradxact", "--ks", "3,7"])
+    assert args.attribution == "gradxact" and args.n == 200 and args.steps == 20 and args.target == "contrast"
+    # every flag feeds the config field of the same name
+    assert config_from_args(FindConfig, args) == FindConfig(attribution="gradxact", ks=(3, 7))
+
+
+def test_conditions_hash_the_weights_once(monkeypatch):
+    """Checking 13 neuron sets against one model hashes its weights once (the fingerprint is cached)."""
+    import mechcopy.neurons
+    from mechcopy.models.tiny import tiny_transformer
+
+    model = tiny_transformer(n_layers=2, d_model=32, d_mlp=64, seed=7)   # a fresh object: nothing cached
+    real, calls = mechcopy.neurons.weight_hash, []
+    monkeypatch.setattr(mechcopy.neurons, "weight_hash", lambda m: (calls.append(1), real(m))[1])
+    ns = NeuronSet(((0, 1), (1, 2), (1, 5)), model_fingerprint(model))
+    scores = CopyScores(torch.rand(2, 64), {"model": model_fingerprint(model)})
+    conds = conditions(model, ns, n_random=5, seed=0, scores=scores)
+    assert [c for c, _ in conds] == ["pruned"] + [f"random-{s}" for s in range(5)] + ["bottom"]
+    assert len(calls) == 1

@@ -10,17 +10,9 @@ CFG = rp.ReproduceConfig(model="tiny", n_probe=4, n_dev=6, steps=4, tasks="next_
                          n_random=1, tv_tasks=("next_letter",), n_tv=4, patch_task="next_letter", n_patch=2)
 
 
-@pytest.fixture()
-def tiny_loader(monkeypatch, tiny):
-    import mechcopy.models
-
-    monkeypatch.setattr(mechcopy.models, "load_model", lambda name: tiny)
-    return tiny
-
-
-def test_reproduce_tiny_end_to_end(tiny_loader, tmp_path, monkeypatch):
+def test_reproduce_tiny_end_to_end(tiny, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    report = rp.reproduce(CFG, out)
+    report = rp.reproduce(tiny, CFG, out)
     assert report.exists() and report.stat().st_size > 10_000
     for name, _ in rp.STAGES:
         assert (out / f"{name}.json").exists(), name
@@ -39,18 +31,18 @@ def test_reproduce_tiny_end_to_end(tiny_loader, tmp_path, monkeypatch):
         raise AssertionError("a finished stage ran again")
 
     monkeypatch.setattr(rp, "STAGES", [(n, boom) for n, _ in rp.STAGES])
-    rp.reproduce(CFG, out)
+    rp.reproduce(tiny, CFG, out)
 
     # an interrupted run resumes from the first missing stage only
     (out / "report.json").unlink()
     monkeypatch.setattr(rp, "STAGES", [(n, boom) for n, _ in rp.STAGES[:-1]] + [("report", rp.stage_report)])
-    rp.reproduce(CFG, out)
+    rp.reproduce(tiny, CFG, out)
     assert (out / "report.json").exists()
 
 
-def test_reproduce_refuses_other_settings(tiny_loader, tmp_path):
+def test_reproduce_refuses_other_settings(tiny, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "settings.json").write_text(json.dumps({"config": {"model": "other"}}))
     with pytest.raises(ValueError, match="other settings"):
-        rp.reproduce(CFG, out)
+        rp.reproduce(tiny, CFG, out)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mechcopy import hooks
-from mechcopy.sites import NeuronSet, model_fingerprint, neuron_site, neurons_per_layer
+from mechcopy.neurons import NeuronSet, model_fingerprint
+from mechcopy.sites import neuron_site, neurons_per_layer
 
 
 def test_neuron_site(tiny):

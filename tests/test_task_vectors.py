@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mechcopy import task_vectors as TV
-from mechcopy.sites import NeuronSet, model_fingerprint, neuron_site
+from mechcopy.neurons import NeuronSet, model_fingerprint
+from mechcopy.sites import neuron_site
 from mechcopy.hooks import zero_neurons
 from mechcopy.tasks import Task
 from mechcopy.tasks.prompts import make_prompt
@@ -64,7 +65,7 @@ def test_extract_averages_last_tokens_and_applies_hooks(tiny):
 
 def test_split_is_disjoint_and_single_token(tiny):
     cfg = TV.TaskVectorConfig(shots=3, n_extract=4, n_dev=6, n_test=10, seed=1)
-    s = TV.split_task(LENGTH, tiny.tokenizer, cfg)
+    s = cfg.split(LENGTH, tiny.tokenizer)
     assert len(s.extraction) == 4 and len(s.dev) == 6 and len(s.test) == 10 and len(s.test_icl) == 10
     pool = {d for p in s.extraction for d in p.demos} | {(p.query, p.answer) for p in s.extraction}
     queries = [(p.query, p.answer) for p in s.dev + s.test]
@@ -79,7 +80,7 @@ def test_experiment_matches_hand_computed_sweep(tiny):
     cfg = TV.TaskVectorConfig(shots=3, n_extract=3, n_dev=5, n_test=8, seed=0)
     hooks = [(neuron_site(tiny, 1), zero_neurons([1, 2, 3]))]
     res = TV.task_vector_experiment(tiny, LENGTH, cfg, fwd_hooks=hooks, condition="pruned")
-    s = TV.split_task(LENGTH, tiny.tokenizer, cfg)
+    s = cfg.split(LENGTH, tiny.tokenizer)
     tok = tiny.tokenizer
 
     def hand_predictions(prompts, vec, layer):

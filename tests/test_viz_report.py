@@ -26,7 +26,8 @@ from matplotlib.figure import Figure
 from mechcopy import viz
 from mechcopy.hooks import capture
 from mechcopy.report import Section, render_report, write_report
-from mechcopy.sites import NeuronSet, model_fingerprint, neuron_site
+from mechcopy.neurons import NeuronSet, model_fingerprint
+from mechcopy.sites import neuron_site
 
 TEXT = "hot -> cold\nbig -> small\nfast ->"
 

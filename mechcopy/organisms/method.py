@@ -13,7 +13,7 @@ pruned anyway (recorded as `pruned_k` beside the sweep's `chosen_k` of None), so
 shows what the method's first step costs.
 
 `seed_summary(results)` turns one result per trained organism into rows with the mean and a 95%
-t interval over training seeds (`evaluation.seed_interval`), per architecture, probe, set and condition,
+t interval over training seeds (`stats.seed_interval`), per architecture, probe, set and condition,
 plus the per-seed paired difference pruned - unpruned.
 """
 
@@ -27,10 +27,12 @@ from typing import Any, Sequence
 import torch
 
 from mechcopy.attribution import copy_scores, integrated_gradients
-from mechcopy.evaluation import evaluate, seed_interval
+from mechcopy.arch import HookedModel, arch_of
+from mechcopy.evaluation import evaluate
+from mechcopy.neurons import model_fingerprint
 from mechcopy.organisms.data import PROBES, make_function, organism_prompts, probe_splits
 from mechcopy.pruning import conditions, pruning_hooks, select, sweep_k
-from mechcopy.sites import is_mamba, model_fingerprint
+from mechcopy.stats import seed_interval
 
 GENERAL = ("map-train", "class")  # general ability: training-split functions
 HELD_OUT = ("map-heldout", "shift-heldout", "class", "probe-same")  # evaluated besides the probes' test splits
@@ -66,14 +68,14 @@ def _cell(res, name: str, condition: str) -> dict:
             "copy_rate": res.copy_rate, "copy_rate_ci": list(res.copy_rate_ci), "n": res.n}
 
 
-def _task_vectors(model, hooks_by_condition: dict[str, list], seed: int) -> list[dict]:
-    from mechcopy.task_vectors import TaskVectorConfig, split_task, task_vector_experiment
+def _task_vectors(model: HookedModel, hooks_by_condition: dict[str, list], seed: int) -> list[dict]:
+    from mechcopy.task_vectors import TaskVectorConfig, task_vector_experiment
 
     config = TaskVectorConfig(shots=4, n_extract=5, n_dev=8, n_test=9, seed=seed)
     out = []
     for family, param in TV_FUNCTIONS:
         task = make_function(family, param).to_task()
-        split = split_task(task, model.tokenizer, config)
+        split = config.split(task, model.tokenizer)
         for cond, hooks in hooks_by_condition.items():
             r = task_vector_experiment(model, task, config, hooks, cond, split)
             out.append({"task": r.task, "condition": cond, "best_layer": r.best_layer,
@@ -83,7 +85,7 @@ def _task_vectors(model, hooks_by_condition: dict[str, list], seed: int) -> list
     return out
 
 
-def run_method(model, config: MethodConfig = MethodConfig(), progress: bool = True) -> dict:
+def run_method(model: HookedModel, config: MethodConfig = MethodConfig(), progress: bool = True) -> dict:
     """Every number of the organism write-up for one trained organism (see the module docstring)."""
     from tqdm.auto import tqdm
 
@@ -97,7 +99,7 @@ def run_method(model, config: MethodConfig = MethodConfig(), progress: bool = Tr
 
     unpruned = {name: evaluate(model, ps, condition="unpruned", seed=c.seed) for name, ps in sets.items()}
     out: dict[str, Any] = {
-        "model": model_fingerprint(model), "arch": "mamba" if is_mamba(model) else "transformer",
+        "model": model_fingerprint(model), "arch": arch_of(model).name,
         "config": asdict(c),
         "unpruned": {name: {k: v for k, v in r.to_json().items() if k != "predictions"} for name, r in unpruned.items()},
         "methods": {},

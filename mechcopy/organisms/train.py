@@ -17,8 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mechcopy.arch import HookedModel
 from mechcopy.organisms.data import CharCodec, episode_text, episodes, make_batch
-from mechcopy.sites import model_fingerprint, write_json_atomic
+from mechcopy.io import write_json_atomic
+from mechcopy.neurons import model_fingerprint
 
 ARCHS = ("transformer", "mamba")
 CONFIG_FILE = "organism.json"
@@ -95,7 +97,7 @@ def _lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float
 
 
 @torch.no_grad()
-def quick_accuracy(model, sets: tuple[str, ...] = ("map-heldout", "shift-heldout", "class", "probe"),
+def quick_accuracy(model: HookedModel, sets: tuple[str, ...] = ("map-heldout", "shift-heldout", "class", "probe"),
                    n: int = 64, k: int = 4, seed: int = 12345) -> dict[str, float]:
     """Query accuracy per evaluation set, straight from token ids (no prompt builder): for training logs."""
     codec = CharCodec(model.tokenizer)
@@ -186,7 +188,7 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
     return model, result
 
 
-def save_organism(model, cfg: TrainConfig, out_dir: str | Path, curve: dict | None = None,
+def save_organism(model: HookedModel, cfg: TrainConfig, out_dir: str | Path, curve: dict | None = None,
                   result: TrainResult | None = None) -> Path:
     """Write weights (safetensors), config JSON and, if given, the loss curve (JSON + PNG)."""
     from safetensors.torch import save_file

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from mechcopy.models import zoo
-
 
 def models_table() -> list[dict]:
+    from mechcopy.models import zoo
+
     rows = []
     for m in zoo.ZOO.values():
         rows.append({
@@ -20,7 +20,9 @@ def models_table() -> list[dict]:
     return rows
 
 
-def _run(args) -> int:
+def run(args) -> int:
+    from mechcopy.models import zoo
+
     if args.action == "fetch":
         if not args.name:
             raise ValueError(f"which model? known: {', '.join(zoo.ZOO)}")
@@ -44,4 +46,4 @@ def register(sub) -> None:
     p.add_argument("name", nargs="?", help="zoo model to fetch")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
-    p.set_defaults(func=_run)
+    p.set_defaults(run=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 
-def _run(args) -> int:
+def run(args) -> int:
     import torch
 
     from mechcopy.organisms.train import TrainConfig, default_dir, train_organism
@@ -46,4 +46,4 @@ def register(sub) -> None:
                    help="wall-time budget: stop and save after this many minutes (the lr schedule ends then)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.set_defaults(func=_run)
+    p.set_defaults(run=run)

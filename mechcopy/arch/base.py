@@ -1,0 +1,122 @@
+"""What every architecture provides: the `HookedModel` protocol and the `Arch` interface.
+
+An analysis never asks which class a model is. It asks `arch_of(model)` for the one object that
+knows the architecture, and calls it: where the neurons are, which components patching can swap,
+how to continue a prefix one token at a time, how to prune by editing weights. What both
+architectures share (the forward tail: final norm, unembedding, logit soft cap, last position
+only) lives here once.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+@runtime_checkable
+class HookedModel(Protocol):
+    """A TransformerLens-style hooked language model: `HookedTransformer` or `HookedMamba`.
+
+    Both take tokens or (with `start_at_layer`) the residual stream, stop early with
+    `stop_at_layer`, expose hook points by name, and tokenise text the same way.
+    """
+
+    cfg: Any
+    tokenizer: Any
+    blocks: Any
+
+    def __call__(self, input: Any, *args: Any, **kwargs: Any) -> Any: ...
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]: ...
+
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def hooks(self, fwd_hooks: Any = ..., bwd_hooks: Any = ..., reset_hooks_end: bool = ...,
+              clear_contexts: bool = ...) -> AbstractContextManager: ...
+
+    def to_tokens(self, input: Any, *args: Any, **kwargs: Any) -> Tensor: ...
+
+    def to_str_tokens(self, input: Any, *args: Any, **kwargs: Any) -> Any: ...
+
+    def to_string(self, tokens: Any) -> Any: ...
+
+
+#: `decoder(tokens)`: logits at the last position of `tokens`, continuing what earlier calls saw.
+Decoder = Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch d_vocab"]]
+#: `step(layer, rows)`: block `layer` applied to one-token rows that continue a cached prefix.
+Stepper = Callable[[int, Float[Tensor, "rows 1 d_model"]], Float[Tensor, "rows 1 d_model"]]
+
+
+class Arch:
+    """The architecture-specific half of every analysis. Subclasses fill in the class attributes
+    and the methods that raise NotImplementedError; the rest is shared."""
+
+    name: str = ""
+    #: hook name of layer l's neurons, with `{layer}`
+    neuron_template: str = ""
+    #: patching component -> hook-name template with `{layer}`
+    components: Mapping[str, str] = {}
+    #: attention patterns exist (circuitsvis attention views)
+    has_attention: bool = False
+    #: `transformer_lens.patching` works on it
+    tl_patching: bool = False
+
+    # -- sites -------------------------------------------------------------------------------------
+
+    def neuron_site(self, model: HookedModel, layer: int) -> str:
+        n = model.cfg.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+            raise IndexError(f"layer {layer!r} out of range: the model has {n} layers (0..{n - 1})")
+        return self.neuron_template.format(layer=layer)
+
+    def neurons_per_layer(self, model: HookedModel) -> int:
+        raise NotImplementedError
+
+    def architecture_name(self, model: HookedModel) -> str:
+        """The name a neuron file records (and is checked against)."""
+        raise NotImplementedError
+
+    # -- the forward tail --------------------------------------------------------------------------
+
+    def final_logits(self, model: HookedModel, resid: Float[Tensor, "... d_model"],
+                     rows: Sequence[int] | None = None) -> Float[Tensor, "... vocab"]:
+        """Final norm, unembedding (only vocabulary `rows` if given) and the logit soft cap."""
+        from transformer_lens.utilities.activation_functions import apply_softcap
+
+        if getattr(model.cfg, "normalization_type", None) is not None:
+            resid = model.ln_final(resid)
+        if rows is None:
+            logits = model.unembed(resid)
+        else:
+            rows = list(rows)
+            logits = resid @ model.unembed.W_U[:, rows] + model.unembed.b_U[rows]
+        return apply_softcap(logits, getattr(model.cfg, "output_logits_soft_cap", None))
+
+    def last_logits(self, model: HookedModel, x: Tensor, start_at_layer: int | None = None,
+                    ) -> Float[Tensor, "batch d_vocab"]:
+        """Logits at the last position only (`x`: tokens, or the residual stream entering block
+        `start_at_layer`). Every hook point still runs; only the unembedding is cut to one position."""
+        resid = model(x, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers)
+        return self.final_logits(model, resid[:, -1:])[:, -1]
+
+    # -- architecture-specific machinery -----------------------------------------------------------
+
+    def decoder(self, model: HookedModel, batch: int) -> Decoder:
+        """An incremental decoder: the first call takes the prompts, later calls the new tokens only,
+        each returning the last position's logits (key/value cache or recurrent state)."""
+        raise NotImplementedError
+
+    def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:
+        """Blocks for one-token rows that continue positions [:-1] of `tokens` (the fast IG path)."""
+        raise NotImplementedError
+
+    def prune_weights(self, model: HookedModel, layer: int, idx: Tensor) -> None:
+        """Zero the weights that read neurons `idx` of `layer` (a permanent pruning)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<arch {self.name}>"
+

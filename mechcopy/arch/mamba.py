@@ -1,0 +1,56 @@
+"""`HookedMamba`: neurons at `blocks.{l}.mixer.hook_gated` (y*SiLU(z), the input to `out_proj`, d_inner
+channels); the recurrent state (conv window and SSM state) continues a prefix for decoding and for
+the fast IG path."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from mechcopy.arch.base import Arch, Decoder, HookedModel, Stepper
+
+
+class MambaArch(Arch):
+    name = "mamba"
+    neuron_template = "blocks.{layer}.mixer.hook_gated"
+    components = {
+        "resid_pre": "blocks.{layer}.hook_resid_pre",
+        "mixer_out": "blocks.{layer}.mixer.hook_out",
+    }
+    has_attention = False
+    tl_patching = False
+
+    def neurons_per_layer(self, model: HookedModel) -> int:
+        return int(model.cfg.d_inner)
+
+    def architecture_name(self, model: HookedModel) -> str:
+        return "mamba"
+
+    def decoder(self, model: HookedModel, batch: int) -> Decoder:
+        state = None
+
+        def decode(tokens: Int[Tensor, "batch pos"]) -> Tensor:
+            nonlocal state
+            resid, state = model(tokens, stop_at_layer=model.cfg.n_layers, state=state, return_state=True)
+            return self.final_logits(model, resid[:, -1:])[:, -1]
+
+        return decode
+
+    def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:
+        """One-token rows continuing the clean prefix's conv window and SSM state."""
+        with torch.no_grad():
+            _, state = model(tokens[:, :-1], return_type=None, return_state=True)
+
+        def step(layer: int, x: Tensor) -> Tensor:
+            n = x.shape[0]
+            conv = state.conv[layer].expand(n, -1, -1).contiguous()
+            ssm = state.ssm[layer].expand(n, -1, -1).contiguous()
+            return model.blocks[layer](x, conv, ssm, False)
+
+        return step
+
+    def prune_weights(self, model: HookedModel, layer: int, idx: Tensor) -> None:
+        w = model.blocks[layer].mixer.out_proj.weight      # [d_model, d_inner]
+        with torch.no_grad():
+            w[:, idx.to(w.device)] = 0

@@ -1,0 +1,62 @@
+"""`mechcopy find`: copy neurons by attribution on the probe, k chosen on its dev split."""
+
+from __future__ import annotations
+
+import time
+
+from mechcopy.commands.common import add_config_args, add_model_args, config_from_args, open_model, prepare_out
+from mechcopy.find import ATTRIBUTIONS, FindConfig
+
+HELPS = {
+    "n": "probe prompts for attribution",
+    "n_dev": "probe dev prompts for the k sweep",
+    "shots": "demonstrations per probe prompt",
+    "steps": "IG integration steps",
+    "attribution": "attribution method",
+    "target": "what is attributed",
+    "method": "IG implementation",
+    "rule": "quadrature rule",
+    "normalisation": "per-prompt normalisation of the attributions",
+    "mode": "top-k selection",
+    "ks": "k grid of the sweep, comma-separated (default 5,10,20,50,100,200,500,1000)",
+    "max_ppl_increase": "relative perplexity bound of the sweep",
+    "text": "held-out text file for perplexity (default: the standard library's pydoc_data.topics)",
+    "ppl_tokens": "tokens of held-out text",
+    "seed": "seed of the probe prompts",
+    "checkpoint_every": "prompts between checkpoints",
+}
+
+
+def run(args) -> int:
+    from mechcopy.find import find_copy_neurons
+
+    config = config_from_args(FindConfig, args)
+    out = prepare_out(args.out, inputs=[config.text])
+    t0 = time.perf_counter()
+    model = open_model(args)
+    neurons = find_copy_neurons(model, out, config)
+    sw = neurons.meta["sweep"]
+    print(f"k sweep on {sw['n_dev']} dev prompts (perplexity bound +{sw['max_ppl_increase']:.0%}):")
+    print(f"  k=0: dev accuracy {sw['baseline']['dev_accuracy']:.3f}, copy rate "
+          f"{sw['baseline']['dev_copy_rate']:.3f}, ppl {sw['baseline']['ppl']:.2f}")
+    for r in sw["rows"]:
+        mark = "  <- chosen" if r["k"] == sw["chosen_k"] else ("" if r["feasible"] else "  (ppl bound)")
+        print(f"  k={r['k']}: dev accuracy {r['dev_accuracy']:.3f}, copy rate {r['dev_copy_rate']:.3f}, "
+              f"ppl {r['ppl']:.2f} ({r['ppl_increase']:+.1%}){mark}")
+    counts = {l: c for l, c in enumerate(neurons.meta["layer_counts"]) if c}
+    print(f"{len(neurons)} neurons, by layer {counts}")
+    print(f"wrote {out} (scores: {neurons.meta['scores_path']}) in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def register(sub) -> None:
+    from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS
+    from mechcopy.pruning import MODES
+
+    p = sub.add_parser("find", help="find copy neurons: IG attribution on the probe, k chosen on its dev split")
+    add_model_args(p)
+    add_config_args(p, FindConfig, HELPS, choices={
+        "attribution": ATTRIBUTIONS, "target": TARGETS, "method": METHODS, "rule": RULES,
+        "normalisation": NORMALISATIONS, "mode": [m for m in MODES if m != "threshold"]})
+    p.add_argument("--out", required=True, help="neuron file to write (JSON)")
+    p.set_defaults(run=run)

@@ -1,0 +1,53 @@
+"""`mechcopy patch`: activation patching, clean into corrupted ICL prompts (layers x positions)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mechcopy.commands.common import add_model_args, open_model, prepare_out, write_result
+
+
+def run(args) -> int:
+    from mechcopy.neurons import NeuronSet
+    from mechcopy.patching import activation_patching
+    from mechcopy.tasks import list_tasks, load_task
+
+    t0 = time.time()
+    task = load_task(args.task)
+    other = None
+    if args.corruption == "other_task":
+        other = load_task(args.other_task or next(t for t in list_tasks() if t != task.name))
+    neurons = NeuronSet.load(args.neurons) if args.neurons else None
+    out = prepare_out(args.out, inputs=[args.task, args.neurons])
+    model = open_model(args)
+    res = activation_patching(model, task, args.corruption, n=args.n, shots=args.shots, seed=args.seed,
+                              other_task=other, neurons=neurons, method=args.method, progress=True)
+    arr = res.array()
+    print(f"{res.task} / {res.corruption}: {res.n_pairs} pairs ({res.n_dropped} dropped), "
+          f"LD clean {res.ld_clean:.3f}, corrupted {res.ld_corrupt:.3f}")
+    for ci, comp in enumerate(res.components):
+        l, p = divmod(int(arr[ci].argmax()), arr.shape[2])
+        print(f"  {comp:9s} max {float(arr[ci].max()):.3f} at layer {l}, position {p} ({res.roles[p]})")
+    if neurons is not None:
+        print(f"  neurons ({res.neurons}) all positions: {res.neuron_all_positions:.3f}")
+    print(f"-> {write_result(out, model, {'command': 'patch', 'seconds': round(time.time() - t0, 1), **res.to_json()})}")
+    return 0
+
+
+def register(sub) -> None:
+    from mechcopy.tasks.pairs import CORRUPTIONS
+
+    p = sub.add_parser("patch", help="activation patching, clean into corrupted ICL prompts (layers x positions)")
+    add_model_args(p)
+    p.add_argument("--task", required=True, help="built-in task name or task JSON file")
+    p.add_argument("--corruption", choices=CORRUPTIONS, default="shuffled_labels")
+    p.add_argument("--other-task", help="for --corruption other_task (default: the first other built-in task)")
+    p.add_argument("--n", type=int, default=10, help="prompt pairs averaged (default 10)")
+    p.add_argument("--shots", type=int, default=4, help="demonstrations per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--neurons", type=Path, help="neurons.json: also patch this neuron set")
+    p.add_argument("--method", choices=["own", "tl"], default="own",
+                   help="own loop (any model) or transformer_lens.patching (HookedTransformer)")
+    p.add_argument("--out", type=Path, required=True, help="results JSON")
+    p.set_defaults(run=run)

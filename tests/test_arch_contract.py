@@ -1,0 +1,127 @@
+"""The architecture contract: the same checks, once per architecture (tiny transformer, tiny Mamba).
+
+A new architecture is done when its tiny model passes every test here (docs/architecture.md).
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mechcopy.arch import MAMBA, TRANSFORMER, arch_of
+from mechcopy.hooks import zero_neurons
+from mechcopy.neurons import NeuronSet, model_fingerprint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=["transformer", "mamba"])
+def case(request):
+    from mechcopy.models.mamba import tiny_mamba
+    from mechcopy.models.tiny import tiny_transformer
+
+    if request.param == "transformer":
+        model, arch = tiny_transformer(n_layers=3, d_model=32, d_mlp=64, seed=3), TRANSFORMER
+    else:
+        model, arch = tiny_mamba(n_layers=3, d_model=32, seed=3), MAMBA
+    tokens = model.to_tokens("hot -> cold\nbig -> small\nfast ->")
+    return model, arch, tokens
+
+
+def test_arch_of_names_the_architecture(case):
+    model, arch, _ = case
+    assert arch_of(model) is arch and arch.name in ("transformer", "mamba")
+    assert model_fingerprint(model)["architecture"] == arch.architecture_name(model)
+    with pytest.raises(TypeError, match="hooked model"):
+        arch_of(torch.nn.Linear(2, 2))
+
+
+def test_neuron_sites_and_components_are_hook_points(case):
+    model, arch, tokens = case
+    for layer in range(model.cfg.n_layers):
+        site = arch.neuron_site(model, layer)
+        assert site in model.hook_dict
+        _, cache = model.run_with_cache(tokens, names_filter=site)
+        assert cache[site].shape[-1] == arch.neurons_per_layer(model)
+        for template in arch.components.values():
+            assert template.format(layer=layer) in model.hook_dict
+    for bad in (-1, model.cfg.n_layers, 1.5, True):
+        with pytest.raises(IndexError):
+            arch.neuron_site(model, bad)
+
+
+def test_forward_tail_matches_the_full_model(case):
+    model, arch, tokens = case
+    with torch.no_grad():
+        full = model(tokens)
+        assert torch.allclose(arch.last_logits(model, tokens), full[:, -1], atol=1e-5)
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+        rows = [3, 7, 11]
+        assert torch.allclose(arch.final_logits(model, resid, rows), full[..., rows], atol=1e-5)
+        # starting at a layer from the cached residual stream gives the same logits
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
+        for layer in range(model.cfg.n_layers):
+            got = arch.last_logits(model, cache[f"blocks.{layer}.hook_resid_pre"], start_at_layer=layer)
+            assert torch.allclose(got, full[:, -1], atol=1e-5), layer
+
+
+def test_decoder_continues_exactly(case):
+    model, arch, tokens = case
+    batch = torch.cat([tokens, tokens.flip(0)])  # two identical rows: the decoder keeps them apart
+    decode = arch.decoder(model, batch.shape[0])
+    seq = batch[:, :-3]
+    with torch.no_grad():
+        logits = decode(seq)
+        for step in range(3):
+            assert torch.allclose(logits, arch.last_logits(model, seq), atol=1e-4), step
+            nxt = batch[:, seq.shape[1]:seq.shape[1] + 1]
+            seq = torch.cat([seq, nxt], dim=1)
+            logits = decode(nxt)
+        assert torch.allclose(logits, arch.last_logits(model, seq), atol=1e-4)
+
+
+def test_ig_stepper_continues_the_prefix(case):
+    """One-token rows from block l on (any number of rows) reproduce the clean run's last position."""
+    model, arch, tokens = case
+    step = arch.ig_stepper(model, tokens)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("resid_pre") or n.endswith("resid_post"))
+        n = model.cfg.n_layers
+        for layer in range(n):
+            x = cache[f"blocks.{layer}.hook_resid_pre"][:, -1:].expand(4, 1, -1)
+            for l in range(layer, n):
+                x = step(l, x)
+            want = cache[f"blocks.{n - 1}.hook_resid_post"][:, -1:].expand(4, 1, -1)
+            assert torch.allclose(x, want, atol=1e-5), layer
+
+
+def test_weight_edit_equals_the_pruning_hook(case):
+    import copy
+
+    model, arch, tokens = case
+    idx = torch.tensor([0, 5, 9])
+    layer = 1
+    hooked = model.run_with_hooks(tokens, fwd_hooks=[(arch.neuron_site(model, layer), zero_neurons(idx))])
+    edited = copy.deepcopy(model)
+    before = model_fingerprint(edited)["weight_hash"]
+    arch.prune_weights(edited, layer, idx)
+    with torch.no_grad():
+        assert torch.allclose(edited(tokens), hooked, atol=1e-5)
+        assert not torch.allclose(model(tokens), hooked, atol=1e-5)
+    # the cached fingerprint notices the edit, and a set found on the original is refused on the copy
+    after = model_fingerprint(edited)["weight_hash"]
+    assert after != before
+    with pytest.raises(ValueError, match=f"weight_hash: file has '{before}', model has '{after}'"):
+        NeuronSet(((layer, 0),), model_fingerprint(model)).check(edited)
+
+
+def test_no_type_test_of_a_model_outside_arch():
+    """`arch_of` is the only place that asks which class a model is."""
+    root = Path(__file__).resolve().parent.parent / "mechcopy"
+    banned = re.compile(r"isinstance\([^)]*Hooked(Transformer|Mamba)|\bis_mamba\b|_is_transformer|"
+                        r"type\(model\)|__name__ == ['\"]Hooked|cfg\.architecture ==")
+    offenders = [f"{p.relative_to(root)}:{i}: {line.strip()}"
+                 for p in root.rglob("*.py") if "arch" not in p.relative_to(root).parts[:1]
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if banned.search(line)]
+    assert not offenders, "type tests of a model outside mechcopy/arch/:\n" + "\n".join(offenders)
