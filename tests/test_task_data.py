@@ -1,4 +1,5 @@
-"""The built-in task data: well formed, no duplicates, algorithmic tasks recomputed, counting generator checked."""
+"""The built-in task data: well formed, no duplicates, algorithmic tasks recomputed, counting generator checked,
+sentiment labels balanced, the balanced probe's item pool checked."""
 
 import json
 import string
@@ -9,7 +10,7 @@ import pytest
 import mechcopy
 
 DATA = Path(mechcopy.__file__).parent / "tasks" / "data"
-KINDS = {"algorithmic", "linguistic", "translation", "knowledge"}
+KINDS = {"algorithmic", "linguistic", "translation", "knowledge", "sentiment"}
 EXPECTED = {
     "next_letter": "algorithmic", "prev_letter": "algorithmic", "list_first": "algorithmic",
     "list_last": "algorithmic", "to_upper": "algorithmic", "to_lower": "algorithmic",
@@ -18,8 +19,11 @@ EXPECTED = {
     "en_fr": "translation", "fr_en": "translation", "en_es": "translation", "es_en": "translation",
     "country_capital": "knowledge", "person_language": "knowledge", "location_continent": "knowledge",
     "location_religion": "knowledge",
+    "sentiment_binary": "sentiment", "sentiment_five": "sentiment",
 }
-FILES = sorted(DATA.glob("*.json"))
+FILES = sorted(f for f in DATA.glob("*.json") if f.stem != "probe_items")  # the probe's item pool is no task
+SENTIMENT_LABELS = {"sentiment_binary": ("positive", "negative"),
+                    "sentiment_five": ("terrible", "bad", "okay", "good", "great")}
 
 
 def _load(name: str) -> dict:
@@ -132,3 +136,37 @@ def test_every_file_loads_through_the_loader():
         task = load_task(f.stem)
         assert task.kind == EXPECTED.get(f.stem, task.kind) and task.pairs == tuple(_pairs(f.stem))
     assert load_task("object_counting") == object_counting()
+
+
+def test_sentiment_labels_balanced_and_inputs_distinct():
+    inputs = {}
+    for name, labels in SENTIMENT_LABELS.items():
+        pairs = _pairs(name)
+        counts = {label: sum(y == label for _, y in pairs) for label in labels}
+        assert set(y for _, y in pairs) == set(labels), name
+        assert max(counts.values()) == min(counts.values()), counts
+        lowered = [x.lower() for x, _ in pairs]
+        assert len(set(lowered)) == len(lowered), name
+        inputs[name] = set(lowered)
+    assert len(_pairs("sentiment_binary")) == 246 and len(_pairs("sentiment_five")) == 260
+    assert not inputs["sentiment_binary"] & inputs["sentiment_five"]
+
+
+def test_probe_items_pool():
+    from mechcopy.tasks import list_tasks
+    from mechcopy.tasks.probe import load_items, vowel_count
+
+    doc = json.loads((DATA / "probe_items.json").read_text(encoding="utf-8"))
+    assert set(doc) == {"places", "people", "words"}
+    owner = {}
+    for key, items in doc.items():
+        assert len(set(items)) == len(items), key
+        for x in items:
+            assert x == x.strip() and all(ch.isascii() and (ch.isalpha() or ch == " ") for ch in x), x
+            assert owner.setdefault(x.lower(), key) == key, f"{x!r} is in {owner[x.lower()]} and {key}"
+    mixed = load_items("mixed")
+    assert len(mixed) == sum(map(len, doc.values()))
+    per_count = {c: sum(vowel_count(x) == c for x in mixed) for c in range(1, 7)}
+    assert min(per_count.values()) >= 110, per_count
+    assert vowel_count("New York") == 2 and vowel_count("Lyon") == 1 and vowel_count("AEIOUy") == 5
+    assert "probe_items" not in list_tasks()

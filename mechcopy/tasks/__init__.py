@@ -2,7 +2,8 @@
 
 A task is a list of (input, output) string pairs. Built-in tasks live in `mechcopy/tasks/data/*.json`
 (`{"name", "kind", "description", "pairs": [[x, y], ...]}`), generators in
-`mechcopy.tasks.generators.GENERATORS`, and the copy probe (vowel counting) in `mechcopy.tasks.probe`.
+`mechcopy.tasks.generators.GENERATORS`, and the copy probe (vowel counting) in `mechcopy.tasks.probe`
+(its item pool, `data/probe_items.json`, is not a task).
 A user task file has the same shape (`{"name": ..., "pairs": [[x, y], ...]}`); `validate_task_json`
 checks it and names the entry and field of every problem.
 """
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path(__file__).parent / "data"
-KINDS = ("algorithmic", "linguistic", "translation", "knowledge", "counting", "probe", "user")
+KINDS = ("algorithmic", "linguistic", "translation", "knowledge", "counting", "probe", "sentiment", "user")
 PROBE_NAME = "copy_probe"
+#: The balanced probe's item pool (`mechcopy.tasks.probe.load_items`): data, but not a task.
+PROBE_ITEMS = "probe_items"
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def _generators() -> dict:
 
 def list_tasks() -> list[str]:
     """Built-in task names: the JSON data files, the generators, and the copy probe."""
-    names = sorted(p.stem for p in DATA_DIR.glob("*.json"))
+    names = sorted(p.stem for p in DATA_DIR.glob("*.json") if p.stem != PROBE_ITEMS)
     names += sorted(g for g in _generators() if g not in names)
     return names + [PROBE_NAME]
 
@@ -104,7 +107,7 @@ def load_task(name_or_path: str) -> Task:
     if name_or_path in generators:
         return generators[name_or_path]()
     builtin = DATA_DIR / f"{name_or_path}.json"
-    path = builtin if builtin.exists() else Path(name_or_path).expanduser()
+    path = builtin if builtin.exists() and name_or_path != PROBE_ITEMS else Path(name_or_path).expanduser()
     if not path.is_file():
         raise KeyError(f"unknown task {name_or_path!r}: not a built-in task ({', '.join(list_tasks())}) "
                        "and not a JSON file")

@@ -1,14 +1,28 @@
 """The copy probe: count the vowels of a common word ("lemon -> 2"), with k demonstrations whose
 labels never include the query's gold label, so every prediction equal to a demo label is a copy
 error by construction. Attribution and dev splits are disjoint by query word.
+
+Two versions. The *classic* probe (`probe_task`, `probe_prompts`, `probe_splits`) takes the words
+below and their natural label distribution (2 vowels: about half the words). The *balanced* probe
+(`ProbeConfig`, `build_probe`) draws items from `data/probe_items.json` (words, places, people) so
+that every gold count is equally frequent, and gives each prompt k distinct demo labels out of the
+non-gold counts, so a wrong in-range answer that no demo carries exists: `outcomes` tells a copy
+from "any wrong digit".
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import random
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
-from mechcopy.tasks import PROBE_NAME, Task
-from mechcopy.tasks.prompts import ICLPrompt, PromptSet, build_prompts
+import numpy as np
+
+from mechcopy.tasks import DATA_DIR, PROBE_ITEMS, PROBE_NAME, Task
+from mechcopy.tasks.prompts import TEMPLATE, ICLPrompt, PromptSet, build_prompts, make_prompt
 
 VOWELS = "aeiou"
 
@@ -73,3 +87,215 @@ def probe_splits(tokenizer, n_attr: int = 100, n_dev: int = 50, k: int = 4,
         raise ValueError(f"the probe has {len(prompts)} usable query words for this tokenizer; "
                          f"n_attr + n_dev = {n_attr + n_dev} is too many")
     return prompts[:n_attr], prompts[n_attr:n_attr + n_dev]
+
+
+# ---------------------------------------------------------------- the balanced probe
+
+#: prompt formats: (template, separator). `comma` is the paper's one line ("New York -> 2, Lyon -> 1, Florida ->").
+FORMATS = {"newline": (TEMPLATE, "\n"), "comma": (TEMPLATE, ", ")}
+ITEM_SETS = ("words", "places", "people", "mixed")
+SPLITS = ("attribution", "dev", "test")
+OUTCOMES = ("correct", "copy", "in_range", "other")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """A variant of the vowel-counting probe.
+
+    `counts` are the gold labels used (single digits); `items` the pool (`mixed`: all three lists);
+    `template` a key of `FORMATS`; `k` demos per prompt. `balanced`: gold counts exactly uniform and
+    k distinct demo labels per prompt, each k-subset of the non-gold counts equally often; otherwise
+    the items' natural gold distribution and k demos drawn from all non-gold items (labels may repeat).
+    """
+
+    counts: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    items: str = "mixed"
+    template: str = "newline"
+    k: int = 4
+    balanced: bool = True
+
+    def __post_init__(self):
+        counts = tuple(int(c) for c in self.counts)
+        object.__setattr__(self, "counts", counts)
+        if len(set(counts)) != len(counts) or len(counts) < 2 or not all(0 <= c <= 9 for c in counts):
+            raise ValueError(f"counts must be at least two distinct single digits (0..9), got {self.counts}")
+        if self.items not in ITEM_SETS:
+            raise ValueError(f"unknown item set {self.items!r}; choose one of {', '.join(ITEM_SETS)}")
+        if self.template not in FORMATS:
+            raise ValueError(f"unknown probe format {self.template!r}; choose one of {', '.join(FORMATS)}")
+        if self.k < 1:
+            raise ValueError(f"the probe needs k >= 1 demos, got {self.k}")
+        if self.balanced and self.k > len(counts) - 1:
+            raise ValueError(f"a balanced probe gives each prompt k distinct non-gold labels: k = {self.k} needs "
+                             f"at least {self.k + 1} counts, got {len(counts)}")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(str(c) for c in self.counts)
+
+    @property
+    def name(self) -> str:
+        """The task name its prompts carry, e.g. `copy_probe:balanced:mixed:newline`."""
+        return ":".join([PROBE_NAME, "balanced" if self.balanced else "natural", self.items, self.template])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "items": self.items, "template": self.template, "k": self.k,
+                "balanced": self.balanced, "name": self.name}
+
+
+def load_items(which: str = "mixed") -> tuple[str, ...]:
+    """The balanced probe's item pool: `words`, `places`, `people`, or all three (`mixed`)."""
+    if which not in ITEM_SETS:
+        raise ValueError(f"unknown item set {which!r}; choose one of {', '.join(ITEM_SETS)}")
+    data = json.loads((DATA_DIR / f"{PROBE_ITEMS}.json").read_text(encoding="utf-8"))
+    keys = ("words", "places", "people") if which == "mixed" else (which,)
+    return tuple(dict.fromkeys(x for key in keys for x in data[key]))
+
+
+@dataclass(frozen=True)
+class ProbeSplits:
+    """Attribution, dev and test prompts of one probe variant, disjoint by query item, and every
+    (item, reason) that was dropped because its prompt could not be made token-exact."""
+
+    config: ProbeConfig
+    attribution: tuple[ICLPrompt, ...]
+    dev: tuple[ICLPrompt, ...]
+    test: tuple[ICLPrompt, ...]
+    dropped: tuple[tuple[str, str], ...]
+    seed: int
+
+    def gold_counts(self, split: str) -> dict[str, int]:
+        """Prompts per gold label in `split` (every label of the config, zeros included)."""
+        counts = Counter(p.answer for p in getattr(self, split))
+        return {label: counts[label] for label in self.config.labels}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config.to_json(), "seed": self.seed,
+                "sizes": {s: len(getattr(self, s)) for s in SPLITS},
+                "gold_counts": {s: self.gold_counts(s) for s in SPLITS},
+                "dropped": [list(d) for d in self.dropped],
+                "prompts": {s: [p.to_json() for p in getattr(self, s)] for s in SPLITS}}
+
+
+def _quotas(n: int, labels: Sequence[int], rng: random.Random) -> dict[int, int]:
+    """n split over labels as evenly as possible; the remainder goes to a random subset of labels."""
+    base, extra = divmod(n, len(labels))
+    lucky = set(rng.sample(list(labels), extra))
+    return {c: base + (c in lucky) for c in labels}
+
+
+def _demo_label_cycle(others: Sequence[int], k: int, rng: random.Random):
+    """k-subsets of `others`, each equally often: passes over all subsets, each pass in a new order."""
+    subsets = list(itertools.combinations(others, k))
+    while True:
+        rng.shuffle(subsets)
+        yield from subsets
+
+
+def build_probe(tokenizer, config: ProbeConfig = ProbeConfig(), n_attr: int = 100, n_dev: int = 50,
+                n_test: int = 50, seed: int = 0) -> ProbeSplits:
+    """Attribution, dev and test prompts of the probe variant `config`, seeded.
+
+    Query items are disjoint across splits; demos may use any item but the query (their counts
+    differ from the gold count, so the query item is never a demo). Every answer and demo label is one
+    exact token after the prompt; an item whose prompt cannot be made so is dropped and reported, and
+    another item of the same count takes its place, so a balanced split stays exactly balanced
+    (per gold count: n // len(counts), the remainder spread over random counts).
+    """
+    c = config
+    template, sep = FORMATS[c.template]
+    rng = random.Random(seed)
+    dropped: list[tuple[str, str]] = []
+    by_count: dict[int, list[str]] = {n: [] for n in c.counts}
+    for item in load_items(c.items):
+        n = vowel_count(item)
+        if n not in by_count:
+            continue
+        try:
+            make_prompt([], (item, str(n)), tokenizer, template, sep)
+        except ValueError as e:
+            dropped.append((item, str(e)))
+        else:
+            by_count[n].append(item)
+    empty = [n for n, items in by_count.items() if not items]
+    if empty:
+        raise ValueError(f"no usable {c.items!r} item has {empty} vowels; choose counts the pool covers")
+    queues = {n: rng.sample(items, len(items)) for n, items in by_count.items()}
+    natural = rng.sample([x for items in by_count.values() for x in items], sum(map(len, by_count.values())))
+
+    def prompt_for(query: str, gold: int, cycles: dict) -> ICLPrompt:
+        if c.balanced:
+            cycle = cycles.setdefault(gold, _demo_label_cycle([n for n in c.counts if n != gold], c.k, rng))
+            labels = list(next(cycle))
+            rng.shuffle(labels)
+            demos = [(rng.choice(by_count[d]), str(d)) for d in labels]
+        else:
+            pool = [x for n, items in by_count.items() if n != gold for x in items]
+            demos = [(x, str(vowel_count(x))) for x in rng.sample(pool, c.k)]
+        p = make_prompt(demos, (query, str(gold)), tokenizer, template, sep, c.name)
+        if len(p.answer_ids) != 1 or any(len(ids) != 1 for ids in p.demo_label_ids):
+            raise ValueError(f"answer or a demo label is more than one token ({p.answer_ids}, {p.demo_label_ids})")
+        return replace(p, label_space=c.labels)
+
+    splits = []
+    for split, size in zip(SPLITS, (n_attr, n_dev, n_test)):
+        if size < 0:
+            raise ValueError(f"split sizes must be >= 0, got {split} = {size}")
+        cycles: dict = {}
+        wanted = _quotas(size, c.counts, rng) if c.balanced else {None: size}
+        prompts = []
+        for gold, quota in wanted.items():
+            queue = queues[gold] if c.balanced else natural
+            built = 0
+            while built < quota:
+                if not queue:
+                    have = {n: len(v) for n, v in by_count.items()}
+                    raise ValueError(
+                        f"the {c.items!r} items run out{'' if gold is None else f' for gold count {gold}'}: "
+                        f"n_attr + n_dev + n_test = {n_attr + n_dev + n_test} prompts need more query items than "
+                        f"the pool has (usable items per count: {have}); ask for fewer prompts or use items='mixed'")
+                query = queue.pop()
+                try:
+                    prompts.append(prompt_for(query, vowel_count(query), cycles))
+                except ValueError as e:
+                    dropped.append((query, str(e)))
+                else:
+                    built += 1
+        rng.shuffle(prompts)
+        splits.append(tuple(prompts))
+    return ProbeSplits(c, *splits, dropped=tuple(dropped), seed=seed)
+
+
+def outcomes(prompts: Sequence[ICLPrompt], predictions: Sequence[str]) -> np.ndarray:
+    """Each prediction as one of `OUTCOMES`: correct; copy (a wrong demo label, `evaluation.copy_error`);
+    in_range (wrong, in the prompt's `label_space`, no demo's label); other (not a label at all)."""
+    from mechcopy.evaluation import copy_error
+
+    if len(prompts) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions for {len(prompts)} prompts; they must pair up one to one")
+    out = []
+    for p, pred in zip(prompts, predictions):
+        if not p.label_space:
+            raise ValueError(f"prompt {p.text!r} has no label_space: build it with build_probe")
+        pred = pred.strip()
+        if pred == p.answer.strip():
+            out.append("correct")
+        elif copy_error(pred, p.answer, p.demo_labels):
+            out.append("copy")
+        elif pred in {label.strip() for label in p.label_space}:
+            out.append("in_range")
+        else:
+            out.append("other")
+    return np.array(out)
+
+
+def outcome_rates(prompts: Sequence[ICLPrompt], predictions: Sequence[str]) -> dict[str, float]:
+    """Share of each outcome, and copy / in_range per available label: a model that errs on a uniform
+    wrong in-range label has equal per-label rates; copying shows as copy_per_label >> in_range_per_label."""
+    codes = outcomes(prompts, predictions)
+    rates = {o: float((codes == o).mean()) for o in OUTCOMES}
+    n_demo = np.mean([len(set(p.demo_labels) - {p.answer}) for p in prompts])
+    n_absent = np.mean([len(set(p.label_space) - set(p.demo_labels) - {p.answer}) for p in prompts])
+    rates["copy_per_label"] = rates["copy"] / n_demo
+    rates["in_range_per_label"] = rates["in_range"] / n_absent if n_absent else float("nan")
+    return rates

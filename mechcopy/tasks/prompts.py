@@ -31,11 +31,15 @@ class ICLPrompt:
     demos: tuple[tuple[str, str], ...]
     demo_labels: tuple[str, ...]
     demo_label_ids: tuple[tuple[int, ...], ...]
+    #: every label the task can give (the probe's counts), when known: tells a wrong in-range answer
+    #: that no demo carries from a copy (`mechcopy.tasks.probe.outcomes`)
+    label_space: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"task": self.task, "text": self.text, "query": self.query, "answer": self.answer,
                 "answer_ids": list(self.answer_ids), "demos": [list(d) for d in self.demos],
-                "demo_labels": list(self.demo_labels), "demo_label_ids": [list(i) for i in self.demo_label_ids]}
+                "demo_labels": list(self.demo_labels), "demo_label_ids": [list(i) for i in self.demo_label_ids],
+                "label_space": list(self.label_space)}
 
 
 @dataclass(frozen=True)
@@ -135,13 +139,14 @@ def make_prompt(demos: Sequence[tuple[str, str]], query_pair: tuple[str, str], t
 
 
 def build_prompts(task, tokenizer, k: int = 4, n: int = 100, seed: int = 0,
-                  template: str = TEMPLATE, sep: str = SEPARATOR) -> PromptSet:
+                  template: str = TEMPLATE, sep: str = SEPARATOR, gold_in_demos: bool = True) -> PromptSet:
     """Up to `n` k-shot prompts for `task`, seeded; each query is a distinct pair.
 
-    Demos never contain the query, nor any pair with the same input. For the copy probe
-    (`task.kind == "probe"`) no demo has the query's label either, so every prediction equal to a
-    demo label is a copy error. Pairs whose answer does not tokenize exactly are dropped (with the
-    reason) and never used, as query or demo. `n` is capped by the number of usable pairs.
+    Demos never contain the query, nor any pair with the same input. With `gold_in_demos=False`
+    no demo has the query's label either, so every prediction equal to a demo label is a copy
+    error; the copy probe (`task.kind == "probe"`) is always built that way. Pairs whose answer does
+    not tokenize exactly are dropped (with the reason) and never used, as query or demo. `n` is
+    capped by the number of usable pairs.
     """
     if k < 0 or n < 0:
         raise ValueError(f"k and n must be >= 0, got k={k}, n={n}")
@@ -158,12 +163,12 @@ def build_prompts(task, tokenizer, k: int = 4, n: int = 100, seed: int = 0,
     if len(usable) < k + 1:
         raise ValueError(f"task {task.name!r} has {len(usable)} usable pairs ({len(dropped)} dropped); "
                          f"{k} shots need at least {k + 1}. Add pairs or use fewer shots.")
-    probe = task.kind == "probe"
+    no_gold = task.kind == "probe" or not gold_in_demos
     prompts: list[ICLPrompt] = []
     for query in rng.sample(usable, len(usable)):
         if len(prompts) >= n:
             break
-        pool = [p for p in usable if p[0] != query[0] and not (probe and p[1] == query[1])]
+        pool = [p for p in usable if p[0] != query[0] and not (no_gold and p[1] == query[1])]
         if len(pool) < k:
             dropped.append((query, f"only {len(pool)} pairs can be demonstrations for it; {k} needed"))
             continue
