@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -45,7 +45,9 @@ from mechcopy.sites import neuron_site
 TARGETS = ("contrast", "gold_logprob", "copy_prob")
 METHODS = ("fast", "reference")
 RULES = ("gauss-legendre", "midpoint")
-NORMALISATIONS = ("minmax", "none", "zscore")
+NORMALISATIONS = ("minmax", "none", "zscore", "minmax-neuron")
+#: the default bound of the IG completeness gate (`converged_layers`)
+MAX_COMPLETENESS_ERROR = 0.05
 
 
 # ---------------------------------------------------------------- targets
@@ -327,12 +329,18 @@ def grad_x_act(model: HookedModel, prompts: Sequence, target: str = "contrast", 
 
 
 def normalise(values: Float[Tensor, "prompts layers neurons"], how: str = "minmax") -> Tensor:
-    """Per-prompt normalisation over all neurons of all layers."""
+    """Per-prompt normalisation over all neurons of all layers (`minmax`, `zscore`), or per neuron across
+    the prompts (`minmax-neuron`: each neuron's min and max over the dataset, the paper's Eq. 7 as its
+    reviewers read it; its scores depend on which prompts are in the set, and are blind to a neuron's
+    level and size: a neuron scores high when most prompts sit near its own maximum)."""
     flat = values.reshape(values.shape[0], -1)
     if how == "none":
         out = flat
     elif how == "minmax":
         lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+        out = (flat - lo) / (hi - lo).clamp_min(1e-12)
+    elif how == "minmax-neuron":
+        lo, hi = flat.min(0, keepdim=True).values, flat.max(0, keepdim=True).values
         out = (flat - lo) / (hi - lo).clamp_min(1e-12)
     elif how == "zscore":
         out = (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-12)
@@ -341,16 +349,40 @@ def normalise(values: Float[Tensor, "prompts layers neurons"], how: str = "minma
     return out.reshape(values.shape)
 
 
+def converged_layers(attributions: Attributions, max_error: float = MAX_COMPLETENESS_ERROR) -> tuple[int, ...]:
+    """The layers whose IG converged: median over prompts of `completeness_error()` below `max_error`.
+
+    Only these may be selected: where sum IG misses T(a) - T(0) (layer 0 of SmolLM2 at m <= 64), the
+    ranking is not the one IG claims.
+    """
+    median = attributions.completeness_error().median(0).values
+    layers = attributions.layers or tuple(range(median.shape[0]))
+    return tuple(l for l, err in zip(layers, median.tolist()) if err < max_error)
+
+
 @dataclass(frozen=True)
 class CopyScores:
-    """Mean normalised attribution per neuron over the attribution prompts (high = pushes to copy)."""
+    """Mean normalised attribution per neuron over the attribution prompts (high = pushes to copy).
+
+    `allowed_layers` (None: all) are the layers a selection may take neurons from: every selection
+    in `mechcopy.pruning` respects it (`eligible`).
+    """
 
     scores: Float[Tensor, "layers neurons"]
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    allowed_layers: tuple[int, ...] | None = None
 
     @property
     def model(self) -> dict[str, Any]:
         return self.meta.get("model", {})
+
+    def eligible(self) -> Bool[Tensor, "layers neurons"]:
+        """True where a neuron may be selected (its layer is allowed)."""
+        mask = torch.ones_like(self.scores, dtype=torch.bool)
+        if self.allowed_layers is not None:
+            mask[:] = False
+            mask[list(self.allowed_layers)] = True
+        return mask
 
     def check(self, model: HookedModel) -> None:
         """Raise unless these scores were computed on a model with `model`'s identity and sizes."""
@@ -371,9 +403,10 @@ class CopyScores:
         from safetensors.torch import save
 
         path = Path(path)
+        meta = {**self.meta, "allowed_layers": None if self.allowed_layers is None else list(self.allowed_layers)}
         write_atomic(path, save({"scores": self.scores.contiguous().float()},
-                                metadata={"mechcopy": json.dumps(self.meta, default=str)}))
-        write_json_atomic(path.with_suffix(".json"), self.meta)
+                                metadata={"mechcopy": json.dumps(meta, default=str)}))
+        write_json_atomic(path.with_suffix(".json"), meta)
         return path
 
     @classmethod
@@ -388,24 +421,42 @@ class CopyScores:
                 raise ValueError(f"{path} holds no 'scores' tensor: not a copy-score file")
             scores = f.get_tensor("scores")
             meta = json.loads((f.metadata() or {}).get("mechcopy", "{}"))
-        return cls(scores, meta)
+        allowed = meta.get("allowed_layers")
+        return cls(scores, meta, None if allowed is None else tuple(allowed))
 
 
 def copy_scores(model: HookedModel, attributions: Attributions | Tensor, normalisation: str = "minmax",
-                prompts: Sequence | None = None, seed: int = 0, **meta) -> CopyScores:
-    """Normalise each prompt's attributions, then average over prompts."""
+                prompts: Sequence | None = None, seed: int = 0, max_completeness_error: float | None = None,
+                **meta) -> CopyScores:
+    """Normalise each prompt's attributions, then average over prompts.
+
+    With `max_completeness_error` (e.g. `MAX_COMPLETENESS_ERROR`), only the layers whose IG converged
+    (`converged_layers`) may be selected; None allows every layer.
+    """
     values = attributions.values if isinstance(attributions, Attributions) else attributions
     scores = normalise(values, normalisation).mean(0)
+    allowed = None
+    if max_completeness_error is not None:
+        if not isinstance(attributions, Attributions):
+            raise ValueError("the completeness gate needs Attributions (their completeness pieces), not a tensor")
+        allowed = converged_layers(attributions, max_completeness_error)
+        if not allowed:
+            worst = attributions.completeness_error().median(0).values
+            raise ValueError(f"no layer's IG meets completeness (median errors {worst.min():.3g}..{worst.max():.3g} "
+                             f">= {max_completeness_error}); use more steps or a larger bound")
     info: dict[str, Any] = {"model": model_fingerprint(model), "normalisation": normalisation, "seed": seed,
                             "n_prompts": int(values.shape[0])}
     if isinstance(attributions, Attributions):
         info.update(target=attributions.target, steps=attributions.steps, method=attributions.method,
                     attribution=attributions.attribution, rule=attributions.rule,
-                    completeness_error_median=float(attributions.completeness_error().median()))
+                    completeness_error_median=float(attributions.completeness_error().median()),
+                    completeness_error_by_layer=attributions.completeness_error().median(0).values.tolist())
     if prompts is not None:
         info["prompts"] = [{"text": p.text, "answer": p.answer} for p in prompts]
+    if max_completeness_error is not None:
+        info.update(max_completeness_error=max_completeness_error, allowed_layers=list(allowed))
     info.update(meta)
-    return CopyScores(scores, info)
+    return CopyScores(scores, info, allowed)
 
 
 def rank_correlation(a: Tensor, b: Tensor) -> float:

@@ -44,6 +44,8 @@ class FindConfig:
     ppl_tokens: int = 4096
     seed: int = 0
     checkpoint_every: int = 10
+    max_completeness_error: float | None = None  # IG gate: select only in layers whose median error is below it
+    consistency_random: int = 0     # > 0: refuse (k = 0) a choice that fails audit.self_consistency
 
     def __post_init__(self):
         for name, allowed in (("attribution", ATTRIBUTIONS), ("target", TARGETS), ("rule", RULES),
@@ -98,6 +100,23 @@ def attribute_with_checkpoints(model: HookedModel, prompts: Sequence, checkpoint
     return Attributions.cat(parts)
 
 
+def _guard(model: HookedModel, prompts: Sequence, scores, chosen: NeuronSet, k: int,
+           c: FindConfig) -> tuple[NeuronSet, dict[str, Any]]:
+    """The self-consistency check of the chosen k on the attribution prompts: the set, or the empty set
+    (k = 0) with the reason when chosen - random does not move the target away from copying."""
+    from mechcopy.audit import self_consistency
+
+    check = self_consistency(model, prompts, scores, [k], c.mode, c.target, c.consistency_random, c.seed)
+    out = {"self_consistency": check.to_json()}
+    if check.passed:
+        return chosen, out
+    row = check.rows[0].chosen_vs_random
+    out["refused"] = (f"the top-{k} set fails the self-consistency check on the attribution prompts: "
+                      f"{c.target} chosen - random = {row['diff']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]; "
+                      "k = 0 (nothing pruned)")
+    return NeuronSet((), chosen.model, {**chosen.meta, "k": 0, "n": 0}), out
+
+
 def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = FindConfig(),
                       progress: bool = True) -> NeuronSet:
     """The whole pipeline; writes the neuron file `out`, the scores and the attributions; returns the set."""
@@ -119,7 +138,8 @@ def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = 
                                      c, progress)
     times["attribution_s"] = round(time.perf_counter() - t0, 1)
 
-    scores = copy_scores(model, att, c.normalisation, prompts=attr_prompts, seed=c.seed, shots=c.shots)
+    scores = copy_scores(model, att, c.normalisation, prompts=attr_prompts, seed=c.seed,
+                         max_completeness_error=c.max_completeness_error, shots=c.shots)
     scores_path = scores.save(side_file(out, ".scores.safetensors"))
 
     t1 = time.perf_counter()
@@ -135,7 +155,10 @@ def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = 
             f"{c.max_ppl_increase:.0%} (smallest increase {min(r['ppl_increase'] for r in sweep.rows):.1%}); "
             "pass smaller --ks or a larger --max-ppl-increase")
     chosen = select(scores, c.mode, k=sweep.chosen_k)
-    meta = {**chosen.meta, "attribution": c.attribution, "target": c.target, "steps": identity["steps"],
+    guard = {}
+    if c.consistency_random > 0 and sweep.chosen_k:
+        chosen, guard = _guard(model, attr_prompts, scores, chosen, sweep.chosen_k, c)
+    meta = {**guard, **chosen.meta, "attribution": c.attribution, "target": c.target, "steps": identity["steps"],
             "method": att.method, "rule": att.rule, "normalisation": c.normalisation, "n_attr": c.n,
             "n_dev": c.n_dev, "shots": c.shots, "seed": c.seed, "scores_path": str(scores_path.resolve()),
             "completeness_error_median": float(att.completeness_error().median()),

@@ -4,11 +4,13 @@ Pruning sets the selected neurons to zero at every position. Two equivalent form
 (`pruning_hooks`, `pruned`: temporary, composable) and a permanent weight edit (`prune_weights`: zero
 the matching rows of `W_out`, or Mamba's `out_proj` input columns); tests check they give identical
 logits. Baselines: random neurons matched per layer (`random_matched`, several seeds) and the
-bottom-score set (`bottom_set`).
+bottom-score set (`bottom_set`). Every selection takes neurons only from the layers the scores allow
+(`CopyScores.allowed_layers`, the IG completeness gate); random sets match the selection's layers.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -91,21 +93,29 @@ def conditions(model: HookedModel, neurons: NeuronSet, n_random: int = 5, seed: 
 # ---------------------------------------------------------------- selection
 
 
+def _eligible_scores(scores: CopyScores, fill: float) -> torch.Tensor:
+    """The scores with every neuron of a layer the scores do not allow set to `fill`."""
+    return scores.scores.masked_fill(~scores.eligible(), fill)
+
+
 def select(scores: CopyScores, mode: str = "global", k: int | None = None,
            threshold: float | None = None) -> NeuronSet:
-    """Top neurons by copy score: global top-k, top-k in every layer, or score >= threshold."""
-    s = scores.scores
+    """Top neurons by copy score: global top-k, top-k in every layer, or score >= threshold
+    (only in the layers the scores allow)."""
+    s = _eligible_scores(scores, float("-inf"))
     n_layers, width = s.shape
+    allowed = sorted(range(n_layers) if scores.allowed_layers is None else scores.allowed_layers)
+    n_eligible = len(allowed) * width
     if mode == "global":
-        if k is None or not 0 < k <= s.numel():
-            raise ValueError(f"global top-k needs 0 < k <= {s.numel()}, got {k}")
+        if k is None or not 0 < k <= n_eligible:
+            raise ValueError(f"global top-k needs 0 < k <= {n_eligible} (neurons in allowed layers), got {k}")
         flat = torch.topk(s.flatten(), k).indices
         pairs = [(int(i) // width, int(i) % width) for i in flat]
     elif mode == "per-layer":
         if k is None or not 0 < k <= width:
             raise ValueError(f"per-layer top-k needs 0 < k <= {width}, got {k}")
         idx = torch.topk(s, k, dim=1).indices
-        pairs = [(l, int(i)) for l in range(n_layers) for i in idx[l]]
+        pairs = [(l, int(i)) for l in allowed for i in idx[l]]
     elif mode == "threshold":
         if threshold is None:
             raise ValueError("threshold selection needs a threshold")
@@ -119,13 +129,86 @@ def select(scores: CopyScores, mode: str = "global", k: int | None = None,
 
 
 def bottom_set(scores: CopyScores, k: int) -> NeuronSet:
-    """The k lowest-scoring neurons (global): the set that pushes hardest *against* copying."""
-    if not 0 < k <= scores.scores.numel():
-        raise ValueError(f"bottom-k needs 0 < k <= {scores.scores.numel()}, got {k}")
+    """The k lowest-scoring neurons (global, allowed layers): the set that pushes hardest *against* copying."""
+    n_eligible = int(scores.eligible().sum())
+    if not 0 < k <= n_eligible:
+        raise ValueError(f"bottom-k needs 0 < k <= {n_eligible} (neurons in allowed layers), got {k}")
     width = scores.scores.shape[1]
-    flat = torch.topk(-scores.scores.flatten(), k).indices
+    flat = torch.topk(-_eligible_scores(scores, float("inf")).flatten(), k).indices
     return NeuronSet(tuple((int(i) // width, int(i) % width) for i in flat), scores.model,
                      {"selection": "bottom", "k": k})
+
+
+def select_layer_percent(scores: CopyScores, layer: int, percent: float) -> NeuronSet:
+    """The top `percent`% of one layer's neurons by copy score (ceil, at least one): the neurons of
+    that layer above its (100 - percent)th score percentile. The layer must be allowed."""
+    n_layers, width = scores.scores.shape
+    if not 0 <= layer < n_layers:
+        raise IndexError(f"layer {layer} out of range: the scores have {n_layers} layers")
+    if not 0 < percent <= 100:
+        raise ValueError(f"percent must lie in (0, 100], got {percent}")
+    if not bool(scores.eligible()[layer, 0]):
+        raise ValueError(f"layer {layer} is not allowed by the scores (allowed: {scores.allowed_layers})")
+    n = max(1, math.ceil(width * percent / 100 - 1e-9))
+    idx = torch.topk(scores.scores[layer], n).indices
+    return NeuronSet(tuple((layer, int(i)) for i in idx), scores.model,
+                     {"selection": "layer-percent", "layer": layer, "percent": percent, "n": n})
+
+
+@dataclass(frozen=True)
+class LayerPercentSweep:
+    """Dev accuracy of every (layer, percent) single-layer selection; the chosen one maximises dev
+    accuracy (ties: fewer neurons, then the lower layer) among rows within the perplexity bound."""
+
+    rows: tuple[dict[str, Any], ...]
+    baseline: dict[str, Any]
+    chosen_layer: int | None
+    chosen_percent: float | None
+    max_ppl_increase: float | None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rows": list(self.rows), "baseline": self.baseline, "chosen_layer": self.chosen_layer,
+                "chosen_percent": self.chosen_percent, "max_ppl_increase": self.max_ppl_increase, **self.meta}
+
+
+def sweep_layer_percent(model: HookedModel, scores: CopyScores, dev_prompts: Sequence,
+                        percents: Sequence[float] = (1, 2, 5, 10), layers: Sequence[int] | None = None,
+                        max_ppl_increase: float | None = None, text: str | None = None, n_tokens: int = 4096,
+                        seed: int = 0, progress: bool = False) -> LayerPercentSweep:
+    """Single-layer x percentage selection on the probe's dev split: `select_layer_percent` for every
+    allowed layer (or `layers`) and percent, scored by dev accuracy, optionally bounded by the relative
+    perplexity increase on held-out text (`max_ppl_increase`; None skips perplexity)."""
+    from mechcopy.evaluation import evaluate, perplexity
+
+    if not dev_prompts:
+        raise ValueError("the layer-percent sweep needs dev prompts (the probe's dev split)")
+    scores.check(model)
+    allowed = range(scores.scores.shape[0]) if scores.allowed_layers is None else scores.allowed_layers
+    layers = sorted(allowed if layers is None else layers)
+
+    def measure(hooks, name: str) -> dict[str, Any]:
+        res = evaluate(model, dev_prompts, fwd_hooks=hooks, condition=name, seed=seed, n_boot=200)
+        row = {"dev_accuracy": res.accuracy, "dev_copy_rate": res.copy_rate}
+        if max_ppl_increase is not None:
+            row["ppl"] = perplexity(model, text, fwd_hooks=hooks, n_tokens=n_tokens)
+        return row
+
+    baseline = {"n_neurons": 0, **measure([], "unpruned")}
+    rows = []
+    grid = [(l, pc) for l in layers for pc in percents]
+    for layer, percent in tqdm(grid, desc="layer x percent", disable=not progress):
+        ns = select_layer_percent(scores, layer, percent)
+        row = {"layer": layer, "percent": percent, "n_neurons": len(ns),
+               **measure(pruning_hooks(model, ns), f"layer={layer},p={percent}")}
+        if max_ppl_increase is not None:
+            row["ppl_increase"] = row["ppl"] / baseline["ppl"] - 1.0
+        rows.append({**row, "feasible": max_ppl_increase is None or row["ppl_increase"] <= max_ppl_increase})
+    feasible = [r for r in rows if r["feasible"]]
+    best = max(feasible, key=lambda r: (r["dev_accuracy"], -r["n_neurons"], -r["layer"]), default=None)
+    return LayerPercentSweep(tuple(rows), baseline, None if best is None else best["layer"],
+                             None if best is None else best["percent"], max_ppl_increase,
+                             {"n_dev": len(dev_prompts), "seed": seed, "model": model_fingerprint(model)})
 
 
 # ---------------------------------------------------------------- the k sweep on the dev split

@@ -4,7 +4,8 @@ Every condition of a task runs on the same prompts, so comparisons are paired: i
 bootstraps that resample prompt indices (the same indices for both sides), p-values from exact
 McNemar tests on the discordant prompts or from sign-flip permutation tests on per-prompt
 differences. A family of random neuron sets is a second source of variance: its intervals resample
-the sets too. Pooled comparisons weigh every task the same and resample within tasks.
+the sets too. Pooled comparisons weigh every task the same and resample within tasks. Continuous
+per-prompt values (a logit difference) go through `paired_means`.
 """
 
 from __future__ import annotations
@@ -284,6 +285,38 @@ def versus_sets(x: np.ndarray, Y: np.ndarray, task: str, condition: str, baselin
     return Comparison(task=task, condition=condition, baseline=baseline, metric=metric,
                       diff=float(sign * d.mean()), ci=(lo, hi), p_value=_sign_flip_p(d / n, seed),
                       mde=mde(float(reps.std(ddof=1)), n), n=n, test="sign-flip", extra={"n_sets": s})
+
+
+def paired_means(x: np.ndarray, Y: np.ndarray, task: str, condition: str, baseline: str, metric: str,
+                 n_boot: int = 2000, seed: int = 0) -> Comparison:
+    """Continuous per-prompt values (e.g. a logit difference) x [n] against one baseline Y [n] or a
+    family of random sets Y [s, n], on the same prompts.
+
+    diff = mean(x) - mean(Y). The 95% interval is `versus_sets`' bootstrap (prompts resampled with the
+    same indices on both sides, and the sets too for a family), the p-value its sign-flip test on
+    d_i = x_i - mean_s Y_si: both hold for any real values, so on 0-1 outcomes the diff, interval and
+    p-value equal `versus_sets`' (and the interval `paired`'s for a single baseline). Only the mde
+    differs: no 0-1 floor.
+    """
+    x, Y = np.asarray(x, dtype=float), np.asarray(Y, dtype=float)
+    for name, a, dims in (("x", x, (1,)), ("Y", Y, (1, 2))):
+        if a.ndim not in dims:
+            raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimension(s), got shape {a.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} holds non-finite values")
+    family = Y.ndim == 2
+    Y = np.atleast_2d(Y)
+    if Y.shape[0] == 0:
+        raise ValueError("paired_means needs at least one set (Y has 0 rows)")
+    n = _check_pair(x, Y, "x", "Y")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    reps = _replicates(x, Y, idx, _set_weights(rng, Y.shape[0], n_boot))
+    d = x - Y.mean(axis=0)
+    c = float(_st.norm.ppf(0.975) + _st.norm.ppf(0.8))
+    return Comparison(task=task, condition=condition, baseline=baseline, metric=metric, diff=float(d.mean()),
+                      ci=_interval(reps, 0.05), p_value=_sign_flip_p(d / n, seed), mde=c * float(reps.std(ddof=1)),
+                      n=n, test="sign-flip", extra={"n_sets": Y.shape[0]} if family else {})
 
 
 def pooled(per_task: Mapping[str, tuple[np.ndarray, np.ndarray]], condition: str, baseline: str, metric: str,

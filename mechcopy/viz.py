@@ -458,3 +458,45 @@ def neuron_activations_view(model: HookedModel, text: str, neurons, max_neurons:
 def to_json_props(view: CircuitsvisHTML) -> dict:
     """The view's properties as a Python dict (for tests and for saving the data beside a figure)."""
     return json.loads(view.props.replace("<\\/", "</"))
+
+
+def plot_neuron_cards(cards, n_tokens: int = 6, title: str | None = None) -> Figure:
+    """Neuron cards (`mechcopy.cards.NeuronCard`, one or several), one row each, three panels:
+    the tokens its direction promotes / suppresses (direct logit effect), its mean last-position
+    activation by gold label and by copied label, and the predicted labels' counts unpruned vs with
+    the neuron alone pruned."""
+    cards = [cards] if not isinstance(cards, (list, tuple)) else list(cards)
+    if not cards:
+        raise ValueError("plot_neuron_cards: no cards to draw")
+    fig = Figure(figsize=(13.0, 2.9 * len(cards) + 0.4), layout="constrained")
+    axes = fig.subplots(len(cards), 3, squeeze=False)
+    for card, (ax_w, ax_a, ax_p) in zip(cards, axes):
+        name = f"L{card.layer} N{card.index}" + (f" (score {card.score:.3g})" if card.score is not None else "")
+        tokens = list(card.promoted[:n_tokens]) + list(card.suppressed[:n_tokens])[::-1]
+        y = np.arange(len(tokens))[::-1]
+        ax_w.barh(y, [v for _, v in tokens], color=["#55A868" if v > 0 else "#C44E52" for _, v in tokens])
+        ax_w.set_yticks(y, [_label(repr(t)[1:-1]) for t, _ in tokens], fontsize=7)
+        ax_w.axvline(0, color="k", lw=0.6)
+        ax_w.set_title(f"{name}: writes (direct logit effect)", fontsize=9)
+        by_gold, by_copy = card.activation_by_gold(), card.activation_by_copied()
+        labels = sorted(set(by_gold) | set(by_copy), key=lambda s: (s == "no copy", s))
+        x = np.arange(len(labels))
+        ax_a.bar(x - 0.2, [by_gold.get(l, np.nan) for l in labels], 0.4, label="by gold label",
+                 color=CONDITION_COLORS["unpruned"])
+        ax_a.bar(x + 0.2, [by_copy.get(l, np.nan) for l in labels], 0.4, label="by copied label",
+                 color=CONDITION_COLORS["pruned"])
+        ax_a.set_xticks(x, [_label(l) for l in labels], fontsize=8)
+        ax_a.axhline(0, color="k", lw=0.6)
+        ax_a.set_title("fires: mean activation at the last position", fontsize=9)
+        ax_a.legend(fontsize=7)
+        before, after = card.label_counts(), card.label_counts(pruned=True)
+        answers = sorted(set(before) | set(after))
+        x = np.arange(len(answers))
+        ax_p.bar(x - 0.2, [before.get(a, 0) for a in answers], 0.4, label="unpruned", color=CONDITION_COLORS["unpruned"])
+        ax_p.bar(x + 0.2, [after.get(a, 0) for a in answers], 0.4, label="this neuron pruned",
+                 color=CONDITION_COLORS["pruned"])
+        ax_p.set_xticks(x, [_label(a) for a in answers], fontsize=8)
+        ax_p.set_title("predicted labels (counts)", fontsize=9)
+        ax_p.legend(fontsize=7)
+    fig.suptitle(title or "Neuron cards")
+    return fig

@@ -116,6 +116,26 @@ def test_weight_edit_equals_the_pruning_hook(case):
         NeuronSet(((layer, 0),), model_fingerprint(model)).check(edited)
 
 
+def test_neuron_direction_is_what_the_neuron_writes(case):
+    """Zeroing one neuron changes its block's output, at every position, by exactly activation x direction."""
+    model, arch, tokens = case
+    layer, idx = 1, 7
+    site, post = arch.neuron_site(model, layer), f"blocks.{layer}.hook_resid_post"
+    with torch.no_grad():
+        _, clean = model.run_with_cache(tokens, names_filter=lambda n: n in (site, post))
+        store = {}
+        model.run_with_hooks(tokens, fwd_hooks=[(site, zero_neurons([idx])),
+                                                (post, lambda a, hook: store.setdefault("post", a.clone()))])
+    direction = arch.neuron_direction(model, layer, idx)
+    assert direction.shape == (model.cfg.d_model,)
+    change = clean[post] - store["post"]
+    expect = clean[site][..., idx, None] * direction
+    assert torch.allclose(change, expect, atol=1e-5), (change - expect).abs().max()
+    for bad in ((layer, arch.neurons_per_layer(model)), (layer, -1), (model.cfg.n_layers, 0)):
+        with pytest.raises(IndexError):
+            arch.neuron_direction(model, *bad)
+
+
 def test_no_type_test_of_a_model_outside_arch():
     """`arch_of` is the only place that asks which class a model is."""
     root = Path(__file__).resolve().parent.parent / "mechcopy"

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as st
 
 from mechcopy.stats import (
-    Comparison, bootstrap_ci, compare_all, compare_task, holm, mcnemar_exact, mde, paired, pooled,
+    Comparison, bootstrap_ci, compare_all, compare_task, holm, mcnemar_exact, mde, paired, paired_means, pooled,
     rate_interval, seed_interval, versus_sets,
 )
 
@@ -446,3 +446,39 @@ def test_compare_all_is_fast():
     for metric in ("accuracy", "copy_rate"):
         compare_all(per_task, metric)
     assert time.perf_counter() - start < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# paired_means: continuous per-prompt values
+
+
+def test_paired_means_equals_the_0_1_comparisons_on_0_1_outcomes():
+    rng = np.random.default_rng(4)
+    x = rng.random(40) < 0.3
+    Y = rng.random((5, 40)) < 0.5
+    a, b = paired_means(x, Y, "t", "pruned", "random", "acc", seed=7), versus_sets(x, Y, "t", "pruned", "random", "acc", seed=7)
+    assert (a.diff, a.ci, a.p_value, a.extra) == (b.diff, b.ci, b.p_value, b.extra)
+    c, d = paired_means(x, Y[0], "t", "p", "u", "acc", seed=3), paired(x, Y[0], "t", "p", "u", "acc", seed=3)
+    assert c.diff == pytest.approx(d.diff) and c.ci == d.ci and c.extra == {}
+
+
+def test_paired_means_continuous_against_hand_computations():
+    rng = np.random.default_rng(0)
+    n = 10
+    x, y = rng.normal(0.3, 1, n), rng.normal(0, 1, n)
+    r = paired_means(x, y, "t", "chosen", "unpruned", "contrast", n_boot=4000, seed=1)
+    d = x - y
+    assert r.diff == pytest.approx(d.mean()) and r.n == n and r.test == "sign-flip"
+    # the interval: a percentile bootstrap of mean(x - y) over resampled prompts, same draws
+    idx = np.random.default_rng(1).integers(0, n, size=(4000, n))
+    assert r.ci == pytest.approx(tuple(np.quantile(d[idx].mean(1), [0.025, 0.975])))
+    # the p-value: the exact sign-flip distribution over all 2^n patterns, within Monte Carlo error
+    signs = np.array(list(itertools.product((-1, 1), repeat=n)))
+    exact = float(np.mean(np.abs(signs @ d) >= abs(d.sum()) - 1e-12))
+    assert abs(r.p_value - exact) < 0.015, (r.p_value, exact)
+    assert r.mde == pytest.approx(C_POWER * d[idx].mean(1).std(ddof=1))  # no 0-1 floor
+    with pytest.raises(ValueError, match="non-finite"):
+        paired_means(np.array([1.0, np.nan]), np.zeros(2), "t", "a", "b", "m")
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_means(np.zeros(3), np.zeros((2, 4)), "t", "a", "b", "m")
+

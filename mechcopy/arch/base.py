@@ -117,6 +117,18 @@ class Arch:
         """Zero the weights that read neurons `idx` of `layer` (a permanent pruning)."""
         raise NotImplementedError
 
+    def neuron_direction(self, model: HookedModel, layer: int, idx: int) -> Float[Tensor, "d_model"]:
+        """What neuron `idx` of `layer` writes into the residual stream per unit of activation: zeroing
+        the neuron changes the block's output by exactly activation x direction."""
+        raise NotImplementedError
+
+    def check_neuron(self, model: HookedModel, layer: int, idx: int) -> None:
+        """Raise IndexError unless (layer, idx) is a neuron of `model`."""
+        self.neuron_site(model, layer)
+        width = self.neurons_per_layer(model)
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < width:
+            raise IndexError(f"neuron index {idx!r} out of range: layer {layer} has {width} neurons (0..{width - 1})")
+
     def __repr__(self) -> str:
         return f"<arch {self.name}>"
 

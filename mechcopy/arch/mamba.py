@@ -54,3 +54,8 @@ class MambaArch(Arch):
         w = model.blocks[layer].mixer.out_proj.weight      # [d_model, d_inner]
         with torch.no_grad():
             w[:, idx.to(w.device)] = 0
+
+    def neuron_direction(self, model: HookedModel, layer: int, idx: int) -> Tensor:
+        """Column `idx` of the layer's `out_proj`."""
+        self.check_neuron(model, layer, idx)
+        return model.blocks[layer].mixer.out_proj.weight[:, idx].detach()

@@ -60,3 +60,8 @@ class TransformerArch(Arch):
         w = model.blocks[layer].mlp.W_out                  # [d_mlp, d_model]
         with torch.no_grad():
             w[idx.to(w.device)] = 0
+
+    def neuron_direction(self, model: HookedModel, layer: int, idx: int) -> Tensor:
+        """Row `idx` of the layer's `W_out`."""
+        self.check_neuron(model, layer, idx)
+        return model.blocks[layer].mlp.W_out[idx].detach()

@@ -24,6 +24,8 @@ HELPS = {
     "ppl_tokens": "tokens of held-out text",
     "seed": "seed of the probe prompts",
     "checkpoint_every": "prompts between checkpoints",
+    "max_completeness_error": "IG completeness gate: select only in layers whose median error is below it",
+    "consistency_random": "random sets of the self-consistency check that may refuse the choice (0: off)",
 }
 
 
@@ -44,6 +46,8 @@ def run(args) -> int:
         print(f"  k={r['k']}: dev accuracy {r['dev_accuracy']:.3f}, copy rate {r['dev_copy_rate']:.3f}, "
               f"ppl {r['ppl']:.2f} ({r['ppl_increase']:+.1%}){mark}")
     counts = {l: c for l, c in enumerate(neurons.meta["layer_counts"]) if c}
+    if "refused" in neurons.meta:
+        print(neurons.meta["refused"])
     print(f"{len(neurons)} neurons, by layer {counts}")
     print(f"wrote {out} (scores: {neurons.meta['scores_path']}) in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -1,0 +1,208 @@
+"""Does a selection do what its scores claim? The chosen set pruned against layer-matched random sets
+of the same size and unpruned, paired per prompt, along k.
+
+* `self_consistency`: on the attribution prompts themselves, the attribution target (`contrast` =
+  logit(copied label) - logit(gold), the copied label fixed on the clean run). IG claims the top-k
+  neurons push towards copying, so pruning them must lower the target more than random sets do: a
+  k passes when the 95% interval of chosen - random lies below 0 (above 0 for `gold_logprob`).
+  `find` can refuse a selection that fails (`FindConfig.consistency_random`).
+* `k_curve`: ICL outcomes (accuracy, copy rate, and for probe prompts the in-range non-copy rate) on
+  given prompts, the probe's dev or test split, along k: the whole curve beside the guarded choice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechcopy.arch import HookedModel, arch_of
+from mechcopy.attribution import TARGETS, CopyScores, make_target
+from mechcopy.pruning import pruning_hooks, random_matched, select
+from mechcopy.stats import paired, paired_means, versus_sets
+
+#: +1 where a lower target means less copying, -1 where a higher one does
+COPY_SIGN = {"contrast": 1, "copy_prob": 1, "gold_logprob": -1}
+
+
+def last_logits(model: HookedModel, prompts: Sequence, fwd_hooks=(), batch_size: int = 32,
+                ) -> Float[Tensor, "prompts vocab"]:
+    """Last-position logits of every prompt under `fwd_hooks` (prompts batched by equal token length)."""
+    arch = arch_of(model)
+    groups: dict[int, list[tuple[int, Tensor]]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        ids = model.to_tokens(p.text)[0]
+        groups[len(ids)].append((i, ids))
+    out: list[Tensor | None] = [None] * len(prompts)
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        for items in groups.values():
+            for s in range(0, len(items), batch_size):
+                chunk = items[s:s + batch_size]
+                logits = arch.last_logits(model, torch.stack([ids for _, ids in chunk]))
+                for (i, _), row in zip(chunk, logits):
+                    out[i] = row
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def target_values(model: HookedModel, prompts: Sequence, target: str = "contrast", fwd_hooks=(),
+                  specs: Sequence | None = None) -> np.ndarray:
+    """The attribution target of each prompt under `fwd_hooks`; `specs` (from the clean run) fix the
+    copied label, as IG does."""
+    logits = last_logits(model, prompts, fwd_hooks).float()
+    if specs is None:
+        specs = [make_target(target, p, row) for p, row in zip(prompts, logits)]
+    return np.array([float(spec(row[None])[0]) for spec, row in zip(specs, logits)])
+
+
+@dataclass(frozen=True)
+class ConsistencyRow:
+    """One k: mean target unpruned / chosen pruned / random sets pruned, the paired differences, and
+    the verdict (chosen moves the target away from copying more than random sets do)."""
+
+    k: int
+    n_neurons: int
+    unpruned: float
+    chosen: float
+    random: float
+    chosen_vs_random: dict[str, Any]
+    chosen_vs_unpruned: dict[str, Any]
+    passed: bool
+    per_prompt_chosen: tuple[float, ...]
+    per_prompt_random: tuple[tuple[float, ...], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"k": self.k, "n_neurons": self.n_neurons, "unpruned": self.unpruned, "chosen": self.chosen,
+                "random": self.random, "chosen_vs_random": self.chosen_vs_random,
+                "chosen_vs_unpruned": self.chosen_vs_unpruned, "passed": self.passed,
+                "per_prompt_chosen": list(self.per_prompt_chosen),
+                "per_prompt_random": [list(r) for r in self.per_prompt_random]}
+
+
+@dataclass(frozen=True)
+class SelfConsistency:
+    """`self_consistency`'s result: one row per k, and the per-prompt unpruned target."""
+
+    target: str
+    mode: str
+    n_prompts: int
+    n_random: int
+    seed: int
+    per_prompt_unpruned: tuple[float, ...]
+    rows: tuple[ConsistencyRow, ...]
+
+    @property
+    def passed(self) -> bool:
+        """Every k passed."""
+        return all(r.passed for r in self.rows)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "mode": self.mode, "n_prompts": self.n_prompts, "n_random": self.n_random,
+                "seed": self.seed, "passed": self.passed, "per_prompt_unpruned": list(self.per_prompt_unpruned),
+                "rows": [r.to_json() for r in self.rows]}
+
+
+def self_consistency(model: HookedModel, prompts: Sequence, scores: CopyScores, ks: Sequence[int] = (5, 30, 100),
+                     mode: str = "global", target: str = "contrast", n_random: int = 5, seed: int = 0,
+                     n_boot: int = 2000, progress: bool = False) -> SelfConsistency:
+    """The target on `prompts` (the attribution prompts) unpruned, with `select(scores, mode, k)` pruned and
+    with `n_random` layer-matched random sets pruned (seeds seed..seed+n_random-1), for every k.
+
+    chosen - random: `stats.paired_means` over the random family (prompts and sets resampled);
+    chosen - unpruned: `stats.paired_means` against the single baseline.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if n_random < 1 or not prompts:
+        raise ValueError(f"the check needs prompts and n_random >= 1 random sets, got {len(prompts)} and {n_random}")
+    scores.check(model)
+    clean = last_logits(model, prompts).float()
+    specs = [make_target(target, p, row) for p, row in zip(prompts, clean)]
+    unpruned = np.array([float(spec(row[None])[0]) for spec, row in zip(specs, clean)])
+    sign = COPY_SIGN[target]
+    rows = []
+    for k in tqdm(list(ks), desc="self-consistency", disable=not progress):
+        chosen_set = select(scores, mode, k=int(k))
+        chosen = target_values(model, prompts, target, pruning_hooks(model, chosen_set), specs)
+        rand = np.stack([target_values(model, prompts, target,
+                                       pruning_hooks(model, random_matched(model, chosen_set, s)), specs)
+                         for s in range(seed, seed + n_random)])
+        vs_random = paired_means(chosen, rand, "probe", f"top-{k}", "random", target, n_boot, seed)
+        vs_unpruned = paired_means(chosen, unpruned, "probe", f"top-{k}", "unpruned", target, n_boot, seed)
+        passed = vs_random.ci[1] < 0 if sign > 0 else vs_random.ci[0] > 0
+        rows.append(ConsistencyRow(int(k), len(chosen_set), float(unpruned.mean()), float(chosen.mean()),
+                                   float(rand.mean()), vs_random.to_json(), vs_unpruned.to_json(), bool(passed),
+                                   tuple(chosen.tolist()), tuple(map(tuple, rand.tolist()))))
+    return SelfConsistency(target, mode, len(prompts), n_random, seed, tuple(unpruned.tolist()), tuple(rows))
+
+
+# ---------------------------------------------------------------- the k curve on ICL prompts
+
+
+@dataclass(frozen=True)
+class KCurve:
+    """ICL outcomes along k on one prompt set: per k the rates of the chosen set, the mean of the random
+    sets and unpruned, with paired comparisons (chosen vs random sets, chosen vs unpruned) per metric."""
+
+    metrics: tuple[str, ...]
+    unpruned: dict[str, float]
+    rows: tuple[dict[str, Any], ...]
+    mode: str
+    n_prompts: int
+    n_random: int
+    seed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metrics": list(self.metrics), "unpruned": self.unpruned, "rows": list(self.rows), "mode": self.mode,
+                "n_prompts": self.n_prompts, "n_random": self.n_random, "seed": self.seed}
+
+
+def _outcome_arrays(prompts: Sequence, predictions: Sequence[str]) -> dict[str, np.ndarray]:
+    """0-1 outcome per prompt: accuracy and copy (and in_range, for prompts that carry a label space)."""
+    from mechcopy.evaluation import classify
+    from mechcopy.tasks.probe import outcomes
+
+    correct, copy = classify(prompts, predictions)
+    out = {"accuracy": correct, "copy_rate": copy}
+    if all(p.label_space for p in prompts):
+        out["in_range_rate"] = outcomes(prompts, predictions) == "in_range"
+    return out
+
+
+def k_curve(model: HookedModel, prompts: Sequence, scores: CopyScores, ks: Sequence[int] = (5, 10, 20, 50, 100),
+            mode: str = "global", n_random: int = 5, seed: int = 0, n_boot: int = 2000,
+            progress: bool = False) -> KCurve:
+    """Accuracy and copy rate (and the in-range non-copy rate on probe prompts) on `prompts` for every k:
+    `select(scores, mode, k)` pruned, `n_random` layer-matched random sets pruned, and unpruned.
+
+    Per metric: chosen vs random sets (`stats.versus_sets`) and chosen vs unpruned (`stats.paired`).
+    """
+    from mechcopy.evaluation import predict
+
+    if n_random < 1 or not prompts:
+        raise ValueError(f"the k curve needs prompts and n_random >= 1 random sets, got {len(prompts)} and {n_random}")
+    scores.check(model)
+    base = _outcome_arrays(prompts, predict(model, prompts))
+    metrics = tuple(base)
+    rows = []
+    for k in tqdm(list(ks), desc="k curve", disable=not progress):
+        chosen_set = select(scores, mode, k=int(k))
+        chosen = _outcome_arrays(prompts, predict(model, prompts, fwd_hooks=pruning_hooks(model, chosen_set)))
+        rand = [_outcome_arrays(prompts, predict(model, prompts, fwd_hooks=pruning_hooks(
+            model, random_matched(model, chosen_set, s)))) for s in range(seed, seed + n_random)]
+        row: dict[str, Any] = {"k": int(k), "n_neurons": len(chosen_set)}
+        for m in metrics:
+            Y = np.stack([r[m] for r in rand])
+            row[m] = {"chosen": float(chosen[m].mean()), "random": float(Y.mean()), "unpruned": float(base[m].mean()),
+                      "chosen_vs_random": versus_sets(chosen[m], Y, "probe", f"top-{k}", "random", m,
+                                                      n_boot, seed).to_json(),
+                      "chosen_vs_unpruned": paired(chosen[m], base[m], "probe", f"top-{k}", "unpruned", m,
+                                                   n_boot, seed).to_json()}
+        rows.append(row)
+    return KCurve(metrics, {m: float(v.mean()) for m, v in base.items()}, tuple(rows), mode, len(prompts),
+                  n_random, seed)
