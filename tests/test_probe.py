@@ -148,3 +148,34 @@ def test_default_keeps_gold_in_demos():
     assert sum(p.answer in p.demo_labels for p in ps.prompts) > 20
     again = build_prompts(load_task("sentiment_binary"), TOK, k=4, n=40, seed=0, gold_in_demos=True)
     assert again == ps
+
+
+def test_generation_stopping_is_irrelevant_for_single_digit_answers(tiny):
+    """Every answer and demo label is one token, so `predict` takes the next-token argmax: the separator
+    it would stop generation at does not matter."""
+    from mechcopy.evaluation import predict
+
+    prompts = build_probe(tiny.tokenizer, ProbeConfig(template="comma"), 12, 0, 0).attribution
+    assert predict(tiny, prompts, sep=", ") == predict(tiny, prompts, sep="\n") == predict(tiny, prompts, sep="->")
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_makes_every_prompt_exact():
+    """SmolLM2's tokenizer (" 3" is " " + "3"): both formats, every item set, nothing dropped; sentiment
+    labels are one token with their leading space."""
+    from transformers import AutoTokenizer
+
+    from mechcopy.models import zoo
+
+    tok = AutoTokenizer.from_pretrained(zoo.fetch("smollm2-135m"))
+    for fmt in FORMATS:
+        for items in ITEM_SETS:
+            ps = build_probe(tok, ProbeConfig(items=items, template=fmt), 60, 30, 30)
+            assert not ps.dropped and sum(len(getattr(ps, s)) for s in SPLITS) == 120
+            for p in ps.attribution:
+                assert p.text.endswith("-> ") and len(p.answer_ids) == 1
+    for name, labels in (("sentiment_binary", ("positive", "negative")),
+                         ("sentiment_five", ("terrible", "bad", "okay", "good", "great"))):
+        assert all(len(tok(" " + label, add_special_tokens=False)["input_ids"]) == 1 for label in labels)
+        ps = build_prompts(load_task(name), tok, k=4, n=30, gold_in_demos=False)
+        assert len(ps) == 30 and all(len(p.answer_ids) == 1 for p in ps.prompts)

@@ -220,8 +220,9 @@ def build_probe(tokenizer, config: ProbeConfig = ProbeConfig(), n_attr: int = 10
     empty = [n for n, items in by_count.items() if not items]
     if empty:
         raise ValueError(f"no usable {c.items!r} item has {empty} vowels; choose counts the pool covers")
-    queues = {n: rng.sample(items, len(items)) for n, items in by_count.items()}
-    natural = rng.sample([x for items in by_count.values() for x in items], sum(map(len, by_count.values())))
+    # query queues: one per gold count (balanced), or one over all items (natural label distribution)
+    pools = by_count if c.balanced else {None: [x for items in by_count.values() for x in items]}
+    queues = {n: rng.sample(items, len(items)) for n, items in pools.items()}
 
     def prompt_for(query: str, gold: int, cycles: dict) -> ICLPrompt:
         if c.balanced:
@@ -245,7 +246,7 @@ def build_probe(tokenizer, config: ProbeConfig = ProbeConfig(), n_attr: int = 10
         wanted = _quotas(size, c.counts, rng) if c.balanced else {None: size}
         prompts = []
         for gold, quota in wanted.items():
-            queue = queues[gold] if c.balanced else natural
+            queue = queues[gold]
             built = 0
             while built < quota:
                 if not queue:
