@@ -140,8 +140,8 @@ class StabilityReport:
 
 
 def stability_report(attributions: Attributions | Mapping[str, Attributions], ks: Sequence[int] = (5, 30, 100),
-                     normalisations: Sequence[str] = ("minmax", "minmax-neuron"), n_boot: int = 20, seed: int = 0,
-                     allowed_layers: Sequence[int] | None = None) -> StabilityReport:
+                     normalisations: Sequence[str] = ("minmax", "minmax-neuron", "none"), n_boot: int = 20,
+                     seed: int = 0, allowed_layers: Sequence[int] | None = None) -> StabilityReport:
     """All three stabilities. `attributions`: one result, or several settings of the same prompts by name
     (the first is the reference for the bootstrap and the normalisations; settings are compared with the
     first normalisation)."""

@@ -492,7 +492,8 @@ def plot_neuron_cards(cards, n_tokens: int = 6, title: str | None = None) -> Fig
         before, after = card.label_counts(), card.label_counts(pruned=True)
         answers = sorted(set(before) | set(after))
         x = np.arange(len(answers))
-        ax_p.bar(x - 0.2, [before.get(a, 0) for a in answers], 0.4, label="unpruned", color=CONDITION_COLORS["unpruned"])
+        ax_p.bar(x - 0.2, [before.get(a, 0) for a in answers], 0.4, label="unpruned",
+                 color=CONDITION_COLORS["unpruned"])
         ax_p.bar(x + 0.2, [after.get(a, 0) for a in answers], 0.4, label="this neuron pruned",
                  color=CONDITION_COLORS["pruned"])
         ax_p.set_xticks(x, [_label(a) for a in answers], fontsize=8)

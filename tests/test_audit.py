@@ -75,7 +75,8 @@ def test_k_curve_against_evaluate(case):
     for row in curve.rows:
         chosen_set = select(scores, "global", k=row["k"])
         chosen = evaluate(model, dev, fwd_hooks=pruning_hooks(model, chosen_set))
-        rand = [evaluate(model, dev, fwd_hooks=pruning_hooks(model, random_matched(model, chosen_set, s))) for s in (1, 2)]
+        rand = [evaluate(model, dev, fwd_hooks=pruning_hooks(model, random_matched(model, chosen_set, s)))
+                for s in (1, 2)]
         assert row["accuracy"]["chosen"] == chosen.accuracy and row["copy_rate"]["chosen"] == chosen.copy_rate
         assert row["accuracy"]["random"] == pytest.approx(np.mean([r.accuracy for r in rand]))
         assert row["copy_rate"]["chosen_vs_random"]["diff"] == pytest.approx(
@@ -115,7 +116,9 @@ def test_find_guard(tiny3, tmp_path, monkeypatch):
 
     def failing(*args, **kwargs):
         res = real(*args, **kwargs)
-        return type(res)(**{**res.__dict__, "rows": tuple(type(r)(**{**r.__dict__, "passed": False}) for r in res.rows)})
+        from dataclasses import replace
+
+        return replace(res, rows=tuple(replace(r, passed=False) for r in res.rows))
 
     monkeypatch.setattr(audit, "self_consistency", failing)
     refused = find_copy_neurons(tiny3, tmp_path / "b.json", config, progress=False)

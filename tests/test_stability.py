@@ -72,7 +72,8 @@ def test_report_across_normalisations_and_ig_settings(tiny3):
     settings = {"m=2": integrated_gradients(tiny3, prompts, steps=2),
                 "m=8": integrated_gradients(tiny3, prompts, steps=8),
                 "gold": integrated_gradients(tiny3, prompts, target="gold_logprob", steps=4)}
-    rep = stability_report(settings, ks=(5, 20), n_boot=4, seed=1, allowed_layers=[1, 2])
+    rep = stability_report(settings, ks=(5, 20), normalisations=("minmax", "minmax-neuron"), n_boot=4, seed=1,
+                           allowed_layers=[1, 2])
     assert rep.reference == "m=2" and [b.normalisation for b in rep.bootstrap] == ["minmax", "minmax-neuron"]
     assert [(a.a, a.b) for a in rep.settings] == [("m=2", "m=8"), ("m=2", "gold"), ("m=8", "gold")]
     # each agreement equals a hand computation on the allowed layers
@@ -88,7 +89,8 @@ def test_report_across_normalisations_and_ig_settings(tiny3):
     assert norms.spearman == pytest.approx(st.spearmanr(x, y).statistic, abs=1e-9)
     assert rep.to_json()["allowed_layers"] == [1, 2]
     # a single Attributions is named by its setting; prompts must match across settings
-    assert stability_report(settings["m=8"], ks=(5,), n_boot=2).reference == setting_name(settings["m=8"]) == "ig contrast m=8"
+    single = stability_report(settings["m=8"], ks=(5,), n_boot=2)
+    assert single.reference == setting_name(settings["m=8"]) == "ig contrast m=8"
     other = integrated_gradients(tiny3, prompts[:5], steps=2)
     with pytest.raises(ValueError, match="same prompts"):
         stability_report({"a": settings["m=2"], "b": other}, ks=(5,), n_boot=2)
