@@ -14,7 +14,7 @@ from mechcopy.tasks.probe import (
 from mechcopy.tasks.prompts import build_prompts, encode
 
 TOK = char_tokenizer()
-PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def gold_is_uniform(prompts, labels) -> bool:
