@@ -237,20 +237,19 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
     keys = _row_keys(model, tasks, shots, n, seed, conditions) if checkpoint else {}
     done = _read_journal(Path(checkpoint), keys) if checkpoint else {}
     rows, dropped = [], {}
-    bar = tqdm(total=len(tasks) * len(conditions), initial=len(done), desc="evaluate", disable=not progress)
-    for task in tasks:
-        ps = prompt_sets[task.name]
-        dropped[task.name] = [[list(pair), reason] for pair, reason in ps.dropped]
-        todo = [(name, hooks) for name, hooks in conditions if keys.get((task.name, name)) not in done]
-        bar.set_postfix_str(task.name)
-        fresh = {r["condition"]: r for r in evaluate_task(model, task, ps, todo, seed)}
-        for name, _ in conditions:
-            key = keys.get((task.name, name))
-            if name in fresh and checkpoint:
-                append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": name, "row": fresh[name]})
-            rows.append(fresh[name] if name in fresh else done[key])
-        bar.update(len(todo))
-    bar.close()
+    with tqdm(total=len(tasks) * len(conditions), initial=len(done), desc="evaluate", disable=not progress) as bar:
+        for task in tasks:
+            ps = prompt_sets[task.name]
+            dropped[task.name] = [[list(pair), reason] for pair, reason in ps.dropped]
+            todo = [(name, hooks) for name, hooks in conditions if keys.get((task.name, name)) not in done]
+            bar.set_postfix_str(task.name)
+            fresh = {r["condition"]: r for r in evaluate_task(model, task, ps, todo, seed)}
+            for name, _ in conditions:
+                key = keys.get((task.name, name))
+                if name in fresh and checkpoint:
+                    append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": name, "row": fresh[name]})
+                rows.append(fresh[name] if name in fresh else done[key])
+            bar.update(len(todo))
     return rows, dropped
 
 

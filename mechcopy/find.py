@@ -109,18 +109,17 @@ def attribute_with_checkpoints(model: HookedModel, prompts: Sequence, checkpoint
     parts: list[Attributions] = [done] if done is not None else []
     start = parts[0].values.shape[0] if parts else 0
     every = config.checkpoint_every
-    bar = tqdm(total=len(prompts), initial=start, desc=f"{config.attribution} attribution", disable=not progress)
-    for s in range(start, len(prompts), every):
-        chunk = prompts[s:s + every]
-        if config.attribution == "ig":
-            part = integrated_gradients(model, chunk, target=config.target, steps=config.steps,
-                                        method=config.method, rule=config.rule)
-        else:
-            part = grad_x_act(model, chunk, target=config.target, method=config.method)
-        parts = [Attributions.cat(parts + [part])]
-        parts[0].save(checkpoint, identity)
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(prompts), initial=start, desc=f"{config.attribution} attribution", disable=not progress) as bar:
+        for s in range(start, len(prompts), every):
+            chunk = prompts[s:s + every]
+            if config.attribution == "ig":
+                part = integrated_gradients(model, chunk, target=config.target, steps=config.steps,
+                                            method=config.method, rule=config.rule)
+            else:
+                part = grad_x_act(model, chunk, target=config.target, method=config.method)
+            parts = [Attributions.cat(parts + [part])]
+            parts[0].save(checkpoint, identity)
+            bar.update(len(chunk))
     return Attributions.cat(parts)
 
 

@@ -236,7 +236,7 @@ def _not_an_input(out: Path, given: str | Path, inputs: Inputs) -> None:
             if not src.exists():
                 continue
             src = src.resolve()
-            if target == src or (target.exists() and os.path.samefile(target, src)) or src in target.parents:
+            if target == src or (target.exists() and os.path.samefile(target, src)) or (src.is_dir() and src in target.parents):
                 raise ValueError(f"--out {given} would overwrite the input {flag} {item}; write the results elsewhere")
 
 

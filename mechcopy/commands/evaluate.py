@@ -14,8 +14,6 @@ from mechcopy.io import side_file
 
 
 def run(args) -> int:
-    import pandas as pd
-
     from mechcopy.evaluation import results_table, run_evaluation
     from mechcopy.neurons import NeuronSet
     from mechcopy.pruning import find_scores
@@ -48,6 +46,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     rows, dropped = run_evaluation(model, tasks, args.shots, args.n, args.seed, conditions, checkpoint=checkpoint)
     settings["seconds"] = round(time.perf_counter() - t0, 1)
+    import pandas as pd
+
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(results_table(rows).to_string(index=False))
     print(f"\n{len(rows)} evaluations in {settings['seconds']} s")

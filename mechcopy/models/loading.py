@@ -5,12 +5,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens import loading_from_pretrained as tl_loading
 
 from mechcopy.errors import UnknownName
 from mechcopy.models import zoo
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+# TransformerLens is imported where a model is built: importing it takes seconds, and a command
+# refuses bad input before that.
 
 
 def _hooked_from_hf_dir(
@@ -23,12 +29,14 @@ def _hooked_from_hf_dir(
     TransformerLens model whose config TransformerLens builds by name (Gemma 3, which it does not
     infer from a config.json); the sizes are checked against the folder's config either way.
     """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import loading_from_pretrained as tl_loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = path.resolve()
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    cfg_dict = tl_loading.convert_hf_model_config(tl_name or str(path), trust_remote_code=False)
+    cfg_dict = tl_loading.convert_hf_model_config(tl_name, trust_remote_code=False) if tl_name else _tl_config(path)
     cfg_dict.update(
         model_name=name,
         original_architecture=hf_model.config.architectures[0],
@@ -56,6 +64,23 @@ def _hooked_from_hf_dir(
     model.to(dtype)
     model.eval()
     return model
+
+
+def _tl_config(path: Path) -> dict:
+    """TransformerLens' config of a local folder, read from its config.json alone.
+
+    TransformerLens guesses the architecture from the name when it contains "llama" or "gemma" and
+    then fails on a folder such as ~/models/tiny-llama; a copy of config.json in a neutrally named
+    temporary folder makes it read the file instead.
+    """
+    import shutil
+    import tempfile
+
+    from transformer_lens import loading_from_pretrained as tl_loading
+
+    with tempfile.TemporaryDirectory(prefix="mechcopy-config-") as tmp:
+        shutil.copy(path / "config.json", Path(tmp) / "config.json")
+        return tl_loading.convert_hf_model_config(tmp, trust_remote_code=False)
 
 
 def load_model(name: str | Path = zoo.DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None):
@@ -87,6 +112,7 @@ def load_model(name: str | Path = zoo.DEFAULT_MODEL, device: str | None = None, 
         return _hooked_from_hf_dir(path, path.name, device, dtype)
     if path.exists() or _looks_like_path(name):
         raise FileNotFoundError(f"model folder {name} " + ("is not a folder" if path.exists() else "does not exist"))
+    from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, MODEL_ALIASES
 
     known_tl = set(OFFICIAL_MODEL_NAMES) | {a for aliases in MODEL_ALIASES.values() for a in aliases}
