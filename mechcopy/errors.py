@@ -1,9 +1,15 @@
-"""Errors that carry a message for the user (`mechcopy.commands.main` prints them as one line), and
-the bounds check every frozen config runs on its counts."""
+"""Errors that carry a message for the user (`mechcopy.commands.main` prints them as one line), notes
+that are not errors, and the bounds check every frozen config runs on its counts."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+
+def note(message: str) -> None:
+    """Tell the user something they must know but that stops nothing (a resume, a damaged checkpoint)."""
+    print(f"mechcopy: {message}", file=sys.stderr, flush=True)
 
 
 class UnknownName(KeyError):

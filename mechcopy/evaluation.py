@@ -294,8 +294,7 @@ def _row_keys(model: HookedModel, tasks, shots: int, n: int, seed: int, conditio
 def _read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, dict]:
     """Rows of `path` whose key is one of `keys` (key -> row). The file is rewritten with those rows
     only, so lines under other keys, and a last line a kill cut short, do not stay in the way."""
-    import sys
-
+    from mechcopy.errors import note
     from mechcopy.io import read_jsonl, write_jsonl_atomic
 
     wanted = set(keys.values())
@@ -303,8 +302,7 @@ def _read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, dic
     if path.exists():
         write_jsonl_atomic(path, entries.values())
     if entries:
-        print(f"mechcopy: resuming from {path}: {len(entries)} of {len(keys)} (task, condition) rows already done",
-              file=sys.stderr, flush=True)
+        note(f"resuming from {path}: {len(entries)} of {len(keys)} (task, condition) rows already done")
     return {key: e["row"] for key, e in entries.items()}
 
 

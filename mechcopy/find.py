@@ -11,7 +11,6 @@ where it stopped.
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, ClassVar, Sequence
 
 from mechcopy.arch import HookedModel
 from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS, Attributions
-from mechcopy.errors import check_minimums
+from mechcopy.errors import check_minimums, note
 from mechcopy.io import side_file
 from mechcopy.neurons import NeuronSet
 
@@ -73,10 +72,6 @@ def _prompts_hash(prompts) -> str:
     return h.hexdigest()[:16]
 
 
-def _note(message: str) -> None:
-    print(f"mechcopy find: {message}", file=sys.stderr, flush=True)
-
-
 def load_checkpoint(checkpoint: Path, identity: dict[str, Any], n_prompts: int) -> Attributions | None:
     """The attributions saved in `checkpoint` if it holds a part of this very run, else None.
 
@@ -88,12 +83,12 @@ def load_checkpoint(checkpoint: Path, identity: dict[str, Any], n_prompts: int) 
     try:
         done, header = Attributions.load(checkpoint)
     except Exception as e:  # noqa: BLE001 - any damage means the same: start over
-        _note(f"checkpoint {checkpoint} is damaged ({type(e).__name__}: {e}); attributing from the start")
+        note(f"checkpoint {checkpoint} is damaged ({type(e).__name__}: {e}); attributing from the start")
         return None
     if not all(header.get(k) == v for k, v in identity.items()) or done.values.shape[0] > n_prompts:
-        _note(f"checkpoint {checkpoint} is from other settings or another model; attributing from the start")
+        note(f"checkpoint {checkpoint} is from other settings or another model; attributing from the start")
         return None
-    _note(f"resuming from checkpoint {checkpoint}: {done.values.shape[0]} of {n_prompts} prompts attributed")
+    note(f"resuming from checkpoint {checkpoint}: {done.values.shape[0]} of {n_prompts} prompts attributed")
     return done
 
 

@@ -438,7 +438,7 @@ CASES: list[Case] = [
          "to resume", code=130, patch=_interrupt_after("mechcopy.attribution.integrated_gradients", 2),
          disk=only("n3.attributions.safetensors", words="`n3.attributions.safetensors` with the first prompt")),
     Case("a damaged find checkpoint (blocked find until deleted before)", f"{FIND} --out n.json --force",
-         "mechcopy find: checkpoint n.attributions.safetensors is damaged", code=0,
+         "mechcopy: checkpoint n.attributions.safetensors is damaged", code=0,
          disk=only("n.json", "n.scores.safetensors", "n.scores.json", "n.attributions.safetensors",
                    words="a new checkpoint replaces the damaged one; the neuron file is written")),
     Case("a zoo manifest without its file list (not rebuilt before)",

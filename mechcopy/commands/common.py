@@ -194,7 +194,7 @@ def files_in(spec: str | None) -> list[Path]:
     return [Path(s.strip()) for s in (spec or "").split(",") if s.strip() and Path(s.strip()).expanduser().is_file()]
 
 
-def prepare_out(path: str | Path | None, inputs: Inputs = {}, force: bool = False,
+def prepare_out(path: str | Path | None, inputs: Inputs | None = None, force: bool = False,
                 side: Iterable[Path] = ()) -> Path | None:
     """Check an output file before any work: not one of the `inputs` (flag -> paths) nor inside an
     input folder, not a folder, not an existing result unless `force`; its folder is created and must
@@ -212,7 +212,8 @@ def prepare_out(path: str | Path | None, inputs: Inputs = {}, force: bool = Fals
     return out
 
 
-def prepare_out_dir(path: str | Path, inputs: Inputs = {}, force: bool = False, resume: str | None = None) -> Path:
+def prepare_out_dir(path: str | Path, inputs: Inputs | None = None, force: bool = False,
+                    resume: str | None = None) -> Path:
     """Check an output folder before any work: not an input, not a file, created and writable. A
     folder that is not empty is refused unless `force`, or unless it holds the file `resume` (a run
     of this command, which then resumes)."""
@@ -227,16 +228,17 @@ def prepare_out_dir(path: str | Path, inputs: Inputs = {}, force: bool = False, 
     return out
 
 
-def _not_an_input(out: Path, given: str | Path, inputs: Inputs) -> None:
+def _not_an_input(out: Path, given: str | Path, inputs: Inputs | None) -> None:
+    """Refuse an output that is an input file (by path, symlink or hard link) or lies in an input folder."""
     target = out.expanduser().resolve()
-    for flag, value in inputs.items():
-        items = [value] if isinstance(value, (str, Path)) else list(value or [])
-        for item in items:
+    for flag, value in (inputs or {}).items():
+        for item in [value] if isinstance(value, (str, Path)) else list(value or []):
             src = Path(item).expanduser()
             if not src.exists():
                 continue
             src = src.resolve()
-            if target == src or (target.exists() and os.path.samefile(target, src)) or (src.is_dir() and src in target.parents):
+            same = target == src or (target.exists() and os.path.samefile(target, src))
+            if same or (src.is_dir() and src in target.parents):
                 raise ValueError(f"--out {given} would overwrite the input {flag} {item}; write the results elsewhere")
 
 

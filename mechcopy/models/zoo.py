@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mechcopy.errors import UnknownName
+from mechcopy.errors import UnknownName, note
 from mechcopy.io import apply_mode, write_json_atomic
 
 CACHE_ENV = "MECHCOPY_CACHE"
@@ -249,7 +249,7 @@ def fetch(name: str, force: bool = False) -> Path:
         if problem is None and not force:
             return model_dir(name)
         if problem not in (None, "not cached"):
-            print(f"mechcopy: cached {name} is unusable ({problem}); fetching it again", file=sys.stderr)
+            note(f"cached {name} is unusable ({problem}); fetching it again")
         with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
             out = build_cache_folder(model, Path(tmp))
             target = model_dir(name)
@@ -265,7 +265,7 @@ def build_cache_folder(model: ZooModel, work: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = assemble_gguf(model, work)
-    print(f"mechcopy: dequantising {model.gguf_name} (once; about 20-60 s)", file=sys.stderr)
+    note(f"dequantising {model.gguf_name} (once; about 20-60 s)")
     hf = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
     tok = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name, trust_remote_code=False)
     out = work / "model"
