@@ -123,7 +123,8 @@ class NeuronSet:
             raise ValueError(f"the neuron set{where} does not name the model it was found on "
                              f"(missing {', '.join(missing)}); it cannot be checked against this model")
         fp = model_fingerprint(model)
-        diff = [f"{k}: file has {self.model[k]!r}, model has {fp[k]!r}" for k in IDENTITY_KEYS if self.model[k] != fp[k]]
+        diff = [f"{k}: file has {self.model[k]!r}, model has {fp[k]!r}"
+                for k in IDENTITY_KEYS if self.model[k] != fp[k]]
         if diff:
             raise ValueError(f"the neuron set{where} was found on another model (" + "; ".join(diff) + ")")
         n_layers, width = fp["n_layers"], fp["neurons_per_layer"]

@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-from mechcopy import pruning
 from mechcopy.attribution import CopyScores
 from mechcopy.pruning import (
     bottom_set, conditions, prune_weights, pruned, pruning_hooks, random_matched, select, sweep_k,
@@ -161,7 +160,7 @@ def test_sweep_with_a_general_accuracy_bound(tiny3):
         sweep_k(tiny3, sc, dev, ks=[2], max_ppl_increase=None)
 
 
-def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch):
+def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch, best_k_chosen):
     """`find` end to end on the tiny model; an interrupted run resumes and gives the same result."""
     import mechcopy.attribution as attribution
     from mechcopy.attribution import CopyScores
@@ -169,9 +168,6 @@ def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch):
 
     config = FindConfig(n=4, n_dev=4, shots=2, steps=3, ks=(2, 4), max_ppl_increase=10.0, ppl_tokens=128,
                         checkpoint_every=2)
-    # pruning a random model helps nothing, so find would choose k = 0 (tests/test_reliability.py);
-    # here the best k is taken so that the selection itself is tested
-    monkeypatch.setattr(pruning, "_choose_k", lambda rows, baseline: (max(rows, key=lambda r: r["dev_accuracy"])["k"], ""))
     full = find_copy_neurons(tiny3, tmp_path / "a.json", config, progress=False)
     assert len(full) == full.meta["sweep"]["chosen_k"]
     assert NeuronSet.load(tmp_path / "a.json").neurons == full.neurons

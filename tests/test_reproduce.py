@@ -10,12 +10,7 @@ CFG = rp.ReproduceConfig(model="tiny", n_probe=4, n_dev=6, steps=4, tasks="next_
                          n_random=1, tv_tasks=("next_letter",), n_tv=4, patch_task="next_letter", n_patch=2)
 
 
-def test_reproduce_tiny_end_to_end(tiny, tmp_path, monkeypatch):
-    from mechcopy import pruning
-
-    # pruning a random model helps nothing, so find would choose k = 0 and there would be no pruned
-    # rows (the report of k = 0 is the report's own change). Here the best k is pruned.
-    monkeypatch.setattr(pruning, "_choose_k", lambda rows, baseline: (max(rows, key=lambda r: r["dev_accuracy"])["k"], ""))
+def test_reproduce_tiny_end_to_end(tiny, tmp_path, monkeypatch, best_k_chosen):
     out = tmp_path / "run"
     report = rp.reproduce(tiny, CFG, out)
     assert report.exists() and report.stat().st_size > 10_000

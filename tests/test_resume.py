@@ -128,11 +128,9 @@ def test_hooks_without_a_key_are_refused_for_a_checkpoint(tiny, tmp_path, monkey
                        checkpoint=tmp_path / "j.jsonl")
 
 
-def test_reproduce_resumes_its_evaluation_stage(tiny, tmp_path, monkeypatch, one_thread):
-    from mechcopy import pruning
+def test_reproduce_resumes_its_evaluation_stage(tiny, tmp_path, monkeypatch, one_thread, best_k_chosen):
     from mechcopy import reproduce as rp
 
-    monkeypatch.setattr(pruning, "_choose_k", lambda rows, baseline: (rows[0]["k"], ""))
     cfg = rp.ReproduceConfig(model="tiny", n_probe=2, n_dev=4, steps=2, tasks="next_letter,to_upper,prev_letter",
                              n_eval=4, n_random=1)
     out = tmp_path / "run"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mechcopy.commands.common import add_model_args, add_out_args, at_least, files_in, open_model, prepare_out, write_result
+from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, open_model, prepare_out,
+                                      write_result)
 from mechcopy.io import side_file
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from mechcopy.commands.common import add_config_args, add_model_args, add_out_args, config_from_args, open_model, prepare_out
+from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, open_model,
+                                      prepare_out)
 from mechcopy.find import ATTRIBUTIONS, SELECTIONS, FindConfig
 from mechcopy.io import side_file
 

@@ -18,7 +18,8 @@ def run(args) -> int:
     if args.other_task and args.corruption != "other_task":
         raise ValueError(f"--other-task is used only with --corruption other_task (got --corruption {args.corruption})")
     if args.corruption == "shuffled_labels" and args.shots < 2:
-        raise ValueError(f"--corruption shuffled_labels permutes the demo labels: it needs --shots >= 2, got {args.shots}")
+        raise ValueError("--corruption shuffled_labels permutes the demo labels: it needs --shots >= 2, "
+                         f"got {args.shots}")
     other = None
     if args.corruption == "other_task":
         other = load_task(args.other_task or next(t for t in list_tasks() if t != task.name))

@@ -27,7 +27,8 @@ def run(args) -> int:
     done = [name for name, _ in STAGES if (out / f"{name}.json").exists()]
     if (out / "settings.json").exists():
         print(f"resuming the run in {out} (stages done: {', '.join(done) or 'none'})")
-    args.saved = f"every finished stage (and find's and evaluate's checkpoints) is in {out}: run the same command to resume"
+    args.saved = (f"every finished stage (and find's and evaluate's checkpoints) is in {out}: "
+                  "run the same command to resume")
     reproduce(open_model(args), cfg, out)
     return 0
 

@@ -43,7 +43,8 @@ def run(args) -> int:
               f"ICL {r.icl_accuracy:.2f}  (n={r.n_test})")
         if r.condition == "unpruned" and (r.n_dev < config.n_dev or r.n_test < config.n_test):
             print(f"{r.task}: only {r.n_dev} dev and {r.n_test} test prompts (asked {config.n_dev} and "
-                  f"{config.n_test}): the task has too few usable pairs ({r.n_dropped} dropped); its intervals are wide")
+                  f"{config.n_test}): the task has too few usable pairs ({r.n_dropped} dropped); "
+                  "its intervals are wide")
     if out:
         payload = {"command": "task-vectors", "config": config.to_json(), "tasks": args.tasks,
                    "prune": str(args.prune) if args.prune else None, "neurons": len(neurons) if neurons else 0,

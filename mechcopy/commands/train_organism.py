@@ -18,7 +18,8 @@ def run(args) -> int:
     except json.JSONDecodeError as e:
         raise ValueError(f"--model-kwargs is not valid JSON ({e}); write it like '{{\"d_model\": 96}}'") from e
     if not isinstance(kwargs, dict):
-        raise ValueError(f"--model-kwargs must be a JSON object such as '{{\"d_model\": 96}}', got {args.model_kwargs!r}")
+        raise ValueError("--model-kwargs must be a JSON object such as '{\"d_model\": 96}', "
+                         f"got {args.model_kwargs!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(arch=args.arch, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       model_kwargs=kwargs, device=device, max_minutes=args.max_minutes)
