@@ -441,6 +441,10 @@ CASES: list[Case] = [
          f"{M} find: interrupted; the attributions done so far are in n3.attributions.safetensors: run the same command "
          "to resume", code=130, patch=_interrupt_after("mechcopy.attribution.integrated_gradients", 2),
          disk=only("n3.attributions.safetensors", words="`n3.attributions.safetensors` with the first prompt")),
+    Case("Ctrl-C during reproduce", f"{M} reproduce --model tiny --out run",
+         f"{M} reproduce: interrupted; the finished stages and the checkpoints of find and evaluate are in run: run the "
+         "same command to resume", code=130, patch=_interrupt_after("mechcopy.attribution.integrated_gradients", 1),
+         disk=only("run/settings.json", words="`run/settings.json` (the run resumes from it)")),
     Case("a damaged find checkpoint (blocked find until deleted before)", f"{FIND} --out n.json --force",
          "mechcopy: checkpoint n.attributions.safetensors is damaged", code=0,
          disk=only("n.json", "n.scores.safetensors", "n.scores.json", "n.attributions.safetensors",

@@ -2,7 +2,8 @@
 
 `main` is the one place where errors meet the user: every exception becomes one line on stderr that
 names the bad input and what to do (exit status 2; `--debug` shows the traceback), and Ctrl-C says
-what was saved and how to resume (exit status 130).
+what was saved and how to resume (exit status 130): a command sets `args.saved`, a callable that
+says it at that moment (`common.saved_in`).
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
-        print(f"mechcopy {args.command}: interrupted; {getattr(args, 'saved', None) or NOTHING_SAVED}",
-              file=sys.stderr)
+        saved = getattr(args, "saved", None)
+        print(f"mechcopy {args.command}: interrupted; {(saved() if saved else None) or NOTHING_SAVED}", file=sys.stderr)
         return 130
     except Exception as e:
         if args.debug:

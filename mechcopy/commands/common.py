@@ -258,6 +258,11 @@ def _writable_folder(folder: Path, given: str | Path) -> None:
         raise ValueError(f"--out {given}: cannot write in {folder} ({e.strerror})")
 
 
+def saved_in(path: Path, what: str) -> Callable[[], str | None]:
+    """What `main` says on Ctrl-C: `what` is in `path`, if it is there by then (None: nothing saved)."""
+    return lambda: f"{what} in {path}: run the same command to resume" if path.exists() else None
+
+
 def write_result(path: Path, model: HookedModel, payload: dict[str, Any]) -> Path:
     """Write a command's JSON result (with the model's fingerprint and the code's git revision)."""
     from mechcopy.io import write_json_atomic

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, open_model, prepare_out,
-                                      write_result)
+                                      saved_in, write_result)
 from mechcopy.io import side_file
 
 
@@ -29,7 +29,7 @@ def run(args) -> int:
     out = prepare_out(args.out, {"--tasks": files_in(args.tasks), "--prune": args.prune, "--model": args.model},
                       args.force, side=[checkpoint] if checkpoint else [])
     if checkpoint:
-        args.saved = f"the finished (task, condition) rows are in {checkpoint}: run the same command to resume"
+        args.saved = saved_in(checkpoint, "the finished (task, condition) rows are")
     model = open_model(args)
     conditions = [("unpruned", [])]
     settings = {"tasks": [t.name for t in tasks], "shots": args.shots, "n": args.n, "seed": args.seed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, open_model,
-                                      prepare_out)
+                                      prepare_out, saved_in)
 from mechcopy.find import ATTRIBUTIONS, SELECTIONS, FindConfig
 from mechcopy.io import side_file
 
@@ -36,8 +36,7 @@ def run(args) -> int:
     config = config_from_args(FindConfig, args)
     out = prepare_out(args.out, {"--text": config.text, "--model": args.model}, args.force,
                       side=[side_file(args.out, s) for s in SIDE_FILES])
-    args.saved = (f"the attributions done so far are in {side_file(out, '.attributions.safetensors')}: "
-                  "run the same command to resume")
+    args.saved = saved_in(side_file(out, ".attributions.safetensors"), "the attributions done so far are")
     t0 = time.perf_counter()
     model = open_model(args)
     neurons = find_copy_neurons(model, out, config)

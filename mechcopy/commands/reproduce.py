@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mechcopy.commands.common import add_config_args, add_model_args, config_from_args, open_model, prepare_out_dir
+from mechcopy.commands.common import (add_config_args, add_model_args, config_from_args, open_model, prepare_out_dir,
+                                      saved_in)
 from mechcopy.reproduce import ReproduceConfig
 
 HELPS = {
@@ -27,8 +28,7 @@ def run(args) -> int:
     done = [name for name, _ in STAGES if (out / f"{name}.json").exists()]
     if (out / "settings.json").exists():
         print(f"resuming the run in {out} (stages done: {', '.join(done) or 'none'})")
-    args.saved = (f"every finished stage (and find's and evaluate's checkpoints) is in {out}: "
-                  "run the same command to resume")
+    args.saved = saved_in(out, "the finished stages and the checkpoints of find and evaluate are")
     reproduce(open_model(args), cfg, out)
     return 0
 
