@@ -182,8 +182,11 @@ def perplexity(model: HookedModel, text: str | None = None, fwd_hooks=(), n_toke
     """exp(mean next-token NLL) over the first `n_tokens` tokens of `text`, in non-overlapping windows.
 
     Each window is fed as BOS + window tokens (when the tokenizer has a BOS) and every window token is
-    predicted; without a BOS the first token of each window is context only.
+    predicted; without a BOS the first token of each window is context only. Windows are cut to the
+    model's context.
     """
+    limit = arch_of(model).context_limit(model)
+    window = min(window, limit - 1) if limit else window
     tok = model.tokenizer
     text = default_text() if text is None else text
     ids = list(tok(text[: max(n_tokens * 12, 1000)], add_special_tokens=False)["input_ids"])

@@ -200,3 +200,13 @@ def test_a_neuron_index_past_the_layer_is_refused_by_name(tiny):
 
     with pytest.raises(IndexError, match="neuron index 64 out of range at blocks.0.mlp.hook_post: it has 64"):
         tiny.run_with_hooks(tiny.to_tokens("ab"), fwd_hooks=[("blocks.0.mlp.hook_post", zero_neurons([64]))])
+
+
+def test_perplexity_windows_fit_the_context():
+    """A model with a short context (the organisms have 128 tokens) measures perplexity in windows it can read."""
+    from mechcopy.evaluation import perplexity
+    from mechcopy.models.tiny import tiny_transformer
+
+    model = tiny_transformer(n_ctx=64)
+    text = "hello world " * 100
+    assert perplexity(model, text, n_tokens=300) == perplexity(model, text, n_tokens=300, window=63)
