@@ -56,7 +56,8 @@ def _recording(monkeypatch) -> list[tuple[str, str]]:
     return done
 
 
-def test_evaluate_killed_with_sigkill_resumes_without_redoing_anything(tiny_llama_dir, tmp_path, monkeypatch, one_thread):
+def test_evaluate_killed_with_sigkill_resumes_without_redoing_anything(tiny_llama_dir, tmp_path, monkeypatch, capsys,
+                                                                       one_thread):
     from mechcopy import load_model
     from mechcopy.commands import main
     from mechcopy.neurons import NeuronSet, model_fingerprint
@@ -82,6 +83,8 @@ def test_evaluate_killed_with_sigkill_resumes_without_redoing_anything(tiny_llam
     monkeypatch.chdir(tmp_path)
     redone = _recording(monkeypatch)
     assert main(argv) == 0
+    assert f"mechcopy: resuming from r.partial.jsonl: {len(done)} of {total} (task, condition) rows already done" \
+        in capsys.readouterr().err
     assert not set(redone) & set(done), "a finished (task, condition) was evaluated again"
     assert len(redone) + len(done) == total and not partial.exists()
 
