@@ -60,9 +60,8 @@ def make_pairs(model: HookedModel, task, corruption: str, n: int = 10, shots: in
     """Build up to `n` clean/corrupted pairs from `task` (see the module docstring for what is dropped)."""
     cands, dropped = corrupted_pairs(task, model.tokenizer, corruption, n_candidates or max(6 * n, 60), shots,
                                      seed, other_task)
-    kept = []
+    kept, tokens = [], arch_of(model).tokens
     for p, c in cands:
-        tokens = arch_of(model).tokens
         tc, tx = tokens(model, p.text, what=f"prompt of task {task.name!r}")[0], tokens(model, c.text)[0]
         if tc.shape != tx.shape:
             dropped.append(f"{p.query!r}: corrupted prompt has {tx.shape[0]} tokens, clean {tc.shape[0]}")
