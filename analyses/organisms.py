@@ -48,7 +48,7 @@ def sweep_table(results: list[dict]) -> list[str]:
         for probe, m in res["methods"].items():
             sw = m["sweep"]
             chosen = next(r for r in sw["rows"] if r["k"] == m["pruned_k"])
-            best = "none feasible" if sw["chosen_k"] is None else f"{chosen['dev_accuracy']:.2f}"
+            best = "none feasible" if not any(r["feasible"] for r in sw["rows"]) else f"{chosen['dev_accuracy']:.2f}"
             lines.append(f"| {Path(res['organism']).name} | {probe} | {sw['baseline']['dev_accuracy']:.2f} | {best} | "
                          f"{m['pruned_k']} | {sw['baseline']['dev_copy_rate']:.2f} -> {chosen['dev_copy_rate']:.2f} |")
     return lines

@@ -204,7 +204,7 @@ def _f(x: Tensor) -> Tensor:
 
 
 def _tokens(model: HookedModel, prompt) -> Tensor:
-    return model.to_tokens(prompt.text).to(model.cfg.device)
+    return arch_of(model).tokens(model, prompt.text, what=f"prompt of task {prompt.task!r}").to(model.cfg.device)
 
 
 def _clean(model: HookedModel, tokens: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -411,16 +411,19 @@ class CopyScores:
 
     @classmethod
     def load(cls, path: str | Path) -> "CopyScores":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no copy-score file at {path}; run `mechcopy find` first")
-        with safe_open(str(path), framework="pt") as f:
-            if "scores" not in f.keys():
-                raise ValueError(f"{path} holds no 'scores' tensor: not a copy-score file")
-            scores = f.get_tensor("scores")
-            meta = json.loads((f.metadata() or {}).get("mechcopy", "{}"))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if "scores" not in f.keys():
+                    raise ValueError(f"{path} holds no 'scores' tensor: not a copy-score file")
+                scores = f.get_tensor("scores")
+                meta = json.loads((f.metadata() or {}).get("mechcopy", "{}"))
+        except (SafetensorError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is damaged or not a copy-score file ({e}); run `mechcopy find` again") from e
         allowed = meta.get("allowed_layers")
         return cls(scores, meta, None if allowed is None else tuple(allowed))
 

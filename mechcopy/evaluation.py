@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
-from mechcopy.stats import bootstrap_ci
+from mechcopy.stats import bootstrap_ci, rate_interval
 from mechcopy.tasks.prompts import SEPARATOR, ICLPrompt, PromptSet
 
 
@@ -56,6 +57,18 @@ def _steps(p: ICLPrompt) -> int:
     return 1 if longest == 1 else longest + 2
 
 
+def prompt_tokens(model: HookedModel, prompt: ICLPrompt, index: int = 0) -> Int[Tensor, "1 pos"]:
+    """The prompt's tokens, refused when they and the tokens to generate exceed the model's context."""
+    return arch_of(model).tokens(model, prompt.text, extra=_steps(prompt) - 1,
+                                 what=f"prompt {index} of task {prompt.task!r}")
+
+
+def check_context(model: HookedModel, prompts: Sequence[ICLPrompt]) -> None:
+    """Refuse, before any work, a prompt that does not fit the model's context (`prompt_tokens`)."""
+    for i, p in enumerate(_as_list(prompts)):
+        prompt_tokens(model, p, i)
+
+
 def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int = 32,
             sep: str = SEPARATOR, progress: bool = False, kv_cache: bool = True) -> list[str]:
     """The model's answer to each prompt (decoded text, stripped), under `fwd_hooks`.
@@ -73,15 +86,10 @@ def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batc
     arch = arch_of(model)
     tok = model.tokenizer
     eos = getattr(tok, "eos_token_id", None)
-    n_ctx = getattr(model.cfg, "n_ctx", None)
     groups: dict[tuple[int, int], list[tuple[int, Tensor]]] = defaultdict(list)
     for i, p in enumerate(prompts):
-        ids = model.to_tokens(p.text)[0]
-        steps = _steps(p)
-        if n_ctx is not None and len(ids) + steps > n_ctx:
-            raise ValueError(f"prompt {i} of task {p.task!r} has {len(ids)} tokens (+{steps} to generate), "
-                             f"longer than the model's context of {n_ctx}; use fewer shots")
-        groups[(len(ids), steps == 1)].append((i, ids))
+        ids = prompt_tokens(model, p, i)[0]
+        groups[(len(ids), _steps(p) == 1)].append((i, ids))
     out: list[str | None] = [None] * len(prompts)
     batches = [items[s:s + batch_size] for items in groups.values() for s in range(0, len(items), batch_size)]
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
@@ -132,13 +140,17 @@ def classify(prompts: Sequence[ICLPrompt], predictions: Sequence[str]) -> tuple[
 
 def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], condition: str = "unpruned",
               seed: int = 0, n_boot: int = 1000) -> TaskResult:
-    """Score predictions against prompts (no model needed): rates and 95% bootstrap intervals."""
+    """Score predictions against prompts (no model needed): rates and 95% bootstrap intervals (exact
+    Clopper-Pearson intervals where every prompt has the same outcome and the bootstrap degenerates)."""
     prompts = _as_list(prompts)
     if not prompts:
         raise ValueError("no prompts to evaluate (did every pair get dropped? see PromptSet.dropped)")
     correct, copy = classify(prompts, predictions)
     n, n_err = len(prompts), int((~correct).sum())
     ci = bootstrap_ci(np.stack([correct, copy], axis=1), n_boot=n_boot, seed=seed)
+    for j, outcome in enumerate((correct, copy)):
+        if outcome.all() or not outcome.any():  # every resample equal: the bootstrap says [p, p]
+            ci[j] = rate_interval(int(outcome.sum()), n)
     tasks = sorted({p.task for p in prompts})
     return TaskResult(
         task=tasks[0] if len(tasks) == 1 else ",".join(tasks), condition=condition, n=n,
@@ -170,8 +182,11 @@ def perplexity(model: HookedModel, text: str | None = None, fwd_hooks=(), n_toke
     """exp(mean next-token NLL) over the first `n_tokens` tokens of `text`, in non-overlapping windows.
 
     Each window is fed as BOS + window tokens (when the tokenizer has a BOS) and every window token is
-    predicted; without a BOS the first token of each window is context only.
+    predicted; without a BOS the first token of each window is context only. Windows are cut to the
+    model's context.
     """
+    limit = arch_of(model).context_limit(model)
+    window = min(window, limit - 1) if limit else window
     tok = model.tokenizer
     text = default_text() if text is None else text
     ids = list(tok(text[: max(n_tokens * 12, 1000)], add_special_tokens=False)["input_ids"])
@@ -200,32 +215,98 @@ def perplexity(model: HookedModel, text: str | None = None, fwd_hooks=(), n_toke
 
 
 def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed: int = 0,
-                   conditions=(("unpruned", []),), progress: bool = True) -> tuple[list[dict], dict]:
+                   conditions=(("unpruned", []),), progress: bool = True,
+                   checkpoint: str | Path | None = None) -> tuple[list[dict], dict]:
     """Build prompts for every task and evaluate each condition; returns (result rows, dropped pairs).
 
     `conditions` is a list of (name, fwd_hooks). Each row is `TaskResult.to_json()` plus the task kind,
-    the number of dropped pairs and the seconds the evaluation took.
-    """
-    import time
+    the number of dropped pairs and the seconds the evaluation took. Every task's prompts are built and
+    checked against the context before the first evaluation.
 
+    With `checkpoint` (a JSON-lines file), every finished (task, condition) row is appended to it at
+    once, keyed by the model's fingerprint, the settings, the task's pairs and the condition's hooks;
+    rows found there under the same key are reused, so a killed run started again redoes none of them
+    and returns what an uninterrupted run returns. The hooks must carry a `key` (those built by
+    `mechcopy.hooks` do).
+    """
     from tqdm.auto import tqdm
 
+    from mechcopy.io import append_jsonl
     from mechcopy.tasks.prompts import build_prompts
 
+    prompt_sets = {task.name: build_prompts(task, model.tokenizer, k=shots, n=n, seed=seed) for task in tasks}
+    for ps in prompt_sets.values():
+        check_context(model, ps.prompts)
+    keys = _row_keys(model, tasks, shots, n, seed, conditions) if checkpoint else {}
+    done = _read_journal(Path(checkpoint), keys) if checkpoint else {}
     rows, dropped = [], {}
-    bar = tqdm(total=len(tasks) * len(conditions), desc="evaluate", disable=not progress)
-    for task in tasks:
-        ps = build_prompts(task, model.tokenizer, k=shots, n=n, seed=seed)
-        dropped[task.name] = [[list(pair), reason] for pair, reason in ps.dropped]
-        for name, hooks in conditions:
-            bar.set_postfix_str(f"{task.name} / {name}")
-            t0 = time.perf_counter()
-            result = evaluate(model, ps.prompts, fwd_hooks=hooks, condition=name, seed=seed)
-            rows.append({**result.to_json(), "kind": task.kind, "n_dropped": len(ps.dropped),
-                         "seconds": round(time.perf_counter() - t0, 2)})
-            bar.update()
-    bar.close()
+    with tqdm(total=len(tasks) * len(conditions), initial=len(done), desc="evaluate", disable=not progress) as bar:
+        for task in tasks:
+            ps = prompt_sets[task.name]
+            dropped[task.name] = [[list(pair), reason] for pair, reason in ps.dropped]
+            todo = [(name, hooks) for name, hooks in conditions if keys.get((task.name, name)) not in done]
+            bar.set_postfix_str(task.name)
+            fresh = {r["condition"]: r for r in evaluate_task(model, task, ps, todo, seed)}
+            for name, _ in conditions:
+                key = keys.get((task.name, name))
+                if name in fresh and checkpoint:
+                    append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": name, "row": fresh[name]})
+                rows.append(fresh[name] if name in fresh else done[key])
+            bar.update(len(todo))
     return rows, dropped
+
+
+def evaluate_task(model: HookedModel, task, prompts: PromptSet, conditions, seed: int = 0) -> list[dict]:
+    """The rows of one task: each condition (name, fwd_hooks) evaluated on the task's prompts."""
+    import time
+
+    rows = []
+    for name, hooks in conditions:
+        t0 = time.perf_counter()
+        result = evaluate(model, prompts.prompts, fwd_hooks=hooks, condition=name, seed=seed)
+        rows.append({**result.to_json(), "kind": task.kind, "n_dropped": len(prompts.dropped),
+                     "seconds": round(time.perf_counter() - t0, 2)})
+    return rows
+
+
+def _hook_key(site: str, fn) -> list:
+    key = getattr(fn, "key", None)
+    if key is None:
+        raise ValueError(f"the hook {getattr(fn, '__name__', fn)!r} at {site} has no key, so a checkpoint cannot "
+                         "tell it from another; build hooks with mechcopy.hooks, or evaluate without a checkpoint")
+    return [site, key]
+
+
+def _row_keys(model: HookedModel, tasks, shots: int, n: int, seed: int, conditions) -> dict[tuple[str, str], str]:
+    """(task, condition) -> a hash of everything its row depends on: model, settings, pairs and hooks."""
+    import hashlib
+    import json
+
+    from mechcopy.neurons import model_fingerprint
+
+    common = {"model": model_fingerprint(model), "shots": shots, "n": n, "seed": seed}
+    keys = {}
+    for task in tasks:
+        for name, hooks in conditions:
+            what = {**common, "task": task.to_json(), "condition": name,
+                    "hooks": [_hook_key(site, fn) for site, fn in hooks]}
+            keys[(task.name, name)] = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+    return keys
+
+
+def _read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, dict]:
+    """Rows of `path` whose key is one of `keys` (key -> row). The file is rewritten with those rows
+    only, so lines under other keys, and a last line a kill cut short, do not stay in the way."""
+    from mechcopy.errors import note
+    from mechcopy.io import read_jsonl, write_jsonl_atomic
+
+    wanted = set(keys.values())
+    entries = {e["key"]: e for e in read_jsonl(path) if isinstance(e, dict) and e.get("key") in wanted and "row" in e}
+    if path.exists():
+        write_jsonl_atomic(path, entries.values())
+    if entries:
+        note(f"resuming from {path}: {len(entries)} of {len(keys)} (task, condition) rows already done")
+    return {key: e["row"] for key, e in entries.items()}
 
 
 def results_table(rows: list[dict]):

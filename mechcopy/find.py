@@ -14,14 +14,17 @@ import hashlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from mechcopy.arch import HookedModel
-from mechcopy.attribution import NORMALISATIONS, RULES, TARGETS, Attributions
+from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS, Attributions
+from mechcopy.errors import check_minimums, note
+from mechcopy.io import side_file
 from mechcopy.neurons import NeuronSet
 
 CHECKPOINT_FORMAT = 1
 ATTRIBUTIONS = ("ig", "gradxact")
+SELECTIONS = ("global", "per-layer")
 
 
 @dataclass(frozen=True)
@@ -47,20 +50,21 @@ class FindConfig:
     max_completeness_error: float | None = None  # IG gate: select only in layers whose median error is below it
     consistency_random: int = 0     # > 0: refuse (k = 0) a choice that fails audit.self_consistency
 
+    MINIMUM: ClassVar[dict[str, int | float]] = {
+        "n": 1, "n_dev": 1, "shots": 1, "steps": 1, "ks": 1, "max_ppl_increase": 0.0, "ppl_tokens": 2, "seed": 0,
+        "checkpoint_every": 1}
+
     def __post_init__(self):
-        for name, allowed in (("attribution", ATTRIBUTIONS), ("target", TARGETS), ("rule", RULES),
-                              ("normalisation", NORMALISATIONS)):
+        for name, allowed in (("attribution", ATTRIBUTIONS), ("target", TARGETS), ("method", METHODS),
+                              ("rule", RULES), ("normalisation", NORMALISATIONS), ("mode", SELECTIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.ks is not None:
-            object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
-
-
-def side_file(out: str | Path, suffix: str) -> Path:
-    """`neurons.json` -> `neurons<suffix>` (the scores and attributions live beside the neuron file)."""
-    out = Path(out)
-    stem = out.name[:-5] if out.name.endswith(".json") else out.name
-    return out.with_name(stem + suffix)
+            object.__setattr__(self, "ks", tuple(self.ks))
+        check_minimums(self)
+        if self.text is not None and not (Path(self.text).is_file() and Path(self.text).stat().st_size):
+            raise FileNotFoundError(f"text file {self.text} " + ("is empty" if Path(self.text).is_file()
+                                                                 else "does not exist"))
 
 
 def _prompts_hash(prompts) -> str:
@@ -68,6 +72,26 @@ def _prompts_hash(prompts) -> str:
     for p in prompts:
         h.update(p.text.encode() + b"\x00" + p.answer.encode() + b"\x01")
     return h.hexdigest()[:16]
+
+
+def load_checkpoint(checkpoint: Path, identity: dict[str, Any], n_prompts: int) -> Attributions | None:
+    """The attributions saved in `checkpoint` if it holds a part of this very run, else None.
+
+    A damaged file or one from other settings is not an error: it is said, then overwritten by the
+    first new checkpoint, so a half-written or stale file never blocks `find`.
+    """
+    if not checkpoint.exists():
+        return None
+    try:
+        done, header = Attributions.load(checkpoint)
+    except Exception as e:  # noqa: BLE001 - any damage means the same: start over
+        note(f"checkpoint {checkpoint} is damaged ({type(e).__name__}: {e}); attributing from the start")
+        return None
+    if not all(header.get(k) == v for k, v in identity.items()) or done.values.shape[0] > n_prompts:
+        note(f"checkpoint {checkpoint} is from other settings or another model; attributing from the start")
+        return None
+    note(f"resuming from checkpoint {checkpoint}: {done.values.shape[0]} of {n_prompts} prompts attributed")
+    return done
 
 
 def attribute_with_checkpoints(model: HookedModel, prompts: Sequence, checkpoint: Path, identity: dict[str, Any],
@@ -78,25 +102,21 @@ def attribute_with_checkpoints(model: HookedModel, prompts: Sequence, checkpoint
 
     from mechcopy.attribution import grad_x_act, integrated_gradients
 
-    parts: list[Attributions] = []
-    if Path(checkpoint).exists():
-        done, header = Attributions.load(checkpoint)
-        if all(header.get(k) == v for k, v in identity.items()):
-            parts = [done]
+    done = load_checkpoint(Path(checkpoint), identity, len(prompts))
+    parts: list[Attributions] = [done] if done is not None else []
     start = parts[0].values.shape[0] if parts else 0
     every = config.checkpoint_every
-    bar = tqdm(total=len(prompts), initial=start, desc=f"{config.attribution} attribution", disable=not progress)
-    for s in range(start, len(prompts), every):
-        chunk = prompts[s:s + every]
-        if config.attribution == "ig":
-            part = integrated_gradients(model, chunk, target=config.target, steps=config.steps,
-                                        method=config.method, rule=config.rule)
-        else:
-            part = grad_x_act(model, chunk, target=config.target, method=config.method)
-        parts = [Attributions.cat(parts + [part])]
-        parts[0].save(checkpoint, identity)
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(prompts), initial=start, desc=f"{config.attribution} attribution", disable=not progress) as bar:
+        for s in range(start, len(prompts), every):
+            chunk = prompts[s:s + every]
+            if config.attribution == "ig":
+                part = integrated_gradients(model, chunk, target=config.target, steps=config.steps,
+                                            method=config.method, rule=config.rule)
+            else:
+                part = grad_x_act(model, chunk, target=config.target, method=config.method)
+            parts = [Attributions.cat(parts + [part])]
+            parts[0].save(checkpoint, identity)
+            bar.update(len(chunk))
     return Attributions.cat(parts)
 
 
@@ -114,22 +134,33 @@ def _guard(model: HookedModel, prompts: Sequence, scores, chosen: NeuronSet, k: 
     out["refused"] = (f"the top-{k} set fails the self-consistency check on the attribution prompts: "
                       f"{c.target} chosen - random = {row['diff']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]; "
                       "k = 0 (nothing pruned)")
-    return NeuronSet((), chosen.model, {**chosen.meta, "k": 0, "n": 0}), out
+    return NeuronSet((), chosen.model, {**chosen.meta, "k": 0, "n": 0, "why": out["refused"]}), out
 
 
 def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = FindConfig(),
                       progress: bool = True) -> NeuronSet:
-    """The whole pipeline; writes the neuron file `out`, the scores and the attributions; returns the set."""
+    """The whole pipeline; writes the neuron file `out`, the scores and the attributions; returns the set.
+
+    Everything that can fail on the inputs (the k grid against the model, the text, the prompts
+    against the context) is checked before the attribution starts. If no k beats the unpruned model
+    on the dev split, the set is empty and its meta says so (`k` = 0 and `why`).
+    """
     from mechcopy.attribution import copy_scores
+    from mechcopy.evaluation import check_context
     from mechcopy.neurons import model_fingerprint
-    from mechcopy.pruning import DEFAULT_KS, select, sweep_k
+    from mechcopy.pruning import DEFAULT_KS, select, sweep_k, valid_ks
     from mechcopy.tasks.probe import probe_splits
 
     c = config
     out = Path(out)
+    ks = valid_ks(model, c.ks or DEFAULT_KS, c.mode)
+    text, text_name = None, "pydoc_data.topics"
+    if c.text is not None:
+        text, text_name = _read_text(c.text), str(c.text)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     attr_prompts, dev_prompts = probe_splits(model.tokenizer, n_attr=c.n, n_dev=c.n_dev, k=c.shots, seed=c.seed)
+    check_context(model, attr_prompts + dev_prompts)
     fp = model_fingerprint(model)
     identity = {"format": CHECKPOINT_FORMAT, "model": fp["name"], "weight_hash": fp["weight_hash"],
                 "attribution": c.attribution, "target": c.target, "steps": c.steps if c.attribution == "ig" else 1,
@@ -143,27 +174,30 @@ def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = 
     scores_path = scores.save(side_file(out, ".scores.safetensors"))
 
     t1 = time.perf_counter()
-    text, text_name = None, "pydoc_data.topics"
-    if c.text is not None:
-        text, text_name = Path(c.text).read_text(), str(c.text)
-    sweep = sweep_k(model, scores, dev_prompts, c.ks or DEFAULT_KS, c.mode, c.max_ppl_increase, text, text_name,
+    sweep = sweep_k(model, scores, dev_prompts, ks, c.mode, c.max_ppl_increase, text, text_name,
                     c.ppl_tokens, c.seed, progress)
     times["sweep_s"] = round(time.perf_counter() - t1, 1)
-    if sweep.chosen_k is None:
-        raise RuntimeError(
-            f"no k in {[r['k'] for r in sweep.rows]} keeps the perplexity increase within "
-            f"{c.max_ppl_increase:.0%} (smallest increase {min(r['ppl_increase'] for r in sweep.rows):.1%}); "
-            "pass smaller --ks or a larger --max-ppl-increase")
-    chosen = select(scores, c.mode, k=sweep.chosen_k)
-    guard = {}
-    if c.consistency_random > 0 and sweep.chosen_k:
-        chosen, guard = _guard(model, attr_prompts, scores, chosen, sweep.chosen_k, c)
-    meta = {**guard, **chosen.meta, "attribution": c.attribution, "target": c.target, "steps": identity["steps"],
+    guard: dict[str, Any] = {}
+    if sweep.chosen_k:
+        chosen = select(scores, c.mode, k=sweep.chosen_k)
+        if c.consistency_random > 0:
+            chosen, guard = _guard(model, attr_prompts, scores, chosen, sweep.chosen_k, c)
+        pairs, selection = chosen.neurons, chosen.meta
+    else:
+        pairs, selection = (), {"selection": c.mode, "k": 0, "threshold": None, "n": 0, "why": sweep.why}
+    meta = {**guard, **selection, "attribution": c.attribution, "target": c.target, "steps": identity["steps"],
             "method": att.method, "rule": att.rule, "normalisation": c.normalisation, "n_attr": c.n,
             "n_dev": c.n_dev, "shots": c.shots, "seed": c.seed, "scores_path": str(scores_path.resolve()),
             "completeness_error_median": float(att.completeness_error().median()),
-            "sweep": sweep.to_json(), "times": times, "layer_counts": chosen.layer_counts(model.cfg.n_layers),
-            "config": asdict(c)}
-    neurons = NeuronSet(chosen.neurons, fp, meta)
+            "sweep": sweep.to_json(), "times": times, "config": asdict(c)}
+    neurons = NeuronSet(pairs, fp, meta)
+    neurons.meta["layer_counts"] = neurons.layer_counts(model.cfg.n_layers)
     neurons.save(out)
     return neurons
+
+
+def _read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {path} is not UTF-8 text ({e})") from e

@@ -2,7 +2,9 @@
 
 Factories build the functions, so a notebook reads
 `model.run_with_hooks(tokens, fwd_hooks=[(site, zero_neurons(idx))])`. Hooks return a new
-tensor rather than editing in place, so they compose with autograd.
+tensor rather than editing in place, so they compose with autograd. A hook whose effect is fixed by
+its arguments carries them in `fn.key`, so a checkpoint can tell two interventions apart
+(`mechcopy.evaluation.run_evaluation`).
 """
 
 from __future__ import annotations
@@ -16,30 +18,52 @@ from torch import Tensor
 Hook = Callable[[Tensor, object], Tensor | None]
 
 
-def _named(fn: Hook, name: str) -> Hook:
+def _named(fn: Hook, name: str, key: str | None = None) -> Hook:
     fn.__name__ = fn.__qualname__ = name
+    if key is not None:
+        fn.key = key  # type: ignore[attr-defined]
     return fn
 
 
-def _as_index(idx) -> Tensor:
-    return torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+def _as_index(idx, what: str = "indices") -> Tensor:
+    """Indices as a LongTensor. Fractions and booleans are refused: torch would truncate 1.7 to 1 and
+    read booleans as a mask, without a word."""
+    try:
+        index = torch.as_tensor(idx).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{what} must be integers, got {idx!r}") from e
+    if index.numel() and (index.dtype == torch.bool or index.is_floating_point() or index.is_complex()):
+        raise TypeError(f"{what} must be integers, got {idx!r}")
+    return index.long()
+
+
+def _neuron_index(idx) -> Tensor:
+    """Neuron indices: integers >= 0 (torch would count -1 from the end, so -1 would prune the last neuron)."""
+    index = _as_index(idx, "neuron indices")
+    if index.numel() and int(index.min()) < 0:
+        raise IndexError(f"neuron indices must be >= 0, got {int(index.min())}")
+    return index
 
 
 def scale_neurons(idx, factor: float) -> Hook:
     """Multiply neurons `idx` (last dimension) by `factor` at every position."""
-    index = _as_index(idx)
+    index = _neuron_index(idx)
+    top = int(index.max()) if index.numel() else -1
 
     def hook(act: Float[Tensor, "... d"], hook) -> Float[Tensor, "... d"]:
+        if top >= act.shape[-1]:
+            raise IndexError(f"neuron index {top} out of range at {hook.name}: it has {act.shape[-1]} neurons")
         mask = torch.ones(act.shape[-1], dtype=act.dtype, device=act.device)
         mask[index.to(act.device)] = factor
         return act * mask
 
-    return _named(hook, f"scale_neurons[{len(index)}x{factor}]")
+    return _named(hook, f"scale_neurons[{len(index)}x{factor}]", f"scale_neurons({index.tolist()}, {factor!r})")
 
 
 def zero_neurons(idx) -> Hook:
     """Set neurons `idx` (last dimension) to zero at every position: pruning as a hook."""
-    return _named(scale_neurons(idx, 0.0), f"zero_neurons[{len(_as_index(idx))}]")
+    index = _neuron_index(idx)
+    return _named(scale_neurons(index, 0.0), f"zero_neurons[{len(index)}]", f"zero_neurons({index.tolist()})")
 
 
 def patch_from_cache(cache, positions=None, idx=None) -> Hook:

@@ -74,11 +74,16 @@ def _as_index(value: Any, what: str) -> int:
 
 @dataclass(frozen=True)
 class NeuronSet:
-    """A set of (layer, index) neurons, tied to the model it was found on."""
+    """A set of (layer, index) neurons, tied to the model it was found on.
+
+    An empty set is legitimate only as `find`'s answer that no k helps (meta `k` = 0, with the reason
+    in meta `why`); a neuron file holding no neurons without saying so is refused on loading.
+    """
 
     neurons: tuple[tuple[int, int], ...]
     model: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    source: Path | None = field(default=None, compare=False)   # the file it was loaded from
 
     def __post_init__(self):
         pairs = set()
@@ -90,6 +95,11 @@ class NeuronSet:
 
     def __len__(self) -> int:
         return len(self.neurons)
+
+    @property
+    def why_empty(self) -> str:
+        """For an empty set, why `find` chose k = 0 (as recorded in its meta)."""
+        return self.meta.get("why") or "find chose k = 0"
 
     def by_layer(self) -> dict[int, torch.Tensor]:
         """Layer -> LongTensor of neuron indices in that layer (only layers with neurons)."""
@@ -107,45 +117,63 @@ class NeuronSet:
 
     def check(self, model: HookedModel) -> None:
         """Raise a clear error unless this set belongs to `model` and every index is in range."""
-        if not self.neurons:
-            raise ValueError("the neuron set is empty: nothing to prune or patch")
+        where = f" ({self.source})" if self.source else ""
+        missing = [k for k in IDENTITY_KEYS if k not in self.model]
+        if missing:
+            raise ValueError(f"the neuron set{where} does not name the model it was found on "
+                             f"(missing {', '.join(missing)}); it cannot be checked against this model")
         fp = model_fingerprint(model)
-        diff = [f"{k}: file has {self.model.get(k)!r}, model has {fp[k]!r}"
-                for k in IDENTITY_KEYS if k in self.model and self.model[k] != fp[k]]
+        diff = [f"{k}: file has {self.model[k]!r}, model has {fp[k]!r}"
+                for k in IDENTITY_KEYS if self.model[k] != fp[k]]
         if diff:
-            raise ValueError("this neuron set was found on another model (" + "; ".join(diff) + ")")
+            raise ValueError(f"the neuron set{where} was found on another model (" + "; ".join(diff) + ")")
         n_layers, width = fp["n_layers"], fp["neurons_per_layer"]
         for layer, idx in self.neurons:
             if not (0 <= layer < n_layers and 0 <= idx < width):
                 raise IndexError(
-                    f"neuron ({layer}, {idx}) out of range: the model has {n_layers} layers of {width} neurons"
+                    f"neuron ({layer}, {idx}){where} out of range: the model has {n_layers} layers of {width} neurons"
                 )
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "neurons": [list(n) for n in self.neurons], "meta": self.meta}
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "NeuronSet":
+    def from_json(cls, obj: dict[str, Any], source: Path | None = None) -> "NeuronSet":
+        what = f"{source}: not a neuron file" if source else "not a neuron file"
         if not isinstance(obj, dict):
-            raise ValueError(f"not a neuron file: the top level must be a JSON object, got {type(obj).__name__}")
+            raise ValueError(f"{what}: the top level must be a JSON object, got {type(obj).__name__}")
         for key in ("model", "neurons"):
             if key not in obj:
-                raise ValueError(f"not a neuron file: missing field {key!r}")
-        if not isinstance(obj["model"], dict):
-            raise ValueError(f"not a neuron file: field 'model' must be an object, got {obj['model']!r}")
-        if not isinstance(obj["neurons"], list):
-            raise ValueError(f"not a neuron file: field 'neurons' must be a list of [layer, index] pairs, "
-                             f"got {obj['neurons']!r}")
-        return cls(tuple(tuple(n) if isinstance(n, list) else n for n in obj["neurons"]), obj["model"],
-                   obj.get("meta", {}))
+                raise ValueError(f"{what}: missing field {key!r}")
+        model, neurons, meta = obj["model"], obj["neurons"], obj.get("meta", {})
+        if not isinstance(model, dict):
+            raise ValueError(f"{what}: field 'model' must be an object, got {model!r}")
+        missing = [k for k in IDENTITY_KEYS if k not in model]
+        if missing:
+            raise ValueError(f"{what}: field 'model' lacks {', '.join(missing)} (a neuron file names the model "
+                             "it was found on)")
+        if not isinstance(neurons, list):
+            raise ValueError(f"{what}: field 'neurons' must be a list of [layer, index] pairs, got {neurons!r}")
+        if not isinstance(meta, dict):
+            raise ValueError(f"{what}: field 'meta' must be an object, got {meta!r}")
+        if not neurons and meta.get("k") != 0:
+            raise ValueError(f"{what}: it holds no neurons and does not say why (a file from `mechcopy find` "
+                             "that chose k = 0 says so in meta.k)")
+        try:
+            return cls(tuple(tuple(n) if isinstance(n, list) else n for n in neurons), model, meta, source)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from e
 
     def save(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "NeuronSet":
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"neuron file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
         try:
-            obj = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_json(obj)
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a neuron file (not valid JSON: {e})") from e
+        return cls.from_json(obj, path)

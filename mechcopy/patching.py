@@ -60,9 +60,9 @@ def make_pairs(model: HookedModel, task, corruption: str, n: int = 10, shots: in
     """Build up to `n` clean/corrupted pairs from `task` (see the module docstring for what is dropped)."""
     cands, dropped = corrupted_pairs(task, model.tokenizer, corruption, n_candidates or max(6 * n, 60), shots,
                                      seed, other_task)
-    kept = []
+    kept, tokens = [], arch_of(model).tokens
     for p, c in cands:
-        tc, tx = model.to_tokens(p.text)[0], model.to_tokens(c.text)[0]
+        tc, tx = tokens(model, p.text, what=f"prompt of task {task.name!r}")[0], tokens(model, c.text)[0]
         if tc.shape != tx.shape:
             dropped.append(f"{p.query!r}: corrupted prompt has {tx.shape[0]} tokens, clean {tc.shape[0]}")
             continue
@@ -239,9 +239,15 @@ def activation_patching(
     neurons=None, comps: Sequence[str] | None = None, method: str = "own", fwd_hooks=(),
     progress: bool = False,
 ) -> PatchingResult:
-    """Clean-into-corrupted patching for `task` under `corruption`, averaged over up to `n` pairs."""
+    """Clean-into-corrupted patching for `task` under `corruption`, averaged over up to `n` pairs.
+
+    `neurons` are checked against the model before any work; an empty set (find chose k = 0) is not
+    patched."""
     from mechcopy.neurons import model_fingerprint
 
+    if neurons is not None:
+        neurons.check(model)
+        neurons = neurons if neurons.neurons else None
     pairs = make_pairs(model, task, corruption, n, shots, seed, other_task)
     metric = NormalisedLogitDiff.from_runs(model, pairs.clean_tokens, pairs.corrupt_tokens, pairs.gold,
                                            pairs.ref, fwd_hooks)

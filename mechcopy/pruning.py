@@ -73,21 +73,43 @@ def conditions(model: HookedModel, neurons: NeuronSet, n_random: int = 5, seed: 
                scores: CopyScores | None = None) -> list[tuple[str, list]]:
     """[("pruned", hooks), ("random-<seed>", hooks) x n_random, ("bottom", hooks)] for evaluation.
 
-    `bottom` needs copy scores: `scores`, or the file named in `neurons.meta["scores_path"]`.
+    `bottom` needs copy scores: `scores`, or the file named in `neurons.meta["scores_path"]` (see
+    `find_scores`). An empty set (find chose k = 0) has nothing to prune: no conditions.
     """
     neurons.check(model)
+    if not neurons.neurons:
+        return []
     out = [("pruned", pruning_hooks(model, neurons))]
     for s in range(seed, seed + n_random):
         out.append((f"random-{s}", pruning_hooks(model, random_matched(model, neurons, s))))
-    if scores is None and neurons.meta.get("scores_path"):
-        from pathlib import Path
-
-        path = Path(neurons.meta["scores_path"])
-        if path.exists():
-            scores = CopyScores.load(path)
+    scores = scores if scores is not None else find_scores(neurons)
     if scores is not None:
         out.append(("bottom", pruning_hooks(model, bottom_set(scores, len(neurons)))))
     return out
+
+
+def find_scores(neurons: NeuronSet) -> CopyScores | None:
+    """The copy scores a neuron file names (meta `scores_path`), or None if it names none.
+
+    If the recorded path is gone, the scores file beside the neuron file is used (a moved folder);
+    if neither exists the error says so, rather than the bottom-score baseline quietly going missing.
+    """
+    from pathlib import Path
+
+    from mechcopy.io import side_file
+
+    recorded = neurons.meta.get("scores_path")
+    if not recorded:
+        return None
+    candidates = [Path(recorded)]
+    if neurons.source is not None:
+        candidates.append(side_file(neurons.source, ".scores.safetensors"))
+    for path in candidates:
+        if path.is_file():
+            return CopyScores.load(path)
+    raise FileNotFoundError(
+        f"the bottom-score baseline needs the copy scores of {neurons.source or 'this neuron set'}, which are "
+        f"neither at {recorded} nor beside the neuron file; move the scores file back beside it")
 
 
 # ---------------------------------------------------------------- selection
@@ -216,22 +238,52 @@ def sweep_layer_percent(model: HookedModel, scores: CopyScores, dev_prompts: Seq
 
 @dataclass(frozen=True)
 class KSweep:
-    """Dev accuracy for each k and the cost to general ability; the chosen k maximises dev accuracy
-    among the k within every bound (perplexity increase and/or accuracy drop on general prompts)."""
+    """Dev accuracy for each k and the cost to general ability. The chosen k is the best feasible k
+    (within every bound: perplexity increase and/or accuracy drop on general prompts) if it beats the
+    unpruned model's dev accuracy, else 0: pruning nothing is a possible outcome, and `why` says so."""
 
     rows: tuple[dict[str, Any], ...]
     baseline: dict[str, Any]
-    chosen_k: int | None
+    chosen_k: int
     mode: str
     max_ppl_increase: float | None
     text: str | None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     max_general_drop: float | None = None
+    why: str = ""
+
+    @property
+    def best_pruned_k(self) -> int | None:
+        """The feasible k > 0 with the best dev accuracy (the smallest on ties), better than k = 0 or not."""
+        feasible = [r for r in self.rows if r["feasible"]]
+        return max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if feasible else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"rows": list(self.rows), "baseline": self.baseline, "chosen_k": self.chosen_k,
+        return {"rows": list(self.rows), "baseline": self.baseline, "chosen_k": self.chosen_k, "why": self.why,
                 "mode": self.mode, "max_ppl_increase": self.max_ppl_increase, "text": self.text,
                 "max_general_drop": self.max_general_drop, **self.meta}
+
+
+def _choose_k(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> tuple[int, str]:
+    """(chosen k, why k = 0 when it is): the best feasible k only if it beats no pruning on the dev split."""
+    feasible = [r for r in rows if r["feasible"]]
+    if not feasible:
+        return 0, f"no k in {[r['k'] for r in rows]} stays within the bound on general ability"
+    best = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"]))
+    if best["dev_accuracy"] > baseline["dev_accuracy"]:
+        return best["k"], ""
+    return 0, (f"no k improves dev accuracy over the unpruned model ({baseline['dev_accuracy']:.3f}; "
+               f"best pruned: k = {best['k']}, {best['dev_accuracy']:.3f})")
+
+
+def valid_ks(model: HookedModel, ks: Sequence[int], mode: str = "global") -> list[int]:
+    """The k of the grid that `mode` can select on this model (sorted); an error if none can."""
+    width = neurons_per_layer(model)
+    most = width if mode == "per-layer" else width * model.cfg.n_layers
+    valid = sorted({int(k) for k in ks if 0 < k <= most})
+    if not valid:
+        raise ValueError(f"no k in {list(ks)} can be selected on this model ({mode} top-k: 1 <= k <= {most})")
+    return valid
 
 
 def sweep_k(model: HookedModel, scores: CopyScores, dev_prompts: Sequence, ks: Sequence[int] = DEFAULT_KS,
@@ -239,7 +291,8 @@ def sweep_k(model: HookedModel, scores: CopyScores, dev_prompts: Sequence, ks: S
             text_name: str = "pydoc_data.topics", n_tokens: int = 4096, seed: int = 0,
             progress: bool = False, general_prompts: Sequence | None = None,
             max_general_drop: float = 0.05) -> KSweep:
-    """For each k: dev accuracy under pruning and its cost to general ability.
+    """For each k: dev accuracy under pruning and its cost to general ability; k = 0 (no pruning)
+    is the baseline every k must beat (`KSweep.chosen_k`).
 
     The cost is the relative perplexity increase on held-out text (bound `max_ppl_increase`; None
     skips it), and, with `general_prompts`, the accuracy drop on those prompts (bound
@@ -253,10 +306,7 @@ def sweep_k(model: HookedModel, scores: CopyScores, dev_prompts: Sequence, ks: S
     if max_ppl_increase is None and general_prompts is None:
         raise ValueError("the k sweep needs a bound: max_ppl_increase and/or general_prompts")
     scores.check(model)
-    width = neurons_per_layer(model)
-    ks = sorted({int(k) for k in ks if 0 < k <= (width if mode == "per-layer" else scores.scores.numel())})
-    if not ks:
-        raise ValueError("no valid k in the sweep grid for this model")
+    ks = valid_ks(model, ks, mode)
 
     def measure(hooks, name: str) -> dict[str, Any]:
         res = evaluate(model, dev_prompts, fwd_hooks=hooks, condition=name, seed=seed, n_boot=200)
@@ -283,8 +333,7 @@ def sweep_k(model: HookedModel, scores: CopyScores, dev_prompts: Sequence, ks: S
         rows.append({**row, "feasible": feasible})
     if max_ppl_increase is not None:
         baseline["ppl_increase"] = 0.0
-    feasible_rows = [r for r in rows if r["feasible"]]
-    chosen = max(feasible_rows, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if feasible_rows else None
+    chosen, why = _choose_k(rows, baseline)
     meta = {"n_dev": len(dev_prompts), "seed": seed, "model": model_fingerprint(model)}
     if max_ppl_increase is not None:
         meta["n_tokens"] = n_tokens
@@ -292,4 +341,4 @@ def sweep_k(model: HookedModel, scores: CopyScores, dev_prompts: Sequence, ks: S
         meta["n_general"] = len(general_prompts)
     return KSweep(tuple(rows), baseline, chosen, mode, max_ppl_increase,
                   text_name if max_ppl_increase is not None else None, meta,
-                  max_general_drop if general_prompts is not None else None)
+                  max_general_drop if general_prompts is not None else None, why)

@@ -15,8 +15,10 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from mechcopy.arch import HookedModel
+from mechcopy.errors import check_minimums
 from mechcopy.io import write_json_atomic
 from mechcopy.models.zoo import DEFAULT_MODEL
 from mechcopy.neurons import NeuronSet, model_fingerprint
@@ -48,6 +50,13 @@ class ReproduceConfig:
     patch_shots: int = 3
     n_patch: int = 4
     seed: int = 0
+
+    MINIMUM: ClassVar[dict[str, int]] = {
+        "n_probe": 1, "n_dev": 1, "steps": 1, "shots": 1, "n_eval": 1, "n_random": 0, "n_tv": 1, "n_tv_dev": 1,
+        "tv_layer_step": 1, "patch_shots": 2, "n_patch": 1, "seed": 0}
+
+    def __post_init__(self):
+        check_minimums(self)
 
 
 def git_revision() -> str:
@@ -81,7 +90,8 @@ def stage_evaluate(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
 
     neurons = NeuronSet.load(out / "neurons.json")
     conds = [("unpruned", [])] + conditions(model, neurons, cfg.n_random, cfg.seed)
-    rows, dropped = run_evaluation(model, load_tasks(cfg.tasks), cfg.shots, cfg.n_eval, cfg.seed, conds)
+    rows, dropped = run_evaluation(model, load_tasks(cfg.tasks), cfg.shots, cfg.n_eval, cfg.seed, conds,
+                                   checkpoint=out / "evaluate.partial.jsonl")
     return {"results": rows, "dropped": dropped}
 
 
@@ -130,7 +140,10 @@ def check_out(cfg: ReproduceConfig, out: str | Path) -> None:
     """Refuse an output folder that holds a run with other settings (before any model is loaded)."""
     settings_path = Path(out) / "settings.json"
     if settings_path.exists():
-        before = json.loads(settings_path.read_text())["config"]
+        try:
+            before = json.loads(settings_path.read_text())["config"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{settings_path} is damaged ({e!r}); use a fresh --out folder") from e
         if before != json.loads(json.dumps(asdict(cfg))):
             raise ValueError(f"{out} holds a run with other settings ({settings_path}); "
                              "use a fresh --out folder, or delete it to start over")
@@ -156,6 +169,7 @@ def reproduce(model: HookedModel, cfg: ReproduceConfig, out: str | Path) -> Path
         result = stage(model, cfg, out)
         seconds = round(time.time() - t0, 1)
         write_json_atomic(path, {"stage": name, "seconds": seconds, "result": result})
+        path.with_suffix(".partial.jsonl").unlink(missing_ok=True)  # the stage's checkpoint, if it keeps one
         print(f"[{name}] {seconds} s -> {path.name}", flush=True)
     report = out / "report.html"
     print(f"\nreport: {report}")

@@ -22,13 +22,14 @@ injection, and in the zero-shot and ICL baselines, so a "pruned" result is the p
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechcopy.arch import HookedModel
+from mechcopy.arch import HookedModel, arch_of
+from mechcopy.errors import check_minimums
 from mechcopy.hooks import inject_vector
 from mechcopy.tasks.splits import TaskVectorSplit, split_task
 
@@ -51,8 +52,22 @@ class TaskVectorConfig:
     seed: int = 0
     layers: tuple[int, ...] | None = None   # default: every layer
 
+    MINIMUM: ClassVar[dict[str, int]] = {"shots": 1, "n_extract": 1, "n_dev": 1, "n_test": 1, "seed": 0, "layers": 0}
+
+    def __post_init__(self):
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        check_minimums(self)
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self, model: HookedModel) -> None:
+        """Refuse layers the model does not have."""
+        n = model.cfg.n_layers
+        bad = [layer for layer in self.layers or () if layer >= n]
+        if bad:
+            raise IndexError(f"layers {bad} out of range: the model has {n} layers (0..{n - 1})")
 
     def split(self, task, tokenizer) -> TaskVectorSplit:
         """The task's extraction, dev and test prompts at these sizes (`mechcopy.tasks.splits.split_task`)."""
@@ -104,7 +119,8 @@ def extract(
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         for p in prompts:
             text = p if isinstance(p, str) else p.text
-            _, cache = model.run_with_cache(model.to_tokens(text), names_filter=lambda n: n in wanted)
+            tokens = arch_of(model).tokens(model, text, what="an extraction prompt")
+            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in wanted)
             vec = torch.stack([cache[n][0, -1] for n in names])
             total = vec if total is None else total + vec
     if total is None:
@@ -178,16 +194,23 @@ def task_vector_experiment(
 
 def run_task_vectors(model: HookedModel, tasks, config: TaskVectorConfig = TaskVectorConfig(), neurons=None,
                      progress: bool = True) -> list[TaskVectorResult]:
-    """Unpruned results for every task, and pruned ones (hooks in extraction and injection) if `neurons`."""
+    """Unpruned results for every task, and pruned ones (hooks in extraction and injection) if `neurons`
+    holds any. Every task's split is built and checked against the context before any work."""
+    from mechcopy.evaluation import check_context
+
+    config.check(model)
     conditions = [("unpruned", [])]
     if neurons is not None:
         from mechcopy.pruning import pruning_hooks
 
         neurons.check(model)
-        conditions.append(("pruned", pruning_hooks(model, neurons)))
+        if neurons.neurons:
+            conditions.append(("pruned", pruning_hooks(model, neurons)))
+    splits = [config.split(task, model.tokenizer) for task in tasks]
+    for split in splits:
+        check_context(model, split.extraction + split.dev + split.test + split.test_icl)
     out = []
-    for task in tasks:
-        split = config.split(task, model.tokenizer)
+    for task, split in zip(tasks, splits):
         for name, hooks in conditions:
             out.append(task_vector_experiment(model, task, config, hooks, name, split, progress))
     return out

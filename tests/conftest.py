@@ -51,3 +51,37 @@ def mamba():
     from mechcopy.models.mamba import tiny_mamba
 
     return tiny_mamba(n_layers=2, d_model=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A Hugging Face folder holding a tiny random Llama (2 layers of 64 neurons, 512-token context)
+    with the character tokenizer: `load_model(folder)` loads it as a real user's folder is loaded,
+    and a subprocess can load it too. Its name contains "llama" on purpose (see `_tl_config`)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mechcopy.models.tiny import char_tokenizer
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tok = char_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def best_k_chosen(monkeypatch):
+    """The k sweep prunes its best k even where it does not beat k = 0. A random model gains nothing
+    from pruning, so find would choose k = 0; tests of what comes after the selection use this."""
+    from mechcopy import pruning
+
+    def best(rows, baseline):
+        return max(rows, key=lambda r: r["dev_accuracy"])["k"], ""
+
+    monkeypatch.setattr(pruning, "_choose_k", best)

@@ -46,8 +46,11 @@ def test_neuron_sites_and_components_are_hook_points(case):
         assert cache[site].shape[-1] == arch.neurons_per_layer(model)
         for template in arch.components.values():
             assert template.format(layer=layer) in model.hook_dict
-    for bad in (-1, model.cfg.n_layers, 1.5, True):
+    for bad in (-1, model.cfg.n_layers):
         with pytest.raises(IndexError):
+            arch.neuron_site(model, bad)
+    for bad in (1.5, True, "1"):
+        with pytest.raises(TypeError, match="must be an integer"):
             arch.neuron_site(model, bad)
 
 

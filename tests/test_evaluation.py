@@ -148,6 +148,7 @@ def test_perplexity_matches_naive(tiny):
 def test_evaluate_cli(tiny, tmp_path, monkeypatch):
     import mechcopy
     from mechcopy.commands import main
+    from mechcopy.hooks import zero_neurons
     from mechcopy.neurons import NeuronSet, model_fingerprint
 
     monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: tiny)
@@ -170,15 +171,15 @@ def test_evaluate_cli(tiny, tmp_path, monkeypatch):
     NeuronSet(((0, 1), (1, 2)), model_fingerprint(tiny)).save(neurons)
     calls = []
 
-    def conditions(model, ns, n_random, seed):
+    def conditions(model, ns, n_random, seed, scores=None):
         calls.append((len(ns), n_random, seed))
-        return [("pruned", [("blocks.0.mlp.hook_post", lambda a, hook: a * 0)]), ("random-0", [])]
+        return [("pruned", [("blocks.0.mlp.hook_post", zero_neurons(range(64)))]), ("random-0", [])]
 
     import mechcopy.pruning
 
     monkeypatch.setattr(mechcopy.pruning, "conditions", conditions)
     assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--shots", "2", "--n", "5",
-                 "--prune", str(neurons), "--n-random", "1", "--out", str(out)]) == 0
+                 "--prune", str(neurons), "--n-random", "1", "--out", str(out), "--force"]) == 0
     assert calls == [(2, 1, 0)]
     assert [r["condition"] for r in json.loads(out.read_text())["results"]] == ["unpruned", "pruned", "random-0"]
 

@@ -1,6 +1,7 @@
 """The model zoo: real weights match an independent HF build, the cache works and fails clearly."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -96,9 +97,20 @@ def test_truncated_cache_is_refetched(tmp_path, monkeypatch, capsys):
     with open(weights, "r+b") as f:
         f.truncate(size // 2)
     assert "truncated" in zoo.cache_problem("smollm2-135m")
-    zoo.fetch("smollm2-135m")
+    old = os.umask(0o022)
+    try:
+        zoo.fetch("smollm2-135m")
+    finally:
+        os.umask(old)
     assert "truncated" in capsys.readouterr().err
-    assert weights.stat().st_size == size and zoo.cache_problem("smollm2-135m") is None
+    assert zoo.cache_problem("smollm2-135m") is None
+    # rebuilt byte-stable (no metadata but the format) and readable by a second user of the cache
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in folder.iterdir())
+    assert abs(weights.stat().st_size - size) < 200   # the same tensors; only the header's metadata differs
 
 
 @pytest.mark.slow

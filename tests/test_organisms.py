@@ -189,7 +189,7 @@ def test_full_method_on_a_tiny_organism(tmp_path):
     for probe, m in res["methods"].items():
         assert m["ig"]["completeness_error_median"] < 0.02, probe
         assert len(m["neurons"]) == m["pruned_k"] in config.ks
-        assert m["sweep"]["chosen_k"] in (m["pruned_k"], None) and m["sweep"]["max_general_drop"] == 0.05
+        assert m["sweep"]["chosen_k"] in (m["pruned_k"], 0) and m["sweep"]["max_general_drop"] == 0.05
         conds = {r["condition"] for r in m["table"]}
         assert conds == {"unpruned", "pruned", "random-0", "random-1", "bottom"}
         assert {r["set"] for r in m["table"]} == {"map-heldout", "shift-heldout", "class", "probe-same",

@@ -109,8 +109,7 @@ def test_bad_inputs(tiny3, mamba, tmp_path):
         pruning_hooks(tiny3, _set(tiny3, [(0, 64)]))
     with pytest.raises(IndexError, match="out of range"):
         prune_weights(tiny3, _set(tiny3, [(3, 0)]))
-    with pytest.raises(ValueError, match="empty"):
-        conditions(tiny3, _set(tiny3, []))
+    assert conditions(tiny3, _set(tiny3, [], k=0)) == []   # k = 0: nothing to prune, no conditions
     ns = _set(tiny3, [(0, 1)])
     path = ns.save(tmp_path / "n.json")
     with pytest.raises(ValueError, match="another model"):
@@ -127,15 +126,14 @@ def test_sweep_picks_best_feasible_k(tiny3):
     assert [r["k"] for r in sw.rows] == [2, 4, 150]  # 500 > 192 neurons: dropped
     feasible = [r for r in sw.rows if r["ppl_increase"] <= 0.5]
     assert all(r["feasible"] == (r in feasible) for r in sw.rows)
-    if feasible:
-        best = max(r["dev_accuracy"] for r in feasible)
-        assert sw.chosen_k == min(r["k"] for r in feasible if r["dev_accuracy"] == best)
-    else:
-        assert sw.chosen_k is None
+    best = max((r["dev_accuracy"] for r in feasible), default=None)
+    best_k = min(r["k"] for r in feasible if r["dev_accuracy"] == best) if feasible else None
+    assert sw.best_pruned_k == best_k
+    assert sw.chosen_k == (best_k if feasible and best > sw.baseline["dev_accuracy"] else 0)
     assert sw.baseline["ppl_increase"] == 0.0
     assert sw.to_json()["rows"][0]["k"] == 2
     tight = sweep_k(tiny3, sc, dev, ks=[150], max_ppl_increase=-1.0, n_tokens=256)
-    assert tight.chosen_k is None
+    assert tight.chosen_k == 0 and tight.best_pruned_k is None and "bound" in tight.why
 
 
 def test_sweep_with_a_general_accuracy_bound(tiny3):
@@ -155,13 +153,14 @@ def test_sweep_with_a_general_accuracy_bound(tiny3):
         assert r["general_accuracy"] == acc and r["feasible"] == (acc >= base - 0.1) and "ppl" not in r
     feasible = [r for r in sw.rows if r["feasible"]]
     best = max((r["dev_accuracy"] for r in feasible), default=None)
-    assert sw.chosen_k == (min(r["k"] for r in feasible if r["dev_accuracy"] == best) if feasible else None)
+    assert sw.best_pruned_k == (min(r["k"] for r in feasible if r["dev_accuracy"] == best) if feasible else None)
+    assert sw.chosen_k in (0, sw.best_pruned_k)
     assert sw.to_json()["max_general_drop"] == 0.1 and sw.text is None
     with pytest.raises(ValueError, match="bound"):
         sweep_k(tiny3, sc, dev, ks=[2], max_ppl_increase=None)
 
 
-def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch):
+def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch, best_k_chosen):
     """`find` end to end on the tiny model; an interrupted run resumes and gives the same result."""
     import mechcopy.attribution as attribution
     from mechcopy.attribution import CopyScores

@@ -10,7 +10,7 @@ CFG = rp.ReproduceConfig(model="tiny", n_probe=4, n_dev=6, steps=4, tasks="next_
                          n_random=1, tv_tasks=("next_letter",), n_tv=4, patch_task="next_letter", n_patch=2)
 
 
-def test_reproduce_tiny_end_to_end(tiny, tmp_path, monkeypatch):
+def test_reproduce_tiny_end_to_end(tiny, tmp_path, monkeypatch, best_k_chosen):
     out = tmp_path / "run"
     report = rp.reproduce(tiny, CFG, out)
     assert report.exists() and report.stat().st_size > 10_000

@@ -58,7 +58,8 @@ def test_neuron_set_roundtrip_and_checks(tiny, tmp_path):
     back.check(tiny)
     with pytest.raises(IndexError, match="out of range"):
         NeuronSet(((0, 64),), fp).check(tiny)
-    with pytest.raises(ValueError, match="empty"):
-        NeuronSet((), fp).check(tiny)
+    NeuronSet((), fp, {"k": 0}).check(tiny)  # find's k = 0: legitimate, nothing to prune
+    with pytest.raises(ValueError, match="does not name the model"):
+        NeuronSet(((0, 1),), {}).check(tiny)
     with pytest.raises(ValueError, match="another model"):
         NeuronSet(((0, 1),), {**fp, "name": "other", "n_layers": 30}).check(tiny)

@@ -9,6 +9,7 @@ only) lives here once.
 
 from __future__ import annotations
 
+import numbers
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -68,9 +69,11 @@ class Arch:
 
     def neuron_site(self, model: HookedModel, layer: int) -> str:
         n = model.cfg.n_layers
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise TypeError(f"layer must be an integer, got {type(layer).__name__} {layer!r}")
+        if not 0 <= layer < n:
             raise IndexError(f"layer {layer!r} out of range: the model has {n} layers (0..{n - 1})")
-        return self.neuron_template.format(layer=layer)
+        return self.neuron_template.format(layer=int(layer))
 
     def neurons_per_layer(self, model: HookedModel) -> int:
         raise NotImplementedError
@@ -78,6 +81,23 @@ class Arch:
     def architecture_name(self, model: HookedModel) -> str:
         """The name a neuron file records (and is checked against)."""
         raise NotImplementedError
+
+    # -- context ------------------------------------------------------------------------------------
+
+    def context_limit(self, model: HookedModel) -> int | None:
+        """The most tokens the model can read (positional embeddings), or None where there is no limit."""
+        return int(model.cfg.n_ctx)
+
+    def tokens(self, model: HookedModel, text: str, extra: int = 0, what: str = "the prompt") -> Int[Tensor, "1 pos"]:
+        """`text` as tokens [1, pos], refusing text that, with `extra` tokens to generate, exceeds the
+        context. `model.to_tokens` would silently cut it to the context and drop the query."""
+        tokens = model.to_tokens(text, truncate=False)
+        limit = self.context_limit(model)
+        if limit is not None and tokens.shape[1] + extra > limit:
+            plus = f" (+{extra} to generate)" if extra else ""
+            raise ValueError(f"{what} has {tokens.shape[1]} tokens{plus}, more than the model's context of "
+                             f"{limit}; use fewer shots or shorter pairs")
+        return tokens
 
     # -- the forward tail --------------------------------------------------------------------------
 

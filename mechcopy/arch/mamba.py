@@ -27,6 +27,10 @@ class MambaArch(Arch):
     def architecture_name(self, model: HookedModel) -> str:
         return "mamba"
 
+    def context_limit(self, model: HookedModel) -> int | None:
+        """None: a recurrent state has no context limit (`cfg.n_ctx` is nominal)."""
+        return None
+
     def decoder(self, model: HookedModel, batch: int) -> Decoder:
         state = None
 

@@ -1,4 +1,10 @@
-"""The `mechcopy` command: one module per subcommand, all opened the same way (`commands.common`)."""
+"""The `mechcopy` command: one module per subcommand, all opened the same way (`commands.common`).
+
+`main` is the one place where errors meet the user: every exception becomes one line on stderr that
+names the bad input and what to do (exit status 2; `--debug` shows the traceback), and Ctrl-C says
+what was saved and how to resume (exit status 130): a command sets `args.saved`, a callable that
+says it at that moment (`common.saved_in`).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,26 @@ import sys
 import warnings
 
 COMMANDS = ["models", "reproduce", "find", "evaluate", "task_vectors", "patch", "train_organism"]
+NOTHING_SAVED = "nothing was saved; run the command again"
+
+
+class UsageError(Exception):
+    """A bad flag, found by argparse (its message names the flag)."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (through `main`) instead of the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(self.prog, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mechcopy", description=__import__("mechcopy").__doc__)
+    parser = Parser(prog="mechcopy", description=__import__("mechcopy").__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"mechcopy.commands.{name}").register(sub)
@@ -20,20 +42,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe(e: BaseException) -> str:
+    """One line for the user: what was wrong and, where the message does not say it, what to do."""
+    from safetensors import SafetensorError
+
+    from mechcopy.errors import UnknownName
+    from mechcopy.models.zoo import ZooError
+
+    if isinstance(e, OSError) and e.errno is not None:
+        where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        text = f"{e.strerror}: {where}; check the path and its permissions" if where else f"{e.strerror}"
+    elif isinstance(e, KeyError) and not isinstance(e, UnknownName):
+        text = f"internal error: missing key {e}; run again with --debug and report the traceback"
+    elif isinstance(e, (ValueError, TypeError, IndexError, OSError, UnknownName, ZooError)):
+        text = str(e) or type(e).__name__
+    elif isinstance(e, SafetensorError):
+        text = f"a .safetensors file is damaged or is not one ({e}); run again with --debug to see which"
+    else:
+        text = f"{type(e).__name__}: {e} (unexpected; run again with --debug for the traceback)"
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; an error becomes one line on stderr and exit status 2."""
     warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"{e.prog}: error: {e} (see {e.prog} --help)", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
-        print(f"mechcopy {args.command}: interrupted", file=sys.stderr)
+        saved = getattr(args, "saved", None)
+        print(f"mechcopy {args.command}: interrupted; {(saved() if saved else None) or NOTHING_SAVED}", file=sys.stderr)
         return 130
     except Exception as e:
         if args.debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"mechcopy {args.command}: error: {msg}", file=sys.stderr)
+        print(f"mechcopy {args.command}: error: {describe(e)}", file=sys.stderr)
         return 2
-
-

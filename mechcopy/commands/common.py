@@ -1,32 +1,121 @@
 """The opening every command shares: flags named like the API they feed, the model (threads, device,
-dtype), the output path, the JSON written at the end, and errors as one clear line.
+dtype), the output path, the JSON written at the end.
 
-A command module defines `register(sub)`, which adds its parser and sets `run=fn(args)`.
-Everything is checked before the model loads, so a bad flag costs seconds, not a run.
+A command module defines `register(sub)`, which adds its parser and sets `run=fn(args)`. Everything
+that can be checked without the model is checked before it loads (flag values by their argparse
+types, input files, `--out`), and everything that needs the model right after it loads, before any
+work: a bad input costs seconds, not a run. Errors become one line in `commands.main`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import tempfile
 import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from mechcopy.arch import HookedModel
+from mechcopy.errors import below_minimum
 from mechcopy.models.zoo import DEFAULT_MODEL
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+#: torch CPU threads unless --threads says otherwise (docs/reliability.md: measured on 2 cores)
+DEFAULT_THREADS = 1
+
+Inputs = Mapping[str, "str | Path | Iterable[str | Path] | None"]
+
+
+# ------------------------------------------------------------------------------------------- flag types
+
+
+def at_least(low: int | float) -> Callable[[str], int | float]:
+    """An argparse type: an integer (a number, if `low` is a float) >= `low`."""
+    def convert(text: str) -> int | float:
+        try:
+            value: Any = float(text) if isinstance(low, float) else int(text)
+        except ValueError:
+            value = text
+        problem = below_minimum(value, low)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    convert.__name__ = f"at_least_{low}"
+    return convert
+
+
+def int_list(low: int) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: comma-separated integers >= `low`, such as 5,10,20."""
+    def convert(text: str) -> tuple[int, ...]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        try:
+            values = tuple(int(x) for x in items)
+        except ValueError:
+            values = ()
+        if not values or any(v < low for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {low} such as 5,10,20, "
+                                             f"got {text!r}")
+        return values
+
+    convert.__name__ = "int_list"
+    return convert
+
+
+def positive(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a torch device this machine has (so `--device cuda` fails here, not in torch)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"this machine has {torch.cuda.device_count()} CUDA device(s); got {text!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu or cuda")
+    return text
+
+
+# ------------------------------------------------------------------------------------------- flags
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype, --threads."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"zoo model name or model folder (default {DEFAULT_MODEL}; `mechcopy models` lists the zoo)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    add_device_args(p)
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights' dtype (default float32)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is often fastest beside other jobs)")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --threads (also for commands that build their model themselves)."""
+    p.add_argument("--device", default=None, type=device_name,
+                   help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=at_least(1), default=DEFAULT_THREADS,
+                   help=f"torch CPU threads (default {DEFAULT_THREADS}: more threads lose badly when another job "
+                        "shares the cores; see docs/reliability.md)")
+
+
+def add_out_args(p: argparse.ArgumentParser, help_text: str, required: bool = False) -> None:
+    """--out and --force (replace an existing result)."""
+    p.add_argument("--out", type=Path, required=required, default=None, help=help_text)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
 def add_config_args(p: argparse.ArgumentParser, cls: type, helps: dict[str, str],
@@ -34,9 +123,12 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, helps: dict[str, str]
     """One flag per field of the frozen config `cls` named in `helps`: `--n-dev` feeds `n_dev`.
 
     Defaults come from the dataclass; tuples of ints are written comma-separated (`--ks 5,10,20`).
+    Bounds come from `cls.MINIMUM` (the config checks the same bounds), so a bad value is refused,
+    with its flag's name, before anything loads.
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    minimum = getattr(cls, "MINIMUM", {})
     choices = choices or {}
     for name, help_text in helps.items():
         f = fields[name]
@@ -46,7 +138,12 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, helps: dict[str, str]
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _int_tuple if kind is tuple else kind
+            if kind is tuple:
+                kwargs["type"] = int_list(minimum.get(name, 0))
+            elif name in minimum:
+                kwargs["type"] = at_least(minimum[name])
+            else:
+                kwargs["type"] = kind
             kwargs["metavar"] = name.upper()
         if name in choices:
             kwargs["choices"] = list(choices[name])
@@ -70,17 +167,13 @@ def _base_type(hint: Any) -> type:
     return hint
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 5,10,20, got {text!r}")
-
-
 def _show(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "none"
     return str(value)
+
+
+# ------------------------------------------------------------------------------------------- the model
 
 
 def open_model(args: argparse.Namespace):
@@ -89,21 +182,85 @@ def open_model(args: argparse.Namespace):
 
     from mechcopy.models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
 
 
-def prepare_out(path: str | Path | None, inputs: Iterable[str | Path | None] = ()) -> Path | None:
-    """Check an output file before any work: not one of the inputs; its folder is created."""
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def files_in(spec: str | None) -> list[Path]:
+    """The existing files named in a comma-separated list such as --tasks (built-in names are not files)."""
+    return [Path(s.strip()) for s in (spec or "").split(",") if s.strip() and Path(s.strip()).expanduser().is_file()]
+
+
+def prepare_out(path: str | Path | None, inputs: Inputs | None = None, force: bool = False,
+                side: Iterable[Path] = ()) -> Path | None:
+    """Check an output file before any work: not one of the `inputs` (flag -> paths) nor inside an
+    input folder, not a folder, not an existing result unless `force`; its folder is created and must
+    be writable. `side` files written beside it are checked against the inputs too."""
     if path is None:
         return None
     out = Path(path).expanduser()
-    for item in inputs:
-        if item is not None and Path(item).expanduser().resolve() == out.resolve():
-            raise ValueError(f"--out {path} is also an input of this command; write the results elsewhere")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    for f in (out, *side):
+        _not_an_input(f, path, inputs)
+    if out.is_dir():
+        raise ValueError(f"--out {path} is a folder; name a file, such as {Path(path) / 'results.json'}")
+    if out.exists() and not force:
+        raise ValueError(f"--out {path} exists; pass --force to replace it, or choose another file")
+    _writable_folder(out.parent, path)
     return out
+
+
+def prepare_out_dir(path: str | Path, inputs: Inputs | None = None, force: bool = False,
+                    resume: str | None = None) -> Path:
+    """Check an output folder before any work: not an input, not a file, created and writable. A
+    folder that is not empty is refused unless `force`, or unless it holds the file `resume` (a run
+    of this command, which then resumes)."""
+    out = Path(path).expanduser()
+    _not_an_input(out, path, inputs)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path} is a file; name a folder")
+    if out.is_dir() and any(out.iterdir()) and not force and not (resume and (out / resume).exists()):
+        raise ValueError(f"--out {path} is a folder that is not empty; pass --force to write into it anyway, "
+                         "or choose a new folder")
+    _writable_folder(out, path)
+    return out
+
+
+def _not_an_input(out: Path, given: str | Path, inputs: Inputs | None) -> None:
+    """Refuse an output that is an input file (by path, symlink or hard link) or lies in an input folder."""
+    target = out.expanduser().resolve()
+    for flag, value in (inputs or {}).items():
+        for item in [value] if isinstance(value, (str, Path)) else list(value or []):
+            src = Path(item).expanduser()
+            if not src.exists():
+                continue
+            src = src.resolve()
+            same = target == src or (target.exists() and os.path.samefile(target, src))
+            if same or (src.is_dir() and src in target.parents):
+                raise ValueError(f"--out {given} would overwrite the input {flag} {item}; write the results elsewhere")
+
+
+def _writable_folder(folder: Path, given: str | Path) -> None:
+    """Create `folder` (and its parents) and make sure a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in [folder, *folder.parents] if p.exists() and not p.is_dir())
+        raise ValueError(f"--out {given}: {blocker} is a file, not a folder")
+    except OSError as e:
+        raise ValueError(f"--out {given}: cannot create the folder {folder} ({e.strerror})")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {given}: cannot write in {folder} ({e.strerror})")
+
+
+def saved_in(path: Path, what: str) -> Callable[[], str | None]:
+    """What `main` says on Ctrl-C: `what` is in `path`, if it is there by then (None: nothing saved)."""
+    return lambda: f"{what} in {path}: run the same command to resume" if path.exists() else None
 
 
 def write_result(path: Path, model: HookedModel, payload: dict[str, Any]) -> Path:

@@ -1,25 +1,35 @@
-"""`mechcopy evaluate`: ICL accuracy and copy-error rates per task, optionally under pruning."""
+"""`mechcopy evaluate`: ICL accuracy and copy-error rates per task, optionally under pruning.
+
+With --out, every finished (task, condition) is kept in `<out>.partial.jsonl` until the result is
+written, so an interrupted run started again with the same flags resumes where it stopped.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from mechcopy.commands.common import add_model_args, open_model, prepare_out, write_result
+from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, open_model, prepare_out,
+                                      saved_in, write_result)
+from mechcopy.io import side_file
 
 
 def run(args) -> int:
-    import pandas as pd
-
     from mechcopy.evaluation import results_table, run_evaluation
     from mechcopy.neurons import NeuronSet
+    from mechcopy.pruning import find_scores
     from mechcopy.tasks import load_tasks
 
     tasks = load_tasks(args.tasks)
     if args.n_random is not None and not args.prune:
         raise ValueError("--n-random needs --prune NEURONS.json (the set whose size and layers to match)")
     neurons = NeuronSet.load(args.prune) if args.prune else None
-    out = prepare_out(args.out, inputs=[args.tasks, args.prune])
+    scores = find_scores(neurons) if neurons is not None and neurons.neurons else None
+    checkpoint = side_file(args.out, ".partial.jsonl") if args.out else None
+    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), "--prune": args.prune, "--model": args.model},
+                      args.force, side=[checkpoint] if checkpoint else [])
+    if checkpoint:
+        args.saved = saved_in(checkpoint, "the finished (task, condition) rows are")
     model = open_model(args)
     conditions = [("unpruned", [])]
     settings = {"tasks": [t.name for t in tasks], "shots": args.shots, "n": args.n, "seed": args.seed,
@@ -29,28 +39,38 @@ def run(args) -> int:
 
         neurons.check(model)
         n_random = 5 if args.n_random is None else args.n_random
-        conditions += list(pruning.conditions(model, neurons, n_random, args.seed))
+        if not neurons.neurons:
+            print(f"{args.prune} holds no neurons ({neurons.why_empty}): nothing to prune, so only the unpruned "
+                  "model is evaluated")
+        conditions += pruning.conditions(model, neurons, n_random, args.seed, scores=scores)
         settings.update(prune=str(args.prune), n_neurons=len(neurons), n_random=n_random)
     t0 = time.perf_counter()
-    rows, dropped = run_evaluation(model, tasks, args.shots, args.n, args.seed, conditions)
+    rows, dropped = run_evaluation(model, tasks, args.shots, args.n, args.seed, conditions, checkpoint=checkpoint)
     settings["seconds"] = round(time.perf_counter() - t0, 1)
+    import pandas as pd
+
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(results_table(rows).to_string(index=False))
     print(f"\n{len(rows)} evaluations in {settings['seconds']} s")
+    for task, items in dropped.items():
+        if items:
+            (pair, reason), where = items[0], "under \"dropped\" in the results" if out else "(use --out to list them)"
+            print(f"{task}: {len(items)} pairs not used, e.g. {pair}: {reason}; all listed {where}")
     if out:
         print(f"wrote {write_result(out, model, {'settings': settings, 'results': rows, 'dropped': dropped})}")
+        checkpoint.unlink(missing_ok=True)
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("evaluate", help="ICL accuracy and copy-error rates per task (with 95%% bootstrap CIs)")
+    p = sub.add_parser("evaluate", help="ICL accuracy and copy-error rates per task (with 95%% intervals)")
     add_model_args(p)
     p.add_argument("--tasks", default="all", help="'all', comma-separated task names, or a task FILE.json")
-    p.add_argument("--shots", type=int, default=4, help="demonstrations per prompt (default 4)")
-    p.add_argument("--n", type=int, default=100, help="prompts per task, capped by the data (default 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shots", type=at_least(0), default=4, help="demonstrations per prompt (default 4)")
+    p.add_argument("--n", type=at_least(1), default=100, help="prompts per task, capped by the data (default 100)")
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--prune", type=Path, default=None, help="a neuron file (JSON): also evaluate it pruned")
-    p.add_argument("--n-random", type=int, default=None,
+    p.add_argument("--n-random", type=at_least(0), default=None,
                    help="with --prune: this many random neuron sets of the same size and layers (default 5)")
-    p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    add_out_args(p, "write the results JSON here (an interrupted run started again resumes)")
     p.set_defaults(run=run)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 
-from mechcopy.commands.common import add_config_args, add_model_args, config_from_args, open_model, prepare_out
-from mechcopy.find import ATTRIBUTIONS, FindConfig
+from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, open_model,
+                                      prepare_out, saved_in)
+from mechcopy.find import ATTRIBUTIONS, SELECTIONS, FindConfig
+from mechcopy.io import side_file
 
 HELPS = {
     "n": "probe prompts for attribution",
@@ -27,40 +29,45 @@ HELPS = {
     "max_completeness_error": "IG completeness gate: select only in layers whose median error is below it",
     "consistency_random": "random sets of the self-consistency check that may refuse the choice (0: off)",
 }
+SIDE_FILES = (".scores.safetensors", ".scores.json", ".attributions.safetensors")
 
 
 def run(args) -> int:
     from mechcopy.find import find_copy_neurons
 
     config = config_from_args(FindConfig, args)
-    out = prepare_out(args.out, inputs=[config.text])
+    out = prepare_out(args.out, {"--text": config.text, "--model": args.model}, args.force,
+                      side=[side_file(args.out, s) for s in SIDE_FILES])
+    args.saved = saved_in(side_file(out, ".attributions.safetensors"), "the attributions done so far are")
     t0 = time.perf_counter()
     model = open_model(args)
     neurons = find_copy_neurons(model, out, config)
     sw = neurons.meta["sweep"]
     print(f"k sweep on {sw['n_dev']} dev prompts (perplexity bound +{sw['max_ppl_increase']:.0%}):")
     print(f"  k=0: dev accuracy {sw['baseline']['dev_accuracy']:.3f}, copy rate "
-          f"{sw['baseline']['dev_copy_rate']:.3f}, ppl {sw['baseline']['ppl']:.2f}")
+          f"{sw['baseline']['dev_copy_rate']:.3f}, ppl {sw['baseline']['ppl']:.2f}"
+          + ("  <- chosen" if sw["chosen_k"] == 0 else ""))
     for r in sw["rows"]:
         mark = "  <- chosen" if r["k"] == sw["chosen_k"] else ("" if r["feasible"] else "  (ppl bound)")
         print(f"  k={r['k']}: dev accuracy {r['dev_accuracy']:.3f}, copy rate {r['dev_copy_rate']:.3f}, "
               f"ppl {r['ppl']:.2f} ({r['ppl_increase']:+.1%}){mark}")
-    counts = {l: c for l, c in enumerate(neurons.meta["layer_counts"]) if c}
-    if "refused" in neurons.meta:
-        print(neurons.meta["refused"])
-    print(f"{len(neurons)} neurons, by layer {counts}")
+    if neurons.neurons:
+        counts = {l: c for l, c in enumerate(neurons.meta["layer_counts"]) if c}
+        print(f"{len(neurons)} neurons, by layer {counts}")
+    else:
+        why = neurons.meta.get("refused") or sw["why"]
+        print(f"k = 0 chosen: {why}. The neuron file holds no neurons: there is nothing to prune.")
     print(f"wrote {out} (scores: {neurons.meta['scores_path']}) in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
 def register(sub) -> None:
     from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS
-    from mechcopy.pruning import MODES
 
     p = sub.add_parser("find", help="find copy neurons: IG attribution on the probe, k chosen on its dev split")
     add_model_args(p)
     add_config_args(p, FindConfig, HELPS, choices={
         "attribution": ATTRIBUTIONS, "target": TARGETS, "method": METHODS, "rule": RULES,
-        "normalisation": NORMALISATIONS, "mode": [m for m in MODES if m != "threshold"]})
-    p.add_argument("--out", required=True, help="neuron file to write (JSON)")
+        "normalisation": NORMALISATIONS, "mode": SELECTIONS})
+    add_out_args(p, "neuron file to write (JSON); an interrupted run started again resumes", required=True)
     p.set_defaults(run=run)

@@ -37,6 +37,10 @@ def run(args) -> int:
 
         print(pd.DataFrame(rows).drop(columns=["source"]).to_string(index=False))
         print(f"\ncache: {zoo.cache_root()} (set ${zoo.CACHE_ENV} to move it)")
+        for name in zoo.ZOO:
+            problem = zoo.cache_problem(name, verify=False)
+            if problem not in (None, "not cached"):
+                print(f"{name}: the cached copy is unusable ({problem}); it is fetched again on first use")
     return 0
 
 

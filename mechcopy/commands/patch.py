@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mechcopy.commands.common import add_model_args, open_model, prepare_out, write_result
+from mechcopy.commands.common import add_model_args, add_out_args, at_least, open_model, prepare_out, write_result
 
 
 def run(args) -> int:
@@ -15,12 +15,22 @@ def run(args) -> int:
 
     t0 = time.time()
     task = load_task(args.task)
+    if args.other_task and args.corruption != "other_task":
+        raise ValueError(f"--other-task is used only with --corruption other_task (got --corruption {args.corruption})")
+    if args.corruption == "shuffled_labels" and args.shots < 2:
+        raise ValueError("--corruption shuffled_labels permutes the demo labels: it needs --shots >= 2, "
+                         f"got {args.shots}")
     other = None
     if args.corruption == "other_task":
         other = load_task(args.other_task or next(t for t in list_tasks() if t != task.name))
     neurons = NeuronSet.load(args.neurons) if args.neurons else None
-    out = prepare_out(args.out, inputs=[args.task, args.neurons])
+    out = prepare_out(args.out, {"--task": args.task, "--other-task": args.other_task, "--neurons": args.neurons,
+                                 "--model": args.model}, args.force)
     model = open_model(args)
+    if neurons is not None:
+        neurons.check(model)
+        if not neurons.neurons:
+            print(f"{args.neurons} holds no neurons ({neurons.why_empty}): no neuron patching")
     res = activation_patching(model, task, args.corruption, n=args.n, shots=args.shots, seed=args.seed,
                               other_task=other, neurons=neurons, method=args.method, progress=True)
     arr = res.array()
@@ -29,7 +39,7 @@ def run(args) -> int:
     for ci, comp in enumerate(res.components):
         l, p = divmod(int(arr[ci].argmax()), arr.shape[2])
         print(f"  {comp:9s} max {float(arr[ci].max()):.3f} at layer {l}, position {p} ({res.roles[p]})")
-    if neurons is not None:
+    if res.neurons:
         print(f"  neurons ({res.neurons}) all positions: {res.neuron_all_positions:.3f}")
     print(f"-> {write_result(out, model, {'command': 'patch', 'seconds': round(time.time() - t0, 1), **res.to_json()})}")
     return 0
@@ -43,11 +53,11 @@ def register(sub) -> None:
     p.add_argument("--task", required=True, help="built-in task name or task JSON file")
     p.add_argument("--corruption", choices=CORRUPTIONS, default="shuffled_labels")
     p.add_argument("--other-task", help="for --corruption other_task (default: the first other built-in task)")
-    p.add_argument("--n", type=int, default=10, help="prompt pairs averaged (default 10)")
-    p.add_argument("--shots", type=int, default=4, help="demonstrations per prompt (default 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=at_least(1), default=10, help="prompt pairs averaged (default 10)")
+    p.add_argument("--shots", type=at_least(1), default=4, help="demonstrations per prompt (default 4)")
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--neurons", type=Path, help="neurons.json: also patch this neuron set")
     p.add_argument("--method", choices=["own", "tl"], default="own",
                    help="own loop (any model) or transformer_lens.patching (HookedTransformer)")
-    p.add_argument("--out", type=Path, required=True, help="results JSON")
+    add_out_args(p, "results JSON", required=True)
     p.set_defaults(run=run)

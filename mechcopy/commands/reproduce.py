@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from mechcopy.commands.common import add_config_args, add_model_args, config_from_args, open_model
+from pathlib import Path
+
+from mechcopy.commands.common import (add_config_args, add_model_args, config_from_args, open_model, prepare_out_dir,
+                                      saved_in)
 from mechcopy.reproduce import ReproduceConfig
 
 HELPS = {
@@ -16,11 +19,16 @@ HELPS = {
 
 
 def run(args) -> int:
-    from mechcopy.reproduce import check_out, reproduce
+    from mechcopy.reproduce import STAGES, check_out, reproduce
 
     cfg = config_from_args(ReproduceConfig, args)
-    out = args.out or f"results/{cfg.model}"
+    out = prepare_out_dir(args.out or f"results/{cfg.model}", {"--model": args.model}, args.force,
+                          resume="settings.json")
     check_out(cfg, out)
+    done = [name for name, _ in STAGES if (out / f"{name}.json").exists()]
+    if (out / "settings.json").exists():
+        print(f"resuming the run in {out} (stages done: {', '.join(done) or 'none'})")
+    args.saved = saved_in(out, "the finished stages and the checkpoints of find and evaluate are")
     reproduce(open_model(args), cfg, out)
     return 0
 
@@ -30,5 +38,7 @@ def register(sub) -> None:
                                          "-> patching -> HTML report (resumes if interrupted)")
     add_model_args(p)
     add_config_args(p, ReproduceConfig, HELPS)
-    p.add_argument("--out", default=None, help="output folder (default results/MODEL)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default results/MODEL); a folder of an interrupted run resumes")
+    p.add_argument("--force", action="store_true", help="write into a folder that holds other files")
     p.set_defaults(run=run)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mechcopy.commands.common import add_config_args, add_model_args, config_from_args, open_model, prepare_out, write_result
+from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, files_in,
+                                      open_model, prepare_out, write_result)
 from mechcopy.task_vectors import TaskVectorConfig
 
 HELPS = {
@@ -27,20 +28,23 @@ def run(args) -> int:
     tasks = load_tasks(args.tasks)
     neurons = NeuronSet.load(args.prune) if args.prune else None
     config = config_from_args(TaskVectorConfig, args)
-    out = prepare_out(args.out, inputs=[args.tasks, args.prune])
+    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), "--prune": args.prune, "--model": args.model},
+                      args.force)
     model = open_model(args)
-    results = []
-    for task in tasks:
-        try:
-            res = run_task_vectors(model, [task], config, neurons)
-        except ValueError as e:
-            print(f"{task.name}: skipped ({e})")
-            continue
-        for r in res:
-            results.append(r)
-            print(f"{r.task:28s} {r.condition:9s} best layer {r.best_layer:2d}  task vector {r.test_accuracy:.2f}  "
-                  f"copy {r.copy_rate:.2f}  zero-shot {r.zero_shot_accuracy:.2f}  ICL {r.icl_accuracy:.2f}  "
-                  f"(n={r.n_test})")
+    if neurons is not None:
+        neurons.check(model)
+        if not neurons.neurons:
+            print(f"{args.prune} holds no neurons ({neurons.why_empty}): nothing to prune, unpruned results only")
+    results = run_task_vectors(model, tasks, config, neurons)
+    for r in results:
+        lo, hi = r.test_accuracy_ci
+        print(f"{r.task:28s} {r.condition:9s} best layer {r.best_layer:2d}  task vector {r.test_accuracy:.2f} "
+              f"[{lo:.2f}, {hi:.2f}]  copy {r.copy_rate:.2f}  zero-shot {r.zero_shot_accuracy:.2f}  "
+              f"ICL {r.icl_accuracy:.2f}  (n={r.n_test})")
+        if r.condition == "unpruned" and (r.n_dev < config.n_dev or r.n_test < config.n_test):
+            print(f"{r.task}: only {r.n_dev} dev and {r.n_test} test prompts (asked {config.n_dev} and "
+                  f"{config.n_test}): the task has too few usable pairs ({r.n_dropped} dropped); "
+                  "its intervals are wide")
     if out:
         payload = {"command": "task-vectors", "config": config.to_json(), "tasks": args.tasks,
                    "prune": str(args.prune) if args.prune else None, "neurons": len(neurons) if neurons else 0,
@@ -55,5 +59,5 @@ def register(sub) -> None:
     p.add_argument("--tasks", default="all", help="all | name,name | FILE.json")
     p.add_argument("--prune", type=Path, help="neurons.json (from `mechcopy find`): also run with these neurons pruned")
     add_config_args(p, TaskVectorConfig, HELPS)
-    p.add_argument("--out", type=Path, help="results JSON")
+    add_out_args(p, "results JSON")
     p.set_defaults(run=run)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from mechcopy.commands.common import add_device_args, at_least, positive, prepare_out_dir
 
 
 def run(args) -> int:
@@ -10,15 +13,18 @@ def run(args) -> int:
 
     from mechcopy.organisms.train import TrainConfig, default_dir, train_organism
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-kwargs is not valid JSON ({e}); write it like '{{\"d_model\": 96}}'") from e
     if not isinstance(kwargs, dict):
-        raise ValueError(f"--model-kwargs must be a JSON object such as '{{\"d_model\": 96}}', got {args.model_kwargs!r}")
+        raise ValueError("--model-kwargs must be a JSON object such as '{\"d_model\": 96}', "
+                         f"got {args.model_kwargs!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(arch=args.arch, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       model_kwargs=kwargs, device=device, max_minutes=args.max_minutes)
-    out = args.out or default_dir(args.arch, args.seed)
+    out = prepare_out_dir(args.out or default_dir(args.arch, args.seed), force=args.force)
+    torch.set_num_threads(args.threads)
     _, result = train_organism(cfg, out)
     acc = ", ".join(f"{k} {v:.2f}" for k, v in result.final_accuracy.items())
     if result.stopped_early:
@@ -35,15 +41,15 @@ def register(sub) -> None:
     d = TrainConfig()
     p = sub.add_parser("train-organism", help="train a small transformer or Mamba for in-context learning")
     p.add_argument("--arch", choices=ARCHS, default="transformer")
-    p.add_argument("--out", help="output folder (default: the cache's organisms/ARCH-sSEED)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--out", type=Path, help="output folder (default: the cache's organisms/ARCH-sSEED)")
+    p.add_argument("--force", action="store_true", help="replace an organism already in --out")
+    p.add_argument("--steps", type=at_least(1), default=None,
                    help="optimizer steps (default: " + ", ".join(f"{a} {n}" for a, n in DEFAULT_STEPS.items()) + ")")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=at_least(0), default=d.seed)
+    p.add_argument("--batch-size", type=at_least(1), default=d.batch_size)
+    p.add_argument("--lr", type=positive, default=d.lr)
     p.add_argument("--model-kwargs", help="JSON object overriding the model sizes, e.g. '{\"d_model\": 96}'")
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--max-minutes", type=positive, default=None,
                    help="wall-time budget: stop and save after this many minutes (the lr schedule ends then)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_device_args(p)
     p.set_defaults(run=run)

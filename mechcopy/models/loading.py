@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens import loading_from_pretrained as tl_loading
 
+from mechcopy.errors import UnknownName
 from mechcopy.models import zoo
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+# TransformerLens is imported where a model is built: importing it takes seconds, and a command
+# refuses bad input before that.
 
 
 def _hooked_from_hf_dir(
@@ -22,12 +28,14 @@ def _hooked_from_hf_dir(
     TransformerLens model whose config TransformerLens builds by name (Gemma 3, which it does not
     infer from a config.json); the sizes are checked against the folder's config either way.
     """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import loading_from_pretrained as tl_loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = path.resolve()
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    cfg_dict = tl_loading.convert_hf_model_config(tl_name or str(path))
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    cfg_dict = tl_loading.convert_hf_model_config(tl_name, trust_remote_code=False) if tl_name else _tl_config(path)
     cfg_dict.update(
         model_name=name,
         original_architecture=hf_model.config.architectures[0],
@@ -57,14 +65,37 @@ def _hooked_from_hf_dir(
     return model
 
 
-def load_model(name: str = zoo.DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None):
+def _tl_config(path: Path) -> dict:
+    """TransformerLens' config of a local folder, read from its config.json alone.
+
+    TransformerLens guesses the architecture from the name when it contains "llama" or "gemma" and
+    then fails on a folder such as ~/models/tiny-llama; a copy of config.json in a neutrally named
+    temporary folder makes it read the file instead.
+    """
+    import shutil
+    import tempfile
+
+    from transformer_lens import loading_from_pretrained as tl_loading
+
+    with tempfile.TemporaryDirectory(prefix="mechcopy-config-") as tmp:
+        shutil.copy(path / "config.json", Path(tmp) / "config.json")
+        return tl_loading.convert_hf_model_config(tmp, trust_remote_code=False)
+
+
+def load_model(name: str | Path = zoo.DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None):
     """Load a model as a hooked model (HookedTransformer, or HookedMamba for Mamba checkpoints).
 
     `name` is a zoo name (see `mechcopy models`), a local Hugging Face model folder, the name of a
     mechcopy model-organism folder, or a TransformerLens official name (needs the hub or a filled HF
-    cache). Tiny random models for tests come from `mechcopy.models.tiny`.
+    cache). Tiny random models for tests come from `mechcopy.models.tiny`. Code shipped inside a
+    model folder is never run (`trust_remote_code=False`).
     """
+    if not isinstance(name, (str, Path)):
+        raise TypeError(f"load_model expects a model name or folder (str or Path), got {type(name).__name__} {name!r}")
+    if not str(name).strip():
+        raise ValueError(f"empty model name; known zoo models: {', '.join(zoo.ZOO)} (default {zoo.DEFAULT_MODEL})")
     dtype = dtype or torch.float32
+    name = str(name)
     if name in zoo.ZOO:
         folder = zoo.fetch(name)
         return _hooked_from_hf_dir(folder, name, device, dtype, zoo.ZOO[name].tl_name)
@@ -78,16 +109,24 @@ def load_model(name: str = zoo.DEFAULT_MODEL, device: str | None = None, dtype: 
 
             return HookedMamba.from_pretrained(path, device=device, dtype=dtype)
         return _hooked_from_hf_dir(path, path.name, device, dtype)
+    if path.exists() or _looks_like_path(name):
+        raise FileNotFoundError(f"model folder {name} " + ("is not a folder" if path.exists() else "does not exist"))
+    from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, MODEL_ALIASES
 
     known_tl = set(OFFICIAL_MODEL_NAMES) | {a for aliases in MODEL_ALIASES.values() for a in aliases}
     if name in known_tl:
         logging.info("loading %s through TransformerLens (needs the hub or a filled HF cache)", name)
         return HookedTransformer.from_pretrained(name, device=device, dtype=dtype)
-    raise KeyError(
-        f"unknown model {name!r}. Known zoo models: {', '.join(zoo.ZOO)} (default {zoo.DEFAULT_MODEL}); "
-        "or pass a local Hugging Face model folder, or a TransformerLens official name."
+    raise UnknownName(
+        f"unknown model {name!r}: not a zoo model ({', '.join(zoo.ZOO)}; default {zoo.DEFAULT_MODEL}), "
+        "not a model folder, not a TransformerLens official name."
     )
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name written as a path (./x, ~/x, /x, a/b/c, x/) names a folder, never a zoo or hub model."""
+    return name.startswith((".", "~", "/")) or name.endswith("/") or name.count("/") > 1
 
 
 def _json(path: Path) -> dict:

@@ -701,7 +701,7 @@ class HookedMamba(HookedRootModule):
         if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if "n_layer" in conf and "d_model" in conf:
             model = cls.from_mamba_ssm_state_dict(sd, conf, tokenizer, model_name=path.name, device=device, dtype=dtype)

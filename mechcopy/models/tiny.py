@@ -36,7 +36,7 @@ def char_tokenizer():
     """A character-level tokenizer: every printable ASCII character is one token."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(char_tokenizer_dir())
+    return AutoTokenizer.from_pretrained(char_tokenizer_dir(), trust_remote_code=False)
 
 
 def tiny_transformer(

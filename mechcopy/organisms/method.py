@@ -8,9 +8,9 @@ both probes' test splits -> task vectors (unpruned and pruned) on class and shif
 
 k comes from `pruning.sweep_k` with the general-ability bound instead of perplexity (the organisms
 read no English): the best dev accuracy among the k that keep query accuracy on *training-split* map
-and class episodes within `max_general_drop`. When no k is feasible the smallest k of the grid is
-pruned anyway (recorded as `pruned_k` beside the sweep's `chosen_k` of None), so the table still
-shows what the method's first step costs.
+and class episodes within `max_general_drop`. The organisms prune the best feasible k even where it
+does not beat k = 0 (the sweep's `chosen_k` is then 0), and the smallest k of the grid when no k is
+feasible (recorded as `pruned_k`), so the table still shows what the method's first step costs.
 
 `seed_summary(results)` turns one result per trained organism into rows with the mean and a 95%
 t interval over training seeds (`stats.seed_interval`), per architecture, probe, set and condition,
@@ -111,7 +111,7 @@ def run_method(model: HookedModel, config: MethodConfig = MethodConfig(), progre
         scores = copy_scores(model, ig, normalisation="minmax", seed=c.seed)
         sweep = sweep_k(model, scores, dev, c.ks, "global", max_ppl_increase=None, seed=c.seed,
                         general_prompts=general, max_general_drop=c.max_general_drop)
-        pruned_k = sweep.chosen_k if sweep.chosen_k is not None else min(c.ks)
+        pruned_k = sweep.best_pruned_k or min(c.ks)
         neurons = select(scores, "global", k=pruned_k)
         table = [_cell(r, name, "unpruned") for name, r in unpruned.items()]
         for cond, hooks in conditions(model, neurons, n_random=c.n_random, seed=c.seed, scores=scores):

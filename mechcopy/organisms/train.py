@@ -12,14 +12,15 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from mechcopy.arch import HookedModel
 from mechcopy.organisms.data import CharCodec, episode_text, episodes, make_batch
-from mechcopy.io import write_json_atomic
+from mechcopy.errors import check_minimums
+from mechcopy.io import write_atomic, write_json_atomic
 from mechcopy.neurons import model_fingerprint
 
 ARCHS = ("transformer", "mamba")
@@ -54,14 +55,17 @@ class TrainConfig:
     device: str = "cpu"
     max_minutes: float | None = None  # stop (and save) after this wall time; the schedule ends then too
 
+    MINIMUM: ClassVar[dict[str, int]] = {"steps": 1, "batch_size": 1, "warmup": 0, "seed": 0, "eval_every": 1}
+
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
-        object.__setattr__(self, "steps", DEFAULT_STEPS[self.arch] if self.steps is None else int(self.steps))
-        if self.steps < 1:
-            raise ValueError(f"steps must be positive, got {self.steps}")
+        object.__setattr__(self, "steps", DEFAULT_STEPS[self.arch] if self.steps is None else self.steps)
+        check_minimums(self)
+        if not self.lr > 0 or (self.max_minutes is not None and not self.max_minutes > 0):
+            raise ValueError(f"lr and max_minutes must be > 0, got lr={self.lr}, max_minutes={self.max_minutes}")
         object.__setattr__(self, "families", tuple(self.families))
         object.__setattr__(self, "model_kwargs", {**DEFAULT_MODEL_KWARGS[self.arch], **self.model_kwargs})
 
@@ -191,12 +195,12 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
 def save_organism(model: HookedModel, cfg: TrainConfig, out_dir: str | Path, curve: dict | None = None,
                   result: TrainResult | None = None) -> Path:
     """Write weights (safetensors), config JSON and, if given, the loss curve (JSON + PNG)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "arch": cfg.arch})
+    write_atomic(out / WEIGHTS_FILE, save(state, metadata={"format": "pt", "arch": cfg.arch}))
     meta = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "seed": cfg.seed, "tokenizer": "char",
             "train": cfg.to_json(), "fingerprint": model_fingerprint(model),
             "result": result.to_json() if result else None}

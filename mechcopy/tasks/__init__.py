@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mechcopy.errors import UnknownName
+
 DATA_DIR = Path(__file__).parent / "data"
 KINDS = ("algorithmic", "linguistic", "translation", "knowledge", "counting", "probe", "sentiment", "user")
 PROBE_NAME = "copy_probe"
@@ -38,6 +40,23 @@ class Task:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "pairs": [list(p) for p in self.pairs]}
+
+    def distinct_pairs(self) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str], str]]]:
+        """The pairs to use (in order) and the (pair, reason) of each pair left out: a repeat of an
+        earlier pair, or any pair whose input has several outputs (no single answer is right)."""
+        outputs: dict[str, set[str]] = {}
+        for x, y in self.pairs:
+            outputs.setdefault(x, set()).add(y)
+        keep: dict[tuple[str, str], None] = {}
+        dropped = []
+        for pair in self.pairs:
+            if len(outputs[pair[0]]) > 1:
+                dropped.append((pair, f"input {pair[0]!r} has {len(outputs[pair[0]])} different outputs"))
+            elif pair in keep:
+                dropped.append((pair, "repeats an earlier pair"))
+            else:
+                keep[pair] = None
+        return list(keep), dropped
 
 
 def validate_task_json(obj: Any, source: str = "task file") -> Task:
@@ -107,26 +126,48 @@ def load_task(name_or_path: str) -> Task:
     if name_or_path in generators:
         return generators[name_or_path]()
     builtin = DATA_DIR / f"{name_or_path}.json"
-    path = builtin if builtin.exists() and name_or_path != PROBE_ITEMS else Path(name_or_path).expanduser()
-    if not path.is_file():
-        raise KeyError(f"unknown task {name_or_path!r}: not a built-in task ({', '.join(list_tasks())}) "
-                       "and not a JSON file")
+    if builtin.is_file() and "/" not in name_or_path and name_or_path != PROBE_ITEMS:
+        return _read_task(builtin)
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return _read_task(path)
+    if path.exists() or name_or_path.endswith(".json") or "/" in name_or_path:
+        raise FileNotFoundError(f"task file {name_or_path} " + ("is not a file" if path.exists() else "does not exist"))
+    raise UnknownName(f"unknown task {name_or_path!r}: not a built-in task ({', '.join(list_tasks())}) "
+                      "and not a JSON file")
+
+
+def _read_task(path: Path) -> Task:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     return validate_task_json(obj, source=str(path))
 
 
 def load_tasks(spec: str) -> list[Task]:
-    """`"all"` (every built-in task), `"name,name"` (built-in names or files), or `"FILE.json"`."""
+    """`"all"` (every built-in task), `"name,name"` (built-in names or files), or `"FILE.json"`.
+
+    A task listed twice, or two tasks with the same name (a task file named like a built-in task),
+    are refused: their rows could not be told apart.
+    """
     spec = spec.strip()
     if spec == "all":
         return [load_task(n) for n in list_tasks()]
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise ValueError("no tasks given: use 'all', a comma-separated list of names, or a FILE.json")
-    return [load_task(n) for n in names]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"task {repeated[0]!r} is listed twice; list each task once")
+    tasks = [load_task(n) for n in names]
+    seen: dict[str, str] = {}
+    for given, task in zip(names, tasks):
+        if task.name in seen:
+            raise ValueError(f"{seen[task.name]} and {given} are both named {task.name!r}, so their results could "
+                             "not be told apart; give the task file another \"name\"")
+        seen[task.name] = given
+    return tasks
 
 
 __all__ = ["Task", "list_tasks", "load_task", "load_tasks", "validate_task_json", "PROBE_NAME"]

@@ -142,18 +142,19 @@ def build_prompts(task, tokenizer, k: int = 4, n: int = 100, seed: int = 0,
                   template: str = TEMPLATE, sep: str = SEPARATOR, gold_in_demos: bool = True) -> PromptSet:
     """Up to `n` k-shot prompts for `task`, seeded; each query is a distinct pair.
 
-    Demos never contain the query, nor any pair with the same input. With `gold_in_demos=False`
-    no demo has the query's label either, so every prediction equal to a demo label is a copy
-    error; the copy probe (`task.kind == "probe"`) is always built that way. Pairs whose answer does
-    not tokenize exactly are dropped (with the reason) and never used, as query or demo. `n` is
-    capped by the number of usable pairs.
+    Repeated pairs and inputs with several outputs are left out (`Task.distinct_pairs`) and listed
+    in `dropped`. Demos never contain the query, nor any pair with the same input. With
+    `gold_in_demos=False` no demo has the query's label either, so every prediction equal to a demo
+    label is a copy error; the copy probe (`task.kind == "probe"`) is always built that way. Pairs
+    whose answer does not tokenize exactly are dropped (with the reason) and never used, as query or
+    demo. `n` is capped by the number of usable pairs.
     """
     if k < 0 or n < 0:
         raise ValueError(f"k and n must be >= 0, got k={k}, n={n}")
     rng = random.Random(seed)
-    dropped: list[tuple[tuple[str, str], str]] = []
+    pairs, dropped = task.distinct_pairs()
     usable: list[tuple[str, str]] = []
-    for pair in dict.fromkeys(task.pairs):  # de-duplicate, keep order
+    for pair in pairs:
         try:
             make_prompt([], pair, tokenizer, template, sep, task.name)
         except ValueError as e:

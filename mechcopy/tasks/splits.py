@@ -38,12 +38,11 @@ def split_task(task, tokenizer, shots: int = 4, n_extract: int = 5, n_dev: int =
     """
     k, n_pool = shots, shots + n_extract
     rng = random.Random(seed)
-    pairs = list(dict.fromkeys(task.pairs))
+    pairs, dropped = task.distinct_pairs()
     rng.shuffle(pairs)
     if len(pairs) < n_pool + 2:
         raise ValueError(f"task {task.name!r} has {len(pairs)} distinct pairs; task vectors with "
                          f"shots={k}, n_extract={n_extract} need at least {n_pool + 2}")
-    dropped: list[tuple[tuple[str, str], str]] = []
 
     def single(pair, demos):
         try:
