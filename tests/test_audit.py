@@ -100,7 +100,7 @@ def test_layer_percent_sweep_against_evaluate(case):
     assert with_ppl.chosen_layer is None and all(not r["feasible"] for r in with_ppl.rows)
 
 
-def test_find_guard(tiny3, tmp_path, monkeypatch):
+def test_find_guard(tiny3, tmp_path, monkeypatch, best_k_chosen):
     """find with consistency_random > 0 records the check; a failing check means k = 0, said in meta."""
     import mechcopy.audit as audit
     from mechcopy.find import FindConfig, find_copy_neurons
