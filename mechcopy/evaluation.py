@@ -1,31 +1,38 @@
 """ICL accuracy, copy-error rates with bootstrap intervals, and perplexity, under any forward hooks.
 
-Prompts are batched only with prompts of the same token length, so no padding or attention mask is
-needed and the numbers are exact for transformers and Mamba alike. Every forward pass runs inside
-`model.hooks(fwd_hooks=...)`, so pruning and other interventions compose with the evaluator.
-Single-token answers are scored by the argmax of the next token; multi-token answers by greedy
-generation up to the separator. A copy error is a wrong prediction equal to one of the demo labels.
+Prompts of any lengths share a batch, left-padded with an attention mask; the architecture's decoder
+keeps the padding out of every real position (transformers: masked attention, rotary positions
+counted from each row's first token; Mamba: padding leaves the recurrent state empty), so the answers
+equal unpadded runs. `predict(..., pad=False)` keeps the reference path where only prompts of equal
+token length share a batch. Every forward pass runs inside `model.hooks(fwd_hooks=...)`, so pruning
+and other interventions compose with the evaluator. Pruning conditions given as neuron sets run in one
+pass (`evaluate_conditions`): each batch shares the blocks before the first pruned layer, then forks
+into one row group per condition, pruned by one hook per neuron site. Single-token answers are scored
+by the argmax of the next token; multi-token answers by greedy generation up to the separator. A copy
+error is a wrong prediction equal to one of the demo labels.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
-from mechcopy.arch import HookedModel, arch_of
+from mechcopy.arch import Decoder, HookedModel, arch_of
+from mechcopy.neurons import NeuronSet
 from mechcopy.stats import bootstrap_ci
 from mechcopy.tasks.prompts import SEPARATOR, ICLPrompt, PromptSet
 
 
 @dataclass(frozen=True)
 class TaskResult:
-    """Accuracy and error breakdown of one task under one condition (rates are shares of all n)."""
+    """Accuracy and error breakdown of one task under one condition (rates are shares of all n), and
+    each prompt's outcome in prompt order (`correct`, `copy`: what paired comparisons need)."""
 
     task: str
     condition: str
@@ -37,11 +44,13 @@ class TaskResult:
     accuracy_ci: tuple[float, float]
     copy_rate_ci: tuple[float, float]
     predictions: tuple[str, ...]
+    correct: tuple[bool, ...]
+    copy: tuple[bool, ...]
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["accuracy_ci"], d["copy_rate_ci"] = list(self.accuracy_ci), list(self.copy_rate_ci)
-        d["predictions"] = list(self.predictions)
+        for key in ("accuracy_ci", "copy_rate_ci", "predictions", "correct", "copy"):
+            d[key] = list(d[key])
         return d
 
 
@@ -56,62 +65,114 @@ def _steps(p: ICLPrompt) -> int:
     return 1 if longest == 1 else longest + 2
 
 
+def _tokens(model: HookedModel, prompts: Sequence[ICLPrompt]) -> list[Int[Tensor, "pos"]]:
+    """Each prompt's tokens, checked against the context length (with its generation budget)."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    out = []
+    for i, p in enumerate(prompts):
+        ids = model.to_tokens(p.text)[0]
+        if n_ctx is not None and len(ids) + _steps(p) > n_ctx:
+            raise ValueError(f"prompt {i} of task {p.task!r} has {len(ids)} tokens (+{_steps(p)} to generate), "
+                             f"longer than the model's context of {n_ctx}; use fewer shots")
+        out.append(ids)
+    return out
+
+
+def _batches(ids: Sequence[Tensor], budgets: Sequence[int], size: int, pad: bool) -> list[list[int]]:
+    """Prompt indices per batch, shortest first (least padding): single-token and generated answers
+    apart, and without `pad` only prompts of equal length together."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
+        groups[(budgets[i] == 1, pad or len(ids[i]))].append(i)
+    return [items[s:s + size] for items in groups.values() for s in range(0, len(items), size)]
+
+
+def left_pad(ids: Sequence[Int[Tensor, "pos"]], pad_id: int = 0
+             ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Stack token rows of any lengths, padded on the left with `pad_id`; and the mask (1 = token)."""
+    width = max(len(t) for t in ids)
+    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long, device=ids[0].device)
+    mask = torch.zeros_like(tokens)
+    for r, t in enumerate(ids):
+        tokens[r, width - len(t):], mask[r, width - len(t):] = t, 1
+    return tokens, mask
+
+
+def _greedy(decode: Decoder, tokens: Tensor, mask: Tensor, budgets: Sequence[int], tok, sep: str) -> list[str]:
+    """Each row's answer: the next token's argmax if its budget is 1, else greedy generation that
+    stops per row at `sep`, EOS or the row's budget (the decoder runs until every row stopped)."""
+    eos = getattr(tok, "eos_token_id", None)
+    generated: list[list[int]] = [[] for _ in budgets]
+    done = [False] * len(budgets)
+    logits = decode(tokens, mask)
+    while True:
+        nxt = logits.argmax(-1)
+        for r, t in enumerate(nxt.tolist()):
+            if done[r]:
+                continue
+            if t == eos and budgets[r] > 1:
+                done[r] = True
+                continue
+            generated[r].append(t)
+            if len(generated[r]) >= budgets[r] or sep in tok.decode(generated[r]):
+                done[r] = True
+        if all(done):
+            return [tok.decode(g).split(sep)[0].strip() for g in generated]
+        logits = decode(nxt[:, None])
+
+
+def _predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks, batch_size: int, groups: int,
+             fork_at: int, sep: str, progress: bool, pad: bool) -> list[list[str]]:
+    """Answers per row group (`Arch.decoder`'s fork) under `fwd_hooks`; `batch_size` rows per pass."""
+    from tqdm.auto import tqdm
+
+    prompts = _as_list(prompts)
+    arch, tok = arch_of(model), model.tokenizer
+    ids, budgets = _tokens(model, prompts), [_steps(p) for p in prompts]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out: list[list[str]] = [[""] * len(prompts) for _ in range(groups)]
+    batches = _batches(ids, budgets, max(1, batch_size // groups), pad)
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        for batch in tqdm(batches, desc="predict", disable=not progress, leave=False):
+            tokens, mask = left_pad([ids[i] for i in batch], pad_id)
+            answers = _greedy(arch.decoder(model, groups, fork_at), tokens, mask,
+                              [budgets[i] for i in batch] * groups, tok, sep)
+            for r, answer in enumerate(answers):
+                out[r // len(batch)][batch[r % len(batch)]] = answer
+    return out
+
+
 def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int = 32,
-            sep: str = SEPARATOR, progress: bool = False, kv_cache: bool = True) -> list[str]:
+            sep: str = SEPARATOR, progress: bool = False, pad: bool = True) -> list[str]:
     """The model's answer to each prompt (decoded text, stripped), under `fwd_hooks`.
 
     Prompts whose answer and demo labels are all one token: argmax of the next token. Otherwise greedy
     generation until the generated text contains `sep`, the EOS token, or max(answer, demo label
-    lengths) + 2 tokens. Only prompts of equal token length share a batch. Generation continues the
-    architecture's decoder (`kv_cache=True`: a key/value cache on transformers, the recurrent state on
-    Mamba) or re-runs the full sequence (`kv_cache=False`); both are exact. Hooks run on every pass: a hook that acts on one position (e.g. the
-    last) sees the prompt on the first pass and one new token on each cached pass.
+    lengths) + 2 tokens, continuing the architecture's decoder (a key/value cache on transformers, the
+    recurrent state on Mamba). With `pad` (default) prompts of any lengths share a batch, left-padded;
+    `pad=False` batches only prompts of equal length (the reference). Hooks run on every pass: a hook
+    that acts on one position sees the prompt on the first pass and one new token on each later pass;
+    with `pad` it sees the padding too, so it must index positions from the end (e.g. -1), not the start.
     """
-    from tqdm.auto import tqdm
+    return _predict(model, prompts, fwd_hooks, batch_size, 1, 0, sep, progress, pad)[0]
 
-    prompts = _as_list(prompts)
-    arch = arch_of(model)
-    tok = model.tokenizer
-    eos = getattr(tok, "eos_token_id", None)
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    groups: dict[tuple[int, int], list[tuple[int, Tensor]]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        ids = model.to_tokens(p.text)[0]
-        steps = _steps(p)
-        if n_ctx is not None and len(ids) + steps > n_ctx:
-            raise ValueError(f"prompt {i} of task {p.task!r} has {len(ids)} tokens (+{steps} to generate), "
-                             f"longer than the model's context of {n_ctx}; use fewer shots")
-        groups[(len(ids), steps == 1)].append((i, ids))
-    out: list[str | None] = [None] * len(prompts)
-    batches = [items[s:s + batch_size] for items in groups.values() for s in range(0, len(items), batch_size)]
-    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
-        for batch in tqdm(batches, desc="predict", disable=not progress, leave=False):
-            index = [i for i, _ in batch]
-            tokens = torch.stack([ids for _, ids in batch])
-            budget = [_steps(prompts[i]) for i in index]
-            steps = max(budget)
-            generated = [[] for _ in index]
-            done = [False] * len(index)
-            decode = arch.decoder(model, len(index)) if kv_cache and steps > 1 else None
-            inp = tokens
-            for _ in range(steps):
-                nxt = (decode(inp) if decode is not None else arch.last_logits(model, inp)).argmax(-1)
-                for r, t in enumerate(nxt.tolist()):
-                    if done[r]:
-                        continue
-                    if t == eos and steps > 1:
-                        done[r] = True
-                        continue
-                    generated[r].append(t)
-                    if len(generated[r]) >= budget[r] or sep in tok.decode(generated[r]):
-                        done[r] = True
-                if all(done) or steps == 1:
-                    break
-                nxt = nxt[:, None].to(tokens.device)
-                inp = nxt if decode is not None else torch.cat([inp, nxt], dim=1)
-            for r, i in enumerate(index):
-                out[i] = tok.decode(generated[r]).split(sep)[0].strip()
-    return out  # type: ignore[return-value]
+
+def predict_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditions: Mapping[str, NeuronSet | None],
+                       batch_size: int = 128, sep: str = SEPARATOR, progress: bool = False) -> dict[str, list[str]]:
+    """`predict` under every condition (a neuron set to prune, None: unpruned) in one pass.
+
+    Each batch runs once through the blocks before the first pruned layer, then forks into one row
+    group per condition, each pruned by its own zero mask (`pruning.grouped_pruning_hooks`); answers
+    equal separate `predict` runs with `pruning_hooks`. `batch_size` counts forked rows (prompts x
+    conditions), so memory stays bounded however many conditions there are.
+    """
+    from mechcopy.pruning import grouped_pruning_hooks
+
+    if not conditions:
+        raise ValueError("no conditions to evaluate: pass e.g. {'unpruned': None}")
+    fork_at, hooks = grouped_pruning_hooks(model, list(conditions.values()))
+    answers = _predict(model, prompts, hooks, batch_size, len(conditions), fork_at, sep, progress, True)
+    return dict(zip(conditions, answers))
 
 
 def copy_error(prediction: str, answer: str, labels) -> bool:
@@ -146,7 +207,7 @@ def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], conditio
         copy_share_of_errors=float(copy.sum() / n_err) if n_err else 0.0,
         other_rate=float((~correct & ~copy).mean()),
         accuracy_ci=(float(ci[0, 0]), float(ci[0, 1])), copy_rate_ci=(float(ci[1, 0]), float(ci[1, 1])),
-        predictions=tuple(predictions),
+        predictions=tuple(predictions), correct=tuple(map(bool, correct)), copy=tuple(map(bool, copy)),
     )
 
 
@@ -156,6 +217,16 @@ def evaluate(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), con
     prompts = _as_list(prompts)
     preds = predict(model, prompts, fwd_hooks=fwd_hooks, batch_size=batch_size, progress=progress)
     return summarize(prompts, preds, condition=condition, seed=seed, n_boot=n_boot)
+
+
+def evaluate_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditions: Mapping[str, NeuronSet | None],
+                        seed: int = 0, n_boot: int = 1000, batch_size: int = 128,
+                        progress: bool = False) -> dict[str, TaskResult]:
+    """`evaluate` under every condition (name -> neuron set to prune, None: unpruned), in one pass
+    (`predict_conditions`): {name: TaskResult}."""
+    prompts = _as_list(prompts)
+    preds = predict_conditions(model, prompts, conditions, batch_size=batch_size, progress=progress)
+    return {name: summarize(prompts, p, condition=name, seed=seed, n_boot=n_boot) for name, p in preds.items()}
 
 
 def default_text() -> str:
@@ -200,32 +271,38 @@ def perplexity(model: HookedModel, text: str | None = None, fwd_hooks=(), n_toke
 
 
 def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed: int = 0,
-                   conditions=(("unpruned", []),), progress: bool = True) -> tuple[list[dict], dict]:
-    """Build prompts for every task and evaluate each condition; returns (result rows, dropped pairs).
+                   conditions: Mapping[str, NeuronSet | None] | None = None, progress: bool = True,
+                   batch_size: int = 128) -> tuple[list[dict], dict]:
+    """Build prompts for every task and evaluate every condition; returns (result rows, dropped pairs).
 
-    `conditions` is a list of (name, fwd_hooks). Each row is `TaskResult.to_json()` plus the task kind,
-    the number of dropped pairs and the seconds the evaluation took.
+    `conditions` maps a name to the neuron set pruned under it (None: unpruned; default: unpruned
+    only); each task evaluates them all in one pass (`evaluate_task`). Arbitrary hooks go through
+    `evaluate(model, prompts, fwd_hooks=...)`.
     """
-    import time
-
     from tqdm.auto import tqdm
 
     from mechcopy.tasks.prompts import build_prompts
 
+    conditions = {"unpruned": None} if conditions is None else dict(conditions)
     rows, dropped = [], {}
-    bar = tqdm(total=len(tasks) * len(conditions), desc="evaluate", disable=not progress)
-    for task in tasks:
+    for task in tqdm(tasks, desc="evaluate", disable=not progress):
         ps = build_prompts(task, model.tokenizer, k=shots, n=n, seed=seed)
         dropped[task.name] = [[list(pair), reason] for pair, reason in ps.dropped]
-        for name, hooks in conditions:
-            bar.set_postfix_str(f"{task.name} / {name}")
-            t0 = time.perf_counter()
-            result = evaluate(model, ps.prompts, fwd_hooks=hooks, condition=name, seed=seed)
-            rows.append({**result.to_json(), "kind": task.kind, "n_dropped": len(ps.dropped),
-                         "seconds": round(time.perf_counter() - t0, 2)})
-            bar.update()
-    bar.close()
+        rows += evaluate_task(model, task, ps, conditions, seed, batch_size)
     return rows, dropped
+
+
+def evaluate_task(model: HookedModel, task, prompts: PromptSet, conditions: Mapping[str, NeuronSet | None],
+                  seed: int = 0, batch_size: int = 128) -> list[dict]:
+    """One task's result rows, one per condition, from one pass: `TaskResult.to_json()` plus the task
+    kind, the number of dropped pairs and the seconds (the pass's time, shared equally by the rows)."""
+    import time
+
+    t0 = time.perf_counter()
+    results = evaluate_conditions(model, prompts.prompts, conditions, seed=seed, batch_size=batch_size)
+    seconds = round((time.perf_counter() - t0) / len(results), 2)
+    return [{**r.to_json(), "kind": task.kind, "n_dropped": len(prompts.dropped), "seconds": seconds}
+            for r in results.values()]
 
 
 def results_table(rows: list[dict]):

@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechcopy.arch.base import Arch, Decoder, HookedModel, Stepper
+from mechcopy.arch.base import Arch, HookedModel, Stepper
 
 
 class MambaArch(Arch):
@@ -27,15 +27,14 @@ class MambaArch(Arch):
     def architecture_name(self, model: HookedModel) -> str:
         return "mamba"
 
-    def decoder(self, model: HookedModel, batch: int) -> Decoder:
-        state = None
+    def run_blocks(self, model: HookedModel, x: Tensor, mask: Tensor | None, state, start: int | None = None,
+                   stop: int | None = None) -> tuple[Tensor, object]:
+        """The recurrent state continues the prefix; HookedMamba keeps left padding out of it."""
+        stop = model.cfg.n_layers if stop is None else stop
+        return model(x, start_at_layer=start, stop_at_layer=stop, state=state, return_state=True, attention_mask=mask)
 
-        def decode(tokens: Int[Tensor, "batch pos"]) -> Tensor:
-            nonlocal state
-            resid, state = model(tokens, stop_at_layer=model.cfg.n_layers, state=state, return_state=True)
-            return self.final_logits(model, resid[:, -1:])[:, -1]
-
-        return decode
+    def tile_state(self, state, n: int):
+        return state.tile(n)
 
     def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:
         """One-token rows continuing the clean prefix's conv window and SSM state."""

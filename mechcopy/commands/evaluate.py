@@ -21,7 +21,7 @@ def run(args) -> int:
     neurons = NeuronSet.load(args.prune) if args.prune else None
     out = prepare_out(args.out, inputs=[args.tasks, args.prune])
     model = open_model(args)
-    conditions = [("unpruned", [])]
+    conditions = {"unpruned": None}
     settings = {"tasks": [t.name for t in tasks], "shots": args.shots, "n": args.n, "seed": args.seed,
                 "template": "{x} -> {y}", "separator": "\n"}
     if neurons is not None:
@@ -29,7 +29,7 @@ def run(args) -> int:
 
         neurons.check(model)
         n_random = 5 if args.n_random is None else args.n_random
-        conditions += list(pruning.conditions(model, neurons, n_random, args.seed))
+        conditions.update(pruning.condition_sets(model, neurons, n_random, args.seed))
         settings.update(prune=str(args.prune), n_neurons=len(neurons), n_random=n_random)
     t0 = time.perf_counter()
     rows, dropped = run_evaluation(model, tasks, args.shots, args.n, args.seed, conditions)
