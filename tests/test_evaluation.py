@@ -11,7 +11,7 @@ from mechcopy.arch import arch_of
 from mechcopy.evaluation import (classify, evaluate, evaluate_conditions, perplexity, predict, predict_conditions,
                                  summarize, _steps)
 from mechcopy.neurons import NeuronSet, model_fingerprint
-from mechcopy.pruning import pruning_hooks
+from mechcopy.pruning import grouped_pruning_hooks, pruning_hooks
 from mechcopy.stats import bootstrap_ci
 from mechcopy.models.tiny import tiny_transformer
 from mechcopy.tasks import Task, load_task
@@ -272,3 +272,36 @@ def test_smollm2_prompts_antonyms_and_probe(smollm2):
     assert r.accuracy > 0
     r = evaluate(smollm2, probe)
     assert r.copy_rate > 0.5, r
+
+
+@pytest.mark.slow
+def test_smollm2_padded_and_one_pass_are_exact(smollm2):
+    """On SmolLM2: left-padded batches and the one-pass conditions give today's answers, and logits
+    within 1e-4 of unpadded, separate runs."""
+    from mechcopy.evaluation import left_pad
+    from mechcopy.pruning import condition_sets
+
+    tok, arch = smollm2.tokenizer, arch_of(smollm2)
+    prompts = [p for name in ("antonyms", "country_capital", "copy_probe")
+               for p in build_prompts(load_task(name), tok, k=4, n=6, seed=0)]
+    rows = [smollm2.to_tokens(p.text)[0] for p in prompts]
+    assert len({len(r) for r in rows}) > 3 and {_steps(p) == 1 for p in prompts} == {True, False}
+    fp = model_fingerprint(smollm2)
+    top = NeuronSet(tuple((l, (37 * l + 11 * i) % 1536) for l in (3, 9, 17, 25) for i in range(5)), fp)
+    sets = {"unpruned": None, **condition_sets(smollm2, top, n_random=1, seed=0)}
+    one_pass = predict_conditions(smollm2, prompts, sets, batch_size=64)
+    for name, ns in sets.items():
+        hooks = [] if ns is None else pruning_hooks(smollm2, ns)
+        assert one_pass[name] == predict(smollm2, prompts, fwd_hooks=hooks, pad=False), name
+    tokens, mask = left_pad(rows[:8], pad_id=tok.pad_token_id or 0)
+    with torch.no_grad():
+        padded = arch.decoder(smollm2)(tokens, mask)
+        for r, row in enumerate(rows[:8]):
+            assert torch.allclose(arch.decoder(smollm2)(row[None])[0], padded[r], atol=1e-4), r
+        fork_at, hooks = grouped_pruning_hooks(smollm2, list(sets.values()))
+        with smollm2.hooks(fwd_hooks=hooks):
+            forked = arch.decoder(smollm2, len(sets), fork_at)(tokens, mask)
+        for g, ns in enumerate(sets.values()):
+            with smollm2.hooks(fwd_hooks=[] if ns is None else pruning_hooks(smollm2, ns)):
+                alone = arch.decoder(smollm2)(tokens, mask)
+            assert torch.allclose(alone, forked[g * 8:(g + 1) * 8], atol=1e-4), g
