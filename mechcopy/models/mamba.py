@@ -581,8 +581,8 @@ class HookedMamba(HookedRootModule):
     def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None,
                   padding_side: str | None = None, move_to_device: bool = True,
                   truncate: bool = False) -> Int[Tensor, "batch pos"]:
-        """Text -> tokens [batch, pos]. Lists are padded on `padding_side` (default right: Mamba has no
-        attention mask, so left padding would change the results)."""
+        """Text -> tokens [batch, pos]. Lists are padded on `padding_side` (default right; left padding
+        is exact only with `forward(..., attention_mask=...)`)."""
         tok = self._tok()
         texts = [input] if isinstance(input, str) else list(input)
         bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
