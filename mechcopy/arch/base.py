@@ -127,9 +127,9 @@ class Arch:
                 resid, state = self.run_blocks(model, tokens, mask, state)
             else:
                 resid, state = self.run_blocks(model, tokens, mask, None, stop=fork_at)
-                rows = lambda t: None if t is None else t.repeat(groups, *[1] * (t.ndim - 1))
-                resid, state = self.run_blocks(model, rows(resid), rows(mask), self.tile_state(state, groups),
-                                               start=fork_at)
+                rows = torch.arange(tokens.shape[0], device=resid.device).repeat(groups)
+                resid, state = self.run_blocks(model, resid[rows], None if mask is None else mask[rows],
+                                               self.select_rows(state, rows), start=fork_at)
             return self.final_logits(model, resid[:, -1:])[:, -1]
 
         return decode
@@ -142,8 +142,8 @@ class Arch:
         Returns the residual stream after block stop - 1 and the updated state."""
         raise NotImplementedError
 
-    def tile_state(self, state: State, n: int) -> State:
-        """`state` for the whole batch repeated n times over (group-major)."""
+    def select_rows(self, state: State, rows: Int[Tensor, "rows"]) -> State:
+        """The state of batch rows `rows` (repeats allowed: a fork repeats every row)."""
         raise NotImplementedError
 
     def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:

@@ -33,8 +33,8 @@ class MambaArch(Arch):
         stop = model.cfg.n_layers if stop is None else stop
         return model(x, start_at_layer=start, stop_at_layer=stop, state=state, return_state=True, attention_mask=mask)
 
-    def tile_state(self, state, n: int):
-        return state.tile(n)
+    def select_rows(self, state, rows: Tensor):
+        return state.index(rows)
 
     def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:
         """One-token rows continuing the clean prefix's conv window and SSM state."""

@@ -41,13 +41,12 @@ class TransformerArch(Arch):
         stop = model.cfg.n_layers if stop is None else stop
         return model(x, start_at_layer=start, stop_at_layer=stop, past_kv_cache=cache, attention_mask=mask), cache
 
-    def tile_state(self, state, n: int):
+    def select_rows(self, state, rows: Tensor):
         from transformer_lens import TransformerLensKeyValueCache
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-        entries = [TransformerLensKeyValueCacheEntry(e.past_keys.repeat(n, 1, 1, 1), e.past_values.repeat(n, 1, 1, 1))
-                   for e in state.entries]
-        return TransformerLensKeyValueCache(entries, state.previous_attention_mask.repeat(n, 1))
+        entries = [TransformerLensKeyValueCacheEntry(e.past_keys[rows], e.past_values[rows]) for e in state.entries]
+        return TransformerLensKeyValueCache(entries, state.previous_attention_mask[rows])
 
     def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:
         """One-token rows attending to the clean prefix's frozen keys and values."""

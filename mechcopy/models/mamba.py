@@ -101,13 +101,10 @@ class MambaState:
         return MambaState([c.repeat_interleave(n, 0) for c in self.conv],
                           [s.repeat_interleave(n, 0) for s in self.ssm])
 
-    def tile(self, n: int) -> "MambaState":
-        """The whole batch n times over (row group g = rows g*batch ...); layers not run stay None."""
-        return MambaState([None if c is None else c.repeat(n, 1, 1) for c in self.conv],
-                          [None if s is None else s.repeat(n, 1, 1) for s in self.ssm])
-
     def index(self, rows) -> "MambaState":
-        return MambaState([c[rows] for c in self.conv], [s[rows] for s in self.ssm])
+        """The state of batch rows `rows` (layers not run yet stay None)."""
+        return MambaState([None if c is None else c[rows] for c in self.conv],
+                          [None if s is None else s[rows] for s in self.ssm])
 
     def detach(self) -> "MambaState":
         return MambaState([c.detach() for c in self.conv], [s.detach() for s in self.ssm])
