@@ -54,6 +54,10 @@ class TaskResult:
         return d
 
 
+#: the most padding a batch may hold, as a share of its tokens (more batches cost less than padding)
+MAX_PADDING = 0.1
+
+
 def _as_list(prompts) -> list[ICLPrompt]:
     return list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
 
@@ -79,12 +83,24 @@ def _tokens(model: HookedModel, prompts: Sequence[ICLPrompt]) -> list[Int[Tensor
 
 
 def _batches(ids: Sequence[Tensor], budgets: Sequence[int], size: int, pad: bool) -> list[list[int]]:
-    """Prompt indices per batch, shortest first (least padding): single-token and generated answers
-    apart, and without `pad` only prompts of equal length together."""
+    """Prompt indices per batch of at most `size`, shortest first: single-token and generated answers
+    apart; with `pad` a batch ends before padding would exceed MAX_PADDING of its tokens, without
+    it only prompts of equal length share one."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
         groups[(budgets[i] == 1, pad or len(ids[i]))].append(i)
-    return [items[s:s + size] for items in groups.values() for s in range(0, len(items), size)]
+    out = []
+    for items in groups.values():
+        batch, total = [], 0
+        for i in items:
+            width = len(ids[i]) * (len(batch) + 1)    # the padded size if prompt i (the longest) joins
+            if batch and (len(batch) == size or width - total - len(ids[i]) > MAX_PADDING * width):
+                out.append(batch)
+                batch, total = [], 0
+            batch.append(i)
+            total += len(ids[i])
+        out.append(batch)
+    return out
 
 
 def left_pad(ids: Sequence[Int[Tensor, "pos"]], pad_id: int = 0

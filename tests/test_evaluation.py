@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from mechcopy import evaluation
 from mechcopy.arch import arch_of
 from mechcopy.evaluation import (classify, evaluate, evaluate_conditions, perplexity, predict, predict_conditions,
                                  summarize, _steps)
@@ -116,11 +117,15 @@ def model(request):
     return tiny_mamba(n_layers=3, d_model=32, seed=2)
 
 
-def test_padded_batches_equal_unpadded_runs(model):
+@pytest.mark.parametrize("max_padding", [1.0, evaluation.MAX_PADDING])
+def test_padded_batches_equal_unpadded_runs(model, max_padding, monkeypatch):
     """Left-padded batches of mixed lengths answer as equal-length batches and single prompts do."""
+    monkeypatch.setattr(evaluation, "MAX_PADDING", max_padding)
     prompts = _mixed_prompts(model.tokenizer)
-    lengths = [len(model.to_tokens(p.text)[0]) for p in prompts]
-    assert len(set(lengths)) > 4 and {_steps(p) == 1 for p in prompts} == {True, False}
+    ids = [model.to_tokens(p.text)[0] for p in prompts]
+    assert len({len(i) for i in ids}) > 4 and {_steps(p) == 1 for p in prompts} == {True, False}
+    batches = evaluation._batches(ids, [_steps(p) for p in prompts], 32, pad=True)
+    assert any(len({len(ids[i]) for i in b}) > 1 for b in batches)  # some batches really pad
     padded = predict(model, prompts, batch_size=32)
     assert padded == predict(model, prompts, batch_size=32, pad=False) == predict(model, prompts, batch_size=1)
     assert any(len(p) > 1 for p in padded)  # generation really ran
