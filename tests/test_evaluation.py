@@ -152,6 +152,8 @@ def test_one_pass_equals_separate_conditions(model, layers):
         hooks = [] if ns is None else pruning_hooks(model, ns)
         assert one_pass[name] == predict(model, prompts, fwd_hooks=hooks, pad=False), name
     assert len({tuple(p) for p in one_pass.values()}) > 1  # the conditions change answers
+    unpruned = predict_conditions(model, prompts, {"a": None, "b": None})  # nothing pruned: no block forks
+    assert unpruned["a"] == unpruned["b"] == one_pass["unpruned"]
     results = evaluate_conditions(model, prompts, sets, batch_size=24)
     assert list(results) == list(sets) and all(r.condition == name for name, r in results.items())
     assert all(r.predictions == tuple(one_pass[name]) for name, r in results.items())

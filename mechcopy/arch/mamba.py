@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechcopy.arch.base import Arch, HookedModel, Stepper
+from mechcopy.arch.base import Arch, HookedModel, State, Stepper
 
 
 class MambaArch(Arch):
@@ -27,13 +27,13 @@ class MambaArch(Arch):
     def architecture_name(self, model: HookedModel) -> str:
         return "mamba"
 
-    def run_blocks(self, model: HookedModel, x: Tensor, mask: Tensor | None, state, start: int | None = None,
-                   stop: int | None = None) -> tuple[Tensor, object]:
+    def run_blocks(self, model: HookedModel, x: Tensor, mask: Tensor | None, state: State, start: int | None = None,
+                   stop: int | None = None) -> tuple[Tensor, State]:
         """The recurrent state continues the prefix; HookedMamba keeps left padding out of it."""
         stop = model.cfg.n_layers if stop is None else stop
         return model(x, start_at_layer=start, stop_at_layer=stop, state=state, return_state=True, attention_mask=mask)
 
-    def select_rows(self, state, rows: Tensor):
+    def select_rows(self, state: State, rows: Tensor) -> State:
         return state.index(rows)
 
     def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:

@@ -7,7 +7,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechcopy.arch.base import Arch, HookedModel, Stepper
+from mechcopy.arch.base import Arch, HookedModel, State, Stepper
 
 
 class TransformerArch(Arch):
@@ -27,8 +27,8 @@ class TransformerArch(Arch):
     def architecture_name(self, model: HookedModel) -> str:
         return model.cfg.original_architecture or "transformer"
 
-    def run_blocks(self, model: HookedModel, x: Tensor, mask: Tensor | None, state, start: int | None = None,
-                   stop: int | None = None) -> tuple[Tensor, object]:
+    def run_blocks(self, model: HookedModel, x: Tensor, mask: Tensor | None, state: State, start: int | None = None,
+                   stop: int | None = None) -> tuple[Tensor, State]:
         """A key/value cache continues the prefix. TransformerLens masks the padding and counts each
         row's rotary positions from its first token; the mask is always given, as without one it
         would guess padding from pad-token ids in the input."""
@@ -41,7 +41,7 @@ class TransformerArch(Arch):
         stop = model.cfg.n_layers if stop is None else stop
         return model(x, start_at_layer=start, stop_at_layer=stop, past_kv_cache=cache, attention_mask=mask), cache
 
-    def select_rows(self, state, rows: Tensor):
+    def select_rows(self, state: State, rows: Tensor) -> State:
         from transformer_lens import TransformerLensKeyValueCache
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
