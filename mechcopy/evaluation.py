@@ -292,8 +292,8 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
     """Build prompts for every task and evaluate every condition; returns (result rows, dropped pairs).
 
     `conditions` maps a name to the neuron set pruned under it (None: unpruned; default: unpruned
-    only); each task evaluates them all in one pass (`evaluate_task`). Arbitrary hooks go through
-    `evaluate(model, prompts, fwd_hooks=...)`.
+    only); each task evaluates them all in one pass (`evaluate_task`), `batch_size` rows (prompts x
+    conditions) at a time. Arbitrary hooks go through `evaluate(model, prompts, fwd_hooks=...)`.
     """
     from tqdm.auto import tqdm
 
