@@ -23,10 +23,10 @@ def pruning_table(model, neurons, tasks, n: int = 50, shots: int = 4, seed: int 
                   progress: bool = True) -> dict[str, Any]:
     """Evaluate every task under every condition; returns rows and a per-task summary (no printing)."""
     from mechcopy.evaluation import run_evaluation
-    from mechcopy.pruning import conditions
+    from mechcopy.pruning import condition_sets
     from mechcopy.neurons import model_fingerprint
 
-    conds = [("unpruned", [])] + conditions(model, neurons, n_random=n_random, seed=seed)
+    conds = {"unpruned": None, **condition_sets(model, neurons, n_random=n_random, seed=seed)}
     t0 = time.perf_counter()
     rows, dropped = run_evaluation(model, tasks, shots=shots, n=n, seed=seed, conditions=conds, progress=progress)
     seconds = time.perf_counter() - t0
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         result["wall_s"] = round(time.perf_counter() - t0, 1)
     out = args.out or args.neurons.with_name(args.neurons.name.replace(".neurons.json", "") + ".pruning")
     write_json_atomic(out.with_name(out.name + ".json"), result)
-    pd.DataFrame(result["rows"]).drop(columns=["predictions"]).to_csv(out.with_name(out.name + ".csv"), index=False)
+    pd.DataFrame(result["rows"]).drop(columns=["predictions", "correct", "copy"]).to_csv(out.with_name(out.name + ".csv"), index=False)
     md = markdown(result)
     out.with_name(out.name + ".md").write_text(md + "\n")
     print(md)

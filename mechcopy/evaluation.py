@@ -1,10 +1,15 @@
 """ICL accuracy, copy-error rates with bootstrap intervals, and perplexity, under any forward hooks.
 
-Prompts are batched only with prompts of the same token length, so no padding or attention mask is
-needed and the numbers are exact for transformers and Mamba alike. Every forward pass runs inside
-`model.hooks(fwd_hooks=...)`, so pruning and other interventions compose with the evaluator.
-Single-token answers are scored by the argmax of the next token; multi-token answers by greedy
-generation up to the separator. A copy error is a wrong prediction equal to one of the demo labels.
+Prompts of any lengths share a batch, left-padded with an attention mask; the architecture's decoder
+keeps the padding out of every real position (transformers: masked attention, rotary positions
+counted from each row's first token; Mamba: padding leaves the recurrent state empty), so the answers
+equal unpadded runs. `predict(..., pad=False)` keeps the reference path where only prompts of equal
+token length share a batch. Every forward pass runs inside `model.hooks(fwd_hooks=...)`, so pruning
+and other interventions compose with the evaluator. Pruning conditions given as neuron sets run in one
+pass (`evaluate_conditions`): each batch shares the blocks before the first pruned layer, then forks
+into one row group per condition, pruned by one hook per neuron site. Single-token answers are scored
+by the argmax of the next token; multi-token answers by greedy generation up to the separator. A copy
+error is a wrong prediction equal to one of the demo labels.
 """
 
 from __future__ import annotations
@@ -12,21 +17,23 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
-from mechcopy.arch import HookedModel, arch_of
+from mechcopy.arch import Decoder, HookedModel, arch_of
+from mechcopy.neurons import NeuronSet
 from mechcopy.stats import bootstrap_ci, rate_interval
 from mechcopy.tasks.prompts import SEPARATOR, ICLPrompt, PromptSet
 
 
 @dataclass(frozen=True)
 class TaskResult:
-    """Accuracy and error breakdown of one task under one condition (rates are shares of all n)."""
+    """Accuracy and error breakdown of one task under one condition (rates are shares of all n), and
+    each prompt's outcome in prompt order (`correct`, `copy`: what paired comparisons need)."""
 
     task: str
     condition: str
@@ -38,12 +45,18 @@ class TaskResult:
     accuracy_ci: tuple[float, float]
     copy_rate_ci: tuple[float, float]
     predictions: tuple[str, ...]
+    correct: tuple[bool, ...]
+    copy: tuple[bool, ...]
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["accuracy_ci"], d["copy_rate_ci"] = list(self.accuracy_ci), list(self.copy_rate_ci)
-        d["predictions"] = list(self.predictions)
+        for key in ("accuracy_ci", "copy_rate_ci", "predictions", "correct", "copy"):
+            d[key] = list(d[key])
         return d
+
+
+#: the most padding a batch may hold, as a share of its tokens (more batches cost less than padding)
+MAX_PADDING = 0.1
 
 
 def _as_list(prompts) -> list[ICLPrompt]:
@@ -69,57 +82,118 @@ def check_context(model: HookedModel, prompts: Sequence[ICLPrompt]) -> None:
         prompt_tokens(model, p, i)
 
 
+def _tokens(model: HookedModel, prompts: Sequence[ICLPrompt]) -> list[Int[Tensor, "pos"]]:
+    """Each prompt's tokens, checked against the context length with its generation budget."""
+    return [prompt_tokens(model, p, i)[0] for i, p in enumerate(prompts)]
+
+
+def _batches(ids: Sequence[Tensor], budgets: Sequence[int], size: int, pad: bool) -> list[list[int]]:
+    """Prompt indices per batch of at most `size`, shortest first: single-token and generated answers
+    apart; with `pad` a batch ends before padding would exceed MAX_PADDING of its tokens, without
+    it only prompts of equal length share one."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
+        groups[(budgets[i] == 1, pad or len(ids[i]))].append(i)
+    out = []
+    for items in groups.values():
+        batch, total = [], 0
+        for i in items:
+            width = len(ids[i]) * (len(batch) + 1)    # the padded size if prompt i (the longest) joins
+            if batch and (len(batch) == size or width - total - len(ids[i]) > MAX_PADDING * width):
+                out.append(batch)
+                batch, total = [], 0
+            batch.append(i)
+            total += len(ids[i])
+        out.append(batch)
+    return out
+
+
+def left_pad(ids: Sequence[Int[Tensor, "pos"]], pad_id: int = 0
+             ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Stack token rows of any lengths, padded on the left with `pad_id`; and the mask (1 = token)."""
+    width = max(len(t) for t in ids)
+    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long, device=ids[0].device)
+    mask = torch.zeros_like(tokens)
+    for r, t in enumerate(ids):
+        tokens[r, width - len(t):], mask[r, width - len(t):] = t, 1
+    return tokens, mask
+
+
+def _greedy(decode: Decoder, tokens: Tensor, mask: Tensor, budgets: Sequence[int], tok, sep: str) -> list[str]:
+    """Each row's answer: the next token's argmax if its budget is 1, else greedy generation that
+    stops per row at `sep`, EOS or the row's budget (the decoder runs until every row stopped)."""
+    eos = getattr(tok, "eos_token_id", None)
+    generated: list[list[int]] = [[] for _ in budgets]
+    done = [False] * len(budgets)
+    logits = decode(tokens, mask)
+    while True:
+        nxt = logits.argmax(-1)
+        for r, t in enumerate(nxt.tolist()):
+            if done[r]:
+                continue
+            if t == eos and budgets[r] > 1:
+                done[r] = True
+                continue
+            generated[r].append(t)
+            if len(generated[r]) >= budgets[r] or sep in tok.decode(generated[r]):
+                done[r] = True
+        if all(done):
+            return [tok.decode(g).split(sep)[0].strip() for g in generated]
+        logits = decode(nxt[:, None])
+
+
+def _predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks, batch_size: int, groups: int,
+             fork_at: int, sep: str, progress: bool, pad: bool) -> list[list[str]]:
+    """Answers per row group (`Arch.decoder`'s fork) under `fwd_hooks`; `batch_size` rows per pass."""
+    from tqdm.auto import tqdm
+
+    prompts = _as_list(prompts)
+    arch, tok = arch_of(model), model.tokenizer
+    ids, budgets = _tokens(model, prompts), [_steps(p) for p in prompts]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out: list[list[str]] = [[""] * len(prompts) for _ in range(groups)]
+    batches = _batches(ids, budgets, max(1, batch_size // groups), pad)
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        for batch in tqdm(batches, desc="predict", disable=not progress, leave=False):
+            tokens, mask = left_pad([ids[i] for i in batch], pad_id)
+            answers = _greedy(arch.decoder(model, groups, fork_at), tokens, mask,
+                              [budgets[i] for i in batch] * groups, tok, sep)
+            for r, answer in enumerate(answers):
+                out[r // len(batch)][batch[r % len(batch)]] = answer
+    return out
+
+
 def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int = 32,
-            sep: str = SEPARATOR, progress: bool = False, kv_cache: bool = True) -> list[str]:
+            sep: str = SEPARATOR, progress: bool = False, pad: bool = True) -> list[str]:
     """The model's answer to each prompt (decoded text, stripped), under `fwd_hooks`.
 
     Prompts whose answer and demo labels are all one token: argmax of the next token. Otherwise greedy
     generation until the generated text contains `sep`, the EOS token, or max(answer, demo label
-    lengths) + 2 tokens. Only prompts of equal token length share a batch. Generation continues the
-    architecture's decoder (`kv_cache=True`: a key/value cache on transformers, the recurrent state on
-    Mamba) or re-runs the full sequence (`kv_cache=False`); both are exact. Hooks run on every pass: a hook that acts on one position (e.g. the
-    last) sees the prompt on the first pass and one new token on each cached pass.
+    lengths) + 2 tokens, continuing the architecture's decoder (a key/value cache on transformers, the
+    recurrent state on Mamba). With `pad` (default) prompts of any lengths share a batch, left-padded;
+    `pad=False` batches only prompts of equal length (the reference). Hooks run on every pass: a hook
+    that acts on one position sees the prompt on the first pass and one new token on each later pass;
+    with `pad` it sees the padding too, so it must index positions from the end (e.g. -1), not the start.
     """
-    from tqdm.auto import tqdm
+    return _predict(model, prompts, fwd_hooks, batch_size, 1, 0, sep, progress, pad)[0]
 
-    prompts = _as_list(prompts)
-    arch = arch_of(model)
-    tok = model.tokenizer
-    eos = getattr(tok, "eos_token_id", None)
-    groups: dict[tuple[int, int], list[tuple[int, Tensor]]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        ids = prompt_tokens(model, p, i)[0]
-        groups[(len(ids), _steps(p) == 1)].append((i, ids))
-    out: list[str | None] = [None] * len(prompts)
-    batches = [items[s:s + batch_size] for items in groups.values() for s in range(0, len(items), batch_size)]
-    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
-        for batch in tqdm(batches, desc="predict", disable=not progress, leave=False):
-            index = [i for i, _ in batch]
-            tokens = torch.stack([ids for _, ids in batch])
-            budget = [_steps(prompts[i]) for i in index]
-            steps = max(budget)
-            generated = [[] for _ in index]
-            done = [False] * len(index)
-            decode = arch.decoder(model, len(index)) if kv_cache and steps > 1 else None
-            inp = tokens
-            for _ in range(steps):
-                nxt = (decode(inp) if decode is not None else arch.last_logits(model, inp)).argmax(-1)
-                for r, t in enumerate(nxt.tolist()):
-                    if done[r]:
-                        continue
-                    if t == eos and steps > 1:
-                        done[r] = True
-                        continue
-                    generated[r].append(t)
-                    if len(generated[r]) >= budget[r] or sep in tok.decode(generated[r]):
-                        done[r] = True
-                if all(done) or steps == 1:
-                    break
-                nxt = nxt[:, None].to(tokens.device)
-                inp = nxt if decode is not None else torch.cat([inp, nxt], dim=1)
-            for r, i in enumerate(index):
-                out[i] = tok.decode(generated[r]).split(sep)[0].strip()
-    return out  # type: ignore[return-value]
+
+def predict_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditions: Mapping[str, NeuronSet | None],
+                       batch_size: int = 128, sep: str = SEPARATOR, progress: bool = False) -> dict[str, list[str]]:
+    """`predict` under every condition (a neuron set to prune, None: unpruned) in one pass.
+
+    Each batch runs once through the blocks before the first pruned layer, then forks into one row
+    group per condition, each pruned by its own zero mask (`pruning.grouped_pruning_hooks`); answers
+    equal separate `predict` runs with `pruning_hooks`. `batch_size` counts forked rows (prompts x
+    conditions), so memory stays bounded however many conditions there are.
+    """
+    from mechcopy.pruning import grouped_pruning_hooks
+
+    if not conditions:
+        raise ValueError("no conditions to evaluate: pass e.g. {'unpruned': None}")
+    fork_at, hooks = grouped_pruning_hooks(model, list(conditions.values()))
+    answers = _predict(model, prompts, hooks, batch_size, len(conditions), fork_at, sep, progress, True)
+    return dict(zip(conditions, answers))
 
 
 def copy_error(prediction: str, answer: str, labels) -> bool:
@@ -158,7 +232,7 @@ def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], conditio
         copy_share_of_errors=float(copy.sum() / n_err) if n_err else 0.0,
         other_rate=float((~correct & ~copy).mean()),
         accuracy_ci=(float(ci[0, 0]), float(ci[0, 1])), copy_rate_ci=(float(ci[1, 0]), float(ci[1, 1])),
-        predictions=tuple(predictions),
+        predictions=tuple(predictions), correct=tuple(map(bool, correct)), copy=tuple(map(bool, copy)),
     )
 
 
@@ -168,6 +242,16 @@ def evaluate(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), con
     prompts = _as_list(prompts)
     preds = predict(model, prompts, fwd_hooks=fwd_hooks, batch_size=batch_size, progress=progress)
     return summarize(prompts, preds, condition=condition, seed=seed, n_boot=n_boot)
+
+
+def evaluate_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditions: Mapping[str, NeuronSet | None],
+                        seed: int = 0, n_boot: int = 1000, batch_size: int = 128,
+                        progress: bool = False) -> dict[str, TaskResult]:
+    """`evaluate` under every condition (name -> neuron set to prune, None: unpruned), in one pass
+    (`predict_conditions`): {name: TaskResult}."""
+    prompts = _as_list(prompts)
+    preds = predict_conditions(model, prompts, conditions, batch_size=batch_size, progress=progress)
+    return {name: summarize(prompts, p, condition=name, seed=seed, n_boot=n_boot) for name, p in preds.items()}
 
 
 def default_text() -> str:
@@ -215,25 +299,26 @@ def perplexity(model: HookedModel, text: str | None = None, fwd_hooks=(), n_toke
 
 
 def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed: int = 0,
-                   conditions=(("unpruned", []),), progress: bool = True,
-                   checkpoint: str | Path | None = None) -> tuple[list[dict], dict]:
-    """Build prompts for every task and evaluate each condition; returns (result rows, dropped pairs).
+                   conditions: Mapping[str, NeuronSet | None] | None = None, progress: bool = True,
+                   batch_size: int = 128, checkpoint: str | Path | None = None) -> tuple[list[dict], dict]:
+    """Build prompts for every task and evaluate every condition; returns (result rows, dropped pairs).
 
-    `conditions` is a list of (name, fwd_hooks). Each row is `TaskResult.to_json()` plus the task kind,
-    the number of dropped pairs and the seconds the evaluation took. Every task's prompts are built and
-    checked against the context before the first evaluation.
+    `conditions` maps a name to the neuron set pruned under it (None: unpruned; default: unpruned
+    only); each task evaluates them all in one pass (`evaluate_task`), `batch_size` rows (prompts x
+    conditions) at a time. Arbitrary hooks go through `evaluate(model, prompts, fwd_hooks=...)`.
+    Every task's prompts are built and checked against the context before the first evaluation.
 
     With `checkpoint` (a JSON-lines file), every finished (task, condition) row is appended to it at
-    once, keyed by the model's fingerprint, the settings, the task's pairs and the condition's hooks;
-    rows found there under the same key are reused, so a killed run started again redoes none of them
-    and returns what an uninterrupted run returns. The hooks must carry a `key` (those built by
-    `mechcopy.hooks` do).
+    once, keyed by the model's fingerprint, the settings, the task's pairs and the condition's
+    neurons; rows found there under the same key are reused, so a killed run started again redoes
+    none of them and returns what an uninterrupted run returns.
     """
     from tqdm.auto import tqdm
 
     from mechcopy.io import append_jsonl
     from mechcopy.tasks.prompts import build_prompts
 
+    conditions = {"unpruned": None} if conditions is None else dict(conditions)
     prompt_sets = {task.name: build_prompts(task, model.tokenizer, k=shots, n=n, seed=seed) for task in tasks}
     for ps in prompt_sets.values():
         check_context(model, ps.prompts)
@@ -244,10 +329,10 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
         for task in tasks:
             ps = prompt_sets[task.name]
             dropped[task.name] = [[list(pair), reason] for pair, reason in ps.dropped]
-            todo = [(name, hooks) for name, hooks in conditions if keys.get((task.name, name)) not in done]
+            todo = {name: ns for name, ns in conditions.items() if keys.get((task.name, name)) not in done}
             bar.set_postfix_str(task.name)
-            fresh = {r["condition"]: r for r in evaluate_task(model, task, ps, todo, seed)}
-            for name, _ in conditions:
+            fresh = {r["condition"]: r for r in evaluate_task(model, task, ps, todo, seed, batch_size)} if todo else {}
+            for name in conditions:
                 key = keys.get((task.name, name))
                 if name in fresh and checkpoint:
                     append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": name, "row": fresh[name]})
@@ -256,29 +341,22 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
     return rows, dropped
 
 
-def evaluate_task(model: HookedModel, task, prompts: PromptSet, conditions, seed: int = 0) -> list[dict]:
-    """The rows of one task: each condition (name, fwd_hooks) evaluated on the task's prompts."""
+def evaluate_task(model: HookedModel, task, prompts: PromptSet, conditions: Mapping[str, NeuronSet | None],
+                  seed: int = 0, batch_size: int = 128) -> list[dict]:
+    """One task's result rows, one per condition, from one pass: `TaskResult.to_json()` plus the task
+    kind, the number of dropped pairs and the seconds (the pass's time, shared equally by the rows)."""
     import time
 
-    rows = []
-    for name, hooks in conditions:
-        t0 = time.perf_counter()
-        result = evaluate(model, prompts.prompts, fwd_hooks=hooks, condition=name, seed=seed)
-        rows.append({**result.to_json(), "kind": task.kind, "n_dropped": len(prompts.dropped),
-                     "seconds": round(time.perf_counter() - t0, 2)})
-    return rows
+    t0 = time.perf_counter()
+    results = evaluate_conditions(model, prompts.prompts, conditions, seed=seed, batch_size=batch_size)
+    seconds = round((time.perf_counter() - t0) / len(results), 2)
+    return [{**r.to_json(), "kind": task.kind, "n_dropped": len(prompts.dropped), "seconds": seconds}
+            for r in results.values()]
 
 
-def _hook_key(site: str, fn) -> list:
-    key = getattr(fn, "key", None)
-    if key is None:
-        raise ValueError(f"the hook {getattr(fn, '__name__', fn)!r} at {site} has no key, so a checkpoint cannot "
-                         "tell it from another; build hooks with mechcopy.hooks, or evaluate without a checkpoint")
-    return [site, key]
-
-
-def _row_keys(model: HookedModel, tasks, shots: int, n: int, seed: int, conditions) -> dict[tuple[str, str], str]:
-    """(task, condition) -> a hash of everything its row depends on: model, settings, pairs and hooks."""
+def _row_keys(model: HookedModel, tasks, shots: int, n: int, seed: int,
+              conditions: Mapping[str, NeuronSet | None]) -> dict[tuple[str, str], str]:
+    """(task, condition) -> a hash of everything its row depends on: model, settings, pairs and neurons."""
     import hashlib
     import json
 
@@ -287,9 +365,9 @@ def _row_keys(model: HookedModel, tasks, shots: int, n: int, seed: int, conditio
     common = {"model": model_fingerprint(model), "shots": shots, "n": n, "seed": seed}
     keys = {}
     for task in tasks:
-        for name, hooks in conditions:
+        for name, ns in conditions.items():
             what = {**common, "task": task.to_json(), "condition": name,
-                    "hooks": [_hook_key(site, fn) for site, fn in hooks]}
+                    "neurons": None if ns is None else [list(x) for x in ns.neurons]}
             keys[(task.name, name)] = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
     return keys
 

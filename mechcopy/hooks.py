@@ -66,6 +66,19 @@ def zero_neurons(idx) -> Hook:
     return _named(scale_neurons(index, 0.0), f"zero_neurons[{len(index)}]", f"zero_neurons({index.tolist()})")
 
 
+def scale_neurons_by_group(masks: Float[Tensor, "groups d"]) -> Hook:
+    """Multiply row group g by `masks[g]` (last dimension) at every position. The batch is `groups`
+    equal blocks of rows (group-major, as `Arch.decoder` forks it): several neuron interventions,
+    one per group, in one pass; each group gets exactly what `scale_neurons` gives it alone."""
+
+    def hook(act: Float[Tensor, "rows ... d"], hook) -> Float[Tensor, "rows ... d"]:
+        groups = masks.shape[0]
+        m = masks.to(act.device, act.dtype).reshape(groups, 1, *([1] * (act.ndim - 2)), act.shape[-1])
+        return (act.reshape(groups, -1, *act.shape[1:]) * m).reshape(act.shape)
+
+    return _named(hook, f"scale_neurons_by_group[{masks.shape[0]}]")
+
+
 def patch_from_cache(cache, positions=None, idx=None) -> Hook:
     """Replace the activation with the same hook's activation in `cache` (e.g. a clean run).
 

@@ -3,8 +3,10 @@
 Pruning sets the selected neurons to zero at every position. Two equivalent forms: a named hook
 (`pruning_hooks`, `pruned`: temporary, composable) and a permanent weight edit (`prune_weights`: zero
 the matching rows of `W_out`, or Mamba's `out_proj` input columns); tests check they give identical
-logits. Baselines: random neurons matched per layer (`random_matched`, several seeds) and the
-bottom-score set (`bottom_set`). Every selection takes neurons only from the layers the scores allow
+logits. `grouped_pruning_hooks` prunes a different set in each row group of one batch (the
+evaluator's one pass over all conditions). Baselines: random neurons matched per layer
+(`random_matched`, several seeds) and the bottom-score set (`bottom_set`); `condition_sets` names
+them all. Every selection takes neurons only from the layers the scores allow
 (`CopyScores.allowed_layers`, the IG completeness gate); random sets match the selection's layers.
 """
 
@@ -19,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mechcopy.attribution import CopyScores
-from mechcopy.hooks import zero_neurons
+from mechcopy.hooks import Hook, scale_neurons_by_group, zero_neurons
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.neurons import NeuronSet, model_fingerprint
 from mechcopy.sites import neuron_site, neurons_per_layer
@@ -35,6 +37,21 @@ def pruning_hooks(model: HookedModel, neurons: NeuronSet) -> list[tuple[str, Cal
     """`zero_neurons` at each layer's neuron site (checked against `model` first)."""
     neurons.check(model)
     return [(neuron_site(model, layer), zero_neurons(idx)) for layer, idx in neurons.by_layer().items()]
+
+
+def grouped_pruning_hooks(model: HookedModel, sets: Sequence[NeuronSet | None]) -> tuple[int, list[tuple[str, Hook]]]:
+    """One hook per neuron site that zeroes `sets[g]`'s neurons in row group g (None: none), and the
+    first layer any set touches: the rows may share every block before it (n_layers if none)."""
+    width, n_layers = neurons_per_layer(model), model.cfg.n_layers
+    masks: dict[int, torch.Tensor] = {}
+    for g, neurons in enumerate(sets):
+        if neurons is None:
+            continue
+        neurons.check(model)
+        for layer, idx in neurons.by_layer().items():
+            masks.setdefault(layer, torch.ones(len(sets), width))[g, idx] = 0.0
+    hooks = [(neuron_site(model, layer), scale_neurons_by_group(m)) for layer, m in sorted(masks.items())]
+    return min(masks, default=n_layers), hooks
 
 
 @contextmanager
@@ -69,22 +86,24 @@ def random_matched(model: HookedModel, neurons: NeuronSet, seed: int) -> NeuronS
                      {"selection": "random-matched", "seed": int(seed), "matched_to": len(neurons)})
 
 
-def conditions(model: HookedModel, neurons: NeuronSet, n_random: int = 5, seed: int = 0,
-               scores: CopyScores | None = None) -> list[tuple[str, list]]:
-    """[("pruned", hooks), ("random-<seed>", hooks) x n_random, ("bottom", hooks)] for evaluation.
+def condition_sets(model: HookedModel, neurons: NeuronSet, n_random: int = 5, seed: int = 0,
+                   scores: CopyScores | None = None) -> dict[str, NeuronSet]:
+    """{"pruned": neurons, "random-<seed>": matched set x n_random, "bottom": bottom set}: the neuron
+    sets of the evaluation's conditions (`evaluation.evaluate_conditions` takes them, with
+    "unpruned": None).
 
     `bottom` needs copy scores: `scores`, or the file named in `neurons.meta["scores_path"]` (see
     `find_scores`). An empty set (find chose k = 0) has nothing to prune: no conditions.
     """
     neurons.check(model)
     if not neurons.neurons:
-        return []
-    out = [("pruned", pruning_hooks(model, neurons))]
+        return {}
+    out = {"pruned": neurons}
     for s in range(seed, seed + n_random):
-        out.append((f"random-{s}", pruning_hooks(model, random_matched(model, neurons, s))))
+        out[f"random-{s}"] = random_matched(model, neurons, s)
     scores = scores if scores is not None else find_scores(neurons)
     if scores is not None:
-        out.append(("bottom", pruning_hooks(model, bottom_set(scores, len(neurons)))))
+        out["bottom"] = bottom_set(scores, len(neurons))
     return out
 
 
@@ -110,6 +129,12 @@ def find_scores(neurons: NeuronSet) -> CopyScores | None:
     raise FileNotFoundError(
         f"the bottom-score baseline needs the copy scores of {neurons.source or 'this neuron set'}, which are "
         f"neither at {recorded} nor beside the neuron file; move the scores file back beside it")
+
+
+def conditions(model: HookedModel, neurons: NeuronSet, n_random: int = 5, seed: int = 0,
+               scores: CopyScores | None = None) -> list[tuple[str, list]]:
+    """[(name, pruning hooks)] of `condition_sets`, for code that runs one condition at a time."""
+    return [(name, pruning_hooks(model, s)) for name, s in condition_sets(model, neurons, n_random, seed, scores).items()]
 
 
 # ---------------------------------------------------------------- selection

@@ -84,15 +84,15 @@ def stage_find(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
 
 def stage_evaluate(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
     """Every task: unpruned, pruned, random-matched baselines and the bottom-score set."""
-    from mechcopy.evaluation import run_evaluation
-    from mechcopy.pruning import conditions
+    from mechcopy.evaluation import compare_rows, run_evaluation
+    from mechcopy.pruning import condition_sets
     from mechcopy.tasks import load_tasks
 
     neurons = NeuronSet.load(out / "neurons.json")
-    conds = [("unpruned", [])] + conditions(model, neurons, cfg.n_random, cfg.seed)
+    conds = {"unpruned": None, **condition_sets(model, neurons, cfg.n_random, cfg.seed)}
     rows, dropped = run_evaluation(model, load_tasks(cfg.tasks), cfg.shots, cfg.n_eval, cfg.seed, conds,
                                    checkpoint=out / "evaluate.partial.jsonl")
-    return {"results": rows, "dropped": dropped}
+    return {"results": rows, "dropped": dropped, "comparisons": compare_rows(rows, seed=cfg.seed)}
 
 
 def stage_task_vectors(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:

@@ -72,7 +72,7 @@ def test_forward_tail_matches_the_full_model(case):
 def test_decoder_continues_exactly(case):
     model, arch, tokens = case
     batch = torch.cat([tokens, tokens.flip(0)])  # two identical rows: the decoder keeps them apart
-    decode = arch.decoder(model, batch.shape[0])
+    decode = arch.decoder(model)
     seq = batch[:, :-3]
     with torch.no_grad():
         logits = decode(seq)
@@ -82,6 +82,61 @@ def test_decoder_continues_exactly(case):
             seq = torch.cat([seq, nxt], dim=1)
             logits = decode(nxt)
         assert torch.allclose(logits, arch.last_logits(model, seq), atol=1e-4)
+
+
+def _left_padded(model, texts):
+    from mechcopy.evaluation import left_pad
+
+    rows = [model.to_tokens(t)[0] for t in texts]
+    return rows, *left_pad(rows, pad_id=5)
+
+
+TEXTS = ["hot -> cold\nbig -> small\nfast ->", "a -> b\nc ->", "up -> down\nleft -> right\nin -> out\nyes ->", "x"]
+
+
+def test_decoder_pads_left_exactly(case):
+    """Left-padded rows give each prompt's own logits, on the prompt and on every generated token."""
+    model, arch, _ = case
+    rows, tokens, mask = _left_padded(model, TEXTS)
+    assert len({len(r) for r in rows}) == len(rows) and (mask == 0).any()
+    decode = arch.decoder(model)
+    with torch.no_grad():
+        padded = [decode(tokens, mask)]
+        for _ in range(3):
+            padded.append(decode(padded[-1].argmax(-1)[:, None]))
+        for r, row in enumerate(rows):
+            alone = arch.decoder(model)
+            for step, logits in enumerate(padded):
+                inp = row[None] if step == 0 else padded[step - 1][r].argmax()[None, None]
+                assert torch.allclose(alone(inp)[0], logits[r], atol=1e-4), (r, step)
+
+
+@pytest.mark.parametrize("fork_at", [0, 1, 2])
+def test_decoder_forks_exactly(case, fork_at):
+    """Row group g of a forked batch gives what a separate run under group g's hooks gives."""
+    from mechcopy.hooks import scale_neurons_by_group, zero_neurons
+
+    model, arch, _ = case
+    _, tokens, mask = _left_padded(model, TEXTS)
+    width, n = arch.neurons_per_layer(model), model.cfg.n_layers
+    prune = [{}, {fork_at: range(0, width, 2)}, {l: range(l, width // 2) for l in range(fork_at, n)}]
+    masks = {l: torch.ones(len(prune), width) for l in range(fork_at, n)}
+    for g, layers in enumerate(prune):
+        for l, idx in layers.items():
+            masks[l][g, list(idx)] = 0.0
+    batch = tokens.shape[0]
+    with torch.no_grad():
+        with model.hooks(fwd_hooks=[(arch.neuron_site(model, l), scale_neurons_by_group(m)) for l, m in masks.items()]):
+            decode = arch.decoder(model, groups=len(prune), fork_at=fork_at)
+            forked = [decode(tokens, mask)]
+            forked.append(decode(forked[0].argmax(-1)[:, None]))
+        for g, layers in enumerate(prune):
+            rows = slice(g * batch, (g + 1) * batch)
+            with model.hooks(fwd_hooks=[(arch.neuron_site(model, l), zero_neurons(list(i))) for l, i in layers.items()]):
+                alone = arch.decoder(model)
+                assert torch.allclose(alone(tokens, mask), forked[0][rows], atol=1e-5), g
+                assert torch.allclose(alone(forked[0][rows].argmax(-1)[:, None]), forked[1][rows], atol=1e-5), g
+    assert not torch.allclose(forked[0][:batch], forked[0][batch:2 * batch], atol=1e-3)  # the groups differ
 
 
 def test_ig_stepper_continues_the_prefix(case):

@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from mechcopy import evaluation
 from mechcopy.arch import arch_of
-from mechcopy.evaluation import evaluate, perplexity, predict, summarize, _steps
+from mechcopy.evaluation import (classify, evaluate, evaluate_conditions, perplexity, predict, predict_conditions,
+                                 summarize, _steps)
+from mechcopy.neurons import NeuronSet, model_fingerprint
+from mechcopy.pruning import grouped_pruning_hooks, pruning_hooks
 from mechcopy.stats import bootstrap_ci
 from mechcopy.models.tiny import tiny_transformer
 from mechcopy.tasks import Task, load_task
@@ -92,10 +96,77 @@ def test_batches_equal_single_runs(tiny):
     assert len({len(tiny.to_tokens(p.text)[0]) for p in prompts}) > 3  # several lengths
     batched = predict(tiny, prompts, batch_size=32)
     assert batched == predict(tiny, prompts, batch_size=1)
-    assert batched == predict(tiny, prompts, batch_size=32, kv_cache=False)  # cached = full re-runs
     assert any(len(p) > 1 for p in batched)  # generation really ran
     tokens = torch.stack([tiny.to_tokens(p.text)[0] for p in prompts[:1]] * 2)
     assert torch.allclose(arch_of(tiny).last_logits(tiny, tokens), tiny(tokens)[:, -1], atol=1e-5)
+
+
+def _mixed_prompts(tok):
+    """Prompts of several token lengths, with single-token answers (probe) and generated ones."""
+    short = Task("short", (("a", "bc"), ("b", "cde"), ("c", "d"), ("d", "ef"), ("e", "fgh"), ("f", "g"), ("g", "hi")))
+    return list(probe_prompts(tok, n=10, k=3, seed=1)) + list(build_prompts(short, tok, k=2, n=7, seed=0)) + list(
+        build_prompts(short, tok, k=3, n=5, seed=1))
+
+
+@pytest.fixture(scope="module", params=["transformer", "mamba"])
+def model(request):
+    from mechcopy.models.mamba import tiny_mamba
+
+    if request.param == "transformer":
+        return tiny_transformer(n_layers=3, d_model=32, d_mlp=64, seed=2)
+    return tiny_mamba(n_layers=3, d_model=32, seed=2)
+
+
+@pytest.mark.parametrize("max_padding", [1.0, evaluation.MAX_PADDING])
+def test_padded_batches_equal_unpadded_runs(model, max_padding, monkeypatch):
+    """Left-padded batches of mixed lengths answer as equal-length batches and single prompts do."""
+    monkeypatch.setattr(evaluation, "MAX_PADDING", max_padding)
+    prompts = _mixed_prompts(model.tokenizer)
+    ids = [model.to_tokens(p.text)[0] for p in prompts]
+    assert len({len(i) for i in ids}) > 4 and {_steps(p) == 1 for p in prompts} == {True, False}
+    batches = evaluation._batches(ids, [_steps(p) for p in prompts], 32, pad=True)
+    assert any(len({len(ids[i]) for i in b}) > 1 for b in batches)  # some batches really pad
+    padded = predict(model, prompts, batch_size=32)
+    assert padded == predict(model, prompts, batch_size=32, pad=False) == predict(model, prompts, batch_size=1)
+    assert any(len(p) > 1 for p in padded)  # generation really ran
+
+
+def _sets(model, layers_by_condition):
+    """Neuron sets pruning half the neurons of each listed layer (a different half per condition)."""
+    arch, fp = arch_of(model), model_fingerprint(model)
+    width = arch.neurons_per_layer(model)
+    return {name: None if layers is None else NeuronSet(
+        tuple((l, i) for l in layers for i in range(g % 2, width, 2)), fp)
+        for g, (name, layers) in enumerate(layers_by_condition.items())}
+
+
+@pytest.mark.parametrize("layers", [
+    {"unpruned": None, "early": [0], "late": [2], "both": [1, 2]},   # fork before block 0
+    {"late": [2], "unpruned": None, "mid": [1, 2]},                   # fork before block 1
+])
+def test_one_pass_equals_separate_conditions(model, layers):
+    prompts = _mixed_prompts(model.tokenizer)
+    sets = _sets(model, layers)
+    one_pass = predict_conditions(model, prompts, sets, batch_size=24)  # several batches
+    for name, ns in sets.items():
+        hooks = [] if ns is None else pruning_hooks(model, ns)
+        assert one_pass[name] == predict(model, prompts, fwd_hooks=hooks, pad=False), name
+    assert len({tuple(p) for p in one_pass.values()}) > 1  # the conditions change answers
+    unpruned = predict_conditions(model, prompts, {"a": None, "b": None})  # nothing pruned: no block forks
+    assert unpruned["a"] == unpruned["b"] == one_pass["unpruned"]
+    results = evaluate_conditions(model, prompts, sets, batch_size=24)
+    assert list(results) == list(sets) and all(r.condition == name for name, r in results.items())
+    assert all(r.predictions == tuple(one_pass[name]) for name, r in results.items())
+
+
+def test_task_result_outcomes_agree_with_classify(tiny):
+    prompts = _mixed_prompts(tiny.tokenizer)
+    r = evaluate(tiny, prompts)
+    correct, copy = classify(prompts, r.predictions)
+    assert r.correct == tuple(correct) and r.copy == tuple(copy) and len(r.correct) == r.n
+    assert r.accuracy == np.mean(r.correct) and r.copy_rate == np.mean(r.copy)
+    row = json.loads(json.dumps(r.to_json()))
+    assert row["correct"] == list(correct) and row["copy"] == list(copy)
 
 
 def test_summarize_by_hand_and_intervals():
@@ -109,6 +180,8 @@ def test_summarize_by_hand_and_intervals():
     preds = ["3", "3", "1", "2", " 2", "9", "x", "3 "]
     r = summarize(prompts, preds, seed=0)
     assert r.accuracy == 3 / 8 and r.copy_rate == 3 / 8 and r.other_rate == 2 / 8
+    assert r.correct == (True, True, False, False, False, False, False, True)
+    assert r.copy == (False, False, True, True, True, False, False, False)
     assert r.copy_share_of_errors == 3 / 5
     assert r.accuracy_ci[0] <= r.accuracy <= r.accuracy_ci[1]
     assert r.copy_rate_ci[0] <= r.copy_rate <= r.copy_rate_ci[1]
@@ -148,7 +221,6 @@ def test_perplexity_matches_naive(tiny):
 def test_evaluate_cli(tiny, tmp_path, monkeypatch):
     import mechcopy
     from mechcopy.commands import main
-    from mechcopy.hooks import zero_neurons
     from mechcopy.neurons import NeuronSet, model_fingerprint
 
     monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: tiny)
@@ -162,22 +234,22 @@ def test_evaluate_cli(tiny, tmp_path, monkeypatch):
     assert data["model"] == model_fingerprint(tiny)
     assert data["settings"]["shots"] == 2 and data["settings"]["seed"] == 0
     (row,) = data["results"]
-    for key in ("task", "condition", "accuracy", "copy_rate", "n", "accuracy_ci", "copy_rate_ci"):
+    for key in ("task", "condition", "accuracy", "copy_rate", "n", "accuracy_ci", "copy_rate_ci", "correct", "copy"):
         assert key in row
     assert row["task"] == "upper" and row["condition"] == "unpruned" and row["n"] == 5
 
-    # --prune asks mechcopy.pruning.conditions for the extra conditions
+    # --prune asks mechcopy.pruning.condition_sets for the extra conditions
     neurons = tmp_path / "n.json"
     NeuronSet(((0, 1), (1, 2)), model_fingerprint(tiny)).save(neurons)
     calls = []
 
-    def conditions(model, ns, n_random, seed, scores=None):
+    def condition_sets(model, ns, n_random, seed, scores=None):
         calls.append((len(ns), n_random, seed))
-        return [("pruned", [("blocks.0.mlp.hook_post", zero_neurons(range(64)))]), ("random-0", [])]
+        return {"pruned": ns, "random-0": NeuronSet(((1, 5),), ns.model)}
 
     import mechcopy.pruning
 
-    monkeypatch.setattr(mechcopy.pruning, "conditions", conditions)
+    monkeypatch.setattr(mechcopy.pruning, "condition_sets", condition_sets)
     assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--shots", "2", "--n", "5",
                  "--prune", str(neurons), "--n-random", "1", "--out", str(out), "--force"]) == 0
     assert calls == [(2, 1, 0)]
@@ -208,3 +280,36 @@ def test_smollm2_prompts_antonyms_and_probe(smollm2):
     assert r.accuracy > 0
     r = evaluate(smollm2, probe)
     assert r.copy_rate > 0.5, r
+
+
+@pytest.mark.slow
+def test_smollm2_padded_and_one_pass_are_exact(smollm2):
+    """On SmolLM2: left-padded batches and the one-pass conditions give today's answers, and logits
+    within 1e-4 of unpadded, separate runs."""
+    from mechcopy.evaluation import left_pad
+    from mechcopy.pruning import condition_sets
+
+    tok, arch = smollm2.tokenizer, arch_of(smollm2)
+    prompts = [p for name in ("antonyms", "country_capital", "copy_probe")
+               for p in build_prompts(load_task(name), tok, k=4, n=6, seed=0)]
+    rows = [smollm2.to_tokens(p.text)[0] for p in prompts]
+    assert len({len(r) for r in rows}) > 3 and {_steps(p) == 1 for p in prompts} == {True, False}
+    fp = model_fingerprint(smollm2)
+    top = NeuronSet(tuple((l, (37 * l + 11 * i) % 1536) for l in (3, 9, 17, 25) for i in range(5)), fp)
+    sets = {"unpruned": None, **condition_sets(smollm2, top, n_random=1, seed=0)}
+    one_pass = predict_conditions(smollm2, prompts, sets, batch_size=64)
+    for name, ns in sets.items():
+        hooks = [] if ns is None else pruning_hooks(smollm2, ns)
+        assert one_pass[name] == predict(smollm2, prompts, fwd_hooks=hooks, pad=False), name
+    tokens, mask = left_pad(rows[:8], pad_id=tok.pad_token_id or 0)
+    with torch.no_grad():
+        padded = arch.decoder(smollm2)(tokens, mask)
+        for r, row in enumerate(rows[:8]):
+            assert torch.allclose(arch.decoder(smollm2)(row[None])[0], padded[r], atol=1e-4), r
+        fork_at, hooks = grouped_pruning_hooks(smollm2, list(sets.values()))
+        with smollm2.hooks(fwd_hooks=hooks):
+            forked = arch.decoder(smollm2, len(sets), fork_at)(tokens, mask)
+        for g, ns in enumerate(sets.values()):
+            with smollm2.hooks(fwd_hooks=[] if ns is None else pruning_hooks(smollm2, ns)):
+                alone = arch.decoder(smollm2)(tokens, mask)
+            assert torch.allclose(alone, forked[g * 8:(g + 1) * 8], atol=1e-4), g

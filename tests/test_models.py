@@ -151,3 +151,27 @@ def test_cli_unknown_fetch_is_clear():
     proc = subprocess.run([sys.executable, "-m", "mechcopy", "models", "fetch", "gpt-5"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "known: smollm2-135m, gemma-3-270m" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["gated", "gelu", "grouped-query"])
+def test_store_as_read_is_bitwise_neutral(kind):
+    """Weights stored as TransformerLens reads them: the same outputs bit for bit, and no per-call copies."""
+    import copy
+
+    from transformer_lens import HookedTransformer
+
+    from mechcopy.models.loading import store_as_read
+    from mechcopy.models.tiny import tiny_transformer
+
+    model = tiny_transformer(n_layers=2, gated=kind != "gelu", seed=4)
+    if kind == "grouped-query":
+        model = HookedTransformer(model.cfg.__class__(**{**model.cfg.to_dict(), "n_key_value_heads": 2}),
+                                  tokenizer=model.tokenizer)
+    tokens = model.to_tokens(["hot -> cold\nbig ->", "up -> down\nin -> out\nfast ->"])
+    with torch.no_grad():
+        before = model(tokens)
+        after = store_as_read(copy.deepcopy(model))
+        assert torch.equal(after(tokens), before)
+    mlp, attn = after.blocks[0].mlp, after.blocks[0].attn
+    assert after.unembed.W_U.T.is_contiguous() and attn.W_O.permute(2, 0, 1).is_contiguous()
+    assert attn.W_Q.permute(0, 2, 1).is_contiguous() and mlp.W_out.T.is_contiguous() == (kind != "gelu")

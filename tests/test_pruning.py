@@ -7,7 +7,8 @@ import torch
 
 from mechcopy.attribution import CopyScores
 from mechcopy.pruning import (
-    bottom_set, conditions, prune_weights, pruned, pruning_hooks, random_matched, select, sweep_k,
+    bottom_set, condition_sets, conditions, grouped_pruning_hooks, prune_weights, pruned, pruning_hooks, random_matched,
+    select, sweep_k,
 )
 from mechcopy.neurons import NeuronSet, model_fingerprint
 from mechcopy.sites import neuron_site, neurons_per_layer
@@ -99,6 +100,26 @@ def test_conditions(tiny3):
     conds = conditions(tiny3, ns, n_random=3, seed=10, scores=sc)
     assert [c[0] for c in conds] == ["pruned", "random-10", "random-11", "random-12", "bottom"]
     assert [c[0] for c in conditions(tiny3, ns, n_random=1)] == ["pruned", "random-0"]
+    # the hooks are built from the sets the one-pass evaluator takes
+    sets = condition_sets(tiny3, ns, n_random=3, seed=10, scores=sc)
+    assert list(sets) == [c[0] for c in conds] and sets["pruned"] == ns
+    assert sets["random-11"] == random_matched(tiny3, ns, 11) and sets["bottom"] == bottom_set(sc, 6)
+    for (name, hooks), s in zip(conds, sets.values()):
+        assert [site for site, _ in hooks] == [neuron_site(tiny3, l) for l in s.by_layer()], name
+
+
+def test_grouped_pruning_hooks(tiny3):
+    """One hook per neuron site; row group g zeroes set g's neurons; the fork is the first pruned layer."""
+    a, b = _set(tiny3, [(1, 3), (2, 5)]), _set(tiny3, [(2, 7), (2, 8)])
+    fork_at, hooks = grouped_pruning_hooks(tiny3, [None, a, b])
+    assert fork_at == 1 and [site for site, _ in hooks] == [neuron_site(tiny3, 1), neuron_site(tiny3, 2)]
+    act = torch.randn(3 * 2, 4, 64)  # 3 groups of 2 rows
+    out = hooks[1][1](act, None).reshape(3, 2, 4, 64)
+    want = act.reshape(3, 2, 4, 64).clone()
+    want[1, ..., 5] = 0
+    want[2, ..., [7, 8]] = 0
+    assert torch.equal(out, want)
+    assert grouped_pruning_hooks(tiny3, [None]) == (tiny3.cfg.n_layers, [])
 
 
 def test_bad_inputs(tiny3, mamba, tmp_path):

@@ -48,9 +48,9 @@ def _recording(monkeypatch) -> list[tuple[str, str]]:
 
     done, real = [], ev.evaluate_task
 
-    def record(model, task, prompts, conditions, seed=0):
-        done.extend((task.name, name) for name, _ in conditions)
-        return real(model, task, prompts, conditions, seed)
+    def record(model, task, prompts, conditions, seed=0, batch_size=128):
+        done.extend((task.name, name) for name in conditions)
+        return real(model, task, prompts, conditions, seed, batch_size)
 
     monkeypatch.setattr(ev, "evaluate_task", record)
     return done
@@ -95,12 +95,12 @@ def test_evaluate_killed_with_sigkill_resumes_without_redoing_anything(tiny_llam
 
 def test_checkpoint_survives_a_torn_line_and_ignores_other_settings(tiny, tmp_path, monkeypatch, one_thread):
     from mechcopy.evaluation import run_evaluation
-    from mechcopy.hooks import zero_neurons
+    from mechcopy.neurons import NeuronSet, model_fingerprint
     from mechcopy.tasks import load_tasks
 
     monkeypatch.chdir(tmp_path)
     tasks = load_tasks(_task_files(tmp_path, n_tasks=3, n_pairs=12))
-    conditions = [("unpruned", []), ("pruned", [("blocks.0.mlp.hook_post", zero_neurons([1, 2]))])]
+    conditions = {"unpruned": None, "pruned": NeuronSet(((0, 1), (0, 2)), model_fingerprint(tiny))}
     journal = tmp_path / "j.jsonl"
     rows, dropped = run_evaluation(tiny, tasks, 2, 6, 0, conditions, progress=False, checkpoint=journal)
     lines = journal.read_text().splitlines()
@@ -113,22 +113,11 @@ def test_checkpoint_survives_a_torn_line_and_ignores_other_settings(tiny, tmp_pa
     assert redone == [(t.name, c) for t in tasks[1:] for c in ("unpruned", "pruned")][1:]
     assert _without_seconds(again) == _without_seconds(rows)
     assert all(e["key"] != "another-setting" for e in read_jsonl(journal)) and len(journal.read_text().splitlines()) == 6
-    # other hooks (another neuron set) are another setting: nothing is reused
+    # another neuron set is another setting: nothing is reused
     redone.clear()
-    other = [conditions[0], ("pruned", [("blocks.0.mlp.hook_post", zero_neurons([1, 3]))])]
+    other = {**conditions, "pruned": NeuronSet(((0, 1), (0, 3)), model_fingerprint(tiny))}
     run_evaluation(tiny, tasks, 2, 6, 0, other, progress=False, checkpoint=journal)
     assert redone == [(t.name, "pruned") for t in tasks]
-
-
-def test_hooks_without_a_key_are_refused_for_a_checkpoint(tiny, tmp_path, monkeypatch):
-    from mechcopy.evaluation import run_evaluation
-    from mechcopy.tasks import load_tasks
-
-    monkeypatch.chdir(tmp_path)
-    tasks = load_tasks(_task_files(tmp_path, 1, 12))
-    with pytest.raises(ValueError, match="has no key"):
-        run_evaluation(tiny, tasks, 2, 4, 0, [("x", [("blocks.0.mlp.hook_post", lambda a, hook: a)])],
-                       checkpoint=tmp_path / "j.jsonl")
 
 
 def test_reproduce_resumes_its_evaluation_stage(tiny, tmp_path, monkeypatch, one_thread, best_k_chosen):

@@ -8,7 +8,7 @@ register it in `arch_of`, and make `tests/test_arch_contract.py` pass for a tiny
 
 from __future__ import annotations
 
-from mechcopy.arch.base import Arch, Decoder, HookedModel, Stepper
+from mechcopy.arch.base import Arch, Decoder, HookedModel, State, Stepper
 from mechcopy.arch.mamba import MambaArch
 from mechcopy.arch.transformer import TransformerArch
 
@@ -30,4 +30,4 @@ def arch_of(model: HookedModel) -> Arch:
                     "load one with mechcopy.load_model")
 
 
-__all__ = ["Arch", "Decoder", "HookedModel", "Stepper", "arch_of", "TRANSFORMER", "MAMBA"]
+__all__ = ["Arch", "Decoder", "HookedModel", "State", "Stepper", "arch_of", "TRANSFORMER", "MAMBA"]

@@ -13,6 +13,7 @@ import numbers
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -45,8 +46,11 @@ class HookedModel(Protocol):
     def to_string(self, tokens: Any) -> Any: ...
 
 
-#: `decoder(tokens)`: logits at the last position of `tokens`, continuing what earlier calls saw.
-Decoder = Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch d_vocab"]]
+#: `decode(tokens, mask=None)`: logits at the last position of every row, continuing what earlier
+#: calls saw (`mask`: 1 = token, 0 = left padding; only the first call may pad).
+Decoder = Callable[..., Float[Tensor, "rows d_vocab"]]
+#: what a decoder carries between calls: a key/value cache, or a recurrent state
+State = Any
 #: `step(layer, rows)`: block `layer` applied to one-token rows that continue a cached prefix.
 Stepper = Callable[[int, Float[Tensor, "rows 1 d_model"]], Float[Tensor, "rows 1 d_model"]]
 
@@ -124,9 +128,42 @@ class Arch:
 
     # -- architecture-specific machinery -----------------------------------------------------------
 
-    def decoder(self, model: HookedModel, batch: int) -> Decoder:
-        """An incremental decoder: the first call takes the prompts, later calls the new tokens only,
-        each returning the last position's logits (key/value cache or recurrent state)."""
+    def decoder(self, model: HookedModel, groups: int = 1, fork_at: int = 0) -> Decoder:
+        """An incremental decoder: the first call takes the prompts (left-padded, with their mask),
+        later calls one new token per row; each returns the last position's logits.
+
+        With `groups` > 1 the prompts run once through blocks [0, fork_at), then fork: the residual
+        stream and the state are repeated once per row group (group-major: row g * batch + i is
+        prompt i in group g), so a hook on block `fork_at` or later can treat each group differently,
+        e.g. one pruning condition per group, all in one pass. The first call returns, and later
+        calls take, groups * batch rows.
+        """
+        state = None
+
+        def decode(tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | None = None
+                   ) -> Float[Tensor, "rows d_vocab"]:
+            nonlocal state
+            if state is not None:
+                resid, state = self.run_blocks(model, tokens, mask, state)
+            else:
+                resid, state = self.run_blocks(model, tokens, mask, None, stop=fork_at)
+                rows = torch.arange(tokens.shape[0], device=resid.device).repeat(groups)
+                resid, state = self.run_blocks(model, resid[rows], None if mask is None else mask[rows],
+                                               self.select_rows(state, rows), start=fork_at)
+            return self.final_logits(model, resid[:, -1:])[:, -1]
+
+        return decode
+
+    def run_blocks(self, model: HookedModel, x: Tensor, mask: Int[Tensor, "batch pos"] | None, state: State,
+                   start: int | None = None, stop: int | None = None) -> tuple[Float[Tensor, "batch pos d_model"], State]:
+        """Blocks [start, stop) (default: all) on new positions: `x` is tokens, or with `start` the
+        residual stream entering block `start` (whose cache or state must not hold a position yet);
+        `mask` marks left padding (None: none); `state` is what earlier calls left (None: empty).
+        Returns the residual stream after block stop - 1 and the updated state."""
+        raise NotImplementedError
+
+    def select_rows(self, state: State, rows: Int[Tensor, "rows"]) -> State:
+        """The state of batch rows `rows` (repeats allowed: a fork repeats every row)."""
         raise NotImplementedError
 
     def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:

@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechcopy.arch.base import Arch, Decoder, HookedModel, Stepper
+from mechcopy.arch.base import Arch, HookedModel, State, Stepper
 
 
 class MambaArch(Arch):
@@ -31,15 +31,14 @@ class MambaArch(Arch):
         """None: a recurrent state has no context limit (`cfg.n_ctx` is nominal)."""
         return None
 
-    def decoder(self, model: HookedModel, batch: int) -> Decoder:
-        state = None
+    def run_blocks(self, model: HookedModel, x: Tensor, mask: Tensor | None, state: State, start: int | None = None,
+                   stop: int | None = None) -> tuple[Tensor, State]:
+        """The recurrent state continues the prefix; HookedMamba keeps left padding out of it."""
+        stop = model.cfg.n_layers if stop is None else stop
+        return model(x, start_at_layer=start, stop_at_layer=stop, state=state, return_state=True, attention_mask=mask)
 
-        def decode(tokens: Int[Tensor, "batch pos"]) -> Tensor:
-            nonlocal state
-            resid, state = model(tokens, stop_at_layer=model.cfg.n_layers, state=state, return_state=True)
-            return self.final_logits(model, resid[:, -1:])[:, -1]
-
-        return decode
+    def select_rows(self, state: State, rows: Tensor) -> State:
+        return state.index(rows)
 
     def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:
         """One-token rows continuing the clean prefix's conv window and SSM state."""

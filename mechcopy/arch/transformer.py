@@ -7,7 +7,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechcopy.arch.base import Arch, Decoder, HookedModel, Stepper
+from mechcopy.arch.base import Arch, HookedModel, State, Stepper
 
 
 class TransformerArch(Arch):
@@ -27,16 +27,26 @@ class TransformerArch(Arch):
     def architecture_name(self, model: HookedModel) -> str:
         return model.cfg.original_architecture or "transformer"
 
-    def decoder(self, model: HookedModel, batch: int) -> Decoder:
+    def run_blocks(self, model: HookedModel, x: Tensor, mask: Tensor | None, state: State, start: int | None = None,
+                   stop: int | None = None) -> tuple[Tensor, State]:
+        """A key/value cache continues the prefix. TransformerLens masks the padding and counts each
+        row's rotary positions from its first token; the mask is always given, as without one it
+        would guess padding from pad-token ids in the input."""
         from transformer_lens import TransformerLensKeyValueCache
 
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+        cache = state if state is not None else TransformerLensKeyValueCache.init_cache(
+            model.cfg, model.cfg.device, x.shape[0])
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        stop = model.cfg.n_layers if stop is None else stop
+        return model(x, start_at_layer=start, stop_at_layer=stop, past_kv_cache=cache, attention_mask=mask), cache
 
-        def decode(tokens: Int[Tensor, "batch pos"]) -> Tensor:
-            resid = model(tokens, stop_at_layer=model.cfg.n_layers, past_kv_cache=cache)
-            return self.final_logits(model, resid[:, -1:])[:, -1]
+    def select_rows(self, state: State, rows: Tensor) -> State:
+        from transformer_lens import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-        return decode
+        entries = [TransformerLensKeyValueCacheEntry(e.past_keys[rows], e.past_values[rows]) for e in state.entries]
+        return TransformerLensKeyValueCache(entries, state.previous_attention_mask[rows])
 
     def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:
         """One-token rows attending to the clean prefix's frozen keys and values."""

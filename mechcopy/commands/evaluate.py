@@ -31,7 +31,7 @@ def run(args) -> int:
     if checkpoint:
         args.saved = saved_in(checkpoint, "the finished (task, condition) rows are")
     model = open_model(args)
-    conditions = [("unpruned", [])]
+    conditions = {"unpruned": None}
     settings = {"tasks": [t.name for t in tasks], "shots": args.shots, "n": args.n, "seed": args.seed,
                 "template": "{x} -> {y}", "separator": "\n"}
     if neurons is not None:
@@ -42,7 +42,7 @@ def run(args) -> int:
         if not neurons.neurons:
             print(f"{args.prune} holds no neurons ({neurons.why_empty}): nothing to prune, so only the unpruned "
                   "model is evaluated")
-        conditions += pruning.conditions(model, neurons, n_random, args.seed, scores=scores)
+        conditions.update(pruning.condition_sets(model, neurons, n_random, args.seed, scores=scores))
         settings.update(prune=str(args.prune), n_neurons=len(neurons), n_random=n_random)
     t0 = time.perf_counter()
     rows, dropped = run_evaluation(model, tasks, args.shots, args.n, args.seed, conditions, checkpoint=checkpoint)

@@ -62,6 +62,30 @@ def _hooked_from_hf_dir(
     model.to(cfg.device)
     model.to(dtype)
     model.eval()
+    return store_as_read(model)
+
+
+def store_as_read(model: HookedTransformer) -> HookedTransformer:
+    """Store the weights in the memory layout TransformerLens 3.9 reads them in; returns `model`.
+
+    Its forward transposes the gated MLP's W_gate, W_in, W_out, the unembedding W_U and the attention
+    W_Q, W_K, W_V, W_O and copies them (`.contiguous()`, `rearrange`) on every call: about half of
+    the evaluator's time on SmolLM2, most of a one-token decoding step. Stored as their transposes'
+    views, those copies become no-ops. The values do not change and every matmul receives the same
+    contiguous operand as before, so outputs are bitwise equal (tests/test_models.py).
+    """
+    reads: list[tuple[torch.nn.Parameter, tuple[int, ...]]] = [(model.unembed.W_U, (1, 0))]
+    for block in model.blocks:
+        if model.cfg.gated_mlp:
+            reads += [(block.mlp.W_gate, (1, 0)), (block.mlp.W_in, (1, 0)), (block.mlp.W_out, (1, 0))]
+        if not (model.cfg.use_split_qkv_input or model.cfg.use_attn_in):
+            params = block.attn._parameters
+            reads += [(params[n], (0, 2, 1)) for n in ("W_Q", "W_K", "W_V", "_W_K", "_W_V") if n in params]
+            reads.append((block.attn.W_O, (2, 0, 1)))
+    with torch.no_grad():
+        for param, order in reads:
+            back = sorted(range(len(order)), key=order.__getitem__)
+            param.data = param.data.permute(*order).contiguous().permute(*back)
     return model
 
 
@@ -117,7 +141,7 @@ def load_model(name: str | Path = zoo.DEFAULT_MODEL, device: str | None = None, 
     known_tl = set(OFFICIAL_MODEL_NAMES) | {a for aliases in MODEL_ALIASES.values() for a in aliases}
     if name in known_tl:
         logging.info("loading %s through TransformerLens (needs the hub or a filled HF cache)", name)
-        return HookedTransformer.from_pretrained(name, device=device, dtype=dtype)
+        return store_as_read(HookedTransformer.from_pretrained(name, device=device, dtype=dtype))
     raise UnknownName(
         f"unknown model {name!r}: not a zoo model ({', '.join(zoo.ZOO)}; default {zoo.DEFAULT_MODEL}), "
         "not a model folder, not a TransformerLens official name."

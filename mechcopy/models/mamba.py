@@ -102,7 +102,9 @@ class MambaState:
                           [s.repeat_interleave(n, 0) for s in self.ssm])
 
     def index(self, rows) -> "MambaState":
-        return MambaState([c[rows] for c in self.conv], [s[rows] for s in self.ssm])
+        """The state of batch rows `rows` (layers not run yet stay None)."""
+        return MambaState([None if c is None else c[rows] for c in self.conv],
+                          [None if s is None else s[rows] for s in self.ssm])
 
     def detach(self) -> "MambaState":
         return MambaState([c.detach() for c in self.conv], [s.detach() for s in self.ssm])
@@ -219,17 +221,26 @@ class MambaMixer(nn.Module):
         conv_state: Tensor | None = None,
         ssm_state: Tensor | None = None,
         return_state: bool = False,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
     ):
-        """Mixer output; with `return_state`, also (new conv window, new SSM state)."""
+        """Mixer output; with `return_state`, also (new conv window, new SSM state).
+
+        `attention_mask` (0 = left padding) makes left padding of an empty state exact: a pad position
+        writes zeros into the conv window (what the empty window holds) and has step Δ = 0, so the SSM
+        state stays zero.
+        """
         cfg = self.cfg
         batch, pos, _ = h.shape
         stateful = conv_state is not None or ssm_state is not None or return_state
         kernels = _kernels() if (self.use_kernels and _kernel_device_ok(h) and not stateful) else {}
-        if "mamba_inner_fn" in kernels and not self._hooked(MIXER_INTERNAL_HOOKS):
+        keep = None if attention_mask is None else attention_mask[..., None].to(h.device, h.dtype)
+        if "mamba_inner_fn" in kernels and keep is None and not self._hooked(MIXER_INTERNAL_HOOKS):
             return self.hook_out(self._fused(h, kernels["mamba_inner_fn"]))
 
         x, z = self.in_proj(h).chunk(2, dim=-1)
         x, z = self.hook_x(x), self.hook_z(z)
+        if keep is not None:
+            x = x * keep
         xt = x.transpose(1, 2)  # [batch, d_inner, pos]
         K = cfg.d_conv
         if conv_state is None:
@@ -240,6 +251,8 @@ class MambaMixer(nn.Module):
 
         dt, B, C = torch.split(self.x_proj(u), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         delta = self.hook_delta(F.softplus(self.dt_proj(dt)))
+        if keep is not None:
+            delta = delta * keep
         B, C = self.hook_B(B), self.hook_C(C)
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
 
@@ -305,9 +318,9 @@ class MambaBlock(nn.Module):
         self.hook_resid_pre = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, resid, conv_state=None, ssm_state=None, return_state=False):
+    def forward(self, resid, conv_state=None, ssm_state=None, return_state=False, attention_mask=None):
         resid = self.hook_resid_pre(resid)
-        out = self.mixer(self.norm(resid), conv_state, ssm_state, return_state)
+        out = self.mixer(self.norm(resid), conv_state, ssm_state, return_state, attention_mask)
         if return_state:
             out, conv, ssm = out
             return self.hook_resid_post(resid + out), conv, ssm
@@ -476,6 +489,7 @@ class HookedMamba(HookedRootModule):
         state: MambaState | None = None,
         return_state: bool = False,
         loss_per_token: bool = False,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
     ):
         """Run the model.
 
@@ -484,6 +498,8 @@ class HookedMamba(HookedRootModule):
         "both" (logits, loss) or None. `stop_at_layer=l` returns the residual stream before block l.
         `state` continues from an earlier run's `MambaState` (the input then holds only the new
         positions; hooks see only those); `return_state=True` returns (output, MambaState).
+        `attention_mask` (1 = token, 0 = left padding) makes left-padded rows of a run from an empty
+        state exact: the padding leaves the state empty (see `MambaMixer.forward`).
         """
         tokens = None
         if start_at_layer is None:
@@ -504,9 +520,9 @@ class HookedMamba(HookedRootModule):
         ssms: list[Tensor] = list(state.ssm) if state is not None else [None] * self.cfg.n_layers
         for l in range(start, stop):
             if return_state:
-                resid, convs[l], ssms[l] = self.blocks[l](resid, convs[l], ssms[l], True)
+                resid, convs[l], ssms[l] = self.blocks[l](resid, convs[l], ssms[l], True, attention_mask)
             else:
-                resid = self.blocks[l](resid, convs[l], ssms[l], False)
+                resid = self.blocks[l](resid, convs[l], ssms[l], False, attention_mask)
         new_state = MambaState(convs, ssms) if return_state else None
         if stop_at_layer is not None or return_type is None:
             out = resid if stop_at_layer is not None else None
@@ -562,8 +578,8 @@ class HookedMamba(HookedRootModule):
     def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None,
                   padding_side: str | None = None, move_to_device: bool = True,
                   truncate: bool = False) -> Int[Tensor, "batch pos"]:
-        """Text -> tokens [batch, pos]. Lists are padded on `padding_side` (default right: Mamba has no
-        attention mask, so left padding would change the results)."""
+        """Text -> tokens [batch, pos]. Lists are padded on `padding_side` (default right; left padding
+        is exact only with `forward(..., attention_mask=...)`)."""
         tok = self._tok()
         texts = [input] if isinstance(input, str) else list(input)
         bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos

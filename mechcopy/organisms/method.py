@@ -3,7 +3,7 @@
 `run_method(model)` runs, for each probe in `PROBES`:
 probe attribution split -> IG on every neuron (target `contrast`) -> copy scores (min-max per prompt)
 -> k chosen on the probe's *dev* split -> evaluation of the pruned set against random layer-matched sets
-and the bottom-score set (`mechcopy.pruning.conditions`) on held-out functions, the class family and
+and the bottom-score set (`mechcopy.pruning.condition_sets`) on held-out functions, the class family and
 both probes' test splits -> task vectors (unpruned and pruned) on class and shift functions.
 
 k comes from `pruning.sweep_k` with the general-ability bound instead of perplexity (the organisms
@@ -28,13 +28,14 @@ import torch
 
 from mechcopy.attribution import copy_scores, integrated_gradients
 from mechcopy.arch import HookedModel, arch_of
-from mechcopy.evaluation import evaluate
+from mechcopy.evaluation import evaluate, evaluate_conditions
 from mechcopy.neurons import model_fingerprint
 from mechcopy.organisms.data import PROBES, make_function, organism_prompts, probe_splits
-from mechcopy.pruning import conditions, pruning_hooks, select, sweep_k
+from mechcopy.pruning import condition_sets, pruning_hooks, select, sweep_k
 from mechcopy.stats import seed_interval
 
 GENERAL = ("map-train", "class")  # general ability: training-split functions
+PER_PROMPT = ("predictions", "correct", "copy")  # TaskResult fields left out of the summaries
 HELD_OUT = ("map-heldout", "shift-heldout", "class", "probe-same")  # evaluated besides the probes' test splits
 TV_FUNCTIONS = (("class", 0), ("class", 1))  # the family whose ICL works (shifts stay at chance)
 
@@ -101,7 +102,7 @@ def run_method(model: HookedModel, config: MethodConfig = MethodConfig(), progre
     out: dict[str, Any] = {
         "model": model_fingerprint(model), "arch": arch_of(model).name,
         "config": asdict(c),
-        "unpruned": {name: {k: v for k, v in r.to_json().items() if k != "predictions"} for name, r in unpruned.items()},
+        "unpruned": {name: {k: v for k, v in r.to_json().items() if k not in PER_PROMPT} for name, r in unpruned.items()},
         "methods": {},
     }
     tv_hooks = {"unpruned": []}
@@ -114,9 +115,9 @@ def run_method(model: HookedModel, config: MethodConfig = MethodConfig(), progre
         pruned_k = sweep.best_pruned_k or min(c.ks)
         neurons = select(scores, "global", k=pruned_k)
         table = [_cell(r, name, "unpruned") for name, r in unpruned.items()]
-        for cond, hooks in conditions(model, neurons, n_random=c.n_random, seed=c.seed, scores=scores):
-            table += [_cell(evaluate(model, ps, fwd_hooks=hooks, condition=cond, seed=c.seed), name, cond)
-                      for name, ps in sets.items()]
+        pruned_sets = condition_sets(model, neurons, n_random=c.n_random, seed=c.seed, scores=scores)
+        results = {name: evaluate_conditions(model, ps, pruned_sets, seed=c.seed) for name, ps in sets.items()}
+        table += [_cell(results[name][cond], name, cond) for cond in pruned_sets for name in sets]
         tv_hooks[f"pruned ({probe})"] = pruning_hooks(model, neurons)
         out["methods"][probe] = {
             "ig": {"completeness_error_median": float(ig.completeness_error().median()),
