@@ -400,3 +400,42 @@ def results_table(rows: list[dict]):
         "copy rate [95% CI]": fmt(r["copy_rate"], r["copy_rate_ci"]),
         "copy/errors": round(r["copy_share_of_errors"], 2), "other": round(r["other_rate"], 2),
     } for r in rows])
+
+
+def compare_rows(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> dict[str, list[dict]]:
+    """Paired comparisons of the conditions in `rows` (from `run_evaluation`), per task and pooled.
+
+    For each task: every condition against `unpruned`, the random sets as one family against
+    `unpruned`, and `pruned` against the random sets (`mechcopy.stats.compare_task`), on accuracy and
+    on copy rate. "pooled" weighs every task the same and leaves out the probe (`kind == "probe"`),
+    on which the neurons were chosen. Returns {task or "pooled": [Comparison.to_json(), ...]}.
+    """
+    from mechcopy import stats
+
+    by_task: dict[str, dict[str, dict]] = defaultdict(dict)
+    kinds: dict[str, str] = {}
+    for r in rows:
+        by_task[r["task"]][r["condition"]] = r
+        kinds[r["task"]] = r.get("kind", "")
+    out: dict[str, list[dict]] = {}
+    for metric, key in (("accuracy", "correct"), ("copy_rate", "copy")):
+        outcomes = {t: {c: np.asarray(r[key], dtype=bool) for c, r in conds.items()} for t, conds in by_task.items()}
+        held_out = {t: o for t, o in outcomes.items() if kinds[t] != "probe"}
+        for t, o in outcomes.items():
+            if t not in held_out:
+                out.setdefault(t, []).extend(c.to_json() for c in stats.compare_task(t, o, metric, n_boot=n_boot,
+                                                                                       seed=seed))
+        for c in stats.compare_all(held_out, metric, n_boot=n_boot, seed=seed):
+            out.setdefault(c.task, []).append(c.to_json())
+    return out
+
+
+def comparisons_table(comparisons: list[dict]):
+    """A pandas table of comparisons (`compare_rows` values): difference, 95% interval, p, MDE, n."""
+    import pandas as pd
+
+    return pd.DataFrame([{
+        "comparison": f"{c['condition']} - {c['baseline']}", "metric": c["metric"], "diff": f"{c['diff']:+.3f}",
+        "95% CI": f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]", "p": f"{c['p_value']:.3g}", "MDE": f"{c['mde']:.3f}",
+        "n": c["n"], **({"tasks up/down (Holm)": f"{c['n_up']}/{c['n_down']}"} if "n_up" in c else {}),
+    } for c in comparisons])

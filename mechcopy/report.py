@@ -203,7 +203,37 @@ def _stage(out: Path, name: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())["result"]
 
 
-def _headline(model: HookedModel, settings: dict, neurons, evaluation: list[dict], fig_dir: Path) -> tuple[Section, Any]:
+def _verdict(c: dict) -> str:
+    """One sentence on a pooled comparison: the difference, its interval, and whether it could tell."""
+    lo, hi = c["ci"]
+    what = f"{c['metric'].replace('_', ' ')} {c['condition']} - {c['baseline']}"
+    shown = f"{c['diff']:+.3f} [95% CI {lo:+.3f}, {hi:+.3f}], p = {c['p_value']:.3g}"
+    moved = f"{c['n_up']} of {c['n_tasks']} tasks up and {c['n_down']} down after Holm"
+    if lo > 0 or hi < 0:
+        return f"- {what}: {shown}: a {'rise' if lo > 0 else 'fall'} the comparison can tell ({moved})."
+    return (f"- {what}: {shown}: no difference detected; one of {c['mde']:.3f} or more would have been "
+            f"found 80% of the time ({moved}).")
+
+
+def _answer(comparisons: dict[str, list[dict]], fig_dir: Path) -> Section:
+    """The headline: pooled paired differences (pruned - unpruned, pruned - random) and the forest plot."""
+    from mechcopy import viz
+
+    pooled = {(c["condition"], c["baseline"], c["metric"]): c for c in comparisons.get("pooled", [])}
+    lines = [_verdict(pooled[(cond, base, m)]) for cond, base in viz.FOREST_PAIRS
+             for m in ("accuracy", "copy_rate") if (cond, base, m) in pooled]
+    n_tasks = next(iter(pooled.values()))["n_tasks"] if pooled else 0
+    text = (f"Does pruning the copy neurons change in-context learning beyond what removing any neurons does? "
+            f"Paired over the same prompts, pooled over {n_tasks} held-out tasks (each task weighs the same; "
+            "the probe, on which the neurons were chosen, is left out):\n\n" + "\n".join(lines) +
+            "\n\nIntervals: task-stratified paired bootstrap (random sets resampled too); p: stratified "
+            "sign-flip test; MDE: the smallest difference this comparison detects with 80% power.")
+    forest = viz.save_figure(viz.plot_forest(comparisons), fig_dir / "forest.png")
+    return Section("The answer: paired differences, pooled over tasks", text, [forest])
+
+
+def _per_task(model: HookedModel, settings: dict, neurons, evaluation: list[dict], fig_dir: Path
+              ) -> tuple[Section, Any]:
     """Per-task bars and the mean over tasks per condition family."""
     from mechcopy import viz
 
@@ -219,7 +249,8 @@ def _headline(model: HookedModel, settings: dict, neurons, evaluation: list[dict
             f"{unp.loc['pruned', 'accuracy']:.3f} pruned vs {unp.loc['random', 'accuracy']:.3f} random; "
             f"copy rate {unp.loc['unpruned', 'copy_rate']:.3f} vs {unp.loc['pruned', 'copy_rate']:.3f} vs "
             f"{unp.loc['random', 'copy_rate']:.3f}. Random = mean over {cfg['n_random']} random neuron sets of the "
-            "same size per layer; bottom = the lowest-scoring neurons.")
+            "same size per layer; bottom = the lowest-scoring neurons. Whiskers: 95% intervals of each rate "
+            "alone (the paired comparisons above are sharper).")
     table = df.pivot_table(index="task", columns="family", values=["accuracy", "copy_rate"]).round(3)
     table.columns = [f"{m} {c}" for m, c in table.columns]
     return Section("Accuracy and copy rate per task, before and after pruning", text, [bars],
@@ -309,8 +340,9 @@ def build_report(out_dir: str | Path, model: HookedModel) -> dict:
     fig_dir = out / "figures"
     settings = json.loads((out / "settings.json").read_text())
     neurons = NeuronSet.load(out / "neurons.json")
-    headline, means = _headline(model, settings, neurons, _stage(out, "evaluate")["results"], fig_dir)
-    sections = [headline, _selection(model, settings, neurons, fig_dir),
+    evaluation = _stage(out, "evaluate")
+    per_task, means = _per_task(model, settings, neurons, evaluation["results"], fig_dir)
+    sections = [_answer(evaluation["comparisons"], fig_dir), per_task, _selection(model, settings, neurons, fig_dir),
                 _task_vectors(_stage(out, "task_vectors")["results"], fig_dir),
                 _patching(_stage(out, "patching"), fig_dir), _copy_error_up_close(model, settings, neurons)]
     path = write_report(out / "report.html", f"mechcopy: copy neurons of {model.cfg.model_name}", sections, settings)

@@ -158,6 +158,49 @@ def plot_task_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
     return fig
 
 
+FOREST_PAIRS = (("pruned", "unpruned"), ("pruned", "random"))
+
+
+def plot_forest(comparisons: dict[str, list[dict]], pairs: Sequence[tuple[str, str]] = FOREST_PAIRS,
+                metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
+    """Paired differences per task with 95% intervals, the pooled difference last (a diamond).
+
+    `comparisons` is {task or "pooled": [comparison dicts]} as `evaluation.compare_rows` returns
+    (fields condition, baseline, metric, diff, ci, p_value, mde). One panel per metric (rows) and
+    (condition, baseline) pair (columns); filled markers are significant at 0.05 (per task,
+    unadjusted); each panel's title gives the pooled difference and its minimal detectable effect.
+    """
+    tasks = [t for t in comparisons if t != "pooled"] + (["pooled"] if "pooled" in comparisons else [])
+    if not tasks:
+        raise ValueError("plot_forest: no comparisons to draw")
+    fig = Figure(figsize=(5.0 * len(pairs), 0.28 * len(tasks) * len(metrics) + 2.2 * len(metrics)),
+                 layout="constrained")
+    axes = fig.subplots(len(metrics), len(pairs), squeeze=False)
+    y = np.arange(len(tasks))[::-1]
+    for (mi, metric), (pi, (cond, base)) in [(m, p) for m in enumerate(metrics) for p in enumerate(pairs)]:
+        ax = axes[mi][pi]
+        found = {t: c for t in tasks for c in comparisons[t]
+                 if (c["condition"], c["baseline"], c["metric"]) == (cond, base, metric)}
+        for yi, t in zip(y, tasks):
+            c = found.get(t)
+            if c is None:
+                continue
+            pooled = t == "pooled"
+            color = "k" if pooled else CONDITION_COLORS.get(cond, "#444444")
+            ax.errorbar(c["diff"], yi, xerr=[[c["diff"] - c["ci"][0]], [c["ci"][1] - c["diff"]]],
+                        fmt="D" if pooled else "o", ms=7 if pooled else 4, color=color, ecolor=color,
+                        mfc=color if c["p_value"] < 0.05 else "white", elinewidth=1.6 if pooled else 0.9)
+        ax.axvline(0, color="#888888", lw=0.8)
+        ax.set_yticks(y, [_label(t) for t in tasks], fontsize=7)
+        ax.set_xlabel(f"{metric.replace('_', ' ')}: {cond} - {base}")
+        ax.grid(axis="x", alpha=0.3)
+        p = found.get("pooled")
+        ax.set_title(f"pooled {p['diff']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}], MDE {p['mde']:.3f}"
+                     if p else f"{cond} - {base}", fontsize=8)
+    fig.suptitle(title or "Paired differences per task (95% intervals; filled: p < 0.05)")
+    return fig
+
+
 def plot_k_sweep(df: pd.DataFrame, chosen_k: int | None = None, title: str | None = None) -> Figure:
     """The dev-set sweep over the number of pruned neurons k.
 

@@ -253,7 +253,14 @@ def test_evaluate_cli(tiny, tmp_path, monkeypatch):
     assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--shots", "2", "--n", "5",
                  "--prune", str(neurons), "--n-random", "1", "--out", str(out), "--force"]) == 0
     assert calls == [(2, 1, 0)]
-    assert [r["condition"] for r in json.loads(out.read_text())["results"]] == ["unpruned", "pruned", "random-0"]
+    data = json.loads(out.read_text())
+    assert [r["condition"] for r in data["results"]] == ["unpruned", "pruned", "random-0"]
+    # paired comparisons for each task and pooled, with the fields a reader needs
+    assert set(data["comparisons"]) == {"upper", "pooled"}
+    for c in data["comparisons"]["pooled"] + data["comparisons"]["upper"]:
+        assert {"condition", "baseline", "metric", "diff", "ci", "p_value", "mde", "n"} <= set(c)
+    assert {(c["condition"], c["baseline"]) for c in data["comparisons"]["pooled"]} == {
+        ("pruned", "unpruned"), ("random", "unpruned"), ("pruned", "random")}
 
 
 def test_mamba_predict_batches(tiny):
@@ -313,3 +320,46 @@ def test_smollm2_padded_and_one_pass_are_exact(smollm2):
             with smollm2.hooks(fwd_hooks=[] if ns is None else pruning_hooks(smollm2, ns)):
                 alone = arch.decoder(smollm2)(tokens, mask)
             assert torch.allclose(alone, forked[g * 8:(g + 1) * 8], atol=1e-4), g
+
+
+def _fake_rows(seed=0, n=40):
+    """Result rows of three tasks (one the probe) under five conditions, with random outcomes."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for task, kind in (("a", "linguistic"), ("b", "knowledge"), ("copy_probe", "probe")):
+        for cond in ("unpruned", "pruned", "random-0", "random-1", "bottom"):
+            correct = rng.random(n) < (0.5 if cond != "pruned" else 0.7)
+            copy = ~correct & (rng.random(n) < 0.5)
+            rows.append({"task": task, "kind": kind, "condition": cond, "correct": correct.tolist(),
+                         "copy": copy.tolist()})
+    return rows
+
+
+def test_compare_rows_by_hand():
+    from mechcopy.evaluation import compare_rows
+
+    rows = _fake_rows()
+    out = compare_rows(rows, n_boot=300)
+    assert set(out) == {"a", "b", "copy_probe", "pooled"}
+    by = {(t, c["condition"], c["baseline"], c["metric"]): c for t, cs in out.items() for c in cs}
+    get = {(r["task"], r["condition"]): r for r in rows}
+    for t in ("a", "b", "copy_probe"):
+        for cond in ("pruned", "bottom"):
+            c = by[(t, cond, "unpruned", "accuracy")]
+            assert c["diff"] == pytest.approx(np.mean(get[(t, cond)]["correct"]) - np.mean(get[(t, "unpruned")]["correct"]))
+            assert {"condition", "baseline", "metric", "diff", "ci", "p_value", "mde", "n"} <= set(c)
+            assert c["ci"][0] <= c["diff"] <= c["ci"][1]
+        rand = np.mean([np.mean(get[(t, f"random-{s}")]["copy"]) for s in (0, 1)])
+        assert by[(t, "pruned", "random", "copy_rate")]["diff"] == pytest.approx(np.mean(get[(t, "pruned")]["copy"]) - rand)
+    # pooled: the mean of the held-out tasks' differences; the probe (where the neurons were chosen) is left out
+    pooled = by[("pooled", "pruned", "unpruned", "accuracy")]
+    assert pooled["n_tasks"] == 2 and pooled["n"] == 80
+    assert pooled["diff"] == pytest.approx(np.mean([by[(t, "pruned", "unpruned", "accuracy")]["diff"] for t in "ab"]))
+
+
+def test_comparisons_table_lists_every_comparison():
+    from mechcopy.evaluation import compare_rows, comparisons_table
+
+    pooled = compare_rows(_fake_rows(), n_boot=200)["pooled"]
+    table = comparisons_table(pooled)
+    assert len(table) == len(pooled) and "pruned - random" in set(table["comparison"])

@@ -17,7 +17,14 @@ def test_reproduce_tiny_end_to_end(tiny, tmp_path, monkeypatch, best_k_chosen):
     for name, _ in rp.STAGES:
         assert (out / f"{name}.json").exists(), name
     html = report.read_text()
-    assert html.count("<img") >= 5 and "AttentionHeads" in html and "TextNeuronActivations" in html
+    assert html.count("<img") >= 6 and "AttentionHeads" in html and "TextNeuronActivations" in html
+
+    # the headline is the pooled paired difference, as the evaluation stage computed it
+    comps = json.loads((out / "evaluate.json").read_text())["result"]["comparisons"]
+    pooled = {(c["condition"], c["baseline"], c["metric"]): c for c in comps["pooled"]}
+    head = pooled[("pruned", "unpruned", "accuracy")]
+    assert "The answer: paired differences" in html and f"{head['diff']:+.3f}" in html
+    assert (out / "figures" / "forest.png").exists()
 
     # the headline means in the report stage are the means of the evaluation rows
     rows = json.loads((out / "evaluate.json").read_text())["result"]["results"]

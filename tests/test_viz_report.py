@@ -356,3 +356,24 @@ def test_report_renders_offline_in_chromium(browser, report, tmp_path):
     for done, width, x, y, w, h in imgs:  # each figure is painted: its screen region is not blank
         region = shot.crop((int(x), int(y), int(x + w), int(y + h)))
         assert _n_colors(region) > 20, f"figure at y={y} not painted"
+
+
+def test_forest_plot_draws_every_task_and_the_pooled_difference():
+    from tests.test_evaluation import _fake_rows
+
+    from mechcopy.evaluation import compare_rows
+
+    comps = compare_rows(_fake_rows(), n_boot=200)
+    fig = viz.plot_forest(comps)
+    axes = fig.axes
+    assert len(axes) == 4   # (accuracy, copy rate) x (pruned - unpruned, pruned - random)
+    ax = axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[-1] == "pooled" or labels[0] == "pooled"
+    pooled = next(c for c in comps["pooled"] if (c["condition"], c["baseline"], c["metric"]) ==
+                  ("pruned", "unpruned", "accuracy"))
+    xs = [line.get_xdata()[0] for line in ax.lines if len(line.get_xdata()) == 1]
+    assert any(abs(x - pooled["diff"]) < 1e-12 for x in xs)
+    assert f"{pooled['diff']:+.3f}" in ax.get_title() and f"MDE {pooled['mde']:.3f}" in ax.get_title()
+    with pytest.raises(ValueError):
+        viz.plot_forest({})

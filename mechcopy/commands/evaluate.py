@@ -15,7 +15,7 @@ from mechcopy.io import side_file
 
 
 def run(args) -> int:
-    from mechcopy.evaluation import results_table, run_evaluation
+    from mechcopy.evaluation import compare_rows, comparisons_table, results_table, run_evaluation
     from mechcopy.neurons import NeuronSet
     from mechcopy.pruning import find_scores
     from mechcopy.tasks import load_tasks
@@ -56,8 +56,14 @@ def run(args) -> int:
         if items:
             (pair, reason), where = items[0], "under \"dropped\" in the results" if out else "(use --out to list them)"
             print(f"{task}: {len(items)} pairs not used, e.g. {pair}: {reason}; all listed {where}")
+    payload = {"settings": settings, "results": rows, "dropped": dropped}
+    if len(conditions) > 1:
+        payload["comparisons"] = compare_rows(rows, seed=args.seed)
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print("\npaired comparisons, pooled over the held-out tasks (each task weighs the same):")
+            print(comparisons_table(payload["comparisons"]["pooled"]).to_string(index=False))
     if out:
-        print(f"wrote {write_result(out, model, {'settings': settings, 'results': rows, 'dropped': dropped})}")
+        print(f"wrote {write_result(out, model, payload)}")
         checkpoint.unlink(missing_ok=True)
     return 0
 
