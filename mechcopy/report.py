@@ -215,10 +215,14 @@ def _verdict(c: dict) -> str:
             f"found 80% of the time ({moved}).")
 
 
-def _answer(comparisons: dict[str, list[dict]], fig_dir: Path) -> Section:
+def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path) -> Section:
     """The headline: pooled paired differences (pruned - unpruned, pruned - random) and the forest plot."""
     from mechcopy import viz
 
+    if not neurons.neurons:
+        return Section("The answer: nothing was pruned",
+                       f"k = 0: {neurons.why_empty}, so nothing was pruned and there is nothing to compare. "
+                       "The sections below show the unpruned model.")
     pooled = {(c["condition"], c["baseline"], c["metric"]): c for c in comparisons.get("pooled", [])}
     lines = [_verdict(pooled[(cond, base, m)]) for cond, base in viz.FOREST_PAIRS
              for m in ("accuracy", "copy_rate") if (cond, base, m) in pooled]
@@ -242,15 +246,15 @@ def _per_task(model: HookedModel, settings: dict, neurons, evaluation: list[dict
     df["family"] = df["condition"].map(viz.condition_family)
     means = df.groupby("family")[["accuracy", "copy_rate"]].mean().round(3).reset_index()
     bars = viz.save_figure(viz.plot_task_bars(df), fig_dir / "tasks.png")
-    unp = means.set_index("family")
+    shown = [f for f in ("unpruned", "pruned", "random", "bottom") if f in set(means["family"])]
+    unp = means.set_index("family").loc[shown]
     text = (f"{len(neurons)} copy neurons pruned on {model.cfg.model_name}; {df['task'].nunique()} tasks, "
             f"{cfg['n_eval']} prompts each (fewer where the data or tokenisation allow fewer), {cfg['shots']} shots. "
-            f"Mean over tasks: accuracy {unp.loc['unpruned', 'accuracy']:.3f} unpruned vs "
-            f"{unp.loc['pruned', 'accuracy']:.3f} pruned vs {unp.loc['random', 'accuracy']:.3f} random; "
-            f"copy rate {unp.loc['unpruned', 'copy_rate']:.3f} vs {unp.loc['pruned', 'copy_rate']:.3f} vs "
-            f"{unp.loc['random', 'copy_rate']:.3f}. Random = mean over {cfg['n_random']} random neuron sets of the "
-            "same size per layer; bottom = the lowest-scoring neurons. Whiskers: 95% intervals of each rate "
-            "alone (the paired comparisons above are sharper).")
+            f"Mean over tasks: accuracy " + " vs ".join(f"{unp.loc[f, 'accuracy']:.3f} {f}" for f in shown) +
+            "; copy rate " + " vs ".join(f"{unp.loc[f, 'copy_rate']:.3f} {f}" for f in shown) +
+            f". Random = mean over {cfg['n_random']} random neuron sets of the same size per layer; bottom = the "
+            "lowest-scoring neurons. Whiskers: 95% intervals of each rate alone (the paired comparisons above "
+            "are sharper).")
     table = df.pivot_table(index="task", columns="family", values=["accuracy", "copy_rate"]).round(3)
     table.columns = [f"{m} {c}" for m, c in table.columns]
     return Section("Accuracy and copy rate per task, before and after pruning", text, [bars],
@@ -322,7 +326,7 @@ def _copy_error_up_close(model: HookedModel, settings: dict, neurons) -> Section
     prompt, pred = _copy_error_prompt(model, settings["config"])
     counts = neurons.layer_counts(model.cfg.n_layers)
     layer = max(range(len(counts)), key=counts.__getitem__)
-    views = [viz.neuron_activations_view(model, prompt.text, neurons, max_neurons=50)]
+    views = [viz.neuron_activations_view(model, prompt.text, neurons, max_neurons=50)] if neurons.neurons else []
     if arch_of(model).has_attention:
         views.insert(0, viz.attention_view(model, prompt.text, layer))
     return Section("A copy error up close",
@@ -342,7 +346,7 @@ def build_report(out_dir: str | Path, model: HookedModel) -> dict:
     neurons = NeuronSet.load(out / "neurons.json")
     evaluation = _stage(out, "evaluate")
     per_task, means = _per_task(model, settings, neurons, evaluation["results"], fig_dir)
-    sections = [_answer(evaluation["comparisons"], fig_dir), per_task, _selection(model, settings, neurons, fig_dir),
+    sections = [_answer(evaluation["comparisons"], neurons, fig_dir), per_task, _selection(model, settings, neurons, fig_dir),
                 _task_vectors(_stage(out, "task_vectors")["results"], fig_dir),
                 _patching(_stage(out, "patching"), fig_dir), _copy_error_up_close(model, settings, neurons)]
     path = write_report(out / "report.html", f"mechcopy: copy neurons of {model.cfg.model_name}", sections, settings)

@@ -53,3 +53,16 @@ def test_reproduce_refuses_other_settings(tiny, tmp_path):
     (out / "settings.json").write_text(json.dumps({"config": {"model": "other"}}))
     with pytest.raises(ValueError, match="other settings"):
         rp.reproduce(tiny, CFG, out)
+
+
+def test_reproduce_reports_k0_plainly(tiny, tmp_path):
+    """On a random model no k beats the unpruned model on the probe's dev split: find chooses k = 0, and
+    every later stage and the report say so instead of failing."""
+    out = tmp_path / "run"
+    report = rp.reproduce(tiny, CFG, out)
+    neurons = json.loads((out / "neurons.json").read_text())
+    assert neurons["neurons"] == [] and neurons["meta"]["k"] == 0
+    rows = json.loads((out / "evaluate.json").read_text())["result"]["results"]
+    assert {r["condition"] for r in rows} == {"unpruned"}
+    html = report.read_text()
+    assert "k = 0" in html and "nothing was pruned" in html
