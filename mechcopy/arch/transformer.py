@@ -1,13 +1,31 @@
 """TransformerLens `HookedTransformer`: neurons at `blocks.{l}.mlp.hook_post` (for gated MLPs
-act(gate)*up, the input to `W_out`), a key/value cache for decoding and for the fast IG path."""
+act(gate)*up, the input to `W_out`), a key/value cache for decoding, and the one-token blocks of the
+fast IG path.
+
+Fast IG rows are single tokens at the last position of their prompt. `OneTokenBlocks` computes each
+layer's prefix keys and values once per prompt (normalised and rotated, key/value heads not repeated)
+and attends every row's queries to them by broadcasting; the blocks' weights are used as stored (only
+the per-head query/key/value weights, which have no 2-D view, are packed once per prompt). A
+configuration it does not implement, or a hook on a hook point it does not fire, selects `TLBlocks`
+instead: TransformerLens' own blocks on a frozen key/value cache (`one_token_block_unsupported` says
+why).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Sequence
+
 import torch
-from jaxtyping import Int
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechcopy.arch.base import Arch, Decoder, HookedModel, Stepper
+from mechcopy.arch.base import Arch, Decoder, HookedModel, Stepper, rows_per_prompt
+
+#: hook points of a block that `OneTokenBlocks` does not fire: the attention's internals and the
+#: per-head input hooks (`use_attn_in`, `use_split_qkv_input`); a hook on one selects `TLBlocks`
+UNFIRED_HOOKS = (".attn.", ".hook_attn_in", ".hook_q_input", ".hook_k_input", ".hook_v_input")
 
 
 class TransformerArch(Arch):
@@ -38,25 +56,271 @@ class TransformerArch(Arch):
 
         return decode
 
-    def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:
-        """One-token rows attending to the clean prefix's frozen keys and values."""
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+    def ig_cache_names(self, model: HookedModel) -> list[str]:
+        return [f"blocks.{l}.hook_{name}" for l in range(model.cfg.n_layers) for name in ("resid_pre", "resid_mid")]
 
-        prefix = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
-        with torch.no_grad():
-            model(tokens[:, :-1], past_kv_cache=prefix, return_type=None)
-        prefix.freeze()
-
-        def step(layer: int, x: Tensor) -> Tensor:
-            entry, n = prefix[layer], x.shape[0]
-            rows_entry = TransformerLensKeyValueCacheEntry(
-                entry.past_keys.expand(n, -1, -1, -1), entry.past_values.expand(n, -1, -1, -1), frozen=True)
-            return model.blocks[layer](x, past_kv_cache_entry=rows_entry)
-
-        return step
+    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]],
+                   caches: Sequence[Any]) -> Stepper:
+        """`OneTokenBlocks` where it applies, else `TLBlocks`."""
+        cfg = model.cfg
+        if cfg.attention_dir != "causal" or cfg.positional_embedding_type == "shortformer":
+            raise ValueError(f"the fast IG path continues a causal prefix one token at a time; this model has "
+                             f"{cfg.attention_dir} attention and {cfg.positional_embedding_type} positions: "
+                             "use method='reference'")
+        if one_token_block_unsupported(model) is None:
+            return OneTokenBlocks(model, caches)
+        return TLBlocks(model, tokens, caches)
 
     def prune_weights(self, model: HookedModel, layer: int, idx: Tensor) -> None:
         w = model.blocks[layer].mlp.W_out                  # [d_mlp, d_model]
         with torch.no_grad():
             w[idx.to(w.device)] = 0
+
+
+def one_token_block_unsupported(model: HookedModel) -> str | None:
+    """Why `OneTokenBlocks` cannot stand in for `model`'s blocks now (None: it can).
+
+    It implements pre-norm blocks with any norm (also after attention and MLP, as Gemma has), standard
+    or rotary positions (any base, local and global layers, sliding windows), grouped-query attention,
+    per-head q/k norms, soft-capped scores, plain and gated MLPs; it fires every hook point of a block
+    except `UNFIRED_HOOKS`.
+    """
+    from transformer_lens.components import MLP, Attention, GatedMLP, GroupedQueryAttention, TransformerBlock
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    cfg = model.cfg
+    if cfg.attn_only:
+        return "attention-only blocks"
+    hooked = [name for name, point in model.hook_dict.items()
+              if name.startswith("blocks.") and any(part in name for part in UNFIRED_HOOKS) and point.has_hooks()]
+    checks = [
+        (any(type(b) is not TransformerBlock for b in model.blocks), "a block class other than TransformerBlock"),
+        (any(type(b.attn) not in (Attention, GroupedQueryAttention) for b in model.blocks), "an attention class"),
+        (any(type(b.mlp) not in (MLP, GatedMLP) for b in model.blocks) or cfg.is_layer_norm_activation(),
+         "an MLP other than a plain or gated one"),
+        (cfg.original_architecture in POST_NORM_ARCHITECTURES, "post-norm blocks"),
+        (cfg.parallel_attn_mlp, "parallel attention and MLP"),
+        (cfg.positional_embedding_type not in ("standard", "rotary"), f"{cfg.positional_embedding_type} positions"),
+        (cfg.use_dynamic_ntk_rope, "dynamic NTK rotary scaling"),
+        (cfg.use_logn_attn, "log-n query scaling"),
+        (cfg.clip_qkv is not None, "clipped queries, keys and values"),
+        (cfg.use_attention_sinks, "attention sinks"),
+        (any(b.attn.q_norm is not None for b in model.blocks) and not cfg.use_qk_norm, "q/k norms over all heads"),
+        (cfg.n_key_value_heads is not None and cfg.ungroup_grouped_query_attention, "ungrouped key/value heads"),
+        (cfg.load_in_4bit, "4-bit weights"),
+        (bool(hooked), f"a hook on {hooked[0] if hooked else ''}"),
+    ]
+    return next((why for bad, why in checks if bad), None)
+
+
+# ---------------------------------------------------------------- the hand-written one-token blocks
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """One layer's attention state shared by every row: packed projections and the prefix's keys."""
+
+    w_q: Float[Tensor, "q d_model"]                  # [n_heads * d_head, d_model], nn.Linear layout
+    b_q: Float[Tensor, "q"]
+    w_k: Float[Tensor, "kv d_model"]                 # [n_kv_heads * d_head, d_model]
+    b_k: Float[Tensor, "kv"]
+    w_v: Float[Tensor, "kv d_model"]
+    b_v: Float[Tensor, "kv"]
+    keys: Float[Tensor, "prompts kv_heads prefix d_head"]     # normalised and rotated
+    values: Float[Tensor, "prompts kv_heads prefix d_head"]
+    visible: Bool[Tensor, "prompts 1 1 prefix_plus_1"] | None  # keys a row sees, itself last (None: all)
+
+
+def _packed(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "heads_d_head d_model"]:
+    """Per-head weights as one nn.Linear weight (a copy: TransformerLens' layout has no 2-D view)."""
+    return w.permute(0, 2, 1).reshape(-1, w.shape[1])
+
+
+def _kv_weights(attn) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(W_K, b_K, W_V, b_V) with one entry per key/value head (grouped-query heads not repeated)."""
+    from transformer_lens.components import GroupedQueryAttention
+
+    if isinstance(attn, GroupedQueryAttention):
+        return attn._W_K, attn._b_K, attn._W_V, attn._b_V
+    return attn.W_K, attn.b_K, attn.W_V, attn.b_V
+
+
+def _heads(x: Float[Tensor, "batch pos hd"], d_head: int, norm) -> Float[Tensor, "batch pos heads d_head"]:
+    """Split a projection into heads and apply the per-head q/k norm, if any."""
+    x = x.reshape(*x.shape[:-1], -1, d_head)
+    return x if norm is None else norm(x.reshape(-1, d_head)).reshape(x.shape)
+
+
+class OneTokenBlocks:
+    """TransformerLens blocks written out for one-token rows (see the module docstring).
+
+    Same hook points as `TransformerBlock.forward` except `UNFIRED_HOOKS`; same arithmetic, so the
+    rows equal TransformerLens' to rounding (tests compare them on tiny models of every configuration
+    implemented).
+    """
+
+    def __init__(self, model: HookedModel, caches: Sequence[Any]):
+        self.model, self.n_prompts = model, len(caches)
+        self.resid_mid = [torch.cat([c[f"blocks.{l}.hook_resid_mid"][:, -1:] for c in caches])
+                          for l in range(model.cfg.n_layers)]
+        prefix = [[c[f"blocks.{l}.hook_resid_pre"][0, :-1] for c in caches] for l in range(model.cfg.n_layers)]
+        self.positions = [p.shape[0] for p in prefix[0]]
+        width = max(self.positions)
+        # rotary positions of the rows (prompt b's rows sit at position positions[b]) as TransformerLens
+        # reads them from a left-padded attention mask over width + 1 positions
+        self.rotary_mask = torch.stack([torch.arange(width + 1) >= width - p for p in self.positions]).to(
+            model.cfg.device, torch.long)
+        with torch.no_grad():
+            self.prefix = [self._prefix(block, resid) for block, resid in zip(model.blocks, prefix)]
+
+    # -- building the per-layer prefix state -------------------------------------------------------
+
+    def _prefix(self, block, resid: list[Float[Tensor, "pos d_model"]]) -> _Prefix:
+        attn, cfg = block.attn, self.model.cfg
+        w_k, b_k, w_v, b_v = _kv_weights(attn)
+        w_k, b_k, w_v, b_v = _packed(w_k), b_k.reshape(-1), _packed(w_v), b_v.reshape(-1)
+        width = max(self.positions)
+        keys, values = [], []
+        for r in resid:
+            x = block.ln1(r[None])                                           # [1, pos, d_model]
+            k = _heads(F.linear(x, w_k, b_k), cfg.d_head, attn.k_norm if cfg.use_qk_norm else None)
+            if cfg.positional_embedding_type == "rotary":
+                k = attn.apply_rotary(k, 0)
+            v = F.linear(x, w_v, b_v).reshape(k.shape)
+            pad = (0, 0, 0, width - r.shape[0])                              # prefix positions up to width
+            keys.append(F.pad(k[0].transpose(0, 1), pad))                    # [kv_heads, width, d_head]
+            values.append(F.pad(v[0].transpose(0, 1), pad))
+        return _Prefix(_packed(attn.W_Q), attn.b_Q.reshape(-1), w_k, b_k, w_v, b_v, torch.stack(keys),
+                       torch.stack(values), self._visible(attn, width))
+
+    def _visible(self, attn, width: int) -> Bool[Tensor, "prompts 1 1 prefix_plus_1"] | None:
+        """Which prefix keys each prompt's rows see (padding and sliding windows hide some), then itself."""
+        pos = torch.arange(width + 1)
+        seen = []
+        for p in self.positions:
+            see = pos < p
+            if attn.attn_type == "local":                                    # TransformerLens' window rule
+                see &= pos > p - self.model.cfg.window_size
+            seen.append(torch.cat([see[:width], torch.ones(1, dtype=torch.bool)]))
+        visible = torch.stack(seen)
+        return None if bool(visible.all()) else visible[:, None, None].to(self.model.cfg.device)
+
+    # -- the stepper -------------------------------------------------------------------------------
+
+    def step(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
+        block, cfg = self.model.blocks[layer], self.model.cfg
+        resid_pre = block.hook_resid_pre(x)
+        attn_out = self._attention(layer, block.ln1(resid_pre))
+        if cfg.use_normalization_before_and_after:
+            attn_out = block.ln1_post(attn_out)
+        resid_mid = block.hook_resid_mid(resid_pre + block.hook_attn_out(attn_out))
+        mlp_in = block.hook_mlp_in(resid_mid.clone()) if cfg.use_hook_mlp_in else resid_mid
+        return self._mlp_out(block, resid_mid, _neurons(block.mlp, block.ln2(mlp_in)))
+
+    def enter(self, layer: int, neurons: Float[Tensor, "rows neurons"]) -> Float[Tensor, "rows 1 d_model"]:
+        block = self.model.blocks[layer]
+        post = block.mlp.hook_post(neurons.to(self.model.cfg.dtype)[:, None])
+        resid_mid = rows_per_prompt(self.resid_mid[layer], neurons.shape[0] // self.n_prompts)
+        return self._mlp_out(block, resid_mid, post)
+
+    def _mlp_out(self, block, resid_mid: Float[Tensor, "rows 1 d_model"],
+                 post: Float[Tensor, "rows 1 d_mlp"]) -> Float[Tensor, "rows 1 d_model"]:
+        """The block from its neurons on: `W_out`, the norm after the MLP (if any), the residual add."""
+        out = F.linear(post, block.mlp.W_out.T, block.mlp.b_out)
+        if self.model.cfg.use_normalization_before_and_after:
+            out = block.ln2_post(out)
+        return block.hook_resid_post(resid_mid + block.hook_mlp_out(out))
+
+    def _attention(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
+        """One query per row against its prompt's prefix keys and its own key."""
+        attn, p, cfg = self.model.blocks[layer].attn, self.prefix[layer], self.model.cfg
+        q = _heads(F.linear(x, p.w_q, p.b_q), cfg.d_head, attn.q_norm if cfg.use_qk_norm else None)
+        k = _heads(F.linear(x, p.w_k, p.b_k), cfg.d_head, attn.k_norm if cfg.use_qk_norm else None)
+        v = F.linear(x, p.w_v, p.b_v).reshape(k.shape)
+        if cfg.positional_embedding_type == "rotary":
+            q, k = self._rotated(attn, q), self._rotated(attn, k)
+        z = self._attend(attn, p, q, k, v)                                   # [rows, n_heads * d_head]
+        return F.linear(z[:, None], attn.W_O.reshape(-1, cfg.d_model).T, attn.b_O)
+
+    def _rotated(self, attn, x: Float[Tensor, "rows 1 heads d_head"]) -> Float[Tensor, "rows 1 heads d_head"]:
+        """Rotary embedding at each row's position (all rows of a prompt share it)."""
+        width = self.rotary_mask.shape[1] - 1
+        per_prompt = x.reshape(self.n_prompts, 1, -1, x.shape[-1])
+        return attn.apply_rotary(per_prompt, width, self.rotary_mask).reshape(x.shape)
+
+    def _attend(self, attn, p: _Prefix, q: Float[Tensor, "rows 1 heads d_head"],
+                k: Float[Tensor, "rows 1 kv_heads d_head"], v: Float[Tensor, "rows 1 kv_heads d_head"],
+                ) -> Float[Tensor, "rows heads_d_head"]:
+        """Softmax attention of each query over its prompt's prefix and its own key; query heads are
+        grouped by the key/value head they share (a reshape, no repeated keys)."""
+        from transformer_lens.utilities.activation_functions import apply_softcap
+
+        n, _, heads, d_head = q.shape
+        prompts, kv_heads = p.keys.shape[:2]
+        rows, group = n // prompts, heads // kv_heads
+        q = q.reshape(prompts, rows, kv_heads, group, d_head)
+        k = k.reshape(prompts, rows, kv_heads, 1, d_head)
+        v = v.reshape(prompts, rows, kv_heads, d_head).transpose(1, 2)[..., None, :]   # [P, kv, rows, 1, d]
+        to_prefix = q.transpose(1, 2).reshape(prompts, kv_heads, rows * group, d_head) @ p.keys.transpose(-1, -2)
+        to_self = (q * k).sum(-1).transpose(1, 2).reshape(prompts, kv_heads, rows * group, 1)
+        scores = apply_softcap(torch.cat([to_prefix, to_self], -1) / attn.attn_scale, attn.cfg.attn_scores_soft_cap)
+        if p.visible is not None:
+            scores = scores.masked_fill(~p.visible, float("-inf"))
+        pattern = scores.softmax(-1).to(v.dtype)
+        z = (pattern[..., :-1] @ p.values).reshape(prompts, kv_heads, rows, group, d_head)
+        z = z + pattern[..., -1:].reshape(prompts, kv_heads, rows, group, 1) * v
+        return z.permute(0, 2, 1, 3, 4).reshape(n, heads * d_head)
+
+
+def _neurons(mlp, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_mlp"]:
+    """The MLP's neurons (its `hook_post`): act(x W_gate) * (x W_in) + b_in, or act(x W_in + b_in)."""
+    if mlp.cfg.gated_mlp:
+        pre = mlp.hook_pre(F.linear(x, mlp.W_gate.T))
+        return mlp.hook_post(mlp.act_fn(pre) * mlp.hook_pre_linear(F.linear(x, mlp.W_in.T)) + mlp.b_in)
+    return mlp.hook_post(mlp.act_fn(mlp.hook_pre(F.linear(x, mlp.W_in.T, mlp.b_in))))
+
+
+# ---------------------------------------------------------------- the fallback: TransformerLens' blocks
+
+
+class TLBlocks:
+    """TransformerLens' own blocks on a frozen key/value cache of each prompt's prefix, expanded to its
+    rows: whatever TransformerLens runs, several times slower than `OneTokenBlocks`."""
+
+    def __init__(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]], caches: Sequence[Any]):
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        self.model, self.prefixes = model, []
+        for t in tokens:
+            prefix = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+            with torch.no_grad():
+                model(t[:, :-1], past_kv_cache=prefix, return_type=None)
+            prefix.freeze()
+            self.prefixes.append(prefix)
+        self.resid_pre = [torch.cat([c[f"blocks.{l}.hook_resid_pre"][:, -1:] for c in caches])
+                          for l in range(model.cfg.n_layers)]
+
+    def step(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
+        return torch.cat([self._block(layer, b, rows) for b, rows in enumerate(x.chunk(len(self.prefixes)))])
+
+    def enter(self, layer: int, neurons: Float[Tensor, "rows neurons"]) -> Float[Tensor, "rows 1 d_model"]:
+        parts = neurons.chunk(len(self.prefixes))
+        return torch.cat([self._block(layer, b, self.resid_pre[layer][b:b + 1].expand(len(a), 1, -1), a)
+                          for b, a in enumerate(parts)])
+
+    def _block(self, layer: int, prompt: int, x: Tensor, neurons: Tensor | None = None) -> Tensor:
+        """Block `layer` on rows of `prompt`; with `neurons`, those replace the neuron site's output
+        before any other hook on it runs."""
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        entry, n, block = self.prefixes[prompt][layer], x.shape[0], self.model.blocks[layer]
+        rows = TransformerLensKeyValueCacheEntry(entry.past_keys.expand(n, -1, -1, -1),
+                                                 entry.past_values.expand(n, -1, -1, -1), frozen=True)
+        if neurons is None:
+            return block(x, past_kv_cache_entry=rows)
+        handle = block.mlp.hook_post.register_forward_hook(
+            lambda module, inputs, out: neurons[:, None].to(out.dtype), prepend=True)
+        try:
+            return block(x, past_kv_cache_entry=rows)
+        finally:
+            handle.remove()
