@@ -28,11 +28,14 @@ def _as_index(idx) -> Tensor:
 def scale_neurons(idx, factor: float) -> Hook:
     """Multiply neurons `idx` (last dimension) by `factor` at every position."""
     index = _as_index(idx)
+    masks: dict[tuple, Tensor] = {}      # built once per width, device and dtype: no copy to the device per call
 
     def hook(act: Float[Tensor, "... d"], hook) -> Float[Tensor, "... d"]:
-        mask = torch.ones(act.shape[-1], dtype=act.dtype, device=act.device)
-        mask[index.to(act.device)] = factor
-        return act * mask
+        key = (act.shape[-1], act.device, act.dtype)
+        if key not in masks:
+            masks[key] = torch.ones(act.shape[-1], dtype=act.dtype, device=act.device)
+            masks[key][index.to(act.device)] = factor
+        return act * masks[key]
 
     return _named(hook, f"scale_neurons[{len(index)}x{factor}]")
 
