@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     res = run(args) if args.command == "run" else merge(args)
     res["seconds"] = round(time.perf_counter() - t, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
+    tmp = Path(args.out).with_suffix(f".{os.getpid()}.tmp")          # the shell may merge from two processes
     tmp.write_text(json.dumps(res, indent=2, default=str))
     tmp.replace(args.out)
     print(json.dumps(res, indent=2, default=str))
