@@ -13,7 +13,8 @@ completeness says ``sum_i IG_i = T(a) - T(0)``; every result carries both sides.
 
 Two implementations compute the same numbers (tests compare them):
 
-* ``reference``: the full sequence, one layer at a time, the alphas batched, a hook at the neuron site.
+* ``reference``: the full sequence, one layer at a time, the alphas batched, a hook at the neuron site,
+  the target read from the model's own logits (the plain TransformerLens computation).
 * ``fast``: scaling layer l at the last position changes nothing before layer l and nothing at earlier
   positions, so each (layer, alpha) row is one token that continues the clean prefix. The rows of layer
   l enter at its neuron site when the loop reaches block l, the rows of every layer (and of
@@ -205,11 +206,12 @@ def _f(x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class _Clean:
-    """One prompt's clean run: tokens, target, the target's value, last-position neurons, cache."""
+    """One prompt's clean run: tokens, target, last-position logits and residual, neurons, cache."""
 
     tokens: Tensor
     target: TargetSpec
-    value: Tensor                 # the target on the clean run (0-dim, at least float32)
+    logits: Tensor                # [vocab] at the last position, the model's dtype
+    final: Tensor                 # [1, d_model] at the last position after the last block
     acts: list[Tensor]            # per layer [neurons], at least float32
     cache: Any                    # the hook points the fast path's stepper reads
 
@@ -220,16 +222,15 @@ def _target_values(model: HookedModel, target: TargetSpec, resid: Float[Tensor, 
 
 
 def _clean(model: HookedModel, prompt, target_name: str, cache_names: Sequence[str] = ()) -> _Clean:
-    """Run `prompt` once: the target (c from the clean logits), its clean value, the neurons and a cache."""
+    """Run `prompt` once: the target (c from the clean logits), the neurons and a cache."""
     n_layers = model.cfg.n_layers
     tokens = model.to_tokens(prompt.text)
     names = {neuron_site(model, l) for l in range(n_layers)} | set(cache_names)
     with torch.no_grad():
         resid, cache = model.run_with_cache(tokens, stop_at_layer=n_layers, names_filter=lambda n: n in names)
-        target = make_target(target_name, prompt, arch_of(model).final_logits(model, resid[:, -1:])[0, -1])
-        value = _target_values(model, target, resid[0, -1:])[0]
+        logits = arch_of(model).final_logits(model, resid[:, -1:])[0, -1]
     acts = [_f(cache[neuron_site(model, l)][0, -1]) for l in range(n_layers)]
-    return _Clean(tokens, target, value, acts, cache)
+    return _Clean(tokens, make_target(target_name, prompt, logits), logits, resid[0, -1:], acts, cache)
 
 
 def _nodes(alphas: Tensor, like: Tensor) -> Float[Tensor, "m_plus_1 1"]:
@@ -238,7 +239,8 @@ def _nodes(alphas: Tensor, like: Tensor) -> Float[Tensor, "m_plus_1 1"]:
 
 
 def _reference_layer(model: HookedModel, clean: _Clean, layer: int, alphas, weights) -> tuple[Tensor, Tensor]:
-    """IG of one layer on the full sequence; returns (attribution [N], target at alpha = 0)."""
+    """IG of one layer on the full sequence, read from the model's own logits (the plain TransformerLens
+    computation); returns (attribution [N], target at alpha = 0)."""
     m, act = len(alphas), clean.acts[layer]
     leaf = (_nodes(alphas, act) * act).requires_grad_(True)                 # [m+1, N]
 
@@ -246,9 +248,8 @@ def _reference_layer(model: HookedModel, clean: _Clean, layer: int, alphas, weig
         return torch.cat([a[:, :-1], leaf[:, None].to(a.dtype)], dim=1)
 
     with torch.enable_grad():
-        resid = model.run_with_hooks(clean.tokens.expand(m + 1, -1), stop_at_layer=model.cfg.n_layers,
-                                     fwd_hooks=[(neuron_site(model, layer), put_leaf)])
-        values = _target_values(model, clean.target, resid[:, -1])
+        logits = model.run_with_hooks(clean.tokens.expand(m + 1, -1), fwd_hooks=[(neuron_site(model, layer), put_leaf)])
+        values = clean.target(_f(logits[:, -1]))
         (grad,) = torch.autograd.grad(values[:m].sum(), leaf)
     ig = act * (weights.to(act)[:, None] * _f(grad[:m])).sum(0)
     return ig.detach(), values[m].detach()
@@ -258,7 +259,8 @@ def _attribute_reference(model: HookedModel, cleans: list[_Clean], alphas, weigh
     """Per prompt and layer: the full sequence with the m+1 scaled copies of the layer's neurons."""
     parts = [[_reference_layer(model, c, l, alphas, weights) for l in layers] for c in cleans]
     return (torch.stack([torch.stack([ig for ig, _ in p]) for p in parts]),
-            torch.stack([torch.stack([t0 for _, t0 in p]) for p in parts]))
+            torch.stack([torch.stack([t0 for _, t0 in p]) for p in parts]),
+            torch.stack([c.target(_f(c.logits[None]))[0] for c in cleans]))
 
 
 def _attribute_fast(model: HookedModel, cleans: list[_Clean], alphas, weights, layers):
@@ -285,7 +287,9 @@ def _attribute_fast(model: HookedModel, cleans: list[_Clean], alphas, weights, l
         grads = torch.autograd.grad(values[..., :m].sum(), [leaves[l] for l in layers])
     w = weights.to(nodes)
     ig = torch.stack([acts[l] * torch.einsum("m,pmn->pn", w, _f(g[:, :m])) for l, g in zip(layers, grads)], 1)
-    return ig.detach(), values[..., m].detach()
+    with torch.no_grad():
+        t_clean = torch.stack([_target_values(model, c.target, c.final)[0] for c in cleans])
+    return ig.detach(), values[..., m].detach(), t_clean
 
 
 def _attribute(model: HookedModel, prompts, target, alphas, weights, method, kind, steps, rule, progress, layers,
@@ -308,10 +312,10 @@ def _attribute(model: HookedModel, prompts, target, alphas, weights, method, kin
     bar = tqdm(total=len(prompts), desc=f"{kind} ({method})", disable=not progress)
     for s in range(0, len(prompts), batch_size):
         cleans = [_clean(model, p, target, names) for p in prompts[s:s + batch_size]]
-        v, z = (_attribute_fast if fast else _attribute_reference)(model, cleans, alphas, weights, layers)
+        v, z, c = (_attribute_fast if fast else _attribute_reference)(model, cleans, alphas, weights, layers)
         vals.append(v.cpu())                                            # once per batch, not per layer
         zero.append(z.cpu())
-        clean.append(torch.stack([c.value for c in cleans]).cpu())
+        clean.append(c.cpu())
         copies += [c.target.copy for c in cleans]
         golds += [c.target.gold for c in cleans]
         bar.update(len(cleans))

@@ -3,9 +3,10 @@ act(gate)*up, the input to `W_out`), a key/value cache for decoding, and the one
 fast IG path.
 
 Fast IG rows are single tokens at the last position of their prompt. `OneTokenBlocks` computes each
-layer's prefix keys and values once per prompt (normalised and rotated, key/value heads not repeated)
-and attends every row's queries to them by broadcasting; the blocks' weights are used as stored (only
-the per-head query/key/value weights, which have no 2-D view, are packed once per prompt). A
+layer's prefix keys and values once per prompt (normalised, rotated relative to the rows' position so
+that the rows need no rotation, key/value heads not repeated) and attends every row's queries to them
+by broadcasting; the blocks' weights are used as stored (only the per-head query/key/value weights,
+which have no 2-D view, are packed into one matrix once per prompt). A
 configuration it does not implement, or a hook on a hook point it does not fire, selects `TLBlocks`
 instead: TransformerLens' own blocks on a frozen key/value cache (`one_token_block_unsupported` says
 why).
@@ -102,6 +103,7 @@ def one_token_block_unsupported(model: HookedModel) -> str | None:
         (cfg.parallel_attn_mlp, "parallel attention and MLP"),
         (cfg.positional_embedding_type not in ("standard", "rotary"), f"{cfg.positional_embedding_type} positions"),
         (cfg.use_dynamic_ntk_rope, "dynamic NTK rotary scaling"),
+        (cfg.use_yarn_rope and cfg.yarn_attention_factor != 1, "YaRN attention scaling"),
         (cfg.use_logn_attn, "log-n query scaling"),
         (cfg.clip_qkv is not None, "clipped queries, keys and values"),
         (cfg.use_attention_sinks, "attention sinks"),
@@ -118,17 +120,13 @@ def one_token_block_unsupported(model: HookedModel) -> str | None:
 
 @dataclass(frozen=True)
 class _Prefix:
-    """One layer's attention state shared by every row: packed projections and the prefix's keys."""
+    """One layer's attention state shared by every row: the packed projection and the prefix's keys."""
 
-    w_q: Float[Tensor, "q d_model"]                  # [n_heads * d_head, d_model], nn.Linear layout
-    b_q: Float[Tensor, "q"]
-    w_k: Float[Tensor, "kv d_model"]                 # [n_kv_heads * d_head, d_model]
-    b_k: Float[Tensor, "kv"]
-    w_v: Float[Tensor, "kv d_model"]
-    b_v: Float[Tensor, "kv"]
-    keys: Float[Tensor, "prompts kv_heads prefix d_head"]     # normalised and rotated
+    w_qkv: Float[Tensor, "qkv d_model"]     # [(n_heads + 2 n_kv_heads) * d_head, d_model], nn.Linear layout
+    b_qkv: Float[Tensor, "qkv"]
+    keys: Float[Tensor, "prompts kv_heads prefix d_head"]      # normalised, rotated relative to the row
     values: Float[Tensor, "prompts kv_heads prefix d_head"]
-    visible: Bool[Tensor, "prompts 1 1 prefix_plus_1"] | None  # keys a row sees, itself last (None: all)
+    visible: Bool[Tensor, "prompts 1 1 prefix_plus_1"] | None   # keys a row sees, itself last (None: all)
 
 
 def _packed(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "heads_d_head d_model"]:
@@ -151,47 +149,53 @@ def _heads(x: Float[Tensor, "batch pos hd"], d_head: int, norm) -> Float[Tensor,
     return x if norm is None else norm(x.reshape(-1, d_head)).reshape(x.shape)
 
 
+def _relative_keys(attn, k: Float[Tensor, "1 pos kv_heads d_head"], position: int) -> Float[Tensor, "1 pos kv_heads d_head"]:
+    """Keys rotated by their position minus `position`: a query at `position` then needs no rotation
+    (rotary scores depend on relative positions only), nor does its own key (the same rotation on both
+    sides of a dot product cancels). TransformerLens' rotary first, then the inverse rotation at
+    `position` from the same tables."""
+    k = attn.apply_rotary(k, 0)
+    dim = attn.cfg.rotary_dim
+    cos, sin = attn.rotary_cos[position], attn.rotary_sin[position]
+    back = k[..., :dim] * cos - attn.rotate_every_two(k[..., :dim]) * sin
+    return torch.cat([back, k[..., dim:]], -1)
+
+
 class OneTokenBlocks:
     """TransformerLens blocks written out for one-token rows (see the module docstring).
 
-    Same hook points as `TransformerBlock.forward` except `UNFIRED_HOOKS`; same arithmetic, so the
-    rows equal TransformerLens' to rounding (tests compare them on tiny models of every configuration
-    implemented).
+    Same hook points as `TransformerBlock.forward` except `UNFIRED_HOOKS`; same arithmetic up to the
+    order of rotations, so the rows equal TransformerLens' to rounding (tests compare them on tiny
+    models of every configuration implemented).
     """
 
     def __init__(self, model: HookedModel, caches: Sequence[Any]):
         self.model, self.n_prompts = model, len(caches)
-        self.resid_mid = [torch.cat([c[f"blocks.{l}.hook_resid_mid"][:, -1:] for c in caches])
-                          for l in range(model.cfg.n_layers)]
-        prefix = [[c[f"blocks.{l}.hook_resid_pre"][0, :-1] for c in caches] for l in range(model.cfg.n_layers)]
-        self.positions = [p.shape[0] for p in prefix[0]]
-        width = max(self.positions)
-        # rotary positions of the rows (prompt b's rows sit at position positions[b]) as TransformerLens
-        # reads them from a left-padded attention mask over width + 1 positions
-        self.rotary_mask = torch.stack([torch.arange(width + 1) >= width - p for p in self.positions]).to(
-            model.cfg.device, torch.long)
+        layers = range(model.cfg.n_layers)
+        self.resid_mid = [torch.cat([c[f"blocks.{l}.hook_resid_mid"][:, -1:] for c in caches]) for l in layers]
+        clean = [[c[f"blocks.{l}.hook_resid_pre"][0] for c in caches] for l in layers]
+        self.positions = [r.shape[0] - 1 for r in clean[0]]                  # of the rows: each prompt's last
         with torch.no_grad():
-            self.prefix = [self._prefix(block, resid) for block, resid in zip(model.blocks, prefix)]
+            self.prefix = [self._prefix(block, resid) for block, resid in zip(model.blocks, clean)]
 
     # -- building the per-layer prefix state -------------------------------------------------------
 
-    def _prefix(self, block, resid: list[Float[Tensor, "pos d_model"]]) -> _Prefix:
-        attn, cfg = block.attn, self.model.cfg
+    def _prefix(self, block, clean: list[Float[Tensor, "pos d_model"]]) -> _Prefix:
+        """Pack the layer's q/k/v weights and compute each prompt's prefix keys and values once."""
+        attn = block.attn
         w_k, b_k, w_v, b_v = _kv_weights(attn)
-        w_k, b_k, w_v, b_v = _packed(w_k), b_k.reshape(-1), _packed(w_v), b_v.reshape(-1)
+        w = torch.cat([_packed(attn.W_Q), _packed(w_k), _packed(w_v)])
+        b = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
         width = max(self.positions)
         keys, values = [], []
-        for r in resid:
-            x = block.ln1(r[None])                                           # [1, pos, d_model]
-            k = _heads(F.linear(x, w_k, b_k), cfg.d_head, attn.k_norm if cfg.use_qk_norm else None)
-            if cfg.positional_embedding_type == "rotary":
-                k = attn.apply_rotary(k, 0)
-            v = F.linear(x, w_v, b_v).reshape(k.shape)
-            pad = (0, 0, 0, width - r.shape[0])                              # prefix positions up to width
-            keys.append(F.pad(k[0].transpose(0, 1), pad))                    # [kv_heads, width, d_head]
-            values.append(F.pad(v[0].transpose(0, 1), pad))
-        return _Prefix(_packed(attn.W_Q), attn.b_Q.reshape(-1), w_k, b_k, w_v, b_v, torch.stack(keys),
-                       torch.stack(values), self._visible(attn, width))
+        for resid, position in zip(clean, self.positions):
+            _, k, v = self._qkv(attn, w, b, block.ln1(resid[None]))        # every clean position
+            if self.model.cfg.positional_embedding_type == "rotary":
+                k = _relative_keys(attn, k, position)
+            pad = (0, 0, 0, width - position)                               # prefix positions up to width
+            keys.append(F.pad(k[0, :position].transpose(0, 1), pad))        # [kv_heads, width, d_head]
+            values.append(F.pad(v[0, :position].transpose(0, 1), pad))
+        return _Prefix(w, b, torch.stack(keys), torch.stack(values), self._visible(attn, width))
 
     def _visible(self, attn, width: int) -> Bool[Tensor, "prompts 1 1 prefix_plus_1"] | None:
         """Which prefix keys each prompt's rows see (padding and sliding windows hide some), then itself."""
@@ -204,6 +208,14 @@ class OneTokenBlocks:
             seen.append(torch.cat([see[:width], torch.ones(1, dtype=torch.bool)]))
         visible = torch.stack(seen)
         return None if bool(visible.all()) else visible[:, None, None].to(self.model.cfg.device)
+
+    def _qkv(self, attn, w: Tensor, b: Tensor, x: Float[Tensor, "batch pos d_model"]):
+        """Queries, keys, values [batch, pos, heads, d_head] from one packed projection, q/k normed."""
+        cfg = self.model.cfg
+        kv = (w.shape[0] // cfg.d_head - cfg.n_heads) // 2 * cfg.d_head
+        q, k, v = F.linear(x, w, b).split([cfg.n_heads * cfg.d_head, kv, kv], -1)
+        norms = (attn.q_norm, attn.k_norm) if cfg.use_qk_norm else (None, None)
+        return _heads(q, cfg.d_head, norms[0]), _heads(k, cfg.d_head, norms[1]), _heads(v, cfg.d_head, None)
 
     # -- the stepper -------------------------------------------------------------------------------
 
@@ -232,21 +244,11 @@ class OneTokenBlocks:
         return block.hook_resid_post(resid_mid + block.hook_mlp_out(out))
 
     def _attention(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
-        """One query per row against its prompt's prefix keys and its own key."""
-        attn, p, cfg = self.model.blocks[layer].attn, self.prefix[layer], self.model.cfg
-        q = _heads(F.linear(x, p.w_q, p.b_q), cfg.d_head, attn.q_norm if cfg.use_qk_norm else None)
-        k = _heads(F.linear(x, p.w_k, p.b_k), cfg.d_head, attn.k_norm if cfg.use_qk_norm else None)
-        v = F.linear(x, p.w_v, p.b_v).reshape(k.shape)
-        if cfg.positional_embedding_type == "rotary":
-            q, k = self._rotated(attn, q), self._rotated(attn, k)
-        z = self._attend(attn, p, q, k, v)                                   # [rows, n_heads * d_head]
-        return F.linear(z[:, None], attn.W_O.reshape(-1, cfg.d_model).T, attn.b_O)
-
-    def _rotated(self, attn, x: Float[Tensor, "rows 1 heads d_head"]) -> Float[Tensor, "rows 1 heads d_head"]:
-        """Rotary embedding at each row's position (all rows of a prompt share it)."""
-        width = self.rotary_mask.shape[1] - 1
-        per_prompt = x.reshape(self.n_prompts, 1, -1, x.shape[-1])
-        return attn.apply_rotary(per_prompt, width, self.rotary_mask).reshape(x.shape)
+        """One query per row against its prompt's prefix keys and its own key (no rotation: see
+        `_relative_keys`)."""
+        attn, p = self.model.blocks[layer].attn, self.prefix[layer]
+        z = self._attend(attn, p, *self._qkv(attn, p.w_qkv, p.b_qkv, x))    # [rows, n_heads * d_head]
+        return F.linear(z[:, None], attn.W_O.reshape(-1, self.model.cfg.d_model).T, attn.b_O)
 
     def _attend(self, attn, p: _Prefix, q: Float[Tensor, "rows 1 heads d_head"],
                 k: Float[Tensor, "rows 1 kv_heads d_head"], v: Float[Tensor, "rows 1 kv_heads d_head"],
