@@ -226,8 +226,8 @@ def _clean(model: HookedModel, prompt, target_name: str, cache_names: Sequence[s
     n_layers = model.cfg.n_layers
     tokens = model.to_tokens(prompt.text)
     names = {neuron_site(model, l) for l in range(n_layers)} | set(cache_names)
+    resid, cache = arch_of(model).clean_run(model, tokens, names)
     with torch.no_grad():
-        resid, cache = model.run_with_cache(tokens, stop_at_layer=n_layers, names_filter=lambda n: n in names)
         logits = arch_of(model).final_logits(model, resid[:, -1:])[0, -1]
     acts = [_f(cache[neuron_site(model, l)][0, -1]) for l in range(n_layers)]
     return _Clean(tokens, make_target(target_name, prompt, logits), logits, resid[0, -1:], acts, cache)

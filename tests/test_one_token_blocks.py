@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from mechcopy.arch import TRANSFORMER
-from mechcopy.arch.transformer import OneTokenBlocks, TLBlocks, one_token_block_unsupported
+from mechcopy.arch.transformer import OneTokenBlocks, TLBlocks, one_token_block_unsupported, run_blocks
 from mechcopy.attribution import integrated_gradients
+from mechcopy.hooks import zero_neurons
 from mechcopy.models.tiny import tiny_transformer
 from mechcopy.tasks.prompts import make_prompt
 
@@ -78,6 +79,23 @@ def test_one_token_blocks_equal_transformerlens_blocks(model):
             neurons = torch.randn(6, model.cfg.d_mlp, generator=g)
             want = tl.enter(layer, neurons)
             assert (fast.enter(layer, neurons) - want).abs().max() <= 1e-5 * want.abs().max(), layer
+
+
+def test_the_clean_run_equals_transformerlens(model):
+    """The hand-written blocks over a whole prompt (the clean run) give TransformerLens' activations at
+    every position and layer, also under a pruning hook."""
+    tokens = model.to_tokens(_prompts(model.tokenizer)[0].text)
+    names = {f"blocks.{l}.{h}" for l in range(model.cfg.n_layers)
+             for h in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_post", "hook_resid_post")}
+    with model.hooks(fwd_hooks=[("blocks.1.mlp.hook_post", zero_neurons([0, 3, 5]))]):
+        out, ours = run_blocks(model, tokens, names)
+        with torch.no_grad():
+            want, theirs = model.run_with_cache(tokens, stop_at_layer=model.cfg.n_layers,
+                                               names_filter=lambda n: n in names)
+    assert set(ours) == names
+    for name in names:
+        assert (ours[name] - theirs[name]).abs().max() <= 1e-5 * theirs[name].abs().max(), name
+    assert torch.allclose(out, want, atol=1e-5) and not ours["blocks.1.mlp.hook_post"][..., 3].any()
 
 
 def test_fast_ig_equals_reference(model):

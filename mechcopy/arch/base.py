@@ -10,7 +10,7 @@ only) lives here once.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Collection, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,13 @@ class Arch:
         """An incremental decoder: the first call takes the prompts, later calls the new tokens only,
         each returning the last position's logits (key/value cache or recurrent state)."""
         raise NotImplementedError
+
+    def clean_run(self, model: HookedModel, tokens: Int[Tensor, "1 pos"], names: Collection[str],
+                  ) -> tuple[Float[Tensor, "1 pos d_model"], Mapping[str, Tensor]]:
+        """One forward pass of `tokens` to the last block's output, with the activations at the hook
+        points `names` (no gradient)."""
+        with torch.no_grad():
+            return model.run_with_cache(tokens, stop_at_layer=model.cfg.n_layers, names_filter=lambda n: n in names)
 
     def ig_cache_names(self, model: HookedModel) -> list[str]:
         """Hook points `ig_stepper` reads from each prompt's clean run."""

@@ -15,7 +15,8 @@ why).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,12 @@ class TransformerArch(Arch):
             return self.final_logits(model, resid[:, -1:])[:, -1]
 
         return decode
+
+    def clean_run(self, model: HookedModel, tokens: Int[Tensor, "1 pos"], names: Collection[str]):
+        """`run_blocks` where the hand-written blocks apply (no weight copies), else TransformerLens'."""
+        if one_token_block_unsupported(model) is None:
+            return run_blocks(model, tokens, names)
+        return super().clean_run(model, tokens, names)
 
     def ig_cache_names(self, model: HookedModel) -> list[str]:
         return [f"blocks.{l}.hook_{name}" for l in range(model.cfg.n_layers) for name in ("resid_pre", "resid_mid")]
@@ -101,6 +108,7 @@ def one_token_block_unsupported(model: HookedModel) -> str | None:
          "an MLP other than a plain or gated one"),
         (cfg.original_architecture in POST_NORM_ARCHITECTURES, "post-norm blocks"),
         (cfg.parallel_attn_mlp, "parallel attention and MLP"),
+        (cfg.attention_dir != "causal", f"{cfg.attention_dir} attention"),
         (cfg.positional_embedding_type not in ("standard", "rotary"), f"{cfg.positional_embedding_type} positions"),
         (cfg.use_dynamic_ntk_rope, "dynamic NTK rotary scaling"),
         (cfg.use_yarn_rope and cfg.yarn_attention_factor != 1, "YaRN attention scaling"),
@@ -115,38 +123,43 @@ def one_token_block_unsupported(model: HookedModel) -> str | None:
     return next((why for bad, why in checks if bad), None)
 
 
-# ---------------------------------------------------------------- the hand-written one-token blocks
+# ---------------------------------------------------------------- the hand-written blocks
 
 
-@dataclass(frozen=True)
-class _Prefix:
-    """One layer's attention state shared by every row: the packed projection and the prefix's keys."""
-
-    w_qkv: Float[Tensor, "qkv d_model"]     # [(n_heads + 2 n_kv_heads) * d_head, d_model], nn.Linear layout
-    b_qkv: Float[Tensor, "qkv"]
-    keys: Float[Tensor, "prompts kv_heads prefix d_head"]      # normalised, rotated relative to the row
-    values: Float[Tensor, "prompts kv_heads prefix d_head"]
-    visible: Bool[Tensor, "prompts 1 1 prefix_plus_1"] | None   # keys a row sees, itself last (None: all)
-
-
-def _packed(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "heads_d_head d_model"]:
-    """Per-head weights as one nn.Linear weight (a copy: TransformerLens' layout has no 2-D view)."""
-    return w.permute(0, 2, 1).reshape(-1, w.shape[1])
-
-
-def _kv_weights(attn) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(W_K, b_K, W_V, b_V) with one entry per key/value head (grouped-query heads not repeated)."""
+def _packed_qkv(attn) -> tuple[Float[Tensor, "qkv d_model"], Float[Tensor, "qkv"]]:
+    """W_Q, W_K, W_V (one entry per key/value head) as one nn.Linear weight, and their biases: a copy,
+    made once per prompt (TransformerLens stores them per head, [heads, d_model, d_head], which has no
+    2-D view, and copies them on every call)."""
     from transformer_lens.components import GroupedQueryAttention
 
-    if isinstance(attn, GroupedQueryAttention):
-        return attn._W_K, attn._b_K, attn._W_V, attn._b_V
-    return attn.W_K, attn.b_K, attn.W_V, attn.b_V
+    grouped = isinstance(attn, GroupedQueryAttention)
+    weights = (attn.W_Q, attn._W_K, attn._W_V) if grouped else (attn.W_Q, attn.W_K, attn.W_V)
+    biases = (attn.b_Q, attn._b_K, attn._b_V) if grouped else (attn.b_Q, attn.b_K, attn.b_V)
+    return (torch.cat([w.permute(0, 2, 1).reshape(-1, w.shape[1]) for w in weights]),
+            torch.cat([b.reshape(-1) for b in biases]))
 
 
 def _heads(x: Float[Tensor, "batch pos hd"], d_head: int, norm) -> Float[Tensor, "batch pos heads d_head"]:
     """Split a projection into heads and apply the per-head q/k norm, if any."""
     x = x.reshape(*x.shape[:-1], -1, d_head)
     return x if norm is None else norm(x.reshape(-1, d_head)).reshape(x.shape)
+
+
+def _qkv(attn, w: Tensor, b: Tensor, x: Float[Tensor, "batch pos d_model"]) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values [batch, pos, heads, d_head] from the packed projection, q/k normed."""
+    cfg = attn.cfg
+    n_q = cfg.n_heads * cfg.d_head
+    n_kv = (w.shape[0] - n_q) // 2
+    q, k, v = F.linear(x, w, b).split([n_q, n_kv, n_kv], -1)
+    q_norm, k_norm = (attn.q_norm, attn.k_norm) if cfg.use_qk_norm else (None, None)
+    return _heads(q, cfg.d_head, q_norm), _heads(k, cfg.d_head, k_norm), _heads(v, cfg.d_head, None)
+
+
+def _in_window(attn, queries: Int[Tensor, "q"], keys: Int[Tensor, "k"]) -> Bool[Tensor, "q k"]:
+    """TransformerLens' sliding window: the key positions each query position sees on a local layer."""
+    if attn.attn_type != "local":
+        return torch.ones(len(queries), len(keys), dtype=torch.bool)
+    return keys[None] > queries[:, None] - attn.cfg.window_size
 
 
 def _relative_keys(attn, k: Float[Tensor, "1 pos kv_heads d_head"], position: int) -> Float[Tensor, "1 pos kv_heads d_head"]:
@@ -159,6 +172,82 @@ def _relative_keys(attn, k: Float[Tensor, "1 pos kv_heads d_head"], position: in
     cos, sin = attn.rotary_cos[position], attn.rotary_sin[position]
     back = k[..., :dim] * cos - attn.rotate_every_two(k[..., :dim]) * sin
     return torch.cat([back, k[..., dim:]], -1)
+
+
+def _neurons(mlp, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_mlp"]:
+    """The MLP's neurons (its `hook_post`): act(x W_gate) * (x W_in) + b_in, or act(x W_in + b_in)."""
+    if mlp.cfg.gated_mlp:
+        pre = mlp.hook_pre(F.linear(x, mlp.W_gate.T))
+        return mlp.hook_post(mlp.act_fn(pre) * mlp.hook_pre_linear(F.linear(x, mlp.W_in.T)) + mlp.b_in)
+    return mlp.hook_post(mlp.act_fn(mlp.hook_pre(F.linear(x, mlp.W_in.T, mlp.b_in))))
+
+
+def _from_neurons(block, resid_mid: Float[Tensor, "batch pos d_model"],
+                  post: Float[Tensor, "batch pos d_mlp"]) -> Float[Tensor, "batch pos d_model"]:
+    """The block from its neurons on: `W_out`, the norm after the MLP (if any), the residual add."""
+    out = F.linear(post, block.mlp.W_out.T, block.mlp.b_out)
+    if block.cfg.use_normalization_before_and_after:
+        out = block.ln2_post(out)
+    return block.hook_resid_post(resid_mid + block.hook_mlp_out(out))
+
+
+def _block(block, x: Float[Tensor, "batch pos d_model"], attention) -> Float[Tensor, "batch pos d_model"]:
+    """TransformerLens' pre-norm block around `attention` (normalised input -> attention output), with
+    the weights as stored, firing the block's hook points except `UNFIRED_HOOKS`."""
+    cfg = block.cfg
+    resid_pre = block.hook_resid_pre(x)
+    attn_out = attention(block.ln1(resid_pre))
+    if cfg.use_normalization_before_and_after:
+        attn_out = block.ln1_post(attn_out)
+    resid_mid = block.hook_resid_mid(resid_pre + block.hook_attn_out(attn_out))
+    mlp_in = block.hook_mlp_in(resid_mid.clone()) if cfg.use_hook_mlp_in else resid_mid
+    return _from_neurons(block, resid_mid, _neurons(block.mlp, block.ln2(mlp_in)))
+
+
+def _causal_attention(attn, w: Tensor, b: Tensor, x: Float[Tensor, "1 pos d_model"]) -> Float[Tensor, "1 pos d_model"]:
+    """Causal self-attention over one sequence (the clean run), grouped heads by reshaping."""
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    cfg = attn.cfg
+    q, k, v = _qkv(attn, w, b, x)
+    if cfg.positional_embedding_type == "rotary":
+        q, k = attn.apply_rotary(q, 0), attn.apply_rotary(k, 0)
+    pos, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
+    q = q[0].reshape(pos, kv_heads, heads // kv_heads, cfg.d_head).permute(1, 2, 0, 3)   # [kv, group, pos, d]
+    k, v = k[0].transpose(0, 1)[:, None], v[0].transpose(0, 1)[:, None]                 # [kv, 1, pos, d]
+    scores = apply_softcap(q @ k.transpose(-1, -2) / attn.attn_scale, cfg.attn_scores_soft_cap)
+    at = torch.arange(pos)
+    visible = (at[None] <= at[:, None]) & _in_window(attn, at, at)
+    pattern = scores.masked_fill(~visible.to(scores.device), float("-inf")).softmax(-1).to(v.dtype)
+    z = (pattern @ v).permute(2, 0, 1, 3).reshape(1, pos, heads * cfg.d_head)
+    return F.linear(z, attn.W_O.reshape(-1, cfg.d_model).T, attn.b_O)
+
+
+def run_blocks(model: HookedModel, tokens: Int[Tensor, "1 pos"], names: Collection[str],
+               ) -> tuple[Float[Tensor, "1 pos d_model"], dict[str, Tensor]]:
+    """The clean run through the hand-written blocks (TransformerLens' embedding, then `_block` with
+    causal attention): the last block's output and the activations at the hook points `names`.
+    TransformerLens' own blocks copy their weight matrices on every call, half the time of a forward
+    pass over a short prompt."""
+    from mechcopy.hooks import capture
+
+    store: dict[str, Tensor] = {}
+    with torch.no_grad(), model.hooks(fwd_hooks=[(lambda name: name in names, capture(store))]):
+        x = model(tokens, stop_at_layer=0)
+        for block in model.blocks:
+            x = _block(block, x, partial(_causal_attention, block.attn, *_packed_qkv(block.attn)))
+    return x, store
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """One layer's attention state shared by every row: the packed projection and the prefix's keys."""
+
+    w_qkv: Float[Tensor, "qkv d_model"]     # [(n_heads + 2 n_kv_heads) * d_head, d_model], nn.Linear layout
+    b_qkv: Float[Tensor, "qkv"]
+    keys: Float[Tensor, "prompts kv_heads prefix d_head"]      # normalised, rotated relative to the row
+    values: Float[Tensor, "prompts kv_heads prefix d_head"]
+    visible: Bool[Tensor, "prompts 1 1 prefix_plus_1"] | None   # keys a row sees, itself last (None: all)
 
 
 class OneTokenBlocks:
@@ -178,18 +267,13 @@ class OneTokenBlocks:
         with torch.no_grad():
             self.prefix = [self._prefix(block, resid) for block, resid in zip(model.blocks, clean)]
 
-    # -- building the per-layer prefix state -------------------------------------------------------
-
     def _prefix(self, block, clean: list[Float[Tensor, "pos d_model"]]) -> _Prefix:
         """Pack the layer's q/k/v weights and compute each prompt's prefix keys and values once."""
-        attn = block.attn
-        w_k, b_k, w_v, b_v = _kv_weights(attn)
-        w = torch.cat([_packed(attn.W_Q), _packed(w_k), _packed(w_v)])
-        b = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
-        width = max(self.positions)
+        attn, width = block.attn, max(self.positions)
+        w, b = _packed_qkv(attn)
         keys, values = [], []
         for resid, position in zip(clean, self.positions):
-            _, k, v = self._qkv(attn, w, b, block.ln1(resid[None]))        # every clean position
+            _, k, v = _qkv(attn, w, b, block.ln1(resid[None]))             # every clean position
             if self.model.cfg.positional_embedding_type == "rotary":
                 k = _relative_keys(attn, k, position)
             pad = (0, 0, 0, width - position)                               # prefix positions up to width
@@ -199,55 +283,25 @@ class OneTokenBlocks:
 
     def _visible(self, attn, width: int) -> Bool[Tensor, "prompts 1 1 prefix_plus_1"] | None:
         """Which prefix keys each prompt's rows see (padding and sliding windows hide some), then itself."""
-        pos = torch.arange(width + 1)
-        seen = []
-        for p in self.positions:
-            see = pos < p
-            if attn.attn_type == "local":                                    # TransformerLens' window rule
-                see &= pos > p - self.model.cfg.window_size
-            seen.append(torch.cat([see[:width], torch.ones(1, dtype=torch.bool)]))
-        visible = torch.stack(seen)
+        at = torch.arange(width)
+        rows = torch.tensor(self.positions)
+        seen = (at[None] < rows[:, None]) & _in_window(attn, rows, at)
+        visible = torch.cat([seen, torch.ones(len(rows), 1, dtype=torch.bool)], 1)
         return None if bool(visible.all()) else visible[:, None, None].to(self.model.cfg.device)
 
-    def _qkv(self, attn, w: Tensor, b: Tensor, x: Float[Tensor, "batch pos d_model"]):
-        """Queries, keys, values [batch, pos, heads, d_head] from one packed projection, q/k normed."""
-        cfg = self.model.cfg
-        kv = (w.shape[0] // cfg.d_head - cfg.n_heads) // 2 * cfg.d_head
-        q, k, v = F.linear(x, w, b).split([cfg.n_heads * cfg.d_head, kv, kv], -1)
-        norms = (attn.q_norm, attn.k_norm) if cfg.use_qk_norm else (None, None)
-        return _heads(q, cfg.d_head, norms[0]), _heads(k, cfg.d_head, norms[1]), _heads(v, cfg.d_head, None)
-
-    # -- the stepper -------------------------------------------------------------------------------
-
     def step(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
-        block, cfg = self.model.blocks[layer], self.model.cfg
-        resid_pre = block.hook_resid_pre(x)
-        attn_out = self._attention(layer, block.ln1(resid_pre))
-        if cfg.use_normalization_before_and_after:
-            attn_out = block.ln1_post(attn_out)
-        resid_mid = block.hook_resid_mid(resid_pre + block.hook_attn_out(attn_out))
-        mlp_in = block.hook_mlp_in(resid_mid.clone()) if cfg.use_hook_mlp_in else resid_mid
-        return self._mlp_out(block, resid_mid, _neurons(block.mlp, block.ln2(mlp_in)))
+        return _block(self.model.blocks[layer], x, partial(self._attention, layer))
 
     def enter(self, layer: int, neurons: Float[Tensor, "rows neurons"]) -> Float[Tensor, "rows 1 d_model"]:
         block = self.model.blocks[layer]
         post = block.mlp.hook_post(neurons.to(self.model.cfg.dtype)[:, None])
-        resid_mid = rows_per_prompt(self.resid_mid[layer], neurons.shape[0] // self.n_prompts)
-        return self._mlp_out(block, resid_mid, post)
-
-    def _mlp_out(self, block, resid_mid: Float[Tensor, "rows 1 d_model"],
-                 post: Float[Tensor, "rows 1 d_mlp"]) -> Float[Tensor, "rows 1 d_model"]:
-        """The block from its neurons on: `W_out`, the norm after the MLP (if any), the residual add."""
-        out = F.linear(post, block.mlp.W_out.T, block.mlp.b_out)
-        if self.model.cfg.use_normalization_before_and_after:
-            out = block.ln2_post(out)
-        return block.hook_resid_post(resid_mid + block.hook_mlp_out(out))
+        return _from_neurons(block, rows_per_prompt(self.resid_mid[layer], neurons.shape[0] // self.n_prompts), post)
 
     def _attention(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
         """One query per row against its prompt's prefix keys and its own key (no rotation: see
         `_relative_keys`)."""
         attn, p = self.model.blocks[layer].attn, self.prefix[layer]
-        z = self._attend(attn, p, *self._qkv(attn, p.w_qkv, p.b_qkv, x))    # [rows, n_heads * d_head]
+        z = self._attend(attn, p, *_qkv(attn, p.w_qkv, p.b_qkv, x))         # [rows, n_heads * d_head]
         return F.linear(z[:, None], attn.W_O.reshape(-1, self.model.cfg.d_model).T, attn.b_O)
 
     def _attend(self, attn, p: _Prefix, q: Float[Tensor, "rows 1 heads d_head"],
@@ -272,14 +326,6 @@ class OneTokenBlocks:
         z = (pattern[..., :-1] @ p.values).reshape(prompts, kv_heads, rows, group, d_head)
         z = z + pattern[..., -1:].reshape(prompts, kv_heads, rows, group, 1) * v
         return z.permute(0, 2, 1, 3, 4).reshape(n, heads * d_head)
-
-
-def _neurons(mlp, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_mlp"]:
-    """The MLP's neurons (its `hook_post`): act(x W_gate) * (x W_in) + b_in, or act(x W_in + b_in)."""
-    if mlp.cfg.gated_mlp:
-        pre = mlp.hook_pre(F.linear(x, mlp.W_gate.T))
-        return mlp.hook_post(mlp.act_fn(pre) * mlp.hook_pre_linear(F.linear(x, mlp.W_in.T)) + mlp.b_in)
-    return mlp.hook_post(mlp.act_fn(mlp.hook_pre(F.linear(x, mlp.W_in.T, mlp.b_in))))
 
 
 # ---------------------------------------------------------------- the fallback: TransformerLens' blocks
