@@ -1,15 +1,15 @@
 """TransformerLens `HookedTransformer`: neurons at `blocks.{l}.mlp.hook_post` (for gated MLPs
-act(gate)*up, the input to `W_out`), a key/value cache for decoding, and the one-token blocks of the
+act(gate)*up, the input to `W_out`), a key/value cache for decoding, and the hand-written blocks of the
 fast IG path.
 
 Fast IG rows are single tokens at the last position of their prompt. `OneTokenBlocks` computes each
 layer's prefix keys and values once per prompt (normalised, rotated relative to the rows' position so
 that the rows need no rotation, key/value heads not repeated) and attends every row's queries to them
 by broadcasting; the blocks' weights are used as stored (only the per-head query/key/value weights,
-which have no 2-D view, are packed into one matrix once per prompt). A
-configuration it does not implement, or a hook on a hook point it does not fire, selects `TLBlocks`
-instead: TransformerLens' own blocks on a frozen key/value cache (`one_token_block_unsupported` says
-why).
+which have no 2-D view, are packed into one matrix once per prompt). The clean run goes through the
+same block code with causal attention (`run_blocks`). A configuration it does not implement, or a hook
+on a hook point it does not fire, selects TransformerLens' own blocks instead: `TLBlocks` on a frozen
+key/value cache, and `run_with_cache` for the clean run (`one_token_block_unsupported` says why).
 """
 
 from __future__ import annotations
