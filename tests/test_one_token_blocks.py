@@ -1,10 +1,11 @@
-"""The hand-written one-token blocks of the fast IG path against TransformerLens' own blocks.
+"""The hand-written blocks of the fast IG path against TransformerLens' own blocks.
 
 Tiny random models carry the configuration features of the zoo models (SmolLM2: Llama, grouped-query
 attention; Gemma 3: norms after attention and MLP, per-head q/k norms, local and global rotary bases,
-sliding windows, gelu-tanh gated MLP, query scaling, soft caps) and of GPT-2 (LayerNorm, learned
-positions, plain MLP, biases). Every weight that random initialisation leaves at one or zero (norm
-weights, biases) is jittered so that a block which skipped it would fail.
+sliding windows, gelu-tanh gated MLP, query scaling, soft caps), of GPT-2 (LayerNorm, learned
+positions, plain MLP, biases), and partial adjacent-pair rotary with YaRN tables. Every weight that
+random initialisation leaves at one or zero (norm weights, biases) is jittered so that a block which
+skipped it would fail.
 """
 
 import pytest
@@ -26,7 +27,8 @@ CONFIGS = {
                    rotary_base=10000, rotary_base_local=100, act_fn="gelu_pytorch_tanh", attn_scale=3.0,
                    attn_scores_soft_cap=5.0, output_logits_soft_cap=8.0),
     "gpt2": dict(gated=False, normalization_type="LN", positional_embedding_type="standard", act_fn="gelu_new"),
-    "partial-rotary": dict(n_heads=4, rotary_dim=4, rotary_adjacent_pairs=True),
+    "partial-rotary-yarn": dict(n_heads=4, rotary_dim=4, rotary_adjacent_pairs=True, use_yarn_rope=True, yarn_factor=2.0,
+                               yarn_original_max_position_embeddings=16),
 }
 
 
@@ -109,6 +111,8 @@ def test_fast_ig_equals_reference(model):
 @pytest.mark.parametrize("why, config, hooks", [
     ("parallel attention and MLP", dict(parallel_attn_mlp=True), []),
     ("a hook on blocks.1.attn.hook_pattern", {}, [("blocks.1.attn.hook_pattern", lambda a, hook: a * 0.8)]),
+    ("YaRN attention scaling", dict(use_yarn_rope=True, yarn_factor=2.0, yarn_attention_factor=1.3,
+                                    yarn_original_max_position_embeddings=16), []),
 ])
 def test_what_the_one_token_blocks_lack_falls_back_to_transformerlens(why, config, hooks):
     """Said why, TransformerLens' blocks run instead, and the fast path still equals the reference."""
