@@ -13,14 +13,17 @@ completeness says ``sum_i IG_i = T(a) - T(0)``; every result carries both sides.
 
 Two implementations compute the same numbers (tests compare them):
 
-* ``reference``: the full sequence, one layer at a time, the alphas batched, a hook at the neuron site.
+* ``reference``: the full sequence, one layer at a time, the alphas batched, a hook at the neuron site,
+  the target read from the model's own logits (the plain TransformerLens computation).
 * ``fast``: scaling layer l at the last position changes nothing before layer l and nothing at earlier
-  positions, so each (layer, alpha) row is one token that attends to the clean prefix's cached keys and
-  values. Blocks run by hand: the rows of layer l join the batch when the loop reaches block l, and only
-  the unembedding rows the target needs are computed (two for ``contrast``).
+  positions, so each (layer, alpha) row is one token that continues the clean prefix. The rows of layer
+  l enter at its neuron site when the loop reaches block l, the rows of every layer (and of
+  ``batch_size`` prompts) run as one batch, and only the unembedding rows the target needs are computed
+  (two for ``contrast``, in float32 even on a bfloat16 model).
 
-The architecture supplies the one-token blocks (``arch_of(model).ig_stepper``): a frozen key/value
-cache of the prefix on transformers, the prefix's recurrent state (conv window and SSM state) on Mamba.
+The architecture supplies the one-token blocks (``arch_of(model).ig_stepper``, a `Stepper`): on
+transformers, hand-written blocks attending to each layer's once-computed prefix keys and values; on
+Mamba, one recurrent step from the prefix's conv window and SSM state. Both read the clean run's cache.
 """
 
 from __future__ import annotations
@@ -203,87 +206,96 @@ def _f(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _tokens(model: HookedModel, prompt) -> Tensor:
-    return arch_of(model).tokens(model, prompt.text, what=f"prompt of task {prompt.task!r}").to(model.cfg.device)
+@dataclass(frozen=True)
+class _Clean:
+    """One prompt's clean run: tokens, target, last-position logits and residual, neurons, cache."""
+
+    tokens: Tensor
+    target: TargetSpec
+    logits: Tensor                # [vocab] at the last position, the model's dtype
+    final: Tensor                 # [1, d_model] at the last position after the last block
+    acts: list[Tensor]            # per layer [neurons], at least float32
+    cache: Any                    # the hook points the fast path's stepper reads
 
 
-def _clean(model: HookedModel, tokens: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Clean last-position logits, neuron activations per layer and resid_pre per layer."""
-    L = model.cfg.n_layers
-    sites = {neuron_site(model, l) for l in range(L)}
-    names = sites | {f"blocks.{l}.hook_resid_pre" for l in range(L)}
+def _target_values(model: HookedModel, target: TargetSpec, resid: Float[Tensor, "rows d_model"]) -> Tensor:
+    """The target from the residual stream after the last block (the rows it needs, in float32 or more)."""
+    return target(_f(arch_of(model).final_logits(model, resid, target.rows())))
+
+
+def _clean(model: HookedModel, prompt, target_name: str, cache_names: Sequence[str] = ()) -> _Clean:
+    """Run `prompt` once: the target (c from the clean logits), the neurons and a cache."""
+    n_layers = model.cfg.n_layers
+    tokens = arch_of(model).tokens(model, prompt.text, what=f"prompt of task {prompt.task!r}")
+    names = {neuron_site(model, l) for l in range(n_layers)} | set(cache_names)
+    resid, cache = arch_of(model).clean_run(model, tokens, names)
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    acts = [_f(cache[neuron_site(model, l)][0, -1]) for l in range(L)]
-    resid = [cache[f"blocks.{l}.hook_resid_pre"][0, -1:] for l in range(L)]
-    return _f(logits[0, -1]), acts, resid
+        logits = arch_of(model).final_logits(model, resid[:, -1:])[0, -1]
+    acts = [_f(cache[neuron_site(model, l)][0, -1]) for l in range(n_layers)]
+    return _Clean(tokens, make_target(target_name, prompt, logits), logits, resid[0, -1:], acts, cache)
 
 
-def _reference_layer(model: HookedModel, tokens, layer, act, alphas, weights, target):
-    """IG of one layer on the full sequence; returns (attribution [N], target at alpha=0)."""
-    m = len(alphas)
-    scaled = torch.cat([alphas, torch.zeros(1)])[:, None].to(act) * act[None]       # [m+1, N]
-    leaf = scaled.clone().requires_grad_(True)
+def _nodes(alphas: Tensor, like: Tensor) -> Float[Tensor, "m_plus_1 1"]:
+    """The m quadrature nodes and alpha = 0 (for T(0)), as a column on `like`'s device and dtype."""
+    return torch.cat([alphas, torch.zeros(1)])[:, None].to(like)
+
+
+def _reference_layer(model: HookedModel, clean: _Clean, layer: int, alphas, weights) -> tuple[Tensor, Tensor]:
+    """IG of one layer on the full sequence, read from the model's own logits (the plain TransformerLens
+    computation); returns (attribution [N], target at alpha = 0)."""
+    m, act = len(alphas), clean.acts[layer]
+    leaf = (_nodes(alphas, act) * act).requires_grad_(True)                 # [m+1, N]
 
     def put_leaf(a, hook):
         return torch.cat([a[:, :-1], leaf[:, None].to(a.dtype)], dim=1)
 
     with torch.enable_grad():
-        logits = model.run_with_hooks(tokens.expand(m + 1, -1), fwd_hooks=[(neuron_site(model, layer), put_leaf)])
-        values = target(_f(logits[:, -1]))
+        logits = model.run_with_hooks(clean.tokens.expand(m + 1, -1), fwd_hooks=[(neuron_site(model, layer), put_leaf)])
+        values = clean.target(_f(logits[:, -1]))
         (grad,) = torch.autograd.grad(values[:m].sum(), leaf)
     ig = act * (weights.to(act)[:, None] * _f(grad[:m])).sum(0)
-    return ig.detach(), float(values[m].detach())
+    return ig.detach(), values[m].detach()
 
 
-def _attribute_reference(model: HookedModel, prompt, target_name, alphas, weights, layers):
-    tokens = _tokens(model, prompt)
-    clean_logits, acts, _ = _clean(model, tokens)
-    target = make_target(target_name, prompt, clean_logits)
-    out, zero = [], []
-    for layer in layers:
-        ig, t0 = _reference_layer(model, tokens, layer, acts[layer], alphas, weights, target)
-        out.append(ig)
-        zero.append(t0)
-    t_clean = float(target(clean_logits[None])[0])
-    return torch.stack(out), t_clean, torch.tensor(zero), target
+def _attribute_reference(model: HookedModel, cleans: list[_Clean], alphas, weights, layers):
+    """Per prompt and layer: the full sequence with the m+1 scaled copies of the layer's neurons."""
+    parts = [[_reference_layer(model, c, l, alphas, weights) for l in layers] for c in cleans]
+    return (torch.stack([torch.stack([ig for ig, _ in p]) for p in parts]),
+            torch.stack([torch.stack([t0 for _, t0 in p]) for p in parts]),
+            torch.stack([c.target(_f(c.logits[None]))[0] for c in cleans]))
 
 
-def _attribute_fast(model: HookedModel, prompt, target_name, alphas, weights, layers):
-    """One token per (layer, alpha) row continuing the clean prefix; rows join the batch at their layer."""
+def _attribute_fast(model: HookedModel, cleans: list[_Clean], alphas, weights, layers):
+    """One token per (prompt, layer, alpha) row continuing the prompt's clean prefix, all in one batch:
+    the rows of layer l enter at its neuron site (`Stepper.enter`) when the loop reaches block l."""
     arch = arch_of(model)
-    tokens = _tokens(model, prompt)
-    clean_logits, acts, resid = _clean(model, tokens)
-    target = make_target(target_name, prompt, clean_logits)
-    run_block = arch.ig_stepper(model, tokens)
-    L, m = len(layers), len(alphas)
-    rows_per_layer = m + 1                                    # the m nodes plus alpha = 0
-    node = torch.cat([alphas, torch.zeros(1)])[:, None]
-    leaves = {l: (node.to(acts[l]) * acts[l][None]).clone().requires_grad_(True) for l in layers}
-
-    def put_leaf(layer):
-        def hook(a, hook):                                    # a: [rows, 1, N]; layer's rows are the last ones
-            return torch.cat([a[:-rows_per_layer], leaves[layer][:, None].to(a.dtype)], dim=0)
-        return hook
-
-    hooks = [(neuron_site(model, l), put_leaf(l)) for l in layers]
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        x = resid[0].new_zeros(0, 1, resid[0].shape[-1])
+    step = arch.ig_stepper(model, [c.tokens for c in cleans], [c.cache for c in cleans])
+    n_prompts, m = len(cleans), len(alphas)
+    nodes = _nodes(alphas, cleans[0].acts[0])
+    acts = {l: torch.stack([c.acts[l] for c in cleans]) for l in layers}            # [prompts, N]
+    leaves = {l: (nodes * a[:, None]).requires_grad_(True) for l, a in acts.items()}  # [prompts, m+1, N]
+    with torch.enable_grad():
+        x = None
         for layer in range(layers[0], model.cfg.n_layers):
+            if x is not None:
+                x = step.step(layer, x)
             if layer in leaves:
-                x = torch.cat([x, resid[layer][None].expand(rows_per_layer, 1, -1)], dim=0)
-            x = run_block(layer, x)
-        # [L*(m+1), vocab or 2], first layer's rows first
-        logits = arch.final_logits(model, x, target.rows())[:, 0]
-        values = target(_f(logits)).reshape(L, rows_per_layer)
-        grads = torch.autograd.grad(values[:, :m].sum(), [leaves[l] for l in layers])
-    w = weights[:, None]
-    ig = torch.stack([acts[l] * (w.to(acts[l]) * _f(g[:m])).sum(0) for l, g in zip(layers, grads)])
-    t_clean = float(target(clean_logits[None])[0])
-    return ig.detach(), t_clean, _f(values[:, m].detach()), target
+                rows = step.enter(layer, leaves[layer].flatten(0, 1))
+                x = rows if x is None else torch.cat([x.unflatten(0, (n_prompts, -1)),
+                                                      rows.unflatten(0, (n_prompts, -1))], 1).flatten(0, 1)
+        resid = x[:, 0].unflatten(0, (n_prompts, -1))                     # [prompts, layers * (m+1), d_model]
+        values = torch.stack([_target_values(model, c.target, r) for c, r in zip(cleans, resid)])
+        values = values.unflatten(1, (len(layers), m + 1))                # [prompts, layers, m+1]
+        grads = torch.autograd.grad(values[..., :m].sum(), [leaves[l] for l in layers])
+    w = weights.to(nodes)
+    ig = torch.stack([acts[l] * torch.einsum("m,pmn->pn", w, _f(g[:, :m])) for l, g in zip(layers, grads)], 1)
+    with torch.no_grad():
+        t_clean = torch.stack([_target_values(model, c.target, c.final)[0] for c in cleans])
+    return ig.detach(), values[..., m].detach(), t_clean
 
 
-def _attribute(model: HookedModel, prompts, target, alphas, weights, method, kind, steps, rule, progress, layers):
+def _attribute(model: HookedModel, prompts, target, alphas, weights, method, kind, steps, rule, progress, layers,
+               batch_size):
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else sorted({int(l) for l in layers})
     if not layers or not all(0 <= l < n_layers for l in layers):
@@ -294,35 +306,46 @@ def _attribute(model: HookedModel, prompts, target, alphas, weights, method, kin
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not prompts:
         raise ValueError("no prompts to attribute")
-    fn = _attribute_fast if method == "fast" else _attribute_reference
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    fast = method == "fast"
+    names = arch_of(model).ig_cache_names(model) if fast else []
     vals, clean, zero, copies, golds = [], [], [], [], []
-    for prompt in tqdm(prompts, desc=f"{kind} ({method})", disable=not progress):
-        v, c, z, t = fn(model, prompt, target, alphas, weights, layers)
-        vals.append(v)
-        clean.append(c)
-        zero.append(z)
-        copies.append(t.copy)
-        golds.append(t.gold)
-    return Attributions(torch.stack(vals), torch.tensor(clean, dtype=vals[0].dtype), torch.stack(zero).to(vals[0].dtype), target, kind, method,
-                        steps, rule, tuple(copies), tuple(golds), tuple(layers))
+    bar = tqdm(total=len(prompts), desc=f"{kind} ({method})", disable=not progress)
+    for s in range(0, len(prompts), batch_size):
+        cleans = [_clean(model, p, target, names) for p in prompts[s:s + batch_size]]
+        v, z, c = (_attribute_fast if fast else _attribute_reference)(model, cleans, alphas, weights, layers)
+        vals.append(v.cpu())                                            # once per batch, not per layer
+        zero.append(z.cpu())
+        clean.append(c.cpu())
+        copies += [c.target.copy for c in cleans]
+        golds += [c.target.gold for c in cleans]
+        bar.update(len(cleans))
+    bar.close()
+    return Attributions(torch.cat(vals), torch.cat(clean), torch.cat(zero), target, kind, method, steps, rule,
+                        tuple(copies), tuple(golds), tuple(layers))
 
 
 def integrated_gradients(model: HookedModel, prompts: Sequence, target: str = "contrast", steps: int = 20,
                          method: str = "fast", rule: str = "gauss-legendre", layers: Sequence[int] | None = None,
-                         progress: bool = False) -> Attributions:
+                         progress: bool = False, batch_size: int = 1) -> Attributions:
     """IG of every neuron of every layer, per prompt (`.values` is [n_prompts, n_layers, n_neurons]).
 
     `layers` limits the layers attributed (default all; `.values` then has one slice per listed layer).
+    `batch_size` prompts share one batch of rows on the fast path (each prompt has
+    layers * (steps + 1) rows): 1 suits a CPU; on a GPU, raise it until the GPU is busy.
     """
     alphas, weights = quadrature(steps, rule)
-    return _attribute(model, prompts, target, alphas, weights, method, "ig", steps, rule, progress, layers)
+    return _attribute(model, prompts, target, alphas, weights, method, "ig", steps, rule, progress, layers,
+                      batch_size)
 
 
 def grad_x_act(model: HookedModel, prompts: Sequence, target: str = "contrast", method: str = "fast",
-               layers: Sequence[int] | None = None, progress: bool = False) -> Attributions:
+               layers: Sequence[int] | None = None, progress: bool = False, batch_size: int = 1) -> Attributions:
     """Gradient x activation at the clean point (first order; IG with a single node at alpha = 1)."""
     one = torch.ones(1)
-    return _attribute(model, prompts, target, one, one, method, "gradxact", 1, "endpoint", progress, layers)
+    return _attribute(model, prompts, target, one, one, method, "gradxact", 1, "endpoint", progress, layers,
+                      batch_size)
 
 
 # ---------------------------------------------------------------- copy scores

@@ -285,17 +285,17 @@ def perplexity(model: HookedModel, text: str | None = None, fwd_hooks=(), n_toke
     by_len: dict[int, list[list[int]]] = defaultdict(list)
     for w in windows:
         by_len[len(w)].append(w)
-    total, count = 0.0, 0
     device = getattr(model.cfg, "device", "cpu")
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0     # summed on the device
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         for ws in by_len.values():
             for s in range(0, len(ws), batch_size):
                 tokens = torch.tensor(ws[s:s + batch_size], device=device)
                 logp = torch.log_softmax(model(tokens).float(), dim=-1)[:, :-1]
                 nll = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
-                total += float(nll.sum())
+                total += nll.sum()
                 count += nll.numel()
-    return float(np.exp(total / count))
+    return float(np.exp(float(total) / count))
 
 
 def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed: int = 0,

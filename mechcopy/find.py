@@ -38,6 +38,7 @@ class FindConfig:
     attribution: str = "ig"         # ig | gradxact
     target: str = "contrast"
     method: str = "fast"            # fast | reference
+    batch_size: int = 1             # prompts per batch of IG rows on the fast path (1 suits a CPU)
     rule: str = "gauss-legendre"
     normalisation: str = "minmax"
     mode: str = "global"            # global | per-layer top-k
@@ -111,9 +112,10 @@ def attribute_with_checkpoints(model: HookedModel, prompts: Sequence, checkpoint
             chunk = prompts[s:s + every]
             if config.attribution == "ig":
                 part = integrated_gradients(model, chunk, target=config.target, steps=config.steps,
-                                            method=config.method, rule=config.rule)
+                                            method=config.method, rule=config.rule, batch_size=config.batch_size)
             else:
-                part = grad_x_act(model, chunk, target=config.target, method=config.method)
+                part = grad_x_act(model, chunk, target=config.target, method=config.method,
+                                  batch_size=config.batch_size)
             parts = [Attributions.cat(parts + [part])]
             parts[0].save(checkpoint, identity)
             bar.update(len(chunk))

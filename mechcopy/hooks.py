@@ -49,13 +49,16 @@ def scale_neurons(idx, factor: float) -> Hook:
     """Multiply neurons `idx` (last dimension) by `factor` at every position."""
     index = _neuron_index(idx)
     top = int(index.max()) if index.numel() else -1
+    masks: dict[tuple, Tensor] = {}      # built once per width, device and dtype: no copy to the device per call
 
     def hook(act: Float[Tensor, "... d"], hook) -> Float[Tensor, "... d"]:
         if top >= act.shape[-1]:
             raise IndexError(f"neuron index {top} out of range at {hook.name}: it has {act.shape[-1]} neurons")
-        mask = torch.ones(act.shape[-1], dtype=act.dtype, device=act.device)
-        mask[index.to(act.device)] = factor
-        return act * mask
+        key = (act.shape[-1], act.device, act.dtype)
+        if key not in masks:
+            masks[key] = torch.ones(act.shape[-1], dtype=act.dtype, device=act.device)
+            masks[key][index.to(act.device)] = factor
+        return act * masks[key]
 
     return _named(hook, f"scale_neurons[{len(index)}x{factor}]", f"scale_neurons({index.tolist()}, {factor!r})")
 

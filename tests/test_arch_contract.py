@@ -139,19 +139,56 @@ def test_decoder_forks_exactly(case, fork_at):
     assert not torch.allclose(forked[0][:batch], forked[0][batch:2 * batch], atol=1e-3)  # the groups differ
 
 
-def test_ig_stepper_continues_the_prefix(case):
-    """One-token rows from block l on (any number of rows) reproduce the clean run's last position."""
-    model, arch, tokens = case
-    step = arch.ig_stepper(model, tokens)
+def _clean_runs(model, arch, tokens):
+    """Caches of what the stepper reads, the neuron sites and the last block's output, per prompt."""
+    n = model.cfg.n_layers
+    names = set(arch.ig_cache_names(model)) | {arch.neuron_site(model, l) for l in range(n)}
+    names |= {f"blocks.{n - 1}.hook_resid_post"}
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("resid_pre") or n.endswith("resid_post"))
-        n = model.cfg.n_layers
+        return [model.run_with_cache(t, names_filter=lambda name: name in names)[1] for t in tokens]
+
+
+def _per_prompt(caches, name, rows, pick=lambda a: a[:, -1:]):
+    return torch.cat([pick(c[name]).expand(rows, *pick(c[name]).shape[1:]) for c in caches])
+
+
+@pytest.mark.parametrize("n_prompts", [1, 2])
+def test_ig_stepper_continues_the_prefix(case, n_prompts):
+    """Rows stepped from block l, or entering at layer l's neuron site, reproduce the clean run's last
+    position; two prompts of different lengths share one batch of rows."""
+    model, arch, tokens = case
+    prompts = [tokens, tokens[:, :-5]][:n_prompts]
+    caches = _clean_runs(model, arch, prompts)
+    step = arch.ig_stepper(model, prompts, caches)
+    n = model.cfg.n_layers
+    want = _per_prompt(caches, f"blocks.{n - 1}.hook_resid_post", 3)
+    with torch.no_grad():
         for layer in range(n):
-            x = cache[f"blocks.{layer}.hook_resid_pre"][:, -1:].expand(4, 1, -1)
+            x = _per_prompt(caches, f"blocks.{layer}.hook_resid_pre", 3)
             for l in range(layer, n):
-                x = step(l, x)
-            want = cache[f"blocks.{n - 1}.hook_resid_post"][:, -1:].expand(4, 1, -1)
+                x = step.step(l, x)
             assert torch.allclose(x, want, atol=1e-5), layer
+            x = step.enter(layer, _per_prompt(caches, arch.neuron_site(model, layer), 3, lambda a: a[0, -1:]))
+            for l in range(layer + 1, n):
+                x = step.step(l, x)
+            assert torch.allclose(x, want, atol=1e-5), layer
+
+
+def test_ig_stepper_fires_the_neuron_site(case):
+    """A pruning hook at the neuron site acts on the rows that enter there, as on the clean run."""
+    model, arch, tokens = case
+    n, layer = model.cfg.n_layers, 1
+    unpruned = _clean_runs(model, arch, [tokens])
+    with model.hooks(fwd_hooks=[(arch.neuron_site(model, layer), zero_neurons(torch.arange(0, 40)))]):
+        pruned = _clean_runs(model, arch, [tokens])
+        step = arch.ig_stepper(model, [tokens], pruned)
+        with torch.no_grad():
+            x = step.enter(layer, _per_prompt(unpruned, arch.neuron_site(model, layer), 2, lambda a: a[0, -1:]))
+            for l in range(layer + 1, n):
+                x = step.step(l, x)
+    want = _per_prompt(pruned, f"blocks.{n - 1}.hook_resid_post", 2)
+    assert torch.allclose(x, want, atol=1e-5)
+    assert not torch.allclose(x, _per_prompt(unpruned, f"blocks.{n - 1}.hook_resid_post", 2), atol=1e-3)
 
 
 def test_weight_edit_equals_the_pruning_hook(case):

@@ -69,6 +69,20 @@ def test_fast_equals_reference_tiny(tiny3, target):
     assert torch.allclose(ref.target_clean, fast.target_clean, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["fast", "reference"])
+def test_ig_computes_no_weight_gradient(tiny3, mamba, method):
+    """Only the leaves' gradients are computed: a hook on every parameter stays silent."""
+    for model in (tiny3, mamba):
+        touched = []
+        handles = [p.register_hook(lambda g, name=name: touched.append(name)) for name, p in model.named_parameters()]
+        try:
+            integrated_gradients(model, _prompts(model.tokenizer)[:1], steps=2, method=method)
+        finally:
+            for h in handles:
+                h.remove()
+        assert all(p.requires_grad for p in model.parameters()) and not touched, touched
+
+
 def test_layer_subset_matches_full(tiny3):
     ps = _prompts(tiny3.tokenizer)[:1]
     full = integrated_gradients(tiny3, ps, steps=6)

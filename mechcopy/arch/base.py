@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numbers
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Collection, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -51,8 +52,33 @@ class HookedModel(Protocol):
 Decoder = Callable[..., Float[Tensor, "rows d_vocab"]]
 #: what a decoder carries between calls: a key/value cache, or a recurrent state
 State = Any
-#: `step(layer, rows)`: block `layer` applied to one-token rows that continue a cached prefix.
-Stepper = Callable[[int, Float[Tensor, "rows 1 d_model"]], Float[Tensor, "rows 1 d_model"]]
+class Stepper(Protocol):
+    """Blocks for one-token rows at the last position of some prompts, continuing each prompt's clean
+    prefix (the fast IG path). Rows are grouped by prompt: with P prompts and n rows, row i belongs to
+    prompt i // (n // P). Everything at earlier positions, and everything not computed from a row, is
+    the clean run's."""
+
+    def enter(self, layer: int, neurons: Float[Tensor, "rows neurons"]) -> Float[Tensor, "rows 1 d_model"]:
+        """Block `layer` from its neuron site on, for rows whose neurons there are `neurons`
+        (the neuron site's hook point fires on them); the rest of the block is clean."""
+        ...
+
+    def step(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
+        """Block `layer` applied to rows whose residual stream entering it is `x`."""
+        ...
+
+
+def _unembed(model: HookedModel, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+    """`model.unembed(resid)` with `W_U` used as stored (TransformerLens' `Unembed` copies it on every
+    call: 670 MB on Gemma 3, more time than the matmul); its hook points fire where it has them."""
+    unembed = model.unembed
+    hook_in, hook_out = (getattr(unembed, name, lambda x: x) for name in ("hook_in", "hook_out"))
+    return hook_out(F.linear(hook_in(resid), unembed.W_U.T, unembed.b_U))
+
+
+def rows_per_prompt(x: Float[Tensor, "prompts *shape"], rows: int) -> Float[Tensor, "prompts_rows *shape"]:
+    """Each prompt's entry of `x` repeated for its `rows` consecutive rows (a view for one prompt)."""
+    return x[:, None].expand(x.shape[0], rows, *x.shape[1:]).reshape(-1, *x.shape[1:])
 
 
 class Arch:
@@ -107,16 +133,21 @@ class Arch:
 
     def final_logits(self, model: HookedModel, resid: Float[Tensor, "... d_model"],
                      rows: Sequence[int] | None = None) -> Float[Tensor, "... vocab"]:
-        """Final norm, unembedding (only vocabulary `rows` if given) and the logit soft cap."""
+        """Final norm, unembedding (only vocabulary `rows` if given) and the logit soft cap.
+
+        With `rows` the unembedding runs in at least float32 (a few columns: cheap), so a target read
+        from a bfloat16 model is not rounded to bfloat16's 8 bits.
+        """
         from transformer_lens.utilities.activation_functions import apply_softcap
 
         if getattr(model.cfg, "normalization_type", None) is not None:
             resid = model.ln_final(resid)
         if rows is None:
-            logits = model.unembed(resid)
+            logits = _unembed(model, resid)
         else:
             rows = list(rows)
-            logits = resid @ model.unembed.W_U[:, rows] + model.unembed.b_U[rows]
+            dtype = torch.promote_types(resid.dtype, torch.float32)
+            logits = resid.to(dtype) @ model.unembed.W_U[:, rows].to(dtype) + model.unembed.b_U[rows].to(dtype)
         return apply_softcap(logits, getattr(model.cfg, "output_logits_soft_cap", None))
 
     def last_logits(self, model: HookedModel, x: Tensor, start_at_layer: int | None = None,
@@ -166,8 +197,21 @@ class Arch:
         """The state of batch rows `rows` (repeats allowed: a fork repeats every row)."""
         raise NotImplementedError
 
-    def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:
-        """Blocks for one-token rows that continue positions [:-1] of `tokens` (the fast IG path)."""
+    def clean_run(self, model: HookedModel, tokens: Int[Tensor, "1 pos"], names: Collection[str],
+                  ) -> tuple[Float[Tensor, "1 pos d_model"], Mapping[str, Tensor]]:
+        """One forward pass of `tokens` to the last block's output, with the activations at the hook
+        points `names` (no gradient)."""
+        with torch.no_grad():
+            return model.run_with_cache(tokens, stop_at_layer=model.cfg.n_layers, names_filter=lambda n: n in names)
+
+    def ig_cache_names(self, model: HookedModel) -> list[str]:
+        """Hook points `ig_stepper` reads from each prompt's clean run."""
+        raise NotImplementedError
+
+    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]],
+                   caches: Sequence[Any]) -> Stepper:
+        """Blocks for one-token rows at the last position of each of `tokens` (one prompt each), whose
+        clean runs cached at least `ig_cache_names(model)` in `caches` (the fast IG path)."""
         raise NotImplementedError
 
     def prune_weights(self, model: HookedModel, layer: int, idx: Tensor) -> None:

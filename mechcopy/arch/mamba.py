@@ -4,11 +4,14 @@ the fast IG path."""
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
-from jaxtyping import Int
+import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechcopy.arch.base import Arch, HookedModel, State, Stepper
+from mechcopy.arch.base import Arch, HookedModel, State, Stepper, rows_per_prompt
 
 
 class MambaArch(Arch):
@@ -40,18 +43,13 @@ class MambaArch(Arch):
     def select_rows(self, state: State, rows: Tensor) -> State:
         return state.index(rows)
 
-    def ig_stepper(self, model: HookedModel, tokens: Int[Tensor, "1 pos"]) -> Stepper:
-        """One-token rows continuing the clean prefix's conv window and SSM state."""
-        with torch.no_grad():
-            _, state = model(tokens[:, :-1], return_type=None, return_state=True)
+    def ig_cache_names(self, model: HookedModel) -> list[str]:
+        return [f"blocks.{l}.{name}" for l in range(model.cfg.n_layers)
+                for name in ("hook_resid_pre", "mixer.hook_x", "mixer.hook_ssm_state")]
 
-        def step(layer: int, x: Tensor) -> Tensor:
-            n = x.shape[0]
-            conv = state.conv[layer].expand(n, -1, -1).contiguous()
-            ssm = state.ssm[layer].expand(n, -1, -1).contiguous()
-            return model.blocks[layer](x, conv, ssm, False)
-
-        return step
+    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]],
+                   caches: Sequence[Any]) -> Stepper:
+        return MambaRows(model, caches)
 
     def prune_weights(self, model: HookedModel, layer: int, idx: Tensor) -> None:
         w = model.blocks[layer].mixer.out_proj.weight      # [d_model, d_inner]
@@ -62,3 +60,38 @@ class MambaArch(Arch):
         """Column `idx` of the layer's `out_proj`."""
         self.check_neuron(model, layer, idx)
         return model.blocks[layer].mixer.out_proj.weight[:, idx].detach()
+
+class MambaRows:
+    """One recurrent step per row from its prompt's state after the prefix: the conv window (the last
+    d_conv - 1 inputs of the conv, `hook_x`) and the SSM state (`hook_ssm_state` before the last
+    position), both read from the clean run's cache."""
+
+    def __init__(self, model: HookedModel, caches: Sequence[Any]):
+        self.model, self.n_prompts = model, len(caches)
+        layers = range(model.cfg.n_layers)
+        self.resid_pre = [torch.cat([c[f"blocks.{l}.hook_resid_pre"][:, -1:] for c in caches]) for l in layers]
+        self.conv = [torch.cat([self._window(c[f"blocks.{l}.mixer.hook_x"]) for c in caches]) for l in layers]
+        self.ssm = [torch.cat([self._state(c[f"blocks.{l}.mixer.hook_ssm_state"]) for c in caches]) for l in layers]
+
+    def _window(self, x: Float[Tensor, "1 pos d_inner"]) -> Float[Tensor, "1 d_inner d_conv_minus_1"]:
+        """The conv inputs before the last position, zero-padded on the left as the mixer starts."""
+        keep = self.model.cfg.d_conv - 1
+        prefix = F.pad(x[:, :-1].transpose(1, 2), (keep, 0))
+        return prefix[..., prefix.shape[-1] - keep:]
+
+    @staticmethod
+    def _state(states: Float[Tensor, "1 pos d_inner d_state"]) -> Float[Tensor, "1 d_inner d_state"]:
+        """The SSM state after the prefix (zero for an empty prefix)."""
+        return states[:, -2] if states.shape[1] > 1 else torch.zeros_like(states[:, 0])
+
+    def step(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
+        rows = x.shape[0] // self.n_prompts
+        conv, ssm = rows_per_prompt(self.conv[layer], rows), rows_per_prompt(self.ssm[layer], rows)
+        return self.model.blocks[layer](x, conv, ssm, False)
+
+    def enter(self, layer: int, neurons: Float[Tensor, "rows neurons"]) -> Float[Tensor, "rows 1 d_model"]:
+        block = self.model.blocks[layer]
+        mixer = block.mixer
+        out = mixer.hook_out(mixer.out_proj(mixer.hook_gated(neurons.to(self.model.cfg.dtype)[:, None])))
+        resid = rows_per_prompt(self.resid_pre[layer], neurons.shape[0] // self.n_prompts)
+        return block.hook_resid_post(resid + out)

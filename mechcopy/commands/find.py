@@ -17,6 +17,7 @@ HELPS = {
     "attribution": "attribution method",
     "target": "what is attributed",
     "method": "IG implementation",
+    "batch_size": "prompts per batch of attribution rows (fast path: 1 suits a CPU, raise it on a GPU)",
     "rule": "quadrature rule",
     "normalisation": "per-prompt normalisation of the attributions",
     "mode": "top-k selection",

@@ -772,7 +772,8 @@ def _load_weights(path: Path) -> dict[str, Tensor]:
 
 
 def tiny_mamba(n_layers: int = 2, d_model: int = 32, d_state: int = 8, d_conv: int = 4, expand: int = 2,
-               seed: int = 0, dt_rank: int | None = None) -> HookedMamba:
+               seed: int = 0, dt_rank: int | None = None, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> HookedMamba:
     """A small random HookedMamba with the character tokenizer, for tests."""
     from mechcopy.models.tiny import char_tokenizer
 
@@ -783,4 +784,4 @@ def tiny_mamba(n_layers: int = 2, d_model: int = 32, d_state: int = 8, d_conv: i
         model_name=f"tiny-mamba-l{n_layers}-d{d_model}-s{seed}", original_architecture="tiny-mamba",
         seed=seed, tokenizer_name="char",
     )
-    return HookedMamba(cfg, tokenizer=tok, init_seed=seed)
+    return HookedMamba(cfg, tokenizer=tok, init_seed=seed).to(device, dtype)

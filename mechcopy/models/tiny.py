@@ -47,17 +47,25 @@ def tiny_transformer(
     gated: bool = True,
     seed: int = 0,
     n_ctx: int = 512,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **config,
 ) -> HookedTransformer:
-    """A small random Llama-style HookedTransformer (RMSNorm, rotary, gated SiLU MLP) for tests."""
+    """A small random Llama-style HookedTransformer (RMSNorm, rotary, gated SiLU MLP) for tests.
+
+    `config` overrides or adds HookedTransformerConfig fields (e.g. `n_key_value_heads=2`, or the
+    options of another family, such as Gemma's `use_normalization_before_and_after=True`).
+    """
     tok = char_tokenizer()
-    cfg = HookedTransformerConfig(
+    fields = dict(
         model_name=f"tiny-transformer-l{n_layers}-d{d_model}-s{seed}",
         n_layers=n_layers, d_model=d_model, n_ctx=n_ctx, d_head=d_model // n_heads, n_heads=n_heads,
         d_mlp=d_mlp, d_vocab=len(tok), act_fn="silu" if gated else "gelu", gated_mlp=gated,
         normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=d_model // n_heads,
-        seed=seed, device="cpu", original_architecture="tiny",
+        seed=seed, device=device, dtype=dtype, original_architecture="tiny",
         init_weights=True, initializer_range=0.5 / d_model**0.5,
     )
-    model = HookedTransformer(cfg, tokenizer=tok, default_padding_side="left")
+    model = HookedTransformer(HookedTransformerConfig(**{**fields, **config}), tokenizer=tok,
+                              default_padding_side="left")
     model.eval()
     return model

@@ -221,8 +221,8 @@ def plot_loss(curve: dict, path: str | Path, title: str = "") -> Path:
     return viz.save_figure(fig, path)
 
 
-def load_organism(path: str | Path, device: str = "cpu"):
-    """The trained hooked model saved in folder `path` by `train_organism`."""
+def load_organism(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The trained hooked model saved in folder `path` by `train_organism`, on `device` in `dtype`."""
     from safetensors.torch import load_file
 
     folder = Path(path).expanduser()
@@ -234,6 +234,7 @@ def load_organism(path: str | Path, device: str = "cpu"):
     model = build_model(meta["arch"], meta["model_kwargs"], meta["seed"], device)
     state = load_file(str(folder / WEIGHTS_FILE), device=device)
     model.load_state_dict(state, strict=True)
+    model.to(dtype)
     model.eval()
     return model
 
