@@ -53,7 +53,7 @@ class FindConfig:
 
     MINIMUM: ClassVar[dict[str, int | float]] = {
         "n": 1, "n_dev": 1, "shots": 1, "steps": 1, "ks": 1, "max_ppl_increase": 0.0, "ppl_tokens": 2, "seed": 0,
-        "checkpoint_every": 1, "max_completeness_error": 0.0, "consistency_random": 0}
+        "checkpoint_every": 1, "max_completeness_error": 0.0, "consistency_random": 0, "batch_size": 1}
 
     def __post_init__(self):
         for name, allowed in (("attribution", ATTRIBUTIONS), ("target", TARGETS), ("method", METHODS),

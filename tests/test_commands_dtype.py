@@ -12,7 +12,7 @@ from mechcopy.neurons import NeuronSet
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_find_and_evaluate_in_bfloat16(tmp_path, monkeypatch):
+def test_find_and_evaluate_in_bfloat16(tmp_path, monkeypatch, best_k_chosen):
     import mechcopy
     from mechcopy.commands import main
     from mechcopy.models.tiny import tiny_transformer
