@@ -300,13 +300,16 @@ def perplexity(model: HookedModel, text: str | None = None, fwd_hooks=(), n_toke
 
 def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed: int = 0,
                    conditions: Mapping[str, NeuronSet | None] | None = None, progress: bool = True,
-                   batch_size: int = 128, checkpoint: str | Path | None = None) -> tuple[list[dict], dict]:
+                   batch_size: int = 128, checkpoint: str | Path | None = None,
+                   gold_in_demos: bool = True) -> tuple[list[dict], dict]:
     """Build prompts for every task and evaluate every condition; returns (result rows, dropped pairs).
 
     `conditions` maps a name to the neuron set pruned under it (None: unpruned; default: unpruned
     only); each task evaluates them all in one pass (`evaluate_task`), `batch_size` rows (prompts x
     conditions) at a time. Arbitrary hooks go through `evaluate(model, prompts, fwd_hooks=...)`.
-    Every task's prompts are built and checked against the context before the first evaluation.
+    Every task's prompts are built and checked against the context before the first evaluation; with
+    `gold_in_demos=False` no demo carries its query's gold label (`tasks.prompts.build_prompts`), so
+    every prediction equal to a demo label is a copy error.
 
     With `checkpoint` (a JSON-lines file), every finished (task, condition) row is appended to it at
     once, keyed by the model's fingerprint, the settings, the task's pairs and the condition's
@@ -319,10 +322,11 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
     from mechcopy.tasks.prompts import build_prompts
 
     conditions = {"unpruned": None} if conditions is None else dict(conditions)
-    prompt_sets = {task.name: build_prompts(task, model.tokenizer, k=shots, n=n, seed=seed) for task in tasks}
+    prompt_sets = {task.name: build_prompts(task, model.tokenizer, k=shots, n=n, seed=seed, gold_in_demos=gold_in_demos)
+                   for task in tasks}
     for ps in prompt_sets.values():
         check_context(model, ps.prompts)
-    keys = _row_keys(model, tasks, shots, n, seed, conditions) if checkpoint else {}
+    keys = _row_keys(model, tasks, shots, n, seed, conditions, gold_in_demos) if checkpoint else {}
     done = _read_journal(Path(checkpoint), keys) if checkpoint else {}
     rows, dropped = [], {}
     with tqdm(total=len(tasks) * len(conditions), initial=len(done), desc="evaluate", disable=not progress) as bar:
@@ -354,15 +358,15 @@ def evaluate_task(model: HookedModel, task, prompts: PromptSet, conditions: Mapp
             for r in results.values()]
 
 
-def _row_keys(model: HookedModel, tasks, shots: int, n: int, seed: int,
-              conditions: Mapping[str, NeuronSet | None]) -> dict[tuple[str, str], str]:
+def _row_keys(model: HookedModel, tasks, shots: int, n: int, seed: int, conditions: Mapping[str, NeuronSet | None],
+              gold_in_demos: bool = True) -> dict[tuple[str, str], str]:
     """(task, condition) -> a hash of everything its row depends on: model, settings, pairs and neurons."""
     import hashlib
     import json
 
     from mechcopy.neurons import model_fingerprint
 
-    common = {"model": model_fingerprint(model), "shots": shots, "n": n, "seed": seed}
+    common = {"model": model_fingerprint(model), "shots": shots, "n": n, "seed": seed, "gold_in_demos": gold_in_demos}
     keys = {}
     for task in tasks:
         for name, ns in conditions.items():

@@ -363,3 +363,23 @@ def test_comparisons_table_lists_every_comparison():
     pooled = compare_rows(_fake_rows(), n_boot=200)["pooled"]
     table = comparisons_table(pooled)
     assert len(table) == len(pooled) and "pruned - random" in set(table["comparison"])
+
+
+def test_run_evaluation_builds_prompts_without_gold_in_demos(tiny, monkeypatch):
+    """`gold_in_demos=False` reaches the prompt builder: no demo carries its query's gold label."""
+    import mechcopy.tasks.prompts as P
+    from mechcopy.evaluation import run_evaluation
+
+    built, real = [], P.build_prompts
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(P, "build_prompts", spy)
+    task = Task("two", tuple((w, "yes" if i % 2 else "no") for i, w in enumerate("abcdefghijklmnop")))
+    rows, _ = run_evaluation(tiny, [task], shots=3, n=8, conditions={"unpruned": None}, progress=False,
+                             gold_in_demos=False)
+    assert rows[0]["n"] == 8 and all(p.answer not in p.demo_labels for p in built[0].prompts)
+    run_evaluation(tiny, [task], shots=3, n=8, progress=False)
+    assert any(p.answer in p.demo_labels for p in built[1].prompts)   # the standard construction lets it in

@@ -179,3 +179,10 @@ def test_smollm2_tokenizer_makes_every_prompt_exact():
         assert all(len(tok(" " + label, add_special_tokens=False)["input_ids"]) == 1 for label in labels)
         ps = build_prompts(load_task(name), tok, k=4, n=30, gold_in_demos=False)
         assert len(ps) == 30 and all(len(p.answer_ids) == 1 for p in ps.prompts)
+
+
+def test_names_are_places_and_people():
+    from mechcopy.tasks.probe import load_items
+
+    assert set(load_items("names")) == set(load_items("places")) | set(load_items("people"))
+    assert not set(load_items("names")) & set(load_items("words"))

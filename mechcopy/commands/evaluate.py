@@ -6,6 +6,7 @@ written, so an interrupted run started again with the same flags resumes where i
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def run(args) -> int:
     model = open_model(args)
     conditions = {"unpruned": None}
     settings = {"tasks": [t.name for t in tasks], "shots": args.shots, "n": args.n, "seed": args.seed,
-                "template": "{x} -> {y}", "separator": "\n"}
+                "template": "{x} -> {y}", "separator": "\n", "gold_in_demos": args.gold_in_demos}
     if neurons is not None:
         from mechcopy import pruning
 
@@ -45,7 +46,8 @@ def run(args) -> int:
         conditions.update(pruning.condition_sets(model, neurons, n_random, args.seed, scores=scores))
         settings.update(prune=str(args.prune), n_neurons=len(neurons), n_random=n_random)
     t0 = time.perf_counter()
-    rows, dropped = run_evaluation(model, tasks, args.shots, args.n, args.seed, conditions, checkpoint=checkpoint)
+    rows, dropped = run_evaluation(model, tasks, args.shots, args.n, args.seed, conditions, checkpoint=checkpoint,
+                                   gold_in_demos=args.gold_in_demos)
     settings["seconds"] = round(time.perf_counter() - t0, 1)
     import pandas as pd
 
@@ -75,6 +77,9 @@ def register(sub) -> None:
     p.add_argument("--shots", type=at_least(0), default=4, help="demonstrations per prompt (default 4)")
     p.add_argument("--n", type=at_least(1), default=100, help="prompts per task, capped by the data (default 100)")
     p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--gold-in-demos", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-gold-in-demos: no demo carries its query's gold label, so every prediction equal "
+                        "to a demo label is a copy error (default: demos drawn freely)")
     p.add_argument("--prune", type=Path, default=None, help="a neuron file (JSON): also evaluate it pruned")
     p.add_argument("--n-random", type=at_least(0), default=None,
                    help="with --prune: this many random neuron sets of the same size and layers (default 5)")

@@ -93,7 +93,7 @@ def probe_splits(tokenizer, n_attr: int = 100, n_dev: int = 50, k: int = 4,
 
 #: prompt formats: (template, separator). `comma` is the paper's one line ("New York -> 2, Lyon -> 1, Florida ->").
 FORMATS = {"newline": (TEMPLATE, "\n"), "comma": (TEMPLATE, ", ")}
-ITEM_SETS = ("words", "places", "people", "mixed")
+ITEM_SETS = ("words", "places", "people", "names", "mixed")
 SPLITS = ("attribution", "dev", "test")
 OUTCOMES = ("correct", "copy", "in_range", "other")
 
@@ -144,11 +144,12 @@ class ProbeConfig:
 
 
 def load_items(which: str = "mixed") -> tuple[str, ...]:
-    """The balanced probe's item pool: `words`, `places`, `people`, or all three (`mixed`)."""
+    """The balanced probe's item pool: `words`, `places`, `people`, both kinds of names (`names`: the
+    paper's "New York -> 2, Lyon -> 1"), or all three (`mixed`)."""
     if which not in ITEM_SETS:
         raise ValueError(f"unknown item set {which!r}; choose one of {', '.join(ITEM_SETS)}")
     data = json.loads((DATA_DIR / f"{PROBE_ITEMS}.json").read_text(encoding="utf-8"))
-    keys = ("words", "places", "people") if which == "mixed" else (which,)
+    keys = {"mixed": ("words", "places", "people"), "names": ("places", "people")}.get(which, (which,))
     return tuple(dict.fromkeys(x for key in keys for x in data[key]))
 
 

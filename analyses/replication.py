@@ -1,0 +1,289 @@
+"""The copy-neuron study of docs/replication.md: are the selected neurons copy neurons, and does
+pruning them change in-context learning beyond what removing any neurons does?
+
+    python analyses/replication.py --model smollm2-135m --variant default [--out results/replication]
+
+One variant of the method on one model, in stages; each stage writes OUT/MODEL/VARIANT/<stage>.json
+(atomically) and is skipped when that file exists, so an interrupted run resumes.
+
+- `probe`: the variant's probe (balanced, gold never a demo label) unpruned, dev and test splits:
+  accuracy, copy rate, and the in-range non-copy rate (a wrong count that no demo shows).
+- `attribution`: IG (m = 20, target `contrast`, fast path) and gradient x activation on the
+  attribution split, saved as safetensors; per-layer IG completeness.
+- `stability`: top-k Jaccard and Spearman across bootstrap resamples of the attribution prompts,
+  across normalisations, and across IG settings (steps 10 / 20 / 40; targets contrast, gold_logprob,
+  copy_prob) on the first `--n-settings` prompts.
+- `selection`: the k sweep on the probe's dev split (k = 0 allowed, 5% perplexity bound) and, beside
+  it, the sweep without the bound.
+- `consistency`: on the attribution prompts, the target with the top-k set pruned vs layer-matched
+  random sets, paired, along the k curve, for IG (as the variant selects), IG without the completeness
+  gate, and gradient x activation.
+- `cards`: neuron cards of the top neurons.
+- `evaluate-standard`, `evaluate-nogold`: every task at `--n-eval` prompts, standard construction and
+  gold never among the demos, under unpruned and, for each k of the grid, the top-k set and
+  `--n-random` layer-matched random sets; paired comparisons per k (`evaluation.compare_rows`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+VARIANTS = {
+    # what the evidence supports: a balanced probe, IG gated by completeness, min-max per prompt
+    "default": dict(template="newline", items="mixed", normalisation="minmax", gate=0.05),
+    # the paper as far as it is known: one-line comma format, names of places and people, the
+    # min-max normalisation per neuron across prompts (its Eq. 7 as the reviewers read it), no gate
+    "faithful": dict(template="comma", items="names", normalisation="minmax-neuron", gate=None),
+    # today's `find` before this study: the classic probe (imbalanced labels), no gate
+    "classic": dict(template=None, items=None, normalisation="minmax", gate=None),
+}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    model: str
+    variant: str
+    n_attr: int = 200
+    n_dev: int = 100
+    n_test: int = 100
+    steps: int = 20
+    n_settings: int = 40          # prompts for the IG-settings part of the stability stage
+    n_boot: int = 50              # bootstrap resamples of the attribution prompts
+    ks: tuple[int, ...] = (5, 10, 20, 50, 100, 200)
+    k_eval: tuple[int, ...] = (10, 100)
+    n_eval: int = 100
+    n_random: int = 2
+    n_consistency: int = 100      # attribution prompts for the self-consistency check
+    n_cards: int = 5
+    seed: int = 0
+    tasks: str = "all"
+
+
+def _probe(model, cfg: StudyConfig):
+    from mechcopy.tasks.probe import ProbeConfig, build_probe, probe_splits
+
+    v = VARIANTS[cfg.variant]
+    if v["template"] is None:
+        attr, dev = probe_splits(model.tokenizer, n_attr=cfg.n_attr, n_dev=cfg.n_dev + cfg.n_test, seed=cfg.seed)
+        return attr, dev[:cfg.n_dev], dev[cfg.n_dev:]
+    probe = ProbeConfig(template=v["template"], items=v["items"])
+    splits = build_probe(model.tokenizer, probe, cfg.n_attr, cfg.n_dev, cfg.n_test, cfg.seed)
+    return list(splits.attribution), list(splits.dev), list(splits.test)
+
+
+def _rates(model, prompts, hooks=()):
+    from mechcopy.evaluation import evaluate, predict
+    from mechcopy.tasks.probe import outcome_rates
+
+    preds = predict(model, prompts, fwd_hooks=hooks)
+    res = evaluate(model, prompts, fwd_hooks=hooks)
+    out = {"accuracy": res.accuracy, "accuracy_ci": res.accuracy_ci, "copy_rate": res.copy_rate,
+           "copy_rate_ci": res.copy_rate_ci, "n": res.n,
+           "gold_labels": {g: sum(p.answer == g for p in prompts) for g in sorted({p.answer for p in prompts})},
+           "predicted": {g: preds.count(g) for g in sorted(set(preds))}}
+    if all(p.label_space for p in prompts):
+        out.update(outcome_rates(prompts, preds))
+    return out
+
+
+def stage_probe(model, cfg, out):
+    attr, dev, test = _probe(model, cfg)
+    return {"dev": _rates(model, dev), "test": _rates(model, test), "n_attr": len(attr),
+            "example": dev[0].text}
+
+
+def _attributions(model, cfg, out, prompts, kind, target="contrast", steps=None, name=None):
+    from mechcopy.attribution import Attributions, grad_x_act, integrated_gradients
+
+    path = out / f"{name or kind}.safetensors"
+    if path.exists():
+        return Attributions.load(path)[0]
+    t0 = time.perf_counter()
+    if kind == "ig":
+        att = integrated_gradients(model, prompts, target=target, steps=steps or cfg.steps, progress=True)
+    else:
+        att = grad_x_act(model, prompts, target=target, progress=True)
+    att.save(path, {"seconds": round(time.perf_counter() - t0, 1), "n": len(prompts)})
+    return att
+
+
+def _scores(model, cfg, att, gate="variant"):
+    from mechcopy.attribution import copy_scores
+
+    v = VARIANTS[cfg.variant]
+    return copy_scores(model, att, v["normalisation"], seed=cfg.seed,
+                       max_completeness_error=v["gate"] if gate == "variant" else gate)
+
+
+def stage_attribution(model, cfg, out):
+    from mechcopy.attribution import Attributions
+
+    attr, _, _ = _probe(model, cfg)
+    ig = _attributions(model, cfg, out, attr, "ig")
+    gx = _attributions(model, cfg, out, attr, "gradxact")
+    err = ig.completeness_error().median(0).values
+    return {"n": len(attr), "ig_seconds": Attributions.load(out / "ig.safetensors")[1]["seconds"],
+            "gradxact_seconds": Attributions.load(out / "gradxact.safetensors")[1]["seconds"],
+            "completeness_error_median_per_layer": [round(float(e), 6) for e in err],
+            "mean_target_clean": float(ig.target_clean.mean())}
+
+
+def stage_stability(model, cfg, out):
+    from mechcopy.stability import stability_report
+
+    attr, _, _ = _probe(model, cfg)
+    ig = _attributions(model, cfg, out, attr, "ig")
+    gate = _scores(model, cfg, ig).allowed_layers
+    ks = (5, 30, 100)
+    prompts = attr[:cfg.n_settings]
+    settings = {"ig m=20 contrast": _attributions(model, cfg, out, prompts, "ig", name="ig-sub")}
+    for steps in (10, 40):
+        settings[f"ig m={steps} contrast"] = _attributions(model, cfg, out, prompts, "ig", steps=steps,
+                                                            name=f"ig-sub-m{steps}")
+    for target in ("gold_logprob", "copy_prob"):
+        settings[f"ig m=20 {target}"] = _attributions(model, cfg, out, prompts, "ig", target=target,
+                                                       name=f"ig-sub-{target}")
+    settings["gradxact contrast"] = _attributions(model, cfg, out, prompts, "gradxact", name="gradxact-sub")
+    full = stability_report(ig, ks=ks, n_boot=cfg.n_boot, seed=cfg.seed, allowed_layers=gate)
+    across = stability_report(settings, ks=ks, n_boot=0, seed=cfg.seed, allowed_layers=gate)
+    return {"bootstrap_and_normalisations": full.to_json(), "ig_settings": across.to_json(),
+            "allowed_layers": None if gate is None else list(gate)}
+
+
+def stage_selection(model, cfg, out):
+    from mechcopy.pruning import sweep_k
+
+    attr, dev, _ = _probe(model, cfg)
+    scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
+    bound = sweep_k(model, scores, dev, (5, 10, 20, 50, 100, 200, 500), seed=cfg.seed, progress=True)
+    return {"sweep": bound.to_json(), "chosen_k": bound.chosen_k,
+            "allowed_layers": None if scores.allowed_layers is None else list(scores.allowed_layers)}
+
+
+def stage_consistency(model, cfg, out):
+    from mechcopy.audit import self_consistency
+
+    attr, _, _ = _probe(model, cfg)
+    ig = _attributions(model, cfg, out, attr, "ig")
+    gx = _attributions(model, cfg, out, attr, "gradxact")
+    prompts = attr[:cfg.n_consistency]
+    methods = {"ig (variant)": _scores(model, cfg, ig), "ig, no gate": _scores(model, cfg, ig, gate=None),
+               "ig, gated": _scores(model, cfg, ig, gate=0.05), "gradxact": _scores(model, cfg, gx, gate=None)}
+    res = {}
+    for name, scores in methods.items():
+        t0 = time.perf_counter()
+        res[name] = self_consistency(model, prompts, scores, cfg.ks, n_random=3, seed=cfg.seed,
+                                     progress=True).to_json()
+        res[name]["seconds"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def stage_cards(model, cfg, out):
+    from mechcopy import viz
+    from mechcopy.cards import neuron_cards
+    from mechcopy.pruning import select
+
+    attr, dev, _ = _probe(model, cfg)
+    scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
+    top = select(scores, "global", k=cfg.n_cards)
+    cards = neuron_cards(model, top, dev)
+    viz.save_figure(viz.plot_neuron_cards(cards), out / "cards.png")
+    return {"cards": [c.to_json() for c in cards], "neurons": [list(n) for n in top.neurons]}
+
+
+def _conditions(model, cfg, out):
+    """unpruned, and per k of the grid (the dev split's choice first when it is not 0): the top-k set
+    and layer-matched random sets, named `pruned@k`, `random-s@k`."""
+    from mechcopy.pruning import random_matched, select
+
+    attr, _, _ = _probe(model, cfg)
+    scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
+    chosen = json.loads((out / "selection.json").read_text())["result"]["chosen_k"]
+    grid = sorted({*cfg.k_eval, *([chosen] if chosen else [])})
+    conds = {"unpruned": None}
+    for k in grid:
+        ns = select(scores, "global", k=k)
+        conds[f"pruned@{k}"] = ns
+        for s in range(cfg.n_random):
+            conds[f"random-{s}@{k}"] = random_matched(model, ns, cfg.seed + s)
+    return conds, grid, chosen
+
+
+def _per_k(rows, k):
+    """The rows of one k renamed to the standard conditions (pruned, random-s) beside unpruned."""
+    out = []
+    for r in rows:
+        name = r["condition"]
+        if name == "unpruned":
+            out.append(r)
+        elif name.endswith(f"@{k}"):
+            out.append({**r, "condition": name.rsplit("@", 1)[0]})
+    return out
+
+
+def _stage_evaluate(model, cfg, out, gold_in_demos):
+    from mechcopy.evaluation import compare_rows, run_evaluation
+    from mechcopy.tasks import load_tasks
+
+    conds, grid, chosen = _conditions(model, cfg, out)
+    tasks = [t for t in load_tasks(cfg.tasks) if t.kind != "probe"]
+    name = "standard" if gold_in_demos else "nogold"
+    rows, dropped = run_evaluation(model, tasks, 4, cfg.n_eval, cfg.seed, conds,
+                                   checkpoint=out / f"evaluate-{name}.partial.jsonl", gold_in_demos=gold_in_demos)
+    return {"grid": grid, "chosen_k": chosen, "rows": rows, "dropped": {t: len(d) for t, d in dropped.items()},
+            "comparisons": {str(k): compare_rows(_per_k(rows, k), seed=cfg.seed) for k in grid}}
+
+
+def stage_evaluate_standard(model, cfg, out):
+    return _stage_evaluate(model, cfg, out, True)
+
+
+def stage_evaluate_nogold(model, cfg, out):
+    return _stage_evaluate(model, cfg, out, False)
+
+
+STAGES = {"probe": stage_probe, "attribution": stage_attribution, "selection": stage_selection,
+          "consistency": stage_consistency, "cards": stage_cards, "stability": stage_stability,
+          "evaluate-standard": stage_evaluate_standard, "evaluate-nogold": stage_evaluate_nogold}
+
+
+def main() -> None:
+    from mechcopy import load_model
+    from mechcopy.io import write_json_atomic
+    from mechcopy.reproduce import git_revision
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--variant", choices=list(VARIANTS), default="default")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order")
+    ap.add_argument("--n-eval", type=int, default=StudyConfig.n_eval)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("results/replication"))
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg = StudyConfig(model=args.model, variant=args.variant, n_eval=args.n_eval)
+    out = args.out / args.model / args.variant
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
+    write_json_atomic(out / "settings.json", {"config": asdict(cfg), "variant": VARIANTS[cfg.variant],
+                                              "git_revision": git_revision()})
+    for name in args.stages.split(","):
+        path = out / f"{name}.json"
+        if path.exists():
+            print(f"[{name}] done already")
+            continue
+        print(f"[{name}] running ...", flush=True)
+        t0 = time.perf_counter()
+        result = STAGES[name](model, cfg, out)
+        write_json_atomic(path, {"stage": name, "seconds": round(time.perf_counter() - t0, 1), "result": result})
+        print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
