@@ -262,12 +262,16 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order")
     ap.add_argument("--n-eval", type=int, default=StudyConfig.n_eval)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the stages run end to end")
     ap.add_argument("--out", type=Path, default=Path("results/replication"))
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     cfg = StudyConfig(model=args.model, variant=args.variant, n_eval=args.n_eval)
+    if args.smoke:
+        cfg = replace(cfg, n_attr=6, n_dev=6, n_test=6, n_settings=3, n_boot=3, ks=(5, 10), k_eval=(5,), n_eval=3,
+                      n_consistency=4, n_cards=2, tasks="antonyms,sentiment_binary")
     out = args.out / args.model / args.variant
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model)

@@ -21,9 +21,11 @@ from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS, Attrib
 from mechcopy.errors import check_minimums, note
 from mechcopy.io import side_file
 from mechcopy.neurons import NeuronSet
+from mechcopy.tasks.probe import FORMATS, ITEM_SETS
 
 CHECKPOINT_FORMAT = 1
 ATTRIBUTIONS = ("ig", "gradxact")
+PROBES = ("classic", "balanced")
 SELECTIONS = ("global", "per-layer")
 
 
@@ -50,6 +52,9 @@ class FindConfig:
     checkpoint_every: int = 10
     max_completeness_error: float | None = None  # IG gate: select only in layers whose median error is below it
     consistency_random: int = 0     # > 0: refuse (k = 0) a choice that fails audit.self_consistency
+    probe: str = "classic"          # classic (vowel counting over words, labels as they fall) | balanced
+    probe_items: str = "mixed"      # balanced probe: words | places | people | names | mixed
+    probe_format: str = "newline"   # balanced probe: newline ("x -> y" per line) | comma (one line)
 
     MINIMUM: ClassVar[dict[str, int | float]] = {
         "n": 1, "n_dev": 1, "shots": 1, "steps": 1, "ks": 1, "max_ppl_increase": 0.0, "ppl_tokens": 2, "seed": 0,
@@ -57,7 +62,8 @@ class FindConfig:
 
     def __post_init__(self):
         for name, allowed in (("attribution", ATTRIBUTIONS), ("target", TARGETS), ("method", METHODS),
-                              ("rule", RULES), ("normalisation", NORMALISATIONS), ("mode", SELECTIONS)):
+                              ("rule", RULES), ("normalisation", NORMALISATIONS), ("mode", SELECTIONS),
+                              ("probe", PROBES), ("probe_items", ITEM_SETS), ("probe_format", tuple(FORMATS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.ks is not None:
@@ -66,6 +72,16 @@ class FindConfig:
         if self.text is not None and not (Path(self.text).is_file() and Path(self.text).stat().st_size):
             raise FileNotFoundError(f"text file {self.text} " + ("is empty" if Path(self.text).is_file()
                                                                  else "does not exist"))
+
+    def probe_prompts(self, tokenizer) -> tuple[list, list]:
+        """The attribution and dev prompts of the probe this config names (query items disjoint)."""
+        from mechcopy.tasks.probe import ProbeConfig, build_probe, probe_splits
+
+        if self.probe == "classic":
+            return probe_splits(tokenizer, n_attr=self.n, n_dev=self.n_dev, k=self.shots, seed=self.seed)
+        splits = build_probe(tokenizer, ProbeConfig(items=self.probe_items, template=self.probe_format, k=self.shots),
+                             n_attr=self.n, n_dev=self.n_dev, n_test=0, seed=self.seed)
+        return list(splits.attribution), list(splits.dev)
 
 
 def _prompts_hash(prompts) -> str:
@@ -151,8 +167,6 @@ def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = 
     from mechcopy.evaluation import check_context
     from mechcopy.neurons import model_fingerprint
     from mechcopy.pruning import DEFAULT_KS, select, sweep_k, valid_ks
-    from mechcopy.tasks.probe import probe_splits
-
     c = config
     out = Path(out)
     ks = valid_ks(model, c.ks or DEFAULT_KS, c.mode)
@@ -161,7 +175,7 @@ def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = 
         text, text_name = _read_text(c.text), str(c.text)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    attr_prompts, dev_prompts = probe_splits(model.tokenizer, n_attr=c.n, n_dev=c.n_dev, k=c.shots, seed=c.seed)
+    attr_prompts, dev_prompts = c.probe_prompts(model.tokenizer)
     check_context(model, attr_prompts + dev_prompts)
     fp = model_fingerprint(model)
     identity = {"format": CHECKPOINT_FORMAT, "model": fp["name"], "weight_hash": fp["weight_hash"],

@@ -240,3 +240,20 @@ def test_conditions_hash_the_weights_once(monkeypatch):
     conds = conditions(model, ns, n_random=5, seed=0, scores=scores)
     assert [c for c, _ in conds] == ["pruned"] + [f"random-{s}" for s in range(5)] + ["bottom"]
     assert len(calls) == 1
+
+
+def test_find_config_names_its_probe(tiny3):
+    """`FindConfig.probe_prompts`: the classic probe, or the balanced one (uniform gold, no gold among
+    the demos), with the attribution and dev queries disjoint."""
+    from collections import Counter
+
+    from mechcopy.find import FindConfig
+
+    attr, dev = FindConfig(n=12, n_dev=12, probe="balanced", probe_items="words").probe_prompts(tiny3.tokenizer)
+    assert len(attr) == len(dev) == 12 and not {p.query for p in attr} & {p.query for p in dev}
+    assert set(Counter(p.answer for p in attr).values()) == {2}          # 12 prompts over counts 1..6
+    assert all(p.answer not in p.demo_labels and len(set(p.demo_labels)) == 4 for p in attr + dev)
+    classic, _ = FindConfig(n=12, n_dev=12).probe_prompts(tiny3.tokenizer)
+    assert classic[0].task == "copy_probe" and not classic[0].label_space
+    with pytest.raises(ValueError, match="probe_items"):
+        FindConfig(probe="balanced", probe_items="cities")

@@ -6,7 +6,8 @@ import time
 
 from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, open_model,
                                       prepare_out, saved_in)
-from mechcopy.find import ATTRIBUTIONS, SELECTIONS, FindConfig
+from mechcopy.find import ATTRIBUTIONS, PROBES, SELECTIONS, FindConfig
+from mechcopy.tasks.probe import FORMATS, ITEM_SETS
 from mechcopy.io import side_file
 
 HELPS = {
@@ -27,6 +28,9 @@ HELPS = {
     "ppl_tokens": "tokens of held-out text",
     "seed": "seed of the probe prompts",
     "checkpoint_every": "prompts between checkpoints",
+    "probe": "the copy probe: classic (words, labels as they fall) or balanced (uniform gold, distinct demo labels)",
+    "probe_items": "balanced probe's inputs",
+    "probe_format": "balanced probe's layout: one pair per line, or one line of comma-separated pairs",
     "max_completeness_error": "IG completeness gate: select only in layers whose median error is below it",
     "consistency_random": "random sets of the self-consistency check that may refuse the choice (0: off)",
 }
@@ -69,6 +73,7 @@ def register(sub) -> None:
     add_model_args(p)
     add_config_args(p, FindConfig, HELPS, choices={
         "attribution": ATTRIBUTIONS, "target": TARGETS, "method": METHODS, "rule": RULES,
-        "normalisation": NORMALISATIONS, "mode": SELECTIONS})
+        "normalisation": NORMALISATIONS, "mode": SELECTIONS, "probe": PROBES, "probe_items": ITEM_SETS,
+        "probe_format": tuple(FORMATS)})
     add_out_args(p, "neuron file to write (JSON); an interrupted run started again resumes", required=True)
     p.set_defaults(run=run)
