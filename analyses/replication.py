@@ -20,8 +20,9 @@ One variant of the method on one model, in stages; each stage writes OUT/MODEL/V
   gate, and gradient x activation.
 - `cards`: neuron cards of the top neurons.
 - `evaluate-standard`, `evaluate-nogold`: every task at `--n-eval` prompts, standard construction and
-  gold never among the demos, under unpruned and, for each k of the grid, the top-k set and
-  `--n-random` layer-matched random sets; paired comparisons per k (`evaluation.compare_rows`).
+  gold never among the demos, under unpruned and, for each k of the grid (the dev split's choice, and
+  the k it prefers without the perplexity bound), the top-k set and 2 layer-matched random sets;
+  paired comparisons per k (`evaluation.compare_rows`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ class StudyConfig:
     steps: int = 20
     n_settings: int = 40          # prompts for the IG-settings part of the stability stage
     n_boot: int = 50              # bootstrap resamples of the attribution prompts
-    ks: tuple[int, ...] = (5, 10, 20, 50, 100, 200)
-    k_eval: tuple[int, ...] = (10, 100)
+    ks: tuple[int, ...] = (5, 20, 100)   # the self-consistency check's k curve
     n_eval: int = 100
     n_random: int = 2
     n_consistency: int = 100      # attribution prompts for the self-consistency check
@@ -149,7 +149,7 @@ def stage_stability(model, cfg, out):
                                                        name=f"ig-sub-{target}")
     settings["gradxact contrast"] = _attributions(model, cfg, out, prompts, "gradxact", name="gradxact-sub")
     full = stability_report(ig, ks=ks, n_boot=cfg.n_boot, seed=cfg.seed, allowed_layers=gate)
-    across = stability_report(settings, ks=ks, n_boot=0, seed=cfg.seed, allowed_layers=gate)
+    across = stability_report(settings, ks=ks, n_boot=cfg.n_boot, seed=cfg.seed, allowed_layers=gate)
     return {"bootstrap_and_normalisations": full.to_json(), "ig_settings": across.to_json(),
             "allowed_layers": None if gate is None else list(gate)}
 
@@ -171,12 +171,14 @@ def stage_consistency(model, cfg, out):
     ig = _attributions(model, cfg, out, attr, "ig")
     gx = _attributions(model, cfg, out, attr, "gradxact")
     prompts = attr[:cfg.n_consistency]
-    methods = {"ig (variant)": _scores(model, cfg, ig), "ig, no gate": _scores(model, cfg, ig, gate=None),
-               "ig, gated": _scores(model, cfg, ig, gate=0.05), "gradxact": _scores(model, cfg, gx, gate=None)}
+    gated = VARIANTS[cfg.variant]["gate"] is not None
+    methods = {"ig (variant)": _scores(model, cfg, ig),
+               "ig, no gate" if gated else "ig, gated": _scores(model, cfg, ig, gate=None if gated else 0.05),
+               "gradxact": _scores(model, cfg, gx, gate=None)}
     res = {}
     for name, scores in methods.items():
         t0 = time.perf_counter()
-        res[name] = self_consistency(model, prompts, scores, cfg.ks, n_random=3, seed=cfg.seed,
+        res[name] = self_consistency(model, prompts, scores, cfg.ks, n_random=cfg.n_random, seed=cfg.seed,
                                      progress=True).to_json()
         res[name]["seconds"] = round(time.perf_counter() - t0, 1)
     return res
@@ -196,21 +198,24 @@ def stage_cards(model, cfg, out):
 
 
 def _conditions(model, cfg, out):
-    """unpruned, and per k of the grid (the dev split's choice first when it is not 0): the top-k set
-    and layer-matched random sets, named `pruned@k`, `random-s@k`."""
+    """unpruned, and per k of the grid: the top-k set and layer-matched random sets, named `pruned@k`,
+    `random-s@k`. The grid holds the dev split's choice under the perplexity bound (when not 0) and the
+    k the dev split prefers with no bound (when some k beats the unpruned model), else k = 20."""
     from mechcopy.pruning import random_matched, select
 
     attr, _, _ = _probe(model, cfg)
     scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
-    chosen = json.loads((out / "selection.json").read_text())["result"]["chosen_k"]
-    grid = sorted({*cfg.k_eval, *([chosen] if chosen else [])})
+    sweep = json.loads((out / "selection.json").read_text())["result"]["sweep"]
+    best = max(sweep["rows"], key=lambda r: (r["dev_accuracy"], -r["k"]))
+    unbounded = best["k"] if best["dev_accuracy"] > sweep["baseline"]["dev_accuracy"] else None
+    grid = sorted({k for k in (sweep["chosen_k"], unbounded) if k} or {20})
     conds = {"unpruned": None}
     for k in grid:
         ns = select(scores, "global", k=k)
         conds[f"pruned@{k}"] = ns
         for s in range(cfg.n_random):
             conds[f"random-{s}@{k}"] = random_matched(model, ns, cfg.seed + s)
-    return conds, grid, chosen
+    return conds, grid, {"chosen_k": sweep["chosen_k"], "unbounded_k": unbounded}
 
 
 def _per_k(rows, k):
@@ -229,12 +234,12 @@ def _stage_evaluate(model, cfg, out, gold_in_demos):
     from mechcopy.evaluation import compare_rows, run_evaluation
     from mechcopy.tasks import load_tasks
 
-    conds, grid, chosen = _conditions(model, cfg, out)
+    conds, grid, ks = _conditions(model, cfg, out)
     tasks = [t for t in load_tasks(cfg.tasks) if t.kind != "probe"]
     name = "standard" if gold_in_demos else "nogold"
     rows, dropped = run_evaluation(model, tasks, 4, cfg.n_eval, cfg.seed, conds,
                                    checkpoint=out / f"evaluate-{name}.partial.jsonl", gold_in_demos=gold_in_demos)
-    return {"grid": grid, "chosen_k": chosen, "rows": rows, "dropped": {t: len(d) for t, d in dropped.items()},
+    return {"grid": grid, **ks, "rows": rows, "dropped": {t: len(d) for t, d in dropped.items()},
             "comparisons": {str(k): compare_rows(_per_k(rows, k), seed=cfg.seed) for k in grid}}
 
 
@@ -270,7 +275,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = StudyConfig(model=args.model, variant=args.variant, n_eval=args.n_eval)
     if args.smoke:
-        cfg = replace(cfg, n_attr=6, n_dev=6, n_test=6, n_settings=3, n_boot=3, ks=(5, 10), k_eval=(5,), n_eval=3,
+        cfg = replace(cfg, n_attr=6, n_dev=6, n_test=6, n_settings=3, n_boot=3, ks=(5, 10), n_eval=3,
                       n_consistency=4, n_cards=2, tasks="antonyms,sentiment_binary")
     out = args.out / args.model / args.variant
     out.mkdir(parents=True, exist_ok=True)
