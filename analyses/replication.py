@@ -259,7 +259,7 @@ STAGES = {"probe": stage_probe, "attribution": stage_attribution, "selection": s
 def main() -> None:
     from mechcopy import load_model
     from mechcopy.io import write_json_atomic
-    from mechcopy.reproduce import git_revision
+    from mechcopy.reproduce import git_revision, run_stages
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -282,16 +282,7 @@ def main() -> None:
     model = load_model(args.model)
     write_json_atomic(out / "settings.json", {"config": asdict(cfg), "variant": VARIANTS[cfg.variant],
                                               "git_revision": git_revision()})
-    for name in args.stages.split(","):
-        path = out / f"{name}.json"
-        if path.exists():
-            print(f"[{name}] done already")
-            continue
-        print(f"[{name}] running ...", flush=True)
-        t0 = time.perf_counter()
-        result = STAGES[name](model, cfg, out)
-        write_json_atomic(path, {"stage": name, "seconds": round(time.perf_counter() - t0, 1), "result": result})
-        print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
+    run_stages([(name, STAGES[name]) for name in args.stages.split(",")], model, cfg, out)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,7 @@
 
 Factories build the functions, so a notebook reads
 `model.run_with_hooks(tokens, fwd_hooks=[(site, zero_neurons(idx))])`. Hooks return a new
-tensor rather than editing in place, so they compose with autograd. A hook whose effect is fixed by
-its arguments carries them in `fn.key`, so a checkpoint can tell two interventions apart
-(`mechcopy.evaluation.run_evaluation`).
+tensor rather than editing in place, so they compose with autograd.
 """
 
 from __future__ import annotations
@@ -18,10 +16,8 @@ from torch import Tensor
 Hook = Callable[[Tensor, object], Tensor | None]
 
 
-def _named(fn: Hook, name: str, key: str | None = None) -> Hook:
+def _named(fn: Hook, name: str) -> Hook:
     fn.__name__ = fn.__qualname__ = name
-    if key is not None:
-        fn.key = key  # type: ignore[attr-defined]
     return fn
 
 
@@ -60,13 +56,13 @@ def scale_neurons(idx, factor: float) -> Hook:
             masks[key][index.to(act.device)] = factor
         return act * masks[key]
 
-    return _named(hook, f"scale_neurons[{len(index)}x{factor}]", f"scale_neurons({index.tolist()}, {factor!r})")
+    return _named(hook, f"scale_neurons[{len(index)}x{factor}]")
 
 
 def zero_neurons(idx) -> Hook:
     """Set neurons `idx` (last dimension) to zero at every position: pruning as a hook."""
     index = _neuron_index(idx)
-    return _named(scale_neurons(index, 0.0), f"zero_neurons[{len(index)}]", f"zero_neurons({index.tolist()})")
+    return _named(scale_neurons(index, 0.0), f"zero_neurons[{len(index)}]")
 
 
 def scale_neurons_by_group(masks: Float[Tensor, "groups d"]) -> Hook:

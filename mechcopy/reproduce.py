@@ -149,17 +149,10 @@ def check_out(cfg: ReproduceConfig, out: str | Path) -> None:
                              "use a fresh --out folder, or delete it to start over")
 
 
-def reproduce(model: HookedModel, cfg: ReproduceConfig, out: str | Path) -> Path:
-    """Run every stage not already done in `out` on `model`; return the report's path."""
-    import torch
-
-    out = Path(out)
-    check_out(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_grad_enabled(True)
-    write_json_atomic(out / "settings.json", {"config": asdict(cfg), "model": model_fingerprint(model),
-                                              "git_revision": git_revision()})
-    for name, stage in STAGES:
+def run_stages(stages, model: HookedModel, cfg, out: Path) -> None:
+    """Run each (name, fn) of `stages` whose OUT/<name>.json does not exist yet, in order, and write its
+    result there (atomically, with its time): an interrupted run resumes at the first missing stage."""
+    for name, stage in stages:
         path = out / f"{name}.json"
         if path.exists():
             print(f"[{name}] done already ({path.name}); skipping")
@@ -171,6 +164,19 @@ def reproduce(model: HookedModel, cfg: ReproduceConfig, out: str | Path) -> Path
         write_json_atomic(path, {"stage": name, "seconds": seconds, "result": result})
         path.with_suffix(".partial.jsonl").unlink(missing_ok=True)  # the stage's checkpoint, if it keeps one
         print(f"[{name}] {seconds} s -> {path.name}", flush=True)
+
+
+def reproduce(model: HookedModel, cfg: ReproduceConfig, out: str | Path) -> Path:
+    """Run every stage not already done in `out` on `model`; return the report's path."""
+    import torch
+
+    out = Path(out)
+    check_out(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_grad_enabled(True)
+    write_json_atomic(out / "settings.json", {"config": asdict(cfg), "model": model_fingerprint(model),
+                                              "git_revision": git_revision()})
+    run_stages(STAGES, model, cfg, out)
     report = out / "report.html"
     print(f"\nreport: {report}")
     return report
