@@ -20,8 +20,9 @@ One variant of the method on one model, in stages; each stage writes OUT/MODEL/V
   gate, and gradient x activation.
 - `cards`: neuron cards of the top neurons.
 - `evaluate-standard`, `evaluate-nogold`: every task at `--n-eval` prompts, standard construction and
-  gold never among the demos, under unpruned and, for each k of the grid (the dev split's choice, and
-  the k it prefers without the perplexity bound), the top-k set and 2 layer-matched random sets;
+  gold never among the demos, under unpruned and, for each k of the grid (the dev split's choice; without
+  the perplexity bound, the k it prefers and the smallest k that beats no pruning), the top-k set and 2
+  layer-matched random sets;
   paired comparisons per k (`evaluation.compare_rows`).
 """
 
@@ -199,23 +200,26 @@ def stage_cards(model, cfg, out):
 
 def _conditions(model, cfg, out):
     """unpruned, and per k of the grid: the top-k set and layer-matched random sets, named `pruned@k`,
-    `random-s@k`. The grid holds the dev split's choice under the perplexity bound (when not 0) and the
-    k the dev split prefers with no bound (when some k beats the unpruned model), else k = 20."""
+    `random-s@k`. The grid holds the dev split's choice under the perplexity bound (when not 0) and, with
+    no bound, the k the dev split prefers and the smallest k that beats the unpruned model on it (when
+    some k does), else k = 20."""
     from mechcopy.pruning import random_matched, select
 
     attr, _, _ = _probe(model, cfg)
     scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
     sweep = json.loads((out / "selection.json").read_text())["result"]["sweep"]
-    best = max(sweep["rows"], key=lambda r: (r["dev_accuracy"], -r["k"]))
-    unbounded = best["k"] if best["dev_accuracy"] > sweep["baseline"]["dev_accuracy"] else None
-    grid = sorted({k for k in (sweep["chosen_k"], unbounded) if k} or {20})
+    base = sweep["baseline"]["dev_accuracy"]
+    better = [r for r in sweep["rows"] if r["dev_accuracy"] > base]
+    unbounded = max(better, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if better else None
+    smallest = min(r["k"] for r in better) if better else None
+    grid = sorted({k for k in (sweep["chosen_k"], smallest, unbounded) if k} or {20})
     conds = {"unpruned": None}
     for k in grid:
         ns = select(scores, "global", k=k)
         conds[f"pruned@{k}"] = ns
         for s in range(cfg.n_random):
             conds[f"random-{s}@{k}"] = random_matched(model, ns, cfg.seed + s)
-    return conds, grid, {"chosen_k": sweep["chosen_k"], "unbounded_k": unbounded}
+    return conds, grid, {"chosen_k": sweep["chosen_k"], "unbounded_k": unbounded, "smallest_better_k": smallest}
 
 
 def _per_k(rows, k):

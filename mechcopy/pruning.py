@@ -301,6 +301,15 @@ def _choose_k(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> tuple[int
                f"best pruned: k = {best['k']}, {best['dev_accuracy']:.3f})")
 
 
+def smallest_unbounded_k(sweep: dict[str, Any]) -> int | None:
+    """The smallest k of a sweep (`KSweep.to_json()`) whose dev accuracy beats no pruning when the bound
+    on general ability is ignored; None when no k does. Not a choice of the method: what it would prune
+    if its bound were lifted."""
+    base = sweep["baseline"]["dev_accuracy"]
+    better = [r["k"] for r in sweep["rows"] if r["dev_accuracy"] > base]
+    return min(better) if better else None
+
+
 def valid_ks(model: HookedModel, ks: Sequence[int], mode: str = "global") -> list[int]:
     """The k of the grid that `mode` can select on this model (sorted); an error if none can."""
     width = neurons_per_layer(model)

@@ -219,6 +219,7 @@ def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path) -> Secti
     """The headline: pooled paired differences (pruned - unpruned, pruned - random) and the forest plot."""
     from mechcopy import viz
 
+    basis = neurons.meta.get("basis", "chosen on the probe's dev split")
     if not neurons.neurons:
         return Section("The answer: nothing was pruned",
                        f"k = 0: {neurons.why_empty}, so nothing was pruned and there is nothing to compare. "
@@ -228,6 +229,7 @@ def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path) -> Secti
              for m in ("accuracy", "copy_rate") if (cond, base, m) in pooled]
     n_tasks = next(iter(pooled.values()))["n_tasks"] if pooled else 0
     text = (f"Does pruning the copy neurons change in-context learning beyond what removing any neurons does? "
+            f"The {len(neurons)} neurons pruned here: {basis}.\n\n"
             f"Paired over the same prompts, pooled over {n_tasks} held-out tasks (each task weighs the same; "
             "the probe, on which the neurons were chosen, is left out):\n\n" + "\n".join(lines) +
             "\n\nIntervals: task-stratified paired bootstrap (random sets resampled too); p: stratified "
@@ -275,9 +277,12 @@ def _selection(model: HookedModel, settings: dict, neurons, fig_dir: Path) -> Se
     figs.append(viz.save_figure(viz.plot_layer_distribution(counts), fig_dir / "layers.png"))
     return Section(
         "Selecting the copy neurons",
-        f"Integrated Gradients ({cfg['steps']} steps, target `{cfg['target']}`) on {cfg['n_probe']} probe prompts; "
-        f"k chosen on {cfg['n_dev']} dev prompts of the probe, never on the evaluation tasks "
-        f"(chosen k = {sweep.get('chosen_k')}, perplexity bound {sweep.get('max_ppl_increase')}).", figs)
+        f"Integrated Gradients ({cfg['steps']} steps, target `{cfg['target']}`) on {cfg['n_probe']} prompts of the "
+        f"{cfg.get('probe', 'classic')} probe, in the layers whose IG converged (median completeness error below "
+        f"{cfg.get('max_completeness_error')}); k chosen on {cfg['n_dev']} dev prompts of the probe, never on the "
+        f"evaluation tasks (chosen k = {sweep.get('chosen_k')}, perplexity bound {sweep.get('max_ppl_increase')}"
+        f"{'' if sweep.get('chosen_k') else ': ' + neurons.why_empty}). Evaluated below: "
+        f"{neurons.meta.get('basis', 'the chosen set')}.", figs)
 
 
 def _task_vectors(tv: list[dict], fig_dir: Path) -> Section:
@@ -343,7 +348,7 @@ def build_report(out_dir: str | Path, model: HookedModel) -> dict:
     out = Path(out_dir)
     fig_dir = out / "figures"
     settings = json.loads((out / "settings.json").read_text())
-    neurons = NeuronSet.load(out / "neurons.json")
+    neurons = NeuronSet.load(out / "evaluated.json")
     evaluation = _stage(out, "evaluate")
     per_task, means = _per_task(model, settings, neurons, evaluation["results"], fig_dir)
     sections = [_answer(evaluation["comparisons"], neurons, fig_dir), per_task, _selection(model, settings, neurons, fig_dir),

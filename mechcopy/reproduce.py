@@ -37,10 +37,13 @@ class ReproduceConfig:
     steps: int = 20              # IG steps
     attribution: str = "ig"      # ig | gradxact
     target: str = "contrast"
+    probe: str = "balanced"      # the copy probe find attributes on (see FindConfig)
+    max_completeness_error: float | None = 0.05   # find's IG completeness gate
+    consistency_random: int = 3  # find's self-consistency guard (0: off)
     tasks: str = "all"
     shots: int = 4
-    n_eval: int = 20             # prompts per task in the evaluation (`mechcopy evaluate` for more)
-    n_random: int = 2            # random-neuron baselines
+    n_eval: int = 50             # prompts per task in the evaluation (`mechcopy evaluate` for more)
+    n_random: int = 3            # random-neuron baselines
     tv_tasks: tuple[str, ...] = TV_TASKS
     n_tv: int = 30               # zero-shot test prompts per task for task vectors
     n_tv_dev: int = 15           # zero-shot dev prompts per task (choose the layer)
@@ -72,14 +75,38 @@ def git_revision() -> str:
 
 
 def stage_find(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
-    """Copy neurons: IG on the probe's attribution split, k chosen on its dev split."""
+    """Copy neurons: IG on the probe's attribution split, k chosen on its dev split; and the set the later
+    stages evaluate (`evaluated_set`), saved as OUT/evaluated.json."""
     from mechcopy.find import FindConfig, find_copy_neurons
 
     config = FindConfig(n=cfg.n_probe, n_dev=cfg.n_dev, shots=cfg.shots, steps=cfg.steps, attribution=cfg.attribution,
-                        target=cfg.target, seed=cfg.seed)
+                        target=cfg.target, seed=cfg.seed, probe=cfg.probe,
+                        max_completeness_error=cfg.max_completeness_error, consistency_random=cfg.consistency_random)
     neurons = find_copy_neurons(model, out / "neurons.json", config)
+    evaluated = evaluated_set(neurons)
+    evaluated.save(out / "evaluated.json")
     return {"neurons_path": str(out / "neurons.json"), "n_neurons": len(neurons),
-            "layer_counts": neurons.layer_counts(model.cfg.n_layers)}
+            "layer_counts": neurons.layer_counts(model.cfg.n_layers), "evaluated": evaluated.meta["basis"],
+            "evaluated_k": len(evaluated)}
+
+
+def evaluated_set(neurons: NeuronSet) -> NeuronSet:
+    """The neurons the main job prunes: find's choice; when find chose k = 0, the smallest k whose dev
+    accuracy beats no pruning if the bound on general ability is lifted (said so in `meta["basis"]`,
+    never presented as the method's choice); empty when no k beats no pruning at all."""
+    from mechcopy.pruning import find_scores, select, smallest_unbounded_k
+
+    if neurons.neurons:
+        return NeuronSet(neurons.neurons, neurons.model, {**neurons.meta, "basis": "chosen on the probe's dev split"})
+    sweep = neurons.meta["sweep"]
+    k = smallest_unbounded_k(sweep)
+    if k is None:
+        return NeuronSet((), neurons.model, {**neurons.meta, "basis": f"nothing to prune: {neurons.why_empty}"})
+    chosen = select(find_scores(neurons), neurons.meta.get("selection", "global"), k=k)
+    basis = (f"not the method's choice: find chose k = 0 ({neurons.why_empty}); k = {k} is the smallest k that "
+             "beats no pruning on the dev split when the bound on general ability is lifted")
+    return NeuronSet(chosen.neurons, neurons.model, {**chosen.meta, "scores_path": neurons.meta["scores_path"],
+                                                     "sweep": sweep, "basis": basis})
 
 
 def stage_evaluate(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
@@ -88,7 +115,7 @@ def stage_evaluate(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
     from mechcopy.pruning import condition_sets
     from mechcopy.tasks import load_tasks
 
-    neurons = NeuronSet.load(out / "neurons.json")
+    neurons = NeuronSet.load(out / "evaluated.json")
     conds = {"unpruned": None, **condition_sets(model, neurons, cfg.n_random, cfg.seed)}
     rows, dropped = run_evaluation(model, load_tasks(cfg.tasks), cfg.shots, cfg.n_eval, cfg.seed, conds,
                                    checkpoint=out / "evaluate.partial.jsonl")
@@ -100,7 +127,7 @@ def stage_task_vectors(model: HookedModel, cfg: ReproduceConfig, out: Path) -> d
     from mechcopy.task_vectors import TaskVectorConfig, run_task_vectors
     from mechcopy.tasks import load_task
 
-    neurons = NeuronSet.load(out / "neurons.json")
+    neurons = NeuronSet.load(out / "evaluated.json")
     n = model.cfg.n_layers
     layers = tuple(sorted(set(range(0, n, cfg.tv_layer_step)) | {n - 1}))
     tv_cfg = TaskVectorConfig(shots=cfg.shots, n_dev=cfg.n_tv_dev, n_test=cfg.n_tv, seed=cfg.seed, layers=layers)
@@ -113,7 +140,7 @@ def stage_patching(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
     from mechcopy.patching import activation_patching
     from mechcopy.tasks import load_task
 
-    neurons = NeuronSet.load(out / "neurons.json")
+    neurons = NeuronSet.load(out / "evaluated.json")
     res = activation_patching(model, load_task(cfg.patch_task), cfg.patch_corruption, n=cfg.n_patch,
                               shots=cfg.patch_shots, seed=cfg.seed, neurons=neurons, comps=["resid_pre"],
                               progress=True)

@@ -66,3 +66,29 @@ def test_reproduce_reports_k0_plainly(tiny, tmp_path):
     assert {r["condition"] for r in rows} == {"unpruned"}
     html = report.read_text()
     assert "k = 0" in html and "nothing was pruned" in html
+
+
+def test_evaluated_set_is_the_choice_or_says_it_is_not(tiny, tmp_path):
+    """The main job prunes find's choice; after k = 0 it prunes the smallest k that beats no pruning with
+    the bound lifted, and says that this is not the method's choice; with no such k, nothing."""
+    import torch
+
+    from mechcopy.attribution import CopyScores
+    from mechcopy.neurons import NeuronSet, model_fingerprint
+    from mechcopy.pruning import select
+
+    fp = model_fingerprint(tiny)
+    scores = CopyScores(torch.rand(tiny.cfg.n_layers, tiny.cfg.d_mlp, generator=torch.Generator().manual_seed(0)),
+                        {"model": fp})
+    path = scores.save(tmp_path / "s.scores.safetensors")
+    rows = [{"k": 2, "dev_accuracy": 0.2}, {"k": 4, "dev_accuracy": 0.5}, {"k": 8, "dev_accuracy": 0.6}]
+    meta = {"k": 0, "why": "no k stays within the bound on general ability", "selection": "global",
+            "scores_path": str(path), "sweep": {"baseline": {"dev_accuracy": 0.3}, "rows": rows, "chosen_k": 0}}
+    lifted = rp.evaluated_set(NeuronSet((), fp, meta))
+    assert lifted.neurons == select(scores, "global", k=4).neurons
+    assert lifted.meta["basis"].startswith("not the method's choice") and "k = 4" in lifted.meta["basis"]
+    worse = {**meta, "sweep": {**meta["sweep"], "baseline": {"dev_accuracy": 0.9}}}
+    assert len(rp.evaluated_set(NeuronSet((), fp, worse))) == 0
+    chosen = NeuronSet(((0, 1),), fp, {"k": 1})
+    assert rp.evaluated_set(chosen).neurons == chosen.neurons
+    assert rp.evaluated_set(chosen).meta["basis"] == "chosen on the probe's dev split"
