@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from mechcopy.arch import HookedModel
 from mechcopy.errors import check_minimums
+from mechcopy.find import FindConfig
 from mechcopy.io import write_json_atomic
 from mechcopy.models.zoo import DEFAULT_MODEL
 from mechcopy.neurons import NeuronSet, model_fingerprint
@@ -37,9 +38,9 @@ class ReproduceConfig:
     steps: int = 20              # IG steps
     attribution: str = "ig"      # ig | gradxact
     target: str = "contrast"
-    probe: str = "balanced"      # the copy probe find attributes on (see FindConfig)
-    max_completeness_error: float | None = 0.05   # find's IG completeness gate
-    consistency_random: int = 3  # find's self-consistency guard (0: off)
+    probe: str = FindConfig.probe                  # the copy probe find attributes on (see FindConfig)
+    max_completeness_error: float | None = FindConfig.max_completeness_error   # find's IG completeness gate
+    consistency_random: int = FindConfig.consistency_random  # find's self-consistency guard (0: off)
     tasks: str = "all"
     shots: int = 4
     n_eval: int = 50             # prompts per task in the evaluation (`mechcopy evaluate` for more)
