@@ -193,7 +193,7 @@ def stage_cards(model, cfg, out):
     attr, dev, _ = _probe(model, cfg)
     scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
     top = select(scores, "global", k=cfg.n_cards)
-    cards = neuron_cards(model, top, dev)
+    cards = neuron_cards(model, top, dev, scores=scores)
     viz.save_figure(viz.plot_neuron_cards(cards), out / "cards.png")
     return {"cards": [c.to_json() for c in cards], "neurons": [list(n) for n in top.neurons]}
 
