@@ -46,6 +46,8 @@ from mechcopy.neurons import model_fingerprint
 from mechcopy.sites import neuron_site
 
 TARGETS = ("contrast", "gold_logprob", "copy_prob")
+#: +1 where a larger target means more copying (contrast, copy_prob), -1 where it means less (gold_logprob)
+COPY_SIGN = {"contrast": 1, "copy_prob": 1, "gold_logprob": -1}
 METHODS = ("fast", "reference")
 RULES = ("gauss-legendre", "midpoint")
 NORMALISATIONS = ("minmax", "none", "zscore", "minmax-neuron")
@@ -146,6 +148,12 @@ class Attributions:
     @property
     def sums(self) -> Float[Tensor, "prompts layers"]:
         return self.values.sum(-1)
+
+    @property
+    def toward_copying(self) -> Float[Tensor, "prompts layers neurons"]:
+        """The values signed so that larger means more copying whatever the target (`COPY_SIGN`): what
+        copy scores rank. For `gold_logprob` a copy neuron lowers the target, so its values are negated."""
+        return self.values * COPY_SIGN[self.target]
 
     def completeness_error(self) -> Float[Tensor, "prompts layers"]:
         """|sum IG - (T(a) - T(0))| / |T(a) - T(0)| per prompt and layer."""
@@ -459,7 +467,7 @@ def copy_scores(model: HookedModel, attributions: Attributions | Tensor, normali
     With `max_completeness_error` (e.g. `MAX_COMPLETENESS_ERROR`), only the layers whose IG converged
     (`converged_layers`) may be selected; None allows every layer.
     """
-    values = attributions.values if isinstance(attributions, Attributions) else attributions
+    values = attributions.toward_copying if isinstance(attributions, Attributions) else attributions
     scores = normalise(values, normalisation).mean(0)
     allowed = None
     if max_completeness_error is not None:

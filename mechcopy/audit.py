@@ -23,12 +23,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
-from mechcopy.attribution import TARGETS, CopyScores, make_target
+from mechcopy.attribution import COPY_SIGN, TARGETS, CopyScores, make_target
 from mechcopy.pruning import pruning_hooks, random_matched, select
 from mechcopy.stats import paired, paired_means, versus_sets
 
 #: +1 where a lower target means less copying, -1 where a higher one does
-COPY_SIGN = {"contrast": 1, "copy_prob": 1, "gold_logprob": -1}
 
 
 def last_logits(model: HookedModel, prompts: Sequence, fwd_hooks=(), batch_size: int = 32,

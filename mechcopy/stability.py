@@ -103,7 +103,7 @@ def bootstrap_stability(values: Attributions | Float[Tensor, "prompts layers neu
                         allowed_layers: Sequence[int] | None = None) -> BootstrapStability:
     """How much the selection depends on which attribution prompts were drawn: resample the prompts
     with replacement `n_boot` times and compare each resample's scores with the full set's."""
-    values = values.values if isinstance(values, Attributions) else values
+    values = values.toward_copying if isinstance(values, Attributions) else values
     n = values.shape[0]
     if n < 2 or n_boot < 1:
         raise ValueError(f"a bootstrap needs at least 2 prompts and 1 resample, got {n} and {n_boot}")
@@ -155,11 +155,11 @@ def stability_report(attributions: Attributions | Mapping[str, Attributions], ks
     ks = tuple(int(k) for k in ks)
     allowed = None if allowed_layers is None else tuple(sorted(int(l) for l in allowed_layers))
     boot = tuple(bootstrap_stability(ref, ks, how, n_boot, seed, allowed) for how in normalisations)
-    by_norm = {how: scores_of(ref.values, how) for how in normalisations}
+    by_norm = {how: scores_of(ref.toward_copying, how) for how in normalisations}
     norms = tuple(agreement(by_norm[a], by_norm[b], ks, allowed, (a, b))
                   for i, a in enumerate(normalisations) for b in normalisations[i + 1:])
     first = normalisations[0]
-    by_setting = {name: scores_of(att.values, first) for name, att in named.items()}
+    by_setting = {name: scores_of(att.toward_copying, first) for name, att in named.items()}
     names = list(by_setting)
     settings = tuple(agreement(by_setting[a], by_setting[b], ks, allowed, (a, b))
                      for i, a in enumerate(names) for b in names[i + 1:])

@@ -1,5 +1,7 @@
 """Integrated Gradients on neurons: completeness, fast == reference, grad x act, copy scores."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -169,6 +171,24 @@ def test_copy_scores_normalisation_and_roundtrip(tiny3, tmp_path):
 
     with pytest.raises(ValueError, match="another model"):
         back.check(tiny_transformer(n_layers=2, d_model=32, d_mlp=64))
+
+
+def test_copy_scores_point_toward_copying_for_every_target(tiny3):
+    """A copy neuron raises contrast and copy_prob but lowers gold_logprob: scores from a gold_logprob
+    attribution rank the most negative attributions first (and so does the stability code)."""
+    from mechcopy.stability import stability_report
+
+    ps = _prompts(tiny3.tokenizer)
+    gold = integrated_gradients(tiny3, ps, target="gold_logprob", steps=4)
+    scores = copy_scores(tiny3, gold, normalisation="none").scores
+    assert torch.allclose(scores, -gold.values.mean(0))
+    assert scores.flatten().argmax() == gold.values.mean(0).flatten().argmin()
+    prob = integrated_gradients(tiny3, ps, target="copy_prob", steps=4)
+    assert torch.allclose(copy_scores(tiny3, prob, normalisation="none").scores, prob.values.mean(0))
+    # the settings comparison sees the sign too: gold_logprob values equal a contrast run's negated values
+    mirrored = dataclasses.replace(gold, values=-gold.values, target="contrast")
+    report = stability_report({"gold": gold, "mirrored": mirrored}, ks=(3,), n_boot=2)
+    assert [pair["spearman"] for pair in report.to_json()["settings"]] == [pytest.approx(1.0)]
 
 
 def test_attributions_cat_and_rank_correlation(tiny3):
