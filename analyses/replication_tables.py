@@ -104,12 +104,15 @@ def probe_table(args) -> str:
             s = res[split]
             out.append([split, s["n"], with_ci(s["accuracy"], s["accuracy_ci"]),
                         with_ci(s["copy_rate"], s["copy_rate_ci"]), num(s.get("in_range")),
-                        num(s.get("copy_per_label")), counts(s.get("predicted")), counts(s.get("gold_labels"))])
+                        num(s.get("copy_per_label")), num(s.get("in_range_per_label")), counts(s.get("predicted")), counts(s.get("gold_labels"))])
         return out
 
     head = ["model", "variant", "split", "n", "accuracy [95% CI]", "copy rate [95% CI]", "in range",
-            "copy per label", "predicted labels", "gold labels"]
-    return section("Probe, unpruned", "`probe.json` (dev and test splits of the variant's probe)",
+            "copy per label", "in range per label", "predicted labels", "gold labels"]
+    return section("Probe, unpruned", "`probe.json` (dev and test splits of the variant's probe). in range: a wrong "
+                   "label of the probe's range that no demo shows; per label: divided by how many labels each "
+                   "outcome has (4 demo labels, the rest of the range). Copying shows as copy per label well "
+                   "above in range per label",
                    table(head, each(args, "probe", rows_of, len(head))))
 
 
