@@ -34,9 +34,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from mechcopy.attribution import MAX_COMPLETENESS_ERROR
+
 VARIANTS = {
     # what the evidence supports: a balanced probe, IG gated by completeness, min-max per prompt
-    "default": dict(template="newline", items="mixed", normalisation="minmax", gate=0.05),
+    "default": dict(template="newline", items="mixed", normalisation="minmax", gate=MAX_COMPLETENESS_ERROR),
     # the paper as far as it is known: one-line comma format, names of places and people, the
     # min-max normalisation per neuron across prompts (its Eq. 7 as the reviewers read it), no gate
     "faithful": dict(template="comma", items="names", normalisation="minmax-neuron", gate=None),
@@ -174,7 +176,7 @@ def stage_consistency(model, cfg, out):
     prompts = attr[:cfg.n_consistency]
     gated = VARIANTS[cfg.variant]["gate"] is not None
     methods = {"ig (variant)": _scores(model, cfg, ig),
-               "ig, no gate" if gated else "ig, gated": _scores(model, cfg, ig, gate=None if gated else 0.05),
+               "ig, no gate" if gated else "ig, gated": _scores(model, cfg, ig, gate=None if gated else MAX_COMPLETENESS_ERROR),
                "gradxact": _scores(model, cfg, gx, gate=None)}
     res = {}
     for name, scores in methods.items():
@@ -203,7 +205,7 @@ def _conditions(model, cfg, out):
     `random-s@k`. The grid holds the dev split's choice under the perplexity bound (when not 0) and, with
     no bound, the k the dev split prefers and the smallest k that beats the unpruned model on it (when
     some k does), else k = 20."""
-    from mechcopy.pruning import random_matched, select
+    from mechcopy.pruning import random_matched, select, smallest_unbounded_k
 
     attr, _, _ = _probe(model, cfg)
     scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
@@ -211,7 +213,7 @@ def _conditions(model, cfg, out):
     base = sweep["baseline"]["dev_accuracy"]
     better = [r for r in sweep["rows"] if r["dev_accuracy"] > base]
     unbounded = max(better, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if better else None
-    smallest = min(r["k"] for r in better) if better else None
+    smallest = smallest_unbounded_k(sweep)
     grid = sorted({k for k in (sweep["chosen_k"], smallest, unbounded) if k} or {20})
     conds = {"unpruned": None}
     for k in grid:

@@ -12,7 +12,6 @@ of the same size and unpruned, paired per prompt, along k.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -27,25 +26,20 @@ from mechcopy.attribution import COPY_SIGN, TARGETS, CopyScores, make_target
 from mechcopy.pruning import pruning_hooks, random_matched, select
 from mechcopy.stats import paired, paired_means, versus_sets
 
-#: +1 where a lower target means less copying, -1 where a higher one does
-
 
 def last_logits(model: HookedModel, prompts: Sequence, fwd_hooks=(), batch_size: int = 32,
                 ) -> Float[Tensor, "prompts vocab"]:
-    """Last-position logits of every prompt under `fwd_hooks` (prompts batched by equal token length)."""
+    """Last-position logits of every prompt under `fwd_hooks` (prompts of equal token length batched
+    together, `evaluation.token_batches`)."""
+    from mechcopy.evaluation import token_batches
+
     arch = arch_of(model)
-    groups: dict[int, list[tuple[int, Tensor]]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        ids = model.to_tokens(p.text)[0]
-        groups[len(ids)].append((i, ids))
+    ids = [model.to_tokens(p.text)[0] for p in prompts]
     out: list[Tensor | None] = [None] * len(prompts)
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
-        for items in groups.values():
-            for s in range(0, len(items), batch_size):
-                chunk = items[s:s + batch_size]
-                logits = arch.last_logits(model, torch.stack([ids for _, ids in chunk]))
-                for (i, _), row in zip(chunk, logits):
-                    out[i] = row
+        for batch in token_batches(ids, [1] * len(ids), batch_size, pad=False):
+            for i, row in zip(batch, arch.last_logits(model, torch.stack([ids[i] for i in batch]))):
+                out[i] = row
     return torch.stack(out)  # type: ignore[arg-type]
 
 

@@ -87,7 +87,7 @@ def _tokens(model: HookedModel, prompts: Sequence[ICLPrompt]) -> list[Int[Tensor
     return [prompt_tokens(model, p, i)[0] for i, p in enumerate(prompts)]
 
 
-def _batches(ids: Sequence[Tensor], budgets: Sequence[int], size: int, pad: bool) -> list[list[int]]:
+def token_batches(ids: Sequence[Tensor], budgets: Sequence[int], size: int, pad: bool) -> list[list[int]]:
     """Prompt indices per batch of at most `size`, shortest first: single-token and generated answers
     apart; with `pad` a batch ends before padding would exceed MAX_PADDING of its tokens, without
     it only prompts of equal length share one."""
@@ -152,7 +152,7 @@ def _predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks, batch_
     ids, budgets = _tokens(model, prompts), [_steps(p) for p in prompts]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: list[list[str]] = [[""] * len(prompts) for _ in range(groups)]
-    batches = _batches(ids, budgets, max(1, batch_size // groups), pad)
+    batches = token_batches(ids, budgets, max(1, batch_size // groups), pad)
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         for batch in tqdm(batches, desc="predict", disable=not progress, leave=False):
             tokens, mask = left_pad([ids[i] for i in batch], pad_id)

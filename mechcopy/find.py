@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from mechcopy.arch import HookedModel
-from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS, Attributions
+from mechcopy.attribution import MAX_COMPLETENESS_ERROR, METHODS, NORMALISATIONS, RULES, TARGETS, Attributions
 from mechcopy.errors import check_minimums, note
 from mechcopy.io import side_file
 from mechcopy.neurons import NeuronSet
@@ -52,7 +52,7 @@ class FindConfig:
     checkpoint_every: int = 10
     # the three below are what docs/replication.md supports: without the gate, IG's unconverged layer 0
     # dominated the selection and pruning it raised the very target it was chosen to lower
-    max_completeness_error: float | None = 0.05  # IG gate: select only in layers whose median error is below it
+    max_completeness_error: float | None = MAX_COMPLETENESS_ERROR  # IG gate: select only in layers whose median error is below it
     consistency_random: int = 3     # > 0: refuse (k = 0) a choice that fails audit.self_consistency
     probe: str = "balanced"         # balanced (uniform gold, distinct demo labels) | classic (labels as they fall)
     probe_items: str = "mixed"      # balanced probe: words | places | people | names | mixed

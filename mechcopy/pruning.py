@@ -280,8 +280,8 @@ class KSweep:
     @property
     def best_pruned_k(self) -> int | None:
         """The feasible k > 0 with the best dev accuracy (the smallest on ties), better than k = 0 or not."""
-        feasible = [r for r in self.rows if r["feasible"]]
-        return max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if feasible else None
+        best = _best_feasible(self.rows)
+        return None if best is None else best["k"]
 
     def to_json(self) -> dict[str, Any]:
         return {"rows": list(self.rows), "baseline": self.baseline, "chosen_k": self.chosen_k, "why": self.why,
@@ -289,12 +289,17 @@ class KSweep:
                 "max_general_drop": self.max_general_drop, **self.meta}
 
 
+def _best_feasible(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The sweep row within every bound with the best dev accuracy (the smallest k on ties), or None."""
+    feasible = [r for r in rows if r["feasible"]]
+    return max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"])) if feasible else None
+
+
 def _choose_k(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> tuple[int, str]:
     """(chosen k, why k = 0 when it is): the best feasible k only if it beats no pruning on the dev split."""
-    feasible = [r for r in rows if r["feasible"]]
-    if not feasible:
+    best = _best_feasible(rows)
+    if best is None:
         return 0, f"no k in {[r['k'] for r in rows]} stays within the bound on general ability"
-    best = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"]))
     if best["dev_accuracy"] > baseline["dev_accuracy"]:
         return best["k"], ""
     return 0, (f"no k improves dev accuracy over the unpruned model ({baseline['dev_accuracy']:.3f}; "

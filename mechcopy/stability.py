@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechcopy.attribution import Attributions, normalise, rank_correlation
+from mechcopy.attribution import Attributions, CopyScores, normalise, rank_correlation
 
 
 def scores_of(values: Float[Tensor, "prompts layers neurons"], normalisation: str) -> Float[Tensor, "layers neurons"]:
@@ -33,11 +33,11 @@ def _eligible(scores: Tensor, allowed_layers: Sequence[int] | None) -> Tensor:
 
 def top_set(scores: Float[Tensor, "layers neurons"], k: int, allowed_layers: Sequence[int] | None = None,
             ) -> frozenset[tuple[int, int]]:
-    """The k highest-scoring (layer, neuron) pairs among the allowed layers."""
-    layers = list(range(scores.shape[0])) if allowed_layers is None else sorted(allowed_layers)
-    flat = torch.topk(scores[layers].flatten(), k).indices
-    width = scores.shape[1]
-    return frozenset((layers[int(i) // width], int(i) % width) for i in flat)
+    """The k highest-scoring (layer, neuron) pairs among the allowed layers: `pruning.select`'s global top-k."""
+    from mechcopy.pruning import select
+
+    allowed = None if allowed_layers is None else tuple(allowed_layers)
+    return frozenset(select(CopyScores(scores, allowed_layers=allowed), "global", k=k).neurons)
 
 
 def jaccard(a: frozenset, b: frozenset) -> float:

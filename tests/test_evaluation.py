@@ -124,7 +124,7 @@ def test_padded_batches_equal_unpadded_runs(model, max_padding, monkeypatch):
     prompts = _mixed_prompts(model.tokenizer)
     ids = [model.to_tokens(p.text)[0] for p in prompts]
     assert len({len(i) for i in ids}) > 4 and {_steps(p) == 1 for p in prompts} == {True, False}
-    batches = evaluation._batches(ids, [_steps(p) for p in prompts], 32, pad=True)
+    batches = evaluation.token_batches(ids, [_steps(p) for p in prompts], 32, pad=True)
     assert any(len({len(ids[i]) for i in b}) > 1 for b in batches)  # some batches really pad
     padded = predict(model, prompts, batch_size=32)
     assert padded == predict(model, prompts, batch_size=32, pad=False) == predict(model, prompts, batch_size=1)
