@@ -19,6 +19,13 @@ One variant of the method on one model, in stages; each stage writes OUT/MODEL/V
   random sets, paired, along the k curve, for IG (as the variant selects), IG without the completeness
   gate, and gradient x activation.
 - `cards`: neuron cards of the top neurons.
+- `ablation`: mean ablation beside zeroing: the self-consistency check of the variant's IG along the k
+  curve and at the dev split's choice, with every set zeroed and with every set set to its mean
+  activation over the dev split (`pruning.neuron_means`). A neuron that only carries a large constant
+  moves the target when zeroed but not when mean-ablated.
+- `kcurve-tasks`: the k curve on the tasks: every task at `--n-curve` prompts (standard construction)
+  unpruned and, for every k of the dev sweep, the top-k set and one layer-matched random set; pooled
+  paired comparisons per k, beside the dev split's choice.
 - `evaluate-standard`, `evaluate-nogold`: every task at `--n-eval` prompts, standard construction and
   gold never among the demos, under unpruned and, for each k of the grid (the dev split's choice; without
   the perplexity bound, the k it prefers and the smallest k that beats no pruning), the top-k set and 2
@@ -62,6 +69,7 @@ class StudyConfig:
     n_random: int = 2
     n_consistency: int = 100      # attribution prompts for the self-consistency check
     n_cards: int = 5
+    n_curve: int = 50             # prompts per task for the k curve on the tasks
     seed: int = 0
     tasks: str = "all"
 
@@ -200,6 +208,28 @@ def stage_cards(model, cfg, out):
     return {"cards": [c.to_json() for c in cards], "neurons": [list(n) for n in top.neurons]}
 
 
+def stage_ablation(model, cfg, out):
+    from mechcopy.audit import self_consistency
+    from mechcopy.pruning import neuron_means
+
+    attr, dev, _ = _probe(model, cfg)
+    scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
+    chosen = _selection(out)["chosen_k"]
+    ks = sorted(set(cfg.ks) | ({chosen} if chosen else set()))
+    prompts = attr[:cfg.n_consistency]
+    res = {"ks": ks, "chosen_k": chosen, "means_from": f"dev split, {len(dev)} prompts, every position"}
+    for name, means in (("zero", None), ("mean", neuron_means(model, dev))):
+        t0 = time.perf_counter()
+        res[name] = self_consistency(model, prompts, scores, ks, n_random=cfg.n_random, seed=cfg.seed,
+                                     progress=True, means=means).to_json()
+        res[name]["seconds"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def _selection(out):
+    return json.loads((out / "selection.json").read_text())["result"]
+
+
 def _conditions(model, cfg, out):
     """unpruned, and per k of the grid: the top-k set and layer-matched random sets, named `pruned@k`,
     `random-s@k`. The grid holds the dev split's choice under the perplexity bound (when not 0) and, with
@@ -209,7 +239,7 @@ def _conditions(model, cfg, out):
 
     attr, _, _ = _probe(model, cfg)
     scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
-    sweep = json.loads((out / "selection.json").read_text())["result"]["sweep"]
+    sweep = _selection(out)["sweep"]
     base = sweep["baseline"]["dev_accuracy"]
     better = [r for r in sweep["rows"] if r["dev_accuracy"] > base]
     unbounded = max(better, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if better else None
@@ -249,6 +279,31 @@ def _stage_evaluate(model, cfg, out, gold_in_demos):
             "comparisons": {str(k): compare_rows(_per_k(rows, k), seed=cfg.seed) for k in grid}}
 
 
+def stage_kcurve_tasks(model, cfg, out):
+    from mechcopy import viz
+    from mechcopy.evaluation import compare_rows, run_evaluation
+    from mechcopy.pruning import random_matched, select
+    from mechcopy.tasks import load_tasks
+
+    attr, _, _ = _probe(model, cfg)
+    scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
+    selection = _selection(out)
+    ks = [r["k"] for r in selection["sweep"]["rows"]]
+    conds = {"unpruned": None}
+    for k in ks:
+        conds[f"pruned@{k}"] = ns = select(scores, "global", k=k)
+        conds[f"random-0@{k}"] = random_matched(model, ns, cfg.seed)
+    tasks = [t for t in load_tasks(cfg.tasks) if t.kind != "probe"]
+    rows, dropped = run_evaluation(model, tasks, 4, cfg.n_curve, cfg.seed, conds,
+                                   checkpoint=out / "kcurve-tasks.partial.jsonl", gold_in_demos=True)
+    pooled = {str(k): compare_rows(_per_k(rows, k), seed=cfg.seed)["pooled"] for k in ks}
+    viz.save_figure(viz.plot_k_curve(pooled, selection["chosen_k"], title=f"{Path(cfg.model).name} / {cfg.variant}: "
+                                     f"the k curve on {len(tasks)} tasks, {cfg.n_curve} prompts each"),
+                    out / "kcurve-tasks.png")
+    return {"ks": ks, "chosen_k": selection["chosen_k"], "n_per_task": cfg.n_curve, "rows": rows,
+            "dropped": {t: len(d) for t, d in dropped.items()}, "pooled": pooled}
+
+
 def stage_evaluate_standard(model, cfg, out):
     return _stage_evaluate(model, cfg, out, True)
 
@@ -259,7 +314,8 @@ def stage_evaluate_nogold(model, cfg, out):
 
 STAGES = {"probe": stage_probe, "attribution": stage_attribution, "selection": stage_selection,
           "consistency": stage_consistency, "cards": stage_cards, "stability": stage_stability,
-          "evaluate-standard": stage_evaluate_standard, "evaluate-nogold": stage_evaluate_nogold}
+          "evaluate-standard": stage_evaluate_standard, "evaluate-nogold": stage_evaluate_nogold,
+          "ablation": stage_ablation, "kcurve-tasks": stage_kcurve_tasks}
 
 
 def main() -> None:
@@ -282,8 +338,8 @@ def main() -> None:
     cfg = StudyConfig(model=args.model, variant=args.variant, n_eval=args.n_eval)
     if args.smoke:
         cfg = replace(cfg, n_attr=6, n_dev=6, n_test=6, n_settings=3, n_boot=3, ks=(5, 10), n_eval=3,
-                      n_consistency=4, n_cards=2, tasks="antonyms,sentiment_binary")
-    out = args.out / args.model / args.variant
+                      n_consistency=4, n_cards=2, n_curve=3, tasks="antonyms,sentiment_binary")
+    out = args.out / Path(args.model).name / args.variant
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model)
     write_json_atomic(out / "settings.json", {"config": asdict(cfg), "variant": VARIANTS[cfg.variant],

@@ -65,6 +65,22 @@ def zero_neurons(idx) -> Hook:
     return _named(scale_neurons(index, 0.0), f"zero_neurons[{len(index)}]")
 
 
+def set_neurons(idx, values: Float[Tensor, "n"]) -> Hook:
+    """Set neurons `idx` (last dimension) to `values` (one per index) at every position: mean ablation
+    when `values` are the neurons' mean activations (`pruning.neuron_means`)."""
+    index = _neuron_index(idx)
+    vals = torch.as_tensor(values).reshape(-1)
+    if len(vals) != len(index):
+        raise ValueError(f"set_neurons needs one value per index, got {len(vals)} values for {len(index)} indices")
+
+    def hook(act: Float[Tensor, "... d"], hook) -> Float[Tensor, "... d"]:
+        out = act.clone()
+        out[..., index.to(act.device)] = vals.to(act.device, act.dtype)
+        return out
+
+    return _named(hook, f"set_neurons[{len(index)}]")
+
+
 def scale_neurons_by_group(masks: Float[Tensor, "groups d"]) -> Hook:
     """Multiply row group g by `masks[g]` (last dimension) at every position. The batch is `groups`
     equal blocks of rows (group-major, as `Arch.decoder` forks it): several neuron interventions,

@@ -1,6 +1,7 @@
 """Select copy neurons from their scores, choose k on the probe's dev split, and prune them.
 
-Pruning sets the selected neurons to zero at every position. Two equivalent forms: a named hook
+Pruning sets the selected neurons to zero at every position (or, for mean ablation, to their mean
+activation over reference prompts, `neuron_means`). Two equivalent forms: a named hook
 (`pruning_hooks`, `pruned`: temporary, composable) and a permanent weight edit (`prune_weights`: zero
 the matching rows of `W_out`, or Mamba's `out_proj` input columns); tests check they give identical
 logits. `grouped_pruning_hooks` prunes a different set in each row group of one batch (the
@@ -18,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechcopy.attribution import CopyScores
-from mechcopy.hooks import Hook, scale_neurons_by_group, zero_neurons
+from mechcopy.hooks import Hook, capture, scale_neurons_by_group, set_neurons, zero_neurons
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.neurons import NeuronSet, model_fingerprint
 from mechcopy.sites import neuron_site, neurons_per_layer
@@ -33,10 +36,39 @@ DEFAULT_KS = (5, 10, 20, 50, 100, 200, 500, 1000)
 # ---------------------------------------------------------------- pruning
 
 
-def pruning_hooks(model: HookedModel, neurons: NeuronSet) -> list[tuple[str, Callable]]:
-    """`zero_neurons` at each layer's neuron site (checked against `model` first)."""
+def pruning_hooks(model: HookedModel, neurons: NeuronSet, means: dict[int, Tensor] | None = None,
+                  ) -> list[tuple[str, Callable]]:
+    """`zero_neurons` at each layer's neuron site (checked against `model` first); with `means`
+    (`neuron_means`), mean ablation: `set_neurons` to each neuron's mean activation instead."""
     neurons.check(model)
-    return [(neuron_site(model, layer), zero_neurons(idx)) for layer, idx in neurons.by_layer().items()]
+    if means is None:
+        return [(neuron_site(model, layer), zero_neurons(idx)) for layer, idx in neurons.by_layer().items()]
+    return [(neuron_site(model, layer), set_neurons(idx, means[layer][idx])) for layer, idx in neurons.by_layer().items()]
+
+
+def neuron_means(model: HookedModel, prompts: Sequence, batch_size: int = 32) -> dict[int, Float[Tensor, "d"]]:
+    """Every layer's mean neuron activation over every token position of `prompts` (the reference for
+    mean ablation, `pruning_hooks(..., means=)`): what a neuron carries on average, so ablating to it
+    removes only what varies."""
+    from mechcopy.evaluation import token_batches
+
+    if not prompts:
+        raise ValueError("neuron_means needs at least one prompt")
+    sites = {neuron_site(model, layer): layer for layer in range(model.cfg.n_layers)}
+    sums: dict[int, Tensor] = {}
+    count = 0
+    ids = [model.to_tokens(p.text)[0] for p in prompts]
+    with torch.no_grad():
+        for batch in token_batches(ids, [1] * len(ids), batch_size, pad=False):
+            store: dict = {}
+            model.run_with_hooks(torch.stack([ids[i] for i in batch]),
+                                 fwd_hooks=[(name, capture(store)) for name in sites])
+            for name, layer in sites.items():
+                act = store[name].double()
+                total = act.reshape(-1, act.shape[-1]).sum(0)
+                sums[layer] = sums[layer] + total if layer in sums else total
+            count += len(batch) * len(ids[batch[0]])
+    return {layer: (s / count).float() for layer, s in sums.items()}
 
 
 def grouped_pruning_hooks(model: HookedModel, sets: Sequence[NeuronSet | None]) -> tuple[int, list[tuple[str, Hook]]]:

@@ -237,6 +237,47 @@ def plot_k_sweep(df: pd.DataFrame, chosen_k: int | None = None, title: str | Non
     return fig
 
 
+def plot_k_curve(curve: dict, chosen_k: int | None = None, pairs: Sequence[tuple[str, str]] = FOREST_PAIRS,
+                 metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
+    """Pooled paired differences along k with 95% intervals: the k curve on the tasks.
+
+    `curve` is {k: [comparison dicts]} (the "pooled" entry of `evaluation.compare_rows` for each k).
+    One panel per metric, one line per (condition, baseline) pair; filled markers: p < 0.05;
+    a dotted line marks `chosen_k`, the dev split's choice (k = 0: no pruning).
+    """
+    if not curve:
+        raise ValueError("plot_k_curve: no k to draw")
+    ks = sorted(int(k) for k in curve)
+    fig = Figure(figsize=(5.0 * len(metrics), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    colors = {pair: CONDITION_COLORS.get(pair[1], _EXTRA_COLORS[i]) for i, pair in enumerate(pairs)}
+    for ax, metric in zip(axes, metrics):
+        for i, pair in enumerate(pairs):
+            found = {k: c for k in ks for c in curve[str(k)] if (c["condition"], c["baseline"], c["metric"]) == (*pair, metric)}
+            if not found:
+                continue
+            x = np.array(list(found), float) * (1 + 0.04 * (i - (len(pairs) - 1) / 2))   # dodge, on a log axis
+            d = np.array([c["diff"] for c in found.values()])
+            err = np.array([[c["diff"] - c["ci"][0], c["ci"][1] - c["diff"]] for c in found.values()]).T
+            ax.errorbar(x, d, yerr=err, fmt="-", color=colors[pair], lw=1.2, elinewidth=0.9, capsize=2,
+                        label=f"{pair[0]} - {pair[1]}")
+            for xi, di, c in zip(x, d, found.values()):
+                ax.plot(xi, di, "o", ms=5, color=colors[pair], mfc=colors[pair] if c["p_value"] < 0.05 else "white")
+        ax.axhline(0, color="#888888", lw=0.8)
+        if chosen_k:
+            ax.axvline(chosen_k, color="k", ls=":", lw=1.2, label=f"chosen k = {chosen_k}")
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_xlabel("k (neurons pruned)")
+        ax.set_ylabel(f"pooled {metric.replace('_', ' ')} difference")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(title or ("The k curve on the tasks (95% intervals; filled: p < 0.05)"
+                           + (", chosen k = 0: no pruning" if chosen_k == 0 else "")))
+    return fig
+
+
 def plot_layer_distribution(counts: Sequence[int], title: str | None = None) -> Figure:
     """Number of selected neurons per layer (`counts[l]` for layer l, e.g. `NeuronSet.layer_counts()`)."""
     counts = [int(c) for c in counts]

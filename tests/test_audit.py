@@ -128,3 +128,21 @@ def test_find_guard(tiny3, tmp_path, monkeypatch, best_k_chosen):
     off = find_copy_neurons(tiny3, tmp_path / "c.json", FindConfig(**{**config.__dict__, "consistency_random": 0}),
                             progress=False)
     assert "self_consistency" not in off.meta and len(off) == off.meta["sweep"]["chosen_k"]
+
+
+def test_self_consistency_with_mean_ablation(case):
+    """`means` mean-ablates the chosen and the random sets; the values match direct runs."""
+    from mechcopy.pruning import neuron_means
+
+    model, prompts, dev, scores = case
+    means = neuron_means(model, dev)
+    res = self_consistency(model, prompts, scores, ks=(10,), n_random=2, seed=1, means=means)
+    assert res.ablation == "mean" and res.to_json()["ablation"] == "mean"
+    chosen_set = select(scores, "global", k=10)
+    chosen = np.array([_contrast(model, p, pruning_hooks(model, chosen_set, means)) for p in prompts])
+    rand = np.array([[_contrast(model, p, pruning_hooks(model, random_matched(model, chosen_set, s), means))
+                      for p in prompts] for s in (1, 2)])
+    assert np.allclose(res.rows[0].per_prompt_chosen, chosen, atol=1e-5)
+    assert np.allclose(res.rows[0].per_prompt_random, rand, atol=1e-5)
+    zeroed = self_consistency(model, prompts, scores, ks=(10,), n_random=2, seed=1)
+    assert zeroed.ablation == "zero" and not np.allclose(zeroed.rows[0].per_prompt_chosen, chosen)

@@ -258,3 +258,47 @@ def test_find_config_names_its_probe(tiny3):
     assert classic[0].task == "copy_probe" and not classic[0].label_space
     with pytest.raises(ValueError, match="probe_items"):
         FindConfig(probe="balanced", probe_items="cities")
+
+
+PROMPTS_FOR_MEANS = ["pear -> 2\nfig -> 1\nplum -> ", "a b c -> 3\nab -> 2\nx y z w -> ", "kiwi -> 1\nplum -> "]
+
+
+@pytest.mark.parametrize("which", ["tiny3", "mamba"])
+def test_neuron_means_against_a_cache(which, request):
+    """The mean over every position of every prompt, from run_with_cache prompt by prompt."""
+    from types import SimpleNamespace
+
+    from mechcopy.pruning import neuron_means
+
+    model = request.getfixturevalue(which)
+    prompts = [SimpleNamespace(text=t) for t in PROMPTS_FOR_MEANS + PROMPTS_FOR_MEANS[:1]]
+    means = neuron_means(model, prompts, batch_size=2)
+    with torch.no_grad():
+        caches = [model.run_with_cache(p.text)[1] for p in prompts]
+    for layer in range(model.cfg.n_layers):
+        acts = torch.cat([c[neuron_site(model, layer)][0] for c in caches])      # [all positions, d]
+        assert torch.allclose(means[layer], acts.mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        neuron_means(model, [])
+
+
+def test_mean_ablation_equals_a_weight_edit(tiny3):
+    """Setting neurons to constants m: zero their W_out rows and add m @ W_out[idx] to b_out."""
+    from types import SimpleNamespace
+
+    from mechcopy.pruning import neuron_means
+
+    means = neuron_means(tiny3, [SimpleNamespace(text=t) for t in PROMPTS_FOR_MEANS])
+    ns = _set(tiny3, [(0, 1), (0, 5), (1, 7), (2, 30)])
+    edited = copy.deepcopy(tiny3)
+    with torch.no_grad():
+        for layer, idx in ns.by_layer().items():
+            mlp = edited.blocks[layer].mlp
+            mlp.b_out += means[layer][idx] @ mlp.W_out[idx]
+            mlp.W_out[idx] = 0
+        hooked = tiny3.run_with_hooks(TEXT, fwd_hooks=pruning_hooks(tiny3, ns, means))
+        zeroed = tiny3.run_with_hooks(TEXT, fwd_hooks=pruning_hooks(tiny3, ns))
+        assert torch.allclose(hooked, edited(TEXT), atol=1e-5, rtol=0)
+        assert not torch.allclose(hooked, zeroed, atol=1e-3)
+        zero_means = {layer: torch.zeros_like(m) for layer, m in means.items()}
+        assert torch.equal(tiny3.run_with_hooks(TEXT, fwd_hooks=pruning_hooks(tiny3, ns, zero_means)), zeroed)

@@ -377,3 +377,26 @@ def test_forest_plot_draws_every_task_and_the_pooled_difference():
     assert f"{pooled['diff']:+.3f}" in ax.get_title() and f"MDE {pooled['mde']:.3f}" in ax.get_title()
     with pytest.raises(ValueError):
         viz.plot_forest({})
+
+
+def test_k_curve_plot_draws_each_k_and_pair():
+    from tests.test_evaluation import _fake_rows
+
+    from mechcopy.evaluation import compare_rows
+
+    pooled = compare_rows(_fake_rows(), n_boot=200)["pooled"]
+    # two ks with the same comparisons, the second shifted by +0.1, to tell them apart on the plot
+    curve = {"5": pooled, "50": [{**c, "diff": c["diff"] + 0.1, "ci": [c["ci"][0] + 0.1, c["ci"][1] + 0.1]}
+                                 for c in pooled]}
+    fig = viz.plot_k_curve(curve, chosen_k=5)
+    assert len(fig.axes) == 2   # accuracy, copy rate
+    ax = fig.axes[0]
+    acc = {(c["condition"], c["baseline"]): c["diff"] for c in pooled if c["metric"] == "accuracy"}
+    points = [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines if len(line.get_xdata()) == 1]
+    ys = sorted(round(y, 9) for _, y in points)
+    assert ys == sorted(round(d + s, 9) for d in (acc[("pruned", "unpruned")], acc[("pruned", "random")])
+                        for s in (0.0, 0.1))
+    assert {t.get_text() for t in ax.get_xticklabels()} == {"5", "50"}
+    assert any(line.get_linestyle() == ":" for line in ax.lines)   # the chosen k
+    with pytest.raises(ValueError):
+        viz.plot_k_curve({})

@@ -1,0 +1,40 @@
+"""The study's script (analyses/replication.py) end to end on a tiny model folder, at --smoke sizes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = "probe,attribution,selection,consistency,ablation,kcurve-tasks"
+
+
+@pytest.mark.parametrize("variant", ["default"])
+def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant):
+    cmd = [sys.executable, str(ROOT / "analyses" / "replication.py"), "--model", str(tiny_llama_dir),
+           "--variant", variant, "--smoke", "--stages", STAGES, "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = tmp_path / tiny_llama_dir.name / variant
+    res = {s: json.loads((out / f"{s}.json").read_text())["result"] for s in STAGES.split(",")}
+    chosen = res["selection"]["chosen_k"]
+    # ablation: zeroing and mean ablation at the k curve and the chosen k; zeroing repeats `consistency`
+    assert res["ablation"]["ks"] == sorted({5, 10} | ({chosen} if chosen else set()))
+    assert res["ablation"]["zero"]["ablation"] == "zero" and res["ablation"]["mean"]["ablation"] == "mean"
+    by_k = {r["k"]: r for r in res["ablation"]["zero"]["rows"]}
+    for row in res["consistency"]["ig (variant)"]["rows"]:
+        assert by_k[row["k"]]["per_prompt_chosen"] == row["per_prompt_chosen"]
+    # the k curve on the tasks: every k of the dev sweep, unpruned + top-k + one random set per k
+    ks = [r["k"] for r in res["selection"]["sweep"]["rows"]]
+    assert res["kcurve-tasks"]["ks"] == ks and set(res["kcurve-tasks"]["pooled"]) == {str(k) for k in ks}
+    conditions = {r["condition"] for r in res["kcurve-tasks"]["rows"]}
+    assert conditions == {"unpruned"} | {f"{c}@{k}" for k in ks for c in ("pruned", "random-0")}
+    tasks = {r["task"] for r in res["kcurve-tasks"]["rows"]}
+    assert tasks == {"antonyms", "sentiment_binary"}
+    assert all(len(r["correct"]) == 3 for r in res["kcurve-tasks"]["rows"])
+    assert (out / "kcurve-tasks.png").stat().st_size > 10_000
+    # a second run skips every stage (resumes) and changes nothing
+    before = {s: (out / f"{s}.json").read_bytes() for s in STAGES.split(",")}
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert before == {s: (out / f"{s}.json").read_bytes() for s in STAGES.split(",")}
