@@ -5,7 +5,7 @@
 
 Reads ROOT/MODEL/VARIANT/<stage>.json (each `{"stage", "seconds", "result"}`) and prints one table per
 concern to stdout: probe, attribution cost and completeness, the k sweep, self-consistency, stability,
-neuron cards, held-out effect. The stages finish one by one over hours, so a missing
+mean ablation, neuron cards, the k curve on the tasks, held-out effect. The stages finish one by one over hours, so a missing
 folder or stage is a "(not run)" cell or note, never an error: the tables can be regenerated at any
 point. Nothing is recomputed; the held-out comparisons use `mechcopy.evaluation.comparisons_table`.
 """
@@ -156,26 +156,32 @@ def selection_table(args) -> str:
     return section("Selection: the k sweep", note, table(head, rows) + ("\n\n" + "\n".join(notes) if notes else ""))
 
 
+CONSISTENCY_HEAD = ["target unpruned", "chosen − unpruned [95% CI]", "random − unpruned (mean)",
+                    "chosen − random [95% CI]", "p", "passes"]
+
+
+def consistency_rows(source: str, s: dict, notes: list[str], where: str) -> list[list]:
+    """One row per k of an `audit.self_consistency` result; a line in `notes` on where it passes."""
+    passed = [r["k"] for r in s["rows"] if r["passed"]]
+    notes.append(f"- {where}, {source} (target {s.get('target')}, {s.get('n_random')} random sets): "
+                 + (f"passes at k = {', '.join(map(str, passed))}" if passed else "passes at no k")
+                 + f" of {', '.join(str(r['k']) for r in s['rows'])}")
+    out = []
+    for r in s["rows"]:
+        vr, vu = r["chosen_vs_random"], r["chosen_vs_unpruned"]
+        out.append([source, r["k"], s.get("n_prompts"), num(r["unpruned"]), with_ci(vu["diff"], vu.get("ci")),
+                    num(r["random"] - r["unpruned"]), with_ci(vr["diff"], vr.get("ci")), num(vr.get("p_value"), 2),
+                    "**yes**" if r["passed"] else "no"])
+    return out
+
+
 def consistency_table(args) -> str:
-    notes = []
+    notes: list[str] = []
 
     def rows_of(res, m, v):
-        out = []
-        for source, s in res.items():
-            passed = [r["k"] for r in s["rows"] if r["passed"]]
-            notes.append(f"- {m} / {v}, {source} (target {s.get('target')}, {s.get('n_random')} random sets): "
-                         + (f"passes at k = {', '.join(map(str, passed))}" if passed else "passes at no k")
-                         + f" of {', '.join(str(r['k']) for r in s['rows'])}")
-            for r in s["rows"]:
-                vr, vu = r["chosen_vs_random"], r["chosen_vs_unpruned"]
-                out.append([source, r["k"], s.get("n_prompts"), num(r["unpruned"]),
-                            with_ci(vu["diff"], vu.get("ci")), num(r["random"] - r["unpruned"]),
-                            with_ci(vr["diff"], vr.get("ci")), num(vr.get("p_value"), 2),
-                            "**yes**" if r["passed"] else "no"])
-        return out
+        return [row for source, s in res.items() for row in consistency_rows(source, s, notes, f"{m} / {v}")]
 
-    head = ["model", "variant", "scores", "k", "prompts", "target unpruned", "chosen − unpruned [95% CI]",
-            "random − unpruned (mean)", "chosen − random [95% CI]", "p", "passes"]
+    head = ["model", "variant", "scores", "k", "prompts", *CONSISTENCY_HEAD]
     note = ("`consistency.json`: the attribution target (contrast = logit of the likeliest demo label minus the "
             "gold logit; mean over the attribution prompts) with the top-k set pruned vs layer-matched random "
             "sets, paired over prompts and random sets. Passes when the chosen − random interval lies wholly "
@@ -183,6 +189,57 @@ def consistency_table(args) -> str:
     rows = each(args, "consistency", rows_of, len(head))
     return section("Self-consistency: does pruning the chosen set move the target more than random sets?",
                    note, table(head, rows) + ("\n\n" + "\n".join(notes) if notes else ""))
+
+
+def ablation_table(args) -> str:
+    notes: list[str] = []
+
+    def rows_of(res, m, v):
+        return [row for name in ("zero", "mean") for row in
+                consistency_rows(f"ig (variant), {name}", res[name], notes, f"{m} / {v}")]
+
+    head = ["model", "variant", "ablation", "k", "prompts", *CONSISTENCY_HEAD]
+    note = ("`ablation.json`: the self-consistency check of the variant's IG scores with every set (chosen and "
+            "random) zeroed, as pruning does, and set to its mean activation over the dev split's prompts at every "
+            "position (mean ablation), along the k curve and at the dev split's chosen k. A set that only carries "
+            "a large constant moves the target when zeroed and not when mean-ablated.")
+    rows = each(args, "ablation", rows_of, len(head))
+    return section("Mean ablation beside zeroing", note, table(head, rows) + ("\n\n" + "\n".join(notes) if notes else ""))
+
+
+def kcurve_table(args) -> str:
+    from mechcopy.evaluation import comparisons_table
+
+    figures = []
+    cols = [("accuracy", "pruned - unpruned"), ("accuracy", "pruned - random"),
+            ("copy_rate", "pruned - unpruned"), ("copy_rate", "pruned - random")]
+
+    def rows_of(res, m, v):
+        rates: dict = {}
+        for r in res["rows"]:
+            rates.setdefault(r["condition"], []).append((r["accuracy"], r["copy_rate"]))
+        png = args.root / m / v / "kcurve-tasks.png"
+        if png.exists():
+            figures.append(f"- {m} / {v}: `{png}`")
+        out = []
+        for k in res["ks"]:
+            df = comparisons_table(res["pooled"][str(k)])
+            cell = {(r["metric"], r["comparison"]): f"{r['diff']} {r['95% CI']}" for _, r in df.iterrows()}
+            acc, copy = (sum(x) / len(x) for x in zip(*rates[f"pruned@{k}"]))
+            out.append([f"**{k}**" if k == res["chosen_k"] else k, len(rates[f"pruned@{k}"]), res["n_per_task"],
+                        f"{num(acc, 2)} / {num(copy, 2)}", *(cell.get(c, "–") for c in cols)])
+        base = [sum(x) / len(x) for x in zip(*rates["unpruned"])]
+        return [[f"0 (unpruned){' **chosen**' if res['chosen_k'] == 0 else ''}", len(rates["unpruned"]),
+                 res["n_per_task"], f"{num(base[0], 2)} / {num(base[1], 2)}", "", "", "", ""]] + out
+
+    head = ["model", "variant", "k", "tasks", "prompts per task", "acc / copy (mean over tasks)",
+            "Δ acc pruned − unpruned", "Δ acc pruned − random", "Δ copy pruned − unpruned", "Δ copy pruned − random"]
+    note = ("`kcurve-tasks.json`: every held-out task (standard construction) unpruned and, for every k of the dev "
+            "sweep, the top-k set and one layer-matched random set; pooled paired differences (tasks weighed "
+            "equally) with 95% intervals. The dev split's choice is in bold; the choice is made on the probe's dev "
+            "split only, the curve is shown beside it.")
+    rows = each(args, "kcurve-tasks", rows_of, len(head))
+    return section("The k curve on the tasks", note, table(head, rows) + ("\n\nFigures:\n" + "\n".join(figures) if figures else ""))
 
 
 def stability_table(args) -> str:
@@ -307,7 +364,8 @@ def main() -> None:
     ap.add_argument("--variants", default="default,faithful,classic")
     args = ap.parse_args()
     args.models, args.variants = args.models.split(","), args.variants.split(",")
-    for make in (probe_table, attribution_table, selection_table, consistency_table, stability_table, cards_table):
+    for make in (probe_table, attribution_table, selection_table, consistency_table, ablation_table, stability_table,
+                 cards_table, kcurve_table):
         print(make(args))
     for construction in ("standard", "nogold"):
         print(heldout_table(args, construction))

@@ -38,3 +38,12 @@ def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant):
     before = {s: (out / f"{s}.json").read_bytes() for s in STAGES.split(",")}
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert before == {s: (out / f"{s}.json").read_bytes() for s in STAGES.split(",")}
+    # the tables render every stage that ran, and nothing reads as broken
+    tables = subprocess.run([sys.executable, str(ROOT / "analyses" / "replication_tables.py"), "--root", str(tmp_path),
+                             "--models", tiny_llama_dir.name, "--variants", variant],
+                            check=True, cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
+    assert "unreadable" not in tables
+    assert f"| {tiny_llama_dir.name} | {variant} | ig (variant), mean | 5 |" in tables
+    assert f"| {tiny_llama_dir.name} | {variant} | 0 (unpruned)" in tables
+    for k in ks:
+        assert f"| {tiny_llama_dir.name} | {variant} | {f'**{k}**' if k == chosen else k} |" in tables
