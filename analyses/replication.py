@@ -23,6 +23,11 @@ One variant of the method on one model, in stages; each stage writes OUT/MODEL/V
   curve and at the dev split's choice, with every set zeroed and with every set set to its mean
   activation over the dev split (`pruning.neuron_means`). A neuron that only carries a large constant
   moves the target when zeroed but not when mean-ablated.
+- `evaluate-methods`: the held-out effect of each attribution of the consistency stage (IG as the
+  variant selects, IG with the other gate setting, gradient x activation): every task at `--n-curve`
+  prompts (standard construction), unpruned and, at one k (the dev split's choice, else the smallest k
+  that beats no pruning without the bound, else 20), each method's top-k set and one random set matched
+  to its layers.
 - `kcurve-tasks`: the k curve on the tasks: every task at `--n-curve` prompts (standard construction)
   unpruned and, for every k of the dev sweep, the top-k set and one layer-matched random set; pooled
   paired comparisons per k, beside the dev split's choice.
@@ -175,19 +180,24 @@ def stage_selection(model, cfg, out):
             "allowed_layers": None if scores.allowed_layers is None else list(scores.allowed_layers)}
 
 
+def _methods(model, cfg, out, attr):
+    """The attributions compared: IG as the variant selects, IG with the other gate setting, and
+    gradient x activation (no gate: its gradients need no convergence)."""
+    ig = _attributions(model, cfg, out, attr, "ig")
+    gx = _attributions(model, cfg, out, attr, "gradxact")
+    gated = VARIANTS[cfg.variant]["gate"] is not None
+    return {"ig (variant)": _scores(model, cfg, ig),
+            "ig, no gate" if gated else "ig, gated": _scores(model, cfg, ig, gate=None if gated else MAX_COMPLETENESS_ERROR),
+            "gradxact": _scores(model, cfg, gx, gate=None)}
+
+
 def stage_consistency(model, cfg, out):
     from mechcopy.audit import self_consistency
 
     attr, _, _ = _probe(model, cfg)
-    ig = _attributions(model, cfg, out, attr, "ig")
-    gx = _attributions(model, cfg, out, attr, "gradxact")
     prompts = attr[:cfg.n_consistency]
-    gated = VARIANTS[cfg.variant]["gate"] is not None
-    methods = {"ig (variant)": _scores(model, cfg, ig),
-               "ig, no gate" if gated else "ig, gated": _scores(model, cfg, ig, gate=None if gated else MAX_COMPLETENESS_ERROR),
-               "gradxact": _scores(model, cfg, gx, gate=None)}
     res = {}
-    for name, scores in methods.items():
+    for name, scores in _methods(model, cfg, out, attr).items():
         t0 = time.perf_counter()
         res[name] = self_consistency(model, prompts, scores, cfg.ks, n_random=cfg.n_random, seed=cfg.seed,
                                      progress=True).to_json()
@@ -255,7 +265,8 @@ def _conditions(model, cfg, out):
 
 
 def _per_k(rows, k):
-    """The rows of one k renamed to the standard conditions (pruned, random-s) beside unpruned."""
+    """The rows of one k (or one method: any suffix after "@") renamed to the standard conditions
+    (pruned, random-s) beside unpruned."""
     out = []
     for r in rows:
         name = r["condition"]
@@ -277,6 +288,27 @@ def _stage_evaluate(model, cfg, out, gold_in_demos):
                                    checkpoint=out / f"evaluate-{name}.partial.jsonl", gold_in_demos=gold_in_demos)
     return {"grid": grid, **ks, "rows": rows, "dropped": {t: len(d) for t, d in dropped.items()},
             "comparisons": {str(k): compare_rows(_per_k(rows, k), seed=cfg.seed) for k in grid}}
+
+
+def stage_evaluate_methods(model, cfg, out):
+    from mechcopy.evaluation import compare_rows, run_evaluation
+    from mechcopy.pruning import random_matched, select, smallest_unbounded_k
+    from mechcopy.tasks import load_tasks
+
+    attr, _, _ = _probe(model, cfg)
+    selection = _selection(out)
+    k = selection["chosen_k"] or smallest_unbounded_k(selection["sweep"]) or 20
+    methods = _methods(model, cfg, out, attr)
+    conds = {"unpruned": None}
+    for name, scores in methods.items():
+        conds[f"pruned@{name}"] = ns = select(scores, "global", k=k)
+        conds[f"random-0@{name}"] = random_matched(model, ns, cfg.seed)
+    tasks = [t for t in load_tasks(cfg.tasks) if t.kind != "probe"]
+    rows, dropped = run_evaluation(model, tasks, 4, cfg.n_curve, cfg.seed, conds,
+                                   checkpoint=out / "evaluate-methods.partial.jsonl", gold_in_demos=True)
+    return {"k": k, "chosen_k": selection["chosen_k"], "n_per_task": cfg.n_curve, "methods": list(methods),
+            "rows": rows, "dropped": {t: len(d) for t, d in dropped.items()},
+            "pooled": {name: compare_rows(_per_k(rows, name), seed=cfg.seed)["pooled"] for name in methods}}
 
 
 def stage_kcurve_tasks(model, cfg, out):
@@ -315,7 +347,7 @@ def stage_evaluate_nogold(model, cfg, out):
 STAGES = {"probe": stage_probe, "attribution": stage_attribution, "selection": stage_selection,
           "consistency": stage_consistency, "cards": stage_cards, "stability": stage_stability,
           "evaluate-standard": stage_evaluate_standard, "evaluate-nogold": stage_evaluate_nogold,
-          "ablation": stage_ablation, "kcurve-tasks": stage_kcurve_tasks}
+          "ablation": stage_ablation, "kcurve-tasks": stage_kcurve_tasks, "evaluate-methods": stage_evaluate_methods}
 
 
 def main() -> None:

@@ -207,6 +207,28 @@ def ablation_table(args) -> str:
     return section("Mean ablation beside zeroing", note, table(head, rows) + ("\n\n" + "\n".join(notes) if notes else ""))
 
 
+def methods_table(args) -> str:
+    from mechcopy.evaluation import comparisons_table
+
+    cols = [("accuracy", "pruned - unpruned"), ("accuracy", "pruned - random"),
+            ("copy_rate", "pruned - unpruned"), ("copy_rate", "pruned - random")]
+
+    def rows_of(res, m, v):
+        out = []
+        for name in res["methods"]:
+            df = comparisons_table(res["pooled"][name])
+            cell = {(r["metric"], r["comparison"]): f"{r['diff']} {r['95% CI']}" for _, r in df.iterrows()}
+            out.append([name, res["k"], res["n_per_task"], *(cell.get(c, "–") for c in cols)])
+        return out
+
+    head = ["model", "variant", "attribution", "k", "prompts per task", "Δ acc pruned − unpruned",
+            "Δ acc pruned − random", "Δ copy pruned − unpruned", "Δ copy pruned − random"]
+    note = ("`evaluate-methods.json`: every held-out task (standard construction) unpruned and, at one k (the dev "
+            "split's choice, else the smallest k that beats no pruning without the bound), each attribution's top-k "
+            "set and one random set matched to its layers; pooled paired differences with 95% intervals")
+    return section("Held-out effect by attribution", note, table(head, each(args, "evaluate-methods", rows_of, len(head))))
+
+
 def kcurve_table(args) -> str:
     from mechcopy.evaluation import comparisons_table
 
@@ -365,7 +387,7 @@ def main() -> None:
     args = ap.parse_args()
     args.models, args.variants = args.models.split(","), args.variants.split(",")
     for make in (probe_table, attribution_table, selection_table, consistency_table, ablation_table, stability_table,
-                 cards_table, kcurve_table):
+                 cards_table, kcurve_table, methods_table):
         print(make(args))
     for construction in ("standard", "nogold"):
         print(heldout_table(args, construction))

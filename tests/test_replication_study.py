@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = "probe,attribution,selection,consistency,ablation,kcurve-tasks"
+STAGES = "probe,attribution,selection,consistency,ablation,kcurve-tasks,evaluate-methods"
 
 
 @pytest.mark.parametrize("variant", ["default"])
@@ -34,6 +34,19 @@ def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant):
     assert tasks == {"antonyms", "sentiment_binary"}
     assert all(len(r["correct"]) == 3 for r in res["kcurve-tasks"]["rows"])
     assert (out / "kcurve-tasks.png").stat().st_size > 10_000
+    # each attribution's top-k set and its own random set at one k, beside unpruned
+    methods = res["evaluate-methods"]
+    assert methods["methods"] == list(res["consistency"]) and set(methods["pooled"]) == set(methods["methods"])
+    assert {r["condition"] for r in methods["rows"]} == {"unpruned"} | {
+        f"{c}@{name}" for name in methods["methods"] for c in ("pruned", "random-0")}
+    assert methods["k"] == (chosen or methods["k"]) and methods["k"] > 0
+    # the same set on the same prompts answers the same in both stages (each its own one-pass evaluation)
+    curve = {(r["task"], r["condition"]): r["predictions"] for r in res["kcurve-tasks"]["rows"]}
+    for r in methods["rows"]:
+        if r["condition"] == "pruned@ig (variant)" and methods["k"] in ks:
+            assert r["predictions"] == curve[(r["task"], f"pruned@{methods['k']}")]
+        if r["condition"] == "unpruned":
+            assert r["predictions"] == curve[(r["task"], "unpruned")]
     # a second run skips every stage (resumes) and changes nothing
     before = {s: (out / f"{s}.json").read_bytes() for s in STAGES.split(",")}
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -45,5 +58,6 @@ def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant):
     assert "unreadable" not in tables
     assert f"| {tiny_llama_dir.name} | {variant} | ig (variant), mean | 5 |" in tables
     assert f"| {tiny_llama_dir.name} | {variant} | 0 (unpruned)" in tables
+    assert f"| {tiny_llama_dir.name} | {variant} | gradxact | {methods['k']} |" in tables
     for k in ks:
         assert f"| {tiny_llama_dir.name} | {variant} | {f'**{k}**' if k == chosen else k} |" in tables
