@@ -12,7 +12,8 @@ One variant of the method on one model, in stages; each stage writes OUT/MODEL/V
   attribution split, saved as safetensors; per-layer IG completeness.
 - `stability`: top-k Jaccard and Spearman across bootstrap resamples of the attribution prompts,
   across normalisations, and across IG settings (steps 10 / 20 / 40; targets contrast, gold_logprob,
-  copy_prob) on the first `--n-settings` prompts.
+  copy_prob) on the first `--n-settings` prompts; and, on all prompts, the bootstrap of each attribution
+  that the consistency stage compares, with its overlap with the variant's selection.
 - `selection`: the k sweep on the probe's dev split (k = 0 allowed, 5% perplexity bound) and, beside
   it, the sweep without the bound.
 - `consistency`: on the attribution prompts, the target with the top-k set pruned vs layer-matched
@@ -167,7 +168,30 @@ def stage_stability(model, cfg, out):
     full = stability_report(ig, ks=ks, n_boot=cfg.n_boot, seed=cfg.seed, allowed_layers=gate)
     across = stability_report(settings, ks=ks, n_boot=cfg.n_boot, seed=cfg.seed, allowed_layers=gate)
     return {"bootstrap_and_normalisations": full.to_json(), "ig_settings": across.to_json(),
-            "allowed_layers": None if gate is None else list(gate)}
+            "allowed_layers": None if gate is None else list(gate), "methods": _method_stability(model, cfg, out, attr, ks)}
+
+
+def _method_stability(model, cfg, out, attr, ks):
+    """For each attribution of `_methods`, on all attribution prompts: the bootstrap of its own
+    selection (its gate, the variant's normalisation) and the Jaccard overlap of its top-k set with the
+    variant's IG top-k set."""
+    from mechcopy.pruning import select
+    from mechcopy.stability import bootstrap_stability, jaccard
+
+    methods = _methods(model, cfg, out, attr)
+    atts = {"ig": _attributions(model, cfg, out, attr, "ig"), "gradxact": _attributions(model, cfg, out, attr, "gradxact")}
+    reference = methods["ig (variant)"]
+    res = {}
+    for name, scores in methods.items():
+        att = atts["gradxact" if name == "gradxact" else "ig"]
+        boot = bootstrap_stability(att, ks, VARIANTS[cfg.variant]["normalisation"], cfg.n_boot, cfg.seed,
+                                   scores.allowed_layers)
+        res[name] = {"allowed_layers": None if scores.allowed_layers is None else list(scores.allowed_layers),
+                     "bootstrap": boot.to_json(),
+                     "jaccard_with_variant": {str(k): jaccard(frozenset(select(scores, "global", k=k).neurons),
+                                                              frozenset(select(reference, "global", k=k).neurons))
+                                              for k in ks}}
+    return res
 
 
 def stage_selection(model, cfg, out):

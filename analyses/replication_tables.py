@@ -281,6 +281,12 @@ def stability_table(args) -> str:
         ref = settings.get("reference")
         out += [[f"setting {a['a']} vs {a['b']}", "", num(a["spearman"], 2)] + [num(a["jaccard"][k], 2) for k in ks]
                 for a in settings.get("settings", []) if a["a"] == ref]
+        for name, m in (res.get("methods") or {}).items():
+            b = m["bootstrap"]
+            out.append([f"bootstrap, {name} ({b['normalisation']}; layers {ranges(m['allowed_layers'])})",
+                        f"{b['n_prompts']} × {b['n_boot']}", span(b["spearman"])] + [span(b["jaccard"][k]) for k in ks])
+            out.append([f"selection {name} vs ig (variant), all prompts", "", ""]
+                       + [num(m["jaccard_with_variant"].get(k), 2) for k in ks])
         return out
 
     rows = each(args, "stability", rows_of, 5)
@@ -290,7 +296,9 @@ def stability_table(args) -> str:
     note = ("`stability.json`: bootstrap = mean [5%, 95%] over resamples of the attribution prompts against the full "
             "set, per normalisation; normalisations compared on the full set; IG settings (steps, targets, "
             "grad×act) on the first prompts, each against the reference (min-max scores; other pairs in the JSON). "
-            "Layers: the gate's, where the variant gates.")
+            "Layers: the gate's, where the variant gates. Per attribution compared (ig as the variant selects, ig "
+            "with the other gate setting, grad×act): its bootstrap on all prompts with its own layers, and the "
+            "overlap of its top-k set with the variant's.")
     return section("Stability of the selection", note, table(head, rows))
 
 

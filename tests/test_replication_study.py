@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = "probe,attribution,selection,consistency,ablation,kcurve-tasks,evaluate-methods"
+STAGES = "probe,attribution,selection,consistency,stability,ablation,kcurve-tasks,evaluate-methods"
 
 
 @pytest.mark.parametrize("variant", ["default"])
@@ -47,6 +47,12 @@ def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant):
             assert r["predictions"] == curve[(r["task"], f"pruned@{methods['k']}")]
         if r["condition"] == "unpruned":
             assert r["predictions"] == curve[(r["task"], "unpruned")]
+    # the stability of every attribution compared; the variant's own overlap with itself is 1
+    stab = res["stability"]["methods"]
+    assert set(stab) == set(res["consistency"])
+    assert all(v == 1.0 for v in stab["ig (variant)"]["jaccard_with_variant"].values())
+    assert stab["ig (variant)"]["bootstrap"]["jaccard"] == res["stability"]["bootstrap_and_normalisations"][
+        "bootstrap"][0]["jaccard"]
     # a second run skips every stage (resumes) and changes nothing
     before = {s: (out / f"{s}.json").read_bytes() for s in STAGES.split(",")}
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
