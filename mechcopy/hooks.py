@@ -73,7 +73,11 @@ def set_neurons(idx, values: Float[Tensor, "n"]) -> Hook:
     if len(vals) != len(index):
         raise ValueError(f"set_neurons needs one value per index, got {len(vals)} values for {len(index)} indices")
 
+    top = int(index.max()) if index.numel() else -1
+
     def hook(act: Float[Tensor, "... d"], hook) -> Float[Tensor, "... d"]:
+        if top >= act.shape[-1]:
+            raise IndexError(f"neuron index {top} out of range at {hook.name}: it has {act.shape[-1]} neurons")
         out = act.clone()
         out[..., index.to(act.device)] = vals.to(act.device, act.dtype)
         return out

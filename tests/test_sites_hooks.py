@@ -30,6 +30,25 @@ def test_zero_neurons_hook_equals_zeroing_w_out(tiny):
     assert not torch.allclose(hooked, tiny(tokens), atol=1e-4)
 
 
+def test_set_neurons_sets_exactly_those_neurons(tiny):
+    tokens = tiny.to_tokens("abc -> 3\nxyz ->")
+    site = neuron_site(tiny, 1)
+    _, clean = tiny.run_with_cache(tokens)
+    store = {}
+    tiny.run_with_hooks(tokens, fwd_hooks=[(site, hooks.set_neurons([2, 9], torch.tensor([1.5, -4.0]))),
+                                           (site, hooks.capture(store))])
+    got, ref = store[site], clean[site]
+    assert (got[..., 2] == 1.5).all() and (got[..., 9] == -4.0).all()
+    keep = [i for i in range(64) if i not in (2, 9)]
+    assert torch.equal(got[..., keep], ref[..., keep])
+    with pytest.raises(ValueError, match="one value per index"):
+        hooks.set_neurons([1, 2], torch.tensor([0.0]))
+    with pytest.raises(IndexError, match=">= 0"):
+        hooks.set_neurons([-1], torch.tensor([0.0]))
+    with pytest.raises(IndexError, match="neuron index 64 out of range"):
+        tiny.run_with_hooks(tokens, fwd_hooks=[(site, hooks.set_neurons([64], torch.tensor([0.0])))])
+
+
 def test_patch_and_capture(tiny):
     a, b = tiny.to_tokens("abc -> 3"), tiny.to_tokens("xyz -> 4")
     _, cache_a = tiny.run_with_cache(a)
