@@ -41,6 +41,11 @@ def _neuron_index(idx) -> Tensor:
     return index
 
 
+def _check_width(top: int, act: Tensor, hook) -> None:
+    if top >= act.shape[-1]:
+        raise IndexError(f"neuron index {top} out of range at {hook.name}: it has {act.shape[-1]} neurons")
+
+
 def scale_neurons(idx, factor: float) -> Hook:
     """Multiply neurons `idx` (last dimension) by `factor` at every position."""
     index = _neuron_index(idx)
@@ -48,8 +53,7 @@ def scale_neurons(idx, factor: float) -> Hook:
     masks: dict[tuple, Tensor] = {}      # built once per width, device and dtype: no copy to the device per call
 
     def hook(act: Float[Tensor, "... d"], hook) -> Float[Tensor, "... d"]:
-        if top >= act.shape[-1]:
-            raise IndexError(f"neuron index {top} out of range at {hook.name}: it has {act.shape[-1]} neurons")
+        _check_width(top, act, hook)
         key = (act.shape[-1], act.device, act.dtype)
         if key not in masks:
             masks[key] = torch.ones(act.shape[-1], dtype=act.dtype, device=act.device)
@@ -76,8 +80,7 @@ def set_neurons(idx, values: Float[Tensor, "n"]) -> Hook:
     top = int(index.max()) if index.numel() else -1
 
     def hook(act: Float[Tensor, "... d"], hook) -> Float[Tensor, "... d"]:
-        if top >= act.shape[-1]:
-            raise IndexError(f"neuron index {top} out of range at {hook.name}: it has {act.shape[-1]} neurons")
+        _check_width(top, act, hook)
         out = act.clone()
         out[..., index.to(act.device)] = vals.to(act.device, act.dtype)
         return out
