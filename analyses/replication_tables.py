@@ -76,6 +76,22 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+DIFF_COLUMNS = [("accuracy", "pruned - unpruned"), ("accuracy", "pruned - random"),
+                ("copy_rate", "pruned - unpruned"), ("copy_rate", "pruned - random")]
+
+
+def diff_cells(comparisons: list[dict]) -> list[str]:
+    """The four paired differences of DIFF_COLUMNS from `evaluation.compare_rows` entries, with
+    intervals (and, pooled, how many tasks move up/down after Holm)."""
+    from mechcopy.evaluation import comparisons_table
+
+    df = comparisons_table(comparisons)
+    holm = "tasks up/down (Holm)"
+    cell = {(r["metric"], r["comparison"]): f"{r['diff']} {r['95% CI']}"
+            + (f"; tasks up/down {r[holm]}" if holm in df else "") for _, r in df.iterrows()}
+    return [cell.get(c, "–") for c in DIFF_COLUMNS]
+
+
 def section(title: str, source: str, body: str) -> str:
     return f"### {title}\n\nSource: {source}\n\n{body}\n"
 
@@ -208,17 +224,11 @@ def ablation_table(args) -> str:
 
 
 def methods_table(args) -> str:
-    from mechcopy.evaluation import comparisons_table
-
-    cols = [("accuracy", "pruned - unpruned"), ("accuracy", "pruned - random"),
-            ("copy_rate", "pruned - unpruned"), ("copy_rate", "pruned - random")]
 
     def rows_of(res, m, v):
         out = []
         for name in res["methods"]:
-            df = comparisons_table(res["pooled"][name])
-            cell = {(r["metric"], r["comparison"]): f"{r['diff']} {r['95% CI']}" for _, r in df.iterrows()}
-            out.append([name, res["k"], res["n_per_task"], *(cell.get(c, "–") for c in cols)])
+            out.append([name, res["k"], res["n_per_task"], *diff_cells(res["pooled"][name])])
         return out
 
     head = ["model", "variant", "attribution", "k", "prompts per task", "Δ acc pruned − unpruned",
@@ -230,11 +240,7 @@ def methods_table(args) -> str:
 
 
 def kcurve_table(args) -> str:
-    from mechcopy.evaluation import comparisons_table
-
     figures = []
-    cols = [("accuracy", "pruned - unpruned"), ("accuracy", "pruned - random"),
-            ("copy_rate", "pruned - unpruned"), ("copy_rate", "pruned - random")]
 
     def rows_of(res, m, v):
         rates: dict = {}
@@ -245,11 +251,9 @@ def kcurve_table(args) -> str:
             figures.append(f"- {m} / {v}: `{png}`")
         out = []
         for k in res["ks"]:
-            df = comparisons_table(res["pooled"][str(k)])
-            cell = {(r["metric"], r["comparison"]): f"{r['diff']} {r['95% CI']}" for _, r in df.iterrows()}
             acc, copy = (sum(x) / len(x) for x in zip(*rates[f"pruned@{k}"]))
             out.append([f"**{k}**" if k == res["chosen_k"] else k, len(rates[f"pruned@{k}"]), res["n_per_task"],
-                        f"{num(acc, 2)} / {num(copy, 2)}", *(cell.get(c, "–") for c in cols)])
+                        f"{num(acc, 2)} / {num(copy, 2)}", *diff_cells(res["pooled"][str(k)])])
         base = [sum(x) / len(x) for x in zip(*rates["unpruned"])]
         return [[f"0 (unpruned){' **chosen**' if res['chosen_k'] == 0 else ''}", len(rates["unpruned"]),
                  res["n_per_task"], f"{num(base[0], 2)} / {num(base[1], 2)}", "", "", "", ""]] + out
@@ -356,11 +360,7 @@ def heldout_table(args, construction: str) -> str:
 
 
 def heldout_one(model: str, variant: str, res: dict) -> str:
-    from mechcopy.evaluation import comparisons_table
-
     unpruned = {r["task"]: r for r in res.get("rows", []) if r["condition"] == "unpruned"}
-    cols = [("accuracy", "pruned - unpruned"), ("accuracy", "pruned - random"),
-            ("copy_rate", "pruned - unpruned"), ("copy_rate", "pruned - random")]
     head = ["task", "n", "unpruned acc / copy", "Δ acc pruned − unpruned", "Δ acc pruned − random",
             "Δ copy pruned − unpruned", "Δ copy pruned − random"]
     why = {"chosen_k": "the dev split's choice", "unbounded_k": "preferred without the bound",
@@ -370,14 +370,9 @@ def heldout_one(model: str, variant: str, res: dict) -> str:
         reasons = [w for key, w in why.items() if res.get(key) == int(k)]
         rows = []
         for task, cs in comps.items():
-            df = comparisons_table(cs)
-            holm = "tasks up/down (Holm)"
-            cell = {(r["metric"], r["comparison"]): f"{r['diff']} {r['95% CI']}"
-                    + (f"; tasks up/down {r[holm]}" if holm in df else "") for _, r in df.iterrows()}
             u = unpruned.get(task)
             rows.append([f"**{task}**" if task == "pooled" else task, cs[0]["n"] if cs else "–",
-                         f"{num(u['accuracy'], 2)} / {num(u['copy_rate'], 2)}" if u else "",
-                         *(cell.get(c, "–") for c in cols)])
+                         f"{num(u['accuracy'], 2)} / {num(u['copy_rate'], 2)}" if u else "", *diff_cells(cs)])
         dropped = {t: d for t, d in (res.get("dropped") or {}).items() if d}
         title = (f"{model} / {variant}, k = {k}" + (f" ({'; '.join(reasons)})" if reasons else "")
                  + (f"; prompts dropped: {counts(dropped)}" if dropped else ""))
