@@ -80,6 +80,9 @@ DIFF_COLUMNS = [("accuracy", "pruned - unpruned"), ("accuracy", "pruned - random
                 ("copy_rate", "pruned - unpruned"), ("copy_rate", "pruned - random")]
 
 
+DIFF_HEAD = ["Δ acc pruned − unpruned", "Δ acc pruned − random", "Δ copy pruned − unpruned", "Δ copy pruned − random"]
+
+
 def diff_cells(comparisons: list[dict]) -> list[str]:
     """The four paired differences of DIFF_COLUMNS from `evaluation.compare_rows` entries, with
     intervals (and, pooled, how many tasks move up/down after Holm)."""
@@ -224,15 +227,13 @@ def ablation_table(args) -> str:
 
 
 def methods_table(args) -> str:
-
     def rows_of(res, m, v):
         out = []
         for name in res["methods"]:
             out.append([name, res["k"], res["n_per_task"], *diff_cells(res["pooled"][name])])
         return out
 
-    head = ["model", "variant", "attribution", "k", "prompts per task", "Δ acc pruned − unpruned",
-            "Δ acc pruned − random", "Δ copy pruned − unpruned", "Δ copy pruned − random"]
+    head = ["model", "variant", "attribution", "k", "prompts per task", *DIFF_HEAD]
     note = ("`evaluate-methods.json`: every held-out task (standard construction) unpruned and, at one k (the dev "
             "split's choice, else the smallest k that beats no pruning without the bound), each attribution's top-k "
             "set and one random set matched to its layers; pooled paired differences with 95% intervals")
@@ -259,7 +260,7 @@ def kcurve_table(args) -> str:
                  res["n_per_task"], f"{num(base[0], 2)} / {num(base[1], 2)}", "", "", "", ""]] + out
 
     head = ["model", "variant", "k", "tasks", "prompts per task", "acc / copy (mean over tasks)",
-            "Δ acc pruned − unpruned", "Δ acc pruned − random", "Δ copy pruned − unpruned", "Δ copy pruned − random"]
+            *DIFF_HEAD]
     note = ("`kcurve-tasks.json`: every held-out task (standard construction) unpruned and, for every k of the dev "
             "sweep, the top-k set and one layer-matched random set; pooled paired differences (tasks weighed "
             "equally) with 95% intervals. The dev split's choice is in bold; the choice is made on the probe's dev "
@@ -361,8 +362,7 @@ def heldout_table(args, construction: str) -> str:
 
 def heldout_one(model: str, variant: str, res: dict) -> str:
     unpruned = {r["task"]: r for r in res.get("rows", []) if r["condition"] == "unpruned"}
-    head = ["task", "n", "unpruned acc / copy", "Δ acc pruned − unpruned", "Δ acc pruned − random",
-            "Δ copy pruned − unpruned", "Δ copy pruned − random"]
+    head = ["task", "n", "unpruned acc / copy", *DIFF_HEAD]
     why = {"chosen_k": "the dev split's choice", "unbounded_k": "preferred without the bound",
            "smallest_better_k": "smallest k beating no pruning without the bound"}
     out = []
