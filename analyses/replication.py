@@ -21,9 +21,10 @@ One variant of the method on one model, in stages; each stage writes OUT/MODEL/V
   gate, and gradient x activation.
 - `cards`: neuron cards of the top neurons.
 - `ablation`: mean ablation beside zeroing: the self-consistency check of the variant's IG along the k
-  curve and at the dev split's choice, with every set zeroed and with every set set to its mean
-  activation over the dev split (`pruning.neuron_means`). A neuron that only carries a large constant
-  moves the target when zeroed but not when mean-ablated.
+  curve and at the dev split's choice, with every set zeroed, and with every set set to its mean
+  activation over the dev split (`pruning.neuron_means`); each at every position and at the last
+  position only (there with the last position's mean: the position IG attributes). A neuron that only
+  carries a large constant moves the target when zeroed but not when mean-ablated.
 - `evaluate-methods`: the held-out effect of each attribution of the consistency stage (IG as the
   variant selects, IG with the other gate setting, gradient x activation): every task at `--n-curve`
   prompts (standard construction), unpruned and, at one k (the dev split's choice, else the smallest k
@@ -251,11 +252,13 @@ def stage_ablation(model, cfg, out):
     chosen = _selection(out)["chosen_k"]
     ks = sorted(set(cfg.ks) | ({chosen} if chosen else set()))
     prompts = attr[:cfg.n_consistency]
-    res = {"ks": ks, "chosen_k": chosen, "means_from": f"dev split, {len(dev)} prompts, every position"}
-    for name, means in (("zero", None), ("mean", neuron_means(model, dev))):
+    res = {"ks": ks, "chosen_k": chosen, "means_from": f"dev split, {len(dev)} prompts"}
+    ablations = {"zero": (None, False), "mean": (neuron_means(model, dev), False),
+                 "zero, last position": (None, True), "mean, last position": (neuron_means(model, dev, last_only=True), True)}
+    for name, (means, last_only) in ablations.items():
         t0 = time.perf_counter()
         res[name] = self_consistency(model, prompts, scores, ks, n_random=cfg.n_random, seed=cfg.seed,
-                                     progress=True, means=means).to_json()
+                                     progress=True, means=means, last_only=last_only).to_json()
         res[name]["seconds"] = round(time.perf_counter() - t0, 1)
     return res
 

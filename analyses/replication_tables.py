@@ -210,18 +210,22 @@ def consistency_table(args) -> str:
                    note, table(head, rows) + ("\n\n" + "\n".join(notes) if notes else ""))
 
 
+ABLATIONS = ("zero", "mean", "zero, last position", "mean, last position")
+
+
 def ablation_table(args) -> str:
     notes: list[str] = []
 
     def rows_of(res, m, v):
-        return [row for name in ("zero", "mean") for row in
+        return [row for name in ABLATIONS if name in res for row in
                 consistency_rows(f"ig (variant), {name}", res[name], notes, f"{m} / {v}")]
 
     head = ["model", "variant", "ablation", "k", "prompts", *CONSISTENCY_HEAD]
     note = ("`ablation.json`: the self-consistency check of the variant's IG scores with every set (chosen and "
-            "random) zeroed, as pruning does, and set to its mean activation over the dev split's prompts at every "
-            "position (mean ablation), along the k curve and at the dev split's chosen k. A set that only carries "
-            "a large constant moves the target when zeroed and not when mean-ablated.")
+            "random) zeroed, as pruning does, and set to its mean activation over the dev split's prompts (mean "
+            "ablation), each at every position and at the last position only (there with the last position's "
+            "mean), along the k curve and at the dev split's chosen k. A set that only carries a large constant "
+            "moves the target when zeroed and not when mean-ablated.")
     rows = each(args, "ablation", rows_of, len(head))
     return section("Mean ablation beside zeroing", note, table(head, rows) + ("\n\n" + "\n".join(notes) if notes else ""))
 

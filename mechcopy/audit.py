@@ -88,7 +88,7 @@ class SelfConsistency:
     seed: int
     per_prompt_unpruned: tuple[float, ...]
     rows: tuple[ConsistencyRow, ...]
-    ablation: str = "zero"        # "zero" (pruning) or "mean" (set to `pruning.neuron_means`)
+    ablation: str = "zero"        # "zero" (pruning) or "mean" (`pruning.neuron_means`), "... at the last position"
 
     @property
     def passed(self) -> bool:
@@ -103,10 +103,12 @@ class SelfConsistency:
 
 def self_consistency(model: HookedModel, prompts: Sequence, scores: CopyScores, ks: Sequence[int] = (5, 30, 100),
                      mode: str = "global", target: str = "contrast", n_random: int = 5, seed: int = 0,
-                     n_boot: int = 2000, progress: bool = False, means: dict | None = None) -> SelfConsistency:
+                     n_boot: int = 2000, progress: bool = False, means: dict | None = None,
+                     last_only: bool = False) -> SelfConsistency:
     """The target on `prompts` (the attribution prompts) unpruned, with `select(scores, mode, k)` pruned and
     with `n_random` layer-matched random sets pruned (seeds seed..seed+n_random-1), for every k. With
-    `means` (`pruning.neuron_means`) every set is mean-ablated instead of zeroed.
+    `means` (`pruning.neuron_means`) every set is mean-ablated instead of zeroed; with `last_only`, at
+    the last position only (`pruning.pruning_hooks`).
 
     chosen - random: `stats.paired_means` over the random family (prompts and sets resampled);
     chosen - unpruned: `stats.paired_means` against the single baseline.
@@ -123,9 +125,9 @@ def self_consistency(model: HookedModel, prompts: Sequence, scores: CopyScores, 
     rows = []
     for k in tqdm(list(ks), desc="self-consistency", disable=not progress):
         chosen_set = select(scores, mode, k=int(k))
-        chosen = target_values(model, prompts, target, pruning_hooks(model, chosen_set, means), specs)
+        chosen = target_values(model, prompts, target, pruning_hooks(model, chosen_set, means, last_only), specs)
         rand = np.stack([target_values(model, prompts, target,
-                                       pruning_hooks(model, random_matched(model, chosen_set, s), means), specs)
+                                       pruning_hooks(model, random_matched(model, chosen_set, s), means, last_only), specs)
                          for s in range(seed, seed + n_random)])
         vs_random = paired_means(chosen, rand, "probe", f"top-{k}", "random", target, n_boot, seed)
         vs_unpruned = paired_means(chosen, unpruned, "probe", f"top-{k}", "unpruned", target, n_boot, seed)
@@ -134,7 +136,7 @@ def self_consistency(model: HookedModel, prompts: Sequence, scores: CopyScores, 
                                    float(rand.mean()), vs_random.to_json(), vs_unpruned.to_json(), bool(passed),
                                    tuple(chosen.tolist()), tuple(map(tuple, rand.tolist()))))
     return SelfConsistency(target, mode, len(prompts), n_random, seed, tuple(unpruned.tolist()), tuple(rows),
-                           "zero" if means is None else "mean")
+                           ("zero" if means is None else "mean") + (" at the last position" if last_only else ""))
 
 
 # ---------------------------------------------------------------- the k curve on ICL prompts

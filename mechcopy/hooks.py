@@ -69,23 +69,24 @@ def zero_neurons(idx) -> Hook:
     return _named(scale_neurons(index, 0.0), f"zero_neurons[{len(index)}]")
 
 
-def set_neurons(idx, values: Float[Tensor, "n"]) -> Hook:
-    """Set neurons `idx` (last dimension) to `values` (one per index) at every position: mean ablation
-    when `values` are the neurons' mean activations (`pruning.neuron_means`)."""
+def set_neurons(idx, values: Float[Tensor, "n"], position: int | None = None) -> Hook:
+    """Set neurons `idx` (last dimension) to `values` (one per index) at every position, or only at
+    `position` (e.g. -1, the last): mean ablation when `values` are the neurons' mean activations
+    (`pruning.neuron_means`)."""
     index = _neuron_index(idx)
     vals = torch.as_tensor(values).reshape(-1)
     if len(vals) != len(index):
         raise ValueError(f"set_neurons needs one value per index, got {len(vals)} values for {len(index)} indices")
-
     top = int(index.max()) if index.numel() else -1
 
-    def hook(act: Float[Tensor, "... d"], hook) -> Float[Tensor, "... d"]:
+    def hook(act: Float[Tensor, "batch pos d"], hook) -> Float[Tensor, "batch pos d"]:
         _check_width(top, act, hook)
         out = act.clone()
-        out[..., index.to(act.device)] = vals.to(act.device, act.dtype)
+        where = out if position is None else out[:, position]
+        where[..., index.to(act.device)] = vals.to(act.device, act.dtype)
         return out
 
-    return _named(hook, f"set_neurons[{len(index)}]")
+    return _named(hook, f"set_neurons[{len(index)}" + ("" if position is None else f"@{position}") + "]")
 
 
 def scale_neurons_by_group(masks: Float[Tensor, "groups d"]) -> Hook:

@@ -1,7 +1,7 @@
 """Select copy neurons from their scores, choose k on the probe's dev split, and prune them.
 
 Pruning sets the selected neurons to zero at every position (or, for mean ablation, to their mean
-activation over reference prompts, `neuron_means`). Two equivalent forms: a named hook
+activation over reference prompts, `neuron_means`; or only at the last position, `last_only`). Two equivalent forms: a named hook
 (`pruning_hooks`, `pruned`: temporary, composable) and a permanent weight edit (`prune_weights`: zero
 the matching rows of `W_out`, or Mamba's `out_proj` input columns); tests check they give identical
 logits. `grouped_pruning_hooks` prunes a different set in each row group of one batch (the
@@ -37,19 +37,24 @@ DEFAULT_KS = (5, 10, 20, 50, 100, 200, 500, 1000)
 
 
 def pruning_hooks(model: HookedModel, neurons: NeuronSet, means: dict[int, Tensor] | None = None,
-                  ) -> list[tuple[str, Callable]]:
-    """`zero_neurons` at each layer's neuron site (checked against `model` first); with `means`
-    (`neuron_means`), mean ablation: `set_neurons` to each neuron's mean activation instead."""
+                  last_only: bool = False) -> list[tuple[str, Callable]]:
+    """`zero_neurons` at each layer's neuron site (checked against `model` first). With `means`
+    (`neuron_means`), mean ablation: `set_neurons` to each neuron's mean activation instead. With
+    `last_only`, only the last position is changed (the position IG attributes)."""
     neurons.check(model)
-    if means is None:
-        return [(neuron_site(model, layer), zero_neurons(idx)) for layer, idx in neurons.by_layer().items()]
-    return [(neuron_site(model, layer), set_neurons(idx, means[layer][idx])) for layer, idx in neurons.by_layer().items()]
+    by_layer = neurons.by_layer().items()
+    if means is None and not last_only:
+        return [(neuron_site(model, layer), zero_neurons(idx)) for layer, idx in by_layer]
+    return [(neuron_site(model, layer),
+             set_neurons(idx, torch.zeros(len(idx)) if means is None else means[layer][idx], -1 if last_only else None))
+            for layer, idx in by_layer]
 
 
-def neuron_means(model: HookedModel, prompts: Sequence, batch_size: int = 32) -> dict[int, Float[Tensor, "d"]]:
-    """Every layer's mean neuron activation over every token position of `prompts` (the reference for
-    mean ablation, `pruning_hooks(..., means=)`): what a neuron carries on average, so ablating to it
-    removes only what varies."""
+def neuron_means(model: HookedModel, prompts: Sequence, last_only: bool = False, batch_size: int = 32,
+                 ) -> dict[int, Float[Tensor, "d"]]:
+    """Every layer's mean neuron activation over every token position of `prompts`, or over their last
+    positions only: the reference for mean ablation (`pruning_hooks(..., means=)`), what a neuron
+    carries on average, so ablating to it removes only what varies across prompts."""
     from mechcopy.evaluation import token_batches
 
     if not prompts:
@@ -65,9 +70,10 @@ def neuron_means(model: HookedModel, prompts: Sequence, batch_size: int = 32) ->
                                  fwd_hooks=[(name, capture(store)) for name in sites])
             for name, layer in sites.items():
                 act = store[name].double()
+                act = act[:, -1:] if last_only else act
                 total = act.reshape(-1, act.shape[-1]).sum(0)
                 sums[layer] = sums[layer] + total if layer in sums else total
-            count += len(batch) * len(ids[batch[0]])
+            count += len(batch) * (1 if last_only else len(ids[batch[0]]))
     return {layer: (s / count).float() for layer, s in sums.items()}
 
 

@@ -146,3 +146,8 @@ def test_self_consistency_with_mean_ablation(case):
     assert np.allclose(res.rows[0].per_prompt_random, rand, atol=1e-5)
     zeroed = self_consistency(model, prompts, scores, ks=(10,), n_random=2, seed=1)
     assert zeroed.ablation == "zero" and not np.allclose(zeroed.rows[0].per_prompt_chosen, chosen)
+    last = neuron_means(model, dev, last_only=True)
+    at_last = self_consistency(model, prompts, scores, ks=(10,), n_random=1, seed=1, means=last, last_only=True)
+    assert at_last.ablation == "mean at the last position"
+    direct = np.array([_contrast(model, p, pruning_hooks(model, chosen_set, last, last_only=True)) for p in prompts])
+    assert np.allclose(at_last.rows[0].per_prompt_chosen, direct, atol=1e-5)

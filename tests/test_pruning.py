@@ -12,6 +12,7 @@ from mechcopy.pruning import (
 )
 from mechcopy.neurons import NeuronSet, model_fingerprint
 from mechcopy.sites import neuron_site, neurons_per_layer
+from mechcopy.hooks import capture as hooks_capture
 
 
 def _set(model, pairs, **meta):
@@ -275,9 +276,20 @@ def test_neuron_means_against_a_cache(which, request):
     means = neuron_means(model, prompts, batch_size=2)
     with torch.no_grad():
         caches = [model.run_with_cache(p.text)[1] for p in prompts]
+    last = neuron_means(model, prompts, last_only=True, batch_size=2)
     for layer in range(model.cfg.n_layers):
         acts = torch.cat([c[neuron_site(model, layer)][0] for c in caches])      # [all positions, d]
         assert torch.allclose(means[layer], acts.mean(0), atol=1e-5)
+        at_last = torch.stack([c[neuron_site(model, layer)][0, -1] for c in caches])
+        assert torch.allclose(last[layer], at_last.mean(0), atol=1e-5)
+    # at the last position only: earlier positions keep their activations, the last one gets the means
+    ns = _set(model, [(0, 1), (1, 7)])
+    store = {}
+    with torch.no_grad():
+        model.run_with_hooks(prompts[0].text, fwd_hooks=pruning_hooks(model, ns, last, last_only=True)
+                             + [(neuron_site(model, 1), hooks_capture(store))])
+    got, ref = store[neuron_site(model, 1)][0], caches[0][neuron_site(model, 1)][0]
+    assert torch.allclose(got[-1, 7], last[1][7]) and torch.allclose(got[:-1, 7], ref[:-1, 7], atol=1e-6)
     with pytest.raises(ValueError, match="at least one prompt"):
         neuron_means(model, [])
 

@@ -21,7 +21,8 @@ def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant):
     chosen = res["selection"]["chosen_k"]
     # ablation: zeroing and mean ablation at the k curve and the chosen k; zeroing repeats `consistency`
     assert res["ablation"]["ks"] == sorted({5, 10} | ({chosen} if chosen else set()))
-    assert res["ablation"]["zero"]["ablation"] == "zero" and res["ablation"]["mean"]["ablation"] == "mean"
+    assert [res["ablation"][a]["ablation"] for a in ("zero", "mean", "zero, last position", "mean, last position")] == [
+        "zero", "mean", "zero at the last position", "mean at the last position"]
     by_k = {r["k"]: r for r in res["ablation"]["zero"]["rows"]}
     for row in res["consistency"]["ig (variant)"]["rows"]:
         assert by_k[row["k"]]["per_prompt_chosen"] == row["per_prompt_chosen"]
@@ -63,6 +64,7 @@ def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant):
                             check=True, cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
     assert "unreadable" not in tables
     assert f"| {tiny_llama_dir.name} | {variant} | ig (variant), mean | 5 |" in tables
+    assert f"| {tiny_llama_dir.name} | {variant} | ig (variant), mean, last position | 5 |" in tables
     assert f"| {tiny_llama_dir.name} | {variant} | 0 (unpruned)" in tables
     assert f"| {tiny_llama_dir.name} | {variant} | gradxact | {methods['k']} |" in tables
     for k in ks:

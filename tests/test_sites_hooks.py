@@ -41,6 +41,11 @@ def test_set_neurons_sets_exactly_those_neurons(tiny):
     assert (got[..., 2] == 1.5).all() and (got[..., 9] == -4.0).all()
     keep = [i for i in range(64) if i not in (2, 9)]
     assert torch.equal(got[..., keep], ref[..., keep])
+    store = {}
+    tiny.run_with_hooks(tokens, fwd_hooks=[(site, hooks.set_neurons([2], torch.tensor([1.5]), position=-1)),
+                                           (site, hooks.capture(store))])
+    assert (store[site][:, -1, 2] == 1.5).all() and torch.equal(store[site][:, :-1], ref[:, :-1])
+    assert torch.equal(store[site][:, -1, 3:], ref[:, -1, 3:])
     with pytest.raises(ValueError, match="one value per index"):
         hooks.set_neurons([1, 2], torch.tensor([0.0]))
     with pytest.raises(IndexError, match=">= 0"):
