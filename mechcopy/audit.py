@@ -97,7 +97,8 @@ class SelfConsistency:
 
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "mode": self.mode, "n_prompts": self.n_prompts, "n_random": self.n_random,
-                "seed": self.seed, "ablation": self.ablation, "passed": self.passed, "per_prompt_unpruned": list(self.per_prompt_unpruned),
+                "seed": self.seed, "ablation": self.ablation, "passed": self.passed,
+                "per_prompt_unpruned": list(self.per_prompt_unpruned),
                 "rows": [r.to_json() for r in self.rows]}
 
 

@@ -273,8 +273,8 @@ def plot_k_curve(curve: dict, chosen_k: int | None = None, pairs: Sequence[tuple
         ax.set_ylabel(f"pooled {metric.replace('_', ' ')} difference")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(title or ("The k curve on the tasks (95% intervals; filled: p < 0.05)"
-                           + (", chosen k = 0: no pruning" if chosen_k == 0 else "")))
+    fig.suptitle((title or "The k curve on the tasks (95% intervals; filled: p < 0.05)")
+                 + ("\nthe dev split chose k = 0: no pruning" if chosen_k == 0 else ""))
     return fig
 
 

@@ -400,3 +400,12 @@ def test_k_curve_plot_draws_each_k_and_pair():
     assert any(line.get_linestyle() == ":" for line in ax.lines)   # the chosen k
     with pytest.raises(ValueError):
         viz.plot_k_curve({})
+
+
+def test_k_curve_plot_says_when_no_pruning_was_chosen():
+    from tests.test_evaluation import _fake_rows
+
+    from mechcopy.evaluation import compare_rows
+
+    fig = viz.plot_k_curve({"5": compare_rows(_fake_rows(), n_boot=100)["pooled"]}, chosen_k=0, title="t")
+    assert fig._suptitle.get_text() == "t\nthe dev split chose k = 0: no pruning"
