@@ -4,10 +4,10 @@ Pruning sets the selected neurons to zero at every position (for mean ablation: 
 activation over reference prompts, `neuron_means`; `last_only`: at the last position only). Two
 equivalent forms: a named hook (`pruning_hooks`, `pruned`: temporary, composable) and a permanent
 weight edit (`prune_weights`: zero the matching rows of `W_out`, or Mamba's `out_proj` input
-columns); tests check they give identical logits. `grouped_pruning_hooks` prunes a different set
-in each row group of one batch (the evaluator's one pass over all conditions). Baselines: random
-neurons matched per layer (`random_matched`, several seeds) and the bottom-score set
-(`bottom_set`); `condition_sets` names them all. Every selection takes neurons only from the layers the scores allow
+columns); tests check they give identical logits. `grouped_pruning_hooks` prunes a different set in
+each row group of one batch (the evaluator's one pass over all conditions). Baselines: random
+neurons matched per layer (`random_matched`, several seeds) and the bottom-score set (`bottom_set`);
+`condition_sets` names them all. Every selection takes neurons only from the layers the scores allow
 (`CopyScores.allowed_layers`, the IG completeness gate); random sets match the selection's layers.
 """
 
