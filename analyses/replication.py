@@ -114,12 +114,18 @@ def stage_probe(model, cfg, out):
             "example": dev[0].text}
 
 
+_LOADED: dict[Path, object] = {}     # attributions read from disk, once per process
+
+
 def _attributions(model, cfg, out, prompts, kind, target="contrast", steps=None, name=None):
     from mechcopy.attribution import Attributions, grad_x_act, integrated_gradients
 
     path = out / f"{name or kind}.safetensors"
+    if path in _LOADED:
+        return _LOADED[path]
     if path.exists():
-        return Attributions.load(path)[0]
+        _LOADED[path] = Attributions.load(path)[0]
+        return _LOADED[path]
     t0 = time.perf_counter()
     if kind == "ig":
         att = integrated_gradients(model, prompts, target=target, steps=steps or cfg.steps, progress=True)
@@ -127,6 +133,11 @@ def _attributions(model, cfg, out, prompts, kind, target="contrast", steps=None,
         att = grad_x_act(model, prompts, target=target, progress=True)
     att.save(path, {"seconds": round(time.perf_counter() - t0, 1), "n": len(prompts)})
     return att
+
+
+def _variant_scores(model, cfg, out, attr):
+    """The copy scores the variant selects by: IG on the attribution prompts, its normalisation and gate."""
+    return _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
 
 
 def _scores(model, cfg, att, gate="variant"):
@@ -199,7 +210,7 @@ def stage_selection(model, cfg, out):
     from mechcopy.pruning import sweep_k
 
     attr, dev, _ = _probe(model, cfg)
-    scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
+    scores = _variant_scores(model, cfg, out, attr)
     bound = sweep_k(model, scores, dev, (5, 10, 20, 50, 100, 200, 500), seed=cfg.seed, progress=True)
     return {"sweep": bound.to_json(), "chosen_k": bound.chosen_k,
             "allowed_layers": None if scores.allowed_layers is None else list(scores.allowed_layers)}
@@ -211,7 +222,7 @@ def _methods(model, cfg, out, attr):
     ig = _attributions(model, cfg, out, attr, "ig")
     gx = _attributions(model, cfg, out, attr, "gradxact")
     gated = VARIANTS[cfg.variant]["gate"] is not None
-    return {"ig (variant)": _scores(model, cfg, ig),
+    return {"ig (variant)": _variant_scores(model, cfg, out, attr),
             "ig, no gate" if gated else "ig, gated": _scores(model, cfg, ig, gate=None if gated else MAX_COMPLETENESS_ERROR),
             "gradxact": _scores(model, cfg, gx, gate=None)}
 
@@ -236,7 +247,7 @@ def stage_cards(model, cfg, out):
     from mechcopy.pruning import select
 
     attr, dev, _ = _probe(model, cfg)
-    scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
+    scores = _variant_scores(model, cfg, out, attr)
     top = select(scores, "global", k=cfg.n_cards)
     cards = neuron_cards(model, top, dev, scores=scores)
     viz.save_figure(viz.plot_neuron_cards(cards), out / "cards.png")
@@ -248,7 +259,7 @@ def stage_ablation(model, cfg, out):
     from mechcopy.pruning import neuron_means
 
     attr, dev, _ = _probe(model, cfg)
-    scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
+    scores = _variant_scores(model, cfg, out, attr)
     chosen = _selection(out)["chosen_k"]
     ks = sorted(set(cfg.ks) | ({chosen} if chosen else set()))
     prompts = attr[:cfg.n_consistency]
@@ -272,23 +283,43 @@ def _conditions(model, cfg, out):
     `random-s@k`. The grid holds the dev split's choice under the perplexity bound (when not 0) and, with
     no bound, the k the dev split prefers and the smallest k that beats the unpruned model on it (when
     some k does), else k = 20."""
-    from mechcopy.pruning import random_matched, select, smallest_unbounded_k
+    from mechcopy.pruning import select, smallest_unbounded_k
 
     attr, _, _ = _probe(model, cfg)
-    scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
+    scores = _variant_scores(model, cfg, out, attr)
     sweep = _selection(out)["sweep"]
     base = sweep["baseline"]["dev_accuracy"]
     better = [r for r in sweep["rows"] if r["dev_accuracy"] > base]
     unbounded = max(better, key=lambda r: (r["dev_accuracy"], -r["k"]))["k"] if better else None
     smallest = smallest_unbounded_k(sweep)
     grid = sorted({k for k in (sweep["chosen_k"], smallest, unbounded) if k} or {20})
-    conds = {"unpruned": None}
-    for k in grid:
-        ns = select(scores, "global", k=k)
-        conds[f"pruned@{k}"] = ns
-        for s in range(cfg.n_random):
-            conds[f"random-{s}@{k}"] = random_matched(model, ns, cfg.seed + s)
+    conds = _with_random(model, {k: select(scores, "global", k=k) for k in grid}, cfg.n_random, cfg.seed)
     return conds, grid, {"chosen_k": sweep["chosen_k"], "unbounded_k": unbounded, "smallest_better_k": smallest}
+
+
+def _with_random(model, sets, n_random, seed):
+    """unpruned, and per tag (a k or a method) its set `pruned@tag` and `n_random` layer-matched random
+    sets `random-s@tag` (seeds seed..seed+n_random-1)."""
+    from mechcopy.pruning import random_matched
+
+    conds = {"unpruned": None}
+    for tag, ns in sets.items():
+        conds[f"pruned@{tag}"] = ns
+        for s in range(n_random):
+            conds[f"random-{s}@{tag}"] = random_matched(model, ns, seed + s)
+    return conds
+
+
+def _evaluate_tasks(model, cfg, out, stage, conds, n, gold_in_demos):
+    """Every held-out task (the probe left out) under `conds`, checkpointed as the stage goes:
+    (tasks, rows, prompts dropped per task)."""
+    from mechcopy.evaluation import run_evaluation
+    from mechcopy.tasks import load_tasks
+
+    tasks = [t for t in load_tasks(cfg.tasks) if t.kind != "probe"]
+    rows, dropped = run_evaluation(model, tasks, 4, n, cfg.seed, conds, checkpoint=out / f"{stage}.partial.jsonl",
+                                   gold_in_demos=gold_in_demos)
+    return tasks, rows, {t: len(d) for t, d in dropped.items()}
 
 
 def _per_k(rows, k):
@@ -305,62 +336,47 @@ def _per_k(rows, k):
 
 
 def _stage_evaluate(model, cfg, out, gold_in_demos):
-    from mechcopy.evaluation import compare_rows, run_evaluation
-    from mechcopy.tasks import load_tasks
+    from mechcopy.evaluation import compare_rows
 
     conds, grid, ks = _conditions(model, cfg, out)
-    tasks = [t for t in load_tasks(cfg.tasks) if t.kind != "probe"]
-    name = "standard" if gold_in_demos else "nogold"
-    rows, dropped = run_evaluation(model, tasks, 4, cfg.n_eval, cfg.seed, conds,
-                                   checkpoint=out / f"evaluate-{name}.partial.jsonl", gold_in_demos=gold_in_demos)
-    return {"grid": grid, **ks, "rows": rows, "dropped": {t: len(d) for t, d in dropped.items()},
+    stage = "evaluate-standard" if gold_in_demos else "evaluate-nogold"
+    _, rows, dropped = _evaluate_tasks(model, cfg, out, stage, conds, cfg.n_eval, gold_in_demos)
+    return {"grid": grid, **ks, "rows": rows, "dropped": dropped,
             "comparisons": {str(k): compare_rows(_per_k(rows, k), seed=cfg.seed) for k in grid}}
 
 
 def stage_evaluate_methods(model, cfg, out):
-    from mechcopy.evaluation import compare_rows, run_evaluation
-    from mechcopy.pruning import random_matched, select, smallest_unbounded_k
-    from mechcopy.tasks import load_tasks
+    from mechcopy.evaluation import compare_rows
+    from mechcopy.pruning import select, smallest_unbounded_k
 
     attr, _, _ = _probe(model, cfg)
     selection = _selection(out)
     k = selection["chosen_k"] or smallest_unbounded_k(selection["sweep"]) or 20
     methods = _methods(model, cfg, out, attr)
-    conds = {"unpruned": None}
-    for name, scores in methods.items():
-        conds[f"pruned@{name}"] = ns = select(scores, "global", k=k)
-        conds[f"random-0@{name}"] = random_matched(model, ns, cfg.seed)
-    tasks = [t for t in load_tasks(cfg.tasks) if t.kind != "probe"]
-    rows, dropped = run_evaluation(model, tasks, 4, cfg.n_curve, cfg.seed, conds,
-                                   checkpoint=out / "evaluate-methods.partial.jsonl", gold_in_demos=True)
+    conds = _with_random(model, {name: select(scores, "global", k=k) for name, scores in methods.items()}, 1, cfg.seed)
+    _, rows, dropped = _evaluate_tasks(model, cfg, out, "evaluate-methods", conds, cfg.n_curve, True)
     return {"k": k, "chosen_k": selection["chosen_k"], "n_per_task": cfg.n_curve, "methods": list(methods),
-            "rows": rows, "dropped": {t: len(d) for t, d in dropped.items()},
+            "rows": rows, "dropped": dropped,
             "pooled": {name: compare_rows(_per_k(rows, name), seed=cfg.seed)["pooled"] for name in methods}}
 
 
 def stage_kcurve_tasks(model, cfg, out):
     from mechcopy import viz
-    from mechcopy.evaluation import compare_rows, run_evaluation
-    from mechcopy.pruning import random_matched, select
-    from mechcopy.tasks import load_tasks
+    from mechcopy.evaluation import compare_rows
+    from mechcopy.pruning import select
 
     attr, _, _ = _probe(model, cfg)
-    scores = _scores(model, cfg, _attributions(model, cfg, out, attr, "ig"))
+    scores = _variant_scores(model, cfg, out, attr)
     selection = _selection(out)
     ks = [r["k"] for r in selection["sweep"]["rows"]]
-    conds = {"unpruned": None}
-    for k in ks:
-        conds[f"pruned@{k}"] = ns = select(scores, "global", k=k)
-        conds[f"random-0@{k}"] = random_matched(model, ns, cfg.seed)
-    tasks = [t for t in load_tasks(cfg.tasks) if t.kind != "probe"]
-    rows, dropped = run_evaluation(model, tasks, 4, cfg.n_curve, cfg.seed, conds,
-                                   checkpoint=out / "kcurve-tasks.partial.jsonl", gold_in_demos=True)
+    conds = _with_random(model, {k: select(scores, "global", k=k) for k in ks}, 1, cfg.seed)
+    tasks, rows, dropped = _evaluate_tasks(model, cfg, out, "kcurve-tasks", conds, cfg.n_curve, True)
     pooled = {str(k): compare_rows(_per_k(rows, k), seed=cfg.seed)["pooled"] for k in ks}
     viz.save_figure(viz.plot_k_curve(pooled, selection["chosen_k"], title=f"{Path(cfg.model).name} / {cfg.variant}: "
                                      f"the k curve on {len(tasks)} tasks, {cfg.n_curve} prompts each"),
                     out / "kcurve-tasks.png")
     return {"ks": ks, "chosen_k": selection["chosen_k"], "n_per_task": cfg.n_curve, "rows": rows,
-            "dropped": {t: len(d) for t, d in dropped.items()}, "pooled": pooled}
+            "dropped": dropped, "pooled": pooled}
 
 
 def stage_evaluate_standard(model, cfg, out):
