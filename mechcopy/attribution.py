@@ -41,8 +41,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import write_atomic, write_json_atomic
-from mechcopy.neurons import model_fingerprint
 from mechcopy.sites import neuron_site
 
 TARGETS = ("contrast", "gold_logprob", "copy_prob")
@@ -406,6 +406,11 @@ class CopyScores:
     @property
     def model(self) -> dict[str, Any]:
         return self.meta.get("model", {})
+
+    @property
+    def kind(self) -> str:
+        """The component kind scored (`mechcopy.components.KINDS`): neurons unless the meta says otherwise."""
+        return self.meta.get("kind", "neuron")
 
     def eligible(self) -> Bool[Tensor, "layers neurons"]:
         """True where a neuron may be selected (its layer is allowed)."""

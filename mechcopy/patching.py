@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import patch_from_cache
 from mechcopy.sites import components, neuron_site
 from mechcopy.tasks.pairs import CORRUPTIONS, corrupted_pairs, token_roles
@@ -243,11 +244,9 @@ def activation_patching(
 
     `neurons` are checked against the model before any work; an empty set (find chose k = 0) is not
     patched."""
-    from mechcopy.neurons import model_fingerprint
-
     if neurons is not None:
         neurons.check(model)
-        neurons = neurons if neurons.neurons else None
+        neurons = neurons if neurons.pairs else None
     pairs = make_pairs(model, task, corruption, n, shots, seed, other_task)
     metric = NormalisedLogitDiff.from_runs(model, pairs.clean_tokens, pairs.corrupt_tokens, pairs.gold,
                                            pairs.ref, fwd_hooks)

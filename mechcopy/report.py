@@ -245,7 +245,6 @@ def _per_task(model: HookedModel, settings: dict, neurons, evaluation: list[dict
 
     cfg = settings["config"]
     df = viz.task_results_df(evaluation)
-    df["family"] = df["condition"].map(viz.condition_family)
     means = df.groupby("family")[["accuracy", "copy_rate"]].mean().round(3).reset_index()
     bars = viz.save_figure(viz.plot_task_bars(df), fig_dir / "tasks.png")
     shown = [f for f in ("unpruned", "pruned", "random", "bottom") if f in set(means["family"])]
@@ -267,7 +266,7 @@ def _selection(model: HookedModel, settings: dict, neurons, fig_dir: Path) -> Se
     """The k sweep and where the neurons are."""
     from mechcopy import viz
 
-    cfg = settings["config"]
+    cfg = settings["config"]["find"]
     sweep = neurons.meta.get("sweep", {})
     figs = []
     if sweep.get("rows"):
@@ -277,7 +276,7 @@ def _selection(model: HookedModel, settings: dict, neurons, fig_dir: Path) -> Se
     figs.append(viz.save_figure(viz.plot_layer_distribution(counts), fig_dir / "layers.png"))
     return Section(
         "Selecting the copy neurons",
-        f"Integrated Gradients ({cfg['steps']} steps, target `{cfg['target']}`) on {cfg['n_probe']} prompts of the "
+        f"Integrated Gradients ({cfg['steps']} steps, target `{cfg['target']}`) on {cfg['n']} prompts of the "
         f"{cfg.get('probe', 'classic')} probe, in the layers whose IG converged (median completeness error below "
         f"{cfg.get('max_completeness_error')}); k chosen on {cfg['n_dev']} dev prompts of the probe, never on the "
         f"evaluation tasks (chosen k = {sweep.get('chosen_k')}, perplexity bound {sweep.get('max_ppl_increase')}"
@@ -313,10 +312,12 @@ def _patching(patch: dict, fig_dir: Path) -> Section:
 
 def _copy_error_prompt(model: HookedModel, cfg: dict):
     """A dev probe prompt on which the unpruned model copies a demo label (else the first one)."""
-    from mechcopy.evaluation import copy_error, predict
+    from mechcopy.evaluation import predict
+    from mechcopy.tasks.outcomes import copy_error
     from mechcopy.tasks.probe import probe_splits
 
-    _, dev = probe_splits(model.tokenizer, n_attr=cfg["n_probe"], n_dev=cfg["n_dev"], k=cfg["shots"], seed=cfg["seed"])
+    find = cfg["find"]
+    _, dev = probe_splits(model.tokenizer, n_attr=find["n"], n_dev=find["n_dev"], shots=find["shots"], seed=find["seed"])
     preds = predict(model, dev[:16])
     for prompt, pred in zip(dev, preds):
         if copy_error(pred, prompt.answer, prompt.demo_labels):
@@ -343,12 +344,12 @@ def _copy_error_up_close(model: HookedModel, settings: dict, neurons) -> Section
 def build_report(out_dir: str | Path, model: HookedModel) -> dict:
     """Figures (PNG too) and circuitsvis views of a `mechcopy reproduce` folder, assembled into
     `out_dir/report.html`; returns what the report stage records."""
-    from mechcopy.neurons import NeuronSet
+    from mechcopy.components import Components
 
     out = Path(out_dir)
     fig_dir = out / "figures"
     settings = json.loads((out / "settings.json").read_text())
-    neurons = NeuronSet.load(out / "evaluated.json")
+    neurons = Components.load(out / "evaluated.json")
     evaluation = _stage(out, "evaluate")
     per_task, means = _per_task(model, settings, neurons, evaluation["results"], fig_dir)
     sections = [_answer(evaluation["comparisons"], neurons, fig_dir), per_task, _selection(model, settings, neurons, fig_dir),

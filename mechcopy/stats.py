@@ -389,25 +389,27 @@ class _Spec:
     sets: tuple[str, ...] = ()
 
 
-def _plan(task: str, outcomes: Mapping[str, np.ndarray], baseline: str, random_prefix: str,
-          pruned: str) -> list[_Spec]:
+def _plan(task: str, outcomes: Mapping[str, np.ndarray], families: Mapping[str, str] | None,
+          baseline: str) -> list[_Spec]:
     """The comparisons of one task: every other condition vs the baseline, then the random family
-    vs the baseline (random minus baseline) and `pruned` vs the random family."""
+    vs the baseline (random minus baseline) and every condition of the `pruned` family vs the random
+    family. `families` maps a condition to its family (default: each its own)."""
     if baseline not in outcomes:
         raise ValueError(f"task {task}: baseline {baseline!r} missing (conditions: {sorted(outcomes)})")
+    families = families or {}
     arrays = {name: np.asarray(a) for name, a in outcomes.items()}
     lengths = {name: a.shape[-1] if a.ndim else 0 for name, a in arrays.items()}
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{name}: {k}" for name, k in lengths.items())
         raise ValueError(f"task {task}: conditions differ in prompt count ({detail})")
-    sets = tuple(sorted(name for name in arrays if name.startswith(random_prefix)))
+    family = {name: families.get(name, name) for name in arrays}
+    sets = tuple(sorted(name for name in arrays if family[name] == "random"))
     specs = [_Spec(name, baseline, arrays[name], arrays[baseline], False)
              for name in arrays if name != baseline and name not in sets]
     if sets:
         Y = np.stack([arrays[name] for name in sets])
         specs.append(_Spec("random", baseline, arrays[baseline], Y, True, sets))
-        if pruned in arrays:
-            specs.append(_Spec(pruned, "random", arrays[pruned], Y, False, sets))
+        specs += [_Spec(name, "random", arrays[name], Y, False, sets) for name in arrays if family[name] == "pruned"]
     return specs
 
 
@@ -417,27 +419,27 @@ def _run(task: str, spec: _Spec, metric: str, n_boot: int, seed: int) -> Compari
     return paired(spec.x, spec.y, task, spec.condition, spec.baseline, metric, n_boot, seed)
 
 
-def compare_task(task: str, outcomes: Mapping[str, np.ndarray], metric: str, baseline: str = "unpruned",
-                 random_prefix: str = "random-", n_boot: int = 2000, seed: int = 0,
-                 pruned: str = "pruned") -> list[Comparison]:
-    """All comparisons of one task; outcomes maps condition -> 0-1 outcomes over the same prompts.
+def compare_task(task: str, outcomes: Mapping[str, np.ndarray], metric: str, families: Mapping[str, str] | None = None,
+                 baseline: str = "unpruned", n_boot: int = 2000, seed: int = 0) -> list[Comparison]:
+    """All comparisons of one task; outcomes maps condition -> 0-1 outcomes over the same prompts, and
+    `families` a condition to its family (`Condition.family`; default: each its own).
 
-    Every condition that is neither the baseline nor a random set against the baseline (`paired`);
-    if random sets (names starting with random_prefix) exist, "random" minus the baseline and
-    `pruned` minus "random" (`versus_sets`, the latter only when `pruned` exists).
+    Every condition that is neither the baseline nor in the `random` family against the baseline
+    (`paired`); if the random family has members, "random" minus the baseline and every condition of
+    the `pruned` family minus "random" (`versus_sets`).
     """
-    return [_run(task, spec, metric, n_boot, seed) for spec in _plan(task, outcomes, baseline, random_prefix, pruned)]
+    return [_run(task, spec, metric, n_boot, seed) for spec in _plan(task, outcomes, families, baseline)]
 
 
-def compare_all(per_task: Mapping[str, Mapping[str, np.ndarray]], metric: str, baseline: str = "unpruned",
-                random_prefix: str = "random-", n_boot: int = 2000, seed: int = 0,
-                pruned: str = "pruned") -> list[Comparison]:
+def compare_all(per_task: Mapping[str, Mapping[str, np.ndarray]], metric: str,
+                families: Mapping[str, str] | None = None, baseline: str = "unpruned", n_boot: int = 2000,
+                seed: int = 0) -> list[Comparison]:
     """`compare_task` for every task, then the same (condition, baseline) pairs pooled over the tasks
     that have them (task "pooled"). Random families must name the same sets in every task."""
     out: list[Comparison] = []
     groups: dict[tuple[str, str], dict[str, _Spec]] = {}
     for task, outcomes in per_task.items():
-        for spec in _plan(task, outcomes, baseline, random_prefix, pruned):
+        for spec in _plan(task, outcomes, families, baseline):
             out.append(_run(task, spec, metric, n_boot, seed))
             groups.setdefault((spec.condition, spec.baseline), {})[task] = spec
     for (condition, base), specs in groups.items():

@@ -89,10 +89,13 @@ class TransformerArch(Arch):
             return OneTokenBlocks(model, caches)
         return TLBlocks(model, tokens, caches)
 
-    def prune_weights(self, model: HookedModel, layer: int, idx: Tensor) -> None:
-        w = model.blocks[layer].mlp.W_out                  # [d_mlp, d_model]
+    def prune_weights(self, model: HookedModel, layer: int, idx: Tensor, values: Tensor | None = None) -> None:
+        mlp = model.blocks[layer].mlp
+        w, idx = mlp.W_out, idx.to(mlp.W_out.device)       # W_out: [d_mlp, d_model]
         with torch.no_grad():
-            w[idx.to(w.device)] = 0
+            if values is not None:
+                mlp.b_out += values.to(w) @ w[idx]
+            w[idx] = 0
 
     def neuron_direction(self, model: HookedModel, layer: int, idx: int) -> Tensor:
         """Row `idx` of the layer's `W_out`."""

@@ -9,12 +9,13 @@ from mechcopy.commands.common import (add_config_args, add_model_args, config_fr
 from mechcopy.reproduce import ReproduceConfig
 
 HELPS = {
-    "n_probe": "probe prompts for attribution",
-    "n_dev": "probe dev prompts for the k sweep",
-    "steps": "Integrated Gradients steps",
+    "find.n": "probe prompts for attribution",
+    "find.n_dev": "probe dev prompts for the k sweep",
+    "find.steps": "Integrated Gradients steps",
+    "find.seed": "seed of the probe (find's prompts and its guard's random sets)",
     "n_eval": "prompts per task in the evaluation",
     "n_random": "random-neuron baseline sets",
-    "seed": "seed of every prompt set and baseline",
+    "seed": "seed of the evaluation's prompts and baselines, the task vectors and the patching",
 }
 
 

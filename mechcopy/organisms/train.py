@@ -102,13 +102,13 @@ def _lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float
 
 @torch.no_grad()
 def quick_accuracy(model: HookedModel, sets: tuple[str, ...] = ("map-heldout", "shift-heldout", "class", "probe"),
-                   n: int = 64, k: int = 4, seed: int = 12345) -> dict[str, float]:
+                   n: int = 64, shots: int = 4, seed: int = 12345) -> dict[str, float]:
     """Query accuracy per evaluation set, straight from token ids (no prompt builder): for training logs."""
     codec = CharCodec(model.tokenizer)
     device = next(model.parameters()).device
     out = {}
     for name in sets:
-        eps = episodes(name, n, k, seed)
+        eps = episodes(name, n, shots, seed)
         ids = torch.tensor([codec.encode(episode_text(e, with_answer=False)) for e in eps], device=device)
         pred = model(ids)[:, -1].argmax(-1)
         gold = torch.tensor([codec.char_to_id[e.query[1]] for e in eps], device=device)
