@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.fingerprint import model_fingerprint
@@ -151,8 +152,6 @@ def patch_sweep(
     A patch at layer l starts the forward pass at block l from the target run's cached residual stream
     (blocks before l are unchanged by it), about halving the cost.
     """
-    from tqdm.auto import tqdm
-
     arch = arch_of(model)
     templates = components(model)
     comps = list(templates) if comps is None else list(comps)

@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats as _st
 
 N_PERM = 10_000
+
+
+def _scipy_stats():
+    """scipy.stats, imported on first use: it takes most of a second, and every `mechcopy` command
+    imports this module before it parses its flags."""
+    from scipy import stats
+
+    return stats
 _CORE_KEYS = ("task", "condition", "baseline", "metric", "diff", "ci", "p_value", "mde", "n", "test")
 
 
@@ -40,7 +47,7 @@ def rate_interval(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     if n == 0:
         return float("nan"), float("nan")
-    ci = _st.binomtest(int(k), int(n)).proportion_ci(confidence_level=1 - alpha, method="exact")
+    ci = _scipy_stats().binomtest(int(k), int(n)).proportion_ci(confidence_level=1 - alpha, method="exact")
     return float(ci.low), float(ci.high)
 
 
@@ -55,7 +62,7 @@ def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
     mean = float(x.mean())
     if x.size == 1:
         return mean, float("nan"), float("nan")
-    half = float(_st.t.ppf(0.975, x.size - 1)) * float(x.std(ddof=1)) / np.sqrt(x.size)
+    half = float(_scipy_stats().t.ppf(0.975, x.size - 1)) * float(x.std(ddof=1)) / np.sqrt(x.size)
     return mean, mean - half, mean + half
 
 
@@ -91,7 +98,7 @@ def mcnemar_exact(b: int, c: int) -> float:
         raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
     if b + c == 0:
         return 1.0
-    return float(_st.binomtest(b, b + c, 0.5).pvalue)
+    return float(_scipy_stats().binomtest(b, b + c, 0.5).pvalue)
 
 
 def holm(p_values: Sequence[float], alpha: float = 0.05) -> np.ndarray:
@@ -127,7 +134,8 @@ def mde(se: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
         raise ValueError(f"mde needs n > 0 prompts, got n={n}")
     if np.isnan(se):
         return float("nan")
-    c = float(_st.norm.ppf(1 - alpha / 2) + _st.norm.ppf(power))
+    norm = _scipy_stats().norm
+    c = float(norm.ppf(1 - alpha / 2) + norm.ppf(power))
     return float(max(c * float(se), c * c / n))
 
 
@@ -313,7 +321,8 @@ def paired_means(x: np.ndarray, Y: np.ndarray, task: str, condition: str, baseli
     idx = rng.integers(0, n, size=(n_boot, n))
     reps = _replicates(x, Y, idx, _set_weights(rng, Y.shape[0], n_boot))
     d = x - Y.mean(axis=0)
-    c = float(_st.norm.ppf(0.975) + _st.norm.ppf(0.8))
+    norm = _scipy_stats().norm
+    c = float(norm.ppf(0.975) + norm.ppf(0.8))
     return Comparison(task=task, condition=condition, baseline=baseline, metric=metric, diff=float(d.mean()),
                       ci=_interval(reps, 0.05), p_value=_sign_flip_p(d / n, seed), mde=c * float(reps.std(ddof=1)),
                       n=n, test="sign-flip", extra={"n_sets": Y.shape[0]} if family else {})

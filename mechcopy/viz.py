@@ -13,6 +13,8 @@ the script once for all views.
 
 from __future__ import annotations
 
+import html
+import io
 import json
 import re
 import uuid
@@ -397,8 +399,6 @@ def plot_loss_curve(steps: Sequence[float], losses: Sequence[float] | dict[str, 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     """Write `fig` as PNG to `path` atomically (temporary file beside it, then rename)."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
     return write_atomic(path, buf.getvalue())
@@ -474,8 +474,6 @@ class CircuitsvisHTML:
 
     def save(self, path: str | Path) -> Path:
         """Write a standalone HTML page with this view (no network needed to open it)."""
-        import html
-
         page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
                 f"<title>{html.escape(self.title or self.component)}</title></head>\n<body>\n"
                 f"{self.local_src}\n</body></html>\n")

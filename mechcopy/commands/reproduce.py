@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mechcopy.commands.common import (add_config_args, add_model_args, config_from_args, open_model, prepare_out_dir,
                                       saved_in)
-from mechcopy.reproduce import ReproduceConfig
+from mechcopy.reproduce import STAGES, ReproduceConfig, check_out, reproduce
 
 HELPS = {
     "find.n": "probe prompts for attribution",
@@ -20,8 +20,6 @@ HELPS = {
 
 
 def run(args) -> int:
-    from mechcopy.reproduce import STAGES, check_out, reproduce
-
     cfg = config_from_args(ReproduceConfig, args)
     out = prepare_out_dir(args.out or f"results/{cfg.model}", {"--model": args.model}, args.force,
                           resume="settings.json")
