@@ -103,3 +103,18 @@ def test_the_cycle_finder(tmp_path, source, cycle):
     files = {"mechcopy": pkg / "__init__.py", "mechcopy.a": pkg / "a.py", "mechcopy.b": pkg / "b.py"}
     graph = {m: imports_of(path, modules, tmp_path) for m, path in files.items()}
     assert find_cycle(graph) == cycle
+
+
+@pytest.mark.parametrize("path", ["analyses/replication.py", "mechcopy/organisms/method.py", "mechcopy/find.py"])
+def test_the_method_is_written_once(path):
+    """The study, the organisms and `find` run the method's steps (`mechcopy.method`); none of them
+    attributes, scores or sweeps k itself."""
+    tree = ast.parse((ROOT / path).read_text(encoding="utf-8"))
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not names & {"copy_scores", "sweep_k", "integrated_gradients", "grad_x_act", "self_consistency"} - (
+        {"self_consistency"} if path == "analyses/replication.py" else set())      # the study's own audit stages
+    steps = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+             and isinstance(n.value, ast.Name) and n.value.id == "method"}
+    assert {"attribute", "score"} <= steps and steps <= {"prompts", "attribute", "score", "choose_k", "decide",
+                                                         "held_out_text", "evaluated", "Probe"}
