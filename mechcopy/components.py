@@ -157,11 +157,6 @@ class Components:
         return self.pairs
 
     @property
-    def spec(self) -> ComponentKind:
-        """The kind's registry entry (site, width, axis, weight edit)."""
-        return component_kind(self.kind)
-
-    @property
     def why_empty(self) -> str:
         """For an empty set, why `find` chose k = 0 (as recorded in its meta)."""
         return self.meta.get("why") or "find chose k = 0"
@@ -193,15 +188,17 @@ class Components:
                 for k in IDENTITY_KEYS if self.model[k] != fp[k]]
         if diff:
             raise ValueError(f"the {noun}{where} was found on another model (" + "; ".join(diff) + ")")
-        self.spec.check(model)
-        n_layers, width = fp["n_layers"], self.spec.width(model)
+        kind = component_kind(self.kind)
+        kind.check(model)
+        n_layers, width = fp["n_layers"], kind.width(model)
         for layer, idx in self.pairs:
             if not (0 <= layer < n_layers and 0 <= idx < width):
                 raise IndexError(f"{self.kind} ({layer}, {idx}){where} out of range: the model has {n_layers} layers "
-                                 f"of {width} {self.spec.plural}")
+                                 f"of {width} {kind.plural}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, self.spec.plural: [list(n) for n in self.pairs], "meta": self.meta}
+        return {"model": self.model, component_kind(self.kind).plural: [list(n) for n in self.pairs],
+                "meta": self.meta}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], source: Path | None = None) -> "Components":
@@ -253,7 +250,7 @@ def random_matched(model: HookedModel, components: Components, seed: int) -> Com
     """Random components of the same kind with the same count in every layer (avoiding the set itself
     where possible): the layer-matched baseline."""
     components.check(model)
-    width = components.spec.width(model)
+    width = component_kind(components.kind).width(model)
     gen = torch.Generator().manual_seed(int(seed))
     chosen = []
     for layer, idx in components.by_layer().items():

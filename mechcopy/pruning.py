@@ -7,7 +7,7 @@ the hooks that ablate a different condition in each row group of one batch (the 
 over all conditions: `evaluation.predict_conditions`). `prune_weights` edits the weights instead
 (zero the rows of `W_out` / columns of Mamba's `out_proj` / a head's rows of `W_O`; for mean ablation
 their mean's output goes into the bias). Every function asks the component kind
-(`Components.spec`) where its components live and how to act on them.
+(`components.component_kind`) where its components live and how to act on them.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def pruning_hooks(model: HookedModel, components: Components, ablation: str = "z
                          f"got {ablation!r}, {positions!r}")
     if (ablation == "mean") != (means is not None):
         raise ValueError("mean ablation needs means (component_means), and only mean ablation takes them")
-    kind, by_layer = components.spec, components.by_layer().items()
+    kind, by_layer = component_kind(components.kind), components.by_layer().items()
     if ablation == "zero" and positions == "all":
         return [(kind.site(model, layer), zero_units(idx, kind.axis)) for layer, idx in by_layer]
     position = -1 if positions == "last" else None
@@ -75,7 +75,7 @@ def grouped_hooks(model: HookedModel, conditions: Sequence[Condition]) -> tuple[
             continue
         comps = cond.components
         comps.check(model)
-        kind = comps.spec
+        kind = component_kind(comps.kind)
         width = kind.width(model)
         for layer, idx in comps.by_layer().items():
             key = (layer, kind.name)
@@ -101,7 +101,7 @@ def prune_weights(model: HookedModel, components: Components, means: Means | Non
     """Permanently prune by editing weights (`ComponentKind.edit_weights`): what `pruning_hooks` does at
     every position, zeroing, or with `means` mean-ablating."""
     components.check(model)
-    kind = components.spec
+    kind = component_kind(components.kind)
     for layer, idx in components.by_layer().items():
         kind.edit_weights(model, layer, idx, None if means is None else means[layer])
 
