@@ -29,7 +29,7 @@ def run(args) -> int:
     if result.stopped_early:
         print(f"{cfg.name}: stopped early: {result.stopped_early}")
     print(f"{cfg.name}: {result.steps_done} steps in {result.seconds:.0f} s, final loss {result.final_loss:.3f}; "
-          f"query accuracy (k=4): {acc}")
+          f"query accuracy (4 shots): {acc}")
     print(f"saved to {out} (load with mechcopy.organisms.load_organism)")
     return 0
 
