@@ -80,6 +80,12 @@ class ConsistencyRow:
                 "per_prompt_chosen": list(self.per_prompt_chosen),
                 "per_prompt_random": [list(r) for r in self.per_prompt_random]}
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ConsistencyRow":
+        return cls(obj["k"], obj["n_neurons"], obj["unpruned"], obj["chosen"], obj["random"], obj["chosen_vs_random"],
+                   obj["chosen_vs_unpruned"], obj["passed"], tuple(obj["per_prompt_chosen"]),
+                   tuple(tuple(r) for r in obj["per_prompt_random"]))
+
 
 @dataclass(frozen=True)
 class SelfConsistency:
@@ -104,6 +110,12 @@ class SelfConsistency:
                 "seed": self.seed, "ablation": self.ablation, "passed": self.passed,
                 "per_prompt_unpruned": list(self.per_prompt_unpruned),
                 "rows": [r.to_json() for r in self.rows]}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "SelfConsistency":
+        return cls(obj["target"], obj["mode"], obj["n_prompts"], obj["n_random"], obj["seed"],
+                   tuple(obj["per_prompt_unpruned"]), tuple(ConsistencyRow.from_json(r) for r in obj["rows"]),
+                   obj.get("ablation", "zero"))
 
 
 def self_consistency(model: HookedModel, prompts: Sequence, scores: CopyScores, ks: Sequence[int] = (5, 30, 100),

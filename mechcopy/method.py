@@ -178,6 +178,11 @@ class Guard:
     def to_json(self) -> dict[str, Any]:
         return {"self_consistency": self.check.to_json(), **({"refused": self.refused} if self.refused else {})}
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Guard":
+        """The guard as `to_json` wrote it (also from a neuron file's meta, which holds the same keys)."""
+        return cls(SelfConsistency.from_json(obj["self_consistency"]), obj.get("refused", ""))
+
 
 def guard(model: HookedModel, prompts: Sequence[ICLPrompt], scores: CopyScores, k: int, config: FindConfig) -> Guard:
     """`audit.self_consistency` of the top-k set with `config.consistency_random` random sets; refused

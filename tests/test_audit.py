@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mechcopy.attribution import CopyScores, copy_scores, integrated_gradients, make_target
-from mechcopy.audit import k_curve, self_consistency
+from mechcopy.audit import SelfConsistency, k_curve, self_consistency
 from mechcopy.components import random_matched
 from mechcopy.evaluation import evaluate
 from mechcopy.pruning import component_means, pruning_hooks
@@ -113,6 +113,9 @@ def test_find_guard(tiny3, tmp_path, monkeypatch, best_k_chosen):
                         consistency_random=2)
     ns = find_copy_neurons(tiny3, tmp_path / "a.json", config, progress=False)
     check = ns.meta["self_consistency"]
+    guard = method.Guard.from_json(ns.meta)                  # the guard reads back from the neuron file
+    assert guard.to_json() == {k: ns.meta[k] for k in ("self_consistency", "refused") if k in ns.meta}
+    assert guard.passed == check["passed"] and SelfConsistency.from_json(check).to_json() == check
     assert check["rows"][0]["k"] == ns.meta["sweep"]["chosen_k"] and check["n_random"] == 2
     assert (len(ns) > 0) == check["passed"] and ("refused" in ns.meta) == (not check["passed"])
 
