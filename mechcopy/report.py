@@ -20,8 +20,13 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from mechcopy import viz
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.components import Components
+from mechcopy.evaluation import predict
 from mechcopy.io import write_atomic
+from mechcopy.tasks.outcomes import copy_error
+from mechcopy.tasks.probe import probe_splits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Inline scripts and styles, data: images; nothing from anywhere else (no fetch, no fonts, no frames).
@@ -96,19 +101,15 @@ def png_data_uri(path: str | Path) -> str:
 
 def _library_variants() -> list[str]:
     """circuitsvis' script as our views and as circuitsvis' own `local_src` inline it."""
-    import circuitsvis
-
-    from mechcopy.viz import circuitsvis_library
+    import circuitsvis  # heavy, and needed only where a page holds a view
 
     raw = (Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js").read_text(encoding="utf-8")
-    return [raw.replace("</script>", ""), circuitsvis_library()]
+    return [raw.replace("</script>", ""), viz.circuitsvis_library()]
 
 
 def html_item(item: Any) -> tuple[str, bool]:
     """(HTML for one `Section.html` entry, whether it needs circuitsvis' script on the page)."""
-    from mechcopy.viz import CircuitsvisHTML
-
-    if isinstance(item, CircuitsvisHTML):
+    if isinstance(item, viz.CircuitsvisHTML):
         return item.snippet(include_library=False), True
     if not isinstance(item, str):
         item = getattr(item, "local_src", None) or item._repr_html_()
@@ -174,9 +175,7 @@ def render_report(title: str, sections: Sequence[Section], meta: dict | None = N
                   for i, s in enumerate(sections))
     library = ""
     if need_library:
-        from mechcopy.viz import circuitsvis_library
-
-        library = f"<script>\n{circuitsvis_library()}\n</script>"
+        library = f"<script>\n{viz.circuitsvis_library()}\n</script>"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head>\n<meta charset=\"utf-8\">\n"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
@@ -217,8 +216,6 @@ def _verdict(c: dict) -> str:
 
 def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path) -> Section:
     """The headline: pooled paired differences (pruned - unpruned, pruned - random) and the forest plot."""
-    from mechcopy import viz
-
     basis = neurons.meta.get("basis", "chosen on the probe's dev split")
     if not neurons.neurons:
         return Section("The answer: nothing was pruned",
@@ -241,11 +238,8 @@ def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path) -> Secti
 def _per_task(model: HookedModel, settings: dict, neurons, evaluation: list[dict], fig_dir: Path
               ) -> tuple[Section, Any]:
     """Per-task bars and the mean over tasks per condition family."""
-    from mechcopy import viz
-
     cfg = settings["config"]
     df = viz.task_results_df(evaluation)
-    df["family"] = df["condition"].map(viz.condition_family)
     means = df.groupby("family")[["accuracy", "copy_rate"]].mean().round(3).reset_index()
     bars = viz.save_figure(viz.plot_task_bars(df), fig_dir / "tasks.png")
     shown = [f for f in ("unpruned", "pruned", "random", "bottom") if f in set(means["family"])]
@@ -265,9 +259,7 @@ def _per_task(model: HookedModel, settings: dict, neurons, evaluation: list[dict
 
 def _selection(model: HookedModel, settings: dict, neurons, fig_dir: Path) -> Section:
     """The k sweep and where the neurons are."""
-    from mechcopy import viz
-
-    cfg = settings["config"]
+    cfg = settings["config"]["find"]
     sweep = neurons.meta.get("sweep", {})
     figs = []
     if sweep.get("rows"):
@@ -277,7 +269,7 @@ def _selection(model: HookedModel, settings: dict, neurons, fig_dir: Path) -> Se
     figs.append(viz.save_figure(viz.plot_layer_distribution(counts), fig_dir / "layers.png"))
     return Section(
         "Selecting the copy neurons",
-        f"Integrated Gradients ({cfg['steps']} steps, target `{cfg['target']}`) on {cfg['n_probe']} prompts of the "
+        f"Integrated Gradients ({cfg['steps']} steps, target `{cfg['target']}`) on {cfg['n']} prompts of the "
         f"{cfg.get('probe', 'classic')} probe, in the layers whose IG converged (median completeness error below "
         f"{cfg.get('max_completeness_error')}); k chosen on {cfg['n_dev']} dev prompts of the probe, never on the "
         f"evaluation tasks (chosen k = {sweep.get('chosen_k')}, perplexity bound {sweep.get('max_ppl_increase')}"
@@ -286,8 +278,6 @@ def _selection(model: HookedModel, settings: dict, neurons, fig_dir: Path) -> Se
 
 
 def _task_vectors(tv: list[dict], fig_dir: Path) -> Section:
-    from mechcopy import viz
-
     rows = [{"layer": layer, "task": r["task"], "condition": r["condition"], "accuracy": acc}
             for r in tv for layer, acc in zip(r["layers"], r["dev_accuracy"])]
     tv_fig = viz.save_figure(viz.plot_tv_by_layer(pd.DataFrame(rows)), fig_dir / "task_vectors.png")
@@ -299,8 +289,6 @@ def _task_vectors(tv: list[dict], fig_dir: Path) -> Section:
 
 
 def _patching(patch: dict, fig_dir: Path) -> Section:
-    from mechcopy import viz
-
     comp = patch["components"].index("resid_pre") if "resid_pre" in patch["components"] else 0
     heat = viz.plot_patching_heatmap(patch["values"][comp], patch["tokens"][: len(patch["values"][comp][0])],
                                      f"{patch['task']} / {patch['corruption']}: {patch['components'][comp]}")
@@ -313,10 +301,8 @@ def _patching(patch: dict, fig_dir: Path) -> Section:
 
 def _copy_error_prompt(model: HookedModel, cfg: dict):
     """A dev probe prompt on which the unpruned model copies a demo label (else the first one)."""
-    from mechcopy.evaluation import copy_error, predict
-    from mechcopy.tasks.probe import probe_splits
-
-    _, dev = probe_splits(model.tokenizer, n_attr=cfg["n_probe"], n_dev=cfg["n_dev"], k=cfg["shots"], seed=cfg["seed"])
+    find = cfg["find"]
+    _, dev = probe_splits(model.tokenizer, n_attr=find["n"], n_dev=find["n_dev"], shots=find["shots"], seed=find["seed"])
     preds = predict(model, dev[:16])
     for prompt, pred in zip(dev, preds):
         if copy_error(pred, prompt.answer, prompt.demo_labels):
@@ -326,8 +312,6 @@ def _copy_error_prompt(model: HookedModel, cfg: dict):
 
 def _copy_error_up_close(model: HookedModel, settings: dict, neurons) -> Section:
     """circuitsvis views of one copy error: attention (where the architecture has it) and the neurons."""
-    from mechcopy import viz
-
     prompt, pred = _copy_error_prompt(model, settings["config"])
     counts = neurons.layer_counts(model.cfg.n_layers)
     layer = max(range(len(counts)), key=counts.__getitem__)
@@ -343,12 +327,10 @@ def _copy_error_up_close(model: HookedModel, settings: dict, neurons) -> Section
 def build_report(out_dir: str | Path, model: HookedModel) -> dict:
     """Figures (PNG too) and circuitsvis views of a `mechcopy reproduce` folder, assembled into
     `out_dir/report.html`; returns what the report stage records."""
-    from mechcopy.neurons import NeuronSet
-
     out = Path(out_dir)
     fig_dir = out / "figures"
     settings = json.loads((out / "settings.json").read_text())
-    neurons = NeuronSet.load(out / "evaluated.json")
+    neurons = Components.load(out / "evaluated.json")
     evaluation = _stage(out, "evaluate")
     per_task, means = _per_task(model, settings, neurons, evaluation["results"], fig_dir)
     sections = [_answer(evaluation["comparisons"], neurons, fig_dir), per_task, _selection(model, settings, neurons, fig_dir),

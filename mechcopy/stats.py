@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats as _st
 
 N_PERM = 10_000
+
+
+def _scipy_stats():
+    """scipy.stats, imported on first use: it takes most of a second, and every `mechcopy` command
+    imports this module before it parses its flags."""
+    from scipy import stats
+
+    return stats
 _CORE_KEYS = ("task", "condition", "baseline", "metric", "diff", "ci", "p_value", "mde", "n", "test")
 
 
@@ -40,7 +47,7 @@ def rate_interval(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     if n == 0:
         return float("nan"), float("nan")
-    ci = _st.binomtest(int(k), int(n)).proportion_ci(confidence_level=1 - alpha, method="exact")
+    ci = _scipy_stats().binomtest(int(k), int(n)).proportion_ci(confidence_level=1 - alpha, method="exact")
     return float(ci.low), float(ci.high)
 
 
@@ -55,7 +62,7 @@ def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
     mean = float(x.mean())
     if x.size == 1:
         return mean, float("nan"), float("nan")
-    half = float(_st.t.ppf(0.975, x.size - 1)) * float(x.std(ddof=1)) / np.sqrt(x.size)
+    half = float(_scipy_stats().t.ppf(0.975, x.size - 1)) * float(x.std(ddof=1)) / np.sqrt(x.size)
     return mean, mean - half, mean + half
 
 
@@ -91,7 +98,7 @@ def mcnemar_exact(b: int, c: int) -> float:
         raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
     if b + c == 0:
         return 1.0
-    return float(_st.binomtest(b, b + c, 0.5).pvalue)
+    return float(_scipy_stats().binomtest(b, b + c, 0.5).pvalue)
 
 
 def holm(p_values: Sequence[float], alpha: float = 0.05) -> np.ndarray:
@@ -127,7 +134,8 @@ def mde(se: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
         raise ValueError(f"mde needs n > 0 prompts, got n={n}")
     if np.isnan(se):
         return float("nan")
-    c = float(_st.norm.ppf(1 - alpha / 2) + _st.norm.ppf(power))
+    norm = _scipy_stats().norm
+    c = float(norm.ppf(1 - alpha / 2) + norm.ppf(power))
     return float(max(c * float(se), c * c / n))
 
 
@@ -313,7 +321,8 @@ def paired_means(x: np.ndarray, Y: np.ndarray, task: str, condition: str, baseli
     idx = rng.integers(0, n, size=(n_boot, n))
     reps = _replicates(x, Y, idx, _set_weights(rng, Y.shape[0], n_boot))
     d = x - Y.mean(axis=0)
-    c = float(_st.norm.ppf(0.975) + _st.norm.ppf(0.8))
+    norm = _scipy_stats().norm
+    c = float(norm.ppf(0.975) + norm.ppf(0.8))
     return Comparison(task=task, condition=condition, baseline=baseline, metric=metric, diff=float(d.mean()),
                       ci=_interval(reps, 0.05), p_value=_sign_flip_p(d / n, seed), mde=c * float(reps.std(ddof=1)),
                       n=n, test="sign-flip", extra={"n_sets": Y.shape[0]} if family else {})
@@ -389,25 +398,27 @@ class _Spec:
     sets: tuple[str, ...] = ()
 
 
-def _plan(task: str, outcomes: Mapping[str, np.ndarray], baseline: str, random_prefix: str,
-          pruned: str) -> list[_Spec]:
+def _plan(task: str, outcomes: Mapping[str, np.ndarray], families: Mapping[str, str] | None,
+          baseline: str) -> list[_Spec]:
     """The comparisons of one task: every other condition vs the baseline, then the random family
-    vs the baseline (random minus baseline) and `pruned` vs the random family."""
+    vs the baseline (random minus baseline) and every condition of the `pruned` family vs the random
+    family. `families` maps a condition to its family (default: each its own)."""
     if baseline not in outcomes:
         raise ValueError(f"task {task}: baseline {baseline!r} missing (conditions: {sorted(outcomes)})")
+    families = families or {}
     arrays = {name: np.asarray(a) for name, a in outcomes.items()}
     lengths = {name: a.shape[-1] if a.ndim else 0 for name, a in arrays.items()}
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{name}: {k}" for name, k in lengths.items())
         raise ValueError(f"task {task}: conditions differ in prompt count ({detail})")
-    sets = tuple(sorted(name for name in arrays if name.startswith(random_prefix)))
+    family = {name: families.get(name, name) for name in arrays}
+    sets = tuple(sorted(name for name in arrays if family[name] == "random"))
     specs = [_Spec(name, baseline, arrays[name], arrays[baseline], False)
              for name in arrays if name != baseline and name not in sets]
     if sets:
         Y = np.stack([arrays[name] for name in sets])
         specs.append(_Spec("random", baseline, arrays[baseline], Y, True, sets))
-        if pruned in arrays:
-            specs.append(_Spec(pruned, "random", arrays[pruned], Y, False, sets))
+        specs += [_Spec(name, "random", arrays[name], Y, False, sets) for name in arrays if family[name] == "pruned"]
     return specs
 
 
@@ -417,27 +428,27 @@ def _run(task: str, spec: _Spec, metric: str, n_boot: int, seed: int) -> Compari
     return paired(spec.x, spec.y, task, spec.condition, spec.baseline, metric, n_boot, seed)
 
 
-def compare_task(task: str, outcomes: Mapping[str, np.ndarray], metric: str, baseline: str = "unpruned",
-                 random_prefix: str = "random-", n_boot: int = 2000, seed: int = 0,
-                 pruned: str = "pruned") -> list[Comparison]:
-    """All comparisons of one task; outcomes maps condition -> 0-1 outcomes over the same prompts.
+def compare_task(task: str, outcomes: Mapping[str, np.ndarray], metric: str, families: Mapping[str, str] | None = None,
+                 baseline: str = "unpruned", n_boot: int = 2000, seed: int = 0) -> list[Comparison]:
+    """All comparisons of one task; outcomes maps condition -> 0-1 outcomes over the same prompts, and
+    `families` a condition to its family (`Condition.family`; default: each its own).
 
-    Every condition that is neither the baseline nor a random set against the baseline (`paired`);
-    if random sets (names starting with random_prefix) exist, "random" minus the baseline and
-    `pruned` minus "random" (`versus_sets`, the latter only when `pruned` exists).
+    Every condition that is neither the baseline nor in the `random` family against the baseline
+    (`paired`); if the random family has members, "random" minus the baseline and every condition of
+    the `pruned` family minus "random" (`versus_sets`).
     """
-    return [_run(task, spec, metric, n_boot, seed) for spec in _plan(task, outcomes, baseline, random_prefix, pruned)]
+    return [_run(task, spec, metric, n_boot, seed) for spec in _plan(task, outcomes, families, baseline)]
 
 
-def compare_all(per_task: Mapping[str, Mapping[str, np.ndarray]], metric: str, baseline: str = "unpruned",
-                random_prefix: str = "random-", n_boot: int = 2000, seed: int = 0,
-                pruned: str = "pruned") -> list[Comparison]:
+def compare_all(per_task: Mapping[str, Mapping[str, np.ndarray]], metric: str,
+                families: Mapping[str, str] | None = None, baseline: str = "unpruned", n_boot: int = 2000,
+                seed: int = 0) -> list[Comparison]:
     """`compare_task` for every task, then the same (condition, baseline) pairs pooled over the tasks
     that have them (task "pooled"). Random families must name the same sets in every task."""
     out: list[Comparison] = []
     groups: dict[tuple[str, str], dict[str, _Spec]] = {}
     for task, outcomes in per_task.items():
-        for spec in _plan(task, outcomes, baseline, random_prefix, pruned):
+        for spec in _plan(task, outcomes, families, baseline):
             out.append(_run(task, spec, metric, n_boot, seed))
             groups.setdefault((spec.condition, spec.baseline), {})[task] = spec
     for (condition, base), specs in groups.items():

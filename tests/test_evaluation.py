@@ -7,15 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from mechcopy import evaluation
+from mechcopy import batching, evaluation
 from mechcopy.arch import arch_of
-from mechcopy.evaluation import (classify, evaluate, evaluate_conditions, perplexity, predict, predict_conditions,
+from mechcopy.comparisons import compare_rows, comparisons_table
+from mechcopy.conditions import UNPRUNED, Condition, standard_conditions
+from mechcopy.evaluation import (evaluate, evaluate_conditions, perplexity, predict, predict_conditions,
                                  summarize, _steps)
 from mechcopy.neurons import NeuronSet, model_fingerprint
-from mechcopy.pruning import grouped_pruning_hooks, pruning_hooks
+from mechcopy.pruning import component_means, condition_hooks, grouped_hooks, pruning_hooks
+from mechcopy.suite import run_evaluation
 from mechcopy.stats import bootstrap_ci
 from mechcopy.models.tiny import tiny_transformer
 from mechcopy.tasks import Task, load_task
+from mechcopy.tasks.outcomes import classify
 from mechcopy.tasks.probe import probe_prompts
 from mechcopy.tasks.prompts import build_prompts, encode, make_prompt
 
@@ -91,8 +95,8 @@ def test_multi_token_answers_by_greedy_generation(bigram):
 
 def test_batches_equal_single_runs(tiny):
     short = Task("short", (("a", "bc"), ("b", "cde"), ("c", "d"), ("d", "ef"), ("e", "fgh"), ("f", "g")))
-    prompts = list(probe_prompts(tiny.tokenizer, n=16, k=3, seed=1)) + list(
-        build_prompts(short, tiny.tokenizer, k=2, n=6, seed=0))
+    prompts = list(probe_prompts(tiny.tokenizer, n=16, shots=3, seed=1)) + list(
+        build_prompts(short, tiny.tokenizer, shots=2, n=6, seed=0))
     assert len({len(tiny.to_tokens(p.text)[0]) for p in prompts}) > 3  # several lengths
     batched = predict(tiny, prompts, batch_size=32)
     assert batched == predict(tiny, prompts, batch_size=1)
@@ -104,8 +108,8 @@ def test_batches_equal_single_runs(tiny):
 def _mixed_prompts(tok):
     """Prompts of several token lengths, with single-token answers (probe) and generated ones."""
     short = Task("short", (("a", "bc"), ("b", "cde"), ("c", "d"), ("d", "ef"), ("e", "fgh"), ("f", "g"), ("g", "hi")))
-    return list(probe_prompts(tok, n=10, k=3, seed=1)) + list(build_prompts(short, tok, k=2, n=7, seed=0)) + list(
-        build_prompts(short, tok, k=3, n=5, seed=1))
+    return list(probe_prompts(tok, n=10, shots=3, seed=1)) + list(build_prompts(short, tok, shots=2, n=7, seed=0)) + list(
+        build_prompts(short, tok, shots=3, n=5, seed=1))
 
 
 @pytest.fixture(scope="module", params=["transformer", "mamba"])
@@ -117,46 +121,85 @@ def model(request):
     return tiny_mamba(n_layers=3, d_model=32, seed=2)
 
 
-@pytest.mark.parametrize("max_padding", [1.0, evaluation.MAX_PADDING])
+@pytest.mark.parametrize("max_padding", [1.0, batching.MAX_PADDING])
 def test_padded_batches_equal_unpadded_runs(model, max_padding, monkeypatch):
     """Left-padded batches of mixed lengths answer as equal-length batches and single prompts do."""
-    monkeypatch.setattr(evaluation, "MAX_PADDING", max_padding)
+    monkeypatch.setattr(batching, "MAX_PADDING", max_padding)
     prompts = _mixed_prompts(model.tokenizer)
     ids = [model.to_tokens(p.text)[0] for p in prompts]
     assert len({len(i) for i in ids}) > 4 and {_steps(p) == 1 for p in prompts} == {True, False}
-    batches = evaluation.token_batches(ids, [_steps(p) for p in prompts], 32, pad=True)
+    batches = batching.token_batches(ids, [_steps(p) for p in prompts], 32, pad=True)
     assert any(len({len(ids[i]) for i in b}) > 1 for b in batches)  # some batches really pad
     padded = predict(model, prompts, batch_size=32)
     assert padded == predict(model, prompts, batch_size=32, pad=False) == predict(model, prompts, batch_size=1)
     assert any(len(p) > 1 for p in padded)  # generation really ran
 
 
-def _sets(model, layers_by_condition):
-    """Neuron sets pruning half the neurons of each listed layer (a different half per condition)."""
+def _conditions(model, spec: dict) -> list[Condition]:
+    """Conditions ablating half the neurons of each listed layer (a different half per condition), each
+    zeroed or mean-ablated (means over other prompts), at every position or the last."""
     arch, fp = arch_of(model), model_fingerprint(model)
     width = arch.neurons_per_layer(model)
-    return {name: None if layers is None else NeuronSet(
-        tuple((l, i) for l in layers for i in range(g % 2, width, 2)), fp)
-        for g, (name, layers) in enumerate(layers_by_condition.items())}
+    refs = list(probe_prompts(model.tokenizer, n=6, shots=2, seed=7))
+    means = {p: component_means(model, refs, positions=p, reference="6 probe prompts") for p in ("all", "last")}
+    out = []
+    for g, (name, (layers, ablation, positions)) in enumerate(spec.items()):
+        if layers is None:
+            out.append(Condition(name))
+            continue
+        comps = NeuronSet(tuple((l, i) for l in layers for i in range(g % 2, width, 2)), fp)
+        out.append(Condition(name, components=comps, ablation=ablation, positions=positions,
+                             means=means[positions] if ablation == "mean" else None))
+    return out
 
 
-@pytest.mark.parametrize("layers", [
-    {"unpruned": None, "early": [0], "late": [2], "both": [1, 2]},   # fork before block 0
-    {"late": [2], "unpruned": None, "mid": [1, 2]},                   # fork before block 1
+@pytest.mark.parametrize("spec", [
+    {"unpruned": (None, "zero", "all"), "early": ([0], "zero", "all"), "late": ([2], "zero", "all"),
+     "both": ([1, 2], "zero", "all")},                                                     # fork before block 0
+    {"late": ([2], "zero", "all"), "unpruned": (None, "zero", "all"), "mid": ([1, 2], "zero", "all")},   # block 1
+    {"unpruned": (None, "zero", "all"), "mean": ([0, 2], "mean", "all"), "zero": ([0, 2], "zero", "all"),
+     "mean-last": ([1], "mean", "last"), "zero-last": ([1, 2], "zero", "last")},   # mean ablation, last position
 ])
-def test_one_pass_equals_separate_conditions(model, layers):
+def test_one_pass_equals_separate_conditions(model, spec):
+    """Every condition (zero or mean ablation, every position or the last) in one forked pass answers
+    as its own run with its own hooks, on a transformer and on Mamba."""
     prompts = _mixed_prompts(model.tokenizer)
-    sets = _sets(model, layers)
-    one_pass = predict_conditions(model, prompts, sets, batch_size=24)  # several batches
-    for name, ns in sets.items():
-        hooks = [] if ns is None else pruning_hooks(model, ns)
-        assert one_pass[name] == predict(model, prompts, fwd_hooks=hooks, pad=False), name
-    assert len({tuple(p) for p in one_pass.values()}) > 1  # the conditions change answers
-    unpruned = predict_conditions(model, prompts, {"a": None, "b": None})  # nothing pruned: no block forks
+    conds = _conditions(model, spec)
+    one_pass = predict_conditions(model, prompts, conds, batch_size=24)  # several batches
+    for c in conds:
+        assert one_pass[c.label] == predict(model, prompts, fwd_hooks=condition_hooks(model, c), pad=False), c.label
+    assert len({tuple(p) for p in one_pass.values()}) == len(conds)  # every condition changes answers
+    unpruned = predict_conditions(model, prompts, [Condition("a"), Condition("b")])  # nothing ablated: no fork
     assert unpruned["a"] == unpruned["b"] == one_pass["unpruned"]
-    results = evaluate_conditions(model, prompts, sets, batch_size=24)
-    assert list(results) == list(sets) and all(r.condition == name for name, r in results.items())
+    results = evaluate_conditions(model, prompts, conds, batch_size=24)
+    assert list(results) == [c.label for c in conds] and all(r.condition == name for name, r in results.items())
     assert all(r.predictions == tuple(one_pass[name]) for name, r in results.items())
+    with pytest.raises(ValueError, match="distinct labels"):
+        predict_conditions(model, prompts, [Condition("a"), Condition("a")])
+
+
+def test_a_readout_chooses_the_first_token_of_its_group(tiny):
+    """A condition's readout replaces the argmax of its own rows' first answer token, nothing else."""
+    prompts = _mixed_prompts(tiny.tokenizer)
+
+    class Forced:
+        name = "forced"
+
+        def __init__(self, token: int):
+            self.token = token
+
+        def choose(self, logits, rows):
+            assert len(rows) == logits.shape[0]
+            return torch.full((logits.shape[0],), self.token)
+
+        def to_json(self):
+            return {"name": self.name, "token": self.token}
+
+    z = tiny.tokenizer.encode("z", add_special_tokens=False)[0]
+    got = predict_conditions(tiny, prompts, [UNPRUNED, Condition("forced", readout=Forced(z))], batch_size=16)
+    assert got["unpruned"] == predict(tiny, prompts)
+    assert all(answer.startswith("z") for answer in got["forced"])
+    assert Condition("forced", readout=Forced(z)).describe()["readout"] == {"name": "forced", "token": z}
 
 
 def test_task_result_outcomes_agree_with_classify(tiny):
@@ -221,7 +264,6 @@ def test_perplexity_matches_naive(tiny):
 def test_evaluate_cli(tiny, tmp_path, monkeypatch):
     import mechcopy
     from mechcopy.commands import main
-    from mechcopy.neurons import NeuronSet, model_fingerprint
 
     monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: tiny)
     task_file = tmp_path / "t.json"
@@ -238,23 +280,24 @@ def test_evaluate_cli(tiny, tmp_path, monkeypatch):
         assert key in row
     assert row["task"] == "upper" and row["condition"] == "unpruned" and row["n"] == 5
 
-    # --prune asks mechcopy.pruning.condition_sets for the extra conditions
+    # --prune asks mechcopy.conditions.standard_conditions for the extra conditions
     neurons = tmp_path / "n.json"
     NeuronSet(((0, 1), (1, 2)), model_fingerprint(tiny)).save(neurons)
     calls = []
 
-    def condition_sets(model, ns, n_random, seed, scores=None):
+    def fake_conditions(model, ns, n_random, seed, scores=None):
         calls.append((len(ns), n_random, seed))
-        return {"pruned": ns, "random-0": NeuronSet(((1, 5),), ns.model)}
+        return [Condition("pruned", "pruned", ns), Condition("random-0", "random", NeuronSet(((1, 5),), ns.model), seed=0)]
 
-    import mechcopy.pruning
+    import mechcopy.commands.evaluate
 
-    monkeypatch.setattr(mechcopy.pruning, "condition_sets", condition_sets)
+    monkeypatch.setattr(mechcopy.commands.evaluate, "standard_conditions", fake_conditions)
     assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--shots", "2", "--n", "5",
                  "--prune", str(neurons), "--n-random", "1", "--out", str(out), "--force"]) == 0
     assert calls == [(2, 1, 0)]
     data = json.loads(out.read_text())
     assert [r["condition"] for r in data["results"]] == ["unpruned", "pruned", "random-0"]
+    assert [r["spec"]["family"] for r in data["results"]] == ["unpruned", "pruned", "random"]
     # paired comparisons for each task and pooled, with the fields a reader needs
     assert set(data["comparisons"]) == {"upper", "pooled"}
     for c in data["comparisons"]["pooled"] + data["comparisons"]["upper"]:
@@ -266,7 +309,7 @@ def test_evaluate_cli(tiny, tmp_path, monkeypatch):
 def test_mamba_predict_batches(tiny):
     mamba = pytest.importorskip("mechcopy.models.mamba")
     model = mamba.tiny_mamba(seed=0)
-    prompts = list(probe_prompts(model.tokenizer, n=12, k=2, seed=0))
+    prompts = list(probe_prompts(model.tokenizer, n=12, shots=2, seed=0))
     assert predict(model, prompts, batch_size=32) == predict(model, prompts, batch_size=1)
     # the BOS convention is the model's (tiny Mamba prepends none); the rest of the tokens agree
     bos = 1 if model.cfg.default_prepend_bos else 0
@@ -276,8 +319,8 @@ def test_mamba_predict_batches(tiny):
 @pytest.mark.slow
 def test_smollm2_prompts_antonyms_and_probe(smollm2):
     tok = smollm2.tokenizer
-    probe = probe_prompts(tok, n=30, k=4, seed=0)
-    antonyms = build_prompts(load_task("antonyms"), tok, k=4, n=12, seed=0)
+    probe = probe_prompts(tok, n=30, shots=4, seed=0)
+    antonyms = build_prompts(load_task("antonyms"), tok, shots=4, n=12, seed=0)
     for p in list(probe) + list(antonyms):
         assert encode(tok, p.text) == smollm2.to_tokens(p.text)[0].tolist()
     # SmolLM2 splits " 3" into " ", "3": the space sits in the prompt and the answer is one digit token
@@ -291,53 +334,56 @@ def test_smollm2_prompts_antonyms_and_probe(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_padded_and_one_pass_are_exact(smollm2):
-    """On SmolLM2: left-padded batches and the one-pass conditions give today's answers, and logits
-    within 1e-4 of unpadded, separate runs."""
-    from mechcopy.evaluation import left_pad
-    from mechcopy.pruning import condition_sets
+    """On SmolLM2: left-padded batches and the one-pass conditions (zero and mean ablation, every
+    position and the last) give the answers of separate runs, and logits within 1e-4 of unpadded,
+    separate runs."""
+    from mechcopy.batching import left_pad
 
     tok, arch = smollm2.tokenizer, arch_of(smollm2)
     prompts = [p for name in ("antonyms", "country_capital", "copy_probe")
-               for p in build_prompts(load_task(name), tok, k=4, n=6, seed=0)]
+               for p in build_prompts(load_task(name), tok, shots=4, n=6, seed=0)]
     rows = [smollm2.to_tokens(p.text)[0] for p in prompts]
     assert len({len(r) for r in rows}) > 3 and {_steps(p) == 1 for p in prompts} == {True, False}
     fp = model_fingerprint(smollm2)
     top = NeuronSet(tuple((l, (37 * l + 11 * i) % 1536) for l in (3, 9, 17, 25) for i in range(5)), fp)
-    sets = {"unpruned": None, **condition_sets(smollm2, top, n_random=1, seed=0)}
+    refs = list(probe_prompts(tok, n=8, shots=4, seed=3))
+    means = {p: component_means(smollm2, refs, positions=p) for p in ("all", "last")}
+    sets = [UNPRUNED, *standard_conditions(smollm2, top, n_random=1, seed=0),
+            *[Condition(f"mean-{p}", "mean", top, "mean", p, means[p]) for p in ("all", "last")],
+            Condition("zero-last", "zero-last", top, positions="last")]
     one_pass = predict_conditions(smollm2, prompts, sets, batch_size=64)
-    for name, ns in sets.items():
-        hooks = [] if ns is None else pruning_hooks(smollm2, ns)
-        assert one_pass[name] == predict(smollm2, prompts, fwd_hooks=hooks, pad=False), name
+    for c in sets:
+        assert one_pass[c.label] == predict(smollm2, prompts, fwd_hooks=condition_hooks(smollm2, c), pad=False), c.label
     tokens, mask = left_pad(rows[:8], pad_id=tok.pad_token_id or 0)
     with torch.no_grad():
         padded = arch.decoder(smollm2)(tokens, mask)
         for r, row in enumerate(rows[:8]):
             assert torch.allclose(arch.decoder(smollm2)(row[None])[0], padded[r], atol=1e-4), r
-        fork_at, hooks = grouped_pruning_hooks(smollm2, list(sets.values()))
+        fork_at, hooks = grouped_hooks(smollm2, sets)
         with smollm2.hooks(fwd_hooks=hooks):
             forked = arch.decoder(smollm2, len(sets), fork_at)(tokens, mask)
-        for g, ns in enumerate(sets.values()):
-            with smollm2.hooks(fwd_hooks=[] if ns is None else pruning_hooks(smollm2, ns)):
+        for g, c in enumerate(sets):
+            with smollm2.hooks(fwd_hooks=condition_hooks(smollm2, c)):
                 alone = arch.decoder(smollm2)(tokens, mask)
-            assert torch.allclose(alone, forked[g * 8:(g + 1) * 8], atol=1e-4), g
+            assert torch.allclose(alone, forked[g * 8:(g + 1) * 8], atol=1e-4), c.label
 
 
-def _fake_rows(seed=0, n=40):
+def _fake_rows(seed=0, n=40, group=None):
     """Result rows of three tasks (one the probe) under five conditions, with random outcomes."""
     rng = np.random.default_rng(seed)
+    conds = [UNPRUNED, Condition("pruned", "pruned", group=group), Condition("random-0", "random", seed=0, group=group),
+             Condition("random-1", "random", seed=1, group=group), Condition("bottom", "bottom", group=group)]
     rows = []
     for task, kind in (("a", "linguistic"), ("b", "knowledge"), ("copy_probe", "probe")):
-        for cond in ("unpruned", "pruned", "random-0", "random-1", "bottom"):
-            correct = rng.random(n) < (0.5 if cond != "pruned" else 0.7)
+        for cond in conds:
+            correct = rng.random(n) < (0.5 if cond.family != "pruned" else 0.7)
             copy = ~correct & (rng.random(n) < 0.5)
-            rows.append({"task": task, "kind": kind, "condition": cond, "correct": correct.tolist(),
-                         "copy": copy.tolist()})
+            rows.append({"task": task, "kind": kind, "condition": cond.label, "correct": correct.tolist(),
+                         "copy": copy.tolist(), "spec": cond.describe()})
     return rows
 
 
 def test_compare_rows_by_hand():
-    from mechcopy.evaluation import compare_rows
-
     rows = _fake_rows()
     out = compare_rows(rows, n_boot=300)
     assert set(out) == {"a", "b", "copy_probe", "pooled"}
@@ -357,9 +403,22 @@ def test_compare_rows_by_hand():
     assert pooled["diff"] == pytest.approx(np.mean([by[(t, "pruned", "unpruned", "accuracy")]["diff"] for t in "ab"]))
 
 
-def test_comparisons_table_lists_every_comparison():
-    from mechcopy.evaluation import compare_rows, comparisons_table
+def test_compare_rows_groups_by_spec_not_by_name():
+    """The random family is the spec's family (a set named anything), and a group's comparisons are those
+    of its own conditions beside the ungrouped unpruned, labelled as they would be alone."""
+    alone = compare_rows(_fake_rows(), n_boot=200)
+    grouped = _fake_rows(group=20)
+    assert {r["condition"] for r in grouped} == {"unpruned", "pruned@20", "random-0@20", "random-1@20", "bottom@20"}
+    both = grouped + [r for r in _fake_rows(seed=1) if r["spec"]["family"] != "unpruned"]   # ungrouped: left out
+    assert compare_rows(both, n_boot=200, group=20) == alone
+    renamed = [{**r, "spec": {**r["spec"], "name": r["spec"]["name"].replace("random", "baseline")}} for r in _fake_rows()]
+    pooled = {(c["condition"], c["baseline"]) for c in compare_rows(renamed, n_boot=200)["pooled"]}
+    assert ("pruned", "random") in pooled and ("random", "unpruned") in pooled
+    with pytest.raises(ValueError, match="older mechcopy"):
+        compare_rows([{k: v for k, v in r.items() if k != "spec"} for r in _fake_rows()])
 
+
+def test_comparisons_table_lists_every_comparison():
     pooled = compare_rows(_fake_rows(), n_boot=200)["pooled"]
     table = comparisons_table(pooled)
     assert len(table) == len(pooled) and "pruned - random" in set(table["comparison"])
@@ -367,18 +426,17 @@ def test_comparisons_table_lists_every_comparison():
 
 def test_run_evaluation_builds_prompts_without_gold_in_demos(tiny, monkeypatch):
     """`gold_in_demos=False` reaches the prompt builder: no demo carries its query's gold label."""
-    import mechcopy.tasks.prompts as P
-    from mechcopy.evaluation import run_evaluation
+    import mechcopy.suite as S
 
-    built, real = [], P.build_prompts
+    built, real = [], S.build_prompts
 
     def spy(*args, **kwargs):
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(P, "build_prompts", spy)
+    monkeypatch.setattr(S, "build_prompts", spy)
     task = Task("two", tuple((w, "yes" if i % 2 else "no") for i, w in enumerate("abcdefghijklmnop")))
-    rows, _ = run_evaluation(tiny, [task], shots=3, n=8, conditions={"unpruned": None}, progress=False,
+    rows, _ = run_evaluation(tiny, [task], shots=3, n=8, conditions=[UNPRUNED], progress=False,
                              gold_in_demos=False)
     assert rows[0]["n"] == 8 and all(p.answer not in p.demo_labels for p in built[0].prompts)
     run_evaluation(tiny, [task], shots=3, n=8, progress=False)

@@ -12,44 +12,42 @@ from pathlib import Path
 
 from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, open_model, prepare_out,
                                       saved_in, write_result)
+from mechcopy.comparisons import compare_rows, comparisons_table, results_table
+from mechcopy.components import Components
+from mechcopy.conditions import UNPRUNED, find_scores, standard_conditions
 from mechcopy.io import side_file
+from mechcopy.suite import run_evaluation
+from mechcopy.tasks import load_tasks
 
 
 def run(args) -> int:
-    from mechcopy.evaluation import compare_rows, comparisons_table, results_table, run_evaluation
-    from mechcopy.neurons import NeuronSet
-    from mechcopy.pruning import find_scores
-    from mechcopy.tasks import load_tasks
-
     tasks = load_tasks(args.tasks)
     if args.n_random is not None and not args.prune:
         raise ValueError("--n-random needs --prune NEURONS.json (the set whose size and layers to match)")
-    neurons = NeuronSet.load(args.prune) if args.prune else None
-    scores = find_scores(neurons) if neurons is not None and neurons.neurons else None
+    neurons = Components.load(args.prune) if args.prune else None
+    scores = find_scores(neurons) if neurons is not None and neurons.pairs else None
     checkpoint = side_file(args.out, ".partial.jsonl") if args.out else None
     out = prepare_out(args.out, {"--tasks": files_in(args.tasks), "--prune": args.prune, "--model": args.model},
                       args.force, side=[checkpoint] if checkpoint else [])
     if checkpoint:
         args.saved = saved_in(checkpoint, "the finished (task, condition) rows are")
     model = open_model(args)
-    conditions = {"unpruned": None}
+    conditions = [UNPRUNED]
     settings = {"tasks": [t.name for t in tasks], "shots": args.shots, "n": args.n, "seed": args.seed,
                 "template": "{x} -> {y}", "separator": "\n", "gold_in_demos": args.gold_in_demos}
     if neurons is not None:
-        from mechcopy import pruning
-
         neurons.check(model)
         n_random = 5 if args.n_random is None else args.n_random
-        if not neurons.neurons:
+        if not neurons.pairs:
             print(f"{args.prune} holds no neurons ({neurons.why_empty}): nothing to prune, so only the unpruned "
                   "model is evaluated")
-        conditions.update(pruning.condition_sets(model, neurons, n_random, args.seed, scores=scores))
+        conditions += standard_conditions(model, neurons, n_random, args.seed, scores=scores)
         settings.update(prune=str(args.prune), n_neurons=len(neurons), n_random=n_random)
     t0 = time.perf_counter()
     rows, dropped = run_evaluation(model, tasks, args.shots, args.n, args.seed, conditions, checkpoint=checkpoint,
                                    gold_in_demos=args.gold_in_demos)
     settings["seconds"] = round(time.perf_counter() - t0, 1)
-    import pandas as pd
+    import pandas as pd  # heavy: imported when a table is printed
 
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(results_table(rows).to_string(index=False))

@@ -32,7 +32,7 @@ class ICLPrompt:
     demo_labels: tuple[str, ...]
     demo_label_ids: tuple[tuple[int, ...], ...]
     #: every label the task can give (the probe's counts), when known: tells a wrong in-range answer
-    #: that no demo carries from a copy (`mechcopy.tasks.probe.outcomes`)
+    #: that no demo carries from a copy (`mechcopy.tasks.outcomes.outcomes`)
     label_space: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
@@ -138,9 +138,9 @@ def make_prompt(demos: Sequence[tuple[str, str]], query_pair: tuple[str, str], t
     )
 
 
-def build_prompts(task, tokenizer, k: int = 4, n: int = 100, seed: int = 0,
+def build_prompts(task, tokenizer, shots: int = 4, n: int = 100, seed: int = 0,
                   template: str = TEMPLATE, sep: str = SEPARATOR, gold_in_demos: bool = True) -> PromptSet:
-    """Up to `n` k-shot prompts for `task`, seeded; each query is a distinct pair.
+    """Up to `n` prompts of `shots` demonstrations each for `task`, seeded; each query is a distinct pair.
 
     Repeated pairs and inputs with several outputs are left out (`Task.distinct_pairs`) and listed
     in `dropped`. Demos never contain the query, nor any pair with the same input. With
@@ -149,8 +149,8 @@ def build_prompts(task, tokenizer, k: int = 4, n: int = 100, seed: int = 0,
     whose answer does not tokenize exactly are dropped (with the reason) and never used, as query or
     demo. `n` is capped by the number of usable pairs.
     """
-    if k < 0 or n < 0:
-        raise ValueError(f"k and n must be >= 0, got k={k}, n={n}")
+    if shots < 0 or n < 0:
+        raise ValueError(f"shots and n must be >= 0, got shots={shots}, n={n}")
     rng = random.Random(seed)
     pairs, dropped = task.distinct_pairs()
     usable: list[tuple[str, str]] = []
@@ -161,19 +161,19 @@ def build_prompts(task, tokenizer, k: int = 4, n: int = 100, seed: int = 0,
             dropped.append((pair, str(e)))
         else:
             usable.append(pair)
-    if len(usable) < k + 1:
+    if len(usable) < shots + 1:
         raise ValueError(f"task {task.name!r} has {len(usable)} usable pairs ({len(dropped)} dropped); "
-                         f"{k} shots need at least {k + 1}. Add pairs or use fewer shots.")
+                         f"{shots} shots need at least {shots + 1}. Add pairs or use fewer shots.")
     no_gold = task.kind == "probe" or not gold_in_demos
     prompts: list[ICLPrompt] = []
     for query in rng.sample(usable, len(usable)):
         if len(prompts) >= n:
             break
         pool = [p for p in usable if p[0] != query[0] and not (no_gold and p[1] == query[1])]
-        if len(pool) < k:
-            dropped.append((query, f"only {len(pool)} pairs can be demonstrations for it; {k} needed"))
+        if len(pool) < shots:
+            dropped.append((query, f"only {len(pool)} pairs can be demonstrations for it; {shots} needed"))
             continue
-        demos = rng.sample(pool, k)
+        demos = rng.sample(pool, shots)
         try:
             prompts.append(make_prompt(demos, query, tokenizer, template, sep, task.name))
         except ValueError as e:
