@@ -1,29 +1,26 @@
-"""Paired comparisons of an evaluation's result rows (`compare_rows`), and its pandas tables.
+"""Paired comparisons of an evaluation's result rows (`compare_rows`), the evaluation as a whole
+(`Evaluation`: rows, dropped pairs, comparisons), and its pandas tables.
 
-Rows come from `suite.run_evaluation` (or its JSON). Conditions are grouped by their `spec`'s family,
-never by their names: the `random` family is compared as one set of baselines, every `pruned`
-condition against it, and every condition against `unpruned`.
+Rows are `suite.ResultRow`s (`suite.run_evaluation`'s, or read back with `ResultRow.from_json`).
+Conditions are grouped by their spec's family, never by their names: the `random` family is compared as
+one set of baselines, every `pruned` condition against it, and every condition against `unpruned`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 
 from mechcopy import stats
+from mechcopy.stats import Comparison
+from mechcopy.suite import ResultRow
 
 
-def _spec(row: dict[str, Any]) -> dict[str, Any]:
-    if "spec" not in row:
-        raise ValueError(f"result row ({row.get('task')!r}, {row.get('condition')!r}) carries no condition spec: it "
-                         "was written by an older mechcopy; evaluate again to compare its conditions")
-    return row["spec"]
-
-
-def compare_rows(rows: list[dict], n_boot: int = 2000, seed: int = 0, group: str | int | None = None
-                 ) -> dict[str, list[dict]]:
+def compare_rows(rows: Sequence[ResultRow], n_boot: int = 2000, seed: int = 0, group: str | int | None = None
+                 ) -> dict[str, list[Comparison]]:
     """Paired comparisons of the conditions in `rows` (from `run_evaluation`), per task and pooled.
 
     For each task: every condition against `unpruned`, the `random` family as one set of baselines
@@ -31,32 +28,65 @@ def compare_rows(rows: list[dict], n_boot: int = 2000, seed: int = 0, group: str
     (`mechcopy.stats.compare_task`), on accuracy and on copy rate. With `group`, only that group's
     conditions (and the ungrouped `unpruned`), labelled by their names within the group (`pruned`, not
     `pruned@20`). "pooled" weighs every task the same and leaves out the probe (`kind == "probe"`), on
-    which the neurons were chosen. Returns {task or "pooled": [Comparison.to_json(), ...]}.
+    which the neurons were chosen. Returns {task or "pooled": [Comparison, ...]}.
     """
-    by_task: dict[str, dict[str, dict]] = defaultdict(dict)
+    by_task: dict[str, dict[str, ResultRow]] = defaultdict(dict)
     kinds: dict[str, str] = {}
     families: dict[str, str] = {}
     for r in rows:
-        spec = _spec(r)
-        if spec["group"] != group and not (spec["family"] == "unpruned" and spec["group"] is None):
+        spec = r.spec
+        if spec.group != group and not (spec.family == "unpruned" and spec.group is None):
             continue
-        by_task[r["task"]][spec["name"]] = r
-        families[spec["name"]] = spec["family"]
-        kinds[r["task"]] = r.get("kind", "")
-    out: dict[str, list[dict]] = {}
+        by_task[r.task][spec.name] = r
+        families[spec.name] = spec.family
+        kinds[r.task] = r.kind
+    out: dict[str, list[Comparison]] = {}
     for metric, key in (("accuracy", "correct"), ("copy_rate", "copy")):
-        outcomes = {t: {c: np.asarray(r[key], dtype=bool) for c, r in conds.items()} for t, conds in by_task.items()}
+        outcomes = {t: {c: np.asarray(getattr(r.result, key), dtype=bool) for c, r in conds.items()}
+                    for t, conds in by_task.items()}
         held_out = {t: o for t, o in outcomes.items() if kinds[t] != "probe"}
         for t, o in outcomes.items():
             if t not in held_out:
-                out.setdefault(t, []).extend(c.to_json() for c in stats.compare_task(t, o, metric, families,
-                                                                                       n_boot=n_boot, seed=seed))
+                out.setdefault(t, []).extend(stats.compare_task(t, o, metric, families, n_boot=n_boot, seed=seed))
         for c in stats.compare_all(held_out, metric, families, n_boot=n_boot, seed=seed):
-            out.setdefault(c.task, []).append(c.to_json())
+            out.setdefault(c.task, []).append(c)
     return out
 
 
-def results_table(rows: list[dict]):
+def comparisons_json(comparisons: dict[str, list[Comparison]]) -> dict[str, list[dict[str, Any]]]:
+    """`compare_rows`' answer as JSON: {task or "pooled": [Comparison.to_json(), ...]}."""
+    return {task: [c.to_json() for c in cs] for task, cs in comparisons.items()}
+
+
+def comparisons_from_json(obj: dict[str, list[dict[str, Any]]]) -> dict[str, list[Comparison]]:
+    """`comparisons_json`, read back."""
+    return {task: [Comparison.from_json(c) for c in cs] for task, cs in obj.items()}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Every task under every condition: the result rows, the pairs each task's prompt builder dropped
+    (task -> [[pair, reason], ...]) and the paired comparisons of the rows (`compare_rows`; empty when
+    there is nothing to compare). Its JSON is the main job's `evaluate.json` result."""
+
+    rows: tuple[ResultRow, ...]
+    dropped: dict[str, list] = field(default_factory=dict)
+    comparisons: dict[str, list[Comparison]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "rows", tuple(self.rows))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"results": [r.to_json() for r in self.rows], "dropped": self.dropped,
+                "comparisons": comparisons_json(self.comparisons)}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Evaluation":
+        return cls(tuple(ResultRow.from_json(r) for r in obj["results"]), obj.get("dropped", {}),
+                   comparisons_from_json(obj.get("comparisons", {})))
+
+
+def results_table(rows: Sequence[ResultRow]):
     """A pandas table: task, condition, n, accuracy and copy rate with their 95% intervals."""
     import pandas as pd
 
@@ -64,19 +94,19 @@ def results_table(rows: list[dict]):
         return f"{x:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
     return pd.DataFrame([{
-        "task": r["task"], "condition": r["condition"], "n": r["n"],
-        "accuracy [95% CI]": fmt(r["accuracy"], r["accuracy_ci"]),
-        "copy rate [95% CI]": fmt(r["copy_rate"], r["copy_rate_ci"]),
-        "copy/errors": round(r["copy_share_of_errors"], 2), "other": round(r["other_rate"], 2),
+        "task": r.task, "condition": r.condition, "n": r.result.n,
+        "accuracy [95% CI]": fmt(r.result.accuracy, r.result.accuracy_ci),
+        "copy rate [95% CI]": fmt(r.result.copy_rate, r.result.copy_rate_ci),
+        "copy/errors": round(r.result.copy_share_of_errors, 2), "other": round(r.result.other_rate, 2),
     } for r in rows])
 
 
-def comparisons_table(comparisons: list[dict]):
+def comparisons_table(comparisons: Sequence[Comparison]):
     """A pandas table of comparisons (`compare_rows` values): difference, 95% interval, p, MDE, n."""
     import pandas as pd
 
     return pd.DataFrame([{
-        "comparison": f"{c['condition']} - {c['baseline']}", "metric": c["metric"], "diff": f"{c['diff']:+.3f}",
-        "95% CI": f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]", "p": f"{c['p_value']:.3g}", "MDE": f"{c['mde']:.3f}",
-        "n": c["n"], **({"tasks up/down (Holm)": f"{c['n_up']}/{c['n_down']}"} if "n_up" in c else {}),
+        "comparison": f"{c.condition} - {c.baseline}", "metric": c.metric, "diff": f"{c.diff:+.3f}",
+        "95% CI": f"[{c.ci[0]:+.3f}, {c.ci[1]:+.3f}]", "p": f"{c.p_value:.3g}", "MDE": f"{c.mde:.3f}",
+        "n": c.n, **({"tasks up/down (Holm)": f"{c.n_up}/{c.n_down}"} if c.n_up is not None else {}),
     } for c in comparisons])

@@ -60,6 +60,18 @@ class TaskResult:
             d[key] = list(d[key])
         return d
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "TaskResult":
+        """The result `to_json` wrote (other keys, e.g. a result row's `spec`, are left out)."""
+        return cls(obj["task"], obj["condition"], obj["n"], obj["accuracy"], obj["copy_rate"],
+                   obj["copy_share_of_errors"], obj["other_rate"], _pair(obj["accuracy_ci"]),
+                   _pair(obj["copy_rate_ci"]), tuple(obj["predictions"]), tuple(map(bool, obj["correct"])),
+                   tuple(map(bool, obj["copy"])))
+
+
+def _pair(x: Sequence[float]) -> tuple[float, float]:
+    return (float(x[0]), float(x[1]))
+
 
 def _as_list(prompts) -> list[ICLPrompt]:
     return list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)

@@ -15,7 +15,7 @@ the same steps: their differences are configs. A new attribution method is one f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -103,6 +103,17 @@ class FindConfig:
         if self.text is not None and not (Path(self.text).is_file() and Path(self.text).stat().st_size):
             raise FileNotFoundError(f"text file {self.text} " + ("is empty" if Path(self.text).is_file()
                                                                  else "does not exist"))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "FindConfig":
+        """The config `to_json` wrote (settings this version no longer has are refused, not dropped)."""
+        unknown = sorted(set(obj) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown FindConfig settings {unknown}: written by another version of mechcopy")
+        return cls(**obj)
 
 
 # ---------------------------------------------------------------- the steps
@@ -193,7 +204,7 @@ def guard(model: HookedModel, prompts: Sequence[ICLPrompt], scores: CopyScores, 
         return Guard(check)
     row = check.rows[0].chosen_vs_random
     return Guard(check, f"the top-{k} set fails the self-consistency check on the attribution prompts: "
-                        f"{config.target} chosen - random = {row['diff']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]; "
+                        f"{config.target} chosen - random = {row.diff:+.3f} [{row.ci[0]:+.3f}, {row.ci[1]:+.3f}]; "
                         "k = 0 (nothing pruned)")
 
 
@@ -209,6 +220,16 @@ class Choice:
     @property
     def k(self) -> int:
         return len(self.components)
+
+    @classmethod
+    def from_components(cls, components: Components) -> "Choice":
+        """The choice a neuron file of `mechcopy find` records: its set, and its meta's sweep and guard."""
+        meta = components.meta
+        if "sweep" not in meta:
+            where = f" {components.source}" if components.source else ""
+            raise ValueError(f"the component file{where} records no k sweep: it was not written by `mechcopy find`")
+        guard = Guard.from_json(meta) if "self_consistency" in meta else None
+        return cls(components, KSweep.from_json(meta["sweep"]), guard)
 
 
 def decide(model: HookedModel, scores: CopyScores, sweep: KSweep, attribution: Sequence[ICLPrompt],

@@ -25,7 +25,7 @@ the most common role sequence are kept, so one column means the same part of the
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 import torch
@@ -227,11 +227,22 @@ class PatchingResult:
     settings: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        object.__setattr__(self, "values", tuple(tuple(tuple(row) for row in comp) for comp in self.values))
+        for name in ("components", "roles", "tokens"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.neuron_by_pos is not None:
+            object.__setattr__(self, "neuron_by_pos", tuple(self.neuron_by_pos))
+
     def array(self) -> Float[Tensor, "component layer pos"]:
         return torch.tensor(self.values)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "PatchingResult":
+        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
 
 
 def activation_patching(

@@ -196,6 +196,21 @@ class Comparison:
         """p_value < 0.05 (unadjusted)."""
         return bool(self.p_value < 0.05)
 
+    @property
+    def n_tasks(self) -> int | None:
+        """A pooled comparison's number of tasks (None for one task's)."""
+        return self.extra.get("n_tasks")
+
+    @property
+    def n_up(self) -> int | None:
+        """A pooled comparison's tasks that move up significantly after Holm (None for one task's)."""
+        return self.extra.get("n_up")
+
+    @property
+    def n_down(self) -> int | None:
+        """A pooled comparison's tasks that move down significantly after Holm (None for one task's)."""
+        return self.extra.get("n_down")
+
     def to_json(self) -> dict[str, Any]:
         """Flat dict: the fields (ci as a list) with the extra items merged in."""
         d: dict[str, Any] = {
@@ -205,6 +220,13 @@ class Comparison:
         }
         d.update({k: v.item() if isinstance(v, np.generic) else v for k, v in self.extra.items()})
         return d
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Comparison":
+        """The comparison `to_json` wrote: its fields, and every other key as `extra`."""
+        return cls(obj["task"], obj["condition"], obj["baseline"], obj["metric"], obj["diff"],
+                   (obj["ci"][0], obj["ci"][1]), obj["p_value"], obj["mde"], obj["n"], obj["test"],
+                   {k: v for k, v in obj.items() if k not in _CORE_KEYS})
 
 
 def _outcomes(a: Any, name: str, ndim: tuple[int, ...] = (1,)) -> np.ndarray:

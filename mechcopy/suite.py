@@ -1,9 +1,10 @@
 """Every task under every condition, checkpointed: `run_evaluation`, the evaluation `mechcopy evaluate`
 and the main job run.
 
-A result row is `TaskResult.to_json()` (the condition's label in `condition`) plus the task's kind, the
-number of pairs its prompt builder dropped, the seconds, and the condition's structured fields in
-`spec` (`Condition.describe`: family, group, kind, ablation, positions, seed, means, readout).
+A result row (`ResultRow`) is one task under one condition: its `TaskResult` (the condition's label in
+`condition`), the task's kind, the number of pairs its prompt builder dropped, the seconds, and the
+condition's structured fields (`ConditionSpec`: family, group, kind, ablation, positions, seed, means,
+readout). As JSON it is `TaskResult.to_json()` with those beside it (the spec under `spec`).
 """
 
 from __future__ import annotations
@@ -11,24 +12,58 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel
-from mechcopy.conditions import UNPRUNED, Condition
+from mechcopy.conditions import UNPRUNED, Condition, ConditionSpec
 from mechcopy.errors import note
-from mechcopy.evaluation import check_context, evaluate_conditions
+from mechcopy.evaluation import TaskResult, check_context, evaluate_conditions
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import append_jsonl, read_jsonl, write_jsonl_atomic
 from mechcopy.tasks.prompts import PromptSet, build_prompts
 
 
+@dataclass(frozen=True)
+class ResultRow:
+    """One task under one condition: the result, the task's kind, the pairs dropped, the seconds, and
+    the condition's structured fields."""
+
+    result: TaskResult
+    kind: str
+    n_dropped: int
+    seconds: float
+    spec: ConditionSpec
+
+    @property
+    def task(self) -> str:
+        return self.result.task
+
+    @property
+    def condition(self) -> str:
+        """The condition's label (`unpruned`, `pruned`, `random-0`, `pruned@20`, ...)."""
+        return self.result.condition
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.result.to_json(), "kind": self.kind, "n_dropped": self.n_dropped, "seconds": self.seconds,
+                "spec": self.spec.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ResultRow":
+        if "spec" not in obj:
+            raise ValueError(f"result row ({obj.get('task')!r}, {obj.get('condition')!r}) carries no condition spec: "
+                             "it was written by an older mechcopy; evaluate again to compare its conditions")
+        return cls(TaskResult.from_json(obj), obj.get("kind", ""), obj.get("n_dropped", 0), obj.get("seconds", 0.0),
+                   ConditionSpec.from_json(obj["spec"]))
+
+
 def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed: int = 0,
                    conditions: Sequence[Condition] | None = None, progress: bool = True,
                    batch_size: int = 128, checkpoint: str | Path | None = None,
-                   gold_in_demos: bool = True) -> tuple[list[dict], dict]:
+                   gold_in_demos: bool = True) -> tuple[list[ResultRow], dict[str, list]]:
     """Build prompts for every task and evaluate every condition; returns (result rows, dropped pairs).
 
     `conditions` (default: `UNPRUNED` only) are evaluated in one pass per task (`evaluate_task`),
@@ -51,33 +86,33 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
         check_context(model, ps.prompts)
     keys = _row_keys(model, tasks, shots, n, seed, conditions, gold_in_demos) if checkpoint else {}
     done = _read_journal(Path(checkpoint), keys) if checkpoint else {}
-    rows, dropped = [], {}
+    rows: list[ResultRow] = []
+    dropped: dict[str, list] = {}
     with tqdm(total=len(tasks) * len(conditions), initial=len(done), desc="evaluate", disable=not progress) as bar:
         for task in tasks:
             ps = prompt_sets[task.name]
             dropped[task.name] = [[list(pair), reason] for pair, reason in ps.dropped]
             todo = [c for c in conditions if keys.get((task.name, c.label)) not in done]
             bar.set_postfix_str(task.name)
-            fresh = {r["condition"]: r for r in evaluate_task(model, task, ps, todo, seed, batch_size)} if todo else {}
+            fresh = {r.condition: r for r in evaluate_task(model, task, ps, todo, seed, batch_size)} if todo else {}
             for c in conditions:
                 key = keys.get((task.name, c.label))
                 if c.label in fresh and checkpoint:
-                    append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": c.label, "row": fresh[c.label]})
+                    append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": c.label,
+                                              "row": fresh[c.label].to_json()})
                 rows.append(fresh[c.label] if c.label in fresh else done[key])
             bar.update(len(todo))
     return rows, dropped
 
 
 def evaluate_task(model: HookedModel, task, prompts: PromptSet, conditions: Sequence[Condition],
-                  seed: int = 0, batch_size: int = 128) -> list[dict]:
-    """One task's result rows, one per condition, from one pass: `TaskResult.to_json()` plus the task
-    kind, the number of dropped pairs, the seconds (the pass's time, shared equally by the rows) and
-    the condition's `spec`."""
+                  seed: int = 0, batch_size: int = 128) -> list[ResultRow]:
+    """One task's result rows, one per condition, from one pass (the seconds: the pass's time, shared
+    equally by the rows)."""
     t0 = time.perf_counter()
     results = evaluate_conditions(model, prompts.prompts, conditions, seed=seed, batch_size=batch_size)
     seconds = round((time.perf_counter() - t0) / len(results), 2)
-    return [{**results[c.label].to_json(), "kind": task.kind, "n_dropped": len(prompts.dropped), "seconds": seconds,
-             "spec": c.describe()} for c in conditions]
+    return [ResultRow(results[c.label], task.kind, len(prompts.dropped), seconds, c.spec) for c in conditions]
 
 
 def _condition_key(condition: Condition) -> dict[str, Any]:
@@ -106,7 +141,7 @@ def _row_keys(model: HookedModel, tasks, shots: int, n: int, seed: int, conditio
     return keys
 
 
-def _read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, dict]:
+def _read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, ResultRow]:
     """Rows of `path` whose key is one of `keys` (key -> row). The file is rewritten with those rows
     only, so lines under other keys, and a last line a kill cut short, do not stay in the way."""
     wanted = set(keys.values())
@@ -115,4 +150,4 @@ def _read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, dic
         write_jsonl_atomic(path, entries.values())
     if entries:
         note(f"resuming from {path}: {len(entries)} of {len(keys)} (task, condition) rows already done")
-    return {key: e["row"] for key, e in entries.items()}
+    return {key: ResultRow.from_json(e["row"]) for key, e in entries.items()}

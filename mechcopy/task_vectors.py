@@ -21,7 +21,7 @@ injection, and in the zero-shot and ICL baselines, so a "pruned" result is the p
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -68,6 +68,10 @@ class TaskVectorConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "TaskVectorConfig":
+        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+
     def check(self, model: HookedModel) -> None:
         """Refuse layers the model does not have."""
         n = model.cfg.n_layers
@@ -102,8 +106,22 @@ class TaskVectorResult:
     config: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        for name in ("layers", "dev_accuracy", "test_accuracy_ci", "predictions"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def any_layer_works(self) -> bool:
+        """Whether a task vector after some layer gets any dev prompt right (else `best_layer` is only
+        the first layer of the sweep, not a layer that works)."""
+        return max(self.dev_accuracy, default=0.0) > 0
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "TaskVectorResult":
+        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
 
 
 # ---------------------------------------------------------------------------------------------------

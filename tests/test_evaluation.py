@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,11 +12,11 @@ from mechcopy import batching, evaluation
 from mechcopy.arch import arch_of
 from mechcopy.comparisons import compare_rows, comparisons_table
 from mechcopy.conditions import UNPRUNED, Condition, standard_conditions
-from mechcopy.evaluation import (evaluate, evaluate_conditions, perplexity, predict, predict_conditions,
+from mechcopy.evaluation import (TaskResult, evaluate, evaluate_conditions, perplexity, predict, predict_conditions,
                                  summarize, _steps)
 from mechcopy.neurons import NeuronSet, model_fingerprint
 from mechcopy.pruning import component_means, condition_hooks, grouped_hooks, pruning_hooks
-from mechcopy.suite import run_evaluation
+from mechcopy.suite import ResultRow, run_evaluation
 from mechcopy.stats import bootstrap_ci
 from mechcopy.models.tiny import tiny_transformer
 from mechcopy.tasks import Task, load_task
@@ -378,29 +379,35 @@ def _fake_rows(seed=0, n=40, group=None):
         for cond in conds:
             correct = rng.random(n) < (0.5 if cond.family != "pruned" else 0.7)
             copy = ~correct & (rng.random(n) < 0.5)
-            rows.append({"task": task, "kind": kind, "condition": cond.label, "correct": correct.tolist(),
-                         "copy": copy.tolist(), "spec": cond.describe()})
+            rows.append(ResultRow(summarize_outcomes(task, cond.label, correct, copy), kind, 0, 0.0, cond.spec))
     return rows
+
+
+def summarize_outcomes(task: str, condition: str, correct: np.ndarray, copy: np.ndarray) -> TaskResult:
+    """A TaskResult holding given per-prompt outcomes (rates from them; intervals not computed)."""
+    n = len(correct)
+    return TaskResult(task, condition, n, float(correct.mean()), float(copy.mean()), 0.0,
+                      float((~correct & ~copy).mean()), (0.0, 1.0), (0.0, 1.0), ("",) * n,
+                      tuple(map(bool, correct)), tuple(map(bool, copy)))
 
 
 def test_compare_rows_by_hand():
     rows = _fake_rows()
     out = compare_rows(rows, n_boot=300)
     assert set(out) == {"a", "b", "copy_probe", "pooled"}
-    by = {(t, c["condition"], c["baseline"], c["metric"]): c for t, cs in out.items() for c in cs}
-    get = {(r["task"], r["condition"]): r for r in rows}
+    by = {(t, c.condition, c.baseline, c.metric): c for t, cs in out.items() for c in cs}
+    get = {(r.task, r.condition): r.result for r in rows}
     for t in ("a", "b", "copy_probe"):
         for cond in ("pruned", "bottom"):
             c = by[(t, cond, "unpruned", "accuracy")]
-            assert c["diff"] == pytest.approx(np.mean(get[(t, cond)]["correct"]) - np.mean(get[(t, "unpruned")]["correct"]))
-            assert {"condition", "baseline", "metric", "diff", "ci", "p_value", "mde", "n"} <= set(c)
-            assert c["ci"][0] <= c["diff"] <= c["ci"][1]
-        rand = np.mean([np.mean(get[(t, f"random-{s}")]["copy"]) for s in (0, 1)])
-        assert by[(t, "pruned", "random", "copy_rate")]["diff"] == pytest.approx(np.mean(get[(t, "pruned")]["copy"]) - rand)
+            assert c.diff == pytest.approx(np.mean(get[(t, cond)].correct) - np.mean(get[(t, "unpruned")].correct))
+            assert c.ci[0] <= c.diff <= c.ci[1] and c.n == 40 and 0 <= c.p_value <= 1 and c.mde > 0
+        rand = np.mean([np.mean(get[(t, f"random-{s}")].copy) for s in (0, 1)])
+        assert by[(t, "pruned", "random", "copy_rate")].diff == pytest.approx(np.mean(get[(t, "pruned")].copy) - rand)
     # pooled: the mean of the held-out tasks' differences; the probe (where the neurons were chosen) is left out
     pooled = by[("pooled", "pruned", "unpruned", "accuracy")]
-    assert pooled["n_tasks"] == 2 and pooled["n"] == 80
-    assert pooled["diff"] == pytest.approx(np.mean([by[(t, "pruned", "unpruned", "accuracy")]["diff"] for t in "ab"]))
+    assert pooled.n_tasks == 2 and pooled.n == 80
+    assert pooled.diff == pytest.approx(np.mean([by[(t, "pruned", "unpruned", "accuracy")].diff for t in "ab"]))
 
 
 def test_compare_rows_groups_by_spec_not_by_name():
@@ -408,14 +415,14 @@ def test_compare_rows_groups_by_spec_not_by_name():
     of its own conditions beside the ungrouped unpruned, labelled as they would be alone."""
     alone = compare_rows(_fake_rows(), n_boot=200)
     grouped = _fake_rows(group=20)
-    assert {r["condition"] for r in grouped} == {"unpruned", "pruned@20", "random-0@20", "random-1@20", "bottom@20"}
-    both = grouped + [r for r in _fake_rows(seed=1) if r["spec"]["family"] != "unpruned"]   # ungrouped: left out
+    assert {r.condition for r in grouped} == {"unpruned", "pruned@20", "random-0@20", "random-1@20", "bottom@20"}
+    both = grouped + [r for r in _fake_rows(seed=1) if r.spec.family != "unpruned"]   # ungrouped: left out
     assert compare_rows(both, n_boot=200, group=20) == alone
-    renamed = [{**r, "spec": {**r["spec"], "name": r["spec"]["name"].replace("random", "baseline")}} for r in _fake_rows()]
-    pooled = {(c["condition"], c["baseline"]) for c in compare_rows(renamed, n_boot=200)["pooled"]}
+    renamed = [replace(r, spec=replace(r.spec, name=r.spec.name.replace("random", "baseline"))) for r in _fake_rows()]
+    pooled = {(c.condition, c.baseline) for c in compare_rows(renamed, n_boot=200)["pooled"]}
     assert ("pruned", "random") in pooled and ("random", "unpruned") in pooled
     with pytest.raises(ValueError, match="older mechcopy"):
-        compare_rows([{k: v for k, v in r.items() if k != "spec"} for r in _fake_rows()])
+        ResultRow.from_json({k: v for k, v in _fake_rows()[0].to_json().items() if k != "spec"})
 
 
 def test_comparisons_table_lists_every_comparison():
@@ -438,6 +445,6 @@ def test_run_evaluation_builds_prompts_without_gold_in_demos(tiny, monkeypatch):
     task = Task("two", tuple((w, "yes" if i % 2 else "no") for i, w in enumerate("abcdefghijklmnop")))
     rows, _ = run_evaluation(tiny, [task], shots=3, n=8, conditions=[UNPRUNED], progress=False,
                              gold_in_demos=False)
-    assert rows[0]["n"] == 8 and all(p.answer not in p.demo_labels for p in built[0].prompts)
+    assert rows[0].result.n == 8 and all(p.answer not in p.demo_labels for p in built[0].prompts)
     run_evaluation(tiny, [task], shots=3, n=8, progress=False)
     assert any(p.answer in p.demo_labels for p in built[1].prompts)   # the standard construction lets it in

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,12 +117,12 @@ def test_task_bars_draw_the_data():
     acc_ax, copy_ax = fig.axes[:2]
     fams = ["unpruned", "pruned", "random", "bottom"]
     tasks = list(dict.fromkeys(df["task"]))
-    heights = np.array([p.get_height() for p in acc_ax.patches]).reshape(len(fams), len(tasks))
+    heights = np.array([p.get_width() for p in acc_ax.patches]).reshape(len(fams), len(tasks))   # horizontal bars
     for i, fam in enumerate(fams):
         for j, task in enumerate(tasks):
             sub = df[(df.task == task) & (df.condition.str.startswith(fam))]
             assert heights[i, j] == pytest.approx(sub.accuracy.mean())  # random: the mean over seeds
-    copies = np.array([p.get_height() for p in copy_ax.patches]).reshape(len(fams), len(tasks))
+    copies = np.array([p.get_width() for p in copy_ax.patches]).reshape(len(fams), len(tasks))
     assert copies[1, 0] == pytest.approx(df[(df.task == tasks[0]) & (df.condition == "pruned")].copy_rate.item())
     agg = viz.aggregate_conditions(df).set_index(["task", "condition"])
     seeds = df[(df.task == "antonyms") & df.condition.str.startswith("random")]
@@ -371,11 +372,10 @@ def test_forest_plot_draws_every_task_and_the_pooled_difference():
     ax = axes[0]
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels[-1] == "pooled" or labels[0] == "pooled"
-    pooled = next(c for c in comps["pooled"] if (c["condition"], c["baseline"], c["metric"]) ==
-                  ("pruned", "unpruned", "accuracy"))
+    pooled = next(c for c in comps["pooled"] if (c.condition, c.baseline, c.metric) == ("pruned", "unpruned", "accuracy"))
     xs = [line.get_xdata()[0] for line in ax.lines if len(line.get_xdata()) == 1]
-    assert any(abs(x - pooled["diff"]) < 1e-12 for x in xs)
-    assert f"{pooled['diff']:+.3f}" in ax.get_title() and f"MDE {pooled['mde']:.3f}" in ax.get_title()
+    assert any(abs(x - pooled.diff) < 1e-12 for x in xs)
+    assert f"{pooled.diff:+.3f}" in ax.get_title() and f"MDE {pooled.mde:.3f}" in ax.get_title()
     with pytest.raises(ValueError):
         viz.plot_forest({})
 
@@ -387,12 +387,11 @@ def test_k_curve_plot_draws_each_k_and_pair():
 
     pooled = compare_rows(_fake_rows(), n_boot=200)["pooled"]
     # two ks with the same comparisons, the second shifted by +0.1, to tell them apart on the plot
-    curve = {"5": pooled, "50": [{**c, "diff": c["diff"] + 0.1, "ci": [c["ci"][0] + 0.1, c["ci"][1] + 0.1]}
-                                 for c in pooled]}
+    curve = {5: pooled, 50: [replace(c, diff=c.diff + 0.1, ci=(c.ci[0] + 0.1, c.ci[1] + 0.1)) for c in pooled]}
     fig = viz.plot_k_curve(curve, chosen_k=5)
     assert len(fig.axes) == 2   # accuracy, copy rate
     ax = fig.axes[0]
-    acc = {(c["condition"], c["baseline"]): c["diff"] for c in pooled if c["metric"] == "accuracy"}
+    acc = {(c.condition, c.baseline): c.diff for c in pooled if c.metric == "accuracy"}
     points = [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines if len(line.get_xdata()) == 1]
     ys = sorted(round(y, 9) for _, y in points)
     assert ys == sorted(round(d + s, 9) for d in (acc[("pruned", "unpruned")], acc[("pruned", "random")])

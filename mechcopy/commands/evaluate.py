@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, open_model, prepare_out,
                                       saved_in, write_result)
-from mechcopy.comparisons import compare_rows, comparisons_table, results_table
+from mechcopy.comparisons import compare_rows, comparisons_json, comparisons_table, results_table
 from mechcopy.components import Components
 from mechcopy.conditions import UNPRUNED, find_scores, standard_conditions
 from mechcopy.io import side_file
@@ -56,12 +56,13 @@ def run(args) -> int:
         if items:
             (pair, reason), where = items[0], "under \"dropped\" in the results" if out else "(use --out to list them)"
             print(f"{task}: {len(items)} pairs not used, e.g. {pair}: {reason}; all listed {where}")
-    payload = {"settings": settings, "results": rows, "dropped": dropped}
+    payload = {"settings": settings, "results": [r.to_json() for r in rows], "dropped": dropped}
     if len(conditions) > 1:
-        payload["comparisons"] = compare_rows(rows, seed=args.seed)
+        comparisons = compare_rows(rows, seed=args.seed)
+        payload["comparisons"] = comparisons_json(comparisons)
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             print("\npaired comparisons, pooled over the held-out tasks (each task weighs the same):")
-            print(comparisons_table(payload["comparisons"]["pooled"]).to_string(index=False))
+            print(comparisons_table(comparisons["pooled"]).to_string(index=False))
     if out:
         print(f"wrote {write_result(out, model, payload)}")
         checkpoint.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from mechcopy.commands.common import (add_config_args, add_model_args, add_out_a
                                       prepare_out, saved_in)
 from mechcopy.find import ATTRIBUTIONS, PROBES, SELECTIONS, FindConfig, find_copy_neurons
 from mechcopy.io import side_file
+from mechcopy.method import Choice
 from mechcopy.tasks.probe import FORMATS, ITEM_SETS
 
 HELPS = {
@@ -46,20 +47,21 @@ def run(args) -> int:
     t0 = time.perf_counter()
     model = open_model(args)
     neurons = find_copy_neurons(model, out, config)
-    sw = neurons.meta["sweep"]
-    print(f"k sweep on {sw['n_dev']} dev prompts (perplexity bound +{sw['max_ppl_increase']:.0%}):")
-    print(f"  k=0: dev accuracy {sw['baseline']['dev_accuracy']:.3f}, copy rate "
-          f"{sw['baseline']['dev_copy_rate']:.3f}, ppl {sw['baseline']['ppl']:.2f}"
-          + ("  <- chosen" if sw["chosen_k"] == 0 else ""))
-    for r in sw["rows"]:
-        mark = "  <- chosen" if r["k"] == sw["chosen_k"] else ("" if r["feasible"] else "  (ppl bound)")
+    choice = Choice.from_components(neurons)
+    sw = choice.sweep
+    print(f"k sweep on {sw.meta['n_dev']} dev prompts (perplexity bound +{sw.max_ppl_increase:.0%}):")
+    print(f"  k=0: dev accuracy {sw.baseline['dev_accuracy']:.3f}, copy rate "
+          f"{sw.baseline['dev_copy_rate']:.3f}, ppl {sw.baseline['ppl']:.2f}"
+          + ("  <- chosen" if sw.chosen_k == 0 else ""))
+    for r in sw.rows:
+        mark = "  <- chosen" if r["k"] == sw.chosen_k else ("" if r["feasible"] else "  (ppl bound)")
         print(f"  k={r['k']}: dev accuracy {r['dev_accuracy']:.3f}, copy rate {r['dev_copy_rate']:.3f}, "
               f"ppl {r['ppl']:.2f} ({r['ppl_increase']:+.1%}){mark}")
     if neurons.pairs:
-        counts = {l: c for l, c in enumerate(neurons.meta["layer_counts"]) if c}
+        counts = {l: c for l, c in enumerate(neurons.layer_counts(model.cfg.n_layers)) if c}
         print(f"{len(neurons)} neurons, by layer {counts}")
     else:
-        why = neurons.meta.get("refused") or sw["why"]
+        why = choice.guard.refused if choice.guard is not None and choice.guard.refused else sw.why
         print(f"k = 0 chosen: {why}. The neuron file holds no neurons: there is nothing to prune.")
     print(f"wrote {out} (scores: {neurons.meta['scores_path']}) in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -87,6 +87,14 @@ class MambaConfig:
         out = asdict(self)
         out["dtype"] = str(self.dtype).replace("torch.", "")
         return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "MambaConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in obj.items() if k in known}
+        if "dtype" in values:
+            values["dtype"] = getattr(torch, values["dtype"])
+        return cls(**values)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -79,6 +79,10 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "TrainConfig":
+        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+
 
 def build_model(arch: str, model_kwargs: dict[str, Any], seed: int, device: str = "cpu"):
     """A fresh (random) organism of `arch` with the character tokenizer."""
@@ -131,6 +135,10 @@ class TrainResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "TrainResult":
+        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
 
 
 def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True,

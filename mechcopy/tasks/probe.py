@@ -140,6 +140,10 @@ class ProbeConfig:
         return {"counts": list(self.counts), "items": self.items, "template": self.template, "shots": self.shots,
                 "balanced": self.balanced, "name": self.name}
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ProbeConfig":
+        return cls(tuple(obj["counts"]), obj["items"], obj["template"], obj["shots"], obj["balanced"])
+
 
 def load_items(which: str = "mixed") -> tuple[str, ...]:
     """The balanced probe's item pool: `words`, `places`, `people`, both kinds of names (`names`: the
@@ -174,6 +178,13 @@ class ProbeSplits:
                 "gold_counts": {s: self.gold_counts(s) for s in SPLITS},
                 "dropped": [list(d) for d in self.dropped],
                 "prompts": {s: [p.to_json() for p in getattr(self, s)] for s in SPLITS}}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ProbeSplits":
+        """The splits `to_json` wrote (sizes and gold counts are recomputed from the prompts)."""
+        prompts = {s: tuple(ICLPrompt.from_json(p) for p in obj["prompts"][s]) for s in SPLITS}
+        return cls(ProbeConfig.from_json(obj["config"]), prompts["attribution"], prompts["dev"], prompts["test"],
+                   tuple((item, why) for item, why in obj["dropped"]), obj["seed"])
 
 
 def _quotas(n: int, labels: Sequence[int], rng: random.Random) -> dict[int, int]:

@@ -41,6 +41,12 @@ class ICLPrompt:
                 "demo_labels": list(self.demo_labels), "demo_label_ids": [list(i) for i in self.demo_label_ids],
                 "label_space": list(self.label_space)}
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ICLPrompt":
+        return cls(obj["task"], obj["text"], obj["query"], obj["answer"], tuple(obj["answer_ids"]),
+                   tuple((x, y) for x, y in obj["demos"]), tuple(obj["demo_labels"]),
+                   tuple(tuple(ids) for ids in obj["demo_label_ids"]), tuple(obj.get("label_space", ())))
+
 
 @dataclass(frozen=True)
 class PromptSet:

@@ -30,6 +30,11 @@ class Task:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "pairs": [list(p) for p in self.pairs]}
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Task":
+        """The task `to_json` wrote (a user's task file goes through `validate_task_json`, which checks it)."""
+        return cls(obj["name"], tuple((x, y) for x, y in obj["pairs"]), obj.get("kind", "user"))
+
     def distinct_pairs(self) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str], str]]]:
         """The pairs to use (in order) and the (pair, reason) of each pair left out: a repeat of an
         earlier pair, or any pair whose input has several outputs (no single answer is right)."""
