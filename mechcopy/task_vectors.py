@@ -103,7 +103,7 @@ class TaskVectorResult:
     n_test: int
     n_dropped: int
     predictions: tuple[str, ...]             # test predictions under injection at best_layer
-    config: dict[str, Any] = field(default_factory=dict)
+    config: TaskVectorConfig = field(default_factory=TaskVectorConfig)
     model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -121,7 +121,10 @@ class TaskVectorResult:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "TaskVectorResult":
-        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+        values = {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
+        if "config" in values:
+            values["config"] = TaskVectorConfig.from_json(values["config"])
+        return cls(**values)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,7 +199,7 @@ def task_vector_experiment(
         copy_rate=copy_rate(test.predictions, split.test, split.extraction_labels),
         zero_shot_accuracy=float(zero.accuracy), icl_accuracy=float(icl.accuracy),
         icl_copy_rate=float(icl.copy_rate), n_dev=len(split.dev), n_test=len(split.test),
-        n_dropped=len(split.dropped), predictions=tuple(test.predictions), config=config.to_json(),
+        n_dropped=len(split.dropped), predictions=tuple(test.predictions), config=config,
         model=model_fingerprint(model),
     )
 

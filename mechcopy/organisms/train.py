@@ -126,7 +126,7 @@ def quick_accuracy(model: HookedModel, sets: tuple[str, ...] = ("map-heldout", "
 @dataclass(frozen=True)
 class TrainResult:
     out_dir: str
-    config: dict[str, Any]
+    config: TrainConfig
     final_loss: float
     final_accuracy: dict[str, float]
     seconds: float
@@ -138,7 +138,8 @@ class TrainResult:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "TrainResult":
-        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+        values = {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
+        return cls(**{**values, "config": TrainConfig.from_json(obj["config"])})
 
 
 def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True,
@@ -194,7 +195,7 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
     model.eval()
     seconds = time.time() - start
     final_loss = sum(curve["loss"][-50:]) / len(curve["loss"][-50:])
-    result = TrainResult(str(out_dir) if out_dir else "", cfg.to_json(), final_loss,
+    result = TrainResult(str(out_dir) if out_dir else "", cfg, final_loss,
                          curve["eval"][-1] if curve["eval"] else {}, seconds, len(curve["step"]), stopped)
     if out_dir is not None:
         save_organism(model, cfg, out_dir, curve, result)
