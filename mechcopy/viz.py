@@ -157,7 +157,7 @@ def plot_task_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
         ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
     axes[0].set_yticks(y, [_label(t) for t in tasks], fontsize=8)
-    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, ncols=min(n_c, 4), loc="outside upper center")
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, ncols=min(n_c, 4), loc="outside lower center")
     fig.suptitle(title or "ICL accuracy and copy-error rate per task (whiskers: 95% interval)")
     return fig
 
@@ -169,9 +169,10 @@ def plot_forest(comparisons: Mapping[str, Sequence[Comparison]], pairs: Sequence
                 metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
     """Paired differences per task with 95% intervals, the pooled difference last (a diamond).
 
-    `comparisons` is {task or "pooled": [Comparison, ...]} as `comparisons.compare_rows` returns. One panel per metric (rows) and
-    (condition, baseline) pair (columns); filled markers are significant at 0.05 (per task,
-    unadjusted); each panel's title gives the pooled difference and its minimal detectable effect.
+    `comparisons` is {task or "pooled": [Comparison, ...]} as `comparisons.compare_rows` returns. One
+    panel per metric (rows) and (condition, baseline) pair (columns); filled markers are significant at
+    0.05 (per task, unadjusted); each panel's title gives the pooled difference and its minimal detectable
+    effect.
     """
     tasks = [t for t in comparisons if t != "pooled"] + (["pooled"] if "pooled" in comparisons else [])
     if not tasks:
@@ -240,8 +241,9 @@ def plot_k_sweep(df: pd.DataFrame, chosen_k: int | None = None, title: str | Non
     return fig
 
 
-def plot_k_curve(curve: Mapping[str | int, Sequence[Comparison]], chosen_k: int | None = None, pairs: Sequence[tuple[str, str]] = FOREST_PAIRS,
-                 metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
+def plot_k_curve(curve: Mapping[str | int, Sequence[Comparison]], chosen_k: int | None = None,
+                 pairs: Sequence[tuple[str, str]] = FOREST_PAIRS, metrics: Sequence[str] = ("accuracy", "copy_rate"),
+                 title: str | None = None) -> Figure:
     """Pooled paired differences along k with 95% intervals: the k curve on the tasks.
 
     `curve` is {k: [Comparison, ...]} (the "pooled" entry of `comparisons.compare_rows` for each k).

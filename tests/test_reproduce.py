@@ -33,6 +33,9 @@ def test_reproduce_tiny_end_to_end(tiny, tmp_path, monkeypatch, best_k_chosen):
     assert means["unpruned"]["accuracy"] == pytest.approx(sum(unpruned) / len(unpruned), abs=1e-3)
     assert {r["condition"] for r in rows} == {"unpruned", "pruned", "random-0", "bottom"}
 
+    # the report is a view of the folder: rebuilt from the files alone, with no model loaded or run
+    _report_is_a_view(out, monkeypatch, tiny.tokenizer)
+
     # resume: a second run redoes nothing
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
@@ -45,6 +48,49 @@ def test_reproduce_tiny_end_to_end(tiny, tmp_path, monkeypatch, best_k_chosen):
     monkeypatch.setattr(rp, "STAGES", [(n, boom) for n, _ in rp.STAGES[:-1]] + [("report", rp.stage_report)])
     rp.reproduce(tiny, CFG, out)
     assert (out / "report.json").exists()
+
+
+def _report_is_a_view(out, monkeypatch, tokenizer):
+    """`build_report(out)` takes no model, loads none and runs none (every torch module call, model
+    constructor and loader fails here), and draws the same report the report stage drew. What it shows of
+    the model was saved by the views stage, from the run's own probe."""
+    import inspect
+    import re
+
+    import torch
+    import transformer_lens
+
+    import mechcopy
+    from mechcopy import method
+    from mechcopy.job import Run
+    from mechcopy.models import loading
+    from mechcopy.report import build_report
+
+    assert list(inspect.signature(build_report).parameters) == ["out_dir"]
+    before = (out / "report.html").read_text()
+    run = Run.read(out)
+    probe = method.prompts(tokenizer, CFG.find)
+    assert run.views is not None and run.views.prompt in probe.dev[:16]      # the run's own (balanced) probe
+    assert run.views.prompt.task.startswith("copy_probe:balanced")
+
+    def no_model(*a, **k):
+        raise AssertionError("the report touched a model")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.Module, "__call__", no_model)
+        m.setattr(transformer_lens.HookedTransformer, "__init__", no_model)
+        m.setattr(mechcopy, "load_model", no_model)
+        m.setattr(loading, "load_model", no_model)
+        for f in (out / "figures").iterdir():
+            f.unlink()
+        (out / "report.html").unlink()
+        result = build_report(out)
+    after = (out / "report.html").read_text()
+    same = lambda h: re.sub(r"circuits-vis-\w+|generated</strong></td><td>[^<]*", "X", h)
+    assert same(after) == same(before) and len(result["figures"]) >= 5
+    # every number the report's text shows has at most 3 decimals (the run details in the footer aside)
+    text = re.sub(r"<script.*?</script>|<footer.*?</footer>|src=\"data:[^\"]*\"", "", after, flags=re.S)
+    assert not re.findall(r"\d\.\d{4,}", text)
 
 
 def test_reproduce_refuses_other_settings(tiny, tmp_path):

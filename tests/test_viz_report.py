@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -132,6 +133,41 @@ def test_task_bars_draw_the_data():
         df[(df.task == "antonyms") & (df.condition == "pruned")].accuracy_hi.item())
     with pytest.raises(ValueError, match="copy_rate_hi"):
         viz.plot_task_bars(df.drop(columns="copy_rate_hi"))
+
+
+def test_task_bars_read_at_page_width_for_every_task():
+    """27 tasks x 4 condition families: one row per task, at most the report's width (10 in at 110 dpi,
+    the page's 1100 px), the figure growing down, not across."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for t in range(27):
+        for fam in ("unpruned", "pruned", "random", "bottom"):
+            acc, cr = rng.uniform(0.1, 0.9), rng.uniform(0.0, 0.5)
+            rows.append(dict(task=f"task_{t}", condition=fam, family=fam, accuracy=acc, accuracy_lo=acc - 0.05,
+                             accuracy_hi=acc + 0.05, copy_rate=cr, copy_rate_lo=cr, copy_rate_hi=cr + 0.04))
+    fig = viz.plot_task_bars(pd.DataFrame(rows))
+    width, height = fig.get_size_inches()
+    assert width * viz.DPI <= 1100 and height > width
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == [f"task_{t}" for t in range(27)]
+    assert len(fig.axes[0].patches) == 27 * 4
+
+
+def test_task_vector_table_says_when_no_layer_works():
+    """A task whose task vector gets no dev prompt right at any layer has no best layer: the report says
+    "none works" instead of "best layer 0, test 0"."""
+    from mechcopy.report import _task_vectors
+    from mechcopy.task_vectors import TaskVectorResult
+
+    def result(dev, test):
+        best = 2 * max(range(3), key=lambda i: dev[i])
+        return TaskVectorResult("t", "unpruned", (0, 2, 4), dev, best, test, (0.0, 1.0), 0.1, 0.0, 0.5, 0.1, 3, 4, 0,
+                                ("a",) * 4)
+
+    works, fails = result((0.0, 0.6666666, 0.3333), 0.75), result((0.0, 0.0, 0.0), 0.0)
+    assert works.any_layer_works and not fails.any_layer_works
+    table = _task_vectors([works, fails], Path(tempfile.mkdtemp())).table
+    assert list(table["best layer"]) == [2, "none works"] and list(table["test accuracy"]) == ["0.750", "–"]
 
 
 def test_task_results_df_reads_results():
