@@ -288,7 +288,7 @@ def _selection(settings: Settings, evaluated: Components, choice: Choice, fig_di
         f"{'Integrated Gradients' if cfg.attribution == 'ig' else cfg.attribution} ({cfg.steps} steps, target "
         f"`{cfg.target}`) on {cfg.n} prompts of the {cfg.probe} probe, in {gate}; k chosen on {cfg.n_dev} dev "
         f"prompts of the probe, never on the evaluation tasks (chosen k = {sweep.chosen_k}, {bound}"
-        f"{'' if sweep.chosen_k else ': ' + choice.components.why_empty}). Evaluated below: "
+        f"{'' if sweep.chosen_k else ': ' + (sweep.why or choice.components.why_empty)}). Evaluated below: "
         f"{evaluated.meta.get('basis', 'the chosen set')}.", figs)
 
 
