@@ -71,7 +71,10 @@ class TargetSpec:
 
     def rows(self) -> list[int] | None:
         """Unembedding rows needed (None: the full vocabulary, for targets that need the softmax)."""
-        return [self.copy, self.gold] if self.name == "contrast" else None
+        if self.name != "contrast":
+            return None
+        assert self.copy is not None, "a contrast target fixes its copied label (make_target)"
+        return [self.copy, self.gold]
 
     def __call__(self, logits: Float[Tensor, "rows vocab_or_sel"]) -> Float[Tensor, "rows"]:
         if self.name == "contrast":
@@ -290,6 +293,7 @@ def _attribute_fast(model: HookedModel, cleans: list[_Clean], alphas, weights, l
                 rows = step.enter(layer, leaves[layer].flatten(0, 1))
                 x = rows if x is None else torch.cat([x.unflatten(0, (n_prompts, -1)),
                                                       rows.unflatten(0, (n_prompts, -1))], 1).flatten(0, 1)
+        assert x is not None, "no layer was attributed"
         resid = x[:, 0].unflatten(0, (n_prompts, -1))                     # [prompts, layers * (m+1), d_model]
         values = torch.stack([_target_values(model, c.target, r) for c, r in zip(cleans, resid)])
         values = values.unflatten(1, (len(layers), m + 1))                # [prompts, layers, m+1]
@@ -488,7 +492,7 @@ def copy_scores(model: HookedModel, attributions: Attributions | Tensor, normali
     if prompts is not None:
         info["prompts"] = [{"text": p.text, "answer": p.answer} for p in prompts]
     if max_completeness_error is not None:
-        info.update(max_completeness_error=max_completeness_error, allowed_layers=list(allowed))
+        info.update(max_completeness_error=max_completeness_error, allowed_layers=list(allowed or ()))
     info.update(meta)
     return CopyScores(scores, info, allowed)
 

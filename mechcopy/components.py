@@ -24,7 +24,7 @@ import json
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -32,6 +32,9 @@ from torch import Tensor
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.fingerprint import IDENTITY_KEYS, model_fingerprint
 from mechcopy.io import write_json_atomic
+
+if TYPE_CHECKING:   # TransformerLens takes seconds to import: at run time only where a model is built
+    from transformer_lens.components import TransformerBlock
 
 
 class ComponentKind:
@@ -96,14 +99,14 @@ class HeadKind(ComponentKind):
 
     def width(self, model: HookedModel) -> int:
         self.check(model)
-        return int(model.cfg.n_heads)
+        return arch_of(model).attention_shape(model)[0]
 
     def edit_weights(self, model: HookedModel, layer: int, idx: Tensor, means: Tensor | None = None) -> None:
-        attn = model.blocks[layer].attn
+        attn = cast("TransformerBlock", model.blocks[layer]).attn    # heads exist on transformers only
         idx = idx.to(attn.W_O.device)
         with torch.no_grad():
             if means is not None:        # what the mean of z writes through W_O, now a constant
-                attn.b_O += torch.einsum("hd,hdm->m", means[idx.cpu()].to(attn.W_O), attn.W_O[idx])
+                attn.b_O.add_(torch.einsum("hd,hdm->m", means[idx.cpu()].to(attn.W_O), attn.W_O[idx]))
             attn.W_O[idx] = 0
 
 

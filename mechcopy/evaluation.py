@@ -96,7 +96,7 @@ def check_context(model: HookedModel, prompts: Sequence[ICLPrompt]) -> None:
         prompt_tokens(model, p, i)
 
 
-def _tokens(model: HookedModel, prompts: Sequence[ICLPrompt]) -> list[Int[Tensor, "pos"]]:
+def _tokens(model: HookedModel, prompts: Sequence[ICLPrompt]) -> list[Int[Tensor, "_pos"]]:
     """Each prompt's tokens, checked against the context length with its generation budget."""
     return [prompt_tokens(model, p, i)[0] for i, p in enumerate(prompts)]
 

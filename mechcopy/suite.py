@@ -100,7 +100,7 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
                 if c.label in fresh and checkpoint:
                     append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": c.label,
                                               "row": fresh[c.label].to_json()})
-                rows.append(fresh[c.label] if c.label in fresh else done[key])
+                rows.append(fresh[c.label] if c.label in fresh else done[keys[(task.name, c.label)]])
             bar.update(len(todo))
     return rows, dropped
 

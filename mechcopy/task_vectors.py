@@ -195,7 +195,7 @@ def task_vector_experiment(
     return TaskVectorResult(
         task=task.name, condition=condition, layers=tuple(layers), dev_accuracy=tuple(dev_acc),
         best_layer=best, test_accuracy=float(test.accuracy),
-        test_accuracy_ci=tuple(float(x) for x in test.accuracy_ci),
+        test_accuracy_ci=(float(test.accuracy_ci[0]), float(test.accuracy_ci[1])),
         copy_rate=copy_rate(test.predictions, split.test, split.extraction_labels),
         zero_shot_accuracy=float(zero.accuracy), icl_accuracy=float(icl.accuracy),
         icl_copy_rate=float(icl.copy_rate), n_dev=len(split.dev), n_test=len(split.test),
@@ -209,7 +209,7 @@ def run_task_vectors(model: HookedModel, tasks, config: TaskVectorConfig = TaskV
     """Unpruned results for every task, and pruned ones (hooks in extraction and injection) if `neurons`
     holds any. Every task's split is built and checked against the context before any work."""
     config.check(model)
-    conditions = [("unpruned", [])]
+    conditions: list[tuple[str, list]] = [("unpruned", [])]
     if neurons is not None:
         neurons.check(model)
         if neurons.pairs:

@@ -47,11 +47,12 @@ def attention_patterns(model: HookedModel, text: str, heads: Sequence[tuple[int,
     arch = arch_of(model)
     if not arch.has_attention:
         raise ValueError(f"a {arch.name} model has no attention patterns; show its neurons' activations instead")
+    n_heads = arch.attention_shape(model)[0]
     for layer, head in heads:
         if not 0 <= layer < model.cfg.n_layers:
             raise IndexError(f"layer {layer} out of range: the model has {model.cfg.n_layers} layers")
-        if not 0 <= head < model.cfg.n_heads:
-            raise IndexError(f"head {head} out of range: the model has {model.cfg.n_heads} heads per layer")
+        if not 0 <= head < n_heads:
+            raise IndexError(f"head {head} out of range: the model has {n_heads} heads per layer")
     names = {f"blocks.{layer}.attn.hook_pattern" for layer, _ in heads}
     with torch.no_grad():
         _, cache = model.run_with_cache(text, names_filter=lambda n: n in names)
@@ -181,7 +182,7 @@ def layer_view(model: HookedModel, text: str, components: Components) -> Attenti
     """Every head of the layer with the most components in `components` (the first layer when it is empty)."""
     counts = components.layer_counts(model.cfg.n_layers)
     layer = max(range(len(counts)), key=counts.__getitem__)
-    heads = [(layer, h) for h in range(model.cfg.n_heads)]
+    heads = [(layer, h) for h in range(arch_of(model).attention_shape(model)[0])]
     why = (f"every head of layer {layer}, the layer with the most evaluated {components.kind}s"
            if components.pairs else f"every head of layer {layer} (no {components.kind}s were evaluated)")
     return AttentionView(tuple(heads), _rounded(attention_patterns(model, text, heads)), why)

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 from matplotlib.figure import Figure
 
-from mechcopy.arch import HookedModel
+from mechcopy.arch import HookedModel, arch_of
 from mechcopy.io import write_atomic
 from mechcopy.stats import Comparison
 from mechcopy.views import attention_patterns, neuron_activations
@@ -367,20 +367,20 @@ def plot_loss_curve(steps: Sequence[float], losses: Sequence[float] | dict[str, 
     trailing mean over `smooth` steps. With `evals` ({name: (steps, accuracies)}) a second panel shows
     evaluation accuracies during training.
     """
-    steps = np.asarray(steps, float)
+    x = np.asarray(steps, float)
     series = {"loss": losses} if not isinstance(losses, dict) else losses
     fig = Figure(figsize=(9.0 if evals else 6.0, 3.6), layout="constrained")
     axes = fig.subplots(1, 2 if evals else 1, squeeze=False)[0]
     span = []
-    for i, (name, values) in enumerate(series.items()):
-        values = np.asarray(values, float)
-        if values.shape != steps.shape or steps.ndim != 1 or len(steps) == 0:
-            raise ValueError(f"plot_loss_curve: steps and losses must be equal-length 1-D, got {steps.shape}, {values.shape}")
+    for i, (name, raw) in enumerate(series.items()):
+        values = np.asarray(raw, float)
+        if values.shape != x.shape or x.ndim != 1 or len(x) == 0:
+            raise ValueError(f"plot_loss_curve: steps and losses must be equal-length 1-D, got {x.shape}, {values.shape}")
         if smooth > 1:
             csum = np.cumsum(np.insert(values, 0, 0.0))
             lo = np.maximum(0, np.arange(len(values)) - smooth + 1)
             values = (csum[1:] - csum[lo]) / (np.arange(len(values)) + 1 - lo)
-        axes[0].plot(steps, values, color=CONDITION_COLORS["unpruned"] if i == 0 else None, lw=1.4, label=name)
+        axes[0].plot(x, values, color=CONDITION_COLORS["unpruned"] if i == 0 else None, lw=1.4, label=name)
         span += [values.min(), values.max()]
     if min(span) > 0 and max(span) / min(span) > 10:
         axes[0].set_yscale("log")
@@ -390,8 +390,8 @@ def plot_loss_curve(steps: Sequence[float], losses: Sequence[float] | dict[str, 
     if len(series) > 1:
         axes[0].legend(fontsize=8)
     if evals:
-        for name, (x, y) in evals.items():
-            axes[1].plot(x, y, marker=".", label=name)
+        for name, (at, accuracy) in evals.items():
+            axes[1].plot(at, accuracy, marker=".", label=name)
         axes[1].set_xlabel("step")
         axes[1].set_ylabel("accuracy")
         axes[1].set_ylim(0, 1)
@@ -501,7 +501,7 @@ def attention_heads_view(tokens: Sequence[str], pattern, names: Sequence[str], t
 
 def attention_view(model: HookedModel, text: str, layer: int, heads: Sequence[int] | None = None) -> CircuitsvisHTML:
     """circuitsvis attention heads of `layer` on `text` (`mechcopy.views.attention_patterns`)."""
-    head_ids = list(range(model.cfg.n_heads)) if heads is None else [int(h) for h in heads]
+    head_ids = list(range(arch_of(model).attention_shape(model)[0])) if heads is None else [int(h) for h in heads]
     pattern = attention_patterns(model, text, [(layer, h) for h in head_ids])
     return attention_heads_view(model.to_str_tokens(text), pattern, [f"L{layer}H{h}" for h in head_ids],
                                 f"Attention, layer {layer}")

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 import warnings
+from typing import NoReturn
 
 from safetensors import SafetensorError
 
@@ -33,7 +34,7 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line (through `main`) instead of the usage block."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(self.prog, message)
 
 

@@ -167,7 +167,7 @@ def _field(cls: type, path: str) -> tuple[type, str, Any]:
 
 
 def _default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **extra: Any):

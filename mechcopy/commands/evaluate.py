@@ -65,7 +65,7 @@ def run(args) -> int:
             print(comparisons_table(comparisons["pooled"]).to_string(index=False))
     if out:
         print(f"wrote {write_result(out, model, payload)}")
-        checkpoint.unlink(missing_ok=True)
+        side_file(out, ".partial.jsonl").unlink(missing_ok=True)
     return 0
 
 

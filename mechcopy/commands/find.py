@@ -43,6 +43,7 @@ def run(args) -> int:
     config = config_from_args(FindConfig, args)
     out = prepare_out(args.out, {"--text": config.text, "--model": args.model}, args.force,
                       side=[side_file(args.out, s) for s in SIDE_FILES])
+    assert out is not None      # --out is required
     args.saved = saved_in(side_file(out, ".attributions.safetensors"), "the attributions done so far are")
     t0 = time.perf_counter()
     model = open_model(args)

@@ -26,6 +26,7 @@ def run(args) -> int:
     neurons = Components.load(args.neurons) if args.neurons else None
     out = prepare_out(args.out, {"--task": args.task, "--other-task": args.other_task, "--neurons": args.neurons,
                                  "--model": args.model}, args.force)
+    assert out is not None      # --out is required
     model = open_model(args)
     if neurons is not None:
         neurons.check(model)

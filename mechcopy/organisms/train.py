@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,11 @@ class TrainConfig:
     def name(self) -> str:
         return f"{self.arch}-s{self.seed}"
 
+    @property
+    def n_steps(self) -> int:
+        """The training steps (`steps`, which is the architecture's default when not given)."""
+        return int(self.steps if self.steps is not None else DEFAULT_STEPS[self.arch])
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -84,12 +89,13 @@ class TrainConfig:
         return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
 
 
-def build_model(arch: str, model_kwargs: dict[str, Any], seed: int, device: str = "cpu"):
+def build_model(arch: str, model_kwargs: dict[str, Any], seed: int, device: str = "cpu") -> HookedModel:
     """A fresh (random) organism of `arch` with the character tokenizer."""
+    model: HookedModel
     if arch == "transformer":  # the models import TransformerLens (seconds): only when one is built
         from mechcopy.models.tiny import tiny_transformer
 
-        model = tiny_transformer(seed=seed, **model_kwargs)
+        model = cast(HookedModel, tiny_transformer(seed=seed, **model_kwargs))   # it has a tokenizer (TL: optional)
     elif arch == "mamba":
         from mechcopy.models.mamba import tiny_mamba
 
@@ -103,7 +109,7 @@ def _lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float
     """Linear warm-up, then cosine to 10% over the steps or the time budget, whichever ends first."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    progress = min(1.0, max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), time_fraction))
+    progress = min(1.0, max((step - cfg.warmup) / max(1, cfg.n_steps - cfg.warmup), time_fraction))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -163,7 +169,7 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg, time_fraction()))
     curve: dict[str, list] = {"step": [], "loss": [], "query_loss": [], "eval_step": [], "eval": []}
     model.train()
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.name}", disable=not progress, mininterval=2)
+    bar = tqdm(range(cfg.n_steps), desc=f"train {cfg.name}", disable=not progress, mininterval=2)
     stopped = None
     for step in bar:
         if budget and time.time() - start > budget:
@@ -223,7 +229,8 @@ def plot_loss(curve: dict, path: str | Path, title: str = "") -> Path:
     """Loss (smoothed) and periodic held-out accuracies against the step (`viz.plot_loss_curve`)."""
     from mechcopy import viz  # matplotlib: heavy, only for the figure
 
-    evals = {name: (curve["eval_step"], [e[name] for e in curve["eval"]]) for name in (curve["eval"] or [{}])[0]}
+    evals: dict[str, tuple[Sequence[float], Sequence[float]]] = {
+        name: (curve["eval_step"], [e[name] for e in curve["eval"]]) for name in (curve["eval"] or [{}])[0]}
     fig = viz.plot_loss_curve(curve["step"], {"all outputs": curve["loss"], "query": curve["query_loss"]},
                               title=title, evals=evals or None, smooth=max(1, len(curve["loss"]) // 100))
     return viz.save_figure(fig, path)

@@ -274,4 +274,5 @@ def build_probe(tokenizer, config: ProbeConfig = ProbeConfig(), n_attr: int = 10
                     built += 1
         rng.shuffle(prompts)
         splits.append(tuple(prompts))
-    return ProbeSplits(c, *splits, dropped=tuple(dropped), seed=seed)
+    attribution, dev, test = splits
+    return ProbeSplits(c, attribution, dev, test, dropped=tuple(dropped), seed=seed)

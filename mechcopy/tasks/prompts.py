@@ -139,7 +139,7 @@ def make_prompt(demos: Sequence[tuple[str, str]], query_pair: tuple[str, str], t
             ids = ids[1:]
         label_ids.append(tuple(ids))
     return ICLPrompt(
-        task=task, text=prefix, query=x, answer=y, answer_ids=tuple(cont), demos=tuple(map(tuple, demos)),
+        task=task, text=prefix, query=x, answer=y, answer_ids=tuple(cont), demos=tuple((dx, dy) for dx, dy in demos),
         demo_labels=tuple(dy for _, dy in demos), demo_label_ids=tuple(label_ids),
     )
 
