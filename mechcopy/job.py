@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from mechcopy.comparisons import Evaluation
 from mechcopy.components import Components
 from mechcopy.errors import check_minimums
+from mechcopy.io import as_tuples
 from mechcopy.method import Choice, FindConfig
 from mechcopy.models.zoo import DEFAULT_MODEL
 from mechcopy.patching import PatchingResult
@@ -72,7 +73,7 @@ class ReproduceConfig:
         unknown = sorted(set(obj) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown ReproduceConfig settings {unknown}: written by another version of mechcopy")
-        values = dict(obj)
+        values = {k: as_tuples(v) for k, v in obj.items()}
         if "find" in values:
             values["find"] = FindConfig.from_json(values["find"])
         return cls(**values)

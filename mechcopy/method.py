@@ -25,6 +25,7 @@ from mechcopy.attribution import (MAX_COMPLETENESS_ERROR, METHODS, NORMALISATION
 from mechcopy.audit import SelfConsistency, self_consistency
 from mechcopy.components import Components
 from mechcopy.errors import check_minimums
+from mechcopy.io import as_tuples
 from mechcopy.selection import select
 from mechcopy.sweeps import DEFAULT_KS, KSweep, sweep_k
 from mechcopy.tasks.probe import FORMATS, ITEM_SETS, ProbeConfig, build_probe, probe_splits
@@ -113,7 +114,7 @@ class FindConfig:
         unknown = sorted(set(obj) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown FindConfig settings {unknown}: written by another version of mechcopy")
-        return cls(**obj)
+        return cls(**{k: as_tuples(v) for k, v in obj.items()})
 
 
 # ---------------------------------------------------------------- the steps

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import patch_from_cache
+from mechcopy.io import as_tuples
 from mechcopy.sites import components, neuron_site
 from mechcopy.tasks.pairs import CORRUPTIONS, corrupted_pairs, token_roles
 
@@ -214,7 +215,7 @@ class PatchingResult:
     task: str
     corruption: str
     components: tuple[str, ...]
-    values: tuple                    # nested [component][layer][pos] floats
+    values: tuple[tuple[tuple[float, ...], ...], ...]    # [component][layer][pos]
     roles: tuple[str, ...]           # the aligned role label of every position
     tokens: tuple[str, ...]          # the first clean prompt's string tokens
     n_pairs: int
@@ -227,13 +228,6 @@ class PatchingResult:
     settings: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
-        object.__setattr__(self, "values", tuple(tuple(tuple(row) for row in comp) for comp in self.values))
-        for name in ("components", "roles", "tokens"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.neuron_by_pos is not None:
-            object.__setattr__(self, "neuron_by_pos", tuple(self.neuron_by_pos))
-
     def array(self) -> Float[Tensor, "component layer pos"]:
         return torch.tensor(self.values)
 
@@ -242,7 +236,7 @@ class PatchingResult:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "PatchingResult":
-        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+        return cls(**{f.name: as_tuples(obj[f.name]) for f in fields(cls) if f.name in obj})
 
 
 def activation_patching(
@@ -276,7 +270,7 @@ def activation_patching(
         n_all, by_pos = patch_neurons(model, neurons, pairs.clean_tokens, pairs.corrupt_tokens, metric, fwd_hooks)
         n_pos = tuple(by_pos.tolist())
     return PatchingResult(
-        task=task.name, corruption=corruption, components=tuple(comps), values=tuple(arr.tolist()),
+        task=task.name, corruption=corruption, components=tuple(comps), values=as_tuples(arr.tolist()),
         roles=pairs.roles, tokens=tuple(model.to_str_tokens(pairs.clean[0].text)), n_pairs=len(pairs),
         n_dropped=len(pairs.dropped), ld_clean=metric.ld_clean, ld_corrupt=metric.ld_corrupt,
         neurons=len(neurons) if neurons is not None else 0, neuron_all_positions=n_all, neuron_by_pos=n_pos,

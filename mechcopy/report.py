@@ -310,8 +310,8 @@ def _task_vectors(results: Sequence[TaskVectorResult], fig_dir: Path) -> Section
 
 def _patching(patch: PatchingResult, fig_dir: Path) -> Section:
     comp = patch.components.index("resid_pre") if "resid_pre" in patch.components else 0
-    values = patch.values[comp]
-    heat = viz.plot_patching_heatmap(values, patch.tokens[: len(values[0])],
+    values = patch.array()[comp]
+    heat = viz.plot_patching_heatmap(values, patch.tokens[: values.shape[1]],
                                      f"{patch.task} / {patch.corruption}: {patch.components[comp]}")
     neurons = ("not patched (no neurons were evaluated)" if patch.neuron_all_positions is None else
                num(patch.neuron_all_positions))

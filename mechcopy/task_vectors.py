@@ -35,6 +35,7 @@ from mechcopy.errors import check_minimums
 from mechcopy.evaluation import check_context, evaluate
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import inject_vector
+from mechcopy.io import as_tuples
 from mechcopy.pruning import pruning_hooks
 from mechcopy.tasks.outcomes import copy_rate
 from mechcopy.tasks.splits import TaskVectorSplit, split_task
@@ -70,7 +71,7 @@ class TaskVectorConfig:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "TaskVectorConfig":
-        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+        return cls(**{f.name: as_tuples(obj[f.name]) for f in fields(cls) if f.name in obj})
 
     def check(self, model: HookedModel) -> None:
         """Refuse layers the model does not have."""
@@ -106,10 +107,6 @@ class TaskVectorResult:
     config: TaskVectorConfig = field(default_factory=TaskVectorConfig)
     model: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
-        for name in ("layers", "dev_accuracy", "test_accuracy_ci", "predictions"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-
     @property
     def any_layer_works(self) -> bool:
         """Whether a task vector after some layer gets any dev prompt right (else `best_layer` is only
@@ -121,7 +118,7 @@ class TaskVectorResult:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "TaskVectorResult":
-        values = {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
+        values = {f.name: as_tuples(obj[f.name]) for f in fields(cls) if f.name in obj}
         if "config" in values:
             values["config"] = TaskVectorConfig.from_json(values["config"])
         return cls(**values)

@@ -28,6 +28,7 @@ from mechcopy import method
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.components import Components
 from mechcopy.evaluation import predict
+from mechcopy.io import as_tuples
 from mechcopy.method import FindConfig
 from mechcopy.sites import neuron_site
 from mechcopy.tasks.outcomes import copy_error
@@ -81,11 +82,8 @@ def neuron_activations(model: HookedModel, text: str, neurons: Components, max_n
 
 
 def _rounded(x: Tensor) -> Any:
-    return torch.round(x.double().cpu(), decimals=DIGITS).tolist()
-
-
-def _nested_tuple(x: Any) -> Any:
-    return tuple(_nested_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+    """The values to `DIGITS` decimals, as nested tuples (what the saved views hold)."""
+    return as_tuples(torch.round(x.double().cpu(), decimals=DIGITS).tolist())
 
 
 # ---------------------------------------------------------------- the saved views
@@ -100,10 +98,6 @@ class AttentionView:
     pattern: tuple[tuple[tuple[float, ...], ...], ...]
     chosen_by: str
 
-    def __post_init__(self):
-        object.__setattr__(self, "heads", tuple((int(l), int(h)) for l, h in self.heads))
-        object.__setattr__(self, "pattern", _nested_tuple(self.pattern))
-
     @property
     def names(self) -> list[str]:
         return [f"L{layer}H{head}" for layer, head in self.heads]
@@ -113,7 +107,7 @@ class AttentionView:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "AttentionView":
-        return cls(tuple((l, h) for l, h in obj["heads"]), obj["pattern"], obj["chosen_by"])
+        return cls(as_tuples(obj["heads"]), as_tuples(obj["pattern"]), obj["chosen_by"])
 
 
 @dataclass(frozen=True)
@@ -124,16 +118,12 @@ class ActivationView:
     activations: tuple[tuple[float, ...], ...]
     set_name: str = "neurons"
 
-    def __post_init__(self):
-        object.__setattr__(self, "labels", tuple(self.labels))
-        object.__setattr__(self, "activations", _nested_tuple(self.activations))
-
     def to_json(self) -> dict[str, Any]:
         return {"labels": list(self.labels), "activations": self.activations, "set_name": self.set_name}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "ActivationView":
-        return cls(tuple(obj["labels"]), obj["activations"], obj.get("set_name", "neurons"))
+        return cls(tuple(obj["labels"]), as_tuples(obj["activations"]), obj.get("set_name", "neurons"))
 
 
 @dataclass(frozen=True)
@@ -146,10 +136,6 @@ class Views:
     tokens: tuple[str, ...]
     attention: tuple[AttentionView, ...] = ()
     neurons: ActivationView | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "tokens", tuple(self.tokens))
-        object.__setattr__(self, "attention", tuple(self.attention))
 
     @property
     def is_copy_error(self) -> bool:

@@ -34,6 +34,9 @@ from mechcopy.io import write_atomic
 from mechcopy.stats import Comparison
 from mechcopy.views import attention_patterns, neuron_activations
 
+# A 1-D series of numbers: a list, a tuple or a numpy array.
+Series = Sequence[float] | np.ndarray
+
 # One colour per condition family, the same in every figure.
 CONDITION_COLORS = {
     "unpruned": "#4C72B0",
@@ -284,7 +287,7 @@ def plot_k_curve(curve: Mapping[str | int, Sequence[Comparison]], chosen_k: int 
     return fig
 
 
-def plot_layer_distribution(counts: Sequence[int], title: str | None = None) -> Figure:
+def plot_layer_distribution(counts: Sequence[int] | np.ndarray, title: str | None = None) -> Figure:
     """Number of selected neurons per layer (`counts[l]` for layer l, e.g. `NeuronSet.layer_counts()`)."""
     counts = [int(c) for c in counts]
     if not counts:
@@ -358,8 +361,8 @@ def plot_patching_heatmap(values: Float[np.ndarray, "layers positions"] | torch.
     return fig
 
 
-def plot_loss_curve(steps: Sequence[float], losses: Sequence[float] | dict[str, Sequence[float]],
-                    title: str | None = None, evals: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+def plot_loss_curve(steps: Series, losses: Series | dict[str, Series],
+                    title: str | None = None, evals: dict[str, tuple[Series, Series]] | None = None,
                     smooth: int = 1) -> Figure:
     """Training loss against step (log scale when it spans more than a factor of 10).
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from mechcopy import reproduce as rp
 
@@ -144,3 +145,25 @@ def test_evaluated_set_is_the_choice_or_says_it_is_not(tiny, tmp_path):
     chosen = NeuronSet(((0, 1),), fp, {"k": 1})
     assert evaluated(chosen, sweep, None).neurons == chosen.neurons
     assert evaluated(chosen, sweep, None).meta["basis"] == "chosen on the probe's dev split"
+
+
+def test_views_hold_what_the_model_has(tiny, mamba):
+    """The views stage saves attention only where the architecture has it, the neurons' activations only
+    where there are neurons, and the report draws a view from the saved data as the model view would."""
+    from mechcopy import viz
+    from mechcopy.neurons import NeuronSet, model_fingerprint
+    from mechcopy.views import copy_error_views
+
+    find = rp.FindConfig(n=2, n_dev=4, steps=2)
+    on_mamba = copy_error_views(mamba, find, NeuronSet(((0, 1), (1, 7)), model_fingerprint(mamba)))
+    assert on_mamba.attention == () and on_mamba.neurons.labels == ("L0N1", "L1N7")
+    assert len(on_mamba.neurons.activations) == len(on_mamba.tokens)
+    empty = NeuronSet((), model_fingerprint(tiny), {"k": 0, "why": "no k helps"})
+    on_tiny = copy_error_views(tiny, find, empty)
+    assert on_tiny.neurons is None and len(on_tiny.attention) == 1
+    (att,) = on_tiny.attention
+    assert att.heads == tuple((0, h) for h in range(tiny.cfg.n_heads)) and "no neurons were evaluated" in att.chosen_by
+    from_data = viz.to_json_props(viz.attention_heads_view(on_tiny.tokens, att.pattern, att.names))
+    from_model = viz.to_json_props(viz.attention_view(tiny, on_tiny.prompt.text, 0))
+    assert from_data["tokens"] == from_model["tokens"] and from_data["attentionHeadNames"] == from_model["attentionHeadNames"]
+    assert torch.allclose(torch.tensor(from_data["attention"]), torch.tensor(from_model["attention"]), atol=1e-4)

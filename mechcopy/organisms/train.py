@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from mechcopy.arch import HookedModel
 from mechcopy.errors import check_minimums
 from mechcopy.fingerprint import model_fingerprint
-from mechcopy.io import write_atomic, write_json_atomic
+from mechcopy.io import as_tuples, write_atomic, write_json_atomic
 from mechcopy.models.zoo import cache_root
 from mechcopy.organisms.data import CharCodec, episode_text, episodes, make_batch
 
@@ -86,7 +86,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "TrainConfig":
-        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+        return cls(**{f.name: as_tuples(obj[f.name]) for f in fields(cls) if f.name in obj})
 
 
 def build_model(arch: str, model_kwargs: dict[str, Any], seed: int, device: str = "cpu") -> HookedModel:
