@@ -1,0 +1,321 @@
+"""Label scoring and calibrated readouts for closed-label tasks.
+
+Greedy generation asks what a model writes; label scoring asks which of the task's labels it finds
+likeliest: each label's full token sequence after the prompt is scored (the sum of its tokens'
+log-probabilities) and the best one is the prediction. The prompt runs once; every label continues its
+key/value cache (transformers) or recurrent state (Mamba) through the architecture's `run_blocks` and
+`select_rows`, batched, under any forward hooks (so pruning composes with it), and with the one-pass
+fork of `Arch.decoder` (`groups`, `fork_at`: one row group per pruning condition).
+
+Calibration re-weights the label probabilities (normalised over the label set) before the argmax:
+
+- *contextual* (Zhao et al. 2021): the same demos with content-free queries ("N/A", "", "[MASK]"); the
+  mean of their label-normalised probabilities divides the prompt's, then renormalise;
+- *domain* (Fei et al. 2023): the same, with random in-domain words (the task's own input words) as
+  the queries;
+- *batch* (Zhou et al. 2024): per task, the mean label probability over the task's prompts is
+  subtracted before the argmax (as the reference implementation StaICC states it).
+
+The reference queries share their prompt's demo prefix: one pass over the tokens the prompt and its
+reference queries have in common, then each query and label as one continuation of it.
+
+Token-exact as `mechcopy.tasks.prompts` is: a label's tokens are what follows the prompt text (with
+the text the gold answer needs in between, e.g. " " unless the prompt already ends with SmolLM2's
+separate " " token), checked so that the prompt's tokens are a prefix of the prompt + label tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+
+from mechcopy.arch import HookedModel, arch_of
+from mechcopy.tasks.prompts import SEPARATOR, TEMPLATE, ICLPrompt, PromptSet, _continuation, encode, make_prompt
+
+#: Zhao et al.'s content-free queries
+CONTENT_FREE = ("N/A", "", "[MASK]")
+#: readouts: the plain argmax over labels, and the three calibrations
+READOUTS = ("labels", "contextual", "domain", "batch")
+#: text that may stand between a prompt and its answer (the template's space, unless the prompt
+#: already ends with a whitespace token): the one that reproduces the gold answer's ids is used
+GAPS = ("", " ")
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def _prompts(prompts) -> list[ICLPrompt]:
+    return list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
+
+
+def label_ids(tokenizer, prompt: ICLPrompt, labels: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Each label's token ids after `prompt.text`: the tokens that `text + gap + label` adds to the
+    prompt's, where `gap` is the text that makes the gold answer's ids come out as `answer_ids`.
+    ValueError when no gap does, or a label merges with the end of the prompt."""
+    for gap in GAPS:
+        try:
+            if tuple(_continuation(tokenizer, prompt.text, gap + prompt.answer, "answer")) == prompt.answer_ids:
+                break
+        except ValueError:
+            continue
+    else:
+        raise ValueError(f"cannot tell which text stands between prompt {prompt.text[-40:]!r} and its answer "
+                         f"{prompt.answer!r}: none of {GAPS} gives its answer_ids {prompt.answer_ids}")
+    return tuple(tuple(_continuation(tokenizer, prompt.text, gap + y, f"label {y!r}")) for y in labels)
+
+
+def with_query(prompt: ICLPrompt, query: str, tokenizer, template: str = TEMPLATE, sep: str = SEPARATOR) -> ICLPrompt:
+    """`prompt` with the same demos and another query (a content-free or in-domain one); refused unless
+    `template` and `sep` rebuild `prompt` itself exactly (pass the ones it was built with)."""
+    same = make_prompt(prompt.demos, (prompt.query, prompt.answer), tokenizer, template, sep, prompt.task)
+    if same.text != prompt.text:
+        raise ValueError(f"prompt of task {prompt.task!r} was not built with template {template!r} and separator "
+                         f"{sep!r}; pass the ones it was built with")
+    return make_prompt(prompt.demos, (query, prompt.answer), tokenizer, template, sep, prompt.task)
+
+
+def domain_queries(inputs: Sequence[str], n: int = 4, n_words: int | None = None, seed: int = 0) -> tuple[str, ...]:
+    """`n` queries of `n_words` words each, drawn at random (seeded) from the words of `inputs` (a
+    task's own inputs): Fei et al.'s in-domain random text. `n_words` defaults to the mean number of
+    words of an input, at least 1 (Fei et al.'s rule; the reference implementation StaICC uses 64 words,
+    for long-text tasks)."""
+    words = [w for x in inputs for w in x.split()]
+    if not words or n < 1:
+        raise ValueError(f"domain queries need n >= 1 (got {n}) and inputs with words (got {len(words)} words)")
+    if n_words is None:
+        n_words = max(1, round(len(words) / len(inputs)))
+    rng = random.Random(seed)
+    return tuple(" ".join(rng.choice(words) for _ in range(n_words)) for _ in range(n))
+
+
+# ---------------------------------------------------------------- the scorer
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One scored continuation of prompt `prompt`'s shared prefix: `tokens`, of which the last
+    `scored` are summed (the label; the rest is the query part, if any); its place in the output."""
+
+    prompt: int
+    tokens: tuple[int, ...]
+    scored: int
+    out: tuple[int, ...]
+
+
+def _score_rows(model: HookedModel, prefixes: Sequence[Sequence[int]], rows: Sequence[_Row], out_shape: tuple[int, ...],
+                fwd_hooks=(), batch_size: int = 32, groups: int = 1, fork_at: int = 0,
+                progress: bool = False) -> np.ndarray:
+    """Summed log-probabilities of every row's scored tokens, each row continuing its prompt's prefix:
+    an array [groups, *out_shape] (group g: the hooks' row group g, as `Arch.decoder` forks them)."""
+    from tqdm.auto import tqdm
+
+    from mechcopy.evaluation import left_pad, token_batches
+
+    arch, tok = arch_of(model), model.tokenizer
+    device = getattr(model.cfg, "device", "cpu")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = [torch.tensor(list(p), dtype=torch.long, device=device) for p in prefixes]
+    by_prompt: dict[int, list[_Row]] = {}
+    for r in rows:
+        by_prompt.setdefault(r.prompt, []).append(r)
+    out = np.full((groups, *out_shape), np.nan)
+    per_group = max(1, batch_size // groups)
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        for batch in tqdm(token_batches(ids, [1] * len(ids), per_group, True), desc="label scores",
+                          disable=not progress, leave=False):
+            tokens, mask = left_pad([ids[i] for i in batch], pad_id)
+            resid, state = arch.run_blocks(model, tokens, mask, None, stop=fork_at)
+            fork = torch.arange(len(batch), device=resid.device).repeat(groups)
+            resid, state = arch.run_blocks(model, resid[fork], mask[fork], arch.select_rows(state, fork), start=fork_at)
+            first = torch.log_softmax(arch.final_logits(model, resid[:, -1:])[:, -1].float(), -1)  # [groups*B, vocab]
+            where = {i: b for b, i in enumerate(batch)}
+            todo = [r for i in batch for r in by_prompt.get(i, [])]
+            for r in todo:                     # token 0 of a row: from the prefix's last position
+                for g in range(groups):
+                    scored = len(r.tokens) == r.scored
+                    out[(g, *r.out)] = float(first[g * len(batch) + where[r.prompt], r.tokens[0]]) if scored else 0.0
+            longer = [r for r in todo if len(r.tokens) > 1]
+            for s in range(0, len(longer), per_group):
+                chunk = longer[s:s + per_group]
+                _continue(model, arch, state, chunk, [where[r.prompt] for r in chunk], len(batch), groups, out, pad_id)
+    if np.isnan(out).any():
+        raise ValueError("some label scores were not computed: every output place needs a row")
+    return out
+
+
+def _continue(model: HookedModel, arch, state, chunk: Sequence[_Row], at: Sequence[int], batch: int, groups: int,
+              out: np.ndarray, pad_id: int) -> None:
+    """Run every row of `chunk` (in every group) as one continuation of its prompt's state (rows `at`
+    of a batch of `batch` prompts), right-padded: padding after a row's last token changes none of its
+    positions. Adds the log-probabilities of its scored tokens after token 0 to `out`."""
+    width = max(len(r.tokens) for r in chunk) - 1
+    device = getattr(model.cfg, "device", "cpu")
+    tokens = torch.full((groups * len(chunk), width), pad_id, dtype=torch.long, device=device)
+    for g in range(groups):
+        for k, r in enumerate(chunk):
+            tokens[g * len(chunk) + k, :len(r.tokens) - 1] = torch.tensor(r.tokens[:-1])
+    rows = torch.tensor([g * batch + a for g in range(groups) for a in at], device=device)
+    resid, _ = arch.run_blocks(model, tokens, None, arch.select_rows(state, rows))
+    # position t predicts token t + 1: only the positions whose next token is scored are unembedded
+    picks = [(g, k, t - 1, r.tokens[t]) for g in range(groups) for k, r in enumerate(chunk)
+             for t in range(max(1, len(r.tokens) - r.scored), len(r.tokens))]
+    g_, k_, pos, target = (torch.tensor(v, device=device) for v in zip(*picks))
+    logp = torch.log_softmax(arch.final_logits(model, resid[g_ * len(chunk) + k_, pos]).float(), -1)
+    values = logp[torch.arange(len(picks), device=device), target].cpu().numpy()
+    for (g, k, _, _), v in zip(picks, values):
+        out[(g, *chunk[k].out)] += float(v)
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+def _check_labels(labels: Sequence[str], prompts: Sequence[ICLPrompt]) -> tuple[str, ...]:
+    labels = tuple(labels)
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise ValueError(f"label scoring needs at least two distinct labels, got {list(labels)}")
+    outside = sorted({p.answer for p in prompts} - set(labels))
+    if outside:
+        raise ValueError(f"answers {outside[:3]} are not among the labels {list(labels)}; give the task's full label set")
+    return labels
+
+
+def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mapping[str, Sequence[str]] | None,
+           fwd_hooks, template: str, sep: str, batch_size: int, groups: int, fork_at: int,
+           progress: bool) -> list[LabelScores]:
+    """One LabelScores per row group: every prompt, and every reference query with its demos, scored
+    over `labels` in one pass per batch of prompts (their common token prefix runs once)."""
+    prompts = _prompts(prompts)
+    labels = _check_labels(labels, prompts)
+    references = {kind: tuple(qs) for kind, qs in (references or {}).items()}
+    for kind, qs in references.items():
+        if kind not in ("contextual", "domain") or not qs:
+            raise ValueError(f"reference queries are 'contextual' or 'domain', each a non-empty list; got {kind!r}: {qs}")
+    queries = [q for qs in references.values() for q in qs]
+    arch, tok = arch_of(model), model.tokenizer
+    prefixes, rows = [], []
+    for i, p in enumerate(prompts):
+        variants = [p] + [with_query(p, q, tok, template, sep) for q in queries]
+        ids = [label_ids(tok, v, labels) for v in variants]
+        extra = max(len(x) for lids in ids for x in lids) - 1
+        toks = [arch.tokens(model, v.text, extra=extra, what=f"prompt {i} of task {p.task!r}")[0].tolist()
+                for v in variants]
+        cut = _common_prefix(toks) if len(toks) > 1 else len(toks[0])
+        cut = min(cut, min(map(len, toks)))
+        prefixes.append(toks[0][:cut])
+        rows += [_Row(i, tuple(t[cut:]) + lids[j], len(lids[j]), (i, v, j))
+                 for v, (t, lids) in enumerate(zip(toks, ids)) for j in range(len(labels))]
+    out = _score_rows(model, prefixes, rows, (len(prompts), 1 + len(queries), len(labels)), fwd_hooks, batch_size,
+                      groups, fork_at, progress)
+    results = []
+    for g in range(groups):
+        ref, at = {}, 1
+        for kind, qs in references.items():
+            ref[kind] = out[g, :, at:at + len(qs)]
+            at += len(qs)
+        results.append(LabelScores(labels, out[g, :, 0], ref, references))
+    return results
+
+
+def score_labels(model: HookedModel, prompts, labels: Sequence[str], fwd_hooks=(),
+                 references: Mapping[str, Sequence[str]] | None = None, template: str = TEMPLATE,
+                 sep: str = SEPARATOR, batch_size: int = 32, progress: bool = False) -> LabelScores:
+    """Every prompt's summed log-probability of each label's tokens, under `fwd_hooks`.
+
+    `references` maps a calibration ("contextual", "domain") to its queries (e.g. `CONTENT_FREE`,
+    `domain_queries(...)`): each is scored with the prompt's own demos, sharing the prompt's prefix
+    (`template` and `sep` must be those the prompts were built with). Hooks run on every pass and see
+    the prefix, then right-padded continuations: a hook must act at every position, as pruning does.
+    """
+    return _score(model, prompts, labels, references, fwd_hooks, template, sep, batch_size, 1, 0, progress)[0]
+
+
+def score_labels_conditions(model: HookedModel, prompts, labels: Sequence[str], conditions: Mapping[str, Any],
+                            references: Mapping[str, Sequence[str]] | None = None, template: str = TEMPLATE,
+                            sep: str = SEPARATOR, batch_size: int = 128, progress: bool = False) -> dict[str, LabelScores]:
+    """`score_labels` under every condition (name -> neuron set to prune, None: unpruned) in one pass:
+    the blocks before the first pruned layer run once, then one row group per condition
+    (`pruning.grouped_pruning_hooks`, as `evaluation.predict_conditions` does)."""
+    from mechcopy.pruning import grouped_pruning_hooks
+
+    if not conditions:
+        raise ValueError("no conditions to score: pass e.g. {'unpruned': None}")
+    fork_at, hooks = grouped_pruning_hooks(model, list(conditions.values()))
+    scores = _score(model, prompts, labels, references, hooks, template, sep, batch_size, len(conditions), fork_at,
+                    progress)
+    return dict(zip(conditions, scores))
+
+
+# ---------------------------------------------------------------- readouts
+
+
+def normalise(logprobs: Float[np.ndarray, "... labels"]) -> Float[np.ndarray, "... labels"]:
+    """Probabilities over the label set: softmax of the labels' summed log-probabilities."""
+    x = np.asarray(logprobs, dtype=float)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def contextual_weights(probs: Float[np.ndarray, "n labels"], reference: Float[np.ndarray, "n queries labels"]
+                       ) -> Float[np.ndarray, "n labels"]:
+    """Zhao et al.: each prompt's label probabilities divided by the mean over its reference queries of
+    theirs (all label-normalised), renormalised."""
+    w = probs / reference.mean(axis=1)
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+def batch_weights(probs: Float[np.ndarray, "n labels"]) -> Float[np.ndarray, "n labels"]:
+    """Zhou et al.: each prompt's label probabilities minus their mean over the batch (one task's prompts)."""
+    return probs - probs.mean(axis=0, keepdims=True)
+
+
+@dataclass(frozen=True)
+class LabelScores:
+    """One task's prompts scored over its label set: `logprobs[i, j]`, the summed log-probability of
+    label j's tokens after prompt i; `reference[kind][i, v, j]`, the same after reference query v of a
+    calibration (`queries[kind][v]`) with prompt i's demos."""
+
+    labels: tuple[str, ...]
+    logprobs: np.ndarray
+    reference: Mapping[str, np.ndarray] = field(default_factory=dict)
+    queries: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def probs(self) -> np.ndarray:
+        """Label probabilities normalised over the label set [n, labels]."""
+        return normalise(self.logprobs)
+
+    def weights(self, readout: str = "labels") -> np.ndarray:
+        """The scores whose argmax is the prediction under `readout` (one of READOUTS); batch
+        calibration takes these prompts as its batch."""
+        if readout == "labels":
+            return self.probs()
+        if readout == "batch":
+            return batch_weights(self.probs())
+        if readout in ("contextual", "domain"):
+            if readout not in self.reference:
+                raise ValueError(f"{readout} calibration needs its reference queries: score with "
+                                 f"references={{'{readout}': ...}}")
+            return contextual_weights(self.probs(), normalise(self.reference[readout]))
+        raise ValueError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
+
+    def predict(self, readout: str = "labels") -> list[str]:
+        """The label with the highest `weights(readout)` for every prompt."""
+        return [self.labels[j] for j in self.weights(readout).argmax(axis=-1)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"labels": list(self.labels), "logprobs": np.asarray(self.logprobs).tolist(),
+                "reference": {k: np.asarray(v).tolist() for k, v in self.reference.items()},
+                "queries": {k: list(v) for k, v in self.queries.items()}}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "LabelScores":
+        return cls(tuple(d["labels"]), np.asarray(d["logprobs"], dtype=float),
+                   {k: np.asarray(v, dtype=float) for k, v in d.get("reference", {}).items()},
+                   {k: tuple(v) for k, v in d.get("queries", {}).items()})
