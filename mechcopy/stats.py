@@ -449,3 +449,85 @@ def compare_all(per_task: Mapping[str, Mapping[str, np.ndarray]], metric: str, b
         out.append(pooled({t: (spec.x, spec.y) for t, spec in specs.items()}, condition, base, metric,
                           n_boot=n_boot, seed=seed, flip=flip))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks as the unit of inference
+
+
+@dataclass(frozen=True)
+class TaskLevel:
+    """A difference with the task as the unit: each task's difference (`diffs`, e.g. a per-task
+    `Comparison.diff`) is one observation. `mean` over tasks with a Student t interval `ci` and the
+    one-sample t-test's `p_value`; a percentile bootstrap over tasks (`bootstrap_ci`); the exact sign
+    test over the tasks that moved (`n_up` up, `n_down` down; `n_zero` did not move): `sign_p`.
+
+    The pooled `Comparison` holds the tasks fixed and resamples prompts: it says whether these tasks
+    moved. This says whether a task drawn like these would: a claim about tasks rests on it.
+    """
+
+    condition: str
+    baseline: str
+    metric: str
+    n_tasks: int
+    mean: float
+    ci: tuple[float, float]
+    p_value: float
+    bootstrap_ci: tuple[float, float]
+    n_up: int
+    n_down: int
+    n_zero: int
+    sign_p: float
+    diffs: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("condition", "baseline", "metric", "n_tasks", "mean", "p_value",
+                                           "n_up", "n_down", "n_zero", "sign_p")}
+        return {**d, "ci": list(self.ci), "bootstrap_ci": list(self.bootstrap_ci), "diffs": dict(self.diffs),
+                "test": "t over tasks; exact sign test over tasks"}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TaskLevel":
+        fields = {k: v for k, v in d.items() if k != "test"}
+        return cls(**{**fields, "ci": tuple(d["ci"]), "bootstrap_ci": tuple(d["bootstrap_ci"]),
+                      "diffs": dict(d["diffs"])})
+
+
+def task_level(diffs: Mapping[str, float], metric: str, condition: str, baseline: str, n_boot: int = 10_000,
+               seed: int = 0, alpha: float = 0.05) -> TaskLevel:
+    """`TaskLevel` of per-task differences (task -> condition minus baseline). Fewer than 2 tasks give
+    nan for the t and bootstrap figures; no task that moved gives sign_p = 1."""
+    if not diffs:
+        raise ValueError("task_level needs at least one task's difference")
+    x = np.asarray(list(diffs.values()), dtype=float)
+    if not np.isfinite(x).all():
+        raise ValueError(f"task differences must be finite numbers, got {dict(diffs)}")
+    n = x.size
+    mean = float(x.mean())
+    if n >= 2 and x.std(ddof=1) > 0:
+        half = float(_st.t.ppf(1 - alpha / 2, n - 1)) * float(x.std(ddof=1)) / np.sqrt(n)
+        ci, p = (float(mean - half), float(mean + half)), float(_st.ttest_1samp(x, 0.0).pvalue)
+    elif n >= 2:   # every task moved by the same amount: no spread to test against
+        ci, p = (mean, mean), (1.0 if mean == 0 else 0.0)
+    else:
+        ci, p = (float("nan"), float("nan")), float("nan")
+    if n >= 2:
+        means = x[np.random.default_rng(seed).integers(0, n, size=(n_boot, n))].mean(axis=1)
+        boot = _interval(means, alpha)
+    else:
+        boot = (float("nan"), float("nan"))
+    up, down = int((x > 0).sum()), int((x < 0).sum())
+    return TaskLevel(condition=condition, baseline=baseline, metric=metric, n_tasks=n, mean=mean, ci=ci, p_value=p,
+                     bootstrap_ci=boot, n_up=up, n_down=down, n_zero=n - up - down, sign_p=mcnemar_exact(up, down),
+                     diffs={t: float(v) for t, v in diffs.items()})
+
+
+def task_level_of(comparisons: Mapping[str, Sequence[Mapping[str, Any]]], condition: str, baseline: str,
+                  metric: str, **kwargs) -> TaskLevel:
+    """`task_level` of the per-task diffs in `comparisons` (`evaluation.compare_rows`' output: task ->
+    [Comparison.to_json(), ...]), every task but "pooled" and those without this comparison."""
+    diffs = {t: c["diff"] for t, cs in comparisons.items() if t != "pooled" for c in cs
+             if (c["condition"], c["baseline"], c["metric"]) == (condition, baseline, metric)}
+    if not diffs:
+        raise ValueError(f"no task has the comparison {condition} - {baseline} on {metric}")
+    return task_level(diffs, metric, condition, baseline, **kwargs)
