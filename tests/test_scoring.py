@@ -190,3 +190,29 @@ def test_batch_calibration_by_hand():
         scores.weights("domain")
     with pytest.raises(ValueError, match="unknown readout"):
         scores.weights("platt")
+
+
+@pytest.mark.slow
+def test_smollm2_label_scores_are_exact(smollm2):
+    """SmolLM2 splits " 3" into " " and "3" (the prompt then ends with " ") and keeps words' leading
+    space (" positive"): label tokens follow the prompt exactly, and the scores equal a direct pass."""
+    from mechcopy.tasks import load_task
+
+    tok = smollm2.tokenizer
+    for name in ("object_counting", "sentiment_binary", "location_continent"):
+        task = load_task(name)
+        labels = task.require_labels()
+        prompts = build_prompts(task, tok, k=4, n=3, seed=0, gold_in_demos=False).prompts
+        scores = score_labels(smollm2, prompts, labels, references={"contextual": CONTENT_FREE})
+        for i, p in enumerate(prompts):
+            ids = label_ids(tok, p, labels)
+            assert ids[labels.index(p.answer)] == p.answer_ids
+            for j, y in enumerate(labels):
+                full = smollm2.to_tokens(p.text)[0].tolist() + list(ids[j])
+                with torch.no_grad():
+                    logp = torch.log_softmax(smollm2(torch.tensor([full])).float(), -1)[0]
+                start = len(full) - len(ids[j])
+                want = float(sum(logp[start - 1 + t, x] for t, x in enumerate(ids[j])))
+                assert scores.logprobs[i, j] == pytest.approx(want, abs=2e-3), (name, i, y)
+        if name == "object_counting":
+            assert all(p.text.endswith("-> ") for p in prompts)
