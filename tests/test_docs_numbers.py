@@ -10,7 +10,7 @@ The convention (docs/provenance.md says it for writers):
     -->
     | key | COLUMN HEADER | ... |
 
-- The comment follows a line starting with `Source:` that names a file under docs/data/ (within the
+- The comment starts a line and follows a line starting with `Source:` that names a file under docs/data/ (within the
   three lines above it). HTML comments do not show when the Markdown is rendered.
 - `rows=PATH key=F,...` (a table with one JSON row per table row): PATH leads to a list of objects (or
   an object of objects; the key is then `@key`); the table's first columns hold the key fields. Each
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MAX_DATA_BYTES = 64 * 1024
 
-CHECK = re.compile(r"<!--\s*check\b(.*?)-->", re.S)
+CHECK = re.compile(r"^<!--\s*check\b(.*?)-->", re.S | re.M)   # at the start of a line
 SOURCE = re.compile(r"docs/data/[\w.\-/]+\.json")
 NUMBER = re.compile(r"(?<![\w.])[-+−]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+−]?\d+)?")
 LIST_ITEM = re.compile(r"^\s*(?:[-*]|\d+\.)\s")
@@ -121,8 +121,20 @@ class Block:
         return f"{self.doc.relative_to(ROOT)}:{self.line}"
 
 
+def unfenced(text: str) -> str:
+    """`text` with every fenced code block blanked (line numbers kept): examples are not checked."""
+    out, fenced = [], False
+    for line in text.split("\n"):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            out.append("")
+        else:
+            out.append("" if fenced else line)
+    return "\n".join(out)
+
+
 def blocks(doc: Path, text: str | None = None) -> list[Block]:
-    text = doc.read_text(encoding="utf-8") if text is None else text
+    text = unfenced(doc.read_text(encoding="utf-8") if text is None else text)
     out = []
     for m in CHECK.finditer(text):
         line = text.count("\n", 0, m.start()) + 1
@@ -279,7 +291,7 @@ def test_every_table_names_its_source():
     missing, allowed, seen = [], {(d["doc"], d["header"]) for d in UNSOURCED}, set()
     for doc in DOCS:
         rel = str(doc.relative_to(ROOT))
-        for line, header, above, checked in tables(doc.read_text(encoding="utf-8")):
+        for line, header, above, checked in tables(unfenced(doc.read_text(encoding="utf-8"))):
             sources = [l for l in above if l.lstrip().startswith("Source:")]
             if not sources and (rel, header) in allowed:
                 seen.add((rel, header))
