@@ -158,7 +158,7 @@ def check_block(b: Block, data) -> list[str]:
         for l in b.after:
             if not para and l.lstrip().startswith("<!--"):
                 continue                  # further check comments stacked before the same text
-            if not l.strip() or (para and LIST_ITEM.match(l)):
+            if not l.strip() or (para and (LIST_ITEM.match(l) or l.lstrip().startswith("<!--"))):
                 break
             para.append(l)
         printed = numbers(" ".join(para))
