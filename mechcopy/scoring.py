@@ -69,14 +69,21 @@ def label_ids(tokenizer, prompt: ICLPrompt, labels: Sequence[str]) -> tuple[tupl
     return tuple(tuple(_continuation(tokenizer, prompt.text, gap + y, f"label {y!r}")) for y in labels)
 
 
-def with_query(prompt: ICLPrompt, query: str, tokenizer, template: str = TEMPLATE, sep: str = SEPARATOR) -> ICLPrompt:
-    """`prompt` with the same demos and another query (a content-free or in-domain one); refused unless
-    `template` and `sep` rebuild `prompt` itself exactly (pass the ones it was built with)."""
+def with_queries(prompt: ICLPrompt, queries: Sequence[str], tokenizer, template: str = TEMPLATE,
+                 sep: str = SEPARATOR) -> list[ICLPrompt]:
+    """`prompt` with the same demos and each of `queries` instead of its own (content-free or in-domain
+    queries); refused unless `template` and `sep` rebuild `prompt` itself exactly (pass the ones it
+    was built with)."""
     same = make_prompt(prompt.demos, (prompt.query, prompt.answer), tokenizer, template, sep, prompt.task)
     if same.text != prompt.text:
         raise ValueError(f"prompt of task {prompt.task!r} was not built with template {template!r} and separator "
                          f"{sep!r}; pass the ones it was built with")
-    return make_prompt(prompt.demos, (query, prompt.answer), tokenizer, template, sep, prompt.task)
+    return [make_prompt(prompt.demos, (q, prompt.answer), tokenizer, template, sep, prompt.task) for q in queries]
+
+
+def with_query(prompt: ICLPrompt, query: str, tokenizer, template: str = TEMPLATE, sep: str = SEPARATOR) -> ICLPrompt:
+    """`prompt` with another query (`with_queries` for one)."""
+    return with_queries(prompt, [query], tokenizer, template, sep)[0]
 
 
 def domain_queries(inputs: Sequence[str], n: int = 4, n_words: int | None = None, seed: int = 0) -> tuple[str, ...]:
@@ -135,10 +142,12 @@ def _score_rows(model: HookedModel, prefixes: Sequence[Sequence[int]], rows: Seq
             first = torch.log_softmax(arch.final_logits(model, resid[:, -1:])[:, -1].float(), -1)  # [groups*B, vocab]
             where = {i: b for b, i in enumerate(batch)}
             todo = [r for i in batch for r in by_prompt.get(i, [])]
-            for r in todo:                     # token 0 of a row: from the prefix's last position
+            # token 0 of a row comes from the prefix's last position; a query part's is not scored
+            at = torch.tensor([[g * len(batch) + where[r.prompt] for r in todo] for g in range(groups)])
+            token0 = first[at, torch.tensor([r.tokens[0] for r in todo])].cpu().numpy()
+            for k, r in enumerate(todo):
                 for g in range(groups):
-                    scored = len(r.tokens) == r.scored
-                    out[(g, *r.out)] = float(first[g * len(batch) + where[r.prompt], r.tokens[0]]) if scored else 0.0
+                    out[(g, *r.out)] = token0[g, k] if len(r.tokens) == r.scored else 0.0
             longer = [r for r in todo if len(r.tokens) > 1]
             for s in range(0, len(longer), per_group):
                 chunk = longer[s:s + per_group]
@@ -177,6 +186,8 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
         if any(s[i] != seqs[0][i] for s in seqs[1:]):
             return i
     return n
+
+
 def _check_labels(labels: Sequence[str], prompts: Sequence[ICLPrompt]) -> tuple[str, ...]:
     labels = tuple(labels)
     if len(labels) < 2 or len(set(labels)) != len(labels):
@@ -202,13 +213,15 @@ def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mappi
     arch, tok = arch_of(model), model.tokenizer
     prefixes, rows = [], []
     for i, p in enumerate(prompts):
-        variants = [p] + [with_query(p, q, tok, template, sep) for q in queries]
+        variants = [p] + (with_queries(p, queries, tok, template, sep) if queries else [])
         ids = [label_ids(tok, v, labels) for v in variants]
         extra = max(len(x) for lids in ids for x in lids) - 1
         toks = [arch.tokens(model, v.text, extra=extra, what=f"prompt {i} of task {p.task!r}")[0].tolist()
                 for v in variants]
-        cut = _common_prefix(toks) if len(toks) > 1 else len(toks[0])
-        cut = min(cut, min(map(len, toks)))
+        cut = _common_prefix(toks)
+        if cut == 0:
+            raise ValueError(f"prompt {i} of task {p.task!r} and its reference queries share no first token; "
+                             "give the tokenizer a BOS token or the prompts demos")
         prefixes.append(toks[0][:cut])
         rows += [_Row(i, tuple(t[cut:]) + lids[j], len(lids[j]), (i, v, j))
                  for v, (t, lids) in enumerate(zip(toks, ids)) for j in range(len(labels))]
