@@ -104,80 +104,115 @@ def domain_queries(inputs: Sequence[str], n: int = 4, n_words: int | None = None
 
 
 @dataclass(frozen=True)
-class _Row:
-    """One scored continuation of prompt `prompt`'s shared prefix: `tokens`, of which the last
-    `scored` are summed (the label; the rest is the query part, if any); its place in the output."""
+class _Stem:
+    """What follows prompt `prompt`'s shared prefix for one query (`variant`): its query part
+    `tokens` (empty for the prompt's own query when it has no references) and each label's ids."""
 
     prompt: int
+    variant: int
     tokens: tuple[int, ...]
-    scored: int
-    out: tuple[int, ...]
+    labels: tuple[tuple[int, ...], ...]
 
 
-def _score_rows(model: HookedModel, prefixes: Sequence[Sequence[int]], rows: Sequence[_Row], out_shape: tuple[int, ...],
-                fwd_hooks=(), batch_size: int = 32, groups: int = 1, fork_at: int = 0,
+def _score_tree(model: HookedModel, prefixes: Sequence[Sequence[int]], stems: Sequence[_Stem], n_variants: int,
+                n_labels: int, fwd_hooks=(), batch_size: int = 32, groups: int = 1, fork_at: int = 0,
                 progress: bool = False) -> np.ndarray:
-    """Summed log-probabilities of every row's scored tokens, each row continuing its prompt's prefix:
-    an array [groups, *out_shape] (group g: the hooks' row group g, as `Arch.decoder` forks them)."""
+    """Summed log-probabilities of every stem's labels [groups, prompts, variants, labels], as a tree:
+    each prompt's prefix once (left-padded batches, forked into `groups` row groups as `Arch.decoder`
+    forks them), each query part once as a continuation of it (stems of one length together, so no
+    padding enters a state that is continued again), and each label of two or more tokens as a
+    continuation of its stem (right-padded: padding after a row's last token changes none of its
+    positions). A label's first token is read from its stem's last position."""
     from tqdm.auto import tqdm
 
     from mechcopy.evaluation import left_pad, token_batches
 
-    arch, tok = arch_of(model), model.tokenizer
+    arch = arch_of(model)
     device = getattr(model.cfg, "device", "cpu")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = [torch.tensor(list(p), dtype=torch.long, device=device) for p in prefixes]
-    by_prompt: dict[int, list[_Row]] = {}
-    for r in rows:
-        by_prompt.setdefault(r.prompt, []).append(r)
-    out = np.full((groups, *out_shape), np.nan)
+    by_prompt: dict[int, list[_Stem]] = {}
+    for st in stems:
+        by_prompt.setdefault(st.prompt, []).append(st)
+    out = np.full((groups, len(prefixes), n_variants, n_labels), np.nan)
     per_group = max(1, batch_size // groups)
+    run = _Runner(model, arch, groups, out)
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         for batch in tqdm(token_batches(ids, [1] * len(ids), per_group, True), desc="label scores",
                           disable=not progress, leave=False):
-            tokens, mask = left_pad([ids[i] for i in batch], pad_id)
+            tokens, mask = left_pad([ids[i] for i in batch], run.pad_id)
             resid, state = arch.run_blocks(model, tokens, mask, None, stop=fork_at)
             fork = torch.arange(len(batch), device=resid.device).repeat(groups)
             resid, state = arch.run_blocks(model, resid[fork], mask[fork], arch.select_rows(state, fork), start=fork_at)
-            first = torch.log_softmax(arch.final_logits(model, resid[:, -1:])[:, -1].float(), -1)  # [groups*B, vocab]
+            last = run.logprobs(resid[:, -1])                      # [groups * B, vocab]
             where = {i: b for b, i in enumerate(batch)}
-            todo = [r for i in batch for r in by_prompt.get(i, [])]
-            # token 0 of a row comes from the prefix's last position; a query part's is not scored
-            at = torch.tensor([[g * len(batch) + where[r.prompt] for r in todo] for g in range(groups)])
-            token0 = first[at, torch.tensor([r.tokens[0] for r in todo])].cpu().numpy()
-            for k, r in enumerate(todo):
-                for g in range(groups):
-                    out[(g, *r.out)] = token0[g, k] if len(r.tokens) == r.scored else 0.0
-            longer = [r for r in todo if len(r.tokens) > 1]
-            for s in range(0, len(longer), per_group):
-                chunk = longer[s:s + per_group]
-                _continue(model, arch, state, chunk, [where[r.prompt] for r in chunk], len(batch), groups, out, pad_id)
+            todo = [st for i in batch for st in by_prompt.get(i, [])]
+            bare = [st for st in todo if not st.tokens]
+            if bare:
+                run.labels(state, len(batch), [where[st.prompt] for st in bare], last, bare, per_group)
+            lengths = sorted({len(st.tokens) for st in todo if st.tokens})
+            for n in lengths:
+                same = [st for st in todo if len(st.tokens) == n]
+                for s in range(0, len(same), per_group):
+                    chunk = same[s:s + per_group]
+                    x = torch.tensor([st.tokens for st in chunk], device=device).repeat(groups, 1)
+                    rows = run.rows([where[st.prompt] for st in chunk], len(batch))
+                    resid, after = arch.run_blocks(model, x, None, arch.select_rows(state, rows))
+                    run.labels(after, len(chunk), list(range(len(chunk))), run.logprobs(resid[:, -1]), chunk, per_group)
     if np.isnan(out).any():
-        raise ValueError("some label scores were not computed: every output place needs a row")
+        raise ValueError("some label scores were not computed: every (prompt, query, label) needs a stem")
     return out
 
 
-def _continue(model: HookedModel, arch, state, chunk: Sequence[_Row], at: Sequence[int], batch: int, groups: int,
-              out: np.ndarray, pad_id: int) -> None:
-    """Run every row of `chunk` (in every group) as one continuation of its prompt's state (rows `at`
-    of a batch of `batch` prompts), right-padded: padding after a row's last token changes none of its
-    positions. Adds the log-probabilities of its scored tokens after token 0 to `out`."""
-    width = max(len(r.tokens) for r in chunk) - 1
-    device = getattr(model.cfg, "device", "cpu")
-    tokens = torch.full((groups * len(chunk), width), pad_id, dtype=torch.long, device=device)
-    for g in range(groups):
-        for k, r in enumerate(chunk):
-            tokens[g * len(chunk) + k, :len(r.tokens) - 1] = torch.tensor(r.tokens[:-1])
-    rows = torch.tensor([g * batch + a for g in range(groups) for a in at], device=device)
-    resid, _ = arch.run_blocks(model, tokens, None, arch.select_rows(state, rows))
-    # position t predicts token t + 1: only the positions whose next token is scored are unembedded
-    picks = [(g, k, t - 1, r.tokens[t]) for g in range(groups) for k, r in enumerate(chunk)
-             for t in range(max(1, len(r.tokens) - r.scored), len(r.tokens))]
-    g_, k_, pos, target = (torch.tensor(v, device=device) for v in zip(*picks))
-    logp = torch.log_softmax(arch.final_logits(model, resid[g_ * len(chunk) + k_, pos]).float(), -1)
-    values = logp[torch.arange(len(picks), device=device), target].cpu().numpy()
-    for (g, k, _, _), v in zip(picks, values):
-        out[(g, *chunk[k].out)] += float(v)
+class _Runner:
+    """The model calls of `_score_tree` that read labels off a state: rows are group-major (row
+    g * batch + b is prompt b in group g), as `Arch.decoder`'s fork and the pruning hooks expect."""
+
+    def __init__(self, model: HookedModel, arch, groups: int, out: np.ndarray):
+        tok = model.tokenizer
+        self.model, self.arch, self.groups, self.out = model, arch, groups, out
+        self.device = getattr(model.cfg, "device", "cpu")
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def rows(self, at: Sequence[int], batch: int) -> torch.Tensor:
+        """Rows of a state of `batch` rows per group for the entries `at`, in every group."""
+        return torch.tensor([g * batch + a for g in range(self.groups) for a in at], device=self.device)
+
+    def logprobs(self, resid: Float[torch.Tensor, "rows d_model"]) -> Float[torch.Tensor, "rows d_vocab"]:
+        return torch.log_softmax(self.arch.final_logits(self.model, resid[:, None])[:, 0].float(), -1)
+
+    def labels(self, state, batch: int, at: Sequence[int], last: torch.Tensor, stems: Sequence[_Stem],
+               per_group: int) -> None:
+        """Every label of each stem (entry `at[k]` of a state of `batch` rows per group, whose last
+        position's log-probabilities are `last`): its first token from `last`, the rest continued."""
+        first = last[self.rows(at, batch)[:, None], torch.tensor([[x[0] for x in st.labels] for st in stems]
+                                                                   ).repeat(self.groups, 1)]
+        first = first.reshape(self.groups, len(stems), -1).cpu().numpy()
+        for k, st in enumerate(stems):
+            self.out[:, st.prompt, st.variant, :] = first[:, k]
+        longer = [(k, j) for k, st in enumerate(stems) for j, x in enumerate(st.labels) if len(x) > 1]
+        for s in range(0, len(longer), per_group):
+            self._rest(state, batch, at, stems, longer[s:s + per_group])
+
+    def _rest(self, state, batch: int, at: Sequence[int], stems: Sequence[_Stem], chunk: Sequence[tuple[int, int]]):
+        """Labels `chunk` ((stem, label) pairs, two or more tokens each) continued from their stems:
+        the log-probabilities of their tokens after the first are added to `out`."""
+        labels = [stems[k].labels[j] for k, j in chunk]
+        tokens = torch.full((self.groups * len(chunk), max(map(len, labels)) - 1), self.pad_id, dtype=torch.long,
+                            device=self.device)
+        for g in range(self.groups):
+            for r, x in enumerate(labels):
+                tokens[g * len(chunk) + r, :len(x) - 1] = torch.tensor(x[:-1])
+        resid, _ = self.arch.run_blocks(self.model, tokens, None,
+                                        self.arch.select_rows(state, self.rows([at[k] for k, _ in chunk], batch)))
+        # position t predicts token t + 1: only the positions whose next token is scored are unembedded
+        picks = [(g * len(chunk) + r, t - 1, x[t]) for g in range(self.groups) for r, x in enumerate(labels)
+                 for t in range(1, len(x))]
+        row, pos, target = (torch.tensor(v, device=self.device) for v in zip(*picks))
+        values = self.logprobs(resid[row, pos])[torch.arange(len(picks), device=self.device), target].cpu().numpy()
+        for (r, _, _), v in zip(picks, values):
+            g, i = divmod(r, len(chunk))
+            k, j = chunk[i]
+            self.out[g, stems[k].prompt, stems[k].variant, j] += float(v)
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
@@ -211,7 +246,7 @@ def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mappi
             raise ValueError(f"reference queries are 'contextual' or 'domain', each a non-empty list; got {kind!r}: {qs}")
     queries = [q for qs in references.values() for q in qs]
     arch, tok = arch_of(model), model.tokenizer
-    prefixes, rows = [], []
+    prefixes, stems = [], []
     for i, p in enumerate(prompts):
         variants = [p] + (with_queries(p, queries, tok, template, sep) if queries else [])
         ids = [label_ids(tok, v, labels) for v in variants]
@@ -223,10 +258,9 @@ def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mappi
             raise ValueError(f"prompt {i} of task {p.task!r} and its reference queries share no first token; "
                              "give the tokenizer a BOS token or the prompts demos")
         prefixes.append(toks[0][:cut])
-        rows += [_Row(i, tuple(t[cut:]) + lids[j], len(lids[j]), (i, v, j))
-                 for v, (t, lids) in enumerate(zip(toks, ids)) for j in range(len(labels))]
-    out = _score_rows(model, prefixes, rows, (len(prompts), 1 + len(queries), len(labels)), fwd_hooks, batch_size,
-                      groups, fork_at, progress)
+        stems += [_Stem(i, v, tuple(t[cut:]), lids) for v, (t, lids) in enumerate(zip(toks, ids))]
+    out = _score_tree(model, prefixes, stems, 1 + len(queries), len(labels), fwd_hooks, batch_size, groups, fork_at,
+                      progress)
     results = []
     for g in range(groups):
         ref, at = {}, 1
