@@ -77,7 +77,10 @@ def run(args) -> int:
         conditions += standard_conditions(model, neurons, n_random, args.seed, scores=scores, readout=readout,
                                           match=args.random_match, sizes=sizes)
         settings.update(prune=str(args.prune), n_neurons=len(neurons), n_random=n_random,
-                        random_match=args.random_match, sizes=None if sizes is None else sizes.describe())
+                        random_match=args.random_match, sizes=None if sizes is None else sizes.describe(),
+                        random_sets={c.label: {k: c.components.meta.get(k) for k in ("seed", "match", "size_ratio",
+                                                                                      "size_mismatch")}
+                                     for c in conditions if c.family == "random"})
     conditions += calibrated_conditions(conditions, args.calibrate or ())
     t0 = time.perf_counter()
     rows, dropped = run_evaluation(model, tasks, args.shots, args.n, args.seed, conditions, checkpoint=checkpoint,
