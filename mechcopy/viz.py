@@ -169,7 +169,7 @@ def plot_forest(comparisons: dict[str, list[dict]], pairs: Sequence[tuple[str, s
                 metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
     """Paired differences per task with 95% intervals, the pooled difference last (a diamond).
 
-    `comparisons` is {task or "pooled": [comparison dicts]} as `evaluation.compare_rows` returns
+    `comparisons` is {task or "pooled": [comparison dicts]} as `comparisons.compare_rows` returns
     (fields condition, baseline, metric, diff, ci, p_value, mde). One panel per metric (rows) and
     (condition, baseline) pair (columns); filled markers are significant at 0.05 (per task,
     unadjusted); each panel's title gives the pooled difference and its minimal detectable effect.
@@ -245,7 +245,7 @@ def plot_k_curve(curve: dict, chosen_k: int | None = None, pairs: Sequence[tuple
                  metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
     """Pooled paired differences along k with 95% intervals: the k curve on the tasks.
 
-    `curve` is {k: [comparison dicts]} (the "pooled" entry of `evaluation.compare_rows` for each k).
+    `curve` is {k: [comparison dicts]} (the "pooled" entry of `comparisons.compare_rows` for each k).
     One panel per metric, one line per (condition, baseline) pair; filled markers: p < 0.05;
     a dotted line marks `chosen_k`, the dev split's choice (k = 0: no pruning).
     """

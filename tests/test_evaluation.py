@@ -514,6 +514,40 @@ def test_compare_rows_groups_by_spec_not_by_name():
         compare_rows([{k: v for k, v in r.items() if k != "spec"} for r in _fake_rows()])
 
 
+def test_versus_comparisons_and_task_levels_by_hand():
+    """A calibrated condition is compared with unpruned and with what its spec's `versus` names, per task and
+    pooled over the held-out tasks; `task_levels` is `stats.task_level` of the same per-task differences."""
+    from mechcopy.comparisons import task_level_table, task_levels
+    from mechcopy.conditions import LABELS, calibrated_conditions, read_by
+    from mechcopy.stats import task_level
+
+    rng = np.random.default_rng(3)
+    base = read_by([UNPRUNED, Condition("pruned", "pruned")], LABELS)
+    conds = base + calibrated_conditions(base, ["contextual"])
+    rows = [{"task": t, "kind": kind, "condition": c.label, "correct": (rng.random(30) < 0.5).tolist(),
+             "copy": (rng.random(30) < 0.3).tolist(), "spec": c.describe()}
+            for t, kind in (("a", "knowledge"), ("b", "sentiment"), ("c", "linguistic"), ("copy_probe", "probe"))
+            for c in conds]
+    out = compare_rows(rows, n_boot=200)
+    get = {(r["task"], r["condition"]): np.mean(r["correct"]) for r in rows}
+    pairs = {(c["condition"], c["baseline"]) for c in out["a"] if c["metric"] == "accuracy"}
+    assert pairs == {("pruned", "unpruned"), ("contextual", "unpruned"), ("pruned+contextual", "unpruned"),
+                     ("contextual", "pruned"), ("pruned+contextual", "pruned"), ("pruned+contextual", "contextual")}
+    by = {(t, c["condition"], c["baseline"], c["metric"]): c for t, cs in out.items() for c in cs}
+    for t in "abc":
+        assert by[(t, "contextual", "pruned", "accuracy")]["diff"] == pytest.approx(get[(t, "contextual")] - get[(t, "pruned")])
+    pooled = by[("pooled", "pruned+contextual", "contextual", "accuracy")]
+    assert pooled["tasks"] == ["a", "b", "c"] and pooled["diff"] == pytest.approx(
+        np.mean([get[(t, "pruned+contextual")] - get[(t, "contextual")] for t in "abc"]))
+    levels = task_levels(out, seed=0)
+    assert len(levels) == len(out["pooled"])
+    for level, c in zip(levels, out["pooled"]):
+        want = task_level({t: by[(t, c["condition"], c["baseline"], c["metric"])]["diff"] for t in "abc"},
+                          c["metric"], c["condition"], c["baseline"], seed=0)
+        assert level == want.to_json()
+    assert len(task_level_table(levels)) == len(levels)
+
+
 def test_comparisons_table_lists_every_comparison():
     pooled = compare_rows(_fake_rows(), n_boot=200)["pooled"]
     table = comparisons_table(pooled)
