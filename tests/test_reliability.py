@@ -306,7 +306,7 @@ CASES: list[Case] = [
     Case("a task file named like a built-in task (two indistinguishable rows before)",
          f"{M} evaluate --tasks antonyms,antonyms.json",
          f"{EV} antonyms and antonyms.json are both named 'antonyms', so their results could not be told apart"),
-    Case("an unknown task name", f"{M} evaluate --tasks nope", f"{EV} unknown task 'nope': not a built-in task (antonyms,"),
+    Case("an unknown task name", f"{M} evaluate --tasks nope", f"{EV} unknown task 'nope': not a built-in task (animal_class, antonyms,"),
     Case("a missing task file (reported as an unknown name before)", f"{M} evaluate --tasks missing.json",
          f"{EV} task file missing.json does not exist"),
     Case("a task file with a number as an output", f"{M} evaluate --tasks bad.json",
