@@ -31,7 +31,7 @@ from mechcopy.io import write_atomic
 from mechcopy.job import Run, Settings
 from mechcopy.method import Choice
 from mechcopy.patching import PatchingResult
-from mechcopy.stats import Comparison
+from mechcopy.stats import Comparison, TaskLevel
 from mechcopy.task_vectors import TaskVectorResult
 from mechcopy.views import Views
 
@@ -215,27 +215,36 @@ def signed(x: float) -> str:
     return f"{x:+.3f}"
 
 
-def _verdict(c: Comparison) -> str:
-    """One sentence on a pooled comparison: the difference, its interval, and whether it could tell."""
+def _verdict(c: Comparison, level: TaskLevel | None = None) -> str:
+    """One sentence on a pooled comparison: the difference, its interval, and whether it could tell;
+    then, with `level` (`comparisons.task_levels`), the same with the task as the unit."""
     lo, hi = c.ci
     what = f"{c.metric.replace('_', ' ')} {c.condition} - {c.baseline}"
     shown = f"{signed(c.diff)} [95% CI {signed(lo)}, {signed(hi)}], p = {c.p_value:.3g}"
     moved = f"{c.n_up} of {c.n_tasks} tasks up and {c.n_down} down after Holm"
     if lo > 0 or hi < 0:
-        return f"- {what}: {shown}: a {'rise' if lo > 0 else 'fall'} the comparison can tell ({moved})."
-    return (f"- {what}: {shown}: no difference detected; one of {num(c.mde)} or more would have been "
-            f"found 80% of the time ({moved}).")
+        text = f"- {what}: {shown}: a {'rise' if lo > 0 else 'fall'} the comparison can tell ({moved})."
+    else:
+        text = (f"- {what}: {shown}: no difference detected; one of {num(c.mde)} or more would have been "
+                f"found 80% of the time ({moved}).")
+    if level is not None:
+        tlo, thi = level.ci
+        text += (f" Over tasks: {signed(level.mean)} [t interval {signed(tlo)}, {signed(thi)}], "
+                 f"p = {level.p_value:.3g}; {level.n_up} tasks up, {level.n_down} down, sign test p = {level.sign_p:.3g}.")
+    return text
 
 
 def _answer(evaluation: Evaluation, evaluated: Components, fig_dir: Path) -> Section:
-    """The headline: pooled paired differences (pruned - unpruned, pruned - random) and the forest plot."""
+    """The headline: pooled paired differences (pruned - unpruned, pruned - random) beside the same with
+    the task as the unit, and the forest plot."""
     basis = evaluated.meta.get("basis", "chosen on the probe's dev split")
     if not evaluated.pairs:
         return Section("The answer: nothing was pruned",
                        f"k = 0: {evaluated.why_empty}, so nothing was pruned and there is nothing to compare. "
                        "The sections below show the unpruned model.")
     pooled = {(c.condition, c.baseline, c.metric): c for c in evaluation.comparisons.get("pooled", [])}
-    lines = [_verdict(pooled[(cond, base, m)]) for cond, base in viz.FOREST_PAIRS
+    over = {(t.condition, t.baseline, t.metric): t for t in evaluation.task_level}
+    lines = [_verdict(pooled[(cond, base, m)], over.get((cond, base, m))) for cond, base in viz.FOREST_PAIRS
              for m in ("accuracy", "copy_rate") if (cond, base, m) in pooled]
     n_tasks = next(iter(pooled.values())).n_tasks if pooled else 0
     text = (f"Does pruning the copy neurons change in-context learning beyond what removing any neurons does? "
@@ -243,7 +252,10 @@ def _answer(evaluation: Evaluation, evaluated: Components, fig_dir: Path) -> Sec
             f"Paired over the same prompts, pooled over {n_tasks} held-out tasks (each task weighs the same; "
             "the probe, on which the neurons were chosen, is left out):\n\n" + "\n".join(lines) +
             "\n\nIntervals: task-stratified paired bootstrap (random sets resampled too); p: stratified "
-            "sign-flip test; MDE: the smallest difference this comparison detects with 80% power.")
+            "sign-flip test; MDE: the smallest difference this comparison detects with 80% power. These hold "
+            "the tasks fixed: they say whether these tasks moved. \"Over tasks\" takes each task's difference "
+            "as one observation (t interval and test, exact sign test): a claim that pruning helps tasks like "
+            "these rests on it, and where the two disagree the claim is about these tasks only.")
     forest = viz.save_figure(viz.plot_forest(evaluation.comparisons), fig_dir / "forest.png")
     return Section("The answer: paired differences, pooled over tasks", text, [forest])
 
@@ -253,6 +265,7 @@ def _per_task(settings: Settings, evaluated: Components, evaluation: Evaluation,
     """Per-task bars and the mean over tasks per condition family."""
     cfg = settings.config
     df = viz.task_results_df(evaluation.rows)
+    df["copy_effect"] = df["copy_effect"].astype(float)
     means = df.groupby("family")[["accuracy", "copy_rate"]].mean().round(3).reset_index()
     bars = viz.save_figure(viz.plot_task_bars(df), fig_dir / "tasks.png")
     shown = [f for f in ("unpruned", "pruned", "random", "bottom") if f in set(means["family"])]
@@ -263,8 +276,11 @@ def _per_task(settings: Settings, evaluated: Components, evaluation: Evaluation,
             "; copy rate " + " vs ".join(f"{num(unp.loc[f, 'copy_rate'])} {f}" for f in shown) +
             f". Random = mean over {cfg.n_random} random neuron sets of the same size per layer; bottom = the "
             "lowest-scoring neurons. Whiskers: 95% intervals of each rate alone (the paired comparisons above "
-            "are sharper).")
-    table = df.pivot_table(index="task", columns="family", values=["accuracy", "copy_rate"])
+            "are sharper). The table gives, beside the copy rate, the copy effect of closed-label tasks: "
+            "P(answer = X | X among the demos) - P(answer = X | X absent), which a preference for a label "
+            "does not raise (empty where the prompts cannot estimate it; the result JSON says why).")
+    table = df.pivot_table(index="task", columns="family", values=["accuracy", "copy_rate", "copy_effect"],
+                           dropna=False)
     table.columns = [f"{m} {c}" for m, c in table.columns]
     return Section("Accuracy and copy rate per task, before and after pruning", text, [bars],
                    table=table.reset_index()), means

@@ -21,7 +21,7 @@ import torch
 
 from mechcopy import method
 from mechcopy.arch import HookedModel
-from mechcopy.comparisons import Evaluation, compare_rows
+from mechcopy.comparisons import Evaluation, compare_rows, task_levels
 from mechcopy.components import Components
 from mechcopy.conditions import UNPRUNED, find_scores, standard_conditions
 from mechcopy.find import find_copy_neurons
@@ -61,7 +61,8 @@ def stage_evaluate(model: HookedModel, cfg: ReproduceConfig, out: Path) -> Evalu
     conds = [UNPRUNED, *standard_conditions(model, neurons, cfg.n_random, cfg.seed)]
     rows, dropped = run_evaluation(model, load_tasks(cfg.tasks), cfg.shots, cfg.n_eval, cfg.seed, conds,
                                    checkpoint=out / "evaluate.partial.jsonl")
-    return Evaluation(tuple(rows), dropped, compare_rows(rows, seed=cfg.seed))
+    comparisons = compare_rows(rows, seed=cfg.seed)
+    return Evaluation(tuple(rows), dropped, comparisons, tuple(task_levels(comparisons, seed=cfg.seed)))
 
 
 def stage_task_vectors(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:

@@ -71,7 +71,7 @@ def agreement(a: Tensor, b: Tensor, ks: Sequence[int], allowed_layers: Sequence[
                      {int(k): jaccard(top_set(a, k, allowed_layers), top_set(b, k, allowed_layers)) for k in ks})
 
 
-def spread(x: Sequence[float]) -> dict[str, float]:
+def spread(x: Sequence[float] | np.ndarray) -> dict[str, float]:
     """Mean, median and the 5% / 95% quantiles of `x`."""
     v = np.asarray(x, dtype=float)
     q05, q50, q95 = np.quantile(v, [0.05, 0.5, 0.95])

@@ -110,16 +110,18 @@ def task_results_df(results) -> pd.DataFrame:
 
     Columns: task, condition, family (the row's spec family; the condition itself where a result
     carries no spec), n, accuracy, accuracy_lo, accuracy_hi, copy_rate, copy_rate_lo, copy_rate_hi,
-    copy_share_of_errors, other_rate.
+    copy_effect (None / NaN where a row has none or it cannot be estimated), copy_share_of_errors, other_rate.
     """
     rows = []
     for r in results:
         d = r if isinstance(r, dict) else r.to_json()
+        effect = (d.get("copy_effect") or {}).get("effect")
         rows.append({
             "task": d["task"], "condition": d["condition"],
             "family": (d.get("spec") or {}).get("family", d["condition"]), "n": d["n"],
             "accuracy": d["accuracy"], "accuracy_lo": d["accuracy_ci"][0], "accuracy_hi": d["accuracy_ci"][1],
             "copy_rate": d["copy_rate"], "copy_rate_lo": d["copy_rate_ci"][0], "copy_rate_hi": d["copy_rate_ci"][1],
+            "copy_effect": effect,
             "copy_share_of_errors": d.get("copy_share_of_errors"), "other_rate": d.get("other_rate"),
         })
     return pd.DataFrame(rows)
@@ -362,7 +364,7 @@ def plot_patching_heatmap(values: Float[np.ndarray, "layers positions"] | torch.
 
 
 def plot_loss_curve(steps: Series, losses: Series | dict[str, Series],
-                    title: str | None = None, evals: dict[str, tuple[Series, Series]] | None = None,
+                    title: str | None = None, evals: Mapping[str, tuple[Series, Series]] | None = None,
                     smooth: int = 1) -> Figure:
     """Training loss against step (log scale when it spans more than a factor of 10).
 

@@ -3,7 +3,8 @@ JSON written again is the JSON written first. The instances come from the analys
 model (so they hold what real results hold: numpy floats, nested tuples, None), not from hand-made values.
 
 Tensor results (`Attributions`, `CopyScores`) are files of tensors (safetensors), not JSON: they round-trip
-through `save`/`load`, tested here too. The study's stage results (analyses/study_results.py) are read back
+through `save`/`load`, tested here too; results holding tensors or arrays in JSON (`Means`, `Sizes`,
+`LabelScores`) are compared value by value. The study's stage results (analyses/study_results.py) are read back
 from a real run of the study in tests/test_replication_study.py."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,9 +21,10 @@ from mechcopy import method
 from mechcopy.attribution import Attributions, CopyScores, integrated_gradients
 from mechcopy.audit import ConsistencyRow, KCurve, SelfConsistency, k_curve, self_consistency
 from mechcopy.cards import NeuronCard, neuron_cards
-from mechcopy.comparisons import Evaluation, compare_rows
-from mechcopy.components import Components, random_matched
-from mechcopy.conditions import UNPRUNED, Condition, ConditionSpec, Means, standard_conditions
+from mechcopy.comparisons import Evaluation, compare_rows, task_levels
+from mechcopy.components import Components, Sizes, random_matched
+from mechcopy.conditions import UNPRUNED, Condition, ConditionSpec, Means, Readout, standard_conditions
+from mechcopy.copy_effect import CopyEffect, DemoShare, copy_effect, demo_share
 from mechcopy.evaluation import TaskResult, evaluate
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.job import ReproduceConfig, Settings
@@ -29,10 +32,11 @@ from mechcopy.method import FindConfig, Guard
 from mechcopy.models.mamba import MambaConfig, tiny_mamba
 from mechcopy.organisms.train import TrainConfig, TrainResult
 from mechcopy.patching import PatchingResult, activation_patching
-from mechcopy.pruning import component_means
+from mechcopy.pruning import component_means, component_sizes
+from mechcopy.scoring import CONTENT_FREE, LabelScores, score_labels
 from mechcopy.selection import select
 from mechcopy.stability import Agreement, BootstrapStability, StabilityReport, stability_report
-from mechcopy.stats import Comparison
+from mechcopy.stats import Comparison, TaskLevel
 from mechcopy.suite import ResultRow, run_evaluation
 from mechcopy.sweeps import KSweep, LayerPercentSweep, sweep_k, sweep_layer_percent
 from mechcopy.task_vectors import TaskVectorConfig, TaskVectorResult, task_vector_experiment
@@ -64,7 +68,11 @@ def results(tiny) -> dict[type, object]:
     task = load_task("antonyms")
     rows, dropped = run_evaluation(tiny, [task, load_task("next_letter")], shots=2, n=6, conditions=conditions,
                                    progress=False)
-    evaluation = Evaluation(tuple(rows), dropped, compare_rows(rows, n_boot=100))
+    comparisons = compare_rows(rows, n_boot=100)
+    evaluation = Evaluation(tuple(rows), dropped, comparisons, tuple(task_levels(comparisons)))
+    closed = load_task("sentiment_binary")
+    prompts = build_prompts(closed, tiny.tokenizer, shots=3, n=12, seed=0).prompts
+    predictions = [p.demo_labels[0] for p in prompts]    # always the first demo's label: a copy effect to find
     check = self_consistency(tiny, attr, scores, ks=(2,), n_random=2, n_boot=100)
     tv_config = TaskVectorConfig(shots=2, n_extract=2, n_dev=3, n_test=3, layers=(0, 1))
     find = FindConfig(n=3, n_dev=4, steps=4, ks=(2, 4))
@@ -75,7 +83,7 @@ def results(tiny) -> dict[type, object]:
         ProbeConfig, ProbeSplits, SelfConsistency, ConsistencyRow, Guard, KSweep, LayerPercentSweep, KCurve,
         Agreement, BootstrapStability, StabilityReport, PatchingResult, NeuronCard, TaskVectorConfig,
         TaskVectorResult, TrainConfig, TrainResult, MambaConfig, FindConfig, ReproduceConfig, Settings, Views,
-        AttentionView, ActivationView]
+        AttentionView, ActivationView, Readout, TaskLevel, CopyEffect, DemoShare]
     out: dict[type, object] = {
         TaskResult: evaluate(tiny, dev), ResultRow: rows[-1], Evaluation: evaluation,
         Comparison: evaluation.comparisons["pooled"][0], ConditionSpec: conditions[-1].spec,
@@ -96,7 +104,10 @@ def results(tiny) -> dict[type, object]:
         MambaConfig: tiny_mamba(n_layers=1, d_model=16).cfg, FindConfig: find,
         ReproduceConfig: ReproduceConfig(find=find, tv_tasks=("antonyms",)),
         Settings: Settings(ReproduceConfig(find=find), fp, "abc1234"), Views: views,
-        AttentionView: views.attention[0], ActivationView: views.neurons}
+        AttentionView: views.attention[0], ActivationView: views.neurons, Readout: Readout("labels", "contextual"),
+        TaskLevel: evaluation.task_level[0],
+        CopyEffect: copy_effect(prompts, predictions, closed.label_set(), closed.name),
+        DemoShare: demo_share(prompts, predictions, closed.label_set(), closed.name)}
     report = out[StabilityReport]
     out[Agreement], out[BootstrapStability] = report.settings[0], report.bootstrap[0]
     assert set(out) == set(made)
@@ -105,7 +116,8 @@ def results(tiny) -> dict[type, object]:
 
 def random_condition(model, chosen: Components) -> Condition:
     """A condition with every field set: a random set, mean ablation at the last position, a group."""
-    return Condition("random-1", "random", random_matched(model, chosen, 1), "mean", "last", _means(model), 1, 20)
+    return Condition("random-1", "random", random_matched(model, chosen, 1), "mean", "last", _means(model), 1, 20,
+                     Readout("labels", "batch"), ("pruned",))
 
 
 def _means(model) -> Means:
@@ -118,7 +130,8 @@ TYPES = ["TaskResult", "ResultRow", "Evaluation", "Comparison", "ConditionSpec",
          "ICLPrompt", "Task", "ProbeConfig", "ProbeSplits", "SelfConsistency", "ConsistencyRow", "Guard", "KSweep",
          "LayerPercentSweep", "KCurve", "Agreement", "BootstrapStability", "StabilityReport", "PatchingResult",
          "NeuronCard", "TaskVectorConfig", "TaskVectorResult", "TrainConfig", "TrainResult", "MambaConfig",
-         "FindConfig", "ReproduceConfig", "Settings", "Views", "AttentionView", "ActivationView"]
+         "FindConfig", "ReproduceConfig", "Settings", "Views", "AttentionView", "ActivationView", "Readout", "TaskLevel",
+         "CopyEffect", "DemoShare"]
 
 
 def _no_nan(obj) -> bool:
@@ -159,6 +172,32 @@ def test_means_round_trip(results):
     assert set(back.values) == set(means.values)
     assert all(torch.allclose(back[l], means[l].float()) for l in means.values)
     assert _through_text(back.to_json()) == _through_text(means.to_json())
+
+
+def test_sizes_round_trip(tiny):
+    """Sizes hold tensors: compared by value."""
+    splits = build_probe(tiny.tokenizer, ProbeConfig(), n_attr=2, n_dev=3, n_test=0)
+    sizes = component_sizes(tiny, list(splits.dev), reference="dev split")
+    back = Sizes.from_json(_through_text(sizes.to_json()))
+    assert back.describe() == sizes.describe() and set(back.values) == set(sizes.values)
+    assert all(torch.allclose(back[l], sizes[l]) for l in sizes.values)
+    assert _through_text(back.to_json()) == _through_text(sizes.to_json())
+
+
+def test_label_scores_round_trip(tiny):
+    """LabelScores hold arrays (the labels' log-probabilities, and those after each reference query): the
+    same values back, and the same predictions under every readout."""
+    task = load_task("sentiment_binary")
+    prompts = build_prompts(task, tiny.tokenizer, shots=2, n=4, seed=0).prompts
+    scores = score_labels(tiny, prompts, task.label_set(), references={"contextual": CONTENT_FREE})
+    back = LabelScores.from_json(_through_text(scores.to_json()))
+    assert back.labels == scores.labels and back.queries == scores.queries
+    assert np.array_equal(back.logprobs, scores.logprobs)
+    assert set(back.reference) == {"contextual"} and np.array_equal(back.reference["contextual"],
+                                                                      scores.reference["contextual"])
+    for readout in ("labels", "batch", "contextual"):
+        assert back.predict(readout) == scores.predict(readout)
+    assert _through_text(back.to_json()) == _through_text(scores.to_json())
 
 
 def test_tensor_results_round_trip_through_their_files(tiny, tmp_path):

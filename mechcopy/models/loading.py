@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,7 +38,7 @@ def _hooked_from_hf_dir(
     cfg_dict = tl_loading.convert_hf_model_config(tl_name, trust_remote_code=False) if tl_name else _tl_config(path)
     cfg_dict.update(
         model_name=name,
-        original_architecture=hf_model.config.architectures[0],
+        original_architecture=_architecture(hf_model.config, path),
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
         dtype=dtype,
         tokenizer_name=str(path),
@@ -59,7 +59,7 @@ def _hooked_from_hf_dir(
         state_dict, fold_ln=True, center_writing_weights=False, center_unembed=False,
         fold_value_biases=True,
     )
-    model.to(cfg.device)
+    model.to(cfg.device or "cpu")
     model.to(dtype)
     model.eval()
     return store_as_read(model)
@@ -74,7 +74,8 @@ def store_as_read(model: HookedTransformer) -> HookedTransformer:
     views, those copies become no-ops. The values do not change and every matmul receives the same
     contiguous operand as before, so outputs are bitwise equal (tests/test_models.py).
     """
-    reads: list[tuple[torch.nn.Parameter, tuple[int, ...]]] = [(model.unembed.W_U, (1, 0))]
+    # parameters reached as module attributes, which torch types `Tensor | Module`
+    reads: list[tuple[Any, tuple[int, ...]]] = [(model.unembed.W_U, (1, 0))]
     for block in model.blocks:
         if model.cfg.gated_mlp:
             reads += [(block.mlp.W_gate, (1, 0)), (block.mlp.W_in, (1, 0)), (block.mlp.W_out, (1, 0))]
@@ -87,6 +88,14 @@ def store_as_read(model: HookedTransformer) -> HookedTransformer:
             back = sorted(range(len(order)), key=order.__getitem__)
             param.data = param.data.permute(*order).contiguous().permute(*back)
     return model
+
+
+def _architecture(config: Any, path: Path) -> str:
+    """The model class a Hugging Face config names (its first `architectures` entry)."""
+    if not config.architectures:
+        raise ValueError(f"{path}/config.json names no architectures: add \"architectures\": [\"<ModelClass>\"] "
+                         "as Hugging Face writes it")
+    return config.architectures[0]
 
 
 def _tl_config(path: Path) -> dict:
