@@ -300,7 +300,7 @@ class Arch:
         """Hook points `ig_stepper` reads from each prompt's clean run."""
         raise NotImplementedError
 
-    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]],
+    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 _pos"]],
                    caches: Sequence[Any]) -> Stepper:
         """Blocks for one-token rows at the last position of each of `tokens` (one prompt each), whose
         clean runs cached at least `ig_cache_names(model)` in `caches` (the fast IG path)."""

@@ -55,7 +55,7 @@ class MambaArch(Arch):
         return [f"blocks.{l}.{name}" for l in range(model.cfg.n_layers)
                 for name in ("hook_resid_pre", "mixer.hook_x", "mixer.hook_ssm_state")]
 
-    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]],
+    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 _pos"]],
                    caches: Sequence[Any]) -> Stepper:
         return MambaRows(model, caches)
 

@@ -104,7 +104,7 @@ class TransformerArch(Arch):
     def ig_cache_names(self, model: HookedModel) -> list[str]:
         return [f"blocks.{l}.hook_{name}" for l in range(model.cfg.n_layers) for name in ("resid_pre", "resid_mid")]
 
-    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]],
+    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 _pos"]],
                    caches: Sequence[Any]) -> Stepper:
         """`OneTokenBlocks` where it applies, else `TLBlocks`."""
         cfg = _cfg(model)
@@ -310,7 +310,7 @@ class OneTokenBlocks:
         with torch.no_grad():
             self.prefix = [self._prefix(_block(model, l), resid) for l, resid in zip(layers, clean)]
 
-    def _prefix(self, block, clean: list[Float[Tensor, "pos d_model"]]) -> _Prefix:
+    def _prefix(self, block, clean: list[Float[Tensor, "_pos d_model"]]) -> _Prefix:
         """Pack the layer's q/k/v weights and compute each prompt's prefix keys and values once."""
         attn, width = block.attn, max(self.positions)
         w, b = _packed_qkv(attn)
@@ -378,7 +378,7 @@ class TLBlocks:
     """TransformerLens' own blocks on a frozen key/value cache of each prompt's prefix, expanded to its
     rows: whatever TransformerLens runs, several times slower than `OneTokenBlocks`."""
 
-    def __init__(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]], caches: Sequence[Any]):
+    def __init__(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 _pos"]], caches: Sequence[Any]):
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
         self.model, self.prefixes = model, []
