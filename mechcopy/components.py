@@ -145,6 +145,16 @@ def _as_index(value: Any, what: str) -> int:
     return int(value)
 
 
+def _checked_pairs(pairs: Any, kind: str) -> tuple[tuple[int, int], ...]:
+    """(layer, index) pairs as sorted, distinct integer pairs; refused where one is not a pair of integers."""
+    out = set()
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{kind} {i} must be a (layer, index) pair, got {pair!r}")
+        out.add((_as_index(pair[0], f"{kind} {i}'s layer"), _as_index(pair[1], f"{kind} {i}'s index")))
+    return tuple(sorted(out))
+
+
 @dataclass(frozen=True)
 class Components:
     """A set of (layer, index) components of one kind, tied to the model it was found on.
@@ -161,12 +171,7 @@ class Components:
 
     def __post_init__(self):
         component_kind(self.kind)
-        pairs = set()
-        for i, pair in enumerate(self.pairs):
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise ValueError(f"{self.kind} {i} must be a (layer, index) pair, got {pair!r}")
-            pairs.add((_as_index(pair[0], f"{self.kind} {i}'s layer"), _as_index(pair[1], f"{self.kind} {i}'s index")))
-        object.__setattr__(self, "pairs", tuple(sorted(pairs)))
+        object.__setattr__(self, "pairs", _checked_pairs(self.pairs, self.kind))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -249,7 +254,7 @@ class Components:
             raise ValueError(f"{what}: it holds no {kind.plural} and does not say why (a file from `mechcopy find` "
                              "that chose k = 0 says so in meta.k)")
         try:
-            return cls(tuple(tuple(n) if isinstance(n, list) else n for n in pairs), model, meta, source, kind.name)
+            return cls(_checked_pairs(pairs, kind.name), model, meta, source, kind.name)
         except ValueError as e:
             raise ValueError(f"{what}: {e}") from e
 

@@ -243,7 +243,7 @@ def _read_labels(model: HookedModel, prompts: list[ICLPrompt], conditions: Seque
             for key, cs in by_ablation.items() for c in cs}
 
 
-def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], condition: str = "unpruned",
+def summarize(prompts: Sequence[ICLPrompt] | PromptSet, predictions: Sequence[str], condition: str = "unpruned",
               seed: int = 0, n_boot: int = 1000, labels: Sequence[str] | None | Literal[False] = False) -> TaskResult:
     """Score predictions against prompts (no model needed): rates and 95% bootstrap intervals (exact
     Clopper-Pearson intervals where every prompt has the same outcome and the bootstrap degenerates).

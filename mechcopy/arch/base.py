@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from transformer_lens import ActivationCache
 
 
 @runtime_checkable
@@ -290,9 +291,9 @@ class Arch:
         raise NotImplementedError
 
     def clean_run(self, model: HookedModel, tokens: Int[Tensor, "1 pos"], names: Collection[str],
-                  ) -> tuple[Float[Tensor, "1 pos d_model"], Mapping[str, Tensor]]:
+                  ) -> tuple[Float[Tensor, "1 pos d_model"], Mapping[str, Tensor] | ActivationCache]:
         """One forward pass of `tokens` to the last block's output, with the activations at the hook
-        points `names` (no gradient)."""
+        points `names` (no gradient; TransformerLens' `ActivationCache` or a plain mapping)."""
         with torch.no_grad():
             return model.run_with_cache(tokens, stop_at_layer=model.cfg.n_layers, names_filter=lambda n: n in names)
 
