@@ -140,11 +140,26 @@ def markdown(ext: dict, path: str) -> str:
                 "p (t): task_level.p_value\ntasks up/down: task_level.n_up, task_level.n_down\nsign test p: task_level.sign_p")
         out.append(f"{src}\n<!-- check rows=comparisons.{metric} key=@key\n{spec}\n-->\n{head}\n" + "\n".join(rows))
     vs = [k for k in (f"{c}_vs_{b}" for c, b in SHOWN) if k in ext["per_task"][tasks[0]]["accuracy"]]
+    names = [k.replace("_vs_", " − ") for k in vs]
     for metric in ("accuracy", "copy_rate"):
-        spec = "\n".join(f"{k}: {metric}.{k}" for k in vs)
-        head = "| task | " + " | ".join(vs) + " |\n|---|" + "---|" * len(vs)
+        spec = "\n".join(f"{n}: {metric}.{k}" for n, k in zip(names, vs))
+        head = "| task | " + " | ".join(names) + " |\n|---|" + "---|" * len(vs)
         body = "\n".join(f"| {t} | " + " | ".join(_f(ext["per_task"][t][metric][k]) for k in vs) + " |" for t in tasks)
         out.append(f"{src}\n<!-- check rows=per_task key=@key\n{spec}\n-->\n{head}\n{body}")
+    eff = ext["copy_effect"]
+    spec = ("copy effect [95% CI]: pooled.effect, pooled.ci.0, pooled.ci.1\nP(X), X shown: pooled.present_rate\n"
+            "P(X), X not shown: pooled.absent_rate\nover tasks, mean [t interval]: task_level.mean, task_level.ci.0, "
+            "task_level.ci.1\np (t): task_level.p_value\ntasks up/down: task_level.n_up, task_level.n_down\n"
+            "sign test p: task_level.sign_p")
+    head = ("| condition | copy effect [95% CI] | P(X), X shown | P(X), X not shown | over tasks, mean [t interval] "
+            "| p (t) | tasks up/down | sign test p |\n|---|---|---|---|---|---|---|---|")
+    rows = []
+    for c in (c for c in CONDITIONS if c in eff and eff[c]["pooled"]["effect"] is not None):
+        e, lv = eff[c]["pooled"], eff[c]["task_level"]
+        rows.append(f"| {c} | {_f(e['effect'])} [{_f(e['ci'][0])}, {_f(e['ci'][1])}] | {_f(e['present_rate'], False)} | "
+                    f"{_f(e['absent_rate'], False)} | {_f(lv['mean'])} [{_f(lv['ci'][0])}, {_f(lv['ci'][1])}] | "
+                    f"{_p(lv['p_value'])} | {lv['n_up']}/{lv['n_down']} | {_p(lv['sign_p'])} |")
+    out.append(f"{src}\n<!-- check rows=copy_effect key=@key\n{spec}\n-->\n{head}\n" + "\n".join(rows))
     return "\n\n".join(out) + "\n"
 
 
