@@ -96,7 +96,11 @@ def _dump(obj, depth: int = 0) -> str:
 #: the comparisons the doc's tables show, in order: (condition, baseline)
 SHOWN = (("pruned", "unpruned"), ("contextual", "unpruned"), ("batch", "unpruned"), ("pruned+contextual", "unpruned"),
          ("pruned+batch", "unpruned"), ("contextual", "pruned"), ("batch", "pruned"),
-         ("pruned+contextual", "pruned"), ("pruned+batch", "pruned"))
+         ("pruned+contextual", "pruned"), ("pruned+batch", "pruned"), ("pruned+contextual", "contextual"),
+         ("pruned+batch", "batch"))
+#: the per-task table's comparisons: each fix against doing nothing and against the other, and pruning on top
+PER_TASK = (("pruned", "unpruned"), ("contextual", "unpruned"), ("batch", "unpruned"), ("contextual", "pruned"),
+            ("batch", "pruned"), ("pruned+contextual", "contextual"))
 CONDITIONS = ("unpruned", "pruned", "contextual", "batch", "pruned+contextual", "pruned+batch")
 
 
@@ -139,7 +143,7 @@ def markdown(ext: dict, path: str) -> str:
                 "over tasks, mean Δ [t interval]: task_level.mean, task_level.ci.0, task_level.ci.1\n"
                 "p (t): task_level.p_value\ntasks up/down: task_level.n_up, task_level.n_down\nsign test p: task_level.sign_p")
         out.append(f"{src}\n<!-- check rows=comparisons.{metric} key=@key\n{spec}\n-->\n{head}\n" + "\n".join(rows))
-    vs = [k for k in (f"{c}_vs_{b}" for c, b in SHOWN) if k in ext["per_task"][tasks[0]]["accuracy"]]
+    vs = [k for k in (f"{c}_vs_{b}" for c, b in PER_TASK) if k in ext["per_task"][tasks[0]]["accuracy"]]
     names = [k.replace("_vs_", " − ") for k in vs]
     for metric in ("accuracy", "copy_rate"):
         spec = "\n".join(f"{n}: {metric}.{k}" for n, k in zip(names, vs))
