@@ -7,11 +7,13 @@ tensor rather than editing in place, so they compose with autograd.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from mechcopy.errors import check_number
 
 Hook = Callable[[Tensor, object], Tensor | None]
 
@@ -46,9 +48,56 @@ def _check_width(top: int, act: Tensor, hook) -> None:
         raise IndexError(f"neuron index {top} out of range at {hook.name}: it has {act.shape[-1]} neurons")
 
 
+def _finite_values(values, what: str) -> Tensor:
+    """`values` as a float tensor with no NaN or infinity (a NaN would spread through every later layer)."""
+    try:
+        t = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{what} must be numbers, got {type(values).__name__}") from e
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{what} must be real numbers, got dtype {t.dtype}")
+    t = t.float() if not t.is_floating_point() else t
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} must be finite numbers: {int((~torch.isfinite(t)).sum())} of {t.numel()} are NaN or "
+                         "infinite")
+    return t
+
+
+def _position(position, what: str):
+    """An int position, or one per batch row (a tensor of ints)."""
+    if isinstance(position, Tensor):
+        return _as_index(position, f"{what} positions")
+    return check_number(position, f"{what} position", integer=True)
+
+
+def _check_position(pos: Tensor, act: Tensor, hook, what: str) -> None:
+    n = act.shape[1]
+    if pos.numel() and not bool(((pos >= -n) & (pos < n)).all()):
+        raise IndexError(f"{what}: position {pos.tolist()} out of range at {hook.name}, which has {n} positions")
+
+
+def check_hook_points(model, fwd_hooks: Iterable[tuple[str | Callable, Hook]]) -> None:
+    """Refuse hook names that `model` lacks (TransformerLens would fail with a bare KeyError), naming
+    the name and the nearest kinds that exist. A callable name filter is left to TransformerLens."""
+    points = getattr(model, "hook_dict", {})
+    for item in fwd_hooks:
+        if not isinstance(item, (tuple, list)) or len(item) != 2 or not callable(item[1]):
+            raise TypeError(f"each hook must be a (hook point name, function) pair, got {item!r}")
+        name = item[0]
+        if callable(name):
+            continue
+        if not isinstance(name, str):
+            raise TypeError(f"a hook point name must be a string, got {type(name).__name__} {name!r}")
+        if name not in points:
+            tail = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+            like = [p for p in points if p.endswith(tail)][:3] or sorted(points)[:3]
+            raise ValueError(f"the model has no hook point {name!r} (it has {len(points)}, e.g. {', '.join(like)})")
+
+
 def scale_neurons(idx, factor: float) -> Hook:
     """Multiply neurons `idx` (last dimension) by `factor` at every position."""
     index = _neuron_index(idx)
+    factor = float(check_number(factor, "factor"))
     top = int(index.max()) if index.numel() else -1
     masks: dict[tuple, Tensor] = {}      # built once per width, device and dtype: no copy to the device per call
 
@@ -74,13 +123,17 @@ def set_neurons(idx, values: Float[Tensor, "n"], position: int | None = None) ->
     `position` (e.g. -1, the last): mean ablation when `values` are the neurons' mean activations
     (`pruning.neuron_means`)."""
     index = _neuron_index(idx)
-    vals = torch.as_tensor(values).reshape(-1)
+    vals = _finite_values(values, "set_neurons values").reshape(-1)
+    if position is not None:
+        position = _position(position, "set_neurons")
     if len(vals) != len(index):
         raise ValueError(f"set_neurons needs one value per index, got {len(vals)} values for {len(index)} indices")
     top = int(index.max()) if index.numel() else -1
 
     def hook(act: Float[Tensor, "batch pos d"], hook) -> Float[Tensor, "batch pos d"]:
         _check_width(top, act, hook)
+        if position is not None:
+            _check_position(torch.tensor([position]), act, hook, "set_neurons")
         out = act.clone()
         where = out if position is None else out[:, position]
         where[..., index.to(act.device)] = vals.to(act.device, act.dtype)
@@ -123,11 +176,20 @@ def patch_from_cache(cache, positions=None, idx=None) -> Hook:
 
 def inject_vector(vector: Float[Tensor, "d"] | Float[Tensor, "batch d"], position: int | Tensor = -1) -> Hook:
     """Overwrite the activation at `position` (int, or one per batch row) with `vector`."""
+    vector = _finite_values(vector, "inject_vector's vector")
+    if vector.ndim not in (1, 2):
+        raise ValueError(f"inject_vector needs a vector [d] or one per batch row [batch, d], got shape "
+                         f"{tuple(vector.shape)}")
+    position = _position(position, "inject_vector")
 
     def hook(act: Float[Tensor, "batch pos d"], hook) -> Float[Tensor, "batch pos d"]:
+        if vector.shape[-1] != act.shape[-1] or (vector.ndim == 2 and vector.shape[0] not in (1, act.shape[0])):
+            raise ValueError(f"inject_vector: the vector has shape {tuple(vector.shape)}, but the activation at "
+                             f"{hook.name} has {act.shape[-1]} values per position for {act.shape[0]} rows")
         out = act.clone()
         rows = torch.arange(act.shape[0], device=act.device)
         pos = torch.as_tensor(position, device=act.device).expand(act.shape[0])
+        _check_position(pos, act, hook, "inject_vector")
         out[rows, pos] = vector.to(act.device, act.dtype).expand(act.shape[0], -1)
         return out
 

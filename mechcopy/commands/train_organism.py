@@ -11,7 +11,9 @@ from mechcopy.commands.common import add_device_args, at_least, positive, prepar
 def run(args) -> int:
     import torch
 
-    from mechcopy.organisms.train import TrainConfig, default_dir, train_organism
+    from mechcopy.organisms.data import episode_length
+    from mechcopy.organisms.train import (DEFAULT_MODEL_KWARGS, TrainConfig, check_model_kwargs, default_dir,
+                                          train_organism)
 
     try:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
@@ -20,6 +22,8 @@ def run(args) -> int:
     if not isinstance(kwargs, dict):
         raise ValueError("--model-kwargs must be a JSON object such as '{\"d_model\": 96}', "
                          f"got {args.model_kwargs!r}")
+    check_model_kwargs(args.arch, {**DEFAULT_MODEL_KWARGS[args.arch], **kwargs},
+                       longest=episode_length(TrainConfig.k_max), name="--model-kwargs")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(arch=args.arch, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       model_kwargs=kwargs, device=device, max_minutes=args.max_minutes)

@@ -193,6 +193,25 @@ def _demo_label_cycle(others: Sequence[int], k: int, rng: random.Random):
         yield from subsets
 
 
+def check_probe_size(config: ProbeConfig | None, n: int, what: str = "n_attr + n_dev") -> None:
+    """Refuse, before any tokenizer or model, more probe prompts than the item pool can give: `n`
+    query items in all, split evenly over the counts when balanced (None: the classic probe's words).
+    Items a tokenizer cannot make exact are dropped later, so passing this is necessary, not sufficient."""
+    if config is None:
+        have, source = len(WORDS), "the classic probe's words"
+        enough = n <= have
+    else:
+        items = load_items(config.items)
+        per_count = {c: sum(vowel_count(x) == c for x in items) for c in config.counts}
+        have, source = sum(per_count.values()), f"the {config.items!r} items"
+        # a balanced split asks n // len(counts) items of every count (the remainder spread over counts)
+        enough = n <= have and (not config.balanced or n // len(per_count) <= min(per_count.values()))
+    if not enough:
+        raise ValueError(f"{what} = {n} probe prompts, but {source} give at most {have} query items"
+                         + ("" if config is None or not config.balanced else
+                            f" ({min(per_count.values())} of the rarest count)") + "; ask for fewer prompts")
+
+
 def build_probe(tokenizer, config: ProbeConfig = ProbeConfig(), n_attr: int = 100, n_dev: int = 50,
                 n_test: int = 50, seed: int = 0) -> ProbeSplits:
     """Attribution, dev and test prompts of the probe variant `config`, seeded.
