@@ -111,9 +111,9 @@ def check_minimums(config: Any) -> None:
         value = getattr(config, name)
         if value is None:
             continue
-        if isinstance(value, tuple) and not value:
+        if isinstance(value, (tuple, list)) and not value:
             raise ValueError(f"{name} must not be empty")
-        for v in value if isinstance(value, tuple) else (value,):
+        for v in value if isinstance(value, (tuple, list)) else (value,):
             problem = below_minimum(v, low)
             if problem:
                 raise ValueError(f"{name} {problem}")

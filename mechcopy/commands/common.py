@@ -24,6 +24,8 @@ from mechcopy.models.zoo import DEFAULT_MODEL
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 #: torch CPU threads unless --threads says otherwise (docs/reliability.md: measured on 2 cores)
 DEFAULT_THREADS = 1
+#: more threads than torch can count (a 32-bit int) overflowed in torch; no machine has more than this
+MAX_THREADS = 4096
 
 Inputs = Mapping[str, "str | Path | Iterable[str | Path] | None"]
 
@@ -31,8 +33,8 @@ Inputs = Mapping[str, "str | Path | Iterable[str | Path] | None"]
 # ------------------------------------------------------------------------------------------- flag types
 
 
-def at_least(low: int | float) -> Callable[[str], int | float]:
-    """An argparse type: an integer (a number, if `low` is a float) >= `low`."""
+def at_least(low: int | float, most: int | None = None) -> Callable[[str], int | float]:
+    """An argparse type: an integer (a number, if `low` is a float) >= `low` (and <= `most`)."""
     def convert(text: str) -> int | float:
         try:
             value: Any = float(text) if isinstance(low, float) else int(text)
@@ -41,6 +43,8 @@ def at_least(low: int | float) -> Callable[[str], int | float]:
         problem = below_minimum(value, low)
         if problem:
             raise argparse.ArgumentTypeError(problem)
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {most}, got {value}")
         return value
 
     convert.__name__ = f"at_least_{low}"
@@ -120,7 +124,7 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     """--device and --threads (also for commands that build their model themselves)."""
     p.add_argument("--device", default=None, type=device_name,
                    help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=at_least(1), default=DEFAULT_THREADS,
+    p.add_argument("--threads", type=at_least(1, most=MAX_THREADS), default=DEFAULT_THREADS,
                    help=f"torch CPU threads (default {DEFAULT_THREADS}: more threads lose badly when another job "
                         "shares the cores; see docs/reliability.md)")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import numbers
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mechcopy.errors import check_number
 from mechcopy.tasks import DATA_DIR, PROBE_ITEMS, PROBE_NAME, Task
 from mechcopy.tasks.prompts import TEMPLATE, ICLPrompt, PromptSet, build_prompts, make_prompt
 
@@ -115,14 +117,18 @@ class ProbeConfig:
     balanced: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.counts, (tuple, list)) or not all(
+                isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in self.counts):
+            raise TypeError(f"counts must be single digits (0..9), got {self.counts!r}")
+        check_number(self.k, "k (shots)", low=1, integer=True)
         counts = tuple(int(c) for c in self.counts)
         object.__setattr__(self, "counts", counts)
         if len(set(counts)) != len(counts) or len(counts) < 2 or not all(0 <= c <= 9 for c in counts):
             raise ValueError(f"counts must be at least two distinct single digits (0..9), got {self.counts}")
         if self.items not in ITEM_SETS:
-            raise ValueError(f"unknown item set {self.items!r}; choose one of {', '.join(ITEM_SETS)}")
-        if self.template not in FORMATS:
-            raise ValueError(f"unknown probe format {self.template!r}; choose one of {', '.join(FORMATS)}")
+            raise ValueError(f"unknown item set (items) {self.items!r}; choose one of {', '.join(ITEM_SETS)}")
+        if not isinstance(self.template, str) or self.template not in FORMATS:
+            raise ValueError(f"unknown probe format (template) {self.template!r}; choose one of {', '.join(FORMATS)}")
         if self.k < 1:
             raise ValueError(f"the probe needs k >= 1 demos, got {self.k}")
         if self.balanced and self.k > len(counts) - 1:
