@@ -38,18 +38,24 @@ class UnknownName(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def below_minimum(value: Any, low: int | float) -> str | None:
-    """Why `value` is not a number >= `low` (an integer when `low` is), or None when it is. Numbers
-    must be finite and integers at most 2**63 - 1 (what torch and numpy can hold)."""
-    kind = "a finite number" if isinstance(low, float) else "an integer"
-    types = (int, float) if isinstance(low, float) else (int,)
-    if isinstance(value, bool) or not isinstance(value, types) or not value >= low:  # NaN too
-        return f"must be {kind} >= {low}, got {value!r}"
-    if isinstance(low, float) and not _finite(value):
-        return f"must be a finite number >= {low}, got {value!r}"
-    if not isinstance(low, float) and value > INT_MAX:
+def number_problem(value: Any, low: int | float | None = None, above: float | None = None,
+                   integer: bool = False) -> str | None:
+    """Why `value` is not a finite number (an integer if `integer`, at most 2**63 - 1: what torch and
+    numpy hold) >= `low` and > `above`, or None when it is. The one number check of flags and API."""
+    kind = "an integer" if integer else "a finite number"
+    bound = f" >= {low}" if low is not None else f" > {above}" if above is not None else ""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real)
+            or not (integer or _finite(value)) or (low is not None and not value >= low)
+            or (above is not None and not value > above)):   # NaN fails every comparison
+        return f"must be {kind}{bound}, got {value!r}"
+    if integer and value > INT_MAX:
         return f"must be an integer <= 2**63 - 1 ({INT_MAX}), got {value}"
     return None
+
+
+def below_minimum(value: Any, low: int | float) -> str | None:
+    """Why `value` is not a number >= `low` (an integer when `low` is), or None when it is."""
+    return number_problem(value, low=low, integer=not isinstance(low, float))
 
 
 def _finite(value: int | float) -> bool:
@@ -61,18 +67,12 @@ def _finite(value: int | float) -> bool:
 
 def check_number(value: Any, name: str, low: int | float | None = None, above: float | None = None,
                  integer: bool = False) -> Any:
-    """`value` if it is a finite number (an integer if `integer`, at most 2**63 - 1) >= `low` and >
-    `above`; else a ValueError (a TypeError for a wrong type) naming `name`. The flags and the API
-    use the same check."""
-    kind = "an integer" if integer else "a finite number"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
-        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
-    bound = f" >= {low}" if low is not None else f" > {above}" if above is not None else ""
-    finite = integer or _finite(value)
-    if not finite or (low is not None and not value >= low) or (above is not None and not value > above):
-        raise ValueError(f"{name} must be {kind}{bound}, got {value!r}")
-    if integer and value > INT_MAX:
-        raise ValueError(f"{name} must be an integer <= 2**63 - 1 ({INT_MAX}), got {value}")
+    """`value` if `number_problem` finds nothing; else a ValueError (a TypeError for a value that is not
+    a number of the kind asked) naming `name`."""
+    problem = number_problem(value, low, above, integer)
+    if problem:
+        wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real)
+        raise (TypeError if wrong_type else ValueError)(f"{name} {problem}")
     return value
 
 

@@ -149,6 +149,9 @@ def scale_neurons_by_group(masks: Float[Tensor, "groups d"]) -> Hook:
 
     def hook(act: Float[Tensor, "rows ... d"], hook) -> Float[Tensor, "rows ... d"]:
         groups = masks.shape[0]
+        if act.shape[0] % groups or masks.shape[-1] != act.shape[-1]:
+            raise ValueError(f"scale_neurons_by_group: masks of shape {tuple(masks.shape)} do not fit the activation "
+                             f"at {hook.name} ({act.shape[0]} rows of {act.shape[-1]}): rows must be groups x prompts")
         m = masks.to(act.device, act.dtype).reshape(groups, 1, *([1] * (act.ndim - 2)), act.shape[-1])
         return (act.reshape(groups, -1, *act.shape[1:]) * m).reshape(act.shape)
 
@@ -162,7 +165,16 @@ def patch_from_cache(cache, positions=None, idx=None) -> Hook:
     """
 
     def hook(act: Tensor, hook) -> Tensor:
-        src = cache[hook.name].to(act.device, act.dtype)
+        try:
+            src = cache[hook.name].to(act.device, act.dtype)
+        except KeyError:
+            raise ValueError(f"patch_from_cache: the cache holds no activation at {hook.name}; run the source "
+                             "with that hook point cached") from None
+        if src.shape[1:] != act.shape[1:] or src.shape[0] not in (1, act.shape[0]):
+            raise ValueError(f"patch_from_cache: the cached activation at {hook.name} has shape {tuple(src.shape)}, "
+                             f"the activation patched has {tuple(act.shape)}")
+        if positions is not None:
+            _check_position(_as_index(positions, "positions").to(act.device), act, hook, "patch_from_cache")
         where_pos = torch.zeros(act.shape[1], dtype=torch.bool, device=act.device)
         where_pos[slice(None) if positions is None else _as_index(positions).to(act.device)] = True
         where_dim = torch.zeros(act.shape[-1], dtype=torch.bool, device=act.device)

@@ -13,7 +13,8 @@ Rows whose fix needs the core that issue 23 is rebuilding (journals and checkpoi
 set's checks, selection, the evaluator, perplexity, `find`'s k grid) are marked `part_b`: they run
 as `xfail` (not strict) until part B lands. `kind` is the issue's classification of what each case
 got on main 81a615e: data loss, silently wrong, internal error, raw API exception, late refusal,
-unclear message. `python tests/test_hostile.py` prints the table of rows by kind.
+unclear message. `python tests/test_hostile.py` writes the rows into docs/reliability.md
+(`test_doc_table_is_current` fails when the two differ).
 """
 
 from __future__ import annotations
@@ -352,6 +353,10 @@ API = {
         __import__("mechcopy.organisms.train").organisms.train.TrainConfig(
             steps=3, lr=1e30, warmup=0, model_kwargs={"n_layers": 1, "d_model": 16, "n_heads": 2, "d_mlp": 32,
                                                       "n_ctx": 64}), d / "diverged", progress=False),
+    "patch_missing_cache": lambda d: (lambda m: m.run_with_hooks(_tokens(m), fwd_hooks=[
+        ("blocks.0.hook_resid_post", __import__("mechcopy.hooks").hooks.patch_from_cache({}))]))(_tiny()),
+    "load_organism_list": lambda d: (d.joinpath("org").mkdir(), d.joinpath("org", "organism.json").write_text("[]"),
+                                     __import__("mechcopy.organisms.train").organisms.train.load_organism("org")),
     "load_tasks_int": lambda d: __import__("mechcopy.tasks").tasks.load_tasks(5),
     "load_tasks_list": lambda d: __import__("mechcopy.tasks").tasks.load_tasks(["to_upper", 3]),
 }
@@ -535,7 +540,7 @@ CASES: list[Case] = [
          "TypeError", call="load_model_dtype_str",
          part_b="issue 27's mechcopy/models/: load_model checks dtype with the --dtype flag's check"),
     Case("raw API exception", "`build_prompts(k=2.5)`", "build_prompts(task, tok, 2.5)",
-         "TypeError: k (shots) must be an integer, got float 2.5", call="build_prompts_2_5"),
+         "TypeError: k (shots) must be an integer >= 0, got 2.5", call="build_prompts_2_5"),
     Case("raw API exception", "`evaluate(n_boot=0)`", "evaluate(tiny, prompts, n_boot=0)",
          "ValueError: n_boot (bootstrap replicates; a 95% interval needs at least 40) must be an integer >= 40, got 0",
          call="evaluate_n_boot_0"),
@@ -554,8 +559,15 @@ CASES: list[Case] = [
          "tiny.run_with_hooks(tokens, fwd_hooks=[(site, inject_vector(torch.zeros(32), 99))])",
          "IndexError: inject_vector: position [99] out of range at blocks.0.hook_resid_post", call="inject_position",
          quoted=False),
+    Case("raw API exception", "patching from a cache that lacks the hook point (a bare KeyError before)",
+         "tiny.run_with_hooks(tokens, fwd_hooks=[(site, patch_from_cache({}))])",
+         "ValueError: patch_from_cache: the cache holds no activation at blocks.0.hook_resid_post",
+         call="patch_missing_cache", quoted=False),
+    Case("raw API exception", "an organism folder whose organism.json is `[]`", "load_organism('org')",
+         "ValueError: org/organism.json is not an organism's description", call="load_organism_list", quoted=False,
+         disk=only("org/organism.json", words="only the test's organism.json")),
     Case("raw API exception", "a factor that is a string", "scale_neurons([3], '2')",
-         "TypeError: factor must be a finite number, got str '2'", call="scale_neurons_str", quoted=False),
+         "TypeError: factor must be a finite number, got '2'", call="scale_neurons_str", quoted=False),
     Case("raw API exception", "an interval level of 2", "bootstrap_ci(values, alpha=2.0)",
          "ValueError: alpha must lie in (0, 1), got 2.0", call="bootstrap_alpha", quoted=False),
     Case("raw API exception", "a seed of 2**64 in FindConfig", "FindConfig(seed=2**64)",
@@ -777,8 +789,45 @@ def test_every_config_refuses_what_its_flag_refuses(cls, name, low):
         assert own_error(info.value) and str(info.value).startswith(name), (value, info.value)
 
 
-if __name__ == "__main__":
+# ------------------------------------------------------------------------------------------- the doc
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
+START, END = "<!-- hostile:start -->", "<!-- hostile:end -->"
+
+
+def _code(text: str) -> str:
+    text = text.replace("|", "\\|")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def render_table() -> str:
+    """The doc's table of this file's rows, and their counts by kind."""
+    counts = ["| kind (what main 81a615e did) | rows | quoted in the issue | fixed here | left for part B |",
+              "|---|---|---|---|---|"]
     for kind in KINDS:
         rows = [c for c in CASES if c.kind == kind]
-        print(f"{kind}: {len(rows)} rows ({sum(c.quoted for c in rows)} quoted, "
-              f"{sum(bool(c.part_b) for c in rows)} for part B)")
+        counts.append(f"| {kind} | {len(rows)} | {sum(c.quoted for c in rows)} | "
+                      f"{sum(not c.part_b for c in rows)} | {sum(bool(c.part_b) for c in rows)} |")
+    counts.append(f"| all | {len(CASES)} | {sum(c.quoted for c in CASES)} | {sum(not c.part_b for c in CASES)} | "
+                  f"{sum(bool(c.part_b) for c in CASES)} |")
+    rows = ["| # | kind | bad input | command or call | what it gets (stable start) | status |",
+            "|---|---|---|---|---|---|"]
+    for i, c in enumerate(CASES, 1):
+        got = _code(c.message) if c.call or (not c.scenario and c.code == 2) else c.message
+        exit_note = "" if c.call or c.scenario or c.code == 2 else f" (exit {c.code})"
+        status = f"open: {c.part_b}" if c.part_b else "fixed" + ("" if c.quoted else " (a kind)")
+        rows.append(f"| {i} | {c.kind} | {c.what} | {_code(c.run)} | {got}{exit_note} | {status} |")
+    return "\n".join(counts) + "\n\n" + "\n".join(rows)
+
+
+def test_doc_table_is_current():
+    text = DOC.read_text()
+    table = text[text.index(START) + len(START):text.index(END)].strip()
+    assert table == render_table(), "docs/reliability.md is stale: run `python tests/test_hostile.py`"
+
+
+if __name__ == "__main__":
+    text = DOC.read_text()
+    head, tail = text[:text.index(START) + len(START)], text[text.index(END):]
+    DOC.write_text(f"{head}\n{render_table()}\n{tail}")
+    print(f"wrote {len(CASES)} rows to {DOC}")

@@ -6,7 +6,6 @@ config, fingerprint, final metrics), `loss.json` and `loss.png` (the loss curve)
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from mechcopy.arch import HookedModel
 from mechcopy.organisms.data import FAMILIES, CharCodec, episode_length, episode_text, episodes, make_batch
 from mechcopy.errors import check_minimums, check_number
-from mechcopy.io import write_atomic, write_json_atomic
+from mechcopy.io import read_json, write_atomic, write_json_atomic
 from mechcopy.neurons import model_fingerprint
 
 ARCHS = ("transformer", "mamba")
@@ -279,10 +278,20 @@ def load_organism(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
     if not cfg_path.exists():
         raise FileNotFoundError(f"{folder} holds no organism ({CONFIG_FILE} missing): train one with "
                                 "`mechcopy train-organism --arch transformer --out DIR`")
-    meta = json.loads(cfg_path.read_text())
+    meta = read_json(cfg_path)
+    if not isinstance(meta, dict) or meta.get("arch") not in ARCHS or not isinstance(meta.get("seed"), int):
+        raise ValueError(f"{cfg_path} is not an organism's description (it needs \"arch\" ({', '.join(ARCHS)}), "
+                         "\"model_kwargs\" and \"seed\"); train the organism again")
+    check_model_kwargs(meta["arch"], meta.get("model_kwargs"), name=f"{cfg_path}: model_kwargs")
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} holds no weights ({WEIGHTS_FILE} missing): train the organism again")
     model = build_model(meta["arch"], meta["model_kwargs"], meta["seed"], device)
     state = load_file(str(folder / WEIGHTS_FILE), device=device)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the model {CONFIG_FILE} describes "
+                         f"({' '.join(str(e).split())[:200]}); train the organism again") from None
     model.to(dtype)
     model.eval()
     return model
