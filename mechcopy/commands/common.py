@@ -232,17 +232,20 @@ def model_path(name: str) -> str | Path:
     return zoo.model_dir(name) if name in zoo.ZOO else name
 
 
-def neuron_inputs(flag: str, path: str | Path | None, meta: Mapping[str, Any] | None = None) -> dict[str, list[Path]]:
-    """A neuron file and the files read with it (its copy scores, find's attributions), as `prepare_out`'s
-    inputs: an output over any of them would lose what the neuron file needs."""
+def load_neurons(flag: str, path: str | Path | None):
+    """The neuron file of `flag` (None if not given), and what `prepare_out` must not overwrite with it:
+    the file and the files read with it (its copy scores, wherever its meta puts them, and find's
+    attributions)."""
     if path is None:
-        return {}
+        return None, {}
     from mechcopy.io import side_file
+    from mechcopy.neurons import NeuronSet
 
+    neurons = NeuronSet.load(input_file(path, "neuron file"))
     side = [side_file(path, s) for s in SIDE_SUFFIXES[1:]]
-    if meta and isinstance(meta.get("scores_path"), str):
-        side.append(Path(meta["scores_path"]))
-    return {flag: [Path(path)], f"{flag} {path}'s side file": side}
+    if isinstance(neurons.meta.get("scores_path"), str):
+        side.append(Path(neurons.meta["scores_path"]))
+    return neurons, {flag: [Path(path)], f"{flag} {path}'s side file": side}
 
 
 def prepare_out(path: str | Path | None, inputs: Inputs | None = None, force: bool = False,

@@ -10,15 +10,13 @@ import argparse
 import time
 from pathlib import Path
 
-from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, model_path, neuron_inputs,
+from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, load_neurons, model_path,
                                       open_model, prepare_out, saved_in, write_result)
-from mechcopy.errors import input_file
 from mechcopy.io import side_file
 
 
 def run(args) -> int:
     from mechcopy.evaluation import compare_rows, comparisons_table, results_table, run_evaluation
-    from mechcopy.neurons import NeuronSet
     from mechcopy.pruning import find_scores
     from mechcopy.stats import POOLED
     from mechcopy.tasks import check_shots, load_tasks
@@ -27,12 +25,11 @@ def run(args) -> int:
     check_shots(tasks, args.shots, "--shots")
     if args.n_random is not None and not args.prune:
         raise ValueError("--n-random needs --prune NEURONS.json (the set whose size and layers to match)")
-    neurons = NeuronSet.load(input_file(args.prune, "neuron file")) if args.prune else None
+    neurons, read = load_neurons("--prune", args.prune)
     scores = find_scores(neurons) if neurons is not None and neurons.neurons else None
     checkpoint = side_file(args.out, ".partial.jsonl") if args.out else None
-    meta = neurons.meta if neurons is not None else None
-    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), **neuron_inputs("--prune", args.prune, meta),
-                                 "--model": model_path(args.model)}, args.force, side=[checkpoint] if checkpoint else [])
+    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), **read, "--model": model_path(args.model)},
+                      args.force, side=[checkpoint] if checkpoint else [])
     if checkpoint:
         args.saved = saved_in(checkpoint, "the finished (task, condition) rows are")
     model = open_model(args)

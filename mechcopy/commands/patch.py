@@ -5,13 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, model_path, neuron_inputs,
+from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, load_neurons, model_path,
                                       open_model, prepare_out, write_result)
-from mechcopy.errors import input_file
 
 
 def run(args) -> int:
-    from mechcopy.neurons import NeuronSet
     from mechcopy.patching import activation_patching
     from mechcopy.tasks import check_shots, list_tasks, load_task
 
@@ -26,12 +24,11 @@ def run(args) -> int:
     if args.corruption == "other_task":
         other = load_task(args.other_task or next(t for t in list_tasks() if t != task.name))
         if other.name == task.name or set(other.pairs) == set(task.pairs):
-            raise ValueError(f"--other-task {args.other_task} is the --task {args.task} itself: its demos would not "
-                             "corrupt anything; name another task")
+            raise ValueError(f"--other-task {args.other_task or other.name} is the --task {args.task} itself: its "
+                             "demos would not corrupt anything; name another task")
     check_shots([t for t in (task, other) if t is not None], args.shots, "--shots")
-    neurons = NeuronSet.load(input_file(args.neurons, "neuron file")) if args.neurons else None
-    out = prepare_out(args.out, {"--task": files_in(args.task), "--other-task": files_in(args.other_task),
-                                 **neuron_inputs("--neurons", args.neurons, neurons.meta if neurons is not None else None),
+    neurons, read = load_neurons("--neurons", args.neurons)
+    out = prepare_out(args.out, {"--task": files_in(args.task), "--other-task": files_in(args.other_task), **read,
                                  "--model": model_path(args.model)}, args.force)
     model = open_model(args)
     if neurons is not None:

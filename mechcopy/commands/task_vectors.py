@@ -6,8 +6,7 @@ import time
 from pathlib import Path
 
 from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, files_in,
-                                      model_path, neuron_inputs, open_model, prepare_out, write_result)
-from mechcopy.errors import input_file
+                                      load_neurons, model_path, open_model, prepare_out, write_result)
 from mechcopy.task_vectors import TaskVectorConfig
 
 HELPS = {
@@ -21,18 +20,16 @@ HELPS = {
 
 
 def run(args) -> int:
-    from mechcopy.neurons import NeuronSet
     from mechcopy.task_vectors import run_task_vectors
     from mechcopy.tasks import check_shots, load_tasks
 
     t0 = time.time()
     tasks = load_tasks(args.tasks)
     check_shots(tasks, args.shots, "--shots")
-    neurons = NeuronSet.load(input_file(args.prune, "neuron file")) if args.prune else None
+    neurons, read = load_neurons("--prune", args.prune)
     config = config_from_args(TaskVectorConfig, args)
-    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), **neuron_inputs(
-        "--prune", args.prune, neurons.meta if neurons is not None else None), "--model": model_path(args.model)},
-        args.force)
+    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), **read, "--model": model_path(args.model)},
+                      args.force)
     model = open_model(args)
     if neurons is not None:
         neurons.check(model)
