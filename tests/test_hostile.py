@@ -33,7 +33,7 @@ from typing import Callable
 import pytest
 import torch
 
-from test_reliability import WORDS, Disk, _neurons, _task, json_at, make_files, only, snapshot
+from test_reliability import WORDS, Disk, _interrupt_after, _neurons, _task, json_at, make_files, only, snapshot
 
 KINDS = ("data loss", "silently wrong", "internal error", "raw API exception", "late refusal", "unclear message")
 PART_B = "issue 28 part B, after issue 23"
@@ -119,27 +119,8 @@ def cli(*argv: str) -> tuple[int, str, str]:
 
 
 def interrupt(monkeypatch, target: str, n_calls: int) -> None:
-    """Ctrl-C on the n-th call of `target` (module.function) from now on."""
-    import importlib
-
-    parts, mod, cut = target.split("."), None, 1
-    for i in range(1, len(parts)):
-        try:
-            mod, cut = importlib.import_module(".".join(parts[:i])), i
-        except ImportError:
-            break
-    for attr in parts[cut:-1]:       # a class's method: "mechcopy.neurons.NeuronSet.save"
-        mod = getattr(mod, attr)
-    name = parts[-1]
-    real, calls = getattr(mod, name), []
-
-    def wrapped(*a, **k):
-        calls.append(1)
-        if len(calls) == n_calls:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(mod, name, wrapped)
+    """Ctrl-C on the n-th call of `target` (module.function or module.Class.method) from now on."""
+    _interrupt_after(target, n_calls)(monkeypatch, None)
 
 
 def _without_seconds(obj):

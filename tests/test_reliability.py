@@ -144,12 +144,20 @@ class Case:
 
 
 def _interrupt_after(target: str, n_calls: int):
-    """Ctrl-C on the n-th call of `target` (module.function), as if the user pressed it there."""
+    """Ctrl-C on the n-th call of `target` (module.function, or module.Class.method), as if the user
+    pressed it there."""
     def patch(monkeypatch, folder):
         import importlib
 
-        module, name = target.rsplit(".", 1)
-        mod = importlib.import_module(module)
+        parts, mod, cut = target.split("."), None, 1
+        for i in range(1, len(parts)):
+            try:
+                mod, cut = importlib.import_module(".".join(parts[:i])), i
+            except ImportError:
+                break
+        for attr in parts[cut:-1]:
+            mod = getattr(mod, attr)
+        name = parts[-1]
         real, calls = getattr(mod, name), []
 
         def wrapped(*a, **k):
