@@ -10,7 +10,6 @@ checks it and names the entry and field of every problem.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -135,8 +134,8 @@ def load_task(name_or_path: str) -> Task:
     generators = _generators()
     if name_or_path in generators:
         return generators[name_or_path]()
-    builtin = DATA_DIR / f"{name_or_path}.json"
-    if builtin.is_file() and "/" not in name_or_path and name_or_path != PROBE_ITEMS:
+    builtin = _builtin_file(name_or_path)
+    if builtin is not None:
         return _read_task(builtin)
     path = Path(name_or_path).expanduser()
     if path.exists() or name_or_path.endswith(".json") or "/" in name_or_path:
@@ -145,15 +144,18 @@ def load_task(name_or_path: str) -> Task:
                       "and not a JSON file")
 
 
+def _builtin_file(name: str) -> Path | None:
+    """The data file of the built-in task `name`, if it is one."""
+    builtin = DATA_DIR / f"{name}.json"
+    return builtin if builtin.is_file() and "/" not in name and name != PROBE_ITEMS else None
+
+
 def task_file(name: str) -> Path | None:
     """The file a task name or path is read from (a built-in task's data file too), or None (a
     generator, the probe, an unknown name): what an output must never overwrite."""
     if name == PROBE_NAME or name in _generators():
         return None
-    builtin = DATA_DIR / f"{name}.json"
-    if builtin.is_file() and "/" not in name and name != PROBE_ITEMS:
-        return builtin
-    path = Path(name).expanduser()
+    path = _builtin_file(name) or Path(name).expanduser()
     return path if path.is_file() else None
 
 
