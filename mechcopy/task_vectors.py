@@ -61,9 +61,9 @@ class TaskVectorConfig:
     MINIMUM: ClassVar[dict[str, int]] = {"shots": 1, "n_extract": 1, "n_dev": 1, "n_test": 1, "seed": 0, "layers": 0}
 
     def __post_init__(self):
+        check_minimums(self)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
-        check_minimums(self)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -144,12 +144,20 @@ class Case:
 
 
 def _interrupt_after(target: str, n_calls: int):
-    """Ctrl-C on the n-th call of `target` (module.function), as if the user pressed it there."""
+    """Ctrl-C on the n-th call of `target` (module.function, or module.Class.method), as if the user
+    pressed it there."""
     def patch(monkeypatch, folder):
         import importlib
 
-        module, name = target.rsplit(".", 1)
-        mod = importlib.import_module(module)
+        parts, mod, cut = target.split("."), None, 1
+        for i in range(1, len(parts)):
+            try:
+                mod, cut = importlib.import_module(".".join(parts[:i])), i
+            except ImportError:
+                break
+        for attr in parts[cut:-1]:
+            mod = getattr(mod, attr)
+        name = parts[-1]
         real, calls = getattr(mod, name), []
 
         def wrapped(*a, **k):
@@ -278,9 +286,9 @@ CASES: list[Case] = [
     Case("k = 0 in the grid", f"{M} find --out n2.json --ks 5,0",
          f"{M} find: error: argument --ks: expected comma-separated integers >= 1 such as 5,10,20, got '5,0'"),
     Case("a perplexity bound that is not a number", f"{M} find --out n2.json --max-ppl-increase nan",
-         f"{M} find: error: argument --max-ppl-increase: must be a number >= 0.0, got nan"),
+         f"{M} find: error: argument --max-ppl-increase: must be a finite number >= 0.0, got nan"),
     Case("a missing text file (read after the attribution before)", f"{M} find --out n2.json --text missing.txt",
-         f"{M} find: error: text file missing.txt does not exist"),
+         f"{M} find: error: argument --text: text file missing.txt does not exist"),
     Case("`reproduce --find-n 0` (`list index out of range` before)", f"{M} reproduce --find-n 0",
          f"{M} reproduce: error: argument --find-n: must be an integer >= 1, got 0"),
     Case("`patch --n 0` (`stack expects a non-empty TensorList` before)", f"{M} patch --task t.json --out p.json --n 0",
@@ -296,7 +304,7 @@ CASES: list[Case] = [
     Case("`--batch-size 0` (`max() arg is an empty sequence` before)", f"{M} train-organism --batch-size 0",
          f"{M} train-organism: error: argument --batch-size: must be an integer >= 1, got 0"),
     Case("a negative learning rate", f"{M} train-organism --lr -1",
-         f"{M} train-organism: error: argument --lr: must be a number > 0, got '-1'"),
+         f"{M} train-organism: error: argument --lr: must be a finite number > 0, got '-1'"),
     Case("model sizes that are not JSON", f"{M} train-organism --model-kwargs '{{d_model: 96}}'",
          f"{M} train-organism: error: --model-kwargs is not valid JSON"),
     # ---- tasks
@@ -305,7 +313,7 @@ CASES: list[Case] = [
     Case("a task file named like a built-in task (two indistinguishable rows before)",
          f"{M} evaluate --tasks antonyms,antonyms.json",
          f"{EV} antonyms and antonyms.json are both named 'antonyms', so their results could not be told apart"),
-    Case("an unknown task name", f"{M} evaluate --tasks nope", f"{EV} unknown task 'nope': not a built-in task (antonyms,"),
+    Case("an unknown task name", f"{M} evaluate --tasks nope", f"{EV} unknown task 'nope': not a built-in task ("),
     Case("a missing task file (reported as an unknown name before)", f"{M} evaluate --tasks missing.json",
          f"{EV} task file missing.json does not exist"),
     Case("a task file with a number as an output", f"{M} evaluate --tasks bad.json",

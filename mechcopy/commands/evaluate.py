@@ -10,24 +10,25 @@ import argparse
 import time
 from pathlib import Path
 
-from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, open_model, prepare_out,
-                                      saved_in, write_result)
+from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, load_neurons, model_path,
+                                      open_model, prepare_out, saved_in, write_result)
 from mechcopy.comparisons import compare_rows, comparisons_table, results_table
-from mechcopy.components import Components
 from mechcopy.conditions import UNPRUNED, find_scores, standard_conditions
 from mechcopy.io import side_file
+from mechcopy.stats import POOLED
 from mechcopy.suite import run_evaluation
-from mechcopy.tasks import load_tasks
+from mechcopy.tasks import check_shots, load_tasks
 
 
 def run(args) -> int:
     tasks = load_tasks(args.tasks)
+    check_shots(tasks, args.shots, "--shots")
     if args.n_random is not None and not args.prune:
         raise ValueError("--n-random needs --prune NEURONS.json (the set whose size and layers to match)")
-    neurons = Components.load(args.prune) if args.prune else None
+    neurons, read = load_neurons("--prune", args.prune)
     scores = find_scores(neurons) if neurons is not None and neurons.pairs else None
     checkpoint = side_file(args.out, ".partial.jsonl") if args.out else None
-    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), "--prune": args.prune, "--model": args.model},
+    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), **read, "--model": model_path(args.model)},
                       args.force, side=[checkpoint] if checkpoint else [])
     if checkpoint:
         args.saved = saved_in(checkpoint, "the finished (task, condition) rows are")
@@ -59,9 +60,14 @@ def run(args) -> int:
     payload = {"settings": settings, "results": rows, "dropped": dropped}
     if len(conditions) > 1:
         payload["comparisons"] = compare_rows(rows, seed=args.seed)
+        pooled = payload["comparisons"].get(POOLED)
         with pd.option_context("display.width", 200, "display.max_columns", 20):
-            print("\npaired comparisons, pooled over the held-out tasks (each task weighs the same):")
-            print(comparisons_table(payload["comparisons"]["pooled"]).to_string(index=False))
+            if pooled:
+                print("\npaired comparisons, pooled over the held-out tasks (each task weighs the same):")
+                print(comparisons_table(pooled).to_string(index=False))
+            else:
+                print("\nno pooled comparison: every task is the probe the neurons were chosen on (the per-task "
+                      "comparisons are in the results)")
     if out:
         print(f"wrote {write_result(out, model, payload)}")
         checkpoint.unlink(missing_ok=True)

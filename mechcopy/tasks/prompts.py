@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from mechcopy.errors import check_number
 TEMPLATE = "{x} -> {y}"
 SEPARATOR = "\n"
 
@@ -149,8 +150,9 @@ def build_prompts(task, tokenizer, shots: int = 4, n: int = 100, seed: int = 0,
     whose answer does not tokenize exactly are dropped (with the reason) and never used, as query or
     demo. `n` is capped by the number of usable pairs.
     """
-    if shots < 0 or n < 0:
-        raise ValueError(f"shots and n must be >= 0, got shots={shots}, n={n}")
+    check_number(shots, "shots", low=0, integer=True)
+    check_number(n, "n", low=0, integer=True)
+    check_number(seed, "seed", low=0, integer=True)
     rng = random.Random(seed)
     pairs, dropped = task.distinct_pairs()
     usable: list[tuple[str, str]] = []
