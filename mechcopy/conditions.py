@@ -179,6 +179,25 @@ def standard_conditions(model: HookedModel, components: Components, n_random: in
     return out
 
 
+def check_scores_belong(scores: CopyScores, components: Components, path: str | Path = "the copy scores") -> None:
+    """Refuse copy scores that are not the ones `components` was chosen from, without a model: a shape
+    other than the sizes its fingerprint records, a kind of its own, or another `find` run (meta `run`)."""
+    where = components.source or f"the {components.kind} set"
+    kind = component_kind(components.kind)
+    want = (components.model.get("n_layers"), components.model.get(kind.size_key))
+    if scores.kind != components.kind:
+        raise ValueError(f"{path}: these are scores of {component_kind(scores.kind).plural}, but {where} holds "
+                         f"{kind.plural}; use the scores `mechcopy find` wrote beside it")
+    if all(isinstance(w, int) for w in want) and tuple(scores.scores.shape) != want:
+        raise ValueError(f"{path}: copy scores of shape {tuple(scores.scores.shape)}, but {where} names a model of "
+                         f"{want[0]} layers of {want[1]} {kind.plural}: they belong to another model; run "
+                         "`mechcopy find` again")
+    runs = (scores.meta.get("run"), components.meta.get("run"))
+    if all(runs) and runs[0] != runs[1]:
+        raise ValueError(f"{path}: these copy scores are of another `find` run than {where} (run {runs[0]} vs "
+                         f"{runs[1]}: an interrupted `find --force`?); run `mechcopy find` again")
+
+
 def find_scores(components: Components) -> CopyScores | None:
     """The copy scores a component file names (meta `scores_path`), or None if it names none.
 
@@ -193,7 +212,9 @@ def find_scores(components: Components) -> CopyScores | None:
         candidates.append(side_file(components.source, ".scores.safetensors"))
     for path in candidates:
         if path.is_file():
-            return CopyScores.load(path)
+            scores = CopyScores.load(path)
+            check_scores_belong(scores, components, path)
+            return scores
     raise FileNotFoundError(
         f"the bottom-score baseline needs the copy scores of {components.source or 'this neuron set'}, which are "
         f"neither at {recorded} nor beside the neuron file; move the scores file back beside it")

@@ -38,6 +38,16 @@ class UnknownName(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class FieldError(ValueError):
+    """A setting's value refused where it is checked against what only the model or the data show (k
+    above the model's neurons, more perplexity tokens than the text holds). The message names the
+    field (`ks: ...`); the command line names the flag that feeds it instead (`argument --ks: ...`)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
 def number_problem(value: Any, low: int | float | None = None, above: float | None = None,
                    integer: bool = False) -> str | None:
     """Why `value` is not a finite number (an integer if `integer`, at most 2**63 - 1: what torch and
@@ -55,9 +65,6 @@ def number_problem(value: Any, low: int | float | None = None, above: float | No
 
 class Above(float):
     """A strict lower bound in a config's `MINIMUM`: `Above(0.0)` means > 0 (a plain float means >=)."""
-
-    def __repr__(self) -> str:
-        return f"Above({float(self)})"
 
 
 def below_minimum(value: Any, low: int | float) -> str | None:

@@ -32,7 +32,6 @@ EXAMPLES = int(os.environ.get("MECHCOPY_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES < 100,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large, HealthCheck.filter_too_much])
-PART_B = "issue 28 part B, after issue 23"
 COUNTS: dict[str, int] = {}
 
 
@@ -213,8 +212,6 @@ def test_hostile_neuron_files(tmp_path_factory, tiny, obj):
         assert_own(e, path, "neuron")
 
 
-@pytest.mark.xfail(reason=f"{PART_B}: NeuronSet.load reads with io.read_json (duplicate keys, deep nesting)",
-                   strict=False)
 @pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")   # the 100 kB inputs' repr
 @FUZZ
 @given(text=st.one_of(st.sampled_from(["[" * 100_000, '{"model":' * 5_000]), st.binary(max_size=30).map(
@@ -292,7 +289,6 @@ def test_hostile_configs(cls):
     check()
 
 
-@pytest.mark.xfail(reason=f"{PART_B}: FindConfig checks its fields' types before converting them", strict=False)
 def test_find_config_wrong_types():
     from mechcopy.find import FindConfig
 

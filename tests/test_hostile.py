@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import safetensors.torch
 import torch
 
 from test_reliability import WORDS, Disk, _interrupt_after, _neurons, _task, json_at, make_files, only, snapshot
@@ -97,8 +98,9 @@ def make_more(folder: Path) -> None:
     (folder / "elsewhere").mkdir()
     CopyScores(torch.rand(2, 64, generator=gen), {"model": fp}).save(folder / "elsewhere" / "S.safetensors")
     nan = torch.rand(2, 64, generator=gen)
-    nan[1, :5] = float("nan")
-    CopyScores(nan, {"model": fp}).save(folder / "nan.scores.safetensors")
+    nan[1, :5] = float("nan")      # written as CopyScores.save writes, which would refuse the NaN itself
+    (folder / "nan.scores.safetensors").write_bytes(safetensors.torch.save(
+        {"scores": nan}, metadata={"mechcopy": json.dumps({"model": fp})}))
     CopyScores(torch.rand(2, 4, generator=gen), {"model": fp}).save(folder / "shape.scores.safetensors")
     cache = folder / "cache" / "models" / "smollm2-135m"
     cache.mkdir(parents=True)
@@ -140,36 +142,62 @@ FIND = ("find", "--model", "tiny", "--n", "2", "--n-dev", "2", "--shots", "2", "
 
 
 def find_force_swap(folder: Path, monkeypatch) -> None:
-    """`find --force` over a finished run, killed while writing: the neuron file never points at
-    another run's scores (the set is written, then swapped)."""
-    from mechcopy.attribution import CopyScores
+    """`find --force` over a finished run, killed while writing its files (the scores, the neuron file,
+    or between two of the swaps): the neuron file never points at another run's scores or attributions
+    without being refused (the set is written, then swapped in, the neuron file last)."""
+    import mechcopy.find
+    from mechcopy.attribution import Attributions, CopyScores
+    from mechcopy.components import Components
+    from mechcopy.conditions import find_scores
 
     assert cli(*FIND, "--out", "f.json")[0] == 0
     first = json.loads((folder / "f.json").read_text())
     scores = CopyScores.load(first["meta"]["scores_path"]).scores.clone()
-    interrupt(monkeypatch, "mechcopy.neurons.NeuronSet.save", 1)
-    assert cli(*FIND, "--seed", "1", "--out", "f.json", "--force")[0] == 130
+    attributions = Attributions.load(folder / "f.attributions.safetensors")[0].values.clone()
+    real_swap = mechcopy.find._swap_in
+
+    def half_swap(staged):   # two moves done (attributions, scores), then Ctrl-C
+        real_swap(dict(list(staged.items())[:2]))
+        raise KeyboardInterrupt
+
+    for target in ("mechcopy.attribution.CopyScores.save", "mechcopy.components.Components.save", "swap"):
+        with monkeypatch.context() as m:
+            if target == "swap":
+                m.setattr(mechcopy.find, "_swap_in", half_swap)
+            else:
+                interrupt(m, target, 1)
+            assert cli(*FIND, "--seed", "1", "--out", "f.json", "--force")[0] == 130, target
+        now = json.loads((folder / "f.json").read_text())
+        assert now == first, f"{target}: the neuron file changed although the run was stopped"
+        if target == "swap":    # a set swapped in half: refused where it is read, by the run id
+            assert Attributions.load(folder / "f.attributions.safetensors")[1]["run"] != now["meta"]["run"]
+            with pytest.raises(ValueError, match="these copy scores are of another `find` run than f.json"):
+                find_scores(Components.load("f.json"))
+        else:
+            assert torch.equal(CopyScores.load(now["meta"]["scores_path"]).scores, scores), target
+            assert torch.equal(Attributions.load(folder / "f.attributions.safetensors")[0].values, attributions), target
+            find_scores(Components.load("f.json"))
+    assert cli(*FIND, "--seed", "1", "--out", "f.json", "--force")[0] == 0
     now = json.loads((folder / "f.json").read_text())
-    if now == first:   # the old run stands: so must its scores
-        assert torch.equal(CopyScores.load(now["meta"]["scores_path"]).scores, scores), \
-            "f.json now points at the scores of the interrupted run"
+    assert now["meta"]["run"] != first["meta"]["run"] and not (folder / ".f.json.staging").exists()
+    assert CopyScores.load(now["meta"]["scores_path"]).meta["run"] == now["meta"]["run"]
+    assert Attributions.load(folder / "f.attributions.safetensors")[1]["run"] == now["meta"]["run"]
 
 
 def journal_other_n(folder: Path, monkeypatch) -> None:
     """An interrupted --n 6, then --n 5, then --n 6: the --n 6 rows are reused, or their loss is said."""
-    interrupt(monkeypatch, "mechcopy.evaluation.evaluate_task", 2)
+    interrupt(monkeypatch, "mechcopy.suite.evaluate_task", 2)
     assert cli(*EV2, "--n", "6", "--out", "r3.json")[0] == 130
-    interrupt(monkeypatch, "mechcopy.evaluation.evaluate_task", 1)
+    interrupt(monkeypatch, "mechcopy.suite.evaluate_task", 1)
     _, _, said = cli(*EV2, "--n", "5", "--out", "r3.json")
+    assert "r3.partial.jsonl also holds 1 row of other settings" in said, said
     code, _, err = cli(*EV2, "--n", "6", "--out", "r3.json")
-    assert code == 0
-    assert "resuming from r3.partial.jsonl: 1 of" in err or ("r3.partial.jsonl" in said and "discard" in said.lower()), \
-        f"the --n 6 row was dropped without a word:\n{said}\n{err}"
+    assert code == 0 and "resuming from r3.partial.jsonl: 1 of 2" in err, f"the --n 6 row was not reused:\n{err}"
 
 
 def journal_other_dtype(folder: Path, monkeypatch) -> None:
     """A run interrupted in float32 and resumed in bfloat16 reuses nothing and equals a clean bfloat16 run."""
-    interrupt(monkeypatch, "mechcopy.evaluation.evaluate_task", 2)
+    interrupt(monkeypatch, "mechcopy.suite.evaluate_task", 2)
     assert cli(*EV2, "--n", "4", "--out", "r4.json")[0] == 130
     code, _, err = cli(*EV2, "--n", "4", "--dtype", "bfloat16", "--out", "r4.json")
     assert code == 0 and "resuming from" not in err, f"float32 rows reused in a bfloat16 run:\n{err}"
@@ -180,44 +208,46 @@ def journal_other_dtype(folder: Path, monkeypatch) -> None:
 
 def find_other_dtype(folder: Path, monkeypatch) -> None:
     """find interrupted in float32 does not resume in bfloat16 (dtype is in the checkpoint's identity)."""
-    interrupt(monkeypatch, "mechcopy.attribution.integrated_gradients", 2)
+    interrupt(monkeypatch, "mechcopy.method.integrated_gradients", 2)
     assert cli(*FIND, "--out", "g.json")[0] == 130
     code, _, err = cli(*FIND, "--dtype", "bfloat16", "--out", "g.json")
     assert code == 0 and "resuming from checkpoint" not in err, f"float32 attributions reused in bfloat16:\n{err}"
+    assert "g.partial.safetensors holds 1 prompts attributed with other settings (dtype 'float32' here, " \
+           "'bfloat16' now)" in err, err
 
 
 def journal_edited(folder: Path, monkeypatch) -> None:
     """A journal row edited by hand (accuracy 0.999 against its own per-prompt outcomes) is not reused as is."""
-    interrupt(monkeypatch, "mechcopy.evaluation.evaluate_task", 2)
+    interrupt(monkeypatch, "mechcopy.suite.evaluate_task", 2)
     assert cli(*EV2, "--n", "4", "--out", "r6.json")[0] == 130
     journal = folder / "r6.partial.jsonl"
     entry = json.loads(journal.read_text().splitlines()[0])
     entry["row"]["accuracy"] = 0.999
     journal.write_text(json.dumps(entry) + "\n")
-    assert cli(*EV2, "--n", "4", "--out", "r6.json")[0] == 0
+    code, _, err = cli(*EV2, "--n", "4", "--out", "r6.json")
+    assert code == 0 and "r6.partial.jsonl: 1 line not reused (line 1: its row does not match its digest" in err, err
     for row in json.loads((folder / "r6.json").read_text())["results"]:
         assert math.isclose(row["accuracy"], sum(row["correct"]) / len(row["correct"])), row
 
 
 def journal_null_row(folder: Path, monkeypatch) -> None:
     """A journal row that is null: the rerun recomputes it, or refuses naming the journal and the fix."""
-    interrupt(monkeypatch, "mechcopy.evaluation.evaluate_task", 2)
+    interrupt(monkeypatch, "mechcopy.suite.evaluate_task", 2)
     assert cli(*EV2, "--n", "4", "--out", "r7.json")[0] == 130
     journal = folder / "r7.partial.jsonl"
     entry = json.loads(journal.read_text().splitlines()[0])
     journal.write_text(json.dumps({**entry, "row": None}) + "\n")
     code, _, err = cli(*EV2, "--n", "4", "--out", "r7.json")
-    error = [line for line in err.splitlines() if line.startswith("mechcopy evaluate: error:")]
-    assert code == 0 or (code == 2 and "r7.partial.jsonl" in error[0] and "internal error" not in error[0]), err
+    assert code == 0 and "r7.partial.jsonl: 1 line not reused (line 1: its row is NoneType, not a result row)" in err, err
 
 
 def find_other_rule(folder: Path, monkeypatch) -> None:
     """find resumed with another --rule starts over (and says so) instead of failing on every rerun."""
-    interrupt(monkeypatch, "mechcopy.attribution.integrated_gradients", 2)
+    interrupt(monkeypatch, "mechcopy.method.integrated_gradients", 2)
     assert cli(*FIND, "--out", "h.json")[0] == 130
     code, _, err = cli(*FIND, "--rule", "midpoint", "--out", "h.json")
     assert code == 0, err
-    assert "h.attributions.safetensors" in err and "resuming" not in err, err
+    assert "h.partial.safetensors" in err and "resuming" not in err and "rule 'gauss-legendre' here" in err, err
 
 
 def separator_stop(folder: Path, monkeypatch) -> None:
@@ -253,11 +283,11 @@ def text_shorter_than_ppl_tokens(folder: Path, monkeypatch) -> None:
 
 def nan_scores_select(folder: Path, monkeypatch) -> None:
     from mechcopy.attribution import CopyScores
-    from mechcopy.pruning import select
 
-    scores = CopyScores.load(folder / "nan.scores.safetensors")
+    with pytest.raises(ValueError, match="nan.scores.safetensors: copy scores must be finite: 5 of 128 are NaN"):
+        CopyScores.load(folder / "nan.scores.safetensors")
     with pytest.raises(ValueError, match="NaN"):
-        select(scores, k=3)
+        CopyScores(torch.tensor([[0.5, float("nan")]]))
 
 
 # ------------------------------------------------------------------------------------------- API calls
@@ -358,7 +388,8 @@ class Case:
     scenario: Callable | None = None   # scenario(folder, monkeypatch) runs the steps and asserts the outcome
     model: bool = False        # the row may load the model (a refusal that needs it, or a run)
     quoted: bool = True        # quoted in the issue (False: another case of a kind it names)
-    part_b: str | None = None  # what part B must do for it (the row is an xfail until then)
+    part_b: str | None = None  # fixed in part B (on issue 23's core): what it took
+    open: str | None = None    # not fixed yet, and why (the row is an xfail until it is)
     skip: Callable[[], str | None] | None = None
 
     def __post_init__(self):
@@ -378,12 +409,13 @@ CASES: list[Case] = [
          f"{EV} --out {{pkg}}/tasks/data/antonyms.json lies in mechcopy's own folder"),
     Case("data loss", "`find --force` over a finished run, killed while writing the neuron file",
          f"{M} find ... --out f.json; {M} find --seed 1 --out f.json --force (Ctrl-C while writing)",
-         "f.json and the scores it points at are of one run", scenario=find_force_swap, model=True,
-         part_b="find writes its files as a set, then swaps them in"),
+         "f.json and the scores it points at are of one run (a set swapped in half is refused where read)",
+         scenario=find_force_swap, model=True,
+         part_b="find writes its set under temporary names, then swaps it in, the neuron file last; one run id in all"),
     Case("data loss", "an interrupted `--n 6`, then `--n 5`, then `--n 6`: the journal's rows",
          f"{M} evaluate --n 6 --out r3.json (Ctrl-C); ... --n 5 (Ctrl-C); ... --n 6",
-         "the --n 6 row is reused, or the --n 5 run says it discards it", scenario=journal_other_n, model=True,
-         part_b="a journal keeps rows of other settings, or says what it discards and why"),
+         "the --n 5 run says the journal keeps the --n 6 row; the --n 6 rerun reuses it", scenario=journal_other_n,
+         model=True, part_b="a journal keeps rows of other settings, and says so"),
     Case("data loss", "--out over find's attributions beside a neuron file", f"{M} task-vectors {TI} --tasks T.json "
          "--prune N.json --out N.attributions.safetensors --force",
          f"{M} task-vectors: error: --out N.attributions.safetensors would overwrite the input --prune N.json's side "
@@ -417,15 +449,15 @@ CASES: list[Case] = [
     Case("silently wrong", "a run interrupted in float32, resumed with `--dtype bfloat16`",
          f"{M} evaluate --out r4.json (Ctrl-C); ... --dtype bfloat16 --out r4.json",
          "nothing reused; the result equals a clean bfloat16 run", scenario=journal_other_dtype, model=True,
-         part_b="dtype (and device kind) in the journal's key"),
+         part_b="dtype and device kind in the journal's key"),
     Case("silently wrong", "find interrupted in float32, resumed with `--dtype bfloat16`",
          f"{M} find --out g.json (Ctrl-C); {M} find --dtype bfloat16 --out g.json",
-         "the checkpoint is not reused", scenario=find_other_dtype, model=True,
-         part_b="dtype (and device kind, rule, every setting) in the checkpoint's identity"),
+         "the checkpoint is not reused, and the note says the dtype differs", scenario=find_other_dtype, model=True,
+         part_b="dtype, device kind and every attribution setting in the checkpoint's identity"),
     Case("silently wrong", "a journal row edited by hand (accuracy 0.999 against its own outcomes)",
          f"{M} evaluate --out r6.json (Ctrl-C); edit r6.partial.jsonl; rerun",
-         "every row's accuracy is the mean of its per-prompt outcomes", scenario=journal_edited, model=True,
-         part_b="journal rows recomputed from their per-prompt data (or hashed) on reuse"),
+         "the edited row is said and evaluated again", scenario=journal_edited, model=True,
+         part_b="every journal row carries a digest of its content, checked on reuse"),
     Case("silently wrong", "a user task named `pooled` (merged into the pooled comparison before)",
          f"{M} evaluate {TI} --tasks pooled.json,T.json --prune N.json",
          f"{EV} pooled.json: the task name 'pooled' is reserved"),
@@ -436,21 +468,23 @@ CASES: list[Case] = [
          f"{M} evaluate {TI} --tasks dupkind.json", f"{EV} dupkind.json: the key 'kind' appears twice in one object",
          quoted=False),
     Case("silently wrong", "copy scores holding NaN: `select` returned the NaN neurons as the top set",
-         "select(CopyScores.load('nan.scores.safetensors'), k=3)", "ValueError naming the NaN scores",
-         scenario=nan_scores_select, part_b="NaN or inf in copy scores refused where they are read"),
+         "CopyScores.load('nan.scores.safetensors')", "ValueError naming the file and the NaN scores",
+         scenario=nan_scores_select, part_b="CopyScores refuses NaN and infinity (also when loaded)"),
     Case("silently wrong", "copy scores of shape 2x4 for a model of 2x64 (bottom baseline)",
          f"{M} evaluate {TI} --tasks T.json --prune shape.json",
-         f"{EV} shape.scores.safetensors", part_b="the scores' shape checked against the neuron file's fingerprint, "
-         "before the model loads"),
+         f"{EV} shape.scores.safetensors: copy scores of shape (2, 4), but shape.json names a model of 2 layers of "
+         "64 neurons", part_b="the scores' shape checked against the neuron file's fingerprint, before the model loads"),
     Case("silently wrong", "a k grid beyond the model's neurons (`--ks 5,10000000`: dropped without a word)",
          f"{M} find {TI} --n 2 --n-dev 2 --shots 2 --steps 2 --ppl-tokens 64 --ks 2,100000 --out k.json",
-         f"{M} find: error: argument --ks", model=True, part_b="find refuses k above the neuron count, naming --ks"),
+         f"{M} find: error: argument --ks: 100000: global top-k on this model can select 1 <= k <= 128", model=True,
+         part_b="a grid the user gave is checked whole (errors.FieldError names the field; the CLI its flag)"),
     Case("silently wrong", "held-out text shorter than --ppl-tokens (perplexity of about one token, recorded as 4096)",
          f"{M} find {TI} --text one_word.txt --ppl-tokens 4096 --out p.json",
          "refused, naming --ppl-tokens and the text file", scenario=text_shorter_than_ppl_tokens, model=True,
-         part_b="perplexity refuses a text shorter than n_tokens"),
+         part_b="the text's tokens counted before the attribution (evaluation.held_out_ids)"),
     Case("silently wrong", "`perplexity(n_tokens=-5)` (returned 19.99)", "perplexity(tiny, n_tokens=-5)",
-         "ValueError: n_tokens", call="perplexity_minus_5", part_b="perplexity checks n_tokens"),
+         "ValueError: n_tokens must be an integer >= 2, got -5", call="perplexity_minus_5",
+         part_b="perplexity checks n_tokens"),
     Case("silently wrong", "--other-task equal to --task (accepted and labelled before)",
          f"{M} patch {TI} --task to_upper --corruption other_task --other-task to_upper --out p.json",
          f"{M} patch: error: --other-task to_upper is the --task to_upper itself"),
@@ -465,7 +499,7 @@ CASES: list[Case] = [
          "ValueError: training diverged at step ", call="train_diverges", quoted=False),
     Case("silently wrong", "prompts built with another separator (`sep=\"|\"`) evaluated with a newline stop",
          "evaluate(model, build_prompts(task, tok, 2, 3, sep='|'))", "the prompts' separator stops generation",
-         scenario=separator_stop, part_b="prompts carry their separator and the evaluator stops at it"),
+         scenario=separator_stop, part_b="prompts carry their separator (ICLPrompt.sep); the evaluator stops at it"),
     Case("silently wrong", "`scale_neurons([3], nan)`", "scale_neurons([3], float('nan'))",
          "ValueError: factor must be a finite number, got nan", call="scale_neurons_nan"),
     Case("silently wrong", "`summarize(..., n_boot=1)` (a 95% interval of (0.5, 0.5) before)",
@@ -481,8 +515,8 @@ CASES: list[Case] = [
     Case("silently wrong", "`inject_vector` of infinities", "inject_vector(torch.full((32,), inf))",
          "ValueError: inject_vector's vector must be finite numbers", call="inject_nan", quoted=False),
     Case("silently wrong", "`NeuronSet` with layer -1 (counted in the last layer before)", "NeuronSet(((-1, 3),), fp)",
-         "ValueError", call="neuronset_layer_minus_1", part_b="NeuronSet refuses negative layers and indices, and "
-         "indices past its fingerprint's sizes"),
+         "ValueError: neuron (-1, 3) has a negative layer or index", call="neuronset_layer_minus_1",
+         part_b="Components refuses negative layers and indices, and indices past its fingerprint's sizes"),
     Case("silently wrong", "an infinite perplexity bound", f"{M} find {TI} --max-ppl-increase inf --out p.json",
          f"{M} find: error: argument --max-ppl-increase: must be a finite number >= 0.0, got inf", quoted=False),
     # ---------------------------------------------------------------- internal errors
@@ -491,7 +525,7 @@ CASES: list[Case] = [
          "no pooled comparison: every task is the probe the neurons were chosen on", code=0, model=True,
          disk=json_at("r2.json", lambda r: "copy_probe" in r["comparisons"], "`r2.json` with the per-task comparisons")),
     Case("internal error", "a model folder whose config.json is `[]`", f"{M} evaluate --model listcfg --tasks T.json",
-         f"{EV} listcfg/config.json", part_b="issue 27's mechcopy/models/ (its helper owns the folder)"),
+         f"{EV} listcfg/config.json", open="issue 27's mechcopy/models/ (its helper owns the folder)"),
     Case("internal error", "a task file of 100,000 nested brackets", f"{M} evaluate {TI} --tasks deep.json",
          f"{EV} deep.json: its JSON is nested too deeply to read; check the file"),
     Case("internal error", "`train-organism --max-minutes 1e-9` (a crash after zero steps before)",
@@ -516,10 +550,10 @@ CASES: list[Case] = [
     # ---------------------------------------------------------------- raw API exceptions
     Case("raw API exception", "`load_model(device=\"cuda\")` on a CPU build", "load_model(folder, device='cuda')",
          "ValueError", call="load_model_cuda", skip=_no_cuda,
-         part_b="issue 27's mechcopy/models/: load_model checks device with the --device flag's check"),
+         open="issue 27's mechcopy/models/: load_model checks device with the --device flag's check"),
     Case("raw API exception", "`load_model(dtype=\"float32\")`, a string", "load_model(folder, dtype='float32')",
          "TypeError", call="load_model_dtype_str",
-         part_b="issue 27's mechcopy/models/: load_model checks dtype with the --dtype flag's check"),
+         open="issue 27's mechcopy/models/: load_model checks dtype with the --dtype flag's check"),
     Case("raw API exception", "`build_prompts(k=2.5)`", "build_prompts(task, tok, 2.5)",
          "TypeError: shots must be an integer >= 0, got 2.5", call="build_prompts_2_5"),
     Case("raw API exception", "`evaluate(n_boot=0)`", "evaluate(tiny, prompts, n_boot=0)",
@@ -528,7 +562,7 @@ CASES: list[Case] = [
     Case("raw API exception", "an unknown hook name in `evaluate`",
          "evaluate(tiny, prompts, fwd_hooks=[('blocks.9.mlp.hook_post', zero_neurons([1]))])",
          "ValueError: the model has no hook point 'blocks.9.mlp.hook_post'", call="unknown_hook_evaluate",
-         part_b="evaluate (and every function taking fwd_hooks) calls hooks.check_hook_points"),
+         part_b="predict, evaluate and perplexity call hooks.check_hook_points"),
     Case("raw API exception", "an unknown hook name, checked", "check_hook_points(tiny, [('blocks.9.mlp.hook_post', h)])",
          "ValueError: the model has no hook point 'blocks.9.mlp.hook_post' (it has", call="unknown_hook_check",
          quoted=False),
@@ -578,13 +612,15 @@ CASES: list[Case] = [
          f"{M} evaluate {TI} --tasks T.json --shots 12",
          f"{EV} --shots 12: task 'twelve' has 12 distinct pairs, and 12 shots need at least 13"),
     Case("late refusal", "a neuron index -1", f"{M} evaluate {TI} --tasks T.json --prune neg.json",
-         f"{EV} neg.json", part_b="NeuronSet.load refuses negative layers and indices"),
+         f"{EV} neg.json: neuron (-1, 3) has a negative layer or index", part_b="checked when the file is read"),
     Case("late refusal", "a layer beyond the neuron file's own fingerprint",
-         f"{M} evaluate {TI} --tasks T.json --prune beyond.json", f"{EV} beyond.json",
-         part_b="NeuronSet.load checks indices against its fingerprint's sizes"),
+         f"{M} evaluate {TI} --tasks T.json --prune beyond.json",
+         f"{EV} beyond.json: neuron (5, 3) is out of range: the model the set names has 2 layers of 64 neurons",
+         part_b="checked against the sizes the file's fingerprint records, when it is read"),
     Case("late refusal", "`--max-completeness-error 0` (refused after the whole attribution before)",
-         f"{M} find {TI} --max-completeness-error 0 --out p.json", f"{M} find: error: argument --max-completeness-error",
-         part_b="FindConfig.MINIMUM: max_completeness_error > 0"),
+         f"{M} find {TI} --max-completeness-error 0 --out p.json",
+         f"{M} find: error: argument --max-completeness-error: must be a finite number > 0.0, got 0.0",
+         part_b="a strict bound in FindConfig.MINIMUM (errors.Above), so the flag checks it too"),
     Case("late refusal", "`find --n 100000` on the probe", f"{M} find {TI} --n 100000 --out p.json",
          f"{M} find: error: --n + --n-dev = 100050 probe prompts, but the 'mixed' items give at most"),
     Case("late refusal", "more shots than the balanced probe has other labels", f"{M} find {TI} --shots 6 --out p.json",
@@ -618,12 +654,12 @@ CASES: list[Case] = [
          disk=json_at("r2.json", lambda r: r["settings"]["tasks"] == ["to_upper", "ab"], "`r2.json` with both tasks")),
     Case("unclear message", "a null journal row (\"'NoneType' object is not subscriptable\" on every rerun)",
          f"{M} evaluate --out r7.json (Ctrl-C); set its journal row to null; rerun",
-         "recomputed, or refused naming r7.partial.jsonl", scenario=journal_null_row, model=True,
-         part_b="journal rows validated on reading"),
+         "the row is said (naming r7.partial.jsonl) and evaluated again", scenario=journal_null_row, model=True,
+         part_b="journal lines checked on reading"),
     Case("unclear message", "`find` resumed with another --rule (\"cannot join attributions\" on every rerun)",
          f"{M} find --out h.json (Ctrl-C); {M} find --rule midpoint --out h.json",
-         "starts over and says the checkpoint was of other settings", scenario=find_other_rule, model=True,
-         part_b="the rule in the checkpoint's identity"),
+         "starts over, naming the checkpoint and the setting that differs", scenario=find_other_rule, model=True,
+         part_b="every attribution setting in the checkpoint's identity"),
     Case("unclear message", "/dev/null as a neuron file (\"does not exist\" before)",
          f"{M} evaluate {TI} --tasks T.json --prune /dev/null",
          f"{EV} neuron file /dev/null is a character device, not a file", quoted=False),
@@ -639,7 +675,7 @@ CASES: list[Case] = [
 
 def _params():
     for i, case in enumerate(CASES, 1):
-        marks = [pytest.mark.xfail(reason=f"{PART_B}: {case.part_b}", strict=False)] if case.part_b else []
+        marks = [pytest.mark.xfail(reason=f"open: {case.open}", strict=False)] if case.open else []
         yield pytest.param(case, id=f"{i:02d}", marks=marks)
 
 
@@ -784,20 +820,19 @@ def _code(text: str) -> str:
 
 def render_table() -> str:
     """The doc's table of this file's rows, and their counts by kind."""
-    counts = ["| kind (what main 81a615e did) | rows | quoted in the issue | fixed here | left for part B |",
-              "|---|---|---|---|---|"]
-    for kind in KINDS:
-        rows = [c for c in CASES if c.kind == kind]
+    counts = ["| kind (what main 81a615e did) | rows | quoted in the issue | fixed in part A | fixed in part B | open |",
+              "|---|---|---|---|---|---|"]
+    for kind, rows in [(k, [c for c in CASES if c.kind == k]) for k in KINDS] + [("all", CASES)]:
         counts.append(f"| {kind} | {len(rows)} | {sum(c.quoted for c in rows)} | "
-                      f"{sum(not c.part_b for c in rows)} | {sum(bool(c.part_b) for c in rows)} |")
-    counts.append(f"| all | {len(CASES)} | {sum(c.quoted for c in CASES)} | {sum(not c.part_b for c in CASES)} | "
-                  f"{sum(bool(c.part_b) for c in CASES)} |")
+                      f"{sum(not c.part_b and not c.open for c in rows)} | {sum(bool(c.part_b) for c in rows)} | "
+                      f"{sum(bool(c.open) for c in rows)} |")
     rows = ["| # | kind | bad input | command or call | what it gets (stable start) | status |",
             "|---|---|---|---|---|---|"]
     for i, c in enumerate(CASES, 1):
         got = _code(c.message) if c.call or (not c.scenario and c.code == 2) else c.message
         exit_note = "" if c.call or c.scenario or c.code == 2 else f" (exit {c.code})"
-        status = f"open: {c.part_b}" if c.part_b else "fixed" + ("" if c.quoted else " (a kind)")
+        status = (f"open: {c.open}" if c.open else f"fixed in part B: {c.part_b}" if c.part_b else "fixed in part A") \
+            + ("" if c.quoted else " (a kind)")
         rows.append(f"| {i} | {c.kind} | {c.what} | {_code(c.run)} | {got}{exit_note} | {status} |")
     return "\n".join(counts) + "\n\n" + "\n".join(rows)
 

@@ -20,11 +20,13 @@ from typing import Any, Callable, Iterable, Mapping
 from mechcopy.arch import HookedModel
 from mechcopy.components import Components
 from mechcopy.errors import below_minimum, input_file
+from mechcopy.find import CHECKPOINT_SUFFIX, SET_SUFFIXES
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import side_file, write_json_atomic
 from mechcopy.models import zoo
 from mechcopy.models.zoo import DEFAULT_MODEL
 from mechcopy.provenance import git_revision
+from mechcopy.suite import JOURNAL_SUFFIX
 from mechcopy.tasks import task_file, task_names
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -240,7 +242,9 @@ def open_model(args: argparse.Namespace):
 
 
 #: suffixes of the files mechcopy keeps beside a result and reads back (resume, bottom baseline)
-SIDE_SUFFIXES = (".partial.jsonl", ".attributions.safetensors", ".scores.safetensors", ".scores.json")
+SIDE_SUFFIXES = (JOURNAL_SUFFIX, CHECKPOINT_SUFFIX, *SET_SUFFIXES)
+#: those beside a neuron file: what `find` wrote with it, and its checkpoint
+NEURON_SIDE_SUFFIXES = (CHECKPOINT_SUFFIX, *SET_SUFFIXES)
 #: mechcopy's own folder: its code and the task data every run reads
 PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -266,7 +270,7 @@ def load_neurons(flag: str, path: str | Path | None):
     if path is None:
         return None, {}
     neurons = Components.load(input_file(path, "neuron file"))
-    side = [side_file(path, s) for s in SIDE_SUFFIXES[1:]]
+    side = [side_file(path, s) for s in NEURON_SIDE_SUFFIXES]
     if isinstance(neurons.meta.get("scores_path"), str):
         side.append(Path(neurons.meta["scores_path"]))
     return neurons, {flag: [Path(path)], f"{flag} {path}'s side file": side}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS
-from mechcopy.commands.common import (SIDE_SUFFIXES, add_config_args, add_model_args, add_out_args, config_from_args,
-                                      existing_file, model_path, open_model, prepare_out, saved_in)
-from mechcopy.find import ATTRIBUTIONS, PROBES, SELECTIONS, FindConfig, find_copy_neurons
+from mechcopy.commands.common import (NEURON_SIDE_SUFFIXES, add_config_args, add_model_args, add_out_args,
+                                      config_from_args, existing_file, model_path, open_model, prepare_out, saved_in)
+from mechcopy.find import ATTRIBUTIONS, CHECKPOINT_SUFFIX, PROBES, SELECTIONS, FindConfig, find_copy_neurons
 from mechcopy.io import side_file
 from mechcopy.tasks.probe import FORMATS, ITEM_SETS, ProbeConfig, check_probe_size
 
@@ -35,7 +35,6 @@ HELPS = {
     "max_completeness_error": "IG completeness gate: select only in layers whose median error is below it",
     "consistency_random": "random sets of the self-consistency check that may refuse the choice (0: off)",
 }
-SIDE_FILES = SIDE_SUFFIXES[1:]
 
 
 def check_probe(config: FindConfig, sizes: str = "--n + --n-dev") -> None:
@@ -54,8 +53,8 @@ def run(args) -> int:
     config = config_from_args(FindConfig, args)
     check_probe(config)
     out = prepare_out(args.out, {"--text": config.text, "--model": model_path(args.model)}, args.force,
-                      side=[side_file(args.out, s) for s in SIDE_FILES])
-    args.saved = saved_in(side_file(out, ".attributions.safetensors"), "the attributions done so far are")
+                      side=[side_file(args.out, s) for s in NEURON_SIDE_SUFFIXES])
+    args.saved = saved_in(side_file(out, CHECKPOINT_SUFFIX), "the attributions done so far are")
     t0 = time.perf_counter()
     model = open_model(args)
     neurons = find_copy_neurons(model, out, config)
