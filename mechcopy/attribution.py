@@ -44,6 +44,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.components import component_kind
+from mechcopy.errors import check_number
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import write_atomic, write_json_atomic
 from mechcopy.sites import neuron_site
@@ -108,8 +110,7 @@ def make_target(name: str, prompt, clean_logits: Float[Tensor, "vocab"]) -> Targ
 
 def quadrature(steps: int, rule: str = "gauss-legendre") -> tuple[Tensor, Tensor]:
     """Nodes alpha in (0, 1) and weights (summing to 1) for int_0^1 f(alpha) dalpha."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_number(steps, "steps", low=1, integer=True)
     if rule == "midpoint":
         alphas = (np.arange(steps) + 0.5) / steps
         weights = np.full(steps, 1.0 / steps)
@@ -415,6 +416,9 @@ class CopyScores:
                              f"(the first at layer {layer}, neuron {idx}); recompute them (`mechcopy find`)")
         if not isinstance(self.meta, dict):
             raise TypeError(f"copy scores' meta must be a dict, got {type(self.meta).__name__}")
+        if not isinstance(self.meta.get("model", {}), dict):
+            raise TypeError(f"copy scores' meta 'model' must be a model fingerprint (a dict), got {self.meta['model']!r}")
+        component_kind(self.kind)
         if self.allowed_layers is not None:
             if any(isinstance(l, bool) or not isinstance(l, numbers.Integral) or not 0 <= l < s.shape[0]
                    for l in self.allowed_layers):

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.fingerprint import IDENTITY_KEYS, model_fingerprint
-from mechcopy.errors import input_file
+from mechcopy.errors import check_number, input_file
 from mechcopy.io import read_json, write_json_atomic
 
 
@@ -131,6 +131,16 @@ def _as_index(value: Any, what: str) -> int:
     return int(value)
 
 
+def _as_pairs(pairs: Any, kind: str) -> tuple[tuple[int, int], ...]:
+    """`pairs` as sorted, distinct (layer, index) integer pairs (a ValueError naming the first that is not)."""
+    out = set()
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{kind} {i} must be a (layer, index) pair, got {pair!r}")
+        out.add((_as_index(pair[0], f"{kind} {i}'s layer"), _as_index(pair[1], f"{kind} {i}'s index")))
+    return tuple(sorted(out))
+
+
 @dataclass(frozen=True)
 class Components:
     """A set of (layer, index) components of one kind, tied to the model it was found on.
@@ -151,12 +161,7 @@ class Components:
             raise TypeError(f"model must be a model fingerprint (a dict), got {type(self.model).__name__}")
         if not isinstance(self.pairs, (tuple, list)):
             raise TypeError(f"pairs must be a list of (layer, index) pairs, got {type(self.pairs).__name__}")
-        pairs = set()
-        for i, pair in enumerate(self.pairs):
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise ValueError(f"{self.kind} {i} must be a (layer, index) pair, got {pair!r}")
-            pairs.add((_as_index(pair[0], f"{self.kind} {i}'s layer"), _as_index(pair[1], f"{self.kind} {i}'s index")))
-        object.__setattr__(self, "pairs", tuple(sorted(pairs)))
+        object.__setattr__(self, "pairs", _as_pairs(self.pairs, self.kind))
         # what the fingerprint says about the model's sizes is checked now, before any model loads
         n_layers, width = _size(self.model, "n_layers"), _size(self.model, kind.size_key)
         for layer, idx in self.pairs:
@@ -192,6 +197,7 @@ class Components:
 
     def layer_counts(self, n_layers: int | None = None) -> list[int]:
         n = n_layers if n_layers is not None else self.model.get("n_layers", 0)
+        check_number(n, "n_layers", low=max((l + 1 for l, _ in self.pairs), default=0), integer=True)
         counts = [0] * n
         for layer, _ in self.pairs:
             counts[layer] += 1
@@ -248,8 +254,12 @@ class Components:
         if not pairs and meta.get("k") != 0:
             raise ValueError(f"{what}: it holds no {kind.plural} and does not say why (a file from `mechcopy find` "
                              "that chose k = 0 says so in meta.k)")
-        try:
-            return cls(tuple(tuple(n) if isinstance(n, list) else n for n in pairs), model, meta, source, kind.name)
+        try:                     # an entry that is no pair of integers: not a neuron file
+            pairs = _as_pairs(pairs, kind.name)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from e
+        try:                     # pairs past the sizes the file's own fingerprint records
+            return cls(pairs, model, meta, source, kind.name)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{source}: {e}" if source else str(e)) from e
 
@@ -262,9 +272,18 @@ class Components:
         return cls.from_json(read_json(path, "neuron file"), path)
 
 
+def as_components(value: Any, name: str = "components") -> Components:
+    """`value` if it is a `Components` set, else a TypeError naming `name` and saying how to get one."""
+    if not isinstance(value, Components):
+        raise TypeError(f"{name} must be Components (e.g. Components.load('neurons.json'), or selection.select), "
+                        f"got {type(value).__name__} {value!r:.60}")
+    return value
+
+
 def random_matched(model: HookedModel, components: Components, seed: int) -> Components:
     """Random components of the same kind with the same count in every layer (avoiding the set itself
     where possible): the layer-matched baseline."""
+    check_number(seed, "seed", low=0, integer=True)
     components.check(model)
     width = component_kind(components.kind).width(model)
     gen = torch.Generator().manual_seed(int(seed))

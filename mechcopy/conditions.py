@@ -24,7 +24,8 @@ from torch import Tensor
 
 from mechcopy.arch import HookedModel
 from mechcopy.attribution import CopyScores
-from mechcopy.components import Components, component_kind, random_matched
+from mechcopy.components import Components, as_components, component_kind, random_matched
+from mechcopy.errors import check_number
 from mechcopy.io import side_file
 from mechcopy.selection import bottom_set
 from mechcopy.tasks.prompts import ICLPrompt
@@ -101,8 +102,12 @@ class Condition:
     readout: Readout | None = None
 
     def __post_init__(self):
-        if not self.name:
-            raise ValueError("a condition needs a name")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a condition needs a name (a non-empty string), got {self.name!r}")
+        if self.components is not None:
+            as_components(self.components, f"condition {self.name}: components")
+        if self.seed is not None:
+            check_number(self.seed, f"condition {self.name}: seed", low=0, integer=True)
         object.__setattr__(self, "family", self.family or self.name)
         if self.ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join(ABLATIONS)}")
@@ -163,6 +168,9 @@ def standard_conditions(model: HookedModel, components: Components, n_random: in
     (the selection), `random-<s>` (layer-matched random sets, seeds seed..seed+n_random-1) and `bottom`
     (the lowest-scoring set of the same size, from `scores` or the scores file the set names: see
     `find_scores`), all ablated the same way. An empty selection (find chose k = 0) gives none."""
+    as_components(components)
+    check_number(n_random, "n_random", low=0, integer=True)
+    check_number(seed, "seed", low=0, integer=True)
     components.check(model)
     if not components.pairs:
         return []

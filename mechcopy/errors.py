@@ -93,6 +93,22 @@ def check_number(value: Any, name: str, low: int | float | None = None, above: f
     return value
 
 
+def check_items(values: Any, kind: type | tuple[type, ...], name: str, example: str = "") -> list:
+    """`values` as a list whose items are all `kind` (a TypeError naming `name` and the first stray item
+    otherwise; a string is not a list of anything)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    what = " or ".join(k.__name__ for k in kinds)
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a list of {what}{f' ({example})' if example else ''}, got "
+                        f"{type(values).__name__} {values!r:.60}")
+    items = list(values)
+    for i, v in enumerate(items):
+        if not isinstance(v, kinds):
+            raise TypeError(f"{name}[{i}] must be a {what}{f' ({example})' if example else ''}, got "
+                            f"{type(v).__name__} {v!r:.60}")
+    return items
+
+
 def input_file(path: Any, what: str) -> Path:
     """`path` as an existing regular file, or an error that names `what` and says what it is instead
     (missing, a folder, a device such as /dev/null, a pipe)."""

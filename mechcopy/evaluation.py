@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from mechcopy.arch import Decoder, HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
 from mechcopy.conditions import Condition, Readout
-from mechcopy.errors import FieldError, check_number
+from mechcopy.errors import FieldError, check_items, check_number
 from mechcopy.hooks import check_hook_points
 from mechcopy.pruning import grouped_hooks
 from mechcopy.stats import bootstrap_ci, rate_interval
@@ -64,7 +64,8 @@ class TaskResult:
 
 
 def _as_list(prompts) -> list[ICLPrompt]:
-    return list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
+    return check_items(prompts.prompts if isinstance(prompts, PromptSet) else prompts, ICLPrompt, "prompts",
+                       "tasks.prompts.build_prompts(...).prompts")
 
 
 def _steps(p: ICLPrompt) -> int:
@@ -187,7 +188,7 @@ def predict_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditi
     `predict` runs with `pruning.condition_hooks`. `batch_size` counts forked rows (prompts x
     conditions), so memory stays bounded however many conditions there are.
     """
-    conditions = list(conditions)
+    conditions = check_items(conditions, Condition, "conditions", "mechcopy.conditions.UNPRUNED, standard_conditions(...)")
     if not conditions:
         raise ValueError("no conditions to evaluate: pass e.g. [mechcopy.conditions.UNPRUNED]")
     labels = [c.label for c in conditions]

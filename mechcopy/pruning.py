@@ -21,9 +21,11 @@ from torch import Tensor
 
 from mechcopy.arch import HookedModel
 from mechcopy.batching import token_batches
-from mechcopy.components import Components, component_kind
+from mechcopy.components import Components, as_components, component_kind
 from mechcopy.conditions import ABLATIONS, POSITIONS, Condition, Means
+from mechcopy.errors import check_items, check_number
 from mechcopy.hooks import Hook, ablate_by_group, capture, set_units, zero_units
+from mechcopy.tasks.prompts import PromptSet
 
 
 def pruning_hooks(model: HookedModel, components: Components, ablation: str = "zero", positions: str = "all",
@@ -32,7 +34,7 @@ def pruning_hooks(model: HookedModel, components: Components, ablation: str = "z
     (`zero_units`, i.e. pruning), or with `ablation="mean"` mean ablation to `means`
     (`component_means`); with `positions="last"` only the last position is changed (the position IG
     attributes; in generation, every new token)."""
-    components.check(model)
+    as_components(components).check(model)
     if ablation not in ABLATIONS or positions not in POSITIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS} and positions one of {POSITIONS}, "
                          f"got {ablation!r}, {positions!r}")
@@ -100,7 +102,7 @@ def pruned(model: HookedModel, components: Components):
 def prune_weights(model: HookedModel, components: Components, means: Means | None = None) -> None:
     """Permanently prune by editing weights (`ComponentKind.edit_weights`): what `pruning_hooks` does at
     every position, zeroing, or with `means` mean-ablating."""
-    components.check(model)
+    as_components(components).check(model)
     kind = component_kind(components.kind)
     for layer, idx in components.by_layer().items():
         kind.edit_weights(model, layer, idx, None if means is None else means[layer])
@@ -112,6 +114,11 @@ def component_means(model: HookedModel, prompts: Sequence, kind: str = "neuron",
     last positions only (`positions="last"`): the reference for mean ablation, what a component carries
     on average, so ablating to it removes only what varies across prompts. `reference` names the
     prompts in the result (e.g. "probe attribution split")."""
+    prompts = list(prompts.prompts if isinstance(prompts, PromptSet) else check_items(prompts, object, "prompts"))
+    if any(not isinstance(getattr(p, "text", None), str) for p in prompts):
+        raise TypeError("prompts must be ICLPrompts (or anything with a `text`), got "
+                        f"{next(type(p).__name__ for p in prompts if not isinstance(getattr(p, 'text', None), str))}")
+    check_number(batch_size, "batch_size", low=1, integer=True)
     if not prompts:
         raise ValueError("component_means needs at least one prompt")
     if positions not in POSITIONS:

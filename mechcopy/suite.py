@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel
 from mechcopy.conditions import UNPRUNED, Condition
-from mechcopy.errors import note
+from mechcopy.errors import check_items, note
 from mechcopy.evaluation import check_context, evaluate_conditions
 from mechcopy.fingerprint import model_fingerprint, numerics
 from mechcopy.io import append_jsonl, write_jsonl_atomic
 from mechcopy.tasks.prompts import PromptSet, build_prompts
+from mechcopy.tasks.task import Task
 
 #: the journal beside a result (`OUT.partial.jsonl`): its finished rows until the result is written
 JOURNAL_SUFFIX = ".partial.jsonl"
@@ -49,7 +50,9 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
     (`read_journal`: rows of other settings are kept, damaged or edited ones evaluated again, and
     both are said).
     """
-    conditions = [UNPRUNED] if conditions is None else list(conditions)
+    tasks = check_items(tasks, Task, "tasks", "mechcopy.tasks.load_tasks('antonyms,to_upper')")
+    conditions = [UNPRUNED] if conditions is None else check_items(
+        conditions, Condition, "conditions", "mechcopy.conditions.UNPRUNED, standard_conditions(...)")
     prompt_sets = {task.name: build_prompts(task, model.tokenizer, shots=shots, n=n, seed=seed,
                                             gold_in_demos=gold_in_demos)
                    for task in tasks}
