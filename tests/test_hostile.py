@@ -11,9 +11,9 @@ the tiny random transformer (2 layers of 64 neurons) where the model does not ma
 
 Rows fixed on the core that issue 23 rebuilt (journals and checkpoints, the neuron set's checks,
 selection, the evaluator, perplexity, `find`'s k grid) say in `part_b` what it took; rows still
-`open` say why and run as `xfail` (not strict) until they are fixed. `kind` is the issue's classification of what each case
-got on main 81a615e: data loss, silently wrong, internal error, raw API exception, late refusal,
-unclear message. `python tests/test_hostile.py` writes the rows into docs/reliability.md
+`open` say why and run as `xfail` (not strict) until they are fixed. `kind` is the issue's
+classification of what each case got on main 81a615e: data loss, silently wrong, internal error, raw
+API exception, late refusal, unclear message. `python tests/test_hostile.py` writes the rows into docs/reliability.md
 (`test_doc_table_is_current` fails when the two differ).
 """
 
