@@ -826,7 +826,9 @@ def render_table() -> str:
         counts.append(f"| {kind} | {len(rows)} | {sum(c.quoted for c in rows)} | "
                       f"{sum(not c.part_b and not c.open for c in rows)} | {sum(bool(c.part_b) for c in rows)} | "
                       f"{sum(bool(c.open) for c in rows)} |")
-    rows = ["| # | kind | bad input | command or call | what it gets (stable start) | status |",
+    rows = ["Source: the rows of `tests/test_hostile.py`, one test each (`python tests/test_hostile.py` writes them "
+            "here).", "",
+            "| # | kind | bad input | command or call | what it gets (stable start) | status |",
             "|---|---|---|---|---|---|"]
     for i, c in enumerate(CASES, 1):
         got = _code(c.message) if c.call or (not c.scenario and c.code == 2) else c.message

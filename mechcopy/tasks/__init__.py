@@ -5,7 +5,9 @@ A task is a list of (input, output) string pairs. Built-in tasks live in `mechco
 `mechcopy.tasks.generators.GENERATORS`, and the copy probe (vowel counting) in `mechcopy.tasks.probe`
 (its item pool, `data/probe_items.json`, is not a task).
 A user task file has the same shape (`{"name": ..., "pairs": [[x, y], ...]}`); `validate_task_json`
-checks it and names the entry and field of every problem.
+checks it and names the entry and field of every problem. A task is *closed-label* (its answers can be
+scored as a label set, `Task.label_set`) when it has at most `MAX_LABELS` distinct answers, unless its
+file says otherwise: `"labels": [...]` gives the set, `"closed": false` refuses label scoring.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from mechcopy.errors import UnknownName, check_number, input_file
 from mechcopy.io import read_json
 from mechcopy.tasks.generators import GENERATORS
 from mechcopy.tasks.probe import probe_task
-from mechcopy.tasks.task import (DATA_DIR, KINDS, PROBE_ITEMS, PROBE_NAME, RESERVED_NAMES, Task,
+from mechcopy.tasks.task import (DATA_DIR, KINDS, MAX_LABELS, PROBE_ITEMS, PROBE_NAME, RESERVED_NAMES, Task,
                                  validate_task_json)
 
 def list_tasks() -> list[str]:
@@ -135,4 +137,4 @@ def check_shots(tasks: Sequence[Task], shots: int, flag: str = "shots") -> None:
 
 
 __all__ = ["Task", "list_tasks", "load_task", "load_tasks", "task_names", "task_file", "check_shots",
-           "validate_task_json", "DATA_DIR", "KINDS", "PROBE_ITEMS", "PROBE_NAME", "RESERVED_NAMES"]
+           "validate_task_json", "DATA_DIR", "KINDS", "MAX_LABELS", "PROBE_ITEMS", "PROBE_NAME", "RESERVED_NAMES"]
