@@ -41,7 +41,7 @@ from mechcopy.arch import HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
 from mechcopy.conditions import Condition
 from mechcopy.pruning import grouped_hooks
-from mechcopy.tasks.prompts import SEPARATOR, TEMPLATE, ICLPrompt, PromptSet, _continuation, encode, make_prompt
+from mechcopy.tasks.prompts import TEMPLATE, ICLPrompt, PromptSet, _continuation, encode, make_prompt
 
 #: Zhao et al.'s content-free queries
 CONTENT_FREE = ("N/A", "", "[MASK]")
@@ -76,10 +76,11 @@ def label_ids(tokenizer, prompt: ICLPrompt, labels: Sequence[str]) -> tuple[tupl
 
 
 def with_queries(prompt: ICLPrompt, queries: Sequence[str], tokenizer, template: str = TEMPLATE,
-                 sep: str = SEPARATOR) -> list[ICLPrompt]:
+                 sep: str | None = None) -> list[ICLPrompt]:
     """`prompt` with the same demos and each of `queries` instead of its own (content-free or in-domain
-    queries); refused unless `template` and `sep` rebuild `prompt` itself exactly (pass the ones it
-    was built with)."""
+    queries); refused unless `template` and `sep` (None: the prompt's own, `ICLPrompt.sep`) rebuild
+    `prompt` itself exactly (pass the ones it was built with)."""
+    sep = prompt.sep if sep is None else sep
     same = make_prompt(prompt.demos, (prompt.query, prompt.answer), tokenizer, template, sep, prompt.task)
     if same.text != prompt.text:
         raise ValueError(f"prompt of task {prompt.task!r} was not built with template {template!r} and separator "
@@ -87,7 +88,8 @@ def with_queries(prompt: ICLPrompt, queries: Sequence[str], tokenizer, template:
     return [make_prompt(prompt.demos, (q, prompt.answer), tokenizer, template, sep, prompt.task) for q in queries]
 
 
-def with_query(prompt: ICLPrompt, query: str, tokenizer, template: str = TEMPLATE, sep: str = SEPARATOR) -> ICLPrompt:
+def with_query(prompt: ICLPrompt, query: str, tokenizer, template: str = TEMPLATE,
+               sep: str | None = None) -> ICLPrompt:
     """`prompt` with another query (`with_queries` for one)."""
     return with_queries(prompt, [query], tokenizer, template, sep)[0]
 
@@ -236,7 +238,7 @@ def _check_labels(labels: Sequence[str], prompts: Sequence[ICLPrompt]) -> tuple[
 
 
 def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mapping[str, Sequence[str]] | None,
-           fwd_hooks, template: str, sep: str, batch_size: int, groups: int, fork_at: int,
+           fwd_hooks, template: str, sep: str | None, batch_size: int, groups: int, fork_at: int,
            progress: bool) -> list[LabelScores]:
     """One LabelScores per row group: every prompt, and every reference query with its demos, scored
     over `labels` in one pass per batch of prompts (their common token prefix runs once)."""
@@ -275,12 +277,12 @@ def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mappi
 
 def score_labels(model: HookedModel, prompts, labels: Sequence[str], fwd_hooks=(),
                  references: Mapping[str, Sequence[str]] | None = None, template: str = TEMPLATE,
-                 sep: str = SEPARATOR, batch_size: int = 32, progress: bool = False) -> LabelScores:
+                 sep: str | None = None, batch_size: int = 32, progress: bool = False) -> LabelScores:
     """Every prompt's summed log-probability of each label's tokens, under `fwd_hooks`.
 
     `references` maps a calibration ("contextual", "domain") to its queries (e.g. `CONTENT_FREE`,
     `domain_queries(...)`): each is scored with the prompt's own demos, sharing the prompt's prefix
-    (`template` and `sep` must be those the prompts were built with). Hooks run on every pass and see
+    (`template` must be the one the prompts were built with; `sep` defaults to each prompt's own). Hooks run on every pass and see
     the prefix, then right-padded continuations: a hook must act at every position, as pruning does.
     """
     return _score(model, prompts, labels, references, fwd_hooks, template, sep, batch_size, 1, 0, progress)[0]
@@ -288,7 +290,7 @@ def score_labels(model: HookedModel, prompts, labels: Sequence[str], fwd_hooks=(
 
 def score_labels_conditions(model: HookedModel, prompts, labels: Sequence[str], conditions: Sequence[Condition],
                             references: Mapping[str, Sequence[str]] | None = None, template: str = TEMPLATE,
-                            sep: str = SEPARATOR, batch_size: int = 128,
+                            sep: str | None = None, batch_size: int = 128,
                             progress: bool = False) -> dict[str, LabelScores]:
     """`score_labels` under every condition's ablation in one pass ({condition label: LabelScores}; the
     conditions' readouts play no part here): the blocks before the first ablated layer run once, then
