@@ -27,7 +27,7 @@ from torch import Tensor
 from mechcopy.arch import HookedModel
 from mechcopy.attribution import CopyScores
 from mechcopy.components import Components, Sizes, as_components, component_kind, random_matched
-from mechcopy.errors import check_number
+from mechcopy.errors import check_items, check_number
 from mechcopy.io import side_file
 from mechcopy.selection import bottom_set
 
@@ -259,7 +259,8 @@ def calibrated_conditions(conditions: Sequence[Condition], calibrations: Sequenc
     task; `conditions` should be read by `LABELS` too, so that every comparison changes one thing.
     `X` belongs to no group: where the pruned conditions do (a study), `compare_rows(..., group=g)`
     leaves it and the comparisons with it out."""
-    calibrations = list(dict.fromkeys(calibrations))
+    conditions = check_items(conditions, Condition, "conditions", "the conditions to calibrate, e.g. standard_conditions(...)")
+    calibrations = list(dict.fromkeys(check_items(calibrations, str, "calibrations", "e.g. ['contextual', 'batch']")))
     unknown = [c for c in calibrations if c not in CALIBRATIONS]
     if unknown:
         raise ValueError(f"unknown calibration {unknown[0]!r}; choose from {', '.join(CALIBRATIONS)}")

@@ -14,7 +14,7 @@ measures what size-matched random baselines match (`components.random_matched`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
@@ -24,7 +24,7 @@ from mechcopy.arch import HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
 from mechcopy.components import Components, Sizes, as_components, component_kind
 from mechcopy.conditions import ABLATIONS, POSITIONS, Condition, Means
-from mechcopy.errors import check_items, check_number
+from mechcopy.errors import check_number
 from mechcopy.hooks import Hook, ablate_by_group, capture, set_units, zero_units
 from mechcopy.tasks.prompts import PromptSet
 
@@ -109,19 +109,31 @@ def prune_weights(model: HookedModel, components: Components, means: Means | Non
         kind.edit_weights(model, layer, idx, None if means is None else means[layer])
 
 
+def _reference_prompts(prompts: Any, batch_size: int, what: str) -> list:
+    """The reference prompts of `what` as a list, each with a `text` (ICLPrompts), at least one; the batch
+    size an integer >= 1 (errors name the argument)."""
+    if isinstance(prompts, PromptSet):
+        prompts = prompts.prompts
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a list of ICLPrompts (tasks.prompts.build_prompts(...).prompts), got "
+                        f"{type(prompts).__name__} {prompts!r:.60}")
+    prompts = list(prompts)
+    stray = next((p for p in prompts if not isinstance(getattr(p, "text", None), str)), None)
+    if stray is not None:
+        raise TypeError(f"prompts must be ICLPrompts (or anything with a `text`), got {type(stray).__name__} {stray!r:.60}")
+    check_number(batch_size, "batch_size", low=1, integer=True)
+    if not prompts:
+        raise ValueError(f"{what} needs at least one prompt")
+    return prompts
+
+
 def component_means(model: HookedModel, prompts: Sequence, kind: str = "neuron", positions: str = "all",
                     reference: str = "", batch_size: int = 32) -> Means:
     """Every layer's mean component activation over every token position of `prompts`, or over their
     last positions only (`positions="last"`): the reference for mean ablation, what a component carries
     on average, so ablating to it removes only what varies across prompts. `reference` names the
     prompts in the result (e.g. "probe attribution split")."""
-    prompts = list(prompts.prompts if isinstance(prompts, PromptSet) else check_items(prompts, object, "prompts"))
-    if any(not isinstance(getattr(p, "text", None), str) for p in prompts):
-        raise TypeError("prompts must be ICLPrompts (or anything with a `text`), got "
-                        f"{next(type(p).__name__ for p in prompts if not isinstance(getattr(p, 'text', None), str))}")
-    check_number(batch_size, "batch_size", low=1, integer=True)
-    if not prompts:
-        raise ValueError("component_means needs at least one prompt")
+    prompts = _reference_prompts(prompts, batch_size, "component_means")
     if positions not in POSITIONS:
         raise ValueError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
     spec = component_kind(kind)
@@ -151,8 +163,7 @@ def component_sizes(model: HookedModel, prompts: Sequence, kind: str = "neuron",
     what size-matched random sets match (`components.random_matched`). The size is the kind's
     (`ComponentKind.size`: neurons |activation|, heads the norm of their output). Prompts of any lengths
     share a batch, left-padded (`Arch.run_blocks` keeps padding out of every real position)."""
-    if not prompts:
-        raise ValueError("component_sizes needs at least one prompt")
+    prompts = _reference_prompts(prompts, batch_size, "component_sizes")
     spec = component_kind(kind)
     spec.check(model)
     arch = arch_of(model)

@@ -40,6 +40,8 @@ from tqdm.auto import tqdm
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
 from mechcopy.conditions import Condition
+from mechcopy.errors import check_items, check_number
+from mechcopy.hooks import check_hook_points
 from mechcopy.pruning import grouped_hooks
 from mechcopy.tasks.prompts import TEMPLATE, ICLPrompt, PromptSet, _continuation, encode, make_prompt
 
@@ -99,6 +101,11 @@ def domain_queries(inputs: Sequence[str], n: int = 4, n_words: int | None = None
     task's own inputs): Fei et al.'s in-domain random text. `n_words` defaults to the mean number of
     words of an input, at least 1 (Fei et al.'s rule; the reference implementation StaICC uses 64 words,
     for long-text tasks)."""
+    inputs = check_items(inputs, str, "inputs", "a task's inputs")
+    check_number(n, "n", low=1, integer=True)
+    if n_words is not None:
+        check_number(n_words, "n_words", low=1, integer=True)
+    check_number(seed, "seed", low=0, integer=True)
     words = [w for x in inputs for w in x.split()]
     if not words or n < 1:
         raise ValueError(f"domain queries need n >= 1 (got {n}) and inputs with words (got {len(words)} words)")
@@ -228,7 +235,7 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def _check_labels(labels: Sequence[str], prompts: Sequence[ICLPrompt]) -> tuple[str, ...]:
-    labels = tuple(labels)
+    labels = tuple(check_items(labels, str, "labels", "task.require_labels()"))
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ValueError(f"label scoring needs at least two distinct labels, got {list(labels)}")
     outside = sorted({p.answer for p in prompts} - set(labels))
@@ -242,8 +249,11 @@ def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mappi
            progress: bool) -> list[LabelScores]:
     """One LabelScores per row group: every prompt, and every reference query with its demos, scored
     over `labels` in one pass per batch of prompts (their common token prefix runs once)."""
-    prompts = _prompts(prompts)
+    prompts = check_items(_prompts(prompts), ICLPrompt, "prompts", "tasks.prompts.build_prompts(...).prompts")
     labels = _check_labels(labels, prompts)
+    check_number(batch_size, "batch_size", low=1, integer=True)
+    fwd_hooks = list(fwd_hooks)
+    check_hook_points(model, fwd_hooks)
     references = {kind: tuple(qs) for kind, qs in (references or {}).items()}
     for kind, qs in references.items():
         if kind not in ("contextual", "domain") or not qs:
@@ -309,6 +319,7 @@ def reference_queries(calibrations: Sequence[str], inputs: Sequence[str] = (), s
     """The reference queries `calibrations` need: `contextual` the content-free queries (`CONTENT_FREE`),
     `domain` in-domain ones drawn from `inputs` (a task's inputs: `domain_queries`, seeded); `batch`
     needs none."""
+    calibrations = check_items(calibrations, (str, type(None)), "calibrations", "e.g. ['contextual', 'batch']")
     out: dict[str, tuple[str, ...]] = {}
     if "contextual" in calibrations:
         out["contextual"] = CONTENT_FREE
