@@ -301,6 +301,32 @@ def _prompts(n: int = 3):
     return build_prompts(load_task("to_upper"), char_tokenizer(), 2, n).prompts
 
 
+LABELS = ("no", "yes", "maybe")
+
+
+def _label_prompts(n: int = 4):
+    """Prompts of a closed-label task (three labels), for label scoring and the copy effect."""
+    from mechcopy.models.tiny import char_tokenizer
+    from mechcopy.tasks import Task
+    from mechcopy.tasks.prompts import build_prompts
+
+    task = Task("answers", tuple((w, LABELS[i % 3]) for i, w in enumerate(WORDS)))
+    return build_prompts(task, char_tokenizer(), 2, n).prompts
+
+
+def _copy_effect(**kw):
+    from mechcopy.copy_effect import copy_effect
+
+    prompts = _label_prompts()
+    return copy_effect(prompts, ["no"] * len(prompts), kw.pop("labels", LABELS), **kw)
+
+
+def _score_labels(**kw):
+    from mechcopy.scoring import score_labels
+
+    return score_labels(_tiny(), _label_prompts(), kw.pop("labels", LABELS), **kw)
+
+
 def _tokens(model, text: str = "ab -> AB"):
     return model.to_tokens(text)
 
@@ -370,6 +396,22 @@ API = {
                                      __import__("mechcopy.organisms.train").organisms.train.load_organism("org")),
     "load_tasks_int": lambda d: __import__("mechcopy.tasks").tasks.load_tasks(5),
     "load_tasks_list": lambda d: __import__("mechcopy.tasks").tasks.load_tasks(["to_upper", 3]),
+    # issue 25 part B's functions (main f6bcb98)
+    "copy_effect_labels_str": lambda d: _copy_effect(labels="no"),
+    "summarize_labels_str": lambda d: __import__("mechcopy.evaluation").evaluation.summarize(
+        _label_prompts(), ["no"] * 4, labels="no"),
+    "copy_effect_seed": lambda d: _copy_effect(seed=-1),
+    "copy_effect_n_boot": lambda d: _copy_effect(n_boot=0),
+    "calibrated_str": lambda d: __import__("mechcopy.conditions").conditions.calibrated_conditions(
+        [__import__("mechcopy.conditions").conditions.UNPRUNED], "contextual"),
+    "calibrated_none": lambda d: __import__("mechcopy.conditions").conditions.calibrated_conditions(
+        [__import__("mechcopy.conditions").conditions.UNPRUNED], None),
+    "score_labels_str": lambda d: _score_labels(labels="no"),
+    "score_labels_batch": lambda d: _score_labels(batch_size=2.5),
+    "score_labels_hook": lambda d: _score_labels(fwd_hooks=[
+        ("blocks.9.mlp.hook_post", __import__("mechcopy.hooks").hooks.zero_neurons([1]))]),
+    "domain_queries_n": lambda d: __import__("mechcopy.scoring").scoring.domain_queries(["a b", "c"], n=1.5),
+    "component_sizes_str": lambda d: __import__("mechcopy.pruning").pruning.component_sizes(_tiny(), "abc"),
 }
 
 
@@ -391,11 +433,14 @@ class Case:
     part_b: str | None = None  # fixed in part B (on issue 23's core): what it took
     open: str | None = None    # not fixed yet, and why (the row is an xfail until it is)
     skip: Callable[[], str | None] | None = None
+    on: str = "81a615e"        # the main whose behaviour `kind` records (f6bcb98: issue 25 part B's functions)
 
     def __post_init__(self):
         assert self.kind in KINDS, self.kind
 
 
+#: what fixed the rows of issue 25 part B's functions
+API_25B = "issue 25 part B's API checks its arguments with the shared checks"
 M = "mechcopy"
 EV = f"{M} evaluate: error:"
 TI = "--model tiny"
@@ -667,6 +712,43 @@ CASES: list[Case] = [
          f"{EV} task file /dev/null is a character device, not a file", quoted=False),
     Case("unclear message", "a folder named like a task file", f"{M} evaluate {TI} --tasks fold.json",
          f"{EV} task file fold.json is a folder, not a file", quoted=False),
+    # ---- issue 25 part B's functions, as main f6bcb98 had them (found after the merge)
+    Case("silently wrong", "a string as the copy effect's label set (its letters were the labels)",
+         "copy_effect(prompts, predictions, labels='no')",
+         "TypeError: labels must be a list of str (the task's label set, Task.label_set()), got str 'no'",
+         call="copy_effect_labels_str", quoted=False, on="f6bcb98", part_b=API_25B),
+    Case("silently wrong", "a string as summarize's label set", "summarize(prompts, predictions, labels='no')",
+         "TypeError: labels must be a list of str", call="summarize_labels_str", quoted=False, on="f6bcb98",
+         part_b=API_25B),
+    Case("unclear message", "a string as the calibrations (\"unknown calibration 'c'\" before)",
+         "calibrated_conditions([UNPRUNED], 'contextual')",
+         "TypeError: calibrations must be a list of str (e.g. ['contextual', 'batch']), got str 'contextual'",
+         call="calibrated_str", quoted=False, on="f6bcb98", part_b=API_25B),
+    Case("unclear message", "a string as label scoring's labels (\"not among the labels ['n', 'o']\" before)",
+         "score_labels(tiny, prompts, 'no')", "TypeError: labels must be a list of str (task.require_labels()), got "
+         "str 'no'", call="score_labels_str", quoted=False, on="f6bcb98", part_b=API_25B),
+    Case("raw API exception", "None as the calibrations", "calibrated_conditions([UNPRUNED], None)",
+         "TypeError: calibrations must be a list of str", call="calibrated_none", quoted=False, on="f6bcb98",
+         part_b=API_25B),
+    Case("raw API exception", "a fractional batch size in label scoring", "score_labels(tiny, prompts, labels, "
+         "batch_size=2.5)", "TypeError: batch_size must be an integer >= 1, got 2.5", call="score_labels_batch",
+         quoted=False, on="f6bcb98", part_b=API_25B),
+    Case("raw API exception", "an unknown hook name in label scoring (a bare KeyError before)",
+         "score_labels(tiny, prompts, labels, fwd_hooks=[('blocks.9.mlp.hook_post', h)])",
+         "ValueError: the model has no hook point 'blocks.9.mlp.hook_post'", call="score_labels_hook", quoted=False,
+         on="f6bcb98", part_b=API_25B),
+    Case("raw API exception", "a negative seed for the copy effect (numpy's error before)",
+         "copy_effect(prompts, predictions, labels, seed=-1)", "ValueError: seed must be an integer >= 0, got -1",
+         call="copy_effect_seed", quoted=False, on="f6bcb98", part_b=API_25B),
+    Case("raw API exception", "no bootstrap replicates for the copy effect", "copy_effect(..., n_boot=0)",
+         "ValueError: n_boot (bootstrap replicates; a 95% interval needs at least 40) must be an integer >= 40",
+         call="copy_effect_n_boot", quoted=False, on="f6bcb98", part_b=API_25B),
+    Case("raw API exception", "a fractional number of domain queries", "domain_queries(inputs, n=1.5)",
+         "TypeError: n must be an integer >= 1, got 1.5", call="domain_queries_n", quoted=False, on="f6bcb98",
+         part_b=API_25B),
+    Case("raw API exception", "a string as size matching's reference prompts (an AttributeError before)",
+         "component_sizes(tiny, 'abc')", "TypeError: prompts must be a list of ICLPrompts", call="component_sizes_str",
+         quoted=False, on="f6bcb98", part_b=API_25B),
 ]
 
 
@@ -820,7 +902,8 @@ def _code(text: str) -> str:
 
 def render_table() -> str:
     """The doc's table of this file's rows, and their counts by kind."""
-    counts = ["| kind (what main 81a615e did) | rows | quoted in the issue | fixed in part A | fixed in part B | open |",
+    counts = ["| kind (what main 81a615e did, or f6bcb98 for issue 25 part B's functions) | rows | quoted in the issue "
+              "| fixed in part A | fixed in part B | open |",
               "|---|---|---|---|---|---|"]
     for kind, rows in [(k, [c for c in CASES if c.kind == k]) for k in KINDS] + [("all", CASES)]:
         counts.append(f"| {kind} | {len(rows)} | {sum(c.quoted for c in rows)} | "
@@ -834,7 +917,7 @@ def render_table() -> str:
         got = _code(c.message) if c.call or (not c.scenario and c.code == 2) else c.message
         exit_note = "" if c.call or c.scenario or c.code == 2 else f" (exit {c.code})"
         status = (f"open: {c.open}" if c.open else f"fixed in part B: {c.part_b}" if c.part_b else "fixed in part A") \
-            + ("" if c.quoted else " (a kind)")
+            + ("" if c.quoted else " (a kind)") + ("" if c.on == "81a615e" else f" (found on main {c.on})")
         rows.append(f"| {i} | {c.kind} | {c.what} | {_code(c.run)} | {got}{exit_note} | {status} |")
     return "\n".join(counts) + "\n\n" + "\n".join(rows)
 
