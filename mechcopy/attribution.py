@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,6 +44,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.components import component_kind
+from mechcopy.errors import check_number
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import write_atomic, write_json_atomic
 from mechcopy.sites import neuron_site
@@ -107,8 +110,7 @@ def make_target(name: str, prompt, clean_logits: Float[Tensor, "vocab"]) -> Targ
 
 def quadrature(steps: int, rule: str = "gauss-legendre") -> tuple[Tensor, Tensor]:
     """Nodes alpha in (0, 1) and weights (summing to 1) for int_0^1 f(alpha) dalpha."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_number(steps, "steps", low=1, integer=True)
     if rule == "midpoint":
         alphas = (np.arange(steps) + 0.5) / steps
         weights = np.full(steps, 1.0 / steps)
@@ -402,6 +404,26 @@ class CopyScores:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     allowed_layers: tuple[int, ...] | None = None
 
+    def __post_init__(self):
+        s = self.scores
+        if not isinstance(s, Tensor) or s.ndim != 2 or not s.is_floating_point():
+            raise TypeError("copy scores must be a float tensor [layers, neurons], got "
+                            + (f"shape {tuple(s.shape)} of {s.dtype}" if isinstance(s, Tensor) else type(s).__name__))
+        bad = ~torch.isfinite(s)
+        if bool(bad.any()):   # a NaN would rank as the top *and* the bottom set
+            layer, idx = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"copy scores must be finite: {int(bad.sum())} of {s.numel()} are NaN or infinite "
+                             f"(the first at layer {layer}, neuron {idx}); recompute them (`mechcopy find`)")
+        if not isinstance(self.meta, dict):
+            raise TypeError(f"copy scores' meta must be a dict, got {type(self.meta).__name__}")
+        if not isinstance(self.meta.get("model", {}), dict):
+            raise TypeError(f"copy scores' meta 'model' must be a model fingerprint (a dict), got {self.meta['model']!r}")
+        component_kind(self.kind)
+        if self.allowed_layers is not None:
+            if any(isinstance(l, bool) or not isinstance(l, numbers.Integral) or not 0 <= l < s.shape[0]
+                   for l in self.allowed_layers):
+                raise ValueError(f"allowed_layers must be layers 0..{s.shape[0] - 1}, got {self.allowed_layers}")
+
     @property
     def model(self) -> dict[str, Any]:
         return self.meta.get("model", {})
@@ -455,8 +477,11 @@ class CopyScores:
                 meta = json.loads((f.metadata() or {}).get("mechcopy", "{}"))
         except (SafetensorError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is damaged or not a copy-score file ({e}); run `mechcopy find` again") from e
-        allowed = meta.get("allowed_layers")
-        return cls(scores, meta, None if allowed is None else tuple(allowed))
+        allowed = meta.get("allowed_layers") if isinstance(meta, dict) else None
+        try:
+            return cls(scores, meta, None if allowed is None else tuple(allowed))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from e
 
 
 def copy_scores(model: HookedModel, attributions: Attributions | Tensor, normalisation: str = "minmax",

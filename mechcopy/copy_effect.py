@@ -31,7 +31,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mechcopy.stats import rate_interval, task_level
+from mechcopy.errors import check_items
+from mechcopy.stats import check_boot, rate_interval, task_level
 from mechcopy.tasks.prompts import ICLPrompt
 
 N_BOOT = 2000
@@ -100,9 +101,11 @@ class DemoShare:
 
 def _arrays(prompts: Sequence[ICLPrompt], predictions: Sequence[str], labels: Sequence[str]):
     """[prompts, labels] booleans: X is among the demos, X is wrong (not the gold), the answer is X."""
+    prompts = check_items(prompts, ICLPrompt, "prompts", "tasks.prompts.build_prompts(...).prompts")
+    predictions = check_items(predictions, str, "predictions", "evaluation.predict(...)")
     if len(prompts) != len(predictions):
         raise ValueError(f"{len(predictions)} predictions for {len(prompts)} prompts; they must pair up one to one")
-    labels = [y.strip() for y in labels]
+    labels = [y.strip() for y in check_items(labels, str, "labels", "the task's label set, Task.label_set()")]
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ValueError(f"the copy effect needs at least two distinct labels, got {labels}")
     shown = np.array([[y in {d.strip() for d in p.demo_labels} for y in labels] for p in prompts], dtype=bool)
@@ -163,6 +166,7 @@ def copy_effect(prompts: Sequence[ICLPrompt], predictions: Sequence[str], labels
                 task: str | None = None, n_boot: int = N_BOOT, seed: int = 0) -> CopyEffect:
     """The copy effect of one task's predictions (see the module docstring); `labels` is the task's
     label set (`Task.label_set()`), None for an open task (the effect is then null)."""
+    check_boot(n_boot, seed)
     name = task or (prompts[0].task if prompts else "")
     if labels is None:
         return CopyEffect(name, len(prompts), None, None, None, None, 0, 0, (),
@@ -208,6 +212,7 @@ def copy_effect_report(per_task: Mapping[str, tuple[Sequence[ICLPrompt], Sequenc
     resampling prompts within tasks) and taken with the task as the unit (`stats.task_level`, sign
     test and t interval over tasks): {"tasks": {task: {"copy_effect", "demo_share"}}, "pooled",
     "task_level"}, the part of a result JSON that is not per-task rows."""
+    check_boot(n_boot, seed)
     tasks, reps = {}, {}
     for i, (t, (prompts, predictions, labels)) in enumerate(per_task.items()):
         if labels is None:

@@ -7,11 +7,13 @@ tensor rather than editing in place, so they compose with autograd.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from mechcopy.errors import check_number
 
 Hook = Callable[[Tensor, object], Tensor | None]
 
@@ -48,6 +50,52 @@ def _check_width(top: int, act: Tensor, hook, axis: int = -1) -> None:
                          + ("neurons" if axis == -1 else "entries"))
 
 
+def _finite_values(values, what: str) -> Tensor:
+    """`values` as a float tensor with no NaN or infinity (a NaN would spread through every later layer)."""
+    try:
+        t = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{what} must be numbers, got {type(values).__name__}") from e
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{what} must be real numbers, got dtype {t.dtype}")
+    t = t.float() if not t.is_floating_point() else t
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} must be finite numbers: {int((~torch.isfinite(t)).sum())} of {t.numel()} are NaN or "
+                         "infinite")
+    return t
+
+
+def _position(position, what: str):
+    """An int position, or one per batch row (a tensor of ints)."""
+    if isinstance(position, Tensor):
+        return _as_index(position, f"{what} positions")
+    return check_number(position, f"{what} position", integer=True)
+
+
+def _check_position(pos: Tensor, act: Tensor, hook, what: str) -> None:
+    n = act.shape[1]
+    if pos.numel() and not bool(((pos >= -n) & (pos < n)).all()):
+        raise IndexError(f"{what}: position {pos.tolist()} out of range at {hook.name}, which has {n} positions")
+
+
+def check_hook_points(model, fwd_hooks: Iterable[tuple[str | Callable, Hook]]) -> None:
+    """Refuse hook names that `model` lacks (TransformerLens would fail with a bare KeyError), naming
+    the name and the nearest kinds that exist. A callable name filter is left to TransformerLens."""
+    points = getattr(model, "hook_dict", {})
+    for item in fwd_hooks:
+        if not isinstance(item, (tuple, list)) or len(item) != 2 or not callable(item[1]):
+            raise TypeError(f"each hook must be a (hook point name, function) pair, got {item!r}")
+        name = item[0]
+        if callable(name):
+            continue
+        if not isinstance(name, str):
+            raise TypeError(f"a hook point name must be a string, got {type(name).__name__} {name!r}")
+        if name not in points:
+            tail = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+            like = [p for p in points if p.endswith(tail)][:3] or sorted(points)[:3]
+            raise ValueError(f"the model has no hook point {name!r} (it has {len(points)}, e.g. {', '.join(like)})")
+
+
 def _at(index: Tensor, axis: int) -> tuple:
     """The subscript that selects `index` on `axis` (a negative axis: counted from the end)."""
     return (Ellipsis, index) + (slice(None),) * (-axis - 1)
@@ -57,6 +105,7 @@ def scale_units(idx, factor: float, axis: int = -1) -> Hook:
     """Multiply entries `idx` of axis `axis` by `factor` at every position: neurons on the last axis,
     attention heads on axis -2 of `attn.hook_z` ([batch pos head d_head])."""
     index = _neuron_index(idx)
+    factor = float(check_number(factor, "factor"))
     top = int(index.max()) if index.numel() else -1
     masks: dict[tuple, Tensor] = {}      # built once per width, device and dtype: no copy to the device per call
 
@@ -91,21 +140,25 @@ def zero_neurons(idx) -> Hook:
 def set_units(idx, values: Tensor, position: int | None = None, axis: int = -1) -> Hook:
     """Set entries `idx` of axis `axis` to `values` (one per index, each of the trailing shape after
     the axis) at every position, or only at `position` (e.g. -1, the last)."""
+    name = "set_neurons" if axis == -1 else "set_units"
     index = _neuron_index(idx)
-    vals = torch.as_tensor(values)
+    vals = _finite_values(values, f"{name} values")
     vals = vals.reshape(-1) if axis == -1 else vals
+    if position is not None:
+        position = _position(position, name)
     if len(vals) != len(index):
-        raise ValueError(f"set_neurons needs one value per index, got {len(vals)} values for {len(index)} indices")
+        raise ValueError(f"{name} needs one value per index, got {len(vals)} values for {len(index)} indices")
     top = int(index.max()) if index.numel() else -1
 
     def hook(act: Float[Tensor, "batch pos ..."], hook) -> Float[Tensor, "batch pos ..."]:
         _check_width(top, act, hook, axis)
+        if position is not None:
+            _check_position(torch.tensor([position]), act, hook, name)
         out = act.clone()
         where = out if position is None else out[:, position]
         where[_at(index.to(act.device), axis)] = vals.to(act.device, act.dtype)
         return out
 
-    name = "set_neurons" if axis == -1 else "set_units"
     return _named(hook, f"{name}[{len(index)}" + ("" if position is None else f"@{position}") + "]")
 
 
@@ -127,6 +180,10 @@ def ablate_by_group(scale: Float[Tensor, "groups width"], add: Tensor | None = N
     last = None if last_only is None or not any(last_only) else torch.tensor(list(last_only), dtype=torch.bool)
 
     def hook(act: Float[Tensor, "rows pos ..."], hook) -> Float[Tensor, "rows pos ..."]:
+        if act.shape[0] % groups or scale.shape[1] != act.shape[axis]:
+            raise ValueError(f"ablate_by_group: a scale of shape {tuple(scale.shape)} does not fit the activation at "
+                             f"{hook.name} ({act.shape[0]} rows, {act.shape[axis]} on axis {axis}): rows must be "
+                             "groups x prompts")
         a = act.reshape(groups, -1, *act.shape[1:])
         lead = [1] * (act.ndim - 1 - rest)
         new = a * scale.to(act.device, act.dtype).reshape(groups, *lead, scale.shape[1], *([1] * rest))
@@ -148,7 +205,16 @@ def patch_from_cache(cache, positions=None, idx=None) -> Hook:
     """
 
     def hook(act: Tensor, hook) -> Tensor:
-        src = cache[hook.name].to(act.device, act.dtype)
+        try:
+            src = cache[hook.name].to(act.device, act.dtype)
+        except KeyError:
+            raise ValueError(f"patch_from_cache: the cache holds no activation at {hook.name}; run the source "
+                             "with that hook point cached") from None
+        if src.shape[1:] != act.shape[1:] or src.shape[0] not in (1, act.shape[0]):
+            raise ValueError(f"patch_from_cache: the cached activation at {hook.name} has shape {tuple(src.shape)}, "
+                             f"the activation patched has {tuple(act.shape)}")
+        if positions is not None:
+            _check_position(_as_index(positions, "positions").to(act.device), act, hook, "patch_from_cache")
         where_pos = torch.zeros(act.shape[1], dtype=torch.bool, device=act.device)
         where_pos[slice(None) if positions is None else _as_index(positions).to(act.device)] = True
         where_dim = torch.zeros(act.shape[-1], dtype=torch.bool, device=act.device)
@@ -162,11 +228,20 @@ def patch_from_cache(cache, positions=None, idx=None) -> Hook:
 
 def inject_vector(vector: Float[Tensor, "d"] | Float[Tensor, "batch d"], position: int | Tensor = -1) -> Hook:
     """Overwrite the activation at `position` (int, or one per batch row) with `vector`."""
+    vector = _finite_values(vector, "inject_vector's vector")
+    if vector.ndim not in (1, 2):
+        raise ValueError(f"inject_vector needs a vector [d] or one per batch row [batch, d], got shape "
+                         f"{tuple(vector.shape)}")
+    position = _position(position, "inject_vector")
 
     def hook(act: Float[Tensor, "batch pos d"], hook) -> Float[Tensor, "batch pos d"]:
+        if vector.shape[-1] != act.shape[-1] or (vector.ndim == 2 and vector.shape[0] not in (1, act.shape[0])):
+            raise ValueError(f"inject_vector: the vector has shape {tuple(vector.shape)}, but the activation at "
+                             f"{hook.name} has {act.shape[-1]} values per position for {act.shape[0]} rows")
         out = act.clone()
         rows = torch.arange(act.shape[0], device=act.device)
         pos = torch.as_tensor(position, device=act.device).expand(act.shape[0])
+        _check_position(pos, act, hook, "inject_vector")
         out[rows, pos] = vector.to(act.device, act.dtype).expand(act.shape[0], -1)
         return out
 

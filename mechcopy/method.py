@@ -24,7 +24,7 @@ from mechcopy.attribution import (MAX_COMPLETENESS_ERROR, METHODS, NORMALISATION
                                   CopyScores, copy_scores, grad_x_act, integrated_gradients)
 from mechcopy.audit import SelfConsistency, self_consistency
 from mechcopy.components import MATCHES, Components
-from mechcopy.errors import check_minimums
+from mechcopy.errors import Above, check_minimums, input_file
 from mechcopy.selection import select
 from mechcopy.sweeps import DEFAULT_KS, KSweep, sweep_k
 from mechcopy.tasks.probe import FORMATS, ITEM_SETS, ProbeConfig, build_probe, probe_splits
@@ -89,7 +89,7 @@ class FindConfig:
 
     MINIMUM: ClassVar[dict[str, int | float]] = {
         "n": 1, "n_dev": 1, "shots": 1, "steps": 1, "ks": 1, "max_ppl_increase": 0.0, "ppl_tokens": 2, "seed": 0,
-        "checkpoint_every": 1, "max_completeness_error": 0.0, "consistency_random": 0, "batch_size": 1,
+        "checkpoint_every": 1, "max_completeness_error": Above(0.0), "consistency_random": 0, "batch_size": 1,
         "max_general_drop": 0.0}
 
     def __post_init__(self):
@@ -99,12 +99,11 @@ class FindConfig:
                               ("random_match", MATCHES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        if self.ks is not None:
+        if isinstance(self.ks, list):
             object.__setattr__(self, "ks", tuple(self.ks))
         check_minimums(self)
-        if self.text is not None and not (Path(self.text).is_file() and Path(self.text).stat().st_size):
-            raise FileNotFoundError(f"text file {self.text} " + ("is empty" if Path(self.text).is_file()
-                                                                 else "does not exist"))
+        if self.text is not None and not input_file(self.text, "text file").stat().st_size:
+            raise ValueError(f"text file {self.text} is empty")
 
 
 # ---------------------------------------------------------------- the steps

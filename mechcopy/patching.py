@@ -34,6 +34,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.components import as_components
+from mechcopy.errors import check_number
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import patch_from_cache
 from mechcopy.sites import components, neuron_site
@@ -243,8 +245,9 @@ def activation_patching(
 
     `neurons` are checked against the model before any work; an empty set (find chose k = 0) is not
     patched."""
+    check_number(n, "n", low=1, integer=True)
     if neurons is not None:
-        neurons.check(model)
+        as_components(neurons, "neurons").check(model)
         neurons = neurons if neurons.pairs else None
     pairs = make_pairs(model, task, corruption, n, shots, seed, other_task)
     metric = NormalisedLogitDiff.from_runs(model, pairs.clean_tokens, pairs.corrupt_tokens, pairs.gold,

@@ -20,13 +20,17 @@ from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel
 from mechcopy.conditions import UNPRUNED, Condition
-from mechcopy.errors import note
+from mechcopy.errors import check_items, note
 from mechcopy.copy_effect import copy_effect_report
 from mechcopy.evaluation import check_context, evaluate_conditions
-from mechcopy.fingerprint import model_fingerprint
-from mechcopy.io import append_jsonl, read_jsonl, write_jsonl_atomic
+from mechcopy.fingerprint import model_fingerprint, numerics
+from mechcopy.io import append_jsonl, write_jsonl_atomic
 from mechcopy.scoring import CONTENT_FREE, reference_queries
 from mechcopy.tasks.prompts import PromptSet, build_prompts
+from mechcopy.tasks.task import Task
+
+#: the journal beside a result (`OUT.partial.jsonl`): its finished rows until the result is written
+JOURNAL_SUFFIX = ".partial.jsonl"
 
 
 def build_prompt_sets(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed: int = 0,
@@ -64,15 +68,20 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
     effect and demo share beside the copy rate.
 
     With `checkpoint` (a JSON-lines file), every finished (task, condition) row is appended to it at
-    once, keyed by the model's fingerprint, the settings, the task's pairs and the condition (its
-    fields, readout, components and means); rows found there under the same key are reused, so a
-    killed run started again redoes none of them and returns what an uninterrupted run returns.
+    once with a digest of its content, keyed by everything its numbers depend on: the model's
+    fingerprint, dtype and device kind, the settings, the task's pairs and the condition (its fields,
+    readout, components and means). Rows found there under the same key, whose digest matches, are
+    reused, so a killed run started again redoes none of them and returns what an uninterrupted run
+    returns (`read_journal`: rows of other settings are kept, damaged or edited ones evaluated again,
+    and both are said).
     """
-    conditions = [UNPRUNED] if conditions is None else list(conditions)
+    tasks = check_items(tasks, Task, "tasks", "mechcopy.tasks.load_tasks('antonyms,to_upper')")
+    conditions = [UNPRUNED] if conditions is None else check_items(
+        conditions, Condition, "conditions", "mechcopy.conditions.UNPRUNED, standard_conditions(...)")
     check_readouts(tasks, conditions)
     prompt_sets = build_prompt_sets(model, tasks, shots, n, seed, gold_in_demos, copy_control)
     keys = _row_keys(model, tasks, shots, n, seed, conditions, gold_in_demos, copy_control) if checkpoint else {}
-    done = _read_journal(Path(checkpoint), keys) if checkpoint else {}
+    done = read_journal(Path(checkpoint), keys) if checkpoint else {}
     rows, dropped = [], {}
     with tqdm(total=len(tasks) * len(conditions), initial=len(done), desc="evaluate", disable=not progress) as bar:
         for task in tasks:
@@ -84,7 +93,8 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
             for c in conditions:
                 key = keys.get((task.name, c.label))
                 if c.label in fresh and checkpoint:
-                    append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": c.label, "row": fresh[c.label]})
+                    append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": c.label, "row": fresh[c.label],
+                                              "digest": _digest(key, fresh[c.label])})
                 rows.append(fresh[c.label] if c.label in fresh else done[key])
             bar.update(len(todo))
     return rows, dropped
@@ -144,11 +154,11 @@ def _condition_key(condition: Condition) -> dict[str, Any]:
 
 def _row_keys(model: HookedModel, tasks, shots: int, n: int, seed: int, conditions: Sequence[Condition],
               gold_in_demos: bool = True, copy_control: bool = False) -> dict[tuple[str, str], str]:
-    """(task, condition label) -> a hash of everything its row depends on: model, settings (the prompt
-    construction, the content-free queries), pairs and label set, condition (readout: scoring and
-    calibration, included)."""
-    common = {"model": model_fingerprint(model), "shots": shots, "n": n, "seed": seed, "gold_in_demos": gold_in_demos,
-              "copy_control": copy_control, "content_free": list(CONTENT_FREE)}
+    """(task, condition label) -> a hash of everything its row depends on: model (dtype and device kind
+    included), settings (the prompt construction, the content-free queries), pairs and label set,
+    condition (readout: scoring and calibration, included)."""
+    common = {"model": model_fingerprint(model), **numerics(model), "shots": shots, "n": n, "seed": seed,
+              "gold_in_demos": gold_in_demos, "copy_control": copy_control, "content_free": list(CONTENT_FREE)}
     keys = {}
     for task in tasks:
         for c in conditions:
@@ -157,13 +167,59 @@ def _row_keys(model: HookedModel, tasks, shots: int, n: int, seed: int, conditio
     return keys
 
 
-def _read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, dict]:
-    """Rows of `path` whose key is one of `keys` (key -> row). The file is rewritten with those rows
-    only, so lines under other keys, and a last line a kill cut short, do not stay in the way."""
+def _digest(key: str, row: Any) -> str:
+    """What a journal line's row must hash to: an edited row (or another line's) is not reused."""
+    return hashlib.sha256((key + json.dumps(row, sort_keys=True, default=str)).encode()).hexdigest()[:24]
+
+
+def _entry_problem(entry: Any, wanted: set[str]) -> str | None:
+    """Why a journal line cannot be reused by this run (None: it can; "other" if it is of other settings)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+        return "not a journal entry"
+    if entry["key"] not in wanted:
+        return "other"
+    if not isinstance(entry.get("row"), dict):
+        return f"its row is {type(entry.get('row')).__name__}, not a result row"
+    if entry.get("digest") != _digest(entry["key"], entry["row"]):
+        return "its row does not match its digest (edited, or written by an older mechcopy)"
+    return None
+
+
+def read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, dict]:
+    """The rows of the journal `path` that this run can reuse: key -> row, for the lines whose key is one
+    of `keys` and whose row matches its digest. Nothing is dropped without a word: a line a kill cut
+    short, a damaged or edited row (evaluated again), and rows of other settings (kept in the journal
+    until this run's result is written) are each said. The file is rewritten with the reusable rows
+    and those of other settings."""
     wanted = set(keys.values())
-    entries = {e["key"]: e for e in read_jsonl(path) if isinstance(e, dict) and e.get("key") in wanted and "row" in e}
+    entries: dict[str, dict] = {}
+    others: list[dict] = []
+    bad: list[str] = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(f"line {i}: not JSON (cut short by a kill?)")
+            continue
+        problem = _entry_problem(entry, wanted)
+        if problem == "other":
+            others.append(entry)
+        elif problem:
+            bad.append(f"line {i}: {problem}")
+        else:
+            entries[entry["key"]] = entry
     if path.exists():
-        write_jsonl_atomic(path, entries.values())
+        write_jsonl_atomic(path, [*others, *entries.values()])
+    if bad:
+        note(f"{path}: {len(bad)} line{'s' if len(bad) > 1 else ''} not reused ({'; '.join(bad[:3])}"
+             f"{'; ...' if len(bad) > 3 else ''}); {'their rows are' if len(bad) > 1 else 'its row is'} evaluated again")
+    if others:
+        note(f"{path} also holds {len(others)} row{'s' if len(others) > 1 else ''} of other settings (another n, "
+             "shots, seed, task data, condition, model, dtype or device): kept until this run's result is written, "
+             "which removes the journal")
     if entries:
         note(f"resuming from {path}: {len(entries)} of {len(keys)} (task, condition) rows already done")
     return {key: e["row"] for key, e in entries.items()}

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel
 from mechcopy.attribution import CopyScores
+from mechcopy.errors import FieldError
 from mechcopy.evaluation import evaluate, perplexity
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import Hook
@@ -117,13 +118,17 @@ def _choose_k(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> tuple[int
                f"best pruned: k = {best['k']}, {best['dev_accuracy']:.3f})")
 
 
-def valid_ks(model: HookedModel, ks: Sequence[int], mode: str = "global") -> list[int]:
-    """The k of the grid that `mode` can select on this model (sorted); an error if none can."""
+def valid_ks(model: HookedModel, ks: Sequence[int], mode: str = "global", strict: bool = False) -> list[int]:
+    """The k of the grid that `mode` can select on this model (sorted); an error if none can, and with
+    `strict` (a grid the user gave, not the default one) an error naming `ks` if any k cannot."""
     width = neurons_per_layer(model)
     most = width if mode == "per-layer" else width * model.cfg.n_layers
     valid = sorted({int(k) for k in ks if 0 < k <= most})
-    if not valid:
-        raise ValueError(f"no k in {list(ks)} can be selected on this model ({mode} top-k: 1 <= k <= {most})")
+    beyond = sorted({int(k) for k in ks if not 0 < k <= most})
+    if not valid or (strict and beyond):
+        raise FieldError("ks", f"{','.join(map(str, beyond))}: {mode} top-k on this model can select 1 <= k <= "
+                               f"{most} ({'neurons per layer' if mode == 'per-layer' else 'neurons'}); drop "
+                               f"{'it' if len(beyond) == 1 else 'them'} from the grid")
     return valid
 
 

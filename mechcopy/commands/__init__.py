@@ -15,7 +15,7 @@ import warnings
 
 from safetensors import SafetensorError
 
-from mechcopy.errors import UnknownName
+from mechcopy.errors import FieldError, UnknownName
 from mechcopy.models.zoo import ZooError
 
 COMMANDS = ["models", "reproduce", "find", "evaluate", "task_vectors", "patch", "train_organism"]
@@ -47,9 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def describe(e: BaseException) -> str:
+def flag_of(args: argparse.Namespace | None, field: str) -> str | None:
+    """The flag that feeds the config field `field` (`ks` -> `--ks`; `find.ks` too), if the command has one."""
+    dests = [d for d in vars(args or argparse.Namespace()) if d == field or d.endswith("." + field)]
+    return "--" + dests[0].replace(".", "-").replace("_", "-") if len(dests) == 1 else None
+
+
+def describe(e: BaseException, args: argparse.Namespace | None = None) -> str:
     """One line for the user: what was wrong and, where the message does not say it, what to do."""
-    if isinstance(e, OSError) and e.errno is not None:
+    flag = flag_of(args, e.field) if isinstance(e, FieldError) else None
+    if flag:
+        text = f"argument {flag}: {e.problem}"
+    elif isinstance(e, OSError) and e.errno is not None:
         where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         text = f"{e.strerror}: {where}; check the path and its permissions" if where else f"{e.strerror}"
     elif isinstance(e, KeyError) and not isinstance(e, UnknownName):
@@ -82,5 +91,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(f"mechcopy {args.command}: error: {describe(e)}", file=sys.stderr)
+        print(f"mechcopy {args.command}: error: {describe(e, args)}", file=sys.stderr)
         return 2

@@ -11,17 +11,18 @@ import argparse
 import time
 from pathlib import Path
 
-from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, open_model, prepare_out,
-                                      saved_in, write_result)
+from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, load_neurons, model_path,
+                                      open_model, prepare_out, saved_in, write_result)
 from mechcopy.comparisons import (compare_rows, comparisons_table, results_table, task_level_table,
                                   task_levels)
-from mechcopy.components import MATCHES, Components
+from mechcopy.components import MATCHES
 from mechcopy.conditions import (CALIBRATIONS, GENERATE, LABELS, SCORINGS, UNPRUNED, calibrated_conditions,
                                  find_scores, read_by, standard_conditions)
 from mechcopy.io import side_file
 from mechcopy.pruning import component_sizes
+from mechcopy.stats import POOLED
 from mechcopy.suite import build_prompt_sets, copy_effects, run_evaluation
-from mechcopy.tasks import load_tasks
+from mechcopy.tasks import check_shots, load_tasks
 
 #: what the printed comparisons say about their two intervals
 UNITS = ("pooled: prompts resampled within these tasks (did these tasks move?); over tasks: each task one "
@@ -40,6 +41,7 @@ def calibrations(text: str) -> tuple[str, ...]:
 
 def run(args) -> int:
     tasks = load_tasks(args.tasks)
+    check_shots(tasks, args.shots, "--shots")
     if args.n_random is not None and not args.prune:
         raise ValueError("--n-random needs --prune NEURONS.json (the set whose size and layers to match)")
     if args.random_match != "layer" and not args.prune:
@@ -50,10 +52,10 @@ def run(args) -> int:
     if args.scoring == "labels" or args.copy_control:
         for task in tasks:
             task.require_labels()
-    neurons = Components.load(args.prune) if args.prune else None
+    neurons, read = load_neurons("--prune", args.prune)
     scores = find_scores(neurons) if neurons is not None and neurons.pairs else None
     checkpoint = side_file(args.out, ".partial.jsonl") if args.out else None
-    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), "--prune": args.prune, "--model": args.model},
+    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), **read, "--model": model_path(args.model)},
                       args.force, side=[checkpoint] if checkpoint else [])
     if checkpoint:
         args.saved = saved_in(checkpoint, "the finished (task, condition) rows are")
@@ -100,13 +102,17 @@ def run(args) -> int:
     if len(conditions) > 1:
         payload["comparisons"] = compare_rows(rows, seed=args.seed)
         payload["task_level"] = task_levels(payload["comparisons"], seed=args.seed)
-        if payload["comparisons"].get("pooled"):
+        pooled = payload["comparisons"].get(POOLED)
+        if pooled:
             with pd.option_context("display.width", 200, "display.max_columns", 20):
                 print("\npaired comparisons, pooled over the held-out tasks (each task weighs the same):")
-                print(comparisons_table(payload["comparisons"]["pooled"]).to_string(index=False))
+                print(comparisons_table(pooled).to_string(index=False))
                 print("\nthe same with the task as the unit:")
                 print(task_level_table(payload["task_level"]).to_string(index=False))
             print(UNITS)
+        else:
+            print("\nno pooled comparison: every task is the probe the neurons were chosen on (the per-task "
+                  "comparisons are in the results)")
     if out:
         print(f"wrote {write_result(out, model, payload)}")
         checkpoint.unlink(missing_ok=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS
-from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, open_model,
-                                      prepare_out, saved_in)
+from mechcopy.commands.common import (NEURON_SIDE_SUFFIXES, add_config_args, add_model_args, add_out_args,
+                                      config_from_args, existing_file, model_path, open_model, prepare_out, saved_in)
 from mechcopy.components import MATCHES
-from mechcopy.find import ATTRIBUTIONS, PROBES, SELECTIONS, FindConfig, find_copy_neurons
+from mechcopy.find import ATTRIBUTIONS, CHECKPOINT_SUFFIX, PROBES, SELECTIONS, FindConfig, find_copy_neurons
 from mechcopy.io import side_file
-from mechcopy.tasks.probe import FORMATS, ITEM_SETS
+from mechcopy.tasks.probe import FORMATS, ITEM_SETS, ProbeConfig, check_probe_size
 
 HELPS = {
     "n": "probe prompts for attribution",
@@ -38,14 +38,26 @@ HELPS = {
     "random_match": "the check's random sets: matched on layer, or on layer and mean |activation| at the answer "
                     "position of the attribution prompts (size)",
 }
-SIDE_FILES = (".scores.safetensors", ".scores.json", ".attributions.safetensors")
+
+
+def check_probe(config: FindConfig, sizes: str = "--n + --n-dev") -> None:
+    """What the probe can give, checked before the model loads: shots that a balanced probe can fill
+    with distinct labels, and no more prompts (`sizes`) than its items hold."""
+    probe = None
+    if config.probe == "balanced":
+        try:
+            probe = ProbeConfig(items=config.probe_items, template=config.probe_format, shots=config.shots)
+        except ValueError as e:
+            raise ValueError(f"--shots {config.shots}: {e}") from None
+    check_probe_size(probe, config.n + config.n_dev, sizes)
 
 
 def run(args) -> int:
     config = config_from_args(FindConfig, args)
-    out = prepare_out(args.out, {"--text": config.text, "--model": args.model}, args.force,
-                      side=[side_file(args.out, s) for s in SIDE_FILES])
-    args.saved = saved_in(side_file(out, ".attributions.safetensors"), "the attributions done so far are")
+    check_probe(config)
+    out = prepare_out(args.out, {"--text": config.text, "--model": model_path(args.model)}, args.force,
+                      side=[side_file(args.out, s) for s in NEURON_SIDE_SUFFIXES])
+    args.saved = saved_in(side_file(out, CHECKPOINT_SUFFIX), "the attributions done so far are")
     t0 = time.perf_counter()
     model = open_model(args)
     neurons = find_copy_neurons(model, out, config)
@@ -74,6 +86,6 @@ def register(sub) -> None:
     add_config_args(p, FindConfig, HELPS, choices={
         "attribution": ATTRIBUTIONS, "target": TARGETS, "method": METHODS, "rule": RULES,
         "normalisation": NORMALISATIONS, "mode": SELECTIONS, "probe": PROBES, "probe_items": ITEM_SETS,
-        "probe_format": tuple(FORMATS), "random_match": MATCHES})
+        "probe_format": tuple(FORMATS), "random_match": MATCHES}, types={"text": existing_file("text file")})
     add_out_args(p, "neuron file to write (JSON); an interrupted run started again resumes", required=True)
     p.set_defaults(run=run)

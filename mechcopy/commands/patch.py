@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mechcopy.commands.common import add_model_args, add_out_args, at_least, open_model, prepare_out, write_result
-from mechcopy.components import Components
+from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, load_neurons, model_path,
+                                      open_model, prepare_out, write_result)
 from mechcopy.patching import activation_patching
-from mechcopy.tasks import list_tasks, load_task
+from mechcopy.tasks import check_shots, list_tasks, load_task
 from mechcopy.tasks.pairs import CORRUPTIONS
 
 
@@ -23,9 +23,13 @@ def run(args) -> int:
     other = None
     if args.corruption == "other_task":
         other = load_task(args.other_task or next(t for t in list_tasks() if t != task.name))
-    neurons = Components.load(args.neurons) if args.neurons else None
-    out = prepare_out(args.out, {"--task": args.task, "--other-task": args.other_task, "--neurons": args.neurons,
-                                 "--model": args.model}, args.force)
+        if other.name == task.name or set(other.pairs) == set(task.pairs):
+            raise ValueError(f"--other-task {args.other_task or other.name} is the --task {args.task} itself: its "
+                             "demos would not corrupt anything; name another task")
+    check_shots([t for t in (task, other) if t is not None], args.shots, "--shots")
+    neurons, read = load_neurons("--neurons", args.neurons)
+    out = prepare_out(args.out, {"--task": files_in(args.task), "--other-task": files_in(args.other_task), **read,
+                                 "--model": model_path(args.model)}, args.force)
     model = open_model(args)
     if neurons is not None:
         neurons.check(model)
