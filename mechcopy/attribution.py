@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
+from mechcopy.progress import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.io import write_atomic, write_json_atomic

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
+from mechcopy.progress import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.attribution import COPY_SIGN, TARGETS, CopyScores, make_target

@@ -145,7 +145,7 @@ def _greedy(decode: Decoder, tokens: Tensor, mask: Tensor, budgets: Sequence[int
 def _predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks, batch_size: int, groups: int,
              fork_at: int, sep: str, progress: bool, pad: bool) -> list[list[str]]:
     """Answers per row group (`Arch.decoder`'s fork) under `fwd_hooks`; `batch_size` rows per pass."""
-    from tqdm.auto import tqdm
+    from mechcopy.progress import tqdm
 
     prompts = _as_list(prompts)
     arch, tok = arch_of(model), model.tokenizer
@@ -316,7 +316,7 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
     neurons; rows found there under the same key are reused, so a killed run started again redoes
     none of them and returns what an uninterrupted run returns.
     """
-    from tqdm.auto import tqdm
+    from mechcopy.progress import tqdm
 
     from mechcopy.io import append_jsonl
     from mechcopy.tasks.prompts import build_prompts

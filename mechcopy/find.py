@@ -117,7 +117,7 @@ def attribute_with_checkpoints(model: HookedModel, prompts: Sequence, checkpoint
                                config: FindConfig, progress: bool = True) -> Attributions:
     """Attribute `prompts` in chunks of `config.checkpoint_every`, saving after each chunk; resume from
     `checkpoint` when its header matches `identity` (same model, prompts and settings)."""
-    from tqdm.auto import tqdm
+    from mechcopy.progress import tqdm
 
     from mechcopy.attribution import grad_x_act, integrated_gradients
 

@@ -150,7 +150,7 @@ def patch_sweep(
     A patch at layer l starts the forward pass at block l from the target run's cached residual stream
     (blocks before l are unchanged by it), about halving the cost.
     """
-    from tqdm.auto import tqdm
+    from mechcopy.progress import tqdm
 
     arch = arch_of(model)
     templates = components(model)

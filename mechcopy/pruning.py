@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
+from mechcopy.progress import tqdm
 
 from mechcopy.attribution import CopyScores
 from mechcopy.hooks import Hook, capture, scale_neurons_by_group, set_neurons, zero_neurons

@@ -151,7 +151,7 @@ def copy_rate(predictions: Sequence[str], prompts: Sequence, labels: frozenset[s
 def layer_sweep(model: HookedModel, vectors: Float[Tensor, "layer d_model"], layers: Sequence[int], prompts: Sequence,
                 fwd_hooks=(), seed: int = 0, progress: bool = False) -> list[float]:
     """Accuracy on zero-shot `prompts` with vectors[i] injected after layers[i], for each i."""
-    from tqdm.auto import tqdm
+    from mechcopy.progress import tqdm
 
     accs = []
     for i, layer in enumerate(tqdm(list(layers), desc="layer sweep", disable=not progress, leave=False)):

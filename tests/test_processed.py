@@ -23,30 +23,10 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "cache"))
 
 
-def reference_load(path, name, dtype=torch.float32, tl_name=None):
-    """The load of 81a615e (before the cache), TransformerLens' plain path: the HF model, TransformerLens'
-    converter, a randomly initialised HookedTransformer, `load_and_process_state_dict`, `store_as_read`."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens import loading_from_pretrained as tl_loading
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def reference_load(path, name, dtype=torch.float32):
+    from mechcopy.models.loading import tl_reference_load
 
-    from mechcopy.models.loading import _tl_config, store_as_read
-
-    path = path.resolve()
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    cfg_dict = tl_loading.convert_hf_model_config(tl_name) if tl_name else _tl_config(path)
-    cfg_dict.update(model_name=name, original_architecture=hf_model.config.architectures[0], device="cpu",
-                    dtype=dtype, tokenizer_name=str(path))
-    cfg = HookedTransformerConfig(**cfg_dict)
-    state_dict = tl_loading.get_pretrained_state_dict(tl_name or str(path), cfg, hf_model=hf_model, dtype=torch.float32)
-    del hf_model
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
-    model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=False, center_unembed=False,
-                                      fold_value_biases=True)
-    model.to(dtype)
-    model.eval()
-    return store_as_read(model)
+    return tl_reference_load(path, name, dtype=dtype)
 
 
 def assert_same_model(got, ref):
@@ -232,6 +212,8 @@ def test_orphaned_entries_are_removed(tiny_llama_dir, tmp_path):
     shutil.rmtree(gone)
     load_model(tiny_llama_dir, device="cpu")     # any build removes entries whose folder is gone
     assert not pc.entry_dir(gone).exists() and pc.entry_dir(tiny_llama_dir).exists()
+    kept = pc.entry_dir(tiny_llama_dir).name
+    assert sorted(p.name for p in pc.processed_root().iterdir()) == [f".{kept}.lock", kept]   # its lock went too
 
 
 def test_mamba_folder_uses_the_same_cache(tmp_path, monkeypatch):

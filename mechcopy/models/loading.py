@@ -12,6 +12,7 @@ import torch
 from mechcopy.errors import UnknownName
 from mechcopy.models import zoo
 from mechcopy.models.processed import Processed, load_processed
+from mechcopy.progress import library_bars
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -66,7 +67,8 @@ def process_hf_dir(path: Path, tl_name: str | None = None) -> tuple[dict[str, An
     from transformer_lens import loading_from_pretrained as tl_loading
     from transformers import AutoModelForCausalLM
 
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+    with library_bars():
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
     cfg_dict = tl_loading.convert_hf_model_config(tl_name, trust_remote_code=False) if tl_name else _tl_config(path)
     init_weights = cfg_dict.get("init_weights", True)
     cfg_dict.update(model_name=path.name, original_architecture=hf_model.config.architectures[0], device="cpu",
@@ -129,6 +131,34 @@ def hooked_from_processed(processed: Processed, tokenizer, name: str, tokenizer_
     model.to(dtype)   # buffers (attention's IGNORE) too, as TransformerLens' own loading leaves them
     model.eval()
     return model
+
+
+def tl_reference_load(path: Path, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                      tl_name: str | None = None) -> HookedTransformer:
+    """TransformerLens' plain path, as `load_model` took it before the processed cache (81a615e): the
+    HF model, TransformerLens' converter, a randomly initialised HookedTransformer,
+    `load_and_process_state_dict`, `store_as_read`. The reference the cached load is compared with,
+    bit for bit (tests/test_processed.py), and timed against (benchmarks/load.py); slow and heavy.
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import loading_from_pretrained as tl_loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).resolve()
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    cfg_dict = tl_loading.convert_hf_model_config(tl_name, trust_remote_code=False) if tl_name else _tl_config(path)
+    cfg_dict.update(model_name=name, original_architecture=hf_model.config.architectures[0], device=device,
+                    dtype=dtype, tokenizer_name=str(path))
+    cfg = HookedTransformerConfig(**cfg_dict)
+    state_dict = tl_loading.get_pretrained_state_dict(tl_name or str(path), cfg, hf_model=hf_model, dtype=torch.float32)
+    del hf_model
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
+    model.load_and_process_state_dict(state_dict, **PROCESSING)
+    model.to(cfg.device)
+    model.to(dtype)
+    model.eval()
+    return store_as_read(model)
 
 
 def read_orders(model: HookedTransformer) -> dict[str, tuple[int, ...]]:

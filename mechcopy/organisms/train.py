@@ -137,7 +137,7 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
     Loss: cross-entropy on every output character (each demo's label and the query's answer).
     Returns the trained model (eval mode) and a `TrainResult`.
     """
-    from tqdm.auto import tqdm
+    from mechcopy.progress import tqdm
 
     torch.manual_seed(cfg.seed)
     model = model if model is not None else build_model(cfg.arch, cfg.model_kwargs, cfg.seed, cfg.device)
