@@ -71,6 +71,12 @@ def entry_dir(source: Path) -> Path:
     return processed_root() / f"{slug}-{hashlib.sha256(str(source).encode()).hexdigest()[:12]}"
 
 
+def entry_size(source: Path) -> int:
+    """Bytes on disk of model folder `source`'s entry (0 if it has none)."""
+    folder = entry_dir(source)
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+
+
 def source_files(source: Path) -> list[Path]:
     """The config and weight files of model folder `source`, sorted by name."""
     found = {p for pattern in SOURCE_PATTERNS for p in Path(source).glob(pattern) if p.is_file()}
