@@ -42,24 +42,9 @@ def assert_same_model(got, ref):
 
 def _gqa_llama_dir(root):
     """A tiny random Llama as SmolLM2 is built: grouped-query attention and tied embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import write_tiny_llama
 
-    from mechcopy.models.tiny import char_tokenizer
-
-    folder = root / "tiny-gqa"
-    tok = char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
-    torch.manual_seed(1)
-    hf = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)   # norms away from their init, so folding matters
-    hf.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return write_tiny_llama(root / "tiny-gqa", seed=1, jitter=0.05, num_key_value_heads=2, tie_word_embeddings=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -358,6 +358,19 @@ def _screenshot(driver):
     return Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB")
 
 
+def _wait_for_views(driver, n_views: int) -> None:
+    """circuitsvis renders with React after load: wait until each of the `n_views` div.view holds DOM content."""
+    count_js = """return Array.from(document.querySelectorAll('div.view')).map(v =>
+        Array.from(v.querySelectorAll('*')).filter(e => e.tagName !== 'SCRIPT').length);"""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        counts = driver.execute_script(count_js)
+        if len(counts) == n_views and all(c > 3 for c in counts):
+            break
+        time.sleep(0.25)
+    assert len(counts) == n_views and all(c > 3 for c in counts), f"circuitsvis views did not render: {counts}"
+
+
 def test_browser_detectors_catch_errors_and_requests(browser, tmp_path):
     """Control: a page that logs an error and fetches from the network must trip both detectors."""
     page = tmp_path / "control.html"
@@ -378,15 +391,7 @@ def test_notebook_page_renders_every_view_from_one_script(browser, tiny, tiny_ne
                     + "</body></html>")
     assert page.read_text().count("var CircuitsVis=") == 1
     _open(browser, page)
-    count_js = """return Array.from(document.querySelectorAll('div.view')).map(v =>
-        Array.from(v.querySelectorAll('*')).filter(e => e.tagName !== 'SCRIPT').length);"""
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        counts = browser.execute_script(count_js)
-        if all(c > 3 for c in counts):
-            break
-        time.sleep(0.25)
-    assert len(counts) == 2 and all(c > 3 for c in counts), f"views did not render: {counts}"
+    _wait_for_views(browser, 2)
     assert "hot" in browser.execute_script("return document.querySelectorAll('div.view')[1].innerText")
     assert _console_errors(browser) == []
 
@@ -394,16 +399,7 @@ def test_notebook_page_renders_every_view_from_one_script(browser, tiny, tiny_ne
 def test_report_renders_offline_in_chromium(browser, report, tmp_path):
     path, n_figures, n_views = report
     _open(browser, path)
-    # circuitsvis renders with React after load: wait until every view holds DOM content.
-    count_js = """return Array.from(document.querySelectorAll('div.view')).map(v =>
-        Array.from(v.querySelectorAll('*')).filter(e => e.tagName !== 'SCRIPT').length);"""
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        counts = browser.execute_script(count_js)
-        if len(counts) == n_views and all(c > 3 for c in counts):
-            break
-        time.sleep(0.25)
-    assert len(counts) == n_views and all(c > 3 for c in counts), f"circuitsvis views did not render: {counts}"
+    _wait_for_views(browser, n_views)
     heights = browser.execute_script(
         "return Array.from(document.querySelectorAll('div.view')).map(v => v.getBoundingClientRect().height)")
     assert all(h > 30 for h in heights), heights
