@@ -35,6 +35,10 @@ def assert_same_model(got, ref):
         assert a[k].dtype == b[k].dtype and a[k].stride() == b[k].stride() and torch.equal(a[k], b[k]), k
     assert got.cfg.to_dict() == ref.cfg.to_dict() if hasattr(got.cfg, "to_dict") else got.cfg == ref.cfg
     assert sorted(got.hook_dict) == sorted(ref.hook_dict)
+    if getattr(ref, "tokenizer", None) is not None:   # the same tokenizer, loaded once instead of twice
+        assert got.tokenizer.init_kwargs == ref.tokenizer.init_kwargs
+        assert torch.equal(got.to_tokens(PROMPTS), ref.to_tokens(PROMPTS))
+        assert got.to_str_tokens(PROMPTS[0]) == ref.to_str_tokens(PROMPTS[0])
     tokens = ref.to_tokens(PROMPTS) if getattr(ref, "tokenizer", None) is not None else torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         assert torch.equal(got(tokens), ref(tokens))
@@ -212,7 +216,7 @@ def test_mamba_folder_uses_the_same_cache(tmp_path, monkeypatch):
     hf.save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
     ref = mamba.HookedMamba.from_hf(hf, model_name=folder.name, device="cpu")
-    ref.tokenizer = char_tokenizer()
+    ref.tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(folder.resolve())
     ref.cfg = mamba.replace(ref.cfg, tokenizer_name=str(folder.resolve()))
     cold = load_model(folder, device="cpu")
     assert (pc.entry_dir(folder) / pc.WEIGHTS).exists()

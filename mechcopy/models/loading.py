@@ -40,18 +40,33 @@ def _hooked_from_hf_dir(
     folder itself so that TransformerLens never re-fetches it by name. `prepare` runs before the
     folder is processed (the zoo checks and, if damaged, fetches the weights again).
     """
-    from transformers import AutoTokenizer
-
     path = path.resolve()
+
     def build():
         prepare()
         return process_hf_dir(path, tl_name)
 
     processed = load_processed(path, "HookedTransformer", build, tl_name=tl_name, layout="store_as_read",
                                **PROCESSING)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    return hooked_from_processed(processed, tokenizer, name=name, tokenizer_name=str(path),
+    return hooked_from_processed(processed, _tokenizer(path), name=name, tokenizer_name=str(path),
                                  device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype)
+
+
+def _tokenizer(path: Path):
+    """The folder's tokenizer, loaded once as TransformerLens keeps it.
+
+    TransformerLens wants a tokenizer made with add_bos_token=True and loads a second one when it gets
+    another (`get_tokenizer_with_bos`): seconds for Gemma's 262k-token vocabulary. Where the folder's
+    tokenizer has a BOS token it is made so here; the result is the same tokenizer (tests/test_processed.py).
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        conf = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        conf = None
+    bos = {"add_bos_token": True} if isinstance(conf, dict) and conf.get("bos_token") else {}
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **bos)
 
 
 def process_hf_dir(path: Path, tl_name: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
