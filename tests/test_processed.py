@@ -168,6 +168,8 @@ def test_stale_entry_is_rebuilt(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     with monkeypatch.context() as m:
         m.setattr(loading, "process_hf_dir", lambda *a: (_ for _ in ()).throw(AssertionError("rebuilt")))
         load_model(folder, device="cpu")
+        m.setattr(pc, "sha256_file", lambda p: "read again" if p.parent == folder else zoo.sha256_file(p))
+        load_model(folder, device="cpu")          # the touch is remembered: the source is not read again
     capsys.readouterr()
     real = pc.versions
     monkeypatch.setattr(pc, "versions", lambda: {**real(), "transformer-lens": "3.9.1"})

@@ -142,8 +142,11 @@ def hooked_from_processed(processed: Processed, tokenizer, name: str, tokenizer_
     if missing or unexpected:
         raise ValueError(f"processed weights of {name} do not fit its config (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}); delete {processed.folder} and load again")
-    model.to(device)
-    model.to(dtype)   # buffers (attention's IGNORE) too, as TransformerLens' own loading leaves them
+    # nn.Module.to, not HookedTransformer.to: the config already says this device and dtype, and
+    # TransformerLens' `to(dtype)` also builds the state dict once per tensor for nothing (2.5 s on
+    # SmolLM2) and prints. The buffers (attention's IGNORE) take the dtype, as its loading leaves them.
+    torch.nn.Module.to(model, device)
+    torch.nn.Module.to(model, dtype)
     model.eval()
     return model
 

@@ -182,6 +182,14 @@ def write_entry(folder: Path, key: Mapping[str, Any], processed: Processed, reco
     return folder
 
 
+def _remember_source(folder: Path, manifest: dict[str, Any], record: Mapping[str, Any]) -> None:
+    """Record the source files' new sizes and times (same digests) in the manifest, if it can be written."""
+    try:
+        write_json_atomic(folder / MANIFEST, {**manifest, "source_files": dict(record)})
+    except OSError:
+        pass
+
+
 def remove_orphans() -> list[Path]:
     """Remove entries whose source folder no longer exists (a temporary folder, a deleted model)."""
     gone = []
@@ -209,6 +217,8 @@ def load_processed(source: Path, kind: str, build: Callable[[], tuple[dict[str, 
     record = source_record(source, (manifest or {}).get("source_files"))
     key = make_key(kind, record, **settings)
     if entry_problem(folder, key) is None:
+        if manifest is not None and record != manifest.get("source_files"):
+            _remember_source(folder, manifest, record)   # touched or copied, not changed: hash it once only
         return read_entry(folder)
     with ExitStack() as stack:
         try:
