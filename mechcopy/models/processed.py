@@ -15,7 +15,8 @@ library changed) is detected and rebuilt. Source files are hashed again only whe
 modification time changed since the entry was written (as git's index does). An entry is written
 in a temporary folder and renamed into place, under a lock, so a reader never sees half of one; a
 cache that cannot be written (read-only, full) costs only the speed: the model is then built in
-memory, with a note.
+memory, with a note. A file is never changed in place once written: a model maps it, and a mapped
+file truncated under it would kill that process (a rebuild writes a new file and renames it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
 from torch import Tensor
 
 from mechcopy.errors import note
