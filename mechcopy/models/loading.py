@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -40,16 +41,23 @@ def _hooked_from_hf_dir(
     folder itself so that TransformerLens never re-fetches it by name. `prepare` runs before the
     folder is processed (the zoo checks and, if damaged, fetches the weights again).
     """
+    from transformers import AutoTokenizer  # noqa: F401  (imported here: transformers' lazy imports are not thread-safe)
+
     path = path.resolve()
 
     def build():
+        tokenizer.result()   # nothing else imports from transformers meanwhile
         prepare()
         return process_hf_dir(path, tl_name)
 
-    processed = load_processed(path, "HookedTransformer", build, tl_name=tl_name, layout="store_as_read",
-                               **PROCESSING)
-    return hooked_from_processed(processed, _tokenizer(path), name=name, tokenizer_name=str(path),
-                                 device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype)
+    # The tokenizer (Python-bound: 2.7 s for Gemma's) loads while the weights' digest is checked
+    # (hashing releases the GIL).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tokenizer = pool.submit(_tokenizer, path)
+        processed = load_processed(path, "HookedTransformer", build, tl_name=tl_name, layout="store_as_read",
+                                   **PROCESSING)
+        return hooked_from_processed(processed, tokenizer.result(), name=name, tokenizer_name=str(path),
+                                     device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype)
 
 
 def _tokenizer(path: Path):
