@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     from mechcopy.io import write_json_atomic
     from mechcopy.models import zoo
-    from mechcopy.reproduce import git_revision
+    from mechcopy.provenance import git_revision
 
     started = os.getloadavg()
     results = [measure(name.strip(), args.warm) for name in args.models.split(",") if name.strip()]

@@ -84,8 +84,9 @@ def test_warm_load_reads_the_file_and_never_builds(tiny_llama_dir, monkeypatch):
     from transformer_lens import HookedTransformer
 
     from mechcopy import load_model
+    from mechcopy.components import Components
+    from mechcopy.fingerprint import model_fingerprint
     from mechcopy.pruning import prune_weights
-    from mechcopy.neurons import NeuronSet, model_fingerprint
 
     load_model(tiny_llama_dir, device="cpu")
     weights = pc.entry_dir(tiny_llama_dir) / pc.WEIGHTS
@@ -103,7 +104,7 @@ def test_warm_load_reads_the_file_and_never_builds(tiny_llama_dir, monkeypatch):
 
     with safe_open(str(weights), "pt") as f:
         assert torch.equal(f.get_tensor("unembed.W_U"), w_u.T)
-    prune_weights(model, NeuronSet(((0, 1), (1, 5)), model_fingerprint(model)))
+    prune_weights(model, Components(((0, 1), (1, 5)), model_fingerprint(model)))
     assert not model.blocks[0].mlp.W_out[1].any()
     assert zoo.sha256_file(weights) == digest                          # copy-on-write: the file is unchanged
     assert load_model(tiny_llama_dir, device="cpu").blocks[0].mlp.W_out[1].all()
