@@ -85,6 +85,23 @@ def tiny_llama_dir(tmp_path_factory):
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """The tests' own cache folder: `MECHCOPY_CACHE` for a subprocess that loads a tiny model folder, so
+    that its processed entry (`mechcopy.models.processed`) is never written into the user's cache."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def private_processed_cache(request, monkeypatch, tiny_cache):
+    """Tiny tests' model folders get their processed entries in the tests' own cache; tests marked slow
+    (real models) use the user's, which the suite fills once."""
+    if request.node.get_closest_marker("slow") is None:
+        from mechcopy.models import processed
+
+        monkeypatch.setattr(processed, "processed_root", lambda: tiny_cache / "processed")
+
+
 @pytest.fixture
 def best_k_chosen(monkeypatch):
     """The k sweep prunes its best k even where it does not beat k = 0. A random model gains nothing

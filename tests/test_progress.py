@@ -72,10 +72,10 @@ def _evaluate_args(tmp_path, folder, *flags):
             "--out", str(tmp_path / f"r{len(flags)}.json"), *flags]
 
 
-def test_cli_log_file_gets_no_bar_updates(tmp_path, tiny_llama_dir, capsys):
+def test_cli_log_file_gets_no_bar_updates(tmp_path, tiny_llama_dir, tiny_cache, capsys):
     """`mechcopy evaluate 2> log`: one line per stage; with --progress the bar's updates come back."""
     err = tmp_path / "stderr.txt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MECHCOPY_CACHE": str(tiny_cache)}
     with open(err, "wb") as stderr:
         proc = subprocess.run([sys.executable, "-m", "mechcopy", *_evaluate_args(tmp_path, tiny_llama_dir)],
                               env=env, stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp_path)
@@ -83,6 +83,10 @@ def test_cli_log_file_gets_no_bar_updates(tmp_path, tiny_llama_dir, capsys):
     assert proc.returncode == 0, quiet
     assert "\r" not in quiet and "it/s" not in quiet, quiet
     assert any(line.startswith("mechcopy: evaluate: 1/1 in ") for line in quiet.splitlines()), quiet
+    from mechcopy.models import processed, zoo
+
+    entry = processed.entry_dir(tiny_llama_dir).name      # in the tests' own cache, not the user's
+    assert (tiny_cache / "processed" / entry).is_dir() and not (zoo.cache_root() / "processed" / entry).exists()
     from mechcopy.commands import main
 
     assert main(_evaluate_args(tmp_path, tiny_llama_dir, "--progress")) == 0   # stderr: pytest's, not a terminal

@@ -46,9 +46,11 @@ def _hooked_from_hf_dir(
     path = path.resolve()
 
     def build():
-        tokenizer.result()   # nothing else imports from transformers meanwhile
+        tokenizer.exception()   # wait for it: nothing else imports from transformers meanwhile
         prepare()
-        return process_hf_dir(path, tl_name)
+        built = process_hf_dir(path, tl_name)   # the model's errors (custom code, weights) before the tokenizer's
+        tokenizer.result()
+        return built
 
     # The tokenizer (Python-bound: 2.7 s for Gemma's) loads while the weights' digest is checked
     # (hashing releases the GIL).
