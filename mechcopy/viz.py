@@ -17,6 +17,7 @@ import html
 import io
 import json
 import re
+import sys
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -512,8 +513,6 @@ def _notebook_defines_library() -> bool | None:
     that cell runs again (its old output, and the script, are being replaced; JupyterLab says which
     cell runs). Colab shows each output in its own frame, so there every view carries the script.
     """
-    import sys
-
     shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
     if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
         return None
