@@ -41,13 +41,13 @@ from jaxtyping import Bool, Float
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.components import component_kind
 from mechcopy.errors import check_number
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import write_atomic, write_json_atomic
+from mechcopy.progress import tqdm
 from mechcopy.sites import neuron_site
 
 TARGETS = ("contrast", "gold_logprob", "copy_prob")

@@ -28,7 +28,6 @@ import torch
 from jaxtyping import Int
 from pydoc_data.topics import topics
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import Decoder, HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
@@ -36,6 +35,7 @@ from mechcopy.conditions import Condition
 from mechcopy.copy_effect import copy_effect, demo_share
 from mechcopy.errors import FieldError, check_items, check_number
 from mechcopy.hooks import check_hook_points
+from mechcopy.progress import tqdm
 from mechcopy.pruning import grouped_hooks
 from mechcopy.scoring import CONTENT_FREE, LabelScores, score_labels_conditions
 from mechcopy.stats import bootstrap_ci, rate_interval

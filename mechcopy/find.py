@@ -24,8 +24,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
-
 from mechcopy import method
 from mechcopy.arch import HookedModel
 from mechcopy.attribution import Attributions, CopyScores
@@ -35,6 +33,7 @@ from mechcopy.evaluation import check_context, held_out_ids
 from mechcopy.fingerprint import model_fingerprint, numerics
 from mechcopy.io import side_file
 from mechcopy.method import ATTRIBUTIONS, PROBES, SELECTIONS, FindConfig
+from mechcopy.progress import tqdm
 from mechcopy.sweeps import DEFAULT_KS, valid_ks
 
 CHECKPOINT_FORMAT = 2

@@ -31,13 +31,13 @@ from typing import Any, Callable, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.components import as_components
 from mechcopy.errors import check_number
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import patch_from_cache
+from mechcopy.progress import tqdm
 from mechcopy.sites import components, neuron_site
 from mechcopy.tasks.pairs import CORRUPTIONS, corrupted_pairs, token_roles
 

@@ -35,13 +35,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
 from mechcopy.conditions import Condition
 from mechcopy.errors import check_items, check_number
 from mechcopy.hooks import check_hook_points
+from mechcopy.progress import tqdm
 from mechcopy.pruning import grouped_hooks
 from mechcopy.tasks.prompts import TEMPLATE, ICLPrompt, PromptSet, _continuation, encode, make_prompt
 

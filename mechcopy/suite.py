@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
-
 from mechcopy.arch import HookedModel
 from mechcopy.conditions import UNPRUNED, Condition
 from mechcopy.errors import check_items, note
@@ -25,6 +23,7 @@ from mechcopy.copy_effect import copy_effect_report
 from mechcopy.evaluation import check_context, evaluate_conditions
 from mechcopy.fingerprint import model_fingerprint, numerics
 from mechcopy.io import append_jsonl, write_jsonl_atomic
+from mechcopy.progress import tqdm
 from mechcopy.scoring import CONTENT_FREE, reference_queries
 from mechcopy.tasks.prompts import PromptSet, build_prompts
 from mechcopy.tasks.task import Task

@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
-
 from mechcopy.arch import HookedModel
 from mechcopy.attribution import CopyScores
 from mechcopy.errors import FieldError
 from mechcopy.evaluation import evaluate, perplexity
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import Hook
+from mechcopy.progress import tqdm
 from mechcopy.pruning import pruning_hooks
 from mechcopy.selection import select, select_layer_percent
 from mechcopy.sites import neurons_per_layer

@@ -27,7 +27,6 @@ from typing import Any, ClassVar, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.components import Components, as_components
@@ -35,6 +34,7 @@ from mechcopy.errors import check_items, check_minimums
 from mechcopy.evaluation import check_context, evaluate
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import inject_vector
+from mechcopy.progress import tqdm
 from mechcopy.pruning import pruning_hooks
 from mechcopy.tasks.outcomes import copy_rate
 from mechcopy.tasks.splits import TaskVectorSplit, split_task

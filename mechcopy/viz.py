@@ -17,6 +17,7 @@ import html
 import io
 import json
 import re
+import sys
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -458,12 +459,32 @@ class CircuitsvisHTML:
                     f'<script type="module">\n{circuitsvis_library()}\n{call}\n</script>')
         return f'<div id="{div}" class="circuitsvis" style="margin: 15px 0;"></div>\n<script>{call}</script>'
 
+    def page_snippet(self, define_library: bool) -> str:
+        """This view for a page that holds the script once (a notebook): `define_library` defines the
+        global `CircuitsVis` here (the page's first view); otherwise the view renders once the page's
+        copy is there, and says what to do if it never comes."""
+        div = f"circuits-vis-{uuid.uuid4().hex[:12]}"
+        call = f'CircuitsVis.render("{div}", CircuitsVis.{self.component}, {self.props});'
+        if define_library:
+            return (f'<div id="{div}" style="margin: 15px 0;"></div>\n'
+                    f"<script>\n{circuitsvis_library()}\n{call}\n</script>")
+        missing = ("circuitsvis' script is not on this page (it comes with the first view a kernel shows): "
+                   "run that cell again, or run mechcopy.viz.reset_notebook_script() and then this one")
+        return (f'<div id="{div}" style="margin: 15px 0;"></div>\n<script>(function draw(tries) {{\n'
+                f'  if (window.CircuitsVis) {{ {call} }}\n'
+                f"  else if (tries < 100) {{ setTimeout(function () {{ draw(tries + 1); }}, 100); }}\n"
+                f'  else {{ document.getElementById("{div}").textContent = {json.dumps(missing)}; }}\n'
+                f"}})(0);</script>")
+
     @property
     def local_src(self) -> str:
         return self.snippet(include_library=True)
 
     def _repr_html_(self) -> str:
-        return self.local_src
+        """In a Jupyter kernel, circuitsvis' 1.3 MB script comes with the first view only (see
+        `_notebook_defines_library`); anywhere else each view carries it (`local_src`)."""
+        define = _notebook_defines_library()
+        return self.local_src if define is None else self.page_snippet(define)
 
     def __repr__(self) -> str:
         return f"CircuitsvisHTML({self.component}, {self.title!r}, props: {len(self.props) / 1e3:.1f} kB)"
@@ -480,6 +501,36 @@ class CircuitsvisHTML:
                 f"<title>{html.escape(self.title or self.component)}</title></head>\n<body>\n"
                 f"{self.local_src}\n</body></html>\n")
         return write_atomic(path, page)
+
+
+_NOTEBOOK_SCRIPT: dict[str, str | None] = {}
+
+
+def _notebook_defines_library() -> bool | None:
+    """Whether the view displayed now must define the page's circuitsvis script; None outside a Jupyter kernel.
+
+    The first view a kernel displays defines it, as does a later one in the cell that defined it when
+    that cell runs again (its old output, and the script, are being replaced; JupyterLab says which
+    cell runs). Colab shows each output in its own frame, so there every view carries the script.
+    """
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+        return None
+    if "google.colab" in sys.modules:
+        return None
+    parent = getattr(shell, "parent_header", None) or {}
+    run = str(parent.get("header", {}).get("msg_id", ""))
+    cell = (parent.get("metadata") or {}).get("cellId")
+    if not _NOTEBOOK_SCRIPT or (cell is not None and cell == _NOTEBOOK_SCRIPT["cell"]
+                                and run != _NOTEBOOK_SCRIPT["run"]):
+        _NOTEBOOK_SCRIPT.update(cell=cell, run=run)
+        return True
+    return False
+
+
+def reset_notebook_script() -> None:
+    """Make the next view displayed in this kernel carry circuitsvis' script again (for a page that lost it)."""
+    _NOTEBOOK_SCRIPT.clear()
 
 
 def attention_view(model: HookedModel, text: str, layer: int, heads: Sequence[int] | None = None) -> CircuitsvisHTML:

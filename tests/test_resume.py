@@ -57,7 +57,7 @@ def _recording(monkeypatch) -> list[tuple[str, str]]:
 
 
 def test_evaluate_killed_with_sigkill_resumes_without_redoing_anything(tiny_llama_dir, tmp_path, monkeypatch, capsys,
-                                                                       one_thread):
+                                                                       one_thread, tiny_cache):
     from mechcopy import load_model
     from mechcopy.commands import main
     from mechcopy.neurons import NeuronSet, model_fingerprint
@@ -68,7 +68,7 @@ def test_evaluate_killed_with_sigkill_resumes_without_redoing_anything(tiny_llam
             "n.json", "--n-random", "4", "--threads", "1", "--out", "r.json"]
     total = 6 * 6                                     # tasks x (unpruned, pruned, 4 random sets)
     partial = tmp_path / "r.partial.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MECHCOPY_CACHE": str(tiny_cache)}
     proc = subprocess.Popen([sys.executable, "-m", "mechcopy", *argv], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300

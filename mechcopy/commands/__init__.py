@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 
 from mechcopy.errors import FieldError, UnknownName
 from mechcopy.models.zoo import ZooError
+from mechcopy.progress import set_bars
 
 COMMANDS = ["models", "reproduce", "find", "evaluate", "task_vectors", "patch", "train_organism"]
 NOTHING_SAVED = "nothing was saved; run the command again"
@@ -38,12 +39,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mechcopy.commands.common import add_progress_args
+
     parser = Parser(prog="mechcopy", description=__import__("mechcopy").__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"mechcopy.commands.{name}").register(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        add_progress_args(p)
     return parser
 
 
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    set_bars(True if args.progress else None)
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:

@@ -137,6 +137,13 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                         "shares the cores; see docs/reliability.md)")
 
 
+def add_progress_args(p: argparse.ArgumentParser) -> None:
+    """--progress (every command: `commands.build_parser`; `mechcopy.progress` says what it changes)."""
+    p.add_argument("--progress", action="store_true",
+                   help="draw progress bars even when stderr is not a terminal (default: bars on a terminal, "
+                        "else one summary line per stage)")
+
+
 def add_out_args(p: argparse.ArgumentParser, help_text: str, required: bool = False) -> None:
     """--out and --force (replace an existing result)."""
     p.add_argument("--out", type=Path, required=required, default=None, help=help_text)

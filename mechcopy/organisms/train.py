@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel
 from mechcopy.errors import check_minimums, check_number
@@ -24,6 +23,7 @@ from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import read_json, write_atomic, write_json_atomic
 from mechcopy.models.zoo import cache_root
 from mechcopy.organisms.data import FAMILIES, CharCodec, episode_length, episode_text, episodes, make_batch
+from mechcopy.progress import tqdm
 
 ARCHS = ("transformer", "mamba")
 CONFIG_FILE = "organism.json"
