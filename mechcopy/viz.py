@@ -352,6 +352,38 @@ def plot_patching_heatmap(values: Float[np.ndarray, "layers positions"] | torch.
     return fig
 
 
+def plot_head_heatmap(values: Float[np.ndarray, "layers heads"] | torch.Tensor, title: str = "Heads",
+                      label: str = "", top: int = 5, centre: bool = True) -> Figure:
+    """A layers x heads heatmap (attribution, label attention, per-head patching), the `top` heads by
+    absolute value outlined and named (LxHy) beside it. `centre`: a diverging scale centred on zero
+    (signed values); else a sequential one from the minimum (e.g. attention weights)."""
+    values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+    if values.ndim != 2:
+        raise ValueError(f"plot_head_heatmap: values must be 2-D [layers, heads], got shape {values.shape}")
+    n_l, n_h = values.shape
+    fig = Figure(figsize=(max(3.6, 0.42 * n_h + 2.6), max(3.0, 0.2 * n_l + 1.6)), layout="constrained")
+    ax = fig.subplots()
+    finite = values[np.isfinite(values)]
+    if centre:
+        vmax = float(np.abs(finite).max()) if finite.size else 1.0
+        im = ax.imshow(values, cmap="RdBu_r", vmin=-(vmax or 1.0), vmax=vmax or 1.0, aspect="auto", interpolation="nearest")
+    else:
+        im = ax.imshow(values, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.set_xticks(np.arange(n_h), [str(h) for h in range(n_h)], fontsize=7)
+    ax.set_yticks(np.arange(0, n_l, max(1, n_l // 15)))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, shrink=0.9, label=label)
+    order = [int(i) for i in np.argsort(-np.nan_to_num(np.abs(values), nan=-1).ravel())[:top]]
+    names = []
+    for i in order:
+        l, h = divmod(i, n_h)
+        ax.add_patch(__import__("matplotlib").patches.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="k", lw=1.4))
+        names.append(f"L{l}H{h} {values[l, h]:+.3g}")
+    ax.set_title(_label(title) + (("\ntop: " + ", ".join(names)) if names else ""), fontsize=9)
+    return fig
+
+
 def plot_loss_curve(steps: Sequence[float], losses: Sequence[float] | dict[str, Sequence[float]],
                     title: str | None = None, evals: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
                     smooth: int = 1) -> Figure:
@@ -504,6 +536,32 @@ def attention_view(model: HookedModel, text: str, layer: int, heads: Sequence[in
         tokens=model.to_str_tokens(text),
         attentionHeadNames=[f"L{layer}H{h}" for h in head_ids],
         maskUpperTri=True,
+    )
+
+
+def head_attention_view(model: HookedModel, prompt, heads: Sequence[tuple[int, int]],
+                        mark: str = "«{}»") -> CircuitsvisHTML:
+    """circuitsvis attention patterns of `heads` ((layer, head) pairs, any layers) on an ICL prompt, its
+    demo-label tokens marked (`mark`, a format with one `{}`), so a copy error's attention to the labels
+    shows. Named `L{layer}H{head}`."""
+    from mechcopy.heads import check_heads, require_heads
+    from mechcopy.label_attention import label_positions
+
+    require_heads(model, "head_attention_view")
+    heads = list(check_heads(model, heads)) if heads else []
+    if not heads:
+        raise ValueError("head_attention_view needs at least one (layer, head)")
+    names = {f"blocks.{l}.attn.hook_pattern" for l, _ in heads}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(arch_of(model).tokens(model, prompt.text), names_filter=lambda n: n in names)
+    pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0, h] for l, h in heads])   # [heads, dest, src]
+    tokens = list(model.to_str_tokens(prompt.text))
+    for pos in (p for demo in label_positions(model, prompt) for p in demo):
+        tokens[pos] = mark.format(tokens[pos])
+    return CircuitsvisHTML.build(
+        "AttentionHeads", title="Attention of chosen heads (demo-label tokens marked)",
+        attention=pattern.double().cpu().numpy().round(4), tokens=tokens,
+        attentionHeadNames=[f"L{l}H{h}" for l, h in heads], maskUpperTri=True,
     )
 
 

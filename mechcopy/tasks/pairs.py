@@ -6,8 +6,9 @@ Corruptions of a clean k-shot prompt (same query):
 - `gold_label`: one demo's label (one of the same token length) replaced by the query's gold answer.
 
 `token_roles` labels every token of a prompt by its role (`x1`, `->1`, `y1`, `\\n1`, ..., `xq`, `->q`),
-so positions can be aligned across pairs. What needs a model (equal token lengths, the reference
-token) is `mechcopy.patching.make_pairs`.
+so positions can be aligned across pairs, and between the two prompts of a pair whose lengths differ
+(`align_roles`). What needs a model (token lengths, the reference token) is `mechcopy.patching`
+(`make_pairs`, `role_pairs`).
 """
 
 from __future__ import annotations
@@ -119,3 +120,26 @@ def corrupted_pairs(task, tokenizer, corruption: str, n: int, shots: int = 4, se
         except ValueError as e:
             dropped.append(f"{p.query!r}: {e}")
     return pairs, dropped
+
+
+def align_roles(target_roles: Sequence[str], source_roles: Sequence[str], roles: Sequence[str] | None = None,
+                ) -> tuple[list[int], list[int]]:
+    """Positions of two prompts that play the same role: (target positions, source positions), one
+    to one. Each role's tokens are paired from the end of the role (its last token with the other's
+    last token, ...), so the final position always pairs with the final position, and a demo label of
+    three tokens pairs its last token with a one-token label. `roles` limits the roles paired (default
+    every role both prompts have); positions with an empty role are never paired."""
+    wanted = None if roles is None else set(roles)
+    t_at, s_at = {}, {}
+    for at, rs in ((t_at, target_roles), (s_at, source_roles)):
+        for i, r in enumerate(rs):
+            if r and (wanted is None or r in wanted):
+                at.setdefault(r, []).append(i)
+    t_pos, s_pos = [], []
+    for role, ts in t_at.items():
+        ss = s_at.get(role, [])
+        n = min(len(ts), len(ss))
+        t_pos += ts[len(ts) - n:]
+        s_pos += ss[len(ss) - n:]
+    order = sorted(range(len(t_pos)), key=t_pos.__getitem__)
+    return [t_pos[i] for i in order], [s_pos[i] for i in order]
