@@ -147,19 +147,49 @@ class RolePairs:
 
 
 def role_pairs(model: HookedModel, task, corruption: str, n: int = 10, shots: int = 4, seed: int = 0,
-               other_task=None, n_candidates: int | None = None) -> RolePairs:
+               other_task=None, n_candidates: int | None = None, gold_in_demos: bool = True,
+               reverse: bool = False) -> RolePairs:
     """Up to `n` clean/corrupted pairs of `task`, of any token lengths, aligned by role, from
-    `n_candidates` prompts (default 2n + 10). The reference token is `make_pairs`'s (the corrupted run's
-    top demo label, gold excluded); a pair whose demo labels all start with the gold token is dropped,
-    with the reason."""
+    `n_candidates` prompts (default 2n + 10; `gold_in_demos=False`: no demo carries the query's label);
+    see `role_pairs_of`."""
     cands, dropped = corrupted_pairs(task, model.tokenizer, corruption, n_candidates or 2 * n + 10, shots, seed,
-                                     other_task)
+                                     other_task, gold_in_demos)
+    return _role_pairs(model, cands, dropped, n, reverse, f"task {task.name!r} with {corruption!r}")
+
+
+def role_pairs_of(model: HookedModel, prompts: Sequence, corruption: str, n: int | None = None, seed: int = 0,
+                  other_task=None, reverse: bool = False) -> RolePairs:
+    """Clean/corrupted pairs from given prompts (e.g. the probe's), up to `n` (default all), of any token
+    lengths, aligned by role. The reference token is `make_pairs`'s (the corrupted run's top demo label,
+    gold excluded); a prompt that cannot be corrupted, or whose demo labels all start with the gold
+    token, is dropped with the reason.
+
+    `reverse` swaps the two prompts: the corrupted one becomes the source of the patches and the
+    original prompt the run patched into. On prompts with no gold among the demos and the `gold_label`
+    corruption, that asks which heads, taken from a run whose demos show the gold label once, make the
+    run whose demos never show it give the gold rather than copy."""
+    import random
+
+    from mechcopy.tasks.pairs import corrupt_prompt
+
+    rng, cands, dropped = random.Random(seed), [], []
+    for p in prompts:
+        try:
+            cands.append((p, corrupt_prompt(p, corruption, model.tokenizer, rng, other_task)))
+        except ValueError as e:
+            dropped.append(f"{p.query!r}: {e}")
+    return _role_pairs(model, cands, dropped, len(prompts) if n is None else n, reverse, f"{corruption!r}")
+
+
+def _role_pairs(model: HookedModel, cands, dropped: list[str], n: int, reverse: bool, what: str) -> RolePairs:
+    if reverse:
+        cands = [(c, p) for p, c in cands]
     tokens, pairs = arch_of(model).tokens, []
     for p, c in cands:
         if len(pairs) == n:
             break
-        tc = tokens(model, p.text, what=f"prompt of task {task.name!r}")
-        tx = tokens(model, c.text, what=f"corrupted prompt of task {task.name!r}")
+        tc = tokens(model, p.text, what="a clean prompt")
+        tx = tokens(model, c.text, what="a corrupted prompt")
         gold = int(p.answer_ids[0])
         ids = sorted({ids[0] for ids in c.demo_label_ids} - {gold})
         if not ids:
@@ -171,8 +201,7 @@ def role_pairs(model: HookedModel, task, corruption: str, n: int = 10, shots: in
         pairs.append(RolePair(p, c, tc, tx, tuple(token_roles(model.to_str_tokens(p.text), p)),
                               tuple(token_roles(model.to_str_tokens(c.text), c)), gold, ref))
     if not pairs:
-        raise ValueError(f"task {task.name!r}: no usable clean/corrupted pair with {corruption!r} "
-                         f"({len(dropped)} dropped, e.g. {dropped[:2]})")
+        raise ValueError(f"{what}: no usable clean/corrupted pair ({len(dropped)} dropped, e.g. {dropped[:2]})")
     return RolePairs(tuple(pairs), tuple(dropped))
 
 

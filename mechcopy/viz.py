@@ -352,17 +352,13 @@ def plot_patching_heatmap(values: Float[np.ndarray, "layers positions"] | torch.
     return fig
 
 
-def plot_head_heatmap(values: Float[np.ndarray, "layers heads"] | torch.Tensor, title: str = "Heads",
-                      label: str = "", top: int = 5, centre: bool = True) -> Figure:
-    """A layers x heads heatmap (attribution, label attention, per-head patching), the `top` heads by
-    absolute value outlined and named (LxHy) beside it. `centre`: a diverging scale centred on zero
-    (signed values); else a sequential one from the minimum (e.g. attention weights)."""
-    values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+def _head_panel(fig: Figure, ax, values: np.ndarray, title: str, label: str, top: int, centre: bool) -> None:
+    """One layers x heads heatmap on `ax`, the `top` heads by absolute value outlined and named."""
+    from matplotlib.patches import Rectangle
+
     if values.ndim != 2:
-        raise ValueError(f"plot_head_heatmap: values must be 2-D [layers, heads], got shape {values.shape}")
+        raise ValueError(f"a head map must be 2-D [layers, heads], got shape {values.shape}")
     n_l, n_h = values.shape
-    fig = Figure(figsize=(max(3.6, 0.42 * n_h + 2.6), max(3.0, 0.2 * n_l + 1.6)), layout="constrained")
-    ax = fig.subplots()
     finite = values[np.isfinite(values)]
     if centre:
         vmax = float(np.abs(finite).max()) if finite.size else 1.0
@@ -374,13 +370,47 @@ def plot_head_heatmap(values: Float[np.ndarray, "layers heads"] | torch.Tensor, 
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, shrink=0.9, label=label)
-    order = [int(i) for i in np.argsort(-np.nan_to_num(np.abs(values), nan=-1).ravel())[:top]]
+    order = [int(i) for i in np.argsort(-np.nan_to_num(np.abs(values), nan=-1).ravel(), kind="stable")[:top]]
     names = []
     for i in order:
         l, h = divmod(i, n_h)
-        ax.add_patch(__import__("matplotlib").patches.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="k", lw=1.4))
+        ax.add_patch(Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="k", lw=1.4))
         names.append(f"L{l}H{h} {values[l, h]:+.3g}")
-    ax.set_title(_label(title) + (("\ntop: " + ", ".join(names)) if names else ""), fontsize=9)
+    ax.set_title(_label(title) + (("\ntop: " + ", ".join(names[:3]) + ("\n" + ", ".join(names[3:]) if names[3:] else ""))
+                                  if names else ""), fontsize=8)
+
+
+def _as_array(values) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+
+
+def plot_head_heatmap(values: Float[np.ndarray, "layers heads"] | torch.Tensor, title: str = "Heads",
+                      label: str = "", top: int = 5, centre: bool = True) -> Figure:
+    """A layers x heads heatmap (attribution, label attention, per-head patching), the `top` heads by
+    absolute value outlined and named (LxHy). `centre`: a diverging scale centred on zero (signed
+    values); else a sequential one (e.g. attention weights)."""
+    values = _as_array(values)
+    if values.ndim != 2:
+        raise ValueError(f"plot_head_heatmap: values must be 2-D [layers, heads], got shape {values.shape}")
+    fig = Figure(figsize=(max(3.6, 0.42 * values.shape[1] + 2.6), max(3.0, 0.2 * values.shape[0] + 1.8)),
+                 layout="constrained")
+    _head_panel(fig, fig.subplots(), values, title, label, top, centre)
+    return fig
+
+
+def plot_head_maps(panels: dict[str, dict], title: str = "", top: int = 5) -> Figure:
+    """Several layers x heads maps side by side: `panels` is {panel title: {"values": [layers, heads],
+    "label": colour-bar label, "centre": bool (default True)}}, each drawn as `plot_head_heatmap` draws one."""
+    if not panels:
+        raise ValueError("plot_head_maps: no panels to draw")
+    arrays = {k: _as_array(p["values"]) for k, p in panels.items()}
+    n_l, n_h = next(iter(arrays.values())).shape
+    fig = Figure(figsize=(len(panels) * max(3.4, 0.42 * n_h + 2.4), max(3.2, 0.2 * n_l + 2.2)), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, p) in zip(axes, panels.items()):
+        _head_panel(fig, ax, arrays[name], name, p.get("label", ""), top, p.get("centre", True))
+    if title:
+        fig.suptitle(_label(title), fontsize=10)
     return fig
 
 

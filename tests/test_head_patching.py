@@ -149,3 +149,19 @@ def test_activation_patching_carries_the_warning(tiny):
     assert len(metric.pairs_clean) == len(pairs)
     assert abs(sum(metric.pairs_clean) / len(pairs) - metric.ld_clean) < 1e-5
     assert r.warning == metric.warning and r.to_json()["warning"] == r.warning
+
+
+def test_role_pairs_from_prompts_reversed(tiny):
+    """No gold among the demos; the corrupted prompt shows the gold once and is the source of the patches."""
+    from mechcopy.tasks.prompts import build_prompts
+
+    prompts = build_prompts(FIRSTLEN, tiny.tokenizer, k=3, n=6, seed=1, gold_in_demos=False).prompts
+    pairs = P.role_pairs_of(tiny, prompts, "gold_label", reverse=True)
+    assert len(pairs) + len(pairs.dropped) == len(prompts) and len(pairs) >= 4
+    for pair, p in zip(pairs, [q for q in prompts if any(q.query == r.corrupt.query for r in pairs)]):
+        assert pair.corrupt == p and p.answer not in p.demo_labels              # patched into: no gold
+        assert pair.clean.demo_labels.count(p.answer) == 1                       # the source shows it once
+        assert pair.ref in {ids[0] for ids in p.demo_label_ids} and pair.ref != pair.gold
+    same = P.role_pairs(tiny, FIRSTLEN, "gold_label", n=4, shots=3, seed=1, gold_in_demos=False, reverse=True)
+    assert all(pair.clean.answer in pair.clean.demo_labels for pair in same)
+    assert all(pair.corrupt.answer not in pair.corrupt.demo_labels for pair in same)

@@ -106,6 +106,10 @@ def test_head_heatmap_and_attention_view(model, prompts, tmp_path):
     assert "L0H1 -2" in fig.axes[0].get_title() and "L1H0 +1.5" in fig.axes[0].get_title()
     assert len(fig.axes[0].patches) == 2
     viz.save_figure(viz.plot_head_heatmap(values, centre=False), tmp_path / "h.png")
+    fig = viz.plot_head_maps({"a": {"values": values}, "b": {"values": 2 * values, "centre": False}}, "maps")
+    panels = [ax for ax in fig.axes if ax.images]
+    np.testing.assert_allclose(panels[0].images[0].get_array(), values)
+    np.testing.assert_allclose(panels[1].images[0].get_array(), 2 * values)
     with pytest.raises(ValueError, match="2-D"):
         viz.plot_head_heatmap(values[0])
     p = prompts[0]

@@ -108,13 +108,14 @@ def token_roles(strs: Sequence[str], prompt: ICLPrompt) -> list[str]:
 
 
 def corrupted_pairs(task, tokenizer, corruption: str, n: int, shots: int = 4, seed: int = 0,
-                    other_task=None) -> tuple[list[tuple[ICLPrompt, ICLPrompt]], list[str]]:
-    """Up to `n` (clean, corrupted) prompt pairs of `task` and the reasons candidates were dropped."""
+                    other_task=None, gold_in_demos: bool = True) -> tuple[list[tuple[ICLPrompt, ICLPrompt]], list[str]]:
+    """Up to `n` (clean, corrupted) prompt pairs of `task` and the reasons candidates were dropped; clean
+    prompts as `build_prompts` makes them (`gold_in_demos=False`: no demo carries the query's label)."""
     if corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
     rng = random.Random(seed)
     pairs, dropped = [], []
-    for p in build_prompts(task, tokenizer, k=shots, n=n, seed=seed).prompts:
+    for p in build_prompts(task, tokenizer, k=shots, n=n, seed=seed, gold_in_demos=gold_in_demos).prompts:
         try:
             pairs.append((p, corrupt_prompt(p, corruption, tokenizer, rng, other_task)))
         except ValueError as e:
