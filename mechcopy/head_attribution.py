@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.attribution import (METHODS, TARGETS, Attributions, TargetSpec, _f, _first_tokens, _target_values,
-                                  make_target, quadrature)
+                                  make_target, path_gradients, quadrature)
 from mechcopy.heads import frozen_norm, head_cache_names, head_site, head_writes, norm_bias, require_heads
 
 
@@ -215,20 +215,12 @@ def _nodes(alphas: Tensor, like: Tensor) -> Tensor:
 
 
 def _reference_layer(model: HookedModel, c: _HeadClean, layer: int, alphas, weights) -> tuple[Tensor, Tensor]:
-    """IG of layer `layer`'s heads on the full sequence, the target read from the model's own logits."""
-    m = len(alphas)
+    """IG of layer `layer`'s heads on the full sequence (`attribution.path_gradients` at `hook_z`)."""
     a = _nodes(alphas, c.z)[:, None, None]
-    leaf = (c.base[layer] + a * (c.z[layer] - c.base[layer])).requires_grad_(True)      # [m+1, heads, d_head]
-
-    def put_leaf(z, hook):
-        return torch.cat([z[:, :-1], leaf[:, None].to(z.dtype)], dim=1)
-
-    with torch.enable_grad():
-        logits = model.run_with_hooks(c.tokens.expand(m + 1, -1), fwd_hooks=[(head_site(model, layer), put_leaf)])
-        values = c.target(_f(logits[:, -1]))
-        (grad,) = torch.autograd.grad(values[:m].sum(), leaf)
-    ig = ((c.z[layer] - c.base[layer]) * (weights.to(c.z)[:, None, None] * _f(grad[:m])).sum(0)).sum(-1)
-    return ig.detach(), values[m].detach()
+    diff = c.z[layer] - c.base[layer]
+    grad, t0 = path_gradients(model, c.tokens, head_site(model, layer), c.base[layer] + a * diff, c.target)
+    ig = (diff * (weights.to(c.z)[:, None, None] * grad).sum(0)).sum(-1)
+    return ig.detach(), t0
 
 
 def _fast_supported(model: HookedModel) -> str | None:
