@@ -173,6 +173,15 @@ class HeadAttributions(Attributions):
 
     baseline: str = "zero"
 
+    @classmethod
+    def cat(cls, parts: Sequence["HeadAttributions"]) -> "HeadAttributions":
+        """Join results over prompts (same settings and baseline kind)."""
+        if len({p.baseline for p in parts}) > 1:
+            raise ValueError("cannot join head attributions computed from different baselines")
+        from dataclasses import replace
+
+        return replace(super().cat(parts), baseline=parts[0].baseline)
+
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "component": "heads", "baseline": self.baseline,
                 "values": self.values.tolist()}

@@ -140,3 +140,15 @@ def test_grad_x_act_equals_a_gradient_by_hand(model, prompts):
     target = logits[att.copy_tokens[0]] - logits[att.gold_tokens[0]]
     (grad,) = torch.autograd.grad(target, z)
     torch.testing.assert_close(att.values[0, 2], (grad * z).sum(-1).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_head_attributions_join_and_say_their_baseline(model, prompts):
+    rng = __import__("random").Random(0)
+    base = [corrupt_prompt(p, "shuffled_labels", model.tokenizer, rng) for p in prompts]
+    parts = [HA.head_grad_x_act(model, [p], baseline=[b]) for p, b in zip(prompts, base)]
+    whole = HA.HeadAttributions.cat(parts)
+    assert whole.baseline == "counterfactual" and whole.values.shape == (2, 3, 4)
+    torch.testing.assert_close(whole.values, HA.head_grad_x_act(model, prompts, baseline=base).values)
+    assert whole.to_json()["component"] == "heads"
+    with pytest.raises(ValueError, match="different baselines"):
+        HA.HeadAttributions.cat([parts[0], HA.head_grad_x_act(model, [prompts[0]])])
