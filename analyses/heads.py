@@ -5,21 +5,22 @@ check, per-head patching; for the copy probe and for a label task with no gold a
     python analyses/heads.py --model gemma-3-270m --task sentiment_binary --n 16
 
 Prompts: the balanced probe's attribution split (`build_probe`, gold never a demo label), or the task's
-prompts built with `gold_in_demos=False`, 4 shots, seed 0. Every map reads the same prompts:
+prompts built with `gold_in_demos=False`, 4 shots, seed 0. Every map reads the same prompts. The target
+is logit(c) - logit(gold), c the demo label with the highest clean logit (the label the model would
+copy). The counterfactual prompt (`copied_to_gold`) is the same prompt with c replaced by the gold in
+every demo that shows it: the copied label is gone from the demos and the gold is there instead.
 
-* `dla`: direct logit attribution of logit(c) - logit(gold), c the demo label with the highest clean
-  logit (`head_attribution.direct_logit_attribution`), mean over the prompts;
-* `ig`: IG over heads (m = 20, fast path) of the same target, from the heads' output on the prompt with
-  one demo label replaced by the gold (the `gold_label` corruption) to their output on the prompt:
-  what in the last position's head outputs makes the model prefer c over gold when no demo shows the
-  gold; completeness per layer recorded;
+* `dla`: direct logit attribution of the target (`head_attribution.direct_logit_attribution`), mean
+  over the prompts;
+* `ig`: IG over heads (m = 20, fast path) of the target, from the heads' last-position output on the
+  counterfactual prompt to their output on the prompt, completeness per layer recorded;
 * `label`: attention from the final position to the demo-label tokens, and the OV margin (the attended
   label's logit minus the other demo labels', what the head writes from it per unit attention), over
-  copy errors and over correct answers (first-token outcomes);
-* `patch`: per-head patching of `z` at all positions, from the gold-shown prompt into the prompt
-  (`role_pairs_of(..., "gold_label", reverse=True)`): which heads' outputs, taken from a run whose demos
-  show the gold once, move the no-gold run toward the gold; normalised logit difference
-  logit(gold) - logit(c), with `gap_warning`.
+  copy errors, correct answers and all prompts (first-token outcomes);
+* `patch`: per-head patching of `z` at all positions from the counterfactual run into the prompt's run
+  (`role_pairs_of(..., reverse=True)`), read as the change of logit(gold) - logit(c) in logits (mean
+  over pairs) and normalised by the gap, with `gap_warning`: which heads, given the output they have
+  when the demos show gold instead of c, move the model from c to the gold.
 
 Each stage's JSON goes to `--out-dir` (ignored `results/heads/`) and is reused when it exists, so an
 interrupted run resumes; the merged small JSON goes to `docs/data/heads_<model>_<task>.json` and one
@@ -65,12 +66,30 @@ def prompts_for(model, task: str, n: int):
     return list(build_prompts(load_task(task), model.tokenizer, k=4, n=n, seed=0, gold_in_demos=False).prompts)
 
 
+def copied_to_gold(model, prompts) -> list:
+    """Each prompt with its copied label c (the demo label with the highest clean logit) replaced by the
+    gold answer in every demo that shows it."""
+    import torch
+
+    from mechcopy.attribution import make_target
+    from mechcopy.tasks.prompts import make_prompt
+
+    out = []
+    for p in prompts:
+        with torch.no_grad():
+            logits = model(p.text)[0, -1]
+        copy = make_target("contrast", p, logits).copy
+        c = next(y for y, ids in zip(p.demo_labels, p.demo_label_ids) if ids[0] == copy)
+        demos = [(x, p.answer if y == c else y) for x, y in p.demos]
+        out.append(make_prompt(demos, (p.query, p.answer), model.tokenizer, task=f"{p.task}:copied_to_gold"))
+    return out
+
+
 def run_stage(stage: str, model, prompts) -> dict:
     from mechcopy.head_attribution import direct_logit_attribution, head_integrated_gradients
     from mechcopy.head_patching import head_patching
     from mechcopy.label_attention import label_attention
     from mechcopy.patching import role_pairs_of
-    from mechcopy.tasks.pairs import corrupt_prompt
 
     t0 = time.time()
     if stage == "dla":
@@ -78,16 +97,13 @@ def run_stage(stage: str, model, prompts) -> dict:
         out = {"mean": _r(d.heads.mean(0).tolist()), "max_abs_error": float((d.total() - d.logit_diff).abs().max()),
                "logit_diff": _r(d.logit_diff.tolist()), "mlp_mean": _r(d.mlp.mean(0).tolist()),
                "attn_bias_mean": _r(d.attn_bias.mean(0).tolist()), "embed_mean": float(d.embed.mean()),
-               "per_prompt_heads": _r(d.heads.tolist(), 3)}
+               "heads_sum_mean": float(d.heads.sum((1, 2)).mean()), "mlp_sum_mean": float(d.mlp.sum(1).mean())}
     elif stage == "ig":
-        import random
-
-        rng = random.Random(0)
-        shown = [corrupt_prompt(p, "gold_label", model.tokenizer, rng) for p in prompts]
-        a = head_integrated_gradients(model, prompts, steps=20, baseline=shown, progress=True)
+        a = head_integrated_gradients(model, prompts, steps=20, baseline=copied_to_gold(model, prompts), progress=True)
         err = a.completeness_error()
         out = {"mean": _r(a.values.mean(0).tolist()), "steps": 20, "method": a.method, "baseline": a.baseline,
                "completeness_error_median_by_layer": _r(err.median(0).values.tolist()),
+               "completeness_abs_error_max": float((a.sums - a.deltas).abs().max()),
                "delta_mean_by_layer": _r(a.deltas.mean(0).tolist()), "target_clean": _r(a.target_clean.tolist())}
     elif stage == "label":
         la = label_attention(model, prompts)
@@ -99,12 +115,16 @@ def run_stage(stage: str, model, prompts) -> dict:
         out["to_bos_all"] = _r(la.mean("to_bos").tolist())
         out["attended_is_copied_share"] = _attended_is_copied(la, prompts)
     else:
-        pairs = role_pairs_of(model, prompts, "gold_label", reverse=True)
-        res = head_patching(model, pairs, "z", task="", corruption="gold_label (reversed)")
-        out = {"mean": _r(res.array()[:, 0].tolist()), "gap": res.gap, "warning": res.warning,
-               "n_pairs": res.n_pairs, "n_dropped": res.n_dropped, "dropped": list(pairs.dropped),
+        import torch
+
+        pairs = role_pairs_of(model, prompts, copied_to_gold(model, prompts), reverse=True)
+        res = head_patching(model, pairs, "z", task="", corruption="copied_to_gold (reversed)")
+        change = torch.tensor(res.pair_values)[:, :, 0].mean(0) - sum(res.ld_corrupt) / len(res.ld_corrupt)
+        out = {"mean": _r(change.tolist()), "normalised": _r(res.array()[:, 0].tolist()), "gap": res.gap,
+               "warning": res.warning, "n_pairs": res.n_pairs, "n_dropped": res.n_dropped, "dropped": list(pairs.dropped),
                "ld_clean": _r(list(res.ld_clean)), "ld_corrupt": _r(list(res.ld_corrupt)),
-               "same_layout_pairs": sum(p.same_layout for p in pairs)}
+               "same_layout_pairs": sum(p.same_layout for p in pairs),
+               "read_as": "mean over pairs of LD_patched - LD_unpatched, LD = logit(gold) - logit(c), in logits"}
     out["seconds"] = round(time.time() - t0, 1)
     out["n_prompts"] = len(prompts)
     return out
@@ -179,11 +199,12 @@ def main(argv=None) -> int:
     write_json_atomic(Path(args.data) / f"{stem}.json", summary)
     panels = {
         "DLA: logit(copied) - logit(gold)": {"values": results["dla"]["mean"], "label": "logit"},
-        "IG from the gold-shown run": {"values": results["ig"]["mean"], "label": "logit"},
+        "IG from the copied-to-gold run": {"values": results["ig"]["mean"], "label": "logit"},
         "attention to demo labels (copy errors)": {"values": lab["to_labels_copy"] if lab["outcomes"].count("copy")
                                                    else lab["to_labels_all"], "label": "attention", "centre": False},
         "OV margin of the attended label": {"values": lab["ov_margin_all"], "label": "logit / attention"},
-        "patching z (gold-shown -> no gold)": {"values": results["patch"]["mean"], "label": "normalised LD"},
+        "patching z (copied-to-gold -> prompt)": {"values": results["patch"]["mean"],
+                                                   "label": "change of logit(gold) - logit(c)"},
     }
     import numpy as np
 

@@ -157,12 +157,13 @@ def role_pairs(model: HookedModel, task, corruption: str, n: int = 10, shots: in
     return _role_pairs(model, cands, dropped, n, reverse, f"task {task.name!r} with {corruption!r}")
 
 
-def role_pairs_of(model: HookedModel, prompts: Sequence, corruption: str, n: int | None = None, seed: int = 0,
-                  other_task=None, reverse: bool = False) -> RolePairs:
+def role_pairs_of(model: HookedModel, prompts: Sequence, corruption: str | Sequence, n: int | None = None,
+                  seed: int = 0, other_task=None, reverse: bool = False) -> RolePairs:
     """Clean/corrupted pairs from given prompts (e.g. the probe's), up to `n` (default all), of any token
-    lengths, aligned by role. The reference token is `make_pairs`'s (the corrupted run's top demo label,
-    gold excluded); a prompt that cannot be corrupted, or whose demo labels all start with the gold
-    token, is dropped with the reason.
+    lengths, aligned by role; `corruption` names one of `CORRUPTIONS`, or is the corrupted prompts
+    themselves (one per prompt, same query). The reference token is `make_pairs`'s (the corrupted run's
+    top demo label, gold excluded); a prompt that cannot be corrupted, or whose demo labels all start
+    with the gold token, is dropped with the reason.
 
     `reverse` swaps the two prompts: the corrupted one becomes the source of the patches and the
     original prompt the run patched into. On prompts with no gold among the demos and the `gold_label`
@@ -173,12 +174,18 @@ def role_pairs_of(model: HookedModel, prompts: Sequence, corruption: str, n: int
     from mechcopy.tasks.pairs import corrupt_prompt
 
     rng, cands, dropped = random.Random(seed), [], []
-    for p in prompts:
+    if not isinstance(corruption, str):
+        corrupted = list(corruption)
+        if len(corrupted) != len(prompts) or any(c.query != p.query for c, p in zip(corrupted, prompts)):
+            raise ValueError("give one corrupted prompt per prompt, with the same query")
+        cands = list(zip(prompts, corrupted))
+    for p in prompts if isinstance(corruption, str) else ():
         try:
             cands.append((p, corrupt_prompt(p, corruption, model.tokenizer, rng, other_task)))
         except ValueError as e:
             dropped.append(f"{p.query!r}: {e}")
-    return _role_pairs(model, cands, dropped, len(prompts) if n is None else n, reverse, f"{corruption!r}")
+    what = repr(corruption) if isinstance(corruption, str) else "the given corrupted prompts"
+    return _role_pairs(model, cands, dropped, len(prompts) if n is None else n, reverse, what)
 
 
 def _role_pairs(model: HookedModel, cands, dropped: list[str], n: int, reverse: bool, what: str) -> RolePairs:

@@ -165,3 +165,16 @@ def test_role_pairs_from_prompts_reversed(tiny):
     same = P.role_pairs(tiny, FIRSTLEN, "gold_label", n=4, shots=3, seed=1, gold_in_demos=False, reverse=True)
     assert all(pair.clean.answer in pair.clean.demo_labels for pair in same)
     assert all(pair.corrupt.answer not in pair.corrupt.demo_labels for pair in same)
+
+
+def test_role_pairs_of_given_corrupted_prompts(tiny):
+    from mechcopy.tasks.prompts import build_prompts, make_prompt
+
+    prompts = build_prompts(FIRSTLEN, tiny.tokenizer, k=3, n=3, seed=2, gold_in_demos=False).prompts
+    swapped = [make_prompt([(x, p.answer) for x, _ in p.demos], (p.query, p.answer), tiny.tokenizer) for p in prompts]
+    pairs = P.role_pairs_of(tiny, prompts, swapped, reverse=True)       # patched from "every demo shows gold"
+    assert [p.clean for p in pairs] == swapped and [p.corrupt for p in pairs] == list(prompts)
+    with pytest.raises(ValueError, match="every demo label starts with the gold token"):
+        P.role_pairs_of(tiny, prompts, swapped)                          # patched into it: no reference token
+    with pytest.raises(ValueError, match="one corrupted prompt per prompt"):
+        P.role_pairs_of(tiny, prompts, swapped[:2])
