@@ -101,7 +101,10 @@ def run_stage(stage: str, model, prompts) -> dict:
     elif stage == "ig":
         a = head_integrated_gradients(model, prompts, steps=20, baseline=copied_to_gold(model, prompts), progress=True)
         err = a.completeness_error()
+        zero = head_integrated_gradients(model, prompts[:4], steps=20)      # the zero baseline, for its completeness
         out = {"mean": _r(a.values.mean(0).tolist()), "steps": 20, "method": a.method, "baseline": a.baseline,
+               "zero_baseline_completeness_error_median_by_layer": _r(zero.completeness_error().median(0).values.tolist()),
+               "zero_baseline_n_prompts": len(zero.values),
                "completeness_error_median_by_layer": _r(err.median(0).values.tolist()),
                "completeness_abs_error_max": float((a.sums - a.deltas).abs().max()),
                "delta_mean_by_layer": _r(a.deltas.mean(0).tolist()), "target_clean": _r(a.target_clean.tolist())}

@@ -22,6 +22,12 @@ per (layer, alpha) row from the attention output on (`W_O`, the post-attention n
 the block, TransformerLens' own modules), then the later blocks through the architecture's one-token
 stepper (`Arch.ig_stepper`, as neuron IG does). The fast path needs pre-norm blocks; on others
 `method="fast"` raises and says to use the reference path.
+
+A zero baseline and a norm after the attention (Gemma 3) do not mix: scaling all of a layer's heads by
+alpha scales the attention output, which the norm divides back out (Gemma has no output bias), so the
+target barely moves until alpha is within about sqrt(eps) / rms(output) of 0 and then jumps. Where
+that is below the first quadrature node, completeness fails (tested on a tiny model with a small eps);
+use a counterfactual baseline there.
 """
 
 from __future__ import annotations

@@ -152,3 +152,16 @@ def test_head_attributions_join_and_say_their_baseline(model, prompts):
     assert whole.to_json()["component"] == "heads"
     with pytest.raises(ValueError, match="different baselines"):
         HA.HeadAttributions.cat([parts[0], HA.head_grad_x_act(model, [prompts[0]])])
+
+
+def test_zero_baseline_fails_completeness_after_a_post_attention_norm():
+    """What the module docstring warns of: with Gemma 3's norm after the attention, no output bias and a
+    small eps, scaling a layer's heads together changes nothing until they are near zero, so IG from zero
+    misses completeness (at 20 steps the sums are near 0), while a counterfactual baseline meets it."""
+    model = tiny_transformer(n_layers=3, seed=1, n_key_value_heads=2, use_normalization_before_and_after=True, eps=1e-8)
+    tok = model.tokenizer
+    p = make_prompt([("cat", "3"), ("tree", "4"), ("fish", "5")], ("lamp", "7"), tok)
+    for steps in (20, 64):
+        assert HA.head_integrated_gradients(model, [p], steps=steps).completeness_error().max() > 0.1
+    swap = corrupt_prompt(p, "shuffled_labels", tok, __import__("random").Random(0))
+    assert _completeness(HA.head_integrated_gradients(model, [p], steps=20, baseline=[swap])) < 1e-3
