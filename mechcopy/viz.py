@@ -405,10 +405,14 @@ def plot_head_maps(panels: dict[str, dict], title: str = "", top: int = 5) -> Fi
         raise ValueError("plot_head_maps: no panels to draw")
     arrays = {k: _as_array(p["values"]) for k, p in panels.items()}
     n_l, n_h = next(iter(arrays.values())).shape
-    fig = Figure(figsize=(len(panels) * max(3.4, 0.42 * n_h + 2.4), max(3.2, 0.2 * n_l + 2.2)), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(cols * max(3.0, 0.28 * n_h + 2.2), rows * max(3.0, 0.16 * n_l + 1.9)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (name, p) in zip(axes, panels.items()):
         _head_panel(fig, ax, arrays[name], name, p.get("label", ""), top, p.get("centre", True))
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
     if title:
         fig.suptitle(_label(title), fontsize=10)
     return fig
