@@ -15,7 +15,8 @@ every demo that shows it: the copied label is gone from the demos and the gold i
 * `ig`: IG over heads (m = 20, fast path) of the target, from the heads' last-position output on the
   counterfactual prompt to their output on the prompt, completeness per layer recorded;
 * `label`: attention from the final position to the demo-label tokens, and the OV margin (the attended
-  label's logit minus the other demo labels', what the head writes from it per unit attention), over
+  label's logit minus the mean of the other labels in play, the other demo labels and the gold, in what
+  the head writes from the attended label per unit attention), over
   copy errors, correct answers and all prompts (first-token outcomes);
 * `patch`: per-head patching of `z` at all positions from the counterfactual run into the prompt's run
   (`role_pairs_of(..., reverse=True)`), read as the change of logit(gold) - logit(c) in logits (mean

@@ -10,9 +10,10 @@ For every head and prompt, at the final position (where the answer is predicted)
 * **the OV check**: of the demo label the head attends to most, what the head writes from those tokens
   per unit of attention (their values, attention-weighted within the label, through `W_O`, the
   post-attention norm and the final norm with their scales frozen at the final position, and `W_U`),
-  read as the logit of that label's first token; and the margin over the mean of the other demo labels'
-  first tokens. A positive margin means the head copies what it attends to, a negative one that it
-  suppresses it (copy suppression).
+  read as the logit of that label's first token; and the margin over the mean of the other labels in
+  play (the other demo labels' and the gold's first tokens: on a two-label task whose demos all show
+  one label, the gold is the only other). A positive margin means the head copies what it attends to,
+  a negative one that it suppresses it (copy suppression).
 
 Values come from `blocks.{l}.attn.hook_v` (per key/value head; query head h reads `kv_head(model, h)`),
 so the check holds on grouped-query models. Each prompt carries its first-token outcome (`correct`,
@@ -145,7 +146,7 @@ def label_attention(model: HookedModel, prompts: Sequence) -> LabelAttention:
                     scale = cache["ln_final.hook_scale"][0, -1] if hasattr(final_norm, "hook_scale") else None
                     resid = frozen_norm(final_norm, scale, write).float()
                     own = label_ids[d]
-                    others = sorted(set(label_ids) - {own})
+                    others = sorted((set(label_ids) | {int(prompt.answer_ids[0])}) - {own})
                     lo = resid @ model.unembed.W_U[:, [own] + others].float()
                     logit.append(lo[0])
                     margin.append(lo[0] - lo[1:].mean() if others else torch.tensor(float("nan")))

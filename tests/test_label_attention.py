@@ -76,7 +76,7 @@ def test_ov_check_by_hand(model, prompts):
                 x = x / cache[f"blocks.{layer}.ln1_post.hook_scale"][0, -1] * model.blocks[layer].ln1_post.w
             x = x / cache["ln_final.hook_scale"][0, -1] * model.ln_final.w
             ids = [ids[0] for ids in p.demo_label_ids]
-            own, others = ids[d], sorted(set(ids) - {ids[d]})
+            own, others = ids[d], sorted((set(ids) | {p.answer_ids[0]}) - {ids[d]})    # other demo labels and gold
             logits = x @ model.W_U
             assert abs(float(logits[own]) - float(res.ov_logit[0, layer, h])) < 1e-4
             assert abs(float(logits[own] - logits[others].mean()) - float(res.ov_margin[0, layer, h])) < 1e-4
