@@ -41,7 +41,7 @@ OUTCOMES = ("correct", "copy", "other")
 
 def label_positions(model: HookedModel, prompt) -> list[list[int]]:
     """The token positions of each demo label of `prompt` (role `y{i}`), one list per demo."""
-    roles = token_roles(model.to_str_tokens(prompt.text), prompt)
+    roles = token_roles(arch_of(model).str_tokens(model, prompt.text), prompt)
     out = [[p for p, r in enumerate(roles) if r == f"y{i}"] for i in range(1, len(prompt.demos) + 1)]
     missing = [i + 1 for i, pos in enumerate(out) if not pos]
     if missing:

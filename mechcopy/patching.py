@@ -72,7 +72,7 @@ def make_pairs(model: HookedModel, task, corruption: str, n: int = 10, shots: in
         if tc.shape != tx.shape:
             dropped.append(f"{p.query!r}: corrupted prompt has {tx.shape[0]} tokens, clean {tc.shape[0]}")
             continue
-        kept.append((p, c, tc, tx, tuple(token_roles(model.to_str_tokens(p.text), p))))
+        kept.append((p, c, tc, tx, tuple(token_roles(arch_of(model).str_tokens(model, p.text), p))))
     if not kept:
         raise ValueError(f"no clean/corrupted pair of equal token length for task {task.name!r} with "
                          f"{corruption!r} ({len(dropped)} dropped, e.g. {dropped[:2]})")
@@ -205,8 +205,8 @@ def _role_pairs(model: HookedModel, cands, dropped: list[str], n: int, reverse: 
         with torch.no_grad():
             logits = arch_of(model).last_logits(model, tx)[0]
         ref = ids[int(logits[ids].argmax())]
-        pairs.append(RolePair(p, c, tc, tx, tuple(token_roles(model.to_str_tokens(p.text), p)),
-                              tuple(token_roles(model.to_str_tokens(c.text), c)), gold, ref))
+        pairs.append(RolePair(p, c, tc, tx, tuple(token_roles(arch_of(model).str_tokens(model, p.text), p)),
+                              tuple(token_roles(arch_of(model).str_tokens(model, c.text), c)), gold, ref))
     if not pairs:
         raise ValueError(f"{what}: no usable clean/corrupted pair ({len(dropped)} dropped, e.g. {dropped[:2]})")
     return RolePairs(tuple(pairs), tuple(dropped))
@@ -415,7 +415,7 @@ def activation_patching(
         n_pos = tuple(by_pos.tolist())
     return PatchingResult(
         task=task.name, corruption=corruption, components=tuple(comps), values=tuple(arr.tolist()),
-        roles=pairs.roles, tokens=tuple(model.to_str_tokens(pairs.clean[0].text)), n_pairs=len(pairs),
+        roles=pairs.roles, tokens=tuple(arch_of(model).str_tokens(model, pairs.clean[0].text)), n_pairs=len(pairs),
         n_dropped=len(pairs.dropped), ld_clean=metric.ld_clean, ld_corrupt=metric.ld_corrupt, warning=metric.warning,
         neurons=len(neurons) if neurons is not None else 0, neuron_all_positions=n_all, neuron_by_pos=n_pos,
         settings={"n": n, "shots": shots, "seed": seed, "method": method,

@@ -567,7 +567,7 @@ def attention_view(model: HookedModel, text: str, layer: int, heads: Sequence[in
     return CircuitsvisHTML.build(
         "AttentionHeads", title=f"Attention, layer {layer}",
         attention=pattern[head_ids].double().cpu().numpy().round(4),
-        tokens=model.to_str_tokens(text),
+        tokens=arch_of(model).str_tokens(model, text),
         attentionHeadNames=[f"L{layer}H{h}" for h in head_ids],
         maskUpperTri=True,
     )
@@ -589,7 +589,7 @@ def head_attention_view(model: HookedModel, prompt, heads: Sequence[tuple[int, i
     with torch.no_grad():
         _, cache = model.run_with_cache(arch_of(model).tokens(model, prompt.text), names_filter=lambda n: n in names)
     pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0, h] for l, h in heads])   # [heads, dest, src]
-    tokens = list(model.to_str_tokens(prompt.text))
+    tokens = arch_of(model).str_tokens(model, prompt.text)
     for pos in (p for demo in label_positions(model, prompt) for p in demo):
         tokens[pos] = mark.format(tokens[pos])
     return CircuitsvisHTML.build(
@@ -623,7 +623,7 @@ def neuron_activations_view(model: HookedModel, text: str, neurons, max_neurons:
         acts, labels = acts[:, keep], [labels[int(i)] for i in keep]
     return CircuitsvisHTML.build(
         "TextNeuronActivations", title=f"{len(labels)} neurons' activations",
-        tokens=model.to_str_tokens(text),
+        tokens=arch_of(model).str_tokens(model, text),
         activations=acts[:, None, :].double().cpu().numpy().round(4),  # [tokens, 1, neurons]
         firstDimensionName="Set", secondDimensionName="Neuron",
         firstDimensionLabels=[str(neurons.meta.get("name", "neurons"))],
