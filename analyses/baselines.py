@@ -23,9 +23,9 @@ ZERO = 0.02  # accuracy at or below this counts as "cannot do the task at all"
 
 def baselines(model, shots: int = 4, n: int = 100, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Evaluate all built-in tasks (probe and object counting included); returns the results JSON."""
-    from mechcopy.evaluation import run_evaluation
+    from mechcopy.suite import run_evaluation
     from mechcopy.evaluation import perplexity
-    from mechcopy.neurons import model_fingerprint
+    from mechcopy.fingerprint import model_fingerprint
     from mechcopy.tasks import load_tasks
 
     tasks = load_tasks("all")

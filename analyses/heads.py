@@ -64,7 +64,7 @@ def prompts_for(model, task: str, n: int):
 
     if task == "probe":
         return list(build_probe(model.tokenizer, ProbeConfig(), n_attr=n, n_dev=0, n_test=0, seed=0).attribution)
-    return list(build_prompts(load_task(task), model.tokenizer, k=4, n=n, seed=0, gold_in_demos=False).prompts)
+    return list(build_prompts(load_task(task), model.tokenizer, shots=4, n=n, seed=0, gold_in_demos=False).prompts)
 
 
 def copied_to_gold(model, prompts) -> list:
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
 
     from mechcopy import load_model, viz
     from mechcopy.io import write_json_atomic
-    from mechcopy.neurons import model_fingerprint
+    from mechcopy.fingerprint import model_fingerprint
 
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)

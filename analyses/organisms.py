@@ -17,12 +17,13 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from mechcopy.organisms.method import MethodConfig, run_method, seed_summary, task_vector_summary
+from mechcopy.organisms.method import ORGANISM_FIND, MethodConfig, run_method, seed_summary, task_vector_summary
 from mechcopy.organisms.train import load_organism
 from mechcopy.io import write_atomic, write_json_atomic
 
@@ -166,8 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/organisms/analysis")
     p.add_argument("--figures", default=None, help="also write the figures here (e.g. docs/figures)")
     p.add_argument("--n-eval", type=int, default=MethodConfig.n_eval)
-    p.add_argument("--n-attr", type=int, default=MethodConfig.n_attr)
-    p.add_argument("--ig-steps", type=int, default=MethodConfig.ig_steps)
+    p.add_argument("--n-attr", type=int, default=ORGANISM_FIND.n, help="attribution prompts (FindConfig.n)")
+    p.add_argument("--ig-steps", type=int, default=ORGANISM_FIND.steps, help="IG steps (FindConfig.steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--reuse", action="store_true", help="reuse OUT/<organism>.json where it exists")
@@ -175,7 +176,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    config = MethodConfig(n_eval=args.n_eval, n_attr=args.n_attr, ig_steps=args.ig_steps, seed=args.seed)
+    config = MethodConfig(find=replace(ORGANISM_FIND, n=args.n_attr, steps=args.ig_steps, seed=args.seed),
+                          n_eval=args.n_eval)
     results = []
     for folder in args.folders:
         cached = out / f"{Path(folder).name}.json"

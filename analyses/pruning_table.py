@@ -18,22 +18,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mechcopy.conditions import UNPRUNED, standard_conditions
+from mechcopy.fingerprint import model_fingerprint
+from mechcopy.suite import run_evaluation
+
 
 def pruning_table(model, neurons, tasks, n: int = 50, shots: int = 4, seed: int = 0, n_random: int = 5,
                   progress: bool = True) -> dict[str, Any]:
     """Evaluate every task under every condition; returns rows and a per-task summary (no printing)."""
-    from mechcopy.evaluation import run_evaluation
-    from mechcopy.pruning import condition_sets
-    from mechcopy.neurons import model_fingerprint
-
-    conds = {"unpruned": None, **condition_sets(model, neurons, n_random=n_random, seed=seed)}
+    conds = [UNPRUNED, *standard_conditions(model, neurons, n_random=n_random, seed=seed)]
     t0 = time.perf_counter()
     rows, dropped = run_evaluation(model, tasks, shots=shots, n=n, seed=seed, conditions=conds, progress=progress)
     seconds = time.perf_counter() - t0
     summary = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        by = {r["condition"]: r for r in rows if r["task"] == task}
-        rand = [r for c, r in by.items() if c.startswith("random-")]
+        by = {r["spec"]["family"]: r for r in rows if r["task"] == task and r["spec"]["family"] != "random"}
+        rand = [r for r in rows if r["task"] == task and r["spec"]["family"] == "random"]
         entry = {"task": task, "kind": by["unpruned"].get("kind"), "n": by["unpruned"]["n"]}
         for cond in ("unpruned", "pruned", "bottom"):
             if cond in by:
@@ -47,7 +47,7 @@ def pruning_table(model, neurons, tasks, n: int = 50, shots: int = 4, seed: int 
                                "seeds": len(rand)}
         summary.append(entry)
     return {"model": model_fingerprint(model), "n_neurons": len(neurons),
-            "layer_counts": neurons.layer_counts(model.cfg.n_layers), "neurons": [list(x) for x in neurons.neurons],
+            "layer_counts": neurons.layer_counts(model.cfg.n_layers), "neurons": [list(x) for x in neurons.pairs],
             "settings": {"n": n, "shots": shots, "seed": seed, "n_random": n_random,
                          "tasks": [t.name for t in tasks], "selection": {k: v for k, v in neurons.meta.items()
                                                                         if k not in ("sweep",)}},
@@ -112,12 +112,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from mechcopy import load_model
+    from mechcopy.components import Components
     from mechcopy.io import write_json_atomic
-    from mechcopy.neurons import NeuronSet
     from mechcopy.tasks import load_tasks
 
     t0 = time.perf_counter()
-    neurons = NeuronSet.load(args.neurons)
+    neurons = Components.load(args.neurons)
     if args.merge:
         import json
 

@@ -7,7 +7,7 @@ Reads ROOT/MODEL/VARIANT/<stage>.json (each `{"stage", "seconds", "result"}`) an
 concern to stdout: probe, attribution cost and completeness, the k sweep, self-consistency, stability,
 mean ablation, neuron cards, the k curve on the tasks, held-out effect. The stages finish one by one over hours, so a missing
 folder or stage is a "(not run)" cell or note, never an error: the tables can be regenerated at any
-point. Nothing is recomputed; the held-out comparisons use `mechcopy.evaluation.comparisons_table`.
+point. Nothing is recomputed; the held-out comparisons use `mechcopy.comparisons.comparisons_table`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import argparse
 import json
 import math
 from pathlib import Path
+
+from mechcopy.comparisons import comparisons_table
 
 NOT_RUN = "(not run)"
 
@@ -84,10 +86,8 @@ DIFF_HEAD = ["Δ acc pruned − unpruned", "Δ acc pruned − random", "Δ copy 
 
 
 def diff_cells(comparisons: list[dict]) -> list[str]:
-    """The four paired differences of DIFF_COLUMNS from `evaluation.compare_rows` entries, with
+    """The four paired differences of DIFF_COLUMNS from `comparisons.compare_rows` entries, with
     intervals (and, pooled, how many tasks move up/down after Holm)."""
-    from mechcopy.evaluation import comparisons_table
-
     df = comparisons_table(comparisons)
     holm = "tasks up/down (Holm)"
     cell = {(r["metric"], r["comparison"]): f"{r['diff']} {r['95% CI']}"
@@ -248,19 +248,20 @@ def kcurve_table(args) -> str:
     figures = []
 
     def rows_of(res, m, v):
-        rates: dict = {}
+        rates: dict = {}                           # (family, group) -> [(accuracy, copy rate) per task]
         for r in res["rows"]:
-            rates.setdefault(r["condition"], []).append((r["accuracy"], r["copy_rate"]))
+            spec = r["spec"]
+            rates.setdefault((spec["family"], spec["group"]), []).append((r["accuracy"], r["copy_rate"]))
         png = args.root / m / v / "kcurve-tasks.png"
         if png.exists():
             figures.append(f"- {m} / {v}: `{png}`")
         out = []
         for k in res["ks"]:
-            acc, copy = (sum(x) / len(x) for x in zip(*rates[f"pruned@{k}"]))
-            out.append([f"**{k}**" if k == res["chosen_k"] else k, len(rates[f"pruned@{k}"]), res["n_per_task"],
+            acc, copy = (sum(x) / len(x) for x in zip(*rates[("pruned", k)]))
+            out.append([f"**{k}**" if k == res["chosen_k"] else k, len(rates[("pruned", k)]), res["n_per_task"],
                         f"{num(acc, 2)} / {num(copy, 2)}", *diff_cells(res["pooled"][str(k)])])
-        base = [sum(x) / len(x) for x in zip(*rates["unpruned"])]
-        return [[f"0 (unpruned){' **chosen**' if res['chosen_k'] == 0 else ''}", len(rates["unpruned"]),
+        base = [sum(x) / len(x) for x in zip(*rates[("unpruned", None)])]
+        return [[f"0 (unpruned){' **chosen**' if res['chosen_k'] == 0 else ''}", len(rates[("unpruned", None)]),
                  res["n_per_task"], f"{num(base[0], 2)} / {num(base[1], 2)}", "", "", "", ""]] + out
 
     head = ["model", "variant", "k", "tasks", "prompts per task", "acc / copy (mean over tasks)",
@@ -355,7 +356,7 @@ def heldout_table(args, construction: str) -> str:
                     missing.append(f"{m} / {v}")
             except (KeyError, TypeError, ValueError, IndexError) as e:
                 parts.append(f"{m} / {v}: (unreadable: {type(e).__name__} {e})")
-    note = (f"`{stage}.json` (`comparisons`, from `evaluation.compare_rows`): paired differences with 95% intervals; "
+    note = (f"`{stage}.json` (`comparisons`, from `comparisons.compare_rows`): paired differences with 95% intervals; "
             "random = the layer-matched random sets as one family; pooled (held-out tasks weighed equally) adds "
             "how many tasks move significantly up/down after Holm")
     gold = "gold among the demos as usual" if construction == "standard" else "gold never among the demos"

@@ -1,11 +1,11 @@
 """Evaluator speed: today's path against the one-pass path, on the same prompts and conditions.
 
     python benchmarks/eval_speed.py [--model smollm2-135m] [--n 20] [--threads 1] [--batch-size 128]
-        [--neurons N.json] [--k 20] [--breakdown] [--out results/eval_speed.json]
+        [--neurons N.json] [--k 20] [--ablation zero|mean] [--breakdown] [--out results/eval_speed.json]
 
 Every built-in task (20), `--n` prompts each, 6 conditions: unpruned, pruned, 3 random layer-matched
-sets, bottom. The neuron set is the top `--k` of random copy scores (seeded), or `--neurons` (its
-bottom set comes from the scores file it names, if any).
+sets, bottom, zeroed or (`--ablation mean`) mean-ablated. The neuron set is the top `--k` of random
+copy scores (seeded), or `--neurons` (its bottom set comes from the scores file it names, if any).
 
 - old: today's evaluator, TransformerLens' own weight layout (a transposed copy of every weight
   matrix on every call), only prompts of equal token length in a batch (`predict(..., pad=False)`),
@@ -39,22 +39,28 @@ def stock_layout(model) -> None:
             p.data = p.data.contiguous()
 
 
-def neuron_sets(model, neurons_path, k: int, seed: int) -> dict:
-    """The 6 conditions' neuron sets (None: unpruned)."""
+def neuron_sets(model, neurons_path, k: int, seed: int, ablation: str = "zero", prompts=()) -> list:
+    """The 6 conditions: unpruned, pruned, 3 random sets, bottom; zeroed, or mean-ablated (means over
+    every position of `prompts`)."""
     from mechcopy.attribution import CopyScores
-    from mechcopy.neurons import NeuronSet, model_fingerprint
-    from mechcopy.pruning import condition_sets, select
+    from mechcopy.components import Components
+    from mechcopy.conditions import UNPRUNED, standard_conditions
+    from mechcopy.fingerprint import model_fingerprint
+    from mechcopy.pruning import component_means
+    from mechcopy.selection import select
     from mechcopy.sites import neurons_per_layer
 
     scores = None
     if neurons_path:
-        neurons = NeuronSet.load(neurons_path)
+        neurons = Components.load(neurons_path)
     else:
         gen = torch.Generator().manual_seed(seed)
         scores = CopyScores(torch.rand(model.cfg.n_layers, neurons_per_layer(model), generator=gen),
                             {"model": model_fingerprint(model)})
         neurons = select(scores, "global", k=k)
-    return {"unpruned": None, **condition_sets(model, neurons, n_random=3, seed=seed, scores=scores)}
+    means = component_means(model, list(prompts), reference="the benchmark's prompts") if ablation == "mean" else None
+    return [UNPRUNED, *standard_conditions(model, neurons, n_random=3, seed=seed, scores=scores, ablation=ablation,
+                                           means=means)]
 
 
 def timed(fn):
@@ -63,16 +69,16 @@ def timed(fn):
     return out, time.perf_counter() - t, time.process_time() - c
 
 
-def old_path(model, prompt_sets: dict, sets: dict, batch_size: int) -> dict:
-    """Today's evaluator: per task, per condition, equal-length batches."""
+def old_path(model, prompt_sets: dict, sets: list, batch_size: int) -> dict:
+    """The first evaluator: per task, per condition (its own hooks), equal-length batches."""
     from mechcopy.evaluation import predict
-    from mechcopy.pruning import pruning_hooks
+    from mechcopy.pruning import condition_hooks
 
-    return {task: {name: predict(model, ps, [] if ns is None else pruning_hooks(model, ns), batch_size, pad=False)
-                   for name, ns in sets.items()} for task, ps in prompt_sets.items()}
+    return {task: {c.label: predict(model, ps, condition_hooks(model, c), batch_size, pad=False) for c in sets}
+            for task, ps in prompt_sets.items()}
 
 
-def new_path(model, prompt_sets: dict, sets: dict, batch_size: int) -> dict:
+def new_path(model, prompt_sets: dict, sets: list, batch_size: int) -> dict:
     from mechcopy.evaluation import predict_conditions
 
     return {task: predict_conditions(model, ps, sets, batch_size) for task, ps in prompt_sets.items()}
@@ -93,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--old-batch-size", type=int, default=32, help="old path: prompts per batch (today's default)")
     p.add_argument("--neurons", default=None, help="a neuron file (default: top-k of random scores)")
     p.add_argument("--k", type=int, default=20)
+    p.add_argument("--ablation", choices=["zero", "mean"], default="zero",
+                   help="zero the sets (pruning) or mean-ablate them (means over 2 prompts of every task)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--breakdown", action="store_true", help="also time the old path on the new weight layout")
     p.add_argument("--out", default=None)
@@ -103,22 +111,23 @@ def main(argv=None) -> int:
     from mechcopy import load_model
     from mechcopy.io import write_json_atomic
     from mechcopy.models.loading import store_as_read
-    from mechcopy.neurons import model_fingerprint
-    from mechcopy.reproduce import git_revision
+    from mechcopy.fingerprint import model_fingerprint
+    from mechcopy.provenance import git_revision
     from mechcopy.tasks import load_tasks
     from mechcopy.tasks.prompts import build_prompts
 
     model, load_s, _ = timed(lambda: load_model(args.model))
-    sets = neuron_sets(model, args.neurons, args.k, args.seed)
-    prompt_sets = {t.name: build_prompts(t, model.tokenizer, k=args.shots, n=args.n, seed=args.seed).prompts
+    prompt_sets = {t.name: build_prompts(t, model.tokenizer, shots=args.shots, n=args.n, seed=args.seed).prompts
                    for t in load_tasks("all")}
+    sets = neuron_sets(model, args.neurons, args.k, args.seed, args.ablation,
+                       [p for ps in prompt_sets.values() for p in ps[:2]])
     pairs = sum(len(ps) for ps in prompt_sets.values()) * len(sets)
     res = {"model": model_fingerprint(model), "git_revision": git_revision(), "load_s": round(load_s, 1),
            "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(),
            "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()),
            "tasks": len(prompt_sets), "prompts": sum(len(ps) for ps in prompt_sets.values()),
-           "conditions": {name: None if ns is None else len(ns) for name, ns in sets.items()},
-           "fork_layer": min((min(ns.by_layer()) for ns in sets.values() if ns is not None), default=None),
+           "conditions": {c.label: len(c.components) if c.ablates else None for c in sets}, "ablation": args.ablation,
+           "fork_layer": min((min(c.components.by_layer()) for c in sets if c.ablates), default=None),
            "batch_size": args.batch_size, "old_batch_size": args.old_batch_size, "paths": {}}
 
     def run(name, fn, batch_size):

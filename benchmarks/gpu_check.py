@@ -95,8 +95,8 @@ def run(args) -> dict:
         out["gpu"] = torch.cuda.get_device_name(0)
 
     cpu = load("cpu", torch.float32)
-    probe, _ = probe_splits(cpu.tokenizer, n_attr=n_ig_speed, n_dev=1, k=4, seed=0)
-    antonyms = build_prompts(load_task("antonyms"), cpu.tokenizer, k=4, n=n_eval_speed, seed=0).prompts
+    probe, _ = probe_splits(cpu.tokenizer, n_attr=n_ig_speed, n_dev=1, shots=4, seed=0)
+    antonyms = build_prompts(load_task("antonyms"), cpu.tokenizer, shots=4, n=n_eval_speed, seed=0).prompts
     out["model"] = cpu.cfg.model_name
     ref_ig, t_ig = _timed(lambda: integrated_gradients(cpu, probe[:n_ig], steps=args.steps), "cpu")
     ref_pred, t_pred = _timed(lambda: predict(cpu, antonyms[:n_eval]), "cpu")

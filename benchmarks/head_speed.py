@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from mechcopy.heads import all_heads, head_hooks
     from mechcopy.io import write_json_atomic
     from mechcopy.label_attention import label_attention
-    from mechcopy.neurons import model_fingerprint
+    from mechcopy.fingerprint import model_fingerprint
     from mechcopy.patching import NormalisedLogitDiff, role_pairs_of
     from mechcopy.tasks.probe import ProbeConfig, build_probe
 

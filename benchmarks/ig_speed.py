@@ -119,7 +119,7 @@ def timed(fn):
 def mamba_section(spec: str, n_prompts: int, steps: int) -> dict:
     """Fast vs reference IG on a HookedMamba: the cached Mamba organism, FOLDER, or tiny_mamba(8, 256)."""
     from mechcopy.attribution import integrated_gradients
-    from mechcopy.neurons import model_fingerprint
+    from mechcopy.fingerprint import model_fingerprint
     from mechcopy.organisms import load_organism, probe_splits as organism_splits
     from mechcopy.organisms.train import CONFIG_FILE, default_dir
 
@@ -133,7 +133,7 @@ def mamba_section(spec: str, n_prompts: int, steps: int) -> dict:
         from mechcopy.tasks.probe import probe_splits
 
         model = tiny_mamba(n_layers=8, d_model=256, seed=0)
-        prompts = probe_splits(model.tokenizer, n_attr=n_prompts, n_dev=1, k=4, seed=0)[0]
+        prompts = probe_splits(model.tokenizer, n_attr=n_prompts, n_dev=1, shots=4, seed=0)[0]
         source = "random tiny_mamba(n_layers=8, d_model=256) (no Mamba organism cached)"
     integrated_gradients(model, prompts[:1], steps=2)                 # warm-up
     fast, t_fast = timed(lambda: integrated_gradients(model, prompts, steps=steps))
@@ -164,8 +164,8 @@ def main(argv=None) -> int:
     from mechcopy import load_model
     from mechcopy.attribution import grad_x_act, integrated_gradients, rank_correlation
     from mechcopy.io import write_json_atomic
-    from mechcopy.neurons import model_fingerprint
-    from mechcopy.reproduce import git_revision
+    from mechcopy.fingerprint import model_fingerprint
+    from mechcopy.provenance import git_revision
     from mechcopy.tasks.probe import probe_splits
 
     def save(stage: str) -> None:
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         print(f"[{stage}] written to {args.out}", file=sys.stderr, flush=True)
 
     model = load_model(args.model)
-    prompts, _ = probe_splits(model.tokenizer, n_attr=args.prompts, n_dev=1, k=4, seed=0)
+    prompts, _ = probe_splits(model.tokenizer, n_attr=args.prompts, n_dev=1, shots=4, seed=0)
     tokens = [int(model.to_tokens(q.text).shape[1]) for q in prompts]
     res: dict = {"model": model_fingerprint(model), "git_revision": git_revision(), "n_prompts": len(prompts),
                  "prompt_tokens": tokens, "steps": args.steps, "rule": "gauss-legendre", "threads": args.threads,

@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model)
-    prompts = build_prompts(load_task("antonyms"), model.tokenizer, k=4, n=20, seed=0).prompts
+    prompts = build_prompts(load_task("antonyms"), model.tokenizer, shots=4, n=20, seed=0).prompts
     probe, _ = probe_splits(model.tokenizer, n_attr=2, n_dev=1)
     evaluate(model, prompts[:4])                               # warm up
     workloads = {"evaluate-20": lambda: evaluate(model, prompts),

@@ -37,12 +37,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import write_atomic, write_json_atomic
-from mechcopy.neurons import model_fingerprint
 from mechcopy.sites import neuron_site
 
 TARGETS = ("contrast", "gold_logprob", "copy_prob")
@@ -174,7 +176,6 @@ class Attributions:
 
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Write the attributions (safetensors) with their settings and `meta` in the header, atomically."""
-        from safetensors.torch import save
 
         tensors = {"values": self.values.contiguous(), "target_clean": self.target_clean.contiguous(),
                    "target_zero": self.target_zero.contiguous(),
@@ -182,13 +183,11 @@ class Attributions:
                    "gold_tokens": torch.tensor(list(self.gold_tokens), dtype=torch.long)}
         header = {**(meta or {}), "target": self.target, "attribution": self.attribution, "method": self.method,
                   "steps": self.steps, "rule": self.rule, "layers": list(self.layers)}
-        return write_atomic(path, save(tensors, metadata={"mechcopy": json.dumps(header, default=str)}))
+        return write_atomic(path, save_safetensors(tensors, metadata={"mechcopy": json.dumps(header, default=str)}))
 
     @classmethod
     def load(cls, path: str | Path) -> tuple["Attributions", dict[str, Any]]:
         """(attributions, header) from a file written by `save`."""
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("mechcopy", "{}"))
             t = {k: f.get_tensor(k) for k in f.keys()}
@@ -416,6 +415,11 @@ class CopyScores:
     def model(self) -> dict[str, Any]:
         return self.meta.get("model", {})
 
+    @property
+    def kind(self) -> str:
+        """The component kind scored (`mechcopy.components.KINDS`): neurons unless the meta says otherwise."""
+        return self.meta.get("kind", "neuron")
+
     def eligible(self) -> Bool[Tensor, "layers neurons"]:
         """True where a neuron may be selected (its layer is allowed)."""
         mask = torch.ones_like(self.scores, dtype=torch.bool)
@@ -440,19 +444,15 @@ class CopyScores:
 
     def save(self, path: str | Path) -> Path:
         """`path` (.safetensors) holds the tensor; the JSON metadata also goes into its header."""
-        from safetensors.torch import save
-
         path = Path(path)
         meta = {**self.meta, "allowed_layers": None if self.allowed_layers is None else list(self.allowed_layers)}
-        write_atomic(path, save({"scores": self.scores.contiguous().float()},
+        write_atomic(path, save_safetensors({"scores": self.scores.contiguous().float()},
                                 metadata={"mechcopy": json.dumps(meta, default=str)}))
         write_json_atomic(path.with_suffix(".json"), meta)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "CopyScores":
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no copy-score file at {path}; run `mechcopy find` first")

@@ -27,10 +27,11 @@ from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.attribution import CopyScores
-from mechcopy.evaluation import copy_error, predict
+from mechcopy.components import Components
+from mechcopy.evaluation import predict
 from mechcopy.hooks import capture, zero_neurons
-from mechcopy.neurons import NeuronSet
 from mechcopy.sites import neuron_site
+from mechcopy.tasks.outcomes import copy_error
 
 NO_COPY = "no copy"
 
@@ -114,11 +115,11 @@ def last_activations(model: HookedModel, prompts: Sequence, layers: Sequence[int
     return {layer: torch.stack(r) for layer, r in rows.items()}
 
 
-def neuron_cards(model: HookedModel, neurons: NeuronSet | Sequence[tuple[int, int]], prompts: Sequence,
+def neuron_cards(model: HookedModel, neurons: Components | Sequence[tuple[int, int]], prompts: Sequence,
                  top: int = 10, scores: CopyScores | None = None) -> tuple[NeuronCard, ...]:
     """One card per neuron on `prompts` (probe prompts: the copied label is a wrong demo label)."""
-    pairs = list(neurons.neurons if isinstance(neurons, NeuronSet) else neurons)
-    if isinstance(neurons, NeuronSet):
+    pairs = list(neurons.neurons if isinstance(neurons, Components) else neurons)
+    if isinstance(neurons, Components):
         neurons.check(model)
     if not pairs or not prompts:
         raise ValueError("neuron cards need at least one neuron and one prompt")

@@ -189,7 +189,7 @@ def head_patching(model: HookedModel, pairs: RolePairs, activation: str = "z", b
     Each pair is patched alone; its positions are aligned by role (`RolePair.aligned`). Without
     `by_role`, every aligned position at once (a pair of one layout: every position); with it, the
     tokens of one role at a time, for `roles` (default every role of the corrupted prompts)."""
-    from mechcopy.neurons import model_fingerprint
+    from mechcopy.fingerprint import model_fingerprint
 
     _check(model, activation)
     cfg = model.cfg

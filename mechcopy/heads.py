@@ -10,8 +10,14 @@ key/value head for its group of consecutive query heads).
 What head h of layer l adds to the residual stream at a position is `z[h] @ W_O[l, h]`, then, on
 models that normalise the attention output again before the residual add (Gemma 3:
 `cfg.use_normalization_before_and_after`, `blocks.{l}.ln1_post`), that norm with its scale frozen at
-the value the whole attention output gave it (`head_writes`). Zeroing a head's `z` equals zeroing its
-rows of `W_O` (`prune_head_weights`); setting it to a mean equals also adding mean @ W_O[h] to `b_O`.
+the value the whole attention output gave it (`head_writes`).
+
+Heads are the `head` kind of `mechcopy.components` (`KINDS["head"]`): a set of heads is a `Components`
+of that kind (`head_set`), ablated like neurons by `pruning.pruning_hooks` (zero or mean, all positions
+or the last), `pruning.prune_weights` (zeroing a head's `z` equals zeroing its rows of `W_O`; setting it
+to a mean equals also adding mean @ W_O[h] to `b_O`), a `conditions.Condition` in the one-pass
+evaluator, and a component file (`"heads": [[layer, head], ...]`). Means: `pruning.component_means(
+model, prompts, "head")`.
 
 Heads exist only where the architecture has attention (`arch_of(model).has_attention`); every head
 function refuses a Mamba model with one line (`require_heads`).
@@ -27,9 +33,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
-from mechcopy.hooks import Hook, capture, set_heads, zero_heads
+from mechcopy.components import Components, component_kind
+from mechcopy.conditions import Means
+from mechcopy.fingerprint import model_fingerprint
+from mechcopy.hooks import Hook
+from mechcopy.pruning import pruning_hooks
 
-HEAD_TEMPLATE = "blocks.{layer}.attn.hook_z"
 Head = tuple[int, int]
 
 
@@ -59,10 +68,10 @@ def kv_head(model: HookedModel, head: int) -> int:
 
 
 def head_site(model: HookedModel, layer: int) -> str:
-    """`blocks.{layer}.attn.hook_z`, the site of layer `layer`'s heads (checked against the model)."""
+    """`blocks.{layer}.attn.hook_z`, the site of layer `layer`'s heads (checked against the model): the
+    head component kind's site."""
     require_heads(model)
-    arch_of(model).neuron_site(model, layer)            # the same layer checks as a neuron site
-    return HEAD_TEMPLATE.format(layer=int(layer))
+    return component_kind("head").site(model, layer)
 
 
 def check_heads(model: HookedModel, heads: Iterable[Sequence[int]]) -> tuple[Head, ...]:
@@ -97,65 +106,21 @@ def heads_by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
     return out
 
 
-# ---------------------------------------------------------------- ablation: hooks, means, weight edits
+# ---------------------------------------------------------------- heads as components
 
 
-def head_hooks(model: HookedModel, heads: Iterable[Head], means: Float[Tensor, "layers heads d_head"] | None = None,
-               position: int | None = None) -> list[tuple[str, Hook]]:
+def head_set(model: HookedModel, heads: Iterable[Head], meta: dict | None = None) -> Components:
+    """`heads` as a `Components` set of the head kind (`components.KINDS["head"]`), tied to `model`: what
+    `pruning.pruning_hooks` / `prune_weights`, a `conditions.Condition` and a component file take."""
+    return Components(check_heads(model, heads), model_fingerprint(model), dict(meta or {}), kind="head")
+
+
+def head_hooks(model: HookedModel, heads: Iterable[Head], means: Means | None = None,
+               positions: str = "all") -> list[tuple[str, Hook]]:
     """One hook per layer touched: zero the heads' `hook_z` (`means` None), or set it to their means
-    (`head_means`), at every position or only at `position` (e.g. -1)."""
-    hooks = []
-    for layer, hs in heads_by_layer(check_heads(model, heads)).items():
-        if means is None and position is None:
-            hook = zero_heads(hs)
-        else:
-            values = torch.zeros(len(hs), model.cfg.d_head) if means is None else means[layer, hs]
-            hook = set_heads(hs, values, position)
-        hooks.append((head_site(model, layer), hook))
-    return hooks
-
-
-def site_means(model: HookedModel, prompts: Sequence, names: Sequence[str], last_only: bool = False,
-               ) -> dict[str, Tensor]:
-    """The mean activation at each hook point `names` over every token position of `prompts` (ICL
-    prompts, or texts), or over their last positions only: the reference of a mean ablation, what a
-    component carries on average, so ablating to it removes only what varies across prompts."""
-    if not prompts:
-        raise ValueError("site_means needs at least one prompt")
-    sums: dict[str, Tensor] = {}
-    count = 0
-    with torch.no_grad():
-        for p in prompts:
-            tokens = arch_of(model).tokens(model, getattr(p, "text", p))
-            store: dict = {}
-            model.run_with_hooks(tokens, fwd_hooks=[(name, capture(store)) for name in names])
-            for name in names:
-                act = store[name].double()[0]
-                act = act[-1:] if last_only else act
-                sums[name] = sums[name] + act.sum(0) if name in sums else act.sum(0)
-            count += 1 if last_only else tokens.shape[1]
-    return {name: (s / count).float() for name, s in sums.items()}
-
-
-def head_means(model: HookedModel, prompts: Sequence, last_only: bool = False) -> Float[Tensor, "layers heads d_head"]:
-    """Every head's mean `z` over `prompts` (every position, or the last ones): [layers, heads, d_head]."""
-    require_heads(model, "head_means")
-    names = [head_site(model, l) for l in range(model.cfg.n_layers)]
-    means = site_means(model, prompts, names, last_only)
-    return torch.stack([means[name] for name in names])
-
-
-def prune_head_weights(model: HookedModel, heads: Iterable[Head],
-                       means: Float[Tensor, "layers heads d_head"] | None = None) -> None:
-    """Ablate `heads` permanently: zero their rows of `W_O` and, with `means`, add mean @ W_O[h] to `b_O`
-    (the mean ablation at every position). Equals `head_hooks(model, heads, means)` (tested)."""
-    for layer, hs in heads_by_layer(check_heads(model, heads)).items():
-        attn = model.blocks[layer].attn
-        with torch.no_grad():
-            if means is not None:
-                m = means[layer, hs].to(attn.W_O.device, attn.W_O.dtype)            # [n, d_head]
-                attn.b_O += torch.einsum("nd,ndm->m", m, attn.W_O[hs])
-            attn.W_O[hs] = 0
+    (`pruning.component_means(model, prompts, "head")`), at every position or only the last
+    (`positions="last"`): `pruning.pruning_hooks` on `head_set(model, heads)`."""
+    return pruning_hooks(model, head_set(model, heads), "zero" if means is None else "mean", positions, means)
 
 
 # ---------------------------------------------------------------- what a head writes

@@ -4,10 +4,12 @@ Factories build the functions, so a notebook reads
 `model.run_with_hooks(tokens, fwd_hooks=[(site, zero_neurons(idx))])`. Hooks return a new
 tensor rather than editing in place, so they compose with autograd.
 
-Neuron hooks select the last axis of a [batch pos neurons] activation; head hooks select axis -2 of a
-per-head activation [batch pos head d_head] (`blocks.{l}.attn.hook_z`, and `hook_q`/`hook_k`/`hook_v`,
-whose head axis counts key/value heads on grouped-query models). A neuron hook refuses a per-head
-activation, so `zero_neurons([8])` on `hook_z` cannot silently zero `d_head` index 8 of every head.
+Neuron hooks select the last axis of a [batch pos neurons] activation; head hooks (`*_units` with
+axis -2, or `zero_heads`/`set_heads`/`scale_heads`) select axis -2 of a per-head activation
+[batch pos head d_head] (`blocks.{l}.attn.hook_z`, and `hook_q`/`hook_k`/`hook_v`, whose head axis
+counts key/value heads on grouped-query models). A neuron hook refuses a per-head activation, so
+`zero_neurons([8])` on `hook_z` cannot silently zero `d_head` index 8 of every head, and a head hook
+refuses anything but a per-head activation.
 """
 
 from __future__ import annotations
@@ -38,82 +40,130 @@ def _as_index(idx, what: str = "indices") -> Tensor:
     return index.long()
 
 
-def _neuron_index(idx) -> Tensor:
-    """Neuron indices: integers >= 0 (torch would count -1 from the end, so -1 would prune the last neuron)."""
-    index = _as_index(idx, "neuron indices")
+def _neuron_index(idx, what: str = "neuron") -> Tensor:
+    """Neuron (or head) indices: integers >= 0 (torch would count -1 from the end, so -1 would prune the
+    last neuron)."""
+    index = _as_index(idx, f"{what} indices")
     if index.numel() and int(index.min()) < 0:
-        raise IndexError(f"neuron indices must be >= 0, got {int(index.min())}")
+        raise IndexError(f"{what} indices must be >= 0, got {int(index.min())}")
     return index
 
 
-def _check_width(top: int, act: Tensor, hook, what: str = "neuron") -> None:
-    """Refuse a per-head activation (4-D) for a neuron hook, and an index beyond the axis."""
+def _head_index(idx) -> Tensor:
+    return _neuron_index(idx, "head")
+
+
+def _check_width(top: int, act: Tensor, hook, axis: int = -1) -> None:
+    """Refuse a per-head activation (4-D) for a neuron hook (axis -1), anything but a per-head
+    activation for a head hook (axis -2), and an index beyond the axis."""
     name = getattr(hook, "name", None) or "this hook point"
-    if what == "neuron" and act.ndim > 3:
+    if axis == -1 and act.ndim > 3:
         raise ValueError(f"a neuron hook acts on the last axis of a [batch pos neurons] activation; {name} has "
                          f"shape {list(act.shape)} (a per-head site, [batch pos head d_head]): use the head hooks "
-                         "(hooks.zero_heads, hooks.set_heads) or a neuron site (mechcopy.sites.neuron_site)")
-    width = act.shape[-1] if what == "neuron" else act.shape[-2]
-    if top >= width:
-        unit = "neurons" if what == "neuron" else "heads"
-        raise IndexError(f"{what} index {top} out of range at {name}: it has {width} {unit}")
+                         "(hooks.zero_heads, hooks.set_heads, or *_units with axis=-2) or a neuron site "
+                         "(mechcopy.sites.neuron_site)")
+    if axis == -2:
+        _check_head_site(act, hook)
+    if top >= act.shape[axis]:
+        what = {-1: "neuron", -2: "head"}.get(axis, f"axis {axis}")
+        unit = {-1: "neurons", -2: "heads"}.get(axis, "entries")
+        raise IndexError(f"{what} index {top} out of range at {name}: it has {act.shape[axis]} {unit}")
 
 
-def scale_neurons(idx, factor: float) -> Hook:
-    """Multiply neurons `idx` (last dimension) by `factor` at every position."""
+def _at(index: Tensor, axis: int) -> tuple:
+    """The subscript that selects `index` on `axis` (a negative axis: counted from the end)."""
+    return (Ellipsis, index) + (slice(None),) * (-axis - 1)
+
+
+def scale_units(idx, factor: float, axis: int = -1) -> Hook:
+    """Multiply entries `idx` of axis `axis` by `factor` at every position: neurons on the last axis,
+    attention heads on axis -2 of `attn.hook_z` ([batch pos head d_head])."""
     index = _neuron_index(idx)
     top = int(index.max()) if index.numel() else -1
     masks: dict[tuple, Tensor] = {}      # built once per width, device and dtype: no copy to the device per call
 
-    def hook(act: Float[Tensor, "... d"], hook) -> Float[Tensor, "... d"]:
-        _check_width(top, act, hook)
-        key = (act.shape[-1], act.device, act.dtype)
+    def hook(act: Float[Tensor, "batch pos ..."], hook) -> Float[Tensor, "batch pos ..."]:
+        _check_width(top, act, hook, axis)
+        key = (act.shape[axis], act.device, act.dtype)
         if key not in masks:
-            masks[key] = torch.ones(act.shape[-1], dtype=act.dtype, device=act.device)
-            masks[key][index.to(act.device)] = factor
+            mask = torch.ones(act.shape[axis], dtype=act.dtype, device=act.device)
+            mask[index.to(act.device)] = factor
+            masks[key] = mask.reshape(-1, *([1] * (-axis - 1)))
         return act * masks[key]
 
-    return _named(hook, f"scale_neurons[{len(index)}x{factor}]")
+    return _named(hook, f"scale_units[{len(index)}x{factor}]" if axis != -1 else f"scale_neurons[{len(index)}x{factor}]")
+
+
+def scale_neurons(idx, factor: float) -> Hook:
+    """Multiply neurons `idx` (last dimension) by `factor` at every position."""
+    return scale_units(idx, factor, -1)
+
+
+def zero_units(idx, axis: int = -1) -> Hook:
+    """Set entries `idx` of axis `axis` to zero at every position: zero ablation as a hook."""
+    index = _neuron_index(idx)
+    return _named(scale_units(index, 0.0, axis), f"zero_neurons[{len(index)}]" if axis == -1 else f"zero_units[{len(index)}]")
 
 
 def zero_neurons(idx) -> Hook:
     """Set neurons `idx` (last dimension) to zero at every position: pruning as a hook."""
+    return zero_units(idx, -1)
+
+
+def set_units(idx, values: Tensor, position: int | None = None, axis: int = -1) -> Hook:
+    """Set entries `idx` of axis `axis` to `values` (one per index, each of the trailing shape after
+    the axis) at every position, or only at `position` (e.g. -1, the last)."""
     index = _neuron_index(idx)
-    return _named(scale_neurons(index, 0.0), f"zero_neurons[{len(index)}]")
+    vals = torch.as_tensor(values)
+    vals = vals.reshape(-1) if axis == -1 else vals
+    if len(vals) != len(index):
+        if axis == -2:
+            raise ValueError(f"set_heads needs one row of d_head values per head, got shape {list(vals.shape)} "
+                             f"for {len(index)} heads")
+        raise ValueError(f"set_neurons needs one value per index, got {len(vals)} values for {len(index)} indices")
+    top = int(index.max()) if index.numel() else -1
+
+    def hook(act: Float[Tensor, "batch pos ..."], hook) -> Float[Tensor, "batch pos ..."]:
+        _check_width(top, act, hook, axis)
+        out = act.clone()
+        where = out if position is None else out[:, position]
+        where[_at(index.to(act.device), axis)] = vals.to(act.device, act.dtype)
+        return out
+
+    name = "set_neurons" if axis == -1 else "set_units"
+    return _named(hook, f"{name}[{len(index)}" + ("" if position is None else f"@{position}") + "]")
 
 
 def set_neurons(idx, values: Float[Tensor, "n"], position: int | None = None) -> Hook:
     """Set neurons `idx` (last dimension) to `values` (one per index) at every position, or only at
     `position` (e.g. -1, the last): mean ablation when `values` are the neurons' mean activations
-    (`pruning.neuron_means`)."""
-    index = _neuron_index(idx)
-    vals = torch.as_tensor(values).reshape(-1)
-    if len(vals) != len(index):
-        raise ValueError(f"set_neurons needs one value per index, got {len(vals)} values for {len(index)} indices")
-    top = int(index.max()) if index.numel() else -1
-
-    def hook(act: Float[Tensor, "batch pos d"], hook) -> Float[Tensor, "batch pos d"]:
-        _check_width(top, act, hook)
-        out = act.clone()
-        where = out if position is None else out[:, position]
-        where[..., index.to(act.device)] = vals.to(act.device, act.dtype)
-        return out
-
-    return _named(hook, f"set_neurons[{len(index)}" + ("" if position is None else f"@{position}") + "]")
+    (`pruning.component_means`)."""
+    return set_units(idx, values, position, -1)
 
 
-def scale_neurons_by_group(masks: Float[Tensor, "groups d"]) -> Hook:
-    """Multiply row group g by `masks[g]` (last dimension) at every position. The batch is `groups`
-    equal blocks of rows (group-major, as `Arch.decoder` forks it): several neuron interventions,
-    one per group, in one pass; each group gets exactly what `scale_neurons` gives it alone."""
+def ablate_by_group(scale: Float[Tensor, "groups width"], add: Tensor | None = None,
+                    last_only: Sequence[bool] | None = None, axis: int = -1) -> Hook:
+    """Row group g's activation becomes `act * scale[g] + add[g]` on axis `axis` (entries not ablated:
+    scale 1, add 0), at every position, or at the last position only where `last_only[g]`. The batch
+    is `groups` equal blocks of rows (group-major, as `Arch.decoder` forks it): several ablations, zero
+    or mean, one per group, in one pass; each group gets exactly what `scale_units` or `set_units`
+    give it alone (`add[g]` has the trailing shape after the axis: [groups, width, *rest])."""
+    groups, rest = scale.shape[0], -axis - 1
+    last = None if last_only is None or not any(last_only) else torch.tensor(list(last_only), dtype=torch.bool)
 
-    def hook(act: Float[Tensor, "rows ... d"], hook) -> Float[Tensor, "rows ... d"]:
-        _check_width(-1, act, hook)
-        groups = masks.shape[0]
-        m = masks.to(act.device, act.dtype).reshape(groups, 1, *([1] * (act.ndim - 2)), act.shape[-1])
-        return (act.reshape(groups, -1, *act.shape[1:]) * m).reshape(act.shape)
+    def hook(act: Float[Tensor, "rows pos ..."], hook) -> Float[Tensor, "rows pos ..."]:
+        a = act.reshape(groups, -1, *act.shape[1:])
+        lead = [1] * (act.ndim - 1 - rest)
+        new = a * scale.to(act.device, act.dtype).reshape(groups, *lead, scale.shape[1], *([1] * rest))
+        if add is not None:
+            new = new + add.to(act.device, act.dtype).reshape(groups, *lead, *add.shape[1:])
+        if last is not None:
+            keep = torch.ones(groups, act.shape[1], dtype=torch.bool, device=act.device)
+            keep[last.to(act.device), :-1] = False
+            new = torch.where(keep.reshape(groups, 1, act.shape[1], *([1] * (act.ndim - 2))), new, a)
+        return new.reshape(act.shape)
 
-    return _named(hook, f"scale_neurons_by_group[{masks.shape[0]}]")
+    return _named(hook, f"ablate_by_group[{groups}]")
 
 
 def patch_from_cache(cache, positions=None, idx=None, heads=None, source_positions=None) -> Hook:
@@ -135,8 +185,7 @@ def patch_from_cache(cache, positions=None, idx=None, heads=None, source_positio
         if neuron is not None:
             _check_width(int(neuron.max()) if neuron.numel() else -1, act, hook)
         if head is not None:
-            _check_head_site(act, hook)
-            _check_width(int(head.max()) if head.numel() else -1, act, hook, "head")
+            _check_width(int(head.max()) if head.numel() else -1, act, hook, -2)
         src = cache[hook.name].to(act.device, act.dtype)
         if positions is not None:
             target = _as_index(positions).to(act.device)
@@ -170,54 +219,25 @@ def _check_head_site(act: Tensor, hook) -> None:
                          "use mechcopy.heads.head_site for the site")
 
 
-def _head_index(idx) -> Tensor:
-    index = _as_index(idx, "head indices")
-    if index.numel() and int(index.min()) < 0:
-        raise IndexError(f"head indices must be >= 0, got {int(index.min())}")
-    return index
-
-
 def scale_heads(idx, factor: float) -> Hook:
     """Multiply heads `idx` (axis -2 of [batch pos head d_head]) by `factor` at every position."""
-    index = _head_index(idx)
-    top = int(index.max()) if index.numel() else -1
-
-    def hook(act: Float[Tensor, "batch pos head d_head"], hook) -> Float[Tensor, "batch pos head d_head"]:
-        _check_head_site(act, hook)
-        _check_width(top, act, hook, "head")
-        mask = torch.ones(act.shape[-2], 1, dtype=act.dtype, device=act.device)
-        mask[index.to(act.device)] = factor
-        return act * mask
-
-    return _named(hook, f"scale_heads[{len(index)}x{factor}]")
+    return scale_units(idx, factor, -2)
 
 
 def zero_heads(idx) -> Hook:
     """Set heads `idx` to zero at every position (at `hook_z`: the head writes nothing but `b_O`'s share,
-    which is the weight edit zeroing the head's rows of `W_O`, `mechcopy.heads.prune_head_weights`)."""
-    index = _head_index(idx)
-    return _named(scale_heads(index, 0.0), f"zero_heads[{len(index)}]")
+    which is the weight edit zeroing the head's rows of `W_O`, `components.HeadKind.edit_weights`)."""
+    return zero_units(idx, -2)
 
 
 def set_heads(idx, values: Float[Tensor, "n d_head"], position: int | None = None) -> Hook:
     """Set heads `idx` to `values` (one row of d_head per index) at every position, or only at `position`
-    (e.g. -1): mean ablation when `values` are the heads' mean outputs (`mechcopy.heads.head_means`)."""
-    index = _head_index(idx)
+    (e.g. -1): mean ablation when `values` are the heads' mean outputs
+    (`pruning.component_means(model, prompts, "head")`)."""
     vals = torch.as_tensor(values)
-    if vals.ndim != 2 or len(vals) != len(index):
-        raise ValueError(f"set_heads needs one row of d_head values per head, got shape {list(vals.shape)} "
-                         f"for {len(index)} heads")
-    top = int(index.max()) if index.numel() else -1
-
-    def hook(act: Float[Tensor, "batch pos head d_head"], hook) -> Float[Tensor, "batch pos head d_head"]:
-        _check_head_site(act, hook)
-        _check_width(top, act, hook, "head")
-        out = act.clone()
-        where = out if position is None else out[:, position]
-        where[..., index.to(act.device), :] = vals.to(act.device, act.dtype)
-        return out
-
-    return _named(hook, f"set_heads[{len(index)}" + ("" if position is None else f"@{position}") + "]")
+    if vals.ndim != 2:
+        raise ValueError(f"set_heads needs one row of d_head values per head, got shape {list(vals.shape)}")
+    return set_units(idx, vals, position, -2)
 
 
 def patch_heads_by_group(source: Float[Tensor, "batch pos head d_head"],

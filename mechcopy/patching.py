@@ -37,8 +37,10 @@ from typing import Any, Callable, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import patch_from_cache
 from mechcopy.sites import components, neuron_site
 from mechcopy.tasks.pairs import CORRUPTIONS, align_roles, corrupted_pairs, token_roles
@@ -295,8 +297,6 @@ def patch_sweep(
     A patch at layer l starts the forward pass at block l from the target run's cached residual stream
     (blocks before l are unchanged by it), about halving the cost.
     """
-    from tqdm.auto import tqdm
-
     arch = arch_of(model)
     templates = components(model)
     comps = list(templates) if comps is None else list(comps)
@@ -390,11 +390,9 @@ def activation_patching(
 
     `neurons` are checked against the model before any work; an empty set (find chose k = 0) is not
     patched."""
-    from mechcopy.neurons import model_fingerprint
-
     if neurons is not None:
         neurons.check(model)
-        neurons = neurons if neurons.neurons else None
+        neurons = neurons if neurons.pairs else None
     pairs = make_pairs(model, task, corruption, n, shots, seed, other_task)
     metric = NormalisedLogitDiff.from_runs(model, pairs.clean_tokens, pairs.corrupt_tokens, pairs.gold,
                                            pairs.ref, fwd_hooks)

@@ -20,8 +20,13 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from mechcopy import viz
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.components import Components
+from mechcopy.evaluation import predict
 from mechcopy.io import write_atomic
+from mechcopy.tasks.outcomes import copy_error
+from mechcopy.tasks.probe import probe_splits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Inline scripts and styles, data: images; nothing from anywhere else (no fetch, no fonts, no frames).
@@ -96,19 +101,15 @@ def png_data_uri(path: str | Path) -> str:
 
 def _library_variants() -> list[str]:
     """circuitsvis' script as our views and as circuitsvis' own `local_src` inline it."""
-    import circuitsvis
-
-    from mechcopy.viz import circuitsvis_library
+    import circuitsvis  # heavy, and needed only where a page holds a view
 
     raw = (Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js").read_text(encoding="utf-8")
-    return [raw.replace("</script>", ""), circuitsvis_library()]
+    return [raw.replace("</script>", ""), viz.circuitsvis_library()]
 
 
 def html_item(item: Any) -> tuple[str, bool]:
     """(HTML for one `Section.html` entry, whether it needs circuitsvis' script on the page)."""
-    from mechcopy.viz import CircuitsvisHTML
-
-    if isinstance(item, CircuitsvisHTML):
+    if isinstance(item, viz.CircuitsvisHTML):
         return item.snippet(include_library=False), True
     if not isinstance(item, str):
         item = getattr(item, "local_src", None) or item._repr_html_()
@@ -174,9 +175,7 @@ def render_report(title: str, sections: Sequence[Section], meta: dict | None = N
                   for i, s in enumerate(sections))
     library = ""
     if need_library:
-        from mechcopy.viz import circuitsvis_library
-
-        library = f"<script>\n{circuitsvis_library()}\n</script>"
+        library = f"<script>\n{viz.circuitsvis_library()}\n</script>"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head>\n<meta charset=\"utf-8\">\n"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
@@ -203,29 +202,36 @@ def _stage(out: Path, name: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())["result"]
 
 
-def _verdict(c: dict) -> str:
-    """One sentence on a pooled comparison: the difference, its interval, and whether it could tell."""
+def _verdict(c: dict, level: dict | None = None) -> str:
+    """One sentence on a pooled comparison: the difference, its interval, and whether it could tell;
+    then, with `level` (`comparisons.task_levels`), the same with the task as the unit."""
     lo, hi = c["ci"]
     what = f"{c['metric'].replace('_', ' ')} {c['condition']} - {c['baseline']}"
     shown = f"{c['diff']:+.3f} [95% CI {lo:+.3f}, {hi:+.3f}], p = {c['p_value']:.3g}"
     moved = f"{c['n_up']} of {c['n_tasks']} tasks up and {c['n_down']} down after Holm"
     if lo > 0 or hi < 0:
-        return f"- {what}: {shown}: a {'rise' if lo > 0 else 'fall'} the comparison can tell ({moved})."
-    return (f"- {what}: {shown}: no difference detected; one of {c['mde']:.3f} or more would have been "
-            f"found 80% of the time ({moved}).")
+        text = f"- {what}: {shown}: a {'rise' if lo > 0 else 'fall'} the comparison can tell ({moved})."
+    else:
+        text = (f"- {what}: {shown}: no difference detected; one of {c['mde']:.3f} or more would have been "
+                f"found 80% of the time ({moved}).")
+    if level is not None:
+        tlo, thi = level["ci"]
+        text += (f" Over tasks: {level['mean']:+.3f} [t interval {tlo:+.3f}, {thi:+.3f}], p = {level['p_value']:.3g}; "
+                 f"{level['n_up']} tasks up, {level['n_down']} down, sign test p = {level['sign_p']:.3g}.")
+    return text
 
 
-def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path) -> Section:
-    """The headline: pooled paired differences (pruned - unpruned, pruned - random) and the forest plot."""
-    from mechcopy import viz
-
+def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path, levels: list[dict] | None = None) -> Section:
+    """The headline: pooled paired differences (pruned - unpruned, pruned - random) beside the same with
+    the task as the unit, and the forest plot."""
     basis = neurons.meta.get("basis", "chosen on the probe's dev split")
     if not neurons.neurons:
         return Section("The answer: nothing was pruned",
                        f"k = 0: {neurons.why_empty}, so nothing was pruned and there is nothing to compare. "
                        "The sections below show the unpruned model.")
     pooled = {(c["condition"], c["baseline"], c["metric"]): c for c in comparisons.get("pooled", [])}
-    lines = [_verdict(pooled[(cond, base, m)]) for cond, base in viz.FOREST_PAIRS
+    over = {(t["condition"], t["baseline"], t["metric"]): t for t in levels or []}
+    lines = [_verdict(pooled[(cond, base, m)], over.get((cond, base, m))) for cond, base in viz.FOREST_PAIRS
              for m in ("accuracy", "copy_rate") if (cond, base, m) in pooled]
     n_tasks = next(iter(pooled.values()))["n_tasks"] if pooled else 0
     text = (f"Does pruning the copy neurons change in-context learning beyond what removing any neurons does? "
@@ -233,7 +239,10 @@ def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path) -> Secti
             f"Paired over the same prompts, pooled over {n_tasks} held-out tasks (each task weighs the same; "
             "the probe, on which the neurons were chosen, is left out):\n\n" + "\n".join(lines) +
             "\n\nIntervals: task-stratified paired bootstrap (random sets resampled too); p: stratified "
-            "sign-flip test; MDE: the smallest difference this comparison detects with 80% power.")
+            "sign-flip test; MDE: the smallest difference this comparison detects with 80% power. These hold "
+            "the tasks fixed: they say whether these tasks moved. \"Over tasks\" takes each task's difference "
+            "as one observation (t interval and test, exact sign test): a claim that pruning helps tasks like "
+            "these rests on it, and where the two disagree the claim is about these tasks only.")
     forest = viz.save_figure(viz.plot_forest(comparisons), fig_dir / "forest.png")
     return Section("The answer: paired differences, pooled over tasks", text, [forest])
 
@@ -241,11 +250,9 @@ def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path) -> Secti
 def _per_task(model: HookedModel, settings: dict, neurons, evaluation: list[dict], fig_dir: Path
               ) -> tuple[Section, Any]:
     """Per-task bars and the mean over tasks per condition family."""
-    from mechcopy import viz
-
     cfg = settings["config"]
     df = viz.task_results_df(evaluation)
-    df["family"] = df["condition"].map(viz.condition_family)
+    df["copy_effect"] = df["copy_effect"].astype(float)
     means = df.groupby("family")[["accuracy", "copy_rate"]].mean().round(3).reset_index()
     bars = viz.save_figure(viz.plot_task_bars(df), fig_dir / "tasks.png")
     shown = [f for f in ("unpruned", "pruned", "random", "bottom") if f in set(means["family"])]
@@ -256,8 +263,11 @@ def _per_task(model: HookedModel, settings: dict, neurons, evaluation: list[dict
             "; copy rate " + " vs ".join(f"{unp.loc[f, 'copy_rate']:.3f} {f}" for f in shown) +
             f". Random = mean over {cfg['n_random']} random neuron sets of the same size per layer; bottom = the "
             "lowest-scoring neurons. Whiskers: 95% intervals of each rate alone (the paired comparisons above "
-            "are sharper).")
-    table = df.pivot_table(index="task", columns="family", values=["accuracy", "copy_rate"]).round(3)
+            "are sharper). The table gives, beside the copy rate, the copy effect of closed-label tasks: "
+            "P(answer = X | X among the demos) - P(answer = X | X absent), which a preference for a label "
+            "does not raise (empty where the prompts cannot estimate it; the result JSON says why).")
+    table = df.pivot_table(index="task", columns="family", values=["accuracy", "copy_rate", "copy_effect"],
+                           dropna=False).round(3)
     table.columns = [f"{m} {c}" for m, c in table.columns]
     return Section("Accuracy and copy rate per task, before and after pruning", text, [bars],
                    table=table.reset_index()), means
@@ -265,9 +275,7 @@ def _per_task(model: HookedModel, settings: dict, neurons, evaluation: list[dict
 
 def _selection(model: HookedModel, settings: dict, neurons, fig_dir: Path) -> Section:
     """The k sweep and where the neurons are."""
-    from mechcopy import viz
-
-    cfg = settings["config"]
+    cfg = settings["config"]["find"]
     sweep = neurons.meta.get("sweep", {})
     figs = []
     if sweep.get("rows"):
@@ -277,7 +285,7 @@ def _selection(model: HookedModel, settings: dict, neurons, fig_dir: Path) -> Se
     figs.append(viz.save_figure(viz.plot_layer_distribution(counts), fig_dir / "layers.png"))
     return Section(
         "Selecting the copy neurons",
-        f"Integrated Gradients ({cfg['steps']} steps, target `{cfg['target']}`) on {cfg['n_probe']} prompts of the "
+        f"Integrated Gradients ({cfg['steps']} steps, target `{cfg['target']}`) on {cfg['n']} prompts of the "
         f"{cfg.get('probe', 'classic')} probe, in the layers whose IG converged (median completeness error below "
         f"{cfg.get('max_completeness_error')}); k chosen on {cfg['n_dev']} dev prompts of the probe, never on the "
         f"evaluation tasks (chosen k = {sweep.get('chosen_k')}, perplexity bound {sweep.get('max_ppl_increase')}"
@@ -286,8 +294,6 @@ def _selection(model: HookedModel, settings: dict, neurons, fig_dir: Path) -> Se
 
 
 def _task_vectors(tv: list[dict], fig_dir: Path) -> Section:
-    from mechcopy import viz
-
     rows = [{"layer": layer, "task": r["task"], "condition": r["condition"], "accuracy": acc}
             for r in tv for layer, acc in zip(r["layers"], r["dev_accuracy"])]
     tv_fig = viz.save_figure(viz.plot_tv_by_layer(pd.DataFrame(rows)), fig_dir / "task_vectors.png")
@@ -299,8 +305,6 @@ def _task_vectors(tv: list[dict], fig_dir: Path) -> Section:
 
 
 def _patching(patch: dict, fig_dir: Path) -> Section:
-    from mechcopy import viz
-
     comp = patch["components"].index("resid_pre") if "resid_pre" in patch["components"] else 0
     heat = viz.plot_patching_heatmap(patch["values"][comp], patch["tokens"][: len(patch["values"][comp][0])],
                                      f"{patch['task']} / {patch['corruption']}: {patch['components'][comp]}")
@@ -313,10 +317,8 @@ def _patching(patch: dict, fig_dir: Path) -> Section:
 
 def _copy_error_prompt(model: HookedModel, cfg: dict):
     """A dev probe prompt on which the unpruned model copies a demo label (else the first one)."""
-    from mechcopy.evaluation import copy_error, predict
-    from mechcopy.tasks.probe import probe_splits
-
-    _, dev = probe_splits(model.tokenizer, n_attr=cfg["n_probe"], n_dev=cfg["n_dev"], k=cfg["shots"], seed=cfg["seed"])
+    find = cfg["find"]
+    _, dev = probe_splits(model.tokenizer, n_attr=find["n"], n_dev=find["n_dev"], shots=find["shots"], seed=find["seed"])
     preds = predict(model, dev[:16])
     for prompt, pred in zip(dev, preds):
         if copy_error(pred, prompt.answer, prompt.demo_labels):
@@ -326,8 +328,6 @@ def _copy_error_prompt(model: HookedModel, cfg: dict):
 
 def _copy_error_up_close(model: HookedModel, settings: dict, neurons) -> Section:
     """circuitsvis views of one copy error: attention (where the architecture has it) and the neurons."""
-    from mechcopy import viz
-
     prompt, pred = _copy_error_prompt(model, settings["config"])
     counts = neurons.layer_counts(model.cfg.n_layers)
     layer = max(range(len(counts)), key=counts.__getitem__)
@@ -343,15 +343,13 @@ def _copy_error_up_close(model: HookedModel, settings: dict, neurons) -> Section
 def build_report(out_dir: str | Path, model: HookedModel) -> dict:
     """Figures (PNG too) and circuitsvis views of a `mechcopy reproduce` folder, assembled into
     `out_dir/report.html`; returns what the report stage records."""
-    from mechcopy.neurons import NeuronSet
-
     out = Path(out_dir)
     fig_dir = out / "figures"
     settings = json.loads((out / "settings.json").read_text())
-    neurons = NeuronSet.load(out / "evaluated.json")
+    neurons = Components.load(out / "evaluated.json")
     evaluation = _stage(out, "evaluate")
     per_task, means = _per_task(model, settings, neurons, evaluation["results"], fig_dir)
-    sections = [_answer(evaluation["comparisons"], neurons, fig_dir), per_task, _selection(model, settings, neurons, fig_dir),
+    sections = [_answer(evaluation["comparisons"], neurons, fig_dir, evaluation.get("task_level")), per_task, _selection(model, settings, neurons, fig_dir),
                 _task_vectors(_stage(out, "task_vectors")["results"], fig_dir),
                 _patching(_stage(out, "patching"), fig_dir), _copy_error_up_close(model, settings, neurons)]
     path = write_report(out / "report.html", f"mechcopy: copy neurons of {model.cfg.model_name}", sections, settings)

@@ -11,38 +11,49 @@ Settings live in a frozen `ReproduceConfig`; changing them needs a fresh OUT fol
 from __future__ import annotations
 
 import json
-import subprocess
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
+import torch
+
+from mechcopy import method
 from mechcopy.arch import HookedModel
+from mechcopy.comparisons import compare_rows, task_levels
+from mechcopy.components import Components
+from mechcopy.conditions import UNPRUNED, find_scores, standard_conditions
 from mechcopy.errors import check_minimums
-from mechcopy.find import FindConfig
+from mechcopy.find import find_copy_neurons
+from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import write_json_atomic
+from mechcopy.method import FindConfig
 from mechcopy.models.zoo import DEFAULT_MODEL
-from mechcopy.neurons import NeuronSet, model_fingerprint
+from mechcopy.patching import activation_patching
+from mechcopy.provenance import git_revision, run_stages
+from mechcopy.suite import run_evaluation
+from mechcopy.sweeps import KSweep
+from mechcopy.task_vectors import TaskVectorConfig, run_task_vectors
+from mechcopy.tasks import load_task, load_tasks
 
 # tasks with enough single-token answers on SmolLM2 and Gemma (task vectors score single tokens)
 TV_TASKS = ("person_language", "to_lower", "next_letter", "present_past", "antonyms", "fr_en")
 
 
+def _find_default() -> FindConfig:
+    """find's settings in the main job: 40 attribution prompts (fast IG: ~6 s CPU each on SmolLM2)."""
+    return FindConfig(n=40)
+
+
 @dataclass(frozen=True)
 class ReproduceConfig:
-    """Every setting of the main job (defaults sized for ~15 minutes on 2 CPU cores)."""
+    """Every setting of the main job (defaults sized for ~15 minutes on 2 CPU cores). `find` is the
+    method's own config (`mechcopy find`'s settings); the rest configure the later stages."""
 
     model: str = DEFAULT_MODEL
-    n_probe: int = 40            # attribution prompts of the probe (fast IG: ~6 s CPU each on SmolLM2)
-    n_dev: int = 50              # dev prompts of the probe (the k sweep)
-    steps: int = 20              # IG steps
-    attribution: str = "ig"      # ig | gradxact
-    target: str = "contrast"
-    probe: str = FindConfig.probe                  # the copy probe find attributes on (see FindConfig)
-    max_completeness_error: float | None = FindConfig.max_completeness_error   # find's IG completeness gate
-    consistency_random: int = FindConfig.consistency_random  # find's self-consistency guard (0: off)
+    find: FindConfig = field(default_factory=_find_default)
     tasks: str = "all"
-    shots: int = 4
+    shots: int = 4               # demonstrations per evaluation prompt
     n_eval: int = 50             # prompts per task in the evaluation (`mechcopy evaluate` for more)
     n_random: int = 3            # random-neuron baselines
     tv_tasks: tuple[str, ...] = TV_TASKS
@@ -53,82 +64,50 @@ class ReproduceConfig:
     patch_corruption: str = "shuffled_labels"
     patch_shots: int = 3
     n_patch: int = 4
-    seed: int = 0
+    seed: int = 0                # the later stages' prompts and baselines (find's own: `find.seed`)
 
     MINIMUM: ClassVar[dict[str, int]] = {
-        "n_probe": 1, "n_dev": 1, "steps": 1, "shots": 1, "n_eval": 1, "n_random": 0, "n_tv": 1, "n_tv_dev": 1,
-        "tv_layer_step": 1, "patch_shots": 2, "n_patch": 1, "seed": 0}
+        "shots": 1, "n_eval": 1, "n_random": 0, "n_tv": 1, "n_tv_dev": 1, "tv_layer_step": 1, "patch_shots": 2,
+        "n_patch": 1, "seed": 0}
 
     def __post_init__(self):
+        if not isinstance(self.find, FindConfig):
+            raise TypeError(f"find must be a FindConfig, got {type(self.find).__name__}")
+        if isinstance(self.tv_tasks, list):
+            object.__setattr__(self, "tv_tasks", tuple(self.tv_tasks))
         check_minimums(self)
-
-
-def git_revision() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------ stages
 
 
 def stage_find(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
-    """Copy neurons: IG on the probe's attribution split, k chosen on its dev split; and the set the later
-    stages evaluate (`evaluated_set`), saved as OUT/evaluated.json."""
-    from mechcopy.find import FindConfig, find_copy_neurons
-
-    config = FindConfig(n=cfg.n_probe, n_dev=cfg.n_dev, shots=cfg.shots, steps=cfg.steps, attribution=cfg.attribution,
-                        target=cfg.target, seed=cfg.seed, probe=cfg.probe,
-                        max_completeness_error=cfg.max_completeness_error, consistency_random=cfg.consistency_random)
-    neurons = find_copy_neurons(model, out / "neurons.json", config)
-    evaluated = evaluated_set(neurons)
+    """Copy neurons (`find_copy_neurons` with `cfg.find`); and the set the later stages evaluate
+    (`method.evaluated`: the choice, or the sweep's smallest unbounded k), saved as OUT/evaluated.json."""
+    neurons = find_copy_neurons(model, out / "neurons.json", cfg.find)
+    sweep = KSweep.from_json(neurons.meta["sweep"])
+    scores = find_scores(neurons) if not neurons.pairs and sweep.smallest_unbounded_k is not None else None
+    evaluated = method.evaluated(neurons, sweep, scores, neurons.meta.get("selection", "global"))
     evaluated.save(out / "evaluated.json")
     return {"neurons_path": str(out / "neurons.json"), "n_neurons": len(neurons),
             "layer_counts": neurons.layer_counts(model.cfg.n_layers), "evaluated": evaluated.meta["basis"],
             "evaluated_k": len(evaluated)}
 
 
-def evaluated_set(neurons: NeuronSet) -> NeuronSet:
-    """The neurons the main job prunes: find's choice; when find chose k = 0, the smallest k whose dev
-    accuracy beats no pruning if the bound on general ability is lifted (said so in `meta["basis"]`,
-    never presented as the method's choice); empty when no k beats no pruning at all."""
-    from mechcopy.pruning import find_scores, select, smallest_unbounded_k
-
-    if neurons.neurons:
-        return NeuronSet(neurons.neurons, neurons.model, {**neurons.meta, "basis": "chosen on the probe's dev split"})
-    sweep = neurons.meta["sweep"]
-    k = smallest_unbounded_k(sweep)
-    if k is None:
-        return NeuronSet((), neurons.model, {**neurons.meta, "basis": f"nothing to prune: {neurons.why_empty}"})
-    chosen = select(find_scores(neurons), neurons.meta.get("selection", "global"), k=k)
-    basis = (f"not the method's choice: find chose k = 0 ({neurons.why_empty}); k = {k} is the smallest k that "
-             "beats no pruning on the dev split when the bound on general ability is lifted")
-    return NeuronSet(chosen.neurons, neurons.model, {**chosen.meta, "scores_path": neurons.meta["scores_path"],
-                                                     "sweep": sweep, "basis": basis})
-
-
 def stage_evaluate(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
     """Every task: unpruned, pruned, random-matched baselines and the bottom-score set."""
-    from mechcopy.evaluation import compare_rows, run_evaluation
-    from mechcopy.pruning import condition_sets
-    from mechcopy.tasks import load_tasks
-
-    neurons = NeuronSet.load(out / "evaluated.json")
-    conds = {"unpruned": None, **condition_sets(model, neurons, cfg.n_random, cfg.seed)}
+    neurons = Components.load(out / "evaluated.json")
+    conds = [UNPRUNED, *standard_conditions(model, neurons, cfg.n_random, cfg.seed)]
     rows, dropped = run_evaluation(model, load_tasks(cfg.tasks), cfg.shots, cfg.n_eval, cfg.seed, conds,
                                    checkpoint=out / "evaluate.partial.jsonl")
-    return {"results": rows, "dropped": dropped, "comparisons": compare_rows(rows, seed=cfg.seed)}
+    comparisons = compare_rows(rows, seed=cfg.seed)
+    return {"results": rows, "dropped": dropped, "comparisons": comparisons,
+            "task_level": task_levels(comparisons, seed=cfg.seed)}
 
 
 def stage_task_vectors(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
     """Task vectors per layer, unpruned vs pruned (pruning active in extraction and injection)."""
-    from mechcopy.task_vectors import TaskVectorConfig, run_task_vectors
-    from mechcopy.tasks import load_task
-
-    neurons = NeuronSet.load(out / "evaluated.json")
+    neurons = Components.load(out / "evaluated.json")
     n = model.cfg.n_layers
     layers = tuple(sorted(set(range(0, n, cfg.tv_layer_step)) | {n - 1}))
     tv_cfg = TaskVectorConfig(shots=cfg.shots, n_dev=cfg.n_tv_dev, n_test=cfg.n_tv, seed=cfg.seed, layers=layers)
@@ -138,10 +117,7 @@ def stage_task_vectors(model: HookedModel, cfg: ReproduceConfig, out: Path) -> d
 
 def stage_patching(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
     """Clean-into-corrupted patching of the residual stream on one task, and of the copy neurons."""
-    from mechcopy.patching import activation_patching
-    from mechcopy.tasks import load_task
-
-    neurons = NeuronSet.load(out / "evaluated.json")
+    neurons = Components.load(out / "evaluated.json")
     res = activation_patching(model, load_task(cfg.patch_task), cfg.patch_corruption, n=cfg.n_patch,
                               shots=cfg.patch_shots, seed=cfg.seed, neurons=neurons, comps=["resid_pre"],
                               progress=True)
@@ -150,7 +126,7 @@ def stage_patching(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
 
 def stage_report(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
     """Figures, circuitsvis views and OUT/report.html (`mechcopy.report.build_report`)."""
-    from mechcopy.report import build_report
+    from mechcopy.report import build_report  # matplotlib, pandas, circuitsvis: heavy, and only needed here
 
     return build_report(out, model)
 
@@ -177,34 +153,15 @@ def check_out(cfg: ReproduceConfig, out: str | Path) -> None:
                              "use a fresh --out folder, or delete it to start over")
 
 
-def run_stages(stages, model: HookedModel, cfg, out: Path) -> None:
-    """Run each (name, fn) of `stages` whose OUT/<name>.json does not exist yet, in order, and write its
-    result there (atomically, with its time): an interrupted run resumes at the first missing stage."""
-    for name, stage in stages:
-        path = out / f"{name}.json"
-        if path.exists():
-            print(f"[{name}] done already ({path.name}); skipping")
-            continue
-        print(f"[{name}] running ...", flush=True)
-        t0 = time.time()
-        result = stage(model, cfg, out)
-        seconds = round(time.time() - t0, 1)
-        write_json_atomic(path, {"stage": name, "seconds": seconds, "result": result})
-        path.with_suffix(".partial.jsonl").unlink(missing_ok=True)  # the stage's checkpoint, if it keeps one
-        print(f"[{name}] {seconds} s -> {path.name}", flush=True)
-
-
 def reproduce(model: HookedModel, cfg: ReproduceConfig, out: str | Path) -> Path:
     """Run every stage not already done in `out` on `model`; return the report's path."""
-    import torch
-
     out = Path(out)
     check_out(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(True)
     write_json_atomic(out / "settings.json", {"config": asdict(cfg), "model": model_fingerprint(model),
                                               "git_revision": git_revision()})
-    run_stages(STAGES, model, cfg, out)
+    run_stages([(name, partial(stage, model, cfg, out)) for name, stage in STAGES], out)
     report = out / "report.html"
     print(f"\nreport: {report}")
     return report

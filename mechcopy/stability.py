@@ -19,6 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechcopy.attribution import Attributions, CopyScores, normalise, rank_correlation
+from mechcopy.selection import select
 
 
 def scores_of(values: Float[Tensor, "prompts layers neurons"], normalisation: str) -> Float[Tensor, "layers neurons"]:
@@ -33,11 +34,9 @@ def _eligible(scores: Tensor, allowed_layers: Sequence[int] | None) -> Tensor:
 
 def top_set(scores: Float[Tensor, "layers neurons"], k: int, allowed_layers: Sequence[int] | None = None,
             ) -> frozenset[tuple[int, int]]:
-    """The k highest-scoring (layer, neuron) pairs among the allowed layers: `pruning.select`'s global top-k."""
-    from mechcopy.pruning import select
-
+    """The k highest-scoring (layer, neuron) pairs among the allowed layers: `selection.select`'s global top-k."""
     allowed = None if allowed_layers is None else tuple(allowed_layers)
-    return frozenset(select(CopyScores(scores, allowed_layers=allowed), "global", k=k).neurons)
+    return frozenset(select(CopyScores(scores, allowed_layers=allowed), "global", k=k).pairs)
 
 
 def jaccard(a: frozenset, b: frozenset) -> float:

@@ -27,10 +27,16 @@ from typing import Any, ClassVar, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.components import Components
 from mechcopy.errors import check_minimums
+from mechcopy.evaluation import check_context, evaluate
+from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import inject_vector
+from mechcopy.pruning import pruning_hooks
+from mechcopy.tasks.outcomes import copy_rate
 from mechcopy.tasks.splits import TaskVectorSplit, split_task
 
 RESID_SITE = "blocks.{layer}.hook_resid_post"
@@ -134,25 +140,12 @@ def injection_hooks(vector: Float[Tensor, "d_model"], layer: int, position: int 
 
 
 def _accuracy(model: HookedModel, prompts, hooks, condition, seed) -> Any:
-    from mechcopy.evaluation import evaluate
-
     return evaluate(model, list(prompts), fwd_hooks=list(hooks), condition=condition, seed=seed)
-
-
-def copy_rate(predictions: Sequence[str], prompts: Sequence, labels: frozenset[str]) -> float:
-    """Share of predictions that are copy errors against `labels` (`evaluation.copy_error`)."""
-    from mechcopy.evaluation import copy_error
-
-    if not predictions:
-        return float("nan")
-    return sum(copy_error(pred, p.answer, labels) for pred, p in zip(predictions, prompts)) / len(predictions)
 
 
 def layer_sweep(model: HookedModel, vectors: Float[Tensor, "layer d_model"], layers: Sequence[int], prompts: Sequence,
                 fwd_hooks=(), seed: int = 0, progress: bool = False) -> list[float]:
     """Accuracy on zero-shot `prompts` with vectors[i] injected after layers[i], for each i."""
-    from tqdm.auto import tqdm
-
     accs = []
     for i, layer in enumerate(tqdm(list(layers), desc="layer sweep", disable=not progress, leave=False)):
         res = _accuracy(model, prompts, list(fwd_hooks) + injection_hooks(vectors[i], layer), "sweep", seed)
@@ -168,8 +161,6 @@ def task_vector_experiment(
 
     `fwd_hooks` (e.g. pruning hooks) are active in extraction, injection and both baselines.
     """
-    from mechcopy.neurons import model_fingerprint
-
     split = split or config.split(task, model.tokenizer)
     layers = list(range(model.cfg.n_layers)) if config.layers is None else list(config.layers)
     vectors = extract(model, split.extraction, layers, fwd_hooks)
@@ -192,19 +183,15 @@ def task_vector_experiment(
     )
 
 
-def run_task_vectors(model: HookedModel, tasks, config: TaskVectorConfig = TaskVectorConfig(), neurons=None,
-                     progress: bool = True) -> list[TaskVectorResult]:
+def run_task_vectors(model: HookedModel, tasks, config: TaskVectorConfig = TaskVectorConfig(),
+                     neurons: Components | None = None, progress: bool = True) -> list[TaskVectorResult]:
     """Unpruned results for every task, and pruned ones (hooks in extraction and injection) if `neurons`
     holds any. Every task's split is built and checked against the context before any work."""
-    from mechcopy.evaluation import check_context
-
     config.check(model)
     conditions = [("unpruned", [])]
     if neurons is not None:
-        from mechcopy.pruning import pruning_hooks
-
         neurons.check(model)
-        if neurons.neurons:
+        if neurons.pairs:
             conditions.append(("pruned", pruning_hooks(model, neurons)))
     splits = [config.split(task, model.tokenizer) for task in tasks]
     for split in splits:

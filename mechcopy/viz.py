@@ -13,6 +13,8 @@ the script once for all views.
 
 from __future__ import annotations
 
+import html
+import io
 import json
 import re
 import uuid
@@ -54,11 +56,6 @@ def _check_columns(df: pd.DataFrame, needed: Sequence[str], what: str) -> None:
         raise ValueError(f"{what}: the DataFrame is empty, nothing to plot")
 
 
-def condition_family(condition: str) -> str:
-    """`random-3` -> `random`: seeds of one baseline are drawn as one bar."""
-    return re.sub(r"[-_ ]?\d+$", "", str(condition))
-
-
 def _color(family: str, order: list[str]) -> str:
     if family in CONDITION_COLORS:
         return CONDITION_COLORS[family]
@@ -72,14 +69,16 @@ def _label(token: str) -> str:
 
 
 def aggregate_conditions(df: pd.DataFrame, metrics=("accuracy", "copy_rate")) -> pd.DataFrame:
-    """Collapse seeded conditions (`random-0`, `random-1`, ...) into one row per task and family.
+    """Collapse the conditions of one family (`random-0`, `random-1`, ... of family `random`) into one row
+    per task and family (the `family` column; without it, every condition is its own family).
 
     A family with one row keeps its own interval (`<metric>_lo/_hi`). A family with several rows
     (seeds) gets the mean over seeds, and as interval the spread over seeds (min..max of the
     seeds' values), stated in the figure's legend as "(n seeds)".
     """
     rows = []
-    df = df.assign(family=df["condition"].map(condition_family))
+    if "family" not in df.columns:
+        df = df.assign(family=df["condition"])
     for (task, family), g in df.groupby(["task", "family"], sort=False):
         row = {"task": task, "condition": family, "n_seeds": len(g)}
         for m in metrics:
@@ -102,18 +101,23 @@ def _ordered_families(families) -> list[str]:
 
 
 def task_results_df(results) -> pd.DataFrame:
-    """`TaskResult`s (objects or their `to_json()` dicts) as the table `plot_task_bars` draws.
+    """`TaskResult`s (objects or their `to_json()` dicts, e.g. `suite.run_evaluation`'s rows) as the
+    table `plot_task_bars` draws.
 
-    Columns: task, condition, n, accuracy, accuracy_lo, accuracy_hi, copy_rate, copy_rate_lo,
-    copy_rate_hi, copy_share_of_errors, other_rate.
+    Columns: task, condition, family (the row's `spec` family; the condition itself where a result
+    carries no spec), n, accuracy, accuracy_lo, accuracy_hi, copy_rate, copy_rate_lo, copy_rate_hi,
+    copy_effect (None / NaN where a row has none or it cannot be estimated), copy_share_of_errors, other_rate.
     """
     rows = []
     for r in results:
         d = r if isinstance(r, dict) else r.to_json()
+        effect = (d.get("copy_effect") or {}).get("effect")
         rows.append({
-            "task": d["task"], "condition": d["condition"], "n": d["n"],
+            "task": d["task"], "condition": d["condition"], "family": d.get("spec", {}).get("family", d["condition"]),
+            "n": d["n"],
             "accuracy": d["accuracy"], "accuracy_lo": d["accuracy_ci"][0], "accuracy_hi": d["accuracy_ci"][1],
             "copy_rate": d["copy_rate"], "copy_rate_lo": d["copy_rate_ci"][0], "copy_rate_hi": d["copy_rate_ci"][1],
+            "copy_effect": effect,
             "copy_share_of_errors": d.get("copy_share_of_errors"), "other_rate": d.get("other_rate"),
         })
     return pd.DataFrame(rows)
@@ -123,9 +127,9 @@ def plot_task_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
     """Accuracy and copy rate per task and condition, grouped bars with interval whiskers.
 
     Columns: task, condition, accuracy, accuracy_lo, accuracy_hi, copy_rate, copy_rate_lo,
-    copy_rate_hi (rates in [0, 1]; `_lo/_hi` a confidence interval). Conditions such as
-    `unpruned`, `pruned`, `random-0..n` (drawn as one bar: mean over seeds, whisker = spread over
-    seeds) and `bottom`.
+    copy_rate_hi (rates in [0, 1]; `_lo/_hi` a confidence interval), and optionally family. Conditions
+    such as `unpruned`, `pruned`, `random-0..n` (family `random`: drawn as one bar, mean over seeds,
+    whisker = spread over seeds) and `bottom`.
     """
     _check_columns(df, ["task", "condition", "accuracy", "accuracy_lo", "accuracy_hi",
                         "copy_rate", "copy_rate_lo", "copy_rate_hi"], "plot_task_bars")
@@ -165,7 +169,7 @@ def plot_forest(comparisons: dict[str, list[dict]], pairs: Sequence[tuple[str, s
                 metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
     """Paired differences per task with 95% intervals, the pooled difference last (a diamond).
 
-    `comparisons` is {task or "pooled": [comparison dicts]} as `evaluation.compare_rows` returns
+    `comparisons` is {task or "pooled": [comparison dicts]} as `comparisons.compare_rows` returns
     (fields condition, baseline, metric, diff, ci, p_value, mde). One panel per metric (rows) and
     (condition, baseline) pair (columns); filled markers are significant at 0.05 (per task,
     unadjusted); each panel's title gives the pooled difference and its minimal detectable effect.
@@ -241,7 +245,7 @@ def plot_k_curve(curve: dict, chosen_k: int | None = None, pairs: Sequence[tuple
                  metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
     """Pooled paired differences along k with 95% intervals: the k curve on the tasks.
 
-    `curve` is {k: [comparison dicts]} (the "pooled" entry of `evaluation.compare_rows` for each k).
+    `curve` is {k: [comparison dicts]} (the "pooled" entry of `comparisons.compare_rows` for each k).
     One panel per metric, one line per (condition, baseline) pair; filled markers: p < 0.05;
     a dotted line marks `chosen_k`, the dev split's choice (k = 0: no pruning).
     """
@@ -463,8 +467,6 @@ def plot_loss_curve(steps: Sequence[float], losses: Sequence[float] | dict[str, 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     """Write `fig` as PNG to `path` atomically (temporary file beside it, then rename)."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
     return write_atomic(path, buf.getvalue())
@@ -540,8 +542,6 @@ class CircuitsvisHTML:
 
     def save(self, path: str | Path) -> Path:
         """Write a standalone HTML page with this view (no network needed to open it)."""
-        import html
-
         page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
                 f"<title>{html.escape(self.title or self.component)}</title></head>\n<body>\n"
                 f"{self.local_src}\n</body></html>\n")

@@ -79,9 +79,9 @@ def tiny_llama_dir(tmp_path_factory):
 def best_k_chosen(monkeypatch):
     """The k sweep prunes its best k even where it does not beat k = 0. A random model gains nothing
     from pruning, so find would choose k = 0; tests of what comes after the selection use this."""
-    from mechcopy import pruning
+    from mechcopy import sweeps
 
     def best(rows, baseline):
         return max(rows, key=lambda r: r["dev_accuracy"])["k"], ""
 
-    monkeypatch.setattr(pruning, "_choose_k", best)
+    monkeypatch.setattr(sweeps, "_choose_k", best)

@@ -85,7 +85,7 @@ def test_decoder_continues_exactly(case):
 
 
 def _left_padded(model, texts):
-    from mechcopy.evaluation import left_pad
+    from mechcopy.batching import left_pad
 
     rows = [model.to_tokens(t)[0] for t in texts]
     return rows, *left_pad(rows, pad_id=5)
@@ -114,7 +114,7 @@ def test_decoder_pads_left_exactly(case):
 @pytest.mark.parametrize("fork_at", [0, 1, 2])
 def test_decoder_forks_exactly(case, fork_at):
     """Row group g of a forked batch gives what a separate run under group g's hooks gives."""
-    from mechcopy.hooks import scale_neurons_by_group, zero_neurons
+    from mechcopy.hooks import ablate_by_group, zero_neurons
 
     model, arch, _ = case
     _, tokens, mask = _left_padded(model, TEXTS)
@@ -126,7 +126,7 @@ def test_decoder_forks_exactly(case, fork_at):
             masks[l][g, list(idx)] = 0.0
     batch = tokens.shape[0]
     with torch.no_grad():
-        with model.hooks(fwd_hooks=[(arch.neuron_site(model, l), scale_neurons_by_group(m)) for l, m in masks.items()]):
+        with model.hooks(fwd_hooks=[(arch.neuron_site(model, l), ablate_by_group(m)) for l, m in masks.items()]):
             decode = arch.decoder(model, groups=len(prune), fork_at=fork_at)
             forked = [decode(tokens, mask)]
             forked.append(decode(forked[0].argmax(-1)[:, None]))

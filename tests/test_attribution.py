@@ -208,7 +208,7 @@ def test_attributions_cat_and_rank_correlation(tiny3):
 @pytest.mark.slow
 def test_smollm2_completeness_and_fast_equals_reference(smollm2):
     """A few layers on a short probe prompt: completeness (m = 64) and fast == reference (m = 8)."""
-    attr, _ = probe_splits(smollm2.tokenizer, n_attr=2, n_dev=1, k=2)
+    attr, _ = probe_splits(smollm2.tokenizer, n_attr=2, n_dev=1, shots=2)
     prompt = min(attr, key=lambda p: len(p.text))
     layers = [3, 15, 29]
     # float64: in float32 a layer with a small delta (layer 15 here: 0.0055 on logits near 20) misses 1%

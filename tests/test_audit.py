@@ -5,11 +5,15 @@ import pytest
 import torch
 
 from mechcopy.attribution import CopyScores, copy_scores, integrated_gradients, make_target
-from mechcopy.audit import k_curve, self_consistency
+from mechcopy.audit import SelfConsistency, k_curve, self_consistency
+from mechcopy.components import random_matched
 from mechcopy.evaluation import evaluate
-from mechcopy.pruning import pruning_hooks, random_matched, select, select_layer_percent, sweep_layer_percent
+from mechcopy.pruning import component_means, pruning_hooks
+from mechcopy.selection import select, select_layer_percent
 from mechcopy.stats import paired_means
-from mechcopy.tasks.probe import ProbeConfig, build_probe, outcome_rates
+from mechcopy.sweeps import sweep_layer_percent
+from mechcopy.tasks.outcomes import outcome_rates
+from mechcopy.tasks.probe import ProbeConfig, build_probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,6 +55,26 @@ def test_self_consistency_against_direct_runs(case):
         assert row.passed == (expect.ci[1] < 0)
         assert row.chosen_vs_unpruned["diff"] == pytest.approx(chosen.mean() - unpruned.mean(), abs=1e-5)
     assert res.to_json()["rows"][1]["k"] == 30
+
+
+def test_self_consistency_with_size_matched_random_sets(case):
+    """match="size": the random sets are `random_matched(..., "size", sizes)` with the sizes of the check's own
+    prompts; the result says so, and the guard of `find` passes its config's choice through."""
+    from mechcopy import method
+    from mechcopy.pruning import component_sizes
+
+    model, prompts, _, scores = case
+    res = self_consistency(model, prompts, scores, ks=(6,), n_random=2, seed=1, match="size")
+    sizes = component_sizes(model, prompts)
+    chosen_set = select(scores, "global", k=6)
+    rand = np.array([[_contrast(model, p, pruning_hooks(model, random_matched(model, chosen_set, s, "size", sizes)))
+                      for p in prompts] for s in (1, 2)])
+    assert np.allclose(res.rows[0].per_prompt_random, rand, atol=1e-5)
+    assert res.to_json()["random_match"] == "size" and SelfConsistency.from_json(res.to_json()).match == "size"
+    config = method.FindConfig(consistency_random=2, seed=1, random_match="size")
+    assert method.guard(model, prompts, scores, 6, config).check.rows[0].per_prompt_random == res.rows[0].per_prompt_random
+    with pytest.raises(ValueError, match="unknown random_match"):
+        method.FindConfig(random_match="norm")
 
 
 def test_self_consistency_verdict(case):
@@ -102,17 +126,20 @@ def test_layer_percent_sweep_against_evaluate(case):
 
 def test_find_guard(tiny3, tmp_path, monkeypatch, best_k_chosen):
     """find with consistency_random > 0 records the check; a failing check means k = 0, said in meta."""
-    import mechcopy.audit as audit
+    import mechcopy.method as method
     from mechcopy.find import FindConfig, find_copy_neurons
 
     config = FindConfig(n=6, n_dev=4, shots=2, steps=4, ks=(2, 4), max_ppl_increase=10.0, ppl_tokens=128,
                         consistency_random=2)
     ns = find_copy_neurons(tiny3, tmp_path / "a.json", config, progress=False)
     check = ns.meta["self_consistency"]
+    guard = method.Guard.from_json(ns.meta)                  # the guard reads back from the neuron file
+    assert guard.to_json() == {k: ns.meta[k] for k in ("self_consistency", "refused") if k in ns.meta}
+    assert guard.passed == check["passed"] and SelfConsistency.from_json(check).to_json() == check
     assert check["rows"][0]["k"] == ns.meta["sweep"]["chosen_k"] and check["n_random"] == 2
     assert (len(ns) > 0) == check["passed"] and ("refused" in ns.meta) == (not check["passed"])
 
-    real = audit.self_consistency
+    real = method.self_consistency
 
     def failing(*args, **kwargs):
         res = real(*args, **kwargs)
@@ -120,7 +147,7 @@ def test_find_guard(tiny3, tmp_path, monkeypatch, best_k_chosen):
 
         return replace(res, rows=tuple(replace(r, passed=False) for r in res.rows))
 
-    monkeypatch.setattr(audit, "self_consistency", failing)
+    monkeypatch.setattr(method, "self_consistency", failing)
     refused = find_copy_neurons(tiny3, tmp_path / "b.json", config, progress=False)
     assert len(refused) == 0 and refused.meta["k"] == 0
     assert "fails the self-consistency check" in refused.meta["refused"]
@@ -131,23 +158,22 @@ def test_find_guard(tiny3, tmp_path, monkeypatch, best_k_chosen):
 
 
 def test_self_consistency_with_mean_ablation(case):
-    """`means` mean-ablates the chosen and the random sets; the values match direct runs."""
-    from mechcopy.pruning import neuron_means
-
+    """`ablation="mean"` mean-ablates the chosen and the random sets; the values match direct runs."""
     model, prompts, dev, scores = case
-    means = neuron_means(model, dev)
-    res = self_consistency(model, prompts, scores, ks=(10,), n_random=2, seed=1, means=means)
+    means = component_means(model, dev)
+    res = self_consistency(model, prompts, scores, ks=(10,), n_random=2, seed=1, ablation="mean", means=means)
     assert res.ablation == "mean" and res.to_json()["ablation"] == "mean"
     chosen_set = select(scores, "global", k=10)
-    chosen = np.array([_contrast(model, p, pruning_hooks(model, chosen_set, means)) for p in prompts])
-    rand = np.array([[_contrast(model, p, pruning_hooks(model, random_matched(model, chosen_set, s), means))
+    chosen = np.array([_contrast(model, p, pruning_hooks(model, chosen_set, "mean", means=means)) for p in prompts])
+    rand = np.array([[_contrast(model, p, pruning_hooks(model, random_matched(model, chosen_set, s), "mean", means=means))
                       for p in prompts] for s in (1, 2)])
     assert np.allclose(res.rows[0].per_prompt_chosen, chosen, atol=1e-5)
     assert np.allclose(res.rows[0].per_prompt_random, rand, atol=1e-5)
     zeroed = self_consistency(model, prompts, scores, ks=(10,), n_random=2, seed=1)
     assert zeroed.ablation == "zero" and not np.allclose(zeroed.rows[0].per_prompt_chosen, chosen)
-    last = neuron_means(model, dev, last_only=True)
-    at_last = self_consistency(model, prompts, scores, ks=(10,), n_random=1, seed=1, means=last, last_only=True)
+    last = component_means(model, dev, positions="last")
+    at_last = self_consistency(model, prompts, scores, ks=(10,), n_random=1, seed=1, ablation="mean", positions="last",
+                               means=last)
     assert at_last.ablation == "mean at the last position"
-    direct = np.array([_contrast(model, p, pruning_hooks(model, chosen_set, last, last_only=True)) for p in prompts])
+    direct = np.array([_contrast(model, p, pruning_hooks(model, chosen_set, "mean", "last", last)) for p in prompts])
     assert np.allclose(at_last.rows[0].per_prompt_chosen, direct, atol=1e-5)

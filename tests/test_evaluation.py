@@ -7,15 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from mechcopy import evaluation
+from mechcopy import batching, evaluation
 from mechcopy.arch import arch_of
-from mechcopy.evaluation import (classify, evaluate, evaluate_conditions, perplexity, predict, predict_conditions,
+from mechcopy.comparisons import compare_rows, comparisons_table
+from mechcopy.conditions import UNPRUNED, Condition, standard_conditions
+from mechcopy.evaluation import (evaluate, evaluate_conditions, perplexity, predict, predict_conditions,
                                  summarize, _steps)
 from mechcopy.neurons import NeuronSet, model_fingerprint
-from mechcopy.pruning import grouped_pruning_hooks, pruning_hooks
+from mechcopy.pruning import component_means, condition_hooks, grouped_hooks, pruning_hooks
+from mechcopy.suite import run_evaluation
 from mechcopy.stats import bootstrap_ci
 from mechcopy.models.tiny import tiny_transformer
 from mechcopy.tasks import Task, load_task
+from mechcopy.tasks.outcomes import classify
 from mechcopy.tasks.probe import probe_prompts
 from mechcopy.tasks.prompts import build_prompts, encode, make_prompt
 
@@ -91,8 +95,8 @@ def test_multi_token_answers_by_greedy_generation(bigram):
 
 def test_batches_equal_single_runs(tiny):
     short = Task("short", (("a", "bc"), ("b", "cde"), ("c", "d"), ("d", "ef"), ("e", "fgh"), ("f", "g")))
-    prompts = list(probe_prompts(tiny.tokenizer, n=16, k=3, seed=1)) + list(
-        build_prompts(short, tiny.tokenizer, k=2, n=6, seed=0))
+    prompts = list(probe_prompts(tiny.tokenizer, n=16, shots=3, seed=1)) + list(
+        build_prompts(short, tiny.tokenizer, shots=2, n=6, seed=0))
     assert len({len(tiny.to_tokens(p.text)[0]) for p in prompts}) > 3  # several lengths
     batched = predict(tiny, prompts, batch_size=32)
     assert batched == predict(tiny, prompts, batch_size=1)
@@ -104,8 +108,8 @@ def test_batches_equal_single_runs(tiny):
 def _mixed_prompts(tok):
     """Prompts of several token lengths, with single-token answers (probe) and generated ones."""
     short = Task("short", (("a", "bc"), ("b", "cde"), ("c", "d"), ("d", "ef"), ("e", "fgh"), ("f", "g"), ("g", "hi")))
-    return list(probe_prompts(tok, n=10, k=3, seed=1)) + list(build_prompts(short, tok, k=2, n=7, seed=0)) + list(
-        build_prompts(short, tok, k=3, n=5, seed=1))
+    return list(probe_prompts(tok, n=10, shots=3, seed=1)) + list(build_prompts(short, tok, shots=2, n=7, seed=0)) + list(
+        build_prompts(short, tok, shots=3, n=5, seed=1))
 
 
 @pytest.fixture(scope="module", params=["transformer", "mamba"])
@@ -117,46 +121,135 @@ def model(request):
     return tiny_mamba(n_layers=3, d_model=32, seed=2)
 
 
-@pytest.mark.parametrize("max_padding", [1.0, evaluation.MAX_PADDING])
+@pytest.mark.parametrize("max_padding", [1.0, batching.MAX_PADDING])
 def test_padded_batches_equal_unpadded_runs(model, max_padding, monkeypatch):
     """Left-padded batches of mixed lengths answer as equal-length batches and single prompts do."""
-    monkeypatch.setattr(evaluation, "MAX_PADDING", max_padding)
+    monkeypatch.setattr(batching, "MAX_PADDING", max_padding)
     prompts = _mixed_prompts(model.tokenizer)
     ids = [model.to_tokens(p.text)[0] for p in prompts]
     assert len({len(i) for i in ids}) > 4 and {_steps(p) == 1 for p in prompts} == {True, False}
-    batches = evaluation.token_batches(ids, [_steps(p) for p in prompts], 32, pad=True)
+    batches = batching.token_batches(ids, [_steps(p) for p in prompts], 32, pad=True)
     assert any(len({len(ids[i]) for i in b}) > 1 for b in batches)  # some batches really pad
     padded = predict(model, prompts, batch_size=32)
     assert padded == predict(model, prompts, batch_size=32, pad=False) == predict(model, prompts, batch_size=1)
     assert any(len(p) > 1 for p in padded)  # generation really ran
 
 
-def _sets(model, layers_by_condition):
-    """Neuron sets pruning half the neurons of each listed layer (a different half per condition)."""
+def _conditions(model, spec: dict) -> list[Condition]:
+    """Conditions ablating half the neurons of each listed layer (a different half per condition), each
+    zeroed or mean-ablated (means over other prompts), at every position or the last."""
     arch, fp = arch_of(model), model_fingerprint(model)
     width = arch.neurons_per_layer(model)
-    return {name: None if layers is None else NeuronSet(
-        tuple((l, i) for l in layers for i in range(g % 2, width, 2)), fp)
-        for g, (name, layers) in enumerate(layers_by_condition.items())}
+    refs = list(probe_prompts(model.tokenizer, n=6, shots=2, seed=7))
+    means = {p: component_means(model, refs, positions=p, reference="6 probe prompts") for p in ("all", "last")}
+    out = []
+    for g, (name, (layers, ablation, positions)) in enumerate(spec.items()):
+        if layers is None:
+            out.append(Condition(name))
+            continue
+        comps = NeuronSet(tuple((l, i) for l in layers for i in range(g % 2, width, 2)), fp)
+        out.append(Condition(name, components=comps, ablation=ablation, positions=positions,
+                             means=means[positions] if ablation == "mean" else None))
+    return out
 
 
-@pytest.mark.parametrize("layers", [
-    {"unpruned": None, "early": [0], "late": [2], "both": [1, 2]},   # fork before block 0
-    {"late": [2], "unpruned": None, "mid": [1, 2]},                   # fork before block 1
+@pytest.mark.parametrize("spec", [
+    {"unpruned": (None, "zero", "all"), "early": ([0], "zero", "all"), "late": ([2], "zero", "all"),
+     "both": ([1, 2], "zero", "all")},                                                     # fork before block 0
+    {"late": ([2], "zero", "all"), "unpruned": (None, "zero", "all"), "mid": ([1, 2], "zero", "all")},   # block 1
+    {"unpruned": (None, "zero", "all"), "mean": ([0, 2], "mean", "all"), "zero": ([0, 2], "zero", "all"),
+     "mean-last": ([1], "mean", "last"), "zero-last": ([1, 2], "zero", "last")},   # mean ablation, last position
 ])
-def test_one_pass_equals_separate_conditions(model, layers):
+def test_one_pass_equals_separate_conditions(model, spec):
+    """Every condition (zero or mean ablation, every position or the last) in one forked pass answers
+    as its own run with its own hooks, on a transformer and on Mamba."""
     prompts = _mixed_prompts(model.tokenizer)
-    sets = _sets(model, layers)
-    one_pass = predict_conditions(model, prompts, sets, batch_size=24)  # several batches
-    for name, ns in sets.items():
-        hooks = [] if ns is None else pruning_hooks(model, ns)
-        assert one_pass[name] == predict(model, prompts, fwd_hooks=hooks, pad=False), name
-    assert len({tuple(p) for p in one_pass.values()}) > 1  # the conditions change answers
-    unpruned = predict_conditions(model, prompts, {"a": None, "b": None})  # nothing pruned: no block forks
+    conds = _conditions(model, spec)
+    one_pass = predict_conditions(model, prompts, conds, batch_size=24)  # several batches
+    for c in conds:
+        assert one_pass[c.label] == predict(model, prompts, fwd_hooks=condition_hooks(model, c), pad=False), c.label
+    assert len({tuple(p) for p in one_pass.values()}) == len(conds)  # every condition changes answers
+    unpruned = predict_conditions(model, prompts, [Condition("a"), Condition("b")])  # nothing ablated: no fork
     assert unpruned["a"] == unpruned["b"] == one_pass["unpruned"]
-    results = evaluate_conditions(model, prompts, sets, batch_size=24)
-    assert list(results) == list(sets) and all(r.condition == name for name, r in results.items())
+    results = evaluate_conditions(model, prompts, conds, batch_size=24)
+    assert list(results) == [c.label for c in conds] and all(r.condition == name for name, r in results.items())
     assert all(r.predictions == tuple(one_pass[name]) for name, r in results.items())
+    with pytest.raises(ValueError, match="distinct labels"):
+        predict_conditions(model, prompts, [Condition("a"), Condition("a")])
+
+
+ANSWERS = ("no", "yes", "maybe")
+
+
+def answer_task() -> Task:
+    words = ("cat", "moon", "sky", "river", "stone", "apple", "tree", "house", "lamp", "road", "bird", "fish",
+             "rain", "sand", "wolf")
+    return Task("answers", tuple((w, ANSWERS[i % 3]) for i, w in enumerate(words)))
+
+
+@pytest.mark.parametrize("arch", ["transformer", "mamba"])
+def test_label_readouts_in_one_call_equal_separate_scoring(arch):
+    """Label-scored conditions (plain, calibrated, pruned and both) and generated ones in one call answer as
+    separate `score_labels` runs under each condition's hooks read by its calibration, and as `predict`."""
+    from mechcopy.conditions import LABELS, Readout, calibrated_conditions, read_by
+    from mechcopy.models.mamba import tiny_mamba
+    from mechcopy.scoring import CONTENT_FREE, domain_queries, reference_queries, score_labels
+
+    model = tiny_transformer(n_layers=3, d_model=32, d_mlp=64, seed=2) if arch == "transformer" else \
+        tiny_mamba(n_layers=3, d_model=32, seed=2)
+    task = answer_task()
+    labels = task.require_labels()
+    prompts = build_prompts(task, model.tokenizer, shots=3, n=10, seed=1).prompts
+    width = arch_of(model).neurons_per_layer(model)
+    comps = NeuronSet(tuple((l, i) for l in (1, 2) for i in range(0, width, 3)), model_fingerprint(model))
+    base = read_by([UNPRUNED, Condition("pruned", "pruned", comps)], LABELS)
+    calibrated = calibrated_conditions(base, ["contextual", "batch", "domain"])
+    assert [c.label for c in calibrated] == ["contextual", "pruned+contextual", "batch", "pruned+batch", "domain",
+                                             "pruned+domain"]
+    assert calibrated[0].versus == ("pruned",) and calibrated[1].versus == ("pruned", "contextual")
+    assert calibrated[1].components == comps and calibrated[1].family == "pruned+contextual"
+    conditions = [Condition("generated"), *base, *calibrated]
+    refs = reference_queries(["contextual", "domain"], [x for x, _ in task.pairs], seed=0)
+    assert refs == {"contextual": CONTENT_FREE, "domain": domain_queries([x for x, _ in task.pairs], seed=0)}
+    got = predict_conditions(model, prompts, conditions, batch_size=12, labels=labels, references=refs)
+    assert got["generated"] == predict(model, prompts)
+    for c in [*base, *calibrated]:
+        scores = score_labels(model, prompts, labels, fwd_hooks=condition_hooks(model, c), references=refs)
+        assert got[c.label] == scores.predict(c.readout.calibration or "labels"), c.label
+    assert got["pruned+contextual"] != got["contextual"] and got["contextual"] != got["unpruned"]  # both matter
+    results = evaluate_conditions(model, prompts, conditions, batch_size=12, labels=labels, references=refs)
+    assert all(r.predictions == tuple(got[name]) for name, r in results.items())
+    with pytest.raises(ValueError, match="label set"):
+        predict_conditions(model, prompts, base)
+    with pytest.raises(ValueError, match="domain calibration needs its reference queries"):
+        predict_conditions(model, prompts, calibrated, labels=labels)
+    with pytest.raises(ValueError, match="needs scoring='labels'"):
+        Readout("generate", "contextual")
+    with pytest.raises(ValueError, match="unknown calibration"):
+        calibrated_conditions(base, ["platt"])
+    again = Condition.from_json(json.loads(json.dumps(calibrated[1].to_json())))
+    assert again == calibrated[1] and again.describe()["readout"] == {"scoring": "labels", "calibration": "contextual"}
+
+
+def test_rows_carry_the_copy_effect_beside_the_copy_rate(tiny):
+    """A closed-label task's rows carry the copy effect and demo share of their predictions (equal to
+    `copy_effect` on them); an open task's say why they have none; the pooled part is computed apart."""
+    from mechcopy.copy_effect import copy_effect, demo_share
+    from mechcopy.suite import build_prompt_sets, copy_effects
+
+    closed = answer_task()
+    open_task = Task("open", tuple((w, w[::-1]) for w in ("ab", "cd", "ef", "gh", "ij", "kl")), closed=False)
+    rows, _ = run_evaluation(tiny, [closed, open_task], shots=3, n=8, conditions=[UNPRUNED], progress=False,
+                             copy_control=False)
+    sets = build_prompt_sets(tiny, [closed, open_task], shots=3, n=8)
+    row, open_row = rows
+    prompts = sets["answers"].prompts
+    assert row["copy_effect"] == copy_effect(prompts, row["predictions"], closed.label_set(), "answers").to_json()
+    assert row["demo_share"] == demo_share(prompts, row["predictions"], closed.label_set(), "answers").to_json()
+    assert open_row["copy_effect"]["effect"] is None and "open task" in open_row["copy_effect"]["reason"]
+    part = copy_effects(rows, sets, [closed, open_task])
+    assert set(part) == {"unpruned"} and set(part["unpruned"]) == {"pooled", "task_level", "tasks"}
+    assert "copy_effect" not in {k for r in rows for k in r if k.startswith("pooled")}
 
 
 def test_task_result_outcomes_agree_with_classify(tiny):
@@ -221,7 +314,6 @@ def test_perplexity_matches_naive(tiny):
 def test_evaluate_cli(tiny, tmp_path, monkeypatch):
     import mechcopy
     from mechcopy.commands import main
-    from mechcopy.neurons import NeuronSet, model_fingerprint
 
     monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: tiny)
     task_file = tmp_path / "t.json"
@@ -238,35 +330,82 @@ def test_evaluate_cli(tiny, tmp_path, monkeypatch):
         assert key in row
     assert row["task"] == "upper" and row["condition"] == "unpruned" and row["n"] == 5
 
-    # --prune asks mechcopy.pruning.condition_sets for the extra conditions
+    # --prune asks mechcopy.conditions.standard_conditions for the extra conditions
     neurons = tmp_path / "n.json"
     NeuronSet(((0, 1), (1, 2)), model_fingerprint(tiny)).save(neurons)
     calls = []
 
-    def condition_sets(model, ns, n_random, seed, scores=None):
+    def fake_conditions(model, ns, n_random, seed, scores=None, **kw):
         calls.append((len(ns), n_random, seed))
-        return {"pruned": ns, "random-0": NeuronSet(((1, 5),), ns.model)}
+        return [Condition("pruned", "pruned", ns), Condition("random-0", "random", NeuronSet(((1, 5),), ns.model), seed=0)]
 
-    import mechcopy.pruning
+    import mechcopy.commands.evaluate
 
-    monkeypatch.setattr(mechcopy.pruning, "condition_sets", condition_sets)
+    monkeypatch.setattr(mechcopy.commands.evaluate, "standard_conditions", fake_conditions)
     assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--shots", "2", "--n", "5",
                  "--prune", str(neurons), "--n-random", "1", "--out", str(out), "--force"]) == 0
     assert calls == [(2, 1, 0)]
     data = json.loads(out.read_text())
     assert [r["condition"] for r in data["results"]] == ["unpruned", "pruned", "random-0"]
+    assert [r["spec"]["family"] for r in data["results"]] == ["unpruned", "pruned", "random"]
     # paired comparisons for each task and pooled, with the fields a reader needs
     assert set(data["comparisons"]) == {"upper", "pooled"}
     for c in data["comparisons"]["pooled"] + data["comparisons"]["upper"]:
         assert {"condition", "baseline", "metric", "diff", "ci", "p_value", "mde", "n"} <= set(c)
     assert {(c["condition"], c["baseline"]) for c in data["comparisons"]["pooled"]} == {
         ("pruned", "unpruned"), ("random", "unpruned"), ("pruned", "random")}
+    assert [(t["condition"], t["baseline"], t["metric"]) for t in data["task_level"]] == [
+        (c["condition"], c["baseline"], c["metric"]) for c in data["comparisons"]["pooled"]]
+
+
+def test_evaluate_cli_label_scoring_and_calibration(tiny, tmp_path, monkeypatch, capsys):
+    """--scoring labels --calibrate: every condition label-scored, the calibrations alone and with pruning,
+    each compared with unpruned and with pruning; task-level figures beside the pooled ones; the copy
+    effect's pooled part apart from the rows; open tasks and --calibrate without labels refused first."""
+    import mechcopy
+    from mechcopy.commands import main
+
+    loads = []
+    monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: loads.append(name) or tiny)
+    task_file = tmp_path / "t.json"
+    task_file.write_text(json.dumps(answer_task().to_json()))
+    neurons = tmp_path / "n.json"
+    NeuronSet(((0, 1), (1, 2), (1, 7)), model_fingerprint(tiny)).save(neurons)
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--shots", "3", "--n", "9", "--prune",
+                 str(neurons), "--n-random", "2", "--scoring", "labels", "--calibrate", "contextual,batch",
+                 "--random-match", "size", "--copy-control", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["scoring"] == "labels" and data["settings"]["calibrate"] == ["contextual", "batch"]
+    assert data["settings"]["random_match"] == "size" and data["settings"]["sizes"]["n_prompts"] == 9
+    rows = {r["condition"]: r for r in data["results"]}
+    assert list(rows) == ["unpruned", "pruned", "random-0", "random-1", "contextual", "pruned+contextual", "batch",
+                          "pruned+batch"]
+    assert {r["spec"]["readout"]["scoring"] for r in rows.values()} == {"labels"}
+    assert rows["pruned+batch"]["spec"]["readout"]["calibration"] == "batch"
+    assert all(set(r["predictions"]) <= set(ANSWERS) for r in rows.values())
+    assert all(r["copy_effect"]["task"] == "answers" for r in rows.values())
+    pairs = {(c["condition"], c["baseline"]) for c in data["comparisons"]["pooled"] if c["metric"] == "accuracy"}
+    for x in ("contextual", "batch"):
+        assert {(x, "unpruned"), (x, "pruned"), (f"pruned+{x}", "pruned"), (f"pruned+{x}", x),
+                (f"pruned+{x}", "unpruned")} <= pairs
+    assert len(data["task_level"]) == len(data["comparisons"]["pooled"])
+    assert set(data["copy_effect"]) == set(rows) and "pooled" in data["copy_effect"]["batch"]
+    assert loads == ["tiny"]
+    for extra, msg in [(["--calibrate", "batch"], "add --scoring labels"), (["--scoring", "labels"], "is open"),
+                       (["--copy-control"], "is open")]:
+        task_file.write_text(json.dumps({**answer_task().to_json(), "closed": False}) if "is open" in msg
+                             else json.dumps(answer_task().to_json()))
+        capsys.readouterr()
+        assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--n", "3", *extra]) == 2
+        assert msg in capsys.readouterr().err
+    assert loads == ["tiny"]                                        # refused before the model loads
 
 
 def test_mamba_predict_batches(tiny):
     mamba = pytest.importorskip("mechcopy.models.mamba")
     model = mamba.tiny_mamba(seed=0)
-    prompts = list(probe_prompts(model.tokenizer, n=12, k=2, seed=0))
+    prompts = list(probe_prompts(model.tokenizer, n=12, shots=2, seed=0))
     assert predict(model, prompts, batch_size=32) == predict(model, prompts, batch_size=1)
     # the BOS convention is the model's (tiny Mamba prepends none); the rest of the tokens agree
     bos = 1 if model.cfg.default_prepend_bos else 0
@@ -276,8 +415,8 @@ def test_mamba_predict_batches(tiny):
 @pytest.mark.slow
 def test_smollm2_prompts_antonyms_and_probe(smollm2):
     tok = smollm2.tokenizer
-    probe = probe_prompts(tok, n=30, k=4, seed=0)
-    antonyms = build_prompts(load_task("antonyms"), tok, k=4, n=12, seed=0)
+    probe = probe_prompts(tok, n=30, shots=4, seed=0)
+    antonyms = build_prompts(load_task("antonyms"), tok, shots=4, n=12, seed=0)
     for p in list(probe) + list(antonyms):
         assert encode(tok, p.text) == smollm2.to_tokens(p.text)[0].tolist()
     # SmolLM2 splits " 3" into " ", "3": the space sits in the prompt and the answer is one digit token
@@ -291,53 +430,56 @@ def test_smollm2_prompts_antonyms_and_probe(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_padded_and_one_pass_are_exact(smollm2):
-    """On SmolLM2: left-padded batches and the one-pass conditions give today's answers, and logits
-    within 1e-4 of unpadded, separate runs."""
-    from mechcopy.evaluation import left_pad
-    from mechcopy.pruning import condition_sets
+    """On SmolLM2: left-padded batches and the one-pass conditions (zero and mean ablation, every
+    position and the last) give the answers of separate runs, and logits within 1e-4 of unpadded,
+    separate runs."""
+    from mechcopy.batching import left_pad
 
     tok, arch = smollm2.tokenizer, arch_of(smollm2)
     prompts = [p for name in ("antonyms", "country_capital", "copy_probe")
-               for p in build_prompts(load_task(name), tok, k=4, n=6, seed=0)]
+               for p in build_prompts(load_task(name), tok, shots=4, n=6, seed=0)]
     rows = [smollm2.to_tokens(p.text)[0] for p in prompts]
     assert len({len(r) for r in rows}) > 3 and {_steps(p) == 1 for p in prompts} == {True, False}
     fp = model_fingerprint(smollm2)
     top = NeuronSet(tuple((l, (37 * l + 11 * i) % 1536) for l in (3, 9, 17, 25) for i in range(5)), fp)
-    sets = {"unpruned": None, **condition_sets(smollm2, top, n_random=1, seed=0)}
+    refs = list(probe_prompts(tok, n=8, shots=4, seed=3))
+    means = {p: component_means(smollm2, refs, positions=p) for p in ("all", "last")}
+    sets = [UNPRUNED, *standard_conditions(smollm2, top, n_random=1, seed=0),
+            *[Condition(f"mean-{p}", "mean", top, "mean", p, means[p]) for p in ("all", "last")],
+            Condition("zero-last", "zero-last", top, positions="last")]
     one_pass = predict_conditions(smollm2, prompts, sets, batch_size=64)
-    for name, ns in sets.items():
-        hooks = [] if ns is None else pruning_hooks(smollm2, ns)
-        assert one_pass[name] == predict(smollm2, prompts, fwd_hooks=hooks, pad=False), name
+    for c in sets:
+        assert one_pass[c.label] == predict(smollm2, prompts, fwd_hooks=condition_hooks(smollm2, c), pad=False), c.label
     tokens, mask = left_pad(rows[:8], pad_id=tok.pad_token_id or 0)
     with torch.no_grad():
         padded = arch.decoder(smollm2)(tokens, mask)
         for r, row in enumerate(rows[:8]):
             assert torch.allclose(arch.decoder(smollm2)(row[None])[0], padded[r], atol=1e-4), r
-        fork_at, hooks = grouped_pruning_hooks(smollm2, list(sets.values()))
+        fork_at, hooks = grouped_hooks(smollm2, sets)
         with smollm2.hooks(fwd_hooks=hooks):
             forked = arch.decoder(smollm2, len(sets), fork_at)(tokens, mask)
-        for g, ns in enumerate(sets.values()):
-            with smollm2.hooks(fwd_hooks=[] if ns is None else pruning_hooks(smollm2, ns)):
+        for g, c in enumerate(sets):
+            with smollm2.hooks(fwd_hooks=condition_hooks(smollm2, c)):
                 alone = arch.decoder(smollm2)(tokens, mask)
-            assert torch.allclose(alone, forked[g * 8:(g + 1) * 8], atol=1e-4), g
+            assert torch.allclose(alone, forked[g * 8:(g + 1) * 8], atol=1e-4), c.label
 
 
-def _fake_rows(seed=0, n=40):
+def _fake_rows(seed=0, n=40, group=None):
     """Result rows of three tasks (one the probe) under five conditions, with random outcomes."""
     rng = np.random.default_rng(seed)
+    conds = [UNPRUNED, Condition("pruned", "pruned", group=group), Condition("random-0", "random", seed=0, group=group),
+             Condition("random-1", "random", seed=1, group=group), Condition("bottom", "bottom", group=group)]
     rows = []
     for task, kind in (("a", "linguistic"), ("b", "knowledge"), ("copy_probe", "probe")):
-        for cond in ("unpruned", "pruned", "random-0", "random-1", "bottom"):
-            correct = rng.random(n) < (0.5 if cond != "pruned" else 0.7)
+        for cond in conds:
+            correct = rng.random(n) < (0.5 if cond.family != "pruned" else 0.7)
             copy = ~correct & (rng.random(n) < 0.5)
-            rows.append({"task": task, "kind": kind, "condition": cond, "correct": correct.tolist(),
-                         "copy": copy.tolist()})
+            rows.append({"task": task, "kind": kind, "condition": cond.label, "correct": correct.tolist(),
+                         "copy": copy.tolist(), "spec": cond.describe()})
     return rows
 
 
 def test_compare_rows_by_hand():
-    from mechcopy.evaluation import compare_rows
-
     rows = _fake_rows()
     out = compare_rows(rows, n_boot=300)
     assert set(out) == {"a", "b", "copy_probe", "pooled"}
@@ -357,9 +499,56 @@ def test_compare_rows_by_hand():
     assert pooled["diff"] == pytest.approx(np.mean([by[(t, "pruned", "unpruned", "accuracy")]["diff"] for t in "ab"]))
 
 
-def test_comparisons_table_lists_every_comparison():
-    from mechcopy.evaluation import compare_rows, comparisons_table
+def test_compare_rows_groups_by_spec_not_by_name():
+    """The random family is the spec's family (a set named anything), and a group's comparisons are those
+    of its own conditions beside the ungrouped unpruned, labelled as they would be alone."""
+    alone = compare_rows(_fake_rows(), n_boot=200)
+    grouped = _fake_rows(group=20)
+    assert {r["condition"] for r in grouped} == {"unpruned", "pruned@20", "random-0@20", "random-1@20", "bottom@20"}
+    both = grouped + [r for r in _fake_rows(seed=1) if r["spec"]["family"] != "unpruned"]   # ungrouped: left out
+    assert compare_rows(both, n_boot=200, group=20) == alone
+    renamed = [{**r, "spec": {**r["spec"], "name": r["spec"]["name"].replace("random", "baseline")}} for r in _fake_rows()]
+    pooled = {(c["condition"], c["baseline"]) for c in compare_rows(renamed, n_boot=200)["pooled"]}
+    assert ("pruned", "random") in pooled and ("random", "unpruned") in pooled
+    with pytest.raises(ValueError, match="older mechcopy"):
+        compare_rows([{k: v for k, v in r.items() if k != "spec"} for r in _fake_rows()])
 
+
+def test_versus_comparisons_and_task_levels_by_hand():
+    """A calibrated condition is compared with unpruned and with what its spec's `versus` names, per task and
+    pooled over the held-out tasks; `task_levels` is `stats.task_level` of the same per-task differences."""
+    from mechcopy.comparisons import task_level_table, task_levels
+    from mechcopy.conditions import LABELS, calibrated_conditions, read_by
+    from mechcopy.stats import task_level
+
+    rng = np.random.default_rng(3)
+    base = read_by([UNPRUNED, Condition("pruned", "pruned")], LABELS)
+    conds = base + calibrated_conditions(base, ["contextual"])
+    rows = [{"task": t, "kind": kind, "condition": c.label, "correct": (rng.random(30) < 0.5).tolist(),
+             "copy": (rng.random(30) < 0.3).tolist(), "spec": c.describe()}
+            for t, kind in (("a", "knowledge"), ("b", "sentiment"), ("c", "linguistic"), ("copy_probe", "probe"))
+            for c in conds]
+    out = compare_rows(rows, n_boot=200)
+    get = {(r["task"], r["condition"]): np.mean(r["correct"]) for r in rows}
+    pairs = {(c["condition"], c["baseline"]) for c in out["a"] if c["metric"] == "accuracy"}
+    assert pairs == {("pruned", "unpruned"), ("contextual", "unpruned"), ("pruned+contextual", "unpruned"),
+                     ("contextual", "pruned"), ("pruned+contextual", "pruned"), ("pruned+contextual", "contextual")}
+    by = {(t, c["condition"], c["baseline"], c["metric"]): c for t, cs in out.items() for c in cs}
+    for t in "abc":
+        assert by[(t, "contextual", "pruned", "accuracy")]["diff"] == pytest.approx(get[(t, "contextual")] - get[(t, "pruned")])
+    pooled = by[("pooled", "pruned+contextual", "contextual", "accuracy")]
+    assert pooled["tasks"] == ["a", "b", "c"] and pooled["diff"] == pytest.approx(
+        np.mean([get[(t, "pruned+contextual")] - get[(t, "contextual")] for t in "abc"]))
+    levels = task_levels(out, seed=0)
+    assert len(levels) == len(out["pooled"])
+    for level, c in zip(levels, out["pooled"]):
+        want = task_level({t: by[(t, c["condition"], c["baseline"], c["metric"])]["diff"] for t in "abc"},
+                          c["metric"], c["condition"], c["baseline"], seed=0)
+        assert level == want.to_json()
+    assert len(task_level_table(levels)) == len(levels)
+
+
+def test_comparisons_table_lists_every_comparison():
     pooled = compare_rows(_fake_rows(), n_boot=200)["pooled"]
     table = comparisons_table(pooled)
     assert len(table) == len(pooled) and "pruned - random" in set(table["comparison"])
@@ -367,18 +556,17 @@ def test_comparisons_table_lists_every_comparison():
 
 def test_run_evaluation_builds_prompts_without_gold_in_demos(tiny, monkeypatch):
     """`gold_in_demos=False` reaches the prompt builder: no demo carries its query's gold label."""
-    import mechcopy.tasks.prompts as P
-    from mechcopy.evaluation import run_evaluation
+    import mechcopy.suite as S
 
-    built, real = [], P.build_prompts
+    built, real = [], S.build_prompts
 
     def spy(*args, **kwargs):
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(P, "build_prompts", spy)
+    monkeypatch.setattr(S, "build_prompts", spy)
     task = Task("two", tuple((w, "yes" if i % 2 else "no") for i, w in enumerate("abcdefghijklmnop")))
-    rows, _ = run_evaluation(tiny, [task], shots=3, n=8, conditions={"unpruned": None}, progress=False,
+    rows, _ = run_evaluation(tiny, [task], shots=3, n=8, conditions=[UNPRUNED], progress=False,
                              gold_in_demos=False)
     assert rows[0]["n"] == 8 and all(p.answer not in p.demo_labels for p in built[0].prompts)
     run_evaluation(tiny, [task], shots=3, n=8, progress=False)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mechcopy.attribution import CopyScores, converged_layers, copy_scores, integrated_gradients, normalise
+from mechcopy.components import random_matched
 from mechcopy.neurons import model_fingerprint
-from mechcopy.pruning import bottom_set, random_matched, select, select_layer_percent
+from mechcopy.selection import bottom_set, select, select_layer_percent
 from mechcopy.tasks.probe import ProbeConfig, build_probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")

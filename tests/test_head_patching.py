@@ -155,7 +155,7 @@ def test_role_pairs_from_prompts_reversed(tiny):
     """No gold among the demos; the corrupted prompt shows the gold once and is the source of the patches."""
     from mechcopy.tasks.prompts import build_prompts
 
-    prompts = build_prompts(FIRSTLEN, tiny.tokenizer, k=3, n=6, seed=1, gold_in_demos=False).prompts
+    prompts = build_prompts(FIRSTLEN, tiny.tokenizer, shots=3, n=6, seed=1, gold_in_demos=False).prompts
     pairs = P.role_pairs_of(tiny, prompts, "gold_label", reverse=True)
     assert len(pairs) + len(pairs.dropped) == len(prompts) and len(pairs) >= 4
     for pair, p in zip(pairs, [q for q in prompts if any(q.query == r.corrupt.query for r in pairs)]):
@@ -170,7 +170,7 @@ def test_role_pairs_from_prompts_reversed(tiny):
 def test_role_pairs_of_given_corrupted_prompts(tiny):
     from mechcopy.tasks.prompts import build_prompts, make_prompt
 
-    prompts = build_prompts(FIRSTLEN, tiny.tokenizer, k=3, n=3, seed=2, gold_in_demos=False).prompts
+    prompts = build_prompts(FIRSTLEN, tiny.tokenizer, shots=3, n=3, seed=2, gold_in_demos=False).prompts
     swapped = [make_prompt([(x, p.answer) for x, _ in p.demos], (p.query, p.answer), tiny.tokenizer) for p in prompts]
     pairs = P.role_pairs_of(tiny, prompts, swapped, reverse=True)       # patched from "every demo shows gold"
     assert [p.clean for p in pairs] == swapped and [p.corrupt for p in pairs] == list(prompts)

@@ -1,11 +1,14 @@
 """Heads as components: sites and checks, head hooks = weight edits (zero and mean), means, what a head
 writes, attention scaling, neuron hooks refusing a head site, Mamba refused with one line."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from mechcopy import heads as H
 from mechcopy import hooks
+from mechcopy.pruning import component_means, prune_weights
 from mechcopy.models.tiny import tiny_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,13 +62,13 @@ def test_zero_heads_hook_equals_zeroing_w_o(model):
     tokens = model.to_tokens(TEXT)
     chosen = [(0, 1), (1, 0), (1, 3)]
     hooked = model.run_with_hooks(tokens, fwd_hooks=H.head_hooks(model, chosen))
-    edited = _with_edited_weights(model, lambda m: H.prune_head_weights(m, chosen), tokens)
+    edited = _with_edited_weights(model, lambda m: prune_weights(m, H.head_set(m, chosen)), tokens)
     torch.testing.assert_close(hooked, edited, atol=1e-5, rtol=1e-5)
     assert (hooked - model(tokens)).abs().max() > 1e-3
     # and the weight edit is what its docstring says: the heads' rows of W_O are zero, nothing else moved
     saved = model.blocks[1].attn.W_O.clone()
     try:
-        H.prune_head_weights(model, [(1, 0)])
+        prune_weights(model, H.head_set(model, [(1, 0)]))
         assert (model.blocks[1].attn.W_O[0] == 0).all() and torch.equal(model.blocks[1].attn.W_O[1:], saved[1:])
     finally:
         with torch.no_grad():
@@ -73,16 +76,17 @@ def test_zero_heads_hook_equals_zeroing_w_o(model):
 
 
 def test_mean_ablation_hook_equals_weight_edit(model):
-    means = H.head_means(model, TEXTS)
+    prompts = [SimpleNamespace(text=t) for t in TEXTS]
+    means = component_means(model, prompts, "head")
     # the means, by hand: every position of every text
     zs = [model.run_with_cache(t)[1]["blocks.1.attn.hook_z"][0] for t in TEXTS]
     torch.testing.assert_close(means[1], torch.cat(zs).mean(0), atol=1e-6, rtol=1e-5)
-    last = H.head_means(model, TEXTS, last_only=True)
+    last = component_means(model, prompts, "head", positions="last")
     torch.testing.assert_close(last[1], torch.stack([z[-1] for z in zs]).mean(0), atol=1e-6, rtol=1e-5)
     tokens = model.to_tokens(TEXT)
     chosen = [(0, 2), (1, 1)]
     hooked = model.run_with_hooks(tokens, fwd_hooks=H.head_hooks(model, chosen, means))
-    edited = _with_edited_weights(model, lambda m: H.prune_head_weights(m, chosen, means), tokens)
+    edited = _with_edited_weights(model, lambda m: prune_weights(m, H.head_set(m, chosen), means), tokens)
     torch.testing.assert_close(hooked, edited, atol=1e-5, rtol=1e-5)
     zeroed = model.run_with_hooks(tokens, fwd_hooks=H.head_hooks(model, chosen))
     assert (hooked - zeroed).abs().max() > 1e-3              # the mean is not zero: not the same ablation
@@ -122,7 +126,7 @@ def test_head_writes_sum_to_the_attention_output(model):
 def test_neuron_hooks_refuse_a_head_site(tiny):
     tokens = tiny.to_tokens(TEXT)
     for hook in (hooks.zero_neurons([8]), hooks.scale_neurons([1], 2.0), hooks.set_neurons([1], torch.tensor([0.0])),
-                 hooks.scale_neurons_by_group(torch.ones(1, 8)), hooks.patch_from_cache({}, idx=[1])):
+                 hooks.patch_from_cache({}, idx=[1])):
         with pytest.raises(ValueError, match=r"blocks\.1\.attn\.hook_z has shape \[1, \d+, 4, 8\] \(a per-head site"):
             tiny.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", hook)])
     # the neuron sites still take them
@@ -193,7 +197,7 @@ def test_scale_attention(model):
 def test_mamba_is_refused_with_one_line(mamba):
     from mechcopy import head_attribution as HA, head_patching as HP, label_attention as LA, viz
 
-    calls = [lambda: H.head_site(mamba, 0), lambda: H.head_means(mamba, TEXTS), lambda: H.head_hooks(mamba, [(0, 0)]),
+    calls = [lambda: H.head_site(mamba, 0), lambda: H.head_set(mamba, [(0, 0)]), lambda: H.head_hooks(mamba, [(0, 0)]),
              lambda: H.check_heads(mamba, [(0, 0)]), lambda: HA.direct_logit_attribution(mamba, []),
              lambda: HA.head_integrated_gradients(mamba, [TEXT]), lambda: LA.label_attention(mamba, []),
              lambda: HP.patch_heads(mamba, mamba.to_tokens(TEXT), mamba.to_tokens(TEXT), lambda x: 0.0),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mechcopy import heads as H
+from mechcopy.pruning import prune_weights
 from mechcopy.head_attribution import direct_logit_attribution
 from mechcopy.label_attention import label_attention, label_positions
 from mechcopy.tasks.probe import ProbeConfig, build_probe
@@ -29,7 +30,7 @@ def test_heads_on_a_zoo_model(model):
     hooked = model.run_with_hooks(tokens, fwd_hooks=H.head_hooks(model, chosen))[0, -1]
     saved = {l: model.blocks[l].attn.W_O.detach().clone() for l, _ in chosen}
     try:
-        H.prune_head_weights(model, chosen)
+        prune_weights(model, H.head_set(model, chosen))
         edited = model(tokens)[0, -1]
     finally:
         with torch.no_grad():

@@ -46,16 +46,16 @@ def test_held_out_functions_never_sampled_in_training():
 
 
 def test_probe_gold_never_among_demo_labels_and_answers_correct():
-    for ep in D.episodes("probe", 300, k=4, seed=3):
+    for ep in D.episodes("probe", 300, shots=4, seed=3):
         assert ep.query[1] not in ep.demo_labels
         assert ep.query[1] == ep.function(ep.query[0])
         assert all(ep.function(x) == y for x, y in ep.demos)
-    for ep in D.episodes("probe-same", 100, k=4, seed=3):
+    for ep in D.episodes("probe-same", 100, shots=4, seed=3):
         assert len(set(ep.demo_labels)) == 1 and ep.query[1] not in ep.demo_labels
     for name in ("shift-heldout", "class"):
-        for ep in D.episodes(name, 100, k=4, seed=3):
+        for ep in D.episodes(name, 100, shots=4, seed=3):
             assert ep.query[0] not in [x for x, _ in ep.demos]  # rule tasks: the query is new
-    for ep in D.episodes("map-heldout", 100, k=4, seed=3):
+    for ep in D.episodes("map-heldout", 100, shots=4, seed=3):
         assert ep.query in ep.demos  # retrieval: the query repeats a demo
 
 
@@ -74,8 +74,8 @@ def test_training_text_matches_shared_prompt_builder(tok):
     from mechcopy.tasks.prompts import encode
 
     codec = D.CharCodec(tok)
-    ps = D.organism_prompts("probe", tok, n=20, k=4, seed=0)
-    for p, ep in zip(ps.prompts, D.episodes("probe", 20, k=4, seed=0)):
+    ps = D.organism_prompts("probe", tok, n=20, shots=4, seed=0)
+    for p, ep in zip(ps.prompts, D.episodes("probe", 20, shots=4, seed=0)):
         assert p.text == D.episode_text(ep, with_answer=False) and p.text.endswith("-> ")
         full = codec.encode(D.episode_text(ep))
         assert full == encode(tok, p.text) + list(p.answer_ids)
@@ -97,9 +97,9 @@ def test_tiny_training_learns_held_out_maps():
                       model_kwargs={"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 64})
     from mechcopy.organisms.train import build_model
 
-    untrained = quick_accuracy(build_model("transformer", cfg.model_kwargs, 0), ("map-heldout",), n=200, k=3)
+    untrained = quick_accuracy(build_model("transformer", cfg.model_kwargs, 0), ("map-heldout",), n=200, shots=3)
     model, _ = train_organism(cfg, None, progress=False)
-    trained = quick_accuracy(model, ("map-heldout",), n=200, k=3)
+    trained = quick_accuracy(model, ("map-heldout",), n=200, shots=3)
     assert trained["map-heldout"] > max(3 / 26, untrained["map-heldout"] + 0.15), (untrained, trained)
 
 
@@ -126,7 +126,7 @@ def test_time_budget_stops_and_saves(tmp_path):
 
 
 def test_shift_probe_gold_never_a_demo_label_and_only_training_shifts(tok):
-    for ep in D.episodes("probe-shift", 300, k=4, seed=2):
+    for ep in D.episodes("probe-shift", 300, shots=4, seed=2):
         assert ep.query[1] not in ep.demo_labels and ep.query[0] not in [x for x, _ in ep.demos]
         assert ep.function.family == "shift" and not D.is_held_out(ep.function)
     attr, dev, test = D.probe_splits(tok, n_attr=40, n_dev=40, n_test=40, probe="probe-shift")
@@ -138,8 +138,10 @@ def test_shift_probe_gold_never_a_demo_label_and_only_training_shifts(tok):
 
 
 def _fake_result(arch, cells):
-    """A run_method-shaped result whose table holds `cells`: {(set, condition): (accuracy, copy_rate)}."""
-    table = [{"set": s, "condition": c, "accuracy": a, "copy_rate": r} for (s, c), (a, r) in cells.items()]
+    """A run_method-shaped result whose table holds `cells`: {(set, condition): (accuracy, copy_rate)};
+    the random sets' family is `random`, whatever their names."""
+    table = [{"set": s, "condition": c, "family": "random" if c.startswith("control") else c, "accuracy": a,
+              "copy_rate": r} for (s, c), (a, r) in cells.items()]
     return {"arch": arch, "methods": {"probe": {"table": table}}}
 
 
@@ -153,7 +155,7 @@ def test_seed_summary_matches_a_naive_computation():
     seeds = [  # (unpruned, pruned, random-0, random-1) accuracies; copy rate = 1 - accuracy
         (0.50, 0.60, 0.40, 0.50), (0.70, 0.65, 0.70, 0.60), (0.60, 0.80, 0.50, 0.55)]
     results = [_fake_result("mamba", {("s", "unpruned"): (u, 1 - u), ("s", "pruned"): (p, 1 - p),
-                                      ("s", "random-0"): (r0, 1 - r0), ("s", "random-1"): (r1, 1 - r1)})
+                                      ("s", "control-0"): (r0, 1 - r0), ("s", "control-1"): (r1, 1 - r1)})
                for u, p, r0, r1 in seeds]
     rows = {(r["set"], r["condition"]): r for r in seed_summary(results)}
     rnd = rows[("s", "random")]
@@ -175,31 +177,35 @@ def test_full_method_on_a_tiny_organism(tmp_path):
     equal a weight-edited copy of the organism."""
     import copy
 
+    from dataclasses import replace
+
     from mechcopy.evaluation import evaluate
-    from mechcopy.organisms.method import MethodConfig, run_method
-    from mechcopy.pruning import prune_weights
     from mechcopy.neurons import NeuronSet, model_fingerprint
+    from mechcopy.organisms.method import ORGANISM_FIND, MethodConfig, run_method
+    from mechcopy.pruning import prune_weights
 
     cfg = TrainConfig(arch="transformer", steps=150, batch_size=16, lr=1e-2, warmup=10, seed=0, eval_every=10_000,
                       model_kwargs={"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 64})
     model, _ = train_organism(cfg, None, progress=False)
-    config = MethodConfig(n_eval=24, n_attr=6, n_dev=16, ig_steps=24, n_random=2, ks=(1, 4, 16))
+    find = replace(ORGANISM_FIND, n=6, n_dev=16, steps=24, ks=(1, 4, 16))
+    config = MethodConfig(find=find, n_eval=24, n_random=2)
     res = run_method(model, config, progress=False)
     assert set(res["methods"]) == set(D.PROBES) and res["arch"] == "transformer"
     for probe, m in res["methods"].items():
         assert m["ig"]["completeness_error_median"] < 0.02, probe
-        assert len(m["neurons"]) == m["pruned_k"] in config.ks
+        assert len(m["neurons"]) == m["pruned_k"] in find.ks
         assert m["sweep"]["chosen_k"] in (m["pruned_k"], 0) and m["sweep"]["max_general_drop"] == 0.05
-        conds = {r["condition"] for r in m["table"]}
-        assert conds == {"unpruned", "pruned", "random-0", "random-1", "bottom"}
+        conds = {(r["condition"], r["family"]) for r in m["table"]}
+        assert conds == {("unpruned", "unpruned"), ("pruned", "pruned"), ("random-0", "random"), ("random-1", "random"),
+                         ("bottom", "bottom")}
         assert {r["set"] for r in m["table"]} == {"map-heldout", "shift-heldout", "class", "probe-same",
                                                   "probe-test", "probe-shift-test"}
     # the pruned row of the probe-shift method equals the weight-edited model on the same prompts
     m = res["methods"]["probe-shift"]
     edited = copy.deepcopy(model)
     prune_weights(edited, NeuronSet(tuple(map(tuple, m["neurons"])), model_fingerprint(model)))
-    _, _, test = D.probe_splits(model.tokenizer, config.n_attr, config.n_dev, config.n_eval, config.k_shots,
-                                config.seed, probe="probe-shift")
+    _, _, test = D.probe_splits(model.tokenizer, find.n, find.n_dev, config.n_eval, find.shots, find.seed,
+                                probe="probe-shift")
     row = next(r for r in m["table"] if r["set"] == "probe-shift-test" and r["condition"] == "pruned")
     assert evaluate(edited, test).accuracy == row["accuracy"]
     assert {r["condition"] for r in res["task_vectors"]} == {"unpruned", "pruned (probe)", "pruned (probe-shift)"}

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 from mechcopy.models.tiny import char_tokenizer
 from mechcopy.tasks import load_task
+from mechcopy.tasks.outcomes import outcome_rates, outcomes
 from mechcopy.tasks.probe import (
-    FORMATS, ITEM_SETS, SPLITS, ProbeConfig, build_probe, outcome_rates, outcomes, probe_splits, vowel_count,
+    FORMATS, ITEM_SETS, SPLITS, ProbeConfig, build_probe, probe_splits, vowel_count,
 )
 from mechcopy.tasks.prompts import build_prompts, encode
 
@@ -59,7 +60,7 @@ def test_balanced_probe_properties(case):
             assert encode(TOK, p.text) + list(p.answer_ids) == encode(TOK, p.text + p.answer)
             # demos: k distinct labels from the counts, never the gold, each the demo item's count
             assert p.answer not in p.demo_labels and p.answer_ids not in p.demo_label_ids
-            assert len(p.demos) == config.k and len(set(p.demo_labels)) == config.k
+            assert len(p.demos) == config.shots and len(set(p.demo_labels)) == config.shots
             assert set(p.demo_labels) <= set(config.labels)
             assert all(y == str(vowel_count(x)) for x, y in p.demos)
             assert p.label_space == config.labels and p.task == config.name
@@ -101,8 +102,8 @@ def test_drops_are_reported_and_replaced(monkeypatch):
 
 
 def test_config_and_size_errors():
-    with pytest.raises(ValueError, match="k = 5 needs at least 6"):
-        ProbeConfig(k=5, counts=(1, 2, 3, 4, 5))
+    with pytest.raises(ValueError, match="shots = 5 needs at least 6"):
+        ProbeConfig(shots=5, counts=(1, 2, 3, 4, 5))
     with pytest.raises(ValueError, match="unknown probe format"):
         ProbeConfig(template="tab")
     with pytest.raises(ValueError, match="single digits"):
@@ -135,7 +136,7 @@ def test_outcomes_tell_copy_from_any_wrong_digit():
 @given(st.sampled_from(["sentiment_binary", "sentiment_five", "location_continent", "object_counting"]),
        st.integers(1, 6), st.integers(0, 10_000))
 def test_no_gold_in_demos_switch(name, k, seed):
-    ps = build_prompts(load_task(name), TOK, k=k, n=25, seed=seed, gold_in_demos=False)
+    ps = build_prompts(load_task(name), TOK, shots=k, n=25, seed=seed, gold_in_demos=False)
     assert len(ps) > 0
     for p in ps.prompts:
         assert p.answer not in p.demo_labels, (p.answer, p.demo_labels)
@@ -144,9 +145,9 @@ def test_no_gold_in_demos_switch(name, k, seed):
 
 def test_default_keeps_gold_in_demos():
     """Without the switch a task's demos do carry the gold label (so the property above tests something)."""
-    ps = build_prompts(load_task("sentiment_binary"), TOK, k=4, n=40, seed=0)
+    ps = build_prompts(load_task("sentiment_binary"), TOK, shots=4, n=40, seed=0)
     assert sum(p.answer in p.demo_labels for p in ps.prompts) > 20
-    again = build_prompts(load_task("sentiment_binary"), TOK, k=4, n=40, seed=0, gold_in_demos=True)
+    again = build_prompts(load_task("sentiment_binary"), TOK, shots=4, n=40, seed=0, gold_in_demos=True)
     assert again == ps
 
 
@@ -177,7 +178,7 @@ def test_smollm2_tokenizer_makes_every_prompt_exact():
     for name, labels in (("sentiment_binary", ("positive", "negative")),
                          ("sentiment_five", ("terrible", "bad", "okay", "good", "great"))):
         assert all(len(tok(" " + label, add_special_tokens=False)["input_ids"]) == 1 for label in labels)
-        ps = build_prompts(load_task(name), tok, k=4, n=30, gold_in_demos=False)
+        ps = build_prompts(load_task(name), tok, shots=4, n=30, gold_in_demos=False)
         assert len(ps) == 30 and all(len(p.answer_ids) == 1 for p in ps.prompts)
 
 

@@ -5,14 +5,16 @@ import copy
 import pytest
 import torch
 
+from mechcopy import method
 from mechcopy.attribution import CopyScores
-from mechcopy.pruning import (
-    bottom_set, condition_sets, conditions, grouped_pruning_hooks, prune_weights, pruned, pruning_hooks, random_matched,
-    select, sweep_k,
-)
-from mechcopy.neurons import NeuronSet, model_fingerprint
-from mechcopy.sites import neuron_site, neurons_per_layer
+from mechcopy.components import random_matched
+from mechcopy.conditions import UNPRUNED, Condition, standard_conditions
 from mechcopy.hooks import capture as hooks_capture
+from mechcopy.neurons import NeuronSet, model_fingerprint
+from mechcopy.pruning import component_means, condition_hooks, grouped_hooks, prune_weights, pruned, pruning_hooks
+from mechcopy.selection import bottom_set, select
+from mechcopy.sites import neuron_site, neurons_per_layer
+from mechcopy.sweeps import sweep_k
 
 
 def _set(model, pairs, **meta):
@@ -95,32 +97,42 @@ def test_selection_modes(tiny3):
         select(sc, "sideways", k=3)
 
 
-def test_conditions(tiny3):
+def test_standard_conditions(tiny3):
     sc = _scores(tiny3)
     ns = select(sc, "global", k=6)
-    conds = conditions(tiny3, ns, n_random=3, seed=10, scores=sc)
-    assert [c[0] for c in conds] == ["pruned", "random-10", "random-11", "random-12", "bottom"]
-    assert [c[0] for c in conditions(tiny3, ns, n_random=1)] == ["pruned", "random-0"]
-    # the hooks are built from the sets the one-pass evaluator takes
-    sets = condition_sets(tiny3, ns, n_random=3, seed=10, scores=sc)
-    assert list(sets) == [c[0] for c in conds] and sets["pruned"] == ns
-    assert sets["random-11"] == random_matched(tiny3, ns, 11) and sets["bottom"] == bottom_set(sc, 6)
-    for (name, hooks), s in zip(conds, sets.values()):
-        assert [site for site, _ in hooks] == [neuron_site(tiny3, l) for l in s.by_layer()], name
+    conds = standard_conditions(tiny3, ns, n_random=3, seed=10, scores=sc)
+    assert [c.label for c in conds] == ["pruned", "random-10", "random-11", "random-12", "bottom"]
+    assert [c.family for c in conds] == ["pruned", "random", "random", "random", "bottom"]
+    assert [c.seed for c in conds] == [None, 10, 11, 12, None]
+    assert [c.label for c in standard_conditions(tiny3, ns, n_random=1)] == ["pruned", "random-0"]
+    assert conds[0].components == ns and conds[2].components == random_matched(tiny3, ns, 11)
+    assert conds[-1].components == bottom_set(sc, 6)
+    for c in conds:
+        assert [site for site, _ in condition_hooks(tiny3, c)] == [neuron_site(tiny3, l) for l in c.components.by_layer()]
+    grouped = standard_conditions(tiny3, ns, n_random=1, group=20)
+    assert [c.label for c in grouped] == ["pruned@20", "random-0@20"] and grouped[0].describe()["name"] == "pruned"
+    assert condition_hooks(tiny3, UNPRUNED) == []
 
 
-def test_grouped_pruning_hooks(tiny3):
-    """One hook per neuron site; row group g zeroes set g's neurons; the fork is the first pruned layer."""
-    a, b = _set(tiny3, [(1, 3), (2, 5)]), _set(tiny3, [(2, 7), (2, 8)])
-    fork_at, hooks = grouped_pruning_hooks(tiny3, [None, a, b])
+def test_grouped_hooks(tiny3):
+    """One hook per neuron site; row group g ablates condition g's neurons (zero, or to their means, at
+    every position or the last); the fork is the first ablated layer."""
+    from mechcopy.conditions import Means
+
+    a, b, c = _set(tiny3, [(1, 3), (2, 5)]), _set(tiny3, [(2, 7), (2, 8)]), _set(tiny3, [(2, 1)])
+    means = Means({l: torch.arange(64.0) + 100 * l for l in range(3)}, reference="test")
+    conds = [UNPRUNED, Condition("a", components=a), Condition("b", components=b, ablation="mean", means=means),
+             Condition("c", components=c, positions="last")]
+    fork_at, hooks = grouped_hooks(tiny3, conds)
     assert fork_at == 1 and [site for site, _ in hooks] == [neuron_site(tiny3, 1), neuron_site(tiny3, 2)]
-    act = torch.randn(3 * 2, 4, 64)  # 3 groups of 2 rows
-    out = hooks[1][1](act, None).reshape(3, 2, 4, 64)
-    want = act.reshape(3, 2, 4, 64).clone()
+    act = torch.randn(4 * 2, 5, 64)  # 4 groups of 2 rows
+    out = hooks[1][1](act, None).reshape(4, 2, 5, 64)
+    want = act.reshape(4, 2, 5, 64).clone()
     want[1, ..., 5] = 0
-    want[2, ..., [7, 8]] = 0
+    want[2, ..., 7], want[2, ..., 8] = 207.0, 208.0
+    want[3, :, -1, 1] = 0
     assert torch.equal(out, want)
-    assert grouped_pruning_hooks(tiny3, [None]) == (tiny3.cfg.n_layers, [])
+    assert grouped_hooks(tiny3, [UNPRUNED]) == (tiny3.cfg.n_layers, [])
 
 
 def test_bad_inputs(tiny3, mamba, tmp_path):
@@ -131,7 +143,7 @@ def test_bad_inputs(tiny3, mamba, tmp_path):
         pruning_hooks(tiny3, _set(tiny3, [(0, 64)]))
     with pytest.raises(IndexError, match="out of range"):
         prune_weights(tiny3, _set(tiny3, [(3, 0)]))
-    assert conditions(tiny3, _set(tiny3, [], k=0)) == []   # k = 0: nothing to prune, no conditions
+    assert standard_conditions(tiny3, _set(tiny3, [], k=0)) == []   # k = 0: nothing to prune, no conditions
     ns = _set(tiny3, [(0, 1)])
     path = ns.save(tmp_path / "n.json")
     with pytest.raises(ValueError, match="another model"):
@@ -184,8 +196,6 @@ def test_sweep_with_a_general_accuracy_bound(tiny3):
 
 def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch, best_k_chosen):
     """`find` end to end on the tiny model; an interrupted run resumes and gives the same result."""
-    import mechcopy.attribution as attribution
-    from mechcopy.attribution import CopyScores
     from mechcopy.find import FindConfig, find_copy_neurons
 
     # the guard and the gate off: on a random tiny model they may refuse every k (tested in test_audit)
@@ -196,9 +206,9 @@ def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch, best_k_chosen):
     assert NeuronSet.load(tmp_path / "a.json").neurons == full.neurons
     scores = CopyScores.load(full.meta["scores_path"])
     assert select(scores, "global", k=len(full)).neurons == full.neurons
-    assert [c[0] for c in conditions(tiny3, full, n_random=1)] == ["pruned", "random-0", "bottom"]
+    assert [c.label for c in standard_conditions(tiny3, full, n_random=1)] == ["pruned", "random-0", "bottom"]
 
-    real, calls = attribution.integrated_gradients, []
+    real, calls = method.ATTRIBUTIONS["ig"], []
 
     def flaky(*a, **k):
         calls.append(len(a[1]))
@@ -206,11 +216,11 @@ def test_find_pipeline_and_resume(tiny3, tmp_path, monkeypatch, best_k_chosen):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(attribution, "integrated_gradients", flaky)
+    monkeypatch.setitem(method.ATTRIBUTIONS, "ig", flaky)
     with pytest.raises(KeyboardInterrupt):
         find_copy_neurons(tiny3, tmp_path / "b.json", config, progress=False)
     calls.clear()
-    monkeypatch.setattr(attribution, "integrated_gradients", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k))[1])
+    monkeypatch.setitem(method.ATTRIBUTIONS, "ig", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k))[1])
     resumed = find_copy_neurons(tiny3, tmp_path / "b.json", config, progress=False)
     assert calls == [2], "the resumed run attributes only the prompts the checkpoint lacks"
     assert resumed.neurons == full.neurons
@@ -231,32 +241,42 @@ def test_find_cli_registered():
 
 def test_conditions_hash_the_weights_once(monkeypatch):
     """Checking 13 neuron sets against one model hashes its weights once (the fingerprint is cached)."""
-    import mechcopy.neurons
+    import mechcopy.fingerprint
     from mechcopy.models.tiny import tiny_transformer
 
     model = tiny_transformer(n_layers=2, d_model=32, d_mlp=64, seed=7)   # a fresh object: nothing cached
-    real, calls = mechcopy.neurons.weight_hash, []
-    monkeypatch.setattr(mechcopy.neurons, "weight_hash", lambda m: (calls.append(1), real(m))[1])
+    real, calls = mechcopy.fingerprint.weight_hash, []
+    monkeypatch.setattr(mechcopy.fingerprint, "weight_hash", lambda m: (calls.append(1), real(m))[1])
     ns = NeuronSet(((0, 1), (1, 2), (1, 5)), model_fingerprint(model))
     scores = CopyScores(torch.rand(2, 64), {"model": model_fingerprint(model)})
-    conds = conditions(model, ns, n_random=5, seed=0, scores=scores)
-    assert [c for c, _ in conds] == ["pruned"] + [f"random-{s}" for s in range(5)] + ["bottom"]
+    conds = standard_conditions(model, ns, n_random=5, seed=0, scores=scores)
+    assert [c.label for c in conds] == ["pruned"] + [f"random-{s}" for s in range(5)] + ["bottom"]
+    for c in conds:
+        condition_hooks(model, c)
+    grouped_hooks(model, conds)
     assert len(calls) == 1
 
 
 def test_find_config_names_its_probe(tiny3):
-    """`FindConfig.probe_prompts`: the classic probe, or the balanced one (uniform gold, no gold among
-    the demos), with the attribution and dev queries disjoint."""
+    """`method.prompts`: the classic probe, or the balanced one (uniform gold, no gold among the demos),
+    with the attribution and dev queries disjoint; a test split drawn after them changes neither."""
     from collections import Counter
 
     from mechcopy.find import FindConfig
 
-    attr, dev = FindConfig(n=12, n_dev=12, probe="balanced", probe_items="words").probe_prompts(tiny3.tokenizer)
-    assert len(attr) == len(dev) == 12 and not {p.query for p in attr} & {p.query for p in dev}
+    config = FindConfig(n=12, n_dev=12, probe="balanced", probe_items="words")
+    probe = method.prompts(tiny3.tokenizer, config)
+    attr, dev = probe.attribution, probe.dev
+    assert len(attr) == len(dev) == 12 and not {p.query for p in attr} & {p.query for p in dev} and not probe.test
     assert set(Counter(p.answer for p in attr).values()) == {2}          # 12 prompts over counts 1..6
     assert all(p.answer not in p.demo_labels and len(set(p.demo_labels)) == 4 for p in attr + dev)
-    classic, _ = FindConfig(n=12, n_dev=12, probe="classic").probe_prompts(tiny3.tokenizer)
-    assert classic[0].task == "copy_probe" and not classic[0].label_space
+    with_test = method.prompts(tiny3.tokenizer, config, n_test=6)
+    assert (with_test.attribution, with_test.dev) == (attr, dev) and len(with_test.test) == 6
+    classic = method.prompts(tiny3.tokenizer, FindConfig(n=12, n_dev=12, probe="classic"))
+    assert classic.attribution[0].task == "copy_probe" and not classic.attribution[0].label_space
+    classic_test = method.prompts(tiny3.tokenizer, FindConfig(n=12, n_dev=12, probe="classic"), n_test=5)
+    assert (classic_test.attribution, classic_test.dev) == (classic.attribution, classic.dev)
+    assert len(classic_test.test) == 5 and not {p.query for p in classic_test.test} & {p.query for p in classic.dev}
     with pytest.raises(ValueError, match="probe_items"):
         FindConfig(probe="balanced", probe_items="cities")
 
@@ -269,14 +289,13 @@ def test_neuron_means_against_a_cache(which, request):
     """The mean over every position of every prompt, from run_with_cache prompt by prompt."""
     from types import SimpleNamespace
 
-    from mechcopy.pruning import neuron_means
-
     model = request.getfixturevalue(which)
     prompts = [SimpleNamespace(text=t) for t in PROMPTS_FOR_MEANS + PROMPTS_FOR_MEANS[:1]]
-    means = neuron_means(model, prompts, batch_size=2)
+    means = component_means(model, prompts, batch_size=2, reference="four prompts")
+    assert means.describe() == {"kind": "neuron", "positions": "all", "reference": "four prompts", "n_prompts": 4}
     with torch.no_grad():
         caches = [model.run_with_cache(p.text)[1] for p in prompts]
-    last = neuron_means(model, prompts, last_only=True, batch_size=2)
+    last = component_means(model, prompts, positions="last", batch_size=2)
     for layer in range(model.cfg.n_layers):
         acts = torch.cat([c[neuron_site(model, layer)][0] for c in caches])      # [all positions, d]
         assert torch.allclose(means[layer], acts.mean(0), atol=1e-5)
@@ -286,31 +305,41 @@ def test_neuron_means_against_a_cache(which, request):
     ns = _set(model, [(0, 1), (1, 7)])
     store = {}
     with torch.no_grad():
-        model.run_with_hooks(prompts[0].text, fwd_hooks=pruning_hooks(model, ns, last, last_only=True)
+        model.run_with_hooks(prompts[0].text, fwd_hooks=pruning_hooks(model, ns, "mean", "last", last)
                              + [(neuron_site(model, 1), hooks_capture(store))])
     got, ref = store[neuron_site(model, 1)][0], caches[0][neuron_site(model, 1)][0]
     assert torch.allclose(got[-1, 7], last[1][7]) and torch.allclose(got[:-1, 7], ref[:-1, 7], atol=1e-6)
     with pytest.raises(ValueError, match="at least one prompt"):
-        neuron_means(model, [])
+        component_means(model, [])
 
 
 def test_mean_ablation_equals_a_weight_edit(tiny3):
-    """Setting neurons to constants m: zero their W_out rows and add m @ W_out[idx] to b_out."""
+    """Setting neurons to constants m: zero their W_out rows and add m @ W_out[idx] to b_out, by hand
+    and by `prune_weights(..., means)`."""
     from types import SimpleNamespace
 
-    from mechcopy.pruning import neuron_means
+    from mechcopy.conditions import Means
 
-    means = neuron_means(tiny3, [SimpleNamespace(text=t) for t in PROMPTS_FOR_MEANS])
+    means = component_means(tiny3, [SimpleNamespace(text=t) for t in PROMPTS_FOR_MEANS])
     ns = _set(tiny3, [(0, 1), (0, 5), (1, 7), (2, 30)])
-    edited = copy.deepcopy(tiny3)
+    edited, by_kind = copy.deepcopy(tiny3), copy.deepcopy(tiny3)
+    prune_weights(by_kind, ns, means)
     with torch.no_grad():
         for layer, idx in ns.by_layer().items():
             mlp = edited.blocks[layer].mlp
             mlp.b_out += means[layer][idx] @ mlp.W_out[idx]
             mlp.W_out[idx] = 0
-        hooked = tiny3.run_with_hooks(TEXT, fwd_hooks=pruning_hooks(tiny3, ns, means))
+        hooked = tiny3.run_with_hooks(TEXT, fwd_hooks=pruning_hooks(tiny3, ns, "mean", means=means))
         zeroed = tiny3.run_with_hooks(TEXT, fwd_hooks=pruning_hooks(tiny3, ns))
         assert torch.allclose(hooked, edited(TEXT), atol=1e-5, rtol=0)
+        assert torch.allclose(hooked, by_kind(TEXT), atol=1e-5, rtol=0)
         assert not torch.allclose(hooked, zeroed, atol=1e-3)
-        zero_means = {layer: torch.zeros_like(m) for layer, m in means.items()}
-        assert torch.equal(tiny3.run_with_hooks(TEXT, fwd_hooks=pruning_hooks(tiny3, ns, zero_means)), zeroed)
+        zero_means = Means({layer: torch.zeros_like(m) for layer, m in means.values.items()})
+        assert torch.equal(tiny3.run_with_hooks(TEXT, fwd_hooks=pruning_hooks(tiny3, ns, "mean", means=zero_means)),
+                           zeroed)
+        assert torch.equal(tiny3.run_with_hooks(TEXT, fwd_hooks=pruning_hooks(tiny3, ns, "zero", "last")),
+                           tiny3.run_with_hooks(TEXT, fwd_hooks=pruning_hooks(tiny3, ns, "mean", "last", zero_means)))
+    with pytest.raises(ValueError, match="means"):
+        pruning_hooks(tiny3, ns, "mean")
+    with pytest.raises(ValueError, match="means"):
+        Condition("x", components=ns, ablation="mean")

@@ -57,6 +57,7 @@ def make_files(folder: Path) -> None:
         "dup.json": _task("dup", upper + upper[:2]),
         "amb.json": _task("amb", upper + [("ab", "BA")]),
         "small.json": _task("small", [(w, w[0].upper()) for w in WORDS]),
+        "open.json": json.dumps({"name": "open", "pairs": [list(p) for p in upper], "closed": False}),
         "n.json": _neurons(fp, [[0, 1], [1, 2]]),
         "other.json": _neurons({**fp, "name": "smollm2-135m", "n_layers": 30, "d_model": 576,
                                 "neurons_per_layer": 1536}, [[0, 1]]),
@@ -216,7 +217,7 @@ def _summarize_wrong_length(folder: Path):
     from mechcopy.tasks import load_task
     from mechcopy.tasks.prompts import build_prompts
 
-    prompts = build_prompts(load_task(str(folder / "t.json")), char_tokenizer(), k=2, n=2)
+    prompts = build_prompts(load_task(str(folder / "t.json")), char_tokenizer(), shots=2, n=2)
     summarize(prompts, ["AB", "CD", "EF"])
 
 
@@ -281,8 +282,8 @@ CASES: list[Case] = [
          f"{M} find: error: argument --max-ppl-increase: must be a number >= 0.0, got nan"),
     Case("a missing text file (read after the attribution before)", f"{M} find --out n2.json --text missing.txt",
          f"{M} find: error: text file missing.txt does not exist"),
-    Case("`reproduce --n-probe 0` (`list index out of range` before)", f"{M} reproduce --n-probe 0",
-         f"{M} reproduce: error: argument --n-probe: must be an integer >= 1, got 0"),
+    Case("`reproduce --find-n 0` (`list index out of range` before)", f"{M} reproduce --find-n 0",
+         f"{M} reproduce: error: argument --find-n: must be an integer >= 1, got 0"),
     Case("`patch --n 0` (`stack expects a non-empty TensorList` before)", f"{M} patch --task t.json --out p.json --n 0",
          f"{M} patch: error: argument --n: must be an integer >= 1, got 0"),
     Case("one shot for shuffled labels", f"{M} patch --task t.json --out p.json --shots 1",
@@ -305,13 +306,23 @@ CASES: list[Case] = [
     Case("a task file named like a built-in task (two indistinguishable rows before)",
          f"{M} evaluate --tasks antonyms,antonyms.json",
          f"{EV} antonyms and antonyms.json are both named 'antonyms', so their results could not be told apart"),
-    Case("an unknown task name", f"{M} evaluate --tasks nope", f"{EV} unknown task 'nope': not a built-in task (antonyms,"),
+    Case("an unknown task name", f"{M} evaluate --tasks nope", f"{EV} unknown task 'nope': not a built-in task (animal_class, antonyms,"),
     Case("a missing task file (reported as an unknown name before)", f"{M} evaluate --tasks missing.json",
          f"{EV} task file missing.json does not exist"),
     Case("a task file with a number as an output", f"{M} evaluate --tasks bad.json",
          f"{EV} bad.json: pairs[1] output must be a string, got int 3"),
     Case("--n-random without --prune", f"{M} evaluate --tasks t.json --n-random 2",
          f"{EV} --n-random needs --prune NEURONS.json"),
+    Case("--random-match without --prune", f"{M} evaluate --tasks t.json --random-match size",
+         f"{EV} --random-match needs --prune NEURONS.json"),
+    Case("calibration of generated answers", f"{M} evaluate --tasks t.json --calibrate contextual",
+         f"{EV} --calibrate re-weights label probabilities: add --scoring labels"),
+    Case("an unknown calibration", f"{M} evaluate --tasks t.json --scoring labels --calibrate platt",
+         f"{EV} argument --calibrate: expected comma-separated calibrations from contextual, batch, domain, got 'platt'"),
+    Case("label scoring of an open task", f"{M} evaluate --tasks open.json --scoring labels",
+         f"{EV} task 'open' is open, so it cannot be scored as a label set: its file says \"closed\": false"),
+    Case("the copy-control construction of an open task", f"{M} evaluate --tasks open.json --copy-control",
+         f"{EV} task 'open' is open, so it cannot be scored as a label set"),
     # ---- models
     Case("a missing model folder (reported as an unknown name before)", f"{M} evaluate --tasks t.json --model ./nowhere",
          f"{EV} model folder ./nowhere does not exist"),
@@ -433,17 +444,17 @@ CASES: list[Case] = [
     Case("Ctrl-C during evaluate (5 finished tasks lost before)",
          f"{M} evaluate --model tiny --tasks t.json,dup.json,small.json --shots 2 --n 4 --out r2.json",
          f"{M} evaluate: interrupted; the finished (task, condition) rows are in r2.partial.jsonl: run the same command "
-         "to resume", code=130, patch=_interrupt_after("mechcopy.evaluation.evaluate_task", 3), disk=partial_rows("r2.partial.jsonl", 2)),
+         "to resume", code=130, patch=_interrupt_after("mechcopy.suite.evaluate_task", 3), disk=partial_rows("r2.partial.jsonl", 2)),
     Case("Ctrl-C during evaluate without --out", f"{M} evaluate --model tiny --tasks t.json,dup.json --shots 2 --n 4",
          f"{M} evaluate: interrupted; nothing was saved; run the command again", code=130,
-         patch=_interrupt_after("mechcopy.evaluation.evaluate_task", 2)),
+         patch=_interrupt_after("mechcopy.suite.evaluate_task", 2)),
     Case("Ctrl-C during find", f"{FIND} --checkpoint-every 1 --out n3.json",
          f"{M} find: interrupted; the attributions done so far are in n3.attributions.safetensors: run the same command "
-         "to resume", code=130, patch=_interrupt_after("mechcopy.attribution.integrated_gradients", 2),
+         "to resume", code=130, patch=_interrupt_after("mechcopy.method.integrated_gradients", 2),
          disk=only("n3.attributions.safetensors", words="`n3.attributions.safetensors` with the first prompt")),
     Case("Ctrl-C during reproduce", f"{M} reproduce --model tiny --out run",
          f"{M} reproduce: interrupted; the finished stages and the checkpoints of find and evaluate are in run: run the "
-         "same command to resume", code=130, patch=_interrupt_after("mechcopy.attribution.integrated_gradients", 1),
+         "same command to resume", code=130, patch=_interrupt_after("mechcopy.method.integrated_gradients", 1),
          disk=only("run/settings.json", words="`run/settings.json` (the run resumes from it)")),
     Case("a damaged find checkpoint (blocked find until deleted before)", f"{FIND} --out n.json --force",
          "mechcopy: checkpoint n.attributions.safetensors is damaged", code=0,
@@ -584,7 +595,7 @@ def test_bottom_baseline_follows_a_moved_folder(tiny, tmp_path):
 
     from mechcopy.attribution import CopyScores
     from mechcopy.neurons import NeuronSet, model_fingerprint
-    from mechcopy.pruning import conditions
+    from mechcopy.conditions import standard_conditions
 
     fp = model_fingerprint(tiny)
     old = tmp_path / "old"
@@ -593,7 +604,7 @@ def test_bottom_baseline_follows_a_moved_folder(tiny, tmp_path):
     NeuronSet(((0, 1),), fp, {"scores_path": str(scores)}).save(old / "n.json")
     shutil.move(old, tmp_path / "new")
     moved = NeuronSet.load(tmp_path / "new" / "n.json")
-    assert [c for c, _ in conditions(tiny, moved, n_random=1)] == ["pruned", "random-0", "bottom"]
+    assert [c.label for c in standard_conditions(tiny, moved, n_random=1)] == ["pruned", "random-0", "bottom"]
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import pytest
 
 from mechcopy import reproduce as rp
 
-CFG = rp.ReproduceConfig(model="tiny", n_probe=4, n_dev=6, steps=4, tasks="next_letter,copy_probe", n_eval=6,
-                         n_random=1, tv_tasks=("next_letter",), n_tv=4, patch_task="next_letter", n_patch=2)
+CFG = rp.ReproduceConfig(model="tiny", find=rp.FindConfig(n=4, n_dev=6, steps=4), tasks="next_letter,copy_probe",
+                         n_eval=6, n_random=1, tv_tasks=("next_letter",), n_tv=4, patch_task="next_letter", n_patch=2)
 
 
 def test_reproduce_tiny_end_to_end(tiny, tmp_path, monkeypatch, best_k_chosen):
@@ -74,21 +74,27 @@ def test_evaluated_set_is_the_choice_or_says_it_is_not(tiny, tmp_path):
     import torch
 
     from mechcopy.attribution import CopyScores
+    from mechcopy.method import evaluated
     from mechcopy.neurons import NeuronSet, model_fingerprint
-    from mechcopy.pruning import select
+    from mechcopy.selection import select
+    from mechcopy.sweeps import KSweep
 
     fp = model_fingerprint(tiny)
     scores = CopyScores(torch.rand(tiny.cfg.n_layers, tiny.cfg.d_mlp, generator=torch.Generator().manual_seed(0)),
                         {"model": fp})
     path = scores.save(tmp_path / "s.scores.safetensors")
-    rows = [{"k": 2, "dev_accuracy": 0.2}, {"k": 4, "dev_accuracy": 0.5}, {"k": 8, "dev_accuracy": 0.6}]
+    rows = [{"k": 2, "dev_accuracy": 0.2, "feasible": False}, {"k": 4, "dev_accuracy": 0.5, "feasible": False},
+            {"k": 8, "dev_accuracy": 0.6, "feasible": False}]
+    sweep = KSweep(tuple(rows), {"dev_accuracy": 0.3}, 0, "global", 0.05, None)
+    assert (sweep.smallest_unbounded_k, sweep.best_unbounded_k, sweep.best_pruned_k) == (4, 8, None)
+    assert KSweep.from_json(sweep.to_json()) == sweep
     meta = {"k": 0, "why": "no k stays within the bound on general ability", "selection": "global",
-            "scores_path": str(path), "sweep": {"baseline": {"dev_accuracy": 0.3}, "rows": rows, "chosen_k": 0}}
-    lifted = rp.evaluated_set(NeuronSet((), fp, meta))
+            "scores_path": str(path), "sweep": sweep.to_json()}
+    lifted = evaluated(NeuronSet((), fp, meta), sweep, scores)
     assert lifted.neurons == select(scores, "global", k=4).neurons
     assert lifted.meta["basis"].startswith("not the method's choice") and "k = 4" in lifted.meta["basis"]
-    worse = {**meta, "sweep": {**meta["sweep"], "baseline": {"dev_accuracy": 0.9}}}
-    assert len(rp.evaluated_set(NeuronSet((), fp, worse))) == 0
+    worse = KSweep(tuple(rows), {"dev_accuracy": 0.9}, 0, "global", 0.05, None)
+    assert worse.smallest_unbounded_k is None and len(evaluated(NeuronSet((), fp, meta), worse, scores)) == 0
     chosen = NeuronSet(((0, 1),), fp, {"k": 1})
-    assert rp.evaluated_set(chosen).neurons == chosen.neurons
-    assert rp.evaluated_set(chosen).meta["basis"] == "chosen on the probe's dev split"
+    assert evaluated(chosen, sweep, None).neurons == chosen.neurons
+    assert evaluated(chosen, sweep, None).meta["basis"] == "chosen on the probe's dev split"

@@ -44,15 +44,15 @@ def _without_seconds(obj):
 
 def _recording(monkeypatch) -> list[tuple[str, str]]:
     """Record every (task, condition) that `run_evaluation` evaluates."""
-    import mechcopy.evaluation as ev
+    import mechcopy.suite as suite
 
-    done, real = [], ev.evaluate_task
+    done, real = [], suite.evaluate_task
 
     def record(model, task, prompts, conditions, seed=0, batch_size=128):
-        done.extend((task.name, name) for name in conditions)
+        done.extend((task.name, c.label) for c in conditions)
         return real(model, task, prompts, conditions, seed, batch_size)
 
-    monkeypatch.setattr(ev, "evaluate_task", record)
+    monkeypatch.setattr(suite, "evaluate_task", record)
     return done
 
 
@@ -94,13 +94,14 @@ def test_evaluate_killed_with_sigkill_resumes_without_redoing_anything(tiny_llam
 
 
 def test_checkpoint_survives_a_torn_line_and_ignores_other_settings(tiny, tmp_path, monkeypatch, one_thread):
-    from mechcopy.evaluation import run_evaluation
+    from mechcopy.conditions import UNPRUNED, Condition
     from mechcopy.neurons import NeuronSet, model_fingerprint
+    from mechcopy.suite import run_evaluation
     from mechcopy.tasks import load_tasks
 
     monkeypatch.chdir(tmp_path)
     tasks = load_tasks(_task_files(tmp_path, n_tasks=3, n_pairs=12))
-    conditions = {"unpruned": None, "pruned": NeuronSet(((0, 1), (0, 2)), model_fingerprint(tiny))}
+    conditions = [UNPRUNED, Condition("pruned", components=NeuronSet(((0, 1), (0, 2)), model_fingerprint(tiny)))]
     journal = tmp_path / "j.jsonl"
     rows, dropped = run_evaluation(tiny, tasks, 2, 6, 0, conditions, progress=False, checkpoint=journal)
     lines = journal.read_text().splitlines()
@@ -115,19 +116,24 @@ def test_checkpoint_survives_a_torn_line_and_ignores_other_settings(tiny, tmp_pa
     assert all(e["key"] != "another-setting" for e in read_jsonl(journal)) and len(journal.read_text().splitlines()) == 6
     # another neuron set is another setting: nothing is reused
     redone.clear()
-    other = {**conditions, "pruned": NeuronSet(((0, 1), (0, 3)), model_fingerprint(tiny))}
+    other = [UNPRUNED, Condition("pruned", components=NeuronSet(((0, 1), (0, 3)), model_fingerprint(tiny)))]
     run_evaluation(tiny, tasks, 2, 6, 0, other, progress=False, checkpoint=journal)
+    assert redone == [(t.name, "pruned") for t in tasks]
+    # so is another ablation of the same set
+    redone.clear()
+    mean = [UNPRUNED, Condition("pruned", components=conditions[1].components, positions="last")]
+    run_evaluation(tiny, tasks, 2, 6, 0, mean, progress=False, checkpoint=journal)
     assert redone == [(t.name, "pruned") for t in tasks]
 
 
 def test_reproduce_resumes_its_evaluation_stage(tiny, tmp_path, monkeypatch, one_thread, best_k_chosen):
     from mechcopy import reproduce as rp
 
-    cfg = rp.ReproduceConfig(model="tiny", n_probe=2, n_dev=4, steps=2, tasks="next_letter,to_upper,prev_letter",
-                             n_eval=4, n_random=1)
+    cfg = rp.ReproduceConfig(model="tiny", find=rp.FindConfig(n=2, n_dev=4, steps=2),
+                             tasks="next_letter,to_upper,prev_letter", n_eval=4, n_random=1)
     out = tmp_path / "run"
     monkeypatch.setattr(rp, "STAGES", rp.STAGES[:2])
-    import mechcopy.evaluation as ev
+    import mechcopy.suite as ev
 
     real, calls = ev.evaluate_task, []
 
@@ -149,7 +155,7 @@ def test_reproduce_resumes_its_evaluation_stage(tiny, tmp_path, monkeypatch, one
 
 def test_sweep_never_chooses_a_k_worse_than_no_pruning():
     """Issue 15's case: find --n 8 --steps 4 chose k = 5 while dev accuracy fell from 0.20 to 0.04."""
-    from mechcopy.pruning import _choose_k
+    from mechcopy.sweeps import _choose_k
 
     rows = [{"k": 5, "dev_accuracy": 0.04, "feasible": True}, {"k": 10, "dev_accuracy": 0.02, "feasible": True}]
     k, why = _choose_k(rows, {"dev_accuracy": 0.20})
@@ -160,12 +166,12 @@ def test_sweep_never_chooses_a_k_worse_than_no_pruning():
 
 def test_find_that_chooses_k0_says_so(tiny, tmp_path, monkeypatch, capsys, one_thread):
     import mechcopy.models
-    from mechcopy import pruning
+    from mechcopy import sweeps
     from mechcopy.commands import main
     from mechcopy.neurons import NeuronSet
 
     monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: tiny)
-    monkeypatch.setattr(pruning, "_choose_k", lambda rows, baseline: (0, "no k improves dev accuracy (test)"))
+    monkeypatch.setattr(sweeps, "_choose_k", lambda rows, baseline: (0, "no k improves dev accuracy (test)"))
     out = tmp_path / "n.json"
     assert main(["find", "--n", "2", "--n-dev", "2", "--shots", "2", "--steps", "2", "--ks", "2,4",
                  "--ppl-tokens", "64", "--out", str(out)]) == 0

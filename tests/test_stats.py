@@ -395,9 +395,14 @@ def conditions(rng, n, sets=3, pruned=True):
     return out
 
 
+def families(outcomes):
+    """The conditions' families, as `Condition.family` gives them (the names are only labels)."""
+    return {name: "random" if name.startswith("random") else name for name in outcomes}
+
+
 def test_compare_task():
     out = conditions(np.random.default_rng(0), 80)
-    res = compare_task("antonyms", out, "accuracy", n_boot=500)
+    res = compare_task("antonyms", out, "accuracy", families(out), n_boot=500)
     assert [(c.condition, c.baseline) for c in res] == [
         ("bottom", "unpruned"), ("pruned", "unpruned"), ("random", "unpruned"), ("pruned", "random")]
     Y = np.stack([out[f"random-{i}"] for i in range(3)])
@@ -406,10 +411,21 @@ def test_compare_task():
     assert res[3].diff == pytest.approx(out["pruned"].mean() - Y.mean())
     assert [c.test for c in res] == ["mcnemar-exact"] * 2 + ["sign-flip"] * 2
     assert all(c.task == "antonyms" and c.metric == "accuracy" and c.n == 80 for c in res)
-    no_pruned = compare_task("t", conditions(np.random.default_rng(0), 80, pruned=False), "accuracy", n_boot=200)
+    no_pruned = conditions(np.random.default_rng(0), 80, pruned=False)
+    no_pruned = compare_task("t", no_pruned, "accuracy", families(no_pruned), n_boot=200)
     assert [(c.condition, c.baseline) for c in no_pruned] == [("bottom", "unpruned"), ("random", "unpruned")]
-    no_sets = compare_task("t", conditions(np.random.default_rng(0), 80, sets=0), "accuracy", n_boot=200)
+    no_sets = conditions(np.random.default_rng(0), 80, sets=0)
+    no_sets = compare_task("t", no_sets, "accuracy", families(no_sets), n_boot=200)
     assert [c.condition for c in no_sets] == ["bottom", "pruned"]
+    # without families every condition is its own: the random sets are compared one by one, never as a set
+    alone = compare_task("t", out, "accuracy", n_boot=200)
+    assert [c.condition for c in alone] == ["bottom", "pruned", "random-0", "random-1", "random-2"]
+    # the family decides, not the name: a set called anything joins the random family
+    renamed = {("control-7" if k == "random-1" else k): v for k, v in out.items()}
+    fams = {**families(renamed), "control-7": "random"}
+    again = compare_task("antonyms", renamed, "accuracy", fams, n_boot=500)
+    assert [(c.condition, c.baseline) for c in again] == [(c.condition, c.baseline) for c in res]
+    assert [c.diff for c in again] == pytest.approx([c.diff for c in res])
 
 
 def test_compare_task_errors():
@@ -424,9 +440,10 @@ def test_compare_task_errors():
 def test_compare_all_pools_the_per_task_pairs():
     rng = np.random.default_rng(4)
     per_task = {"a": conditions(rng, 40), "b": conditions(rng, 70), "c": conditions(rng, 55)}
-    res = compare_all(per_task, "copy_rate", n_boot=300)
+    fams = families(per_task["a"])
+    res = compare_all(per_task, "copy_rate", fams, n_boot=300)
     per, pool = res[:12], res[12:]
-    expected = [compare_task(t, out, "copy_rate", n_boot=300) for t, out in per_task.items()]
+    expected = [compare_task(t, out, "copy_rate", fams, n_boot=300) for t, out in per_task.items()]
     assert [c.to_json() for c in per] == [c.to_json() for cs in expected for c in cs]
     assert [(c.task, c.condition, c.baseline) for c in pool] == [
         ("pooled", "bottom", "unpruned"), ("pooled", "pruned", "unpruned"),
@@ -436,7 +453,7 @@ def test_compare_all_pools_the_per_task_pairs():
         assert c.n == 165 and c.extra["n_tasks"] == 3
     per_task["c"] = {k.replace("random-2", "random-9"): v for k, v in per_task["c"].items()}
     with pytest.raises(ValueError, match="random sets differ"):
-        compare_all(per_task, "copy_rate", n_boot=100)
+        compare_all(per_task, "copy_rate", {**fams, "random-9": "random"}, n_boot=100)
 
 
 def test_compare_all_is_fast():
@@ -444,7 +461,7 @@ def test_compare_all_is_fast():
     per_task = {f"t{i}": conditions(rng, 100) for i in range(25)}  # 6 conditions each
     start = time.perf_counter()
     for metric in ("accuracy", "copy_rate"):
-        compare_all(per_task, metric)
+        compare_all(per_task, metric, families(per_task["t0"]))
     assert time.perf_counter() - start < 10
 
 

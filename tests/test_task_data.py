@@ -1,5 +1,5 @@
 """The built-in task data: well formed, no duplicates, algorithmic tasks recomputed, counting generator checked,
-sentiment labels balanced, the balanced probe's item pool checked."""
+sentiment labels balanced, the closed-label tasks' label sets and counts, the balanced probe's item pool checked."""
 
 import json
 import string
@@ -20,8 +20,20 @@ EXPECTED = {
     "country_capital": "knowledge", "person_language": "knowledge", "location_continent": "knowledge",
     "location_religion": "knowledge",
     "sentiment_binary": "sentiment", "sentiment_five": "sentiment",
+    "animal_class": "knowledge", "word_language": "linguistic", "chemical_state": "knowledge",
+    "food_group": "knowledge", "object_color": "knowledge",
 }
 FILES = sorted(f for f in DATA.glob("*.json") if f.stem != "probe_items")  # the probe's item pool is no task
+#: the closed-label tasks written for the copy-mechanism study: (labels, fewest pairs, fewest pairs per label)
+CLOSED_LABEL = {
+    "animal_class": (("mammal", "bird", "fish", "reptile", "insect"), 120, 15),
+    "word_language": (("English", "French", "Spanish", "German", "Italian"), 125, 25),
+    "chemical_state": (("solid", "liquid", "gas"), 100, 20),
+    "food_group": (("fruit", "vegetable", "meat", "dairy", "grain"), 110, 15),
+    "object_color": (("red", "yellow", "green", "white", "black", "orange", "brown", "blue"), 100, 8),
+}
+#: the only inputs of those tasks that are not lower case
+PROPER_NOUNS = {"Komodo dragon", "Gila monster", "Mars", "Neptune", "Uranus"}
 SENTIMENT_LABELS = {"sentiment_binary": ("positive", "negative"),
                     "sentiment_five": ("terrible", "bad", "okay", "good", "great")}
 
@@ -150,6 +162,56 @@ def test_sentiment_labels_balanced_and_inputs_distinct():
         inputs[name] = set(lowered)
     assert len(_pairs("sentiment_binary")) == 246 and len(_pairs("sentiment_five")) == 260
     assert not inputs["sentiment_binary"] & inputs["sentiment_five"]
+
+
+def test_closed_label_tasks():
+    """Every label used, often enough; at most 12 labels (closed-label); inputs lower case unless proper nouns,
+    none containing its own label, and no input in two of these tasks (case-insensitive)."""
+    owner = {}
+    for name, (labels, min_pairs, min_per_label) in CLOSED_LABEL.items():
+        pairs = _pairs(name)
+        counts = {label: sum(y == label for _, y in pairs) for label in labels}
+        assert {y for _, y in pairs} == set(labels) and 3 <= len(labels) <= 12, name
+        assert len(pairs) >= min_pairs and min(counts.values()) >= min_per_label, (name, len(pairs), counts)
+        assert f"{len(pairs)} pairs" in _load(name)["description"], name
+        for x, y in pairs:
+            assert x == x.lower() or x in PROPER_NOUNS, (name, x)
+            assert y.lower() not in x.lower(), (name, x, y)
+            assert owner.setdefault(x.lower(), name) == name, f"{x!r} is in {owner[x.lower()]} and {name}"
+
+
+def test_word_language_agrees_with_the_translation_tasks():
+    """A word the translation tasks give as English, French or Spanish is not labelled another language."""
+    words = {
+        "English": {x for n in ("en_fr", "en_es") for x, _ in _pairs(n)} | {y for n in ("fr_en", "es_en") for _, y in _pairs(n)},
+        "French": {y for _, y in _pairs("en_fr")} | {x for x, _ in _pairs("fr_en")},
+        "Spanish": {y for _, y in _pairs("en_es")} | {x for x, _ in _pairs("es_en")},
+    }
+    assert words["French"] & words["Spanish"]  # the check can fail: e.g. both give "dormir"
+    for x, y in _pairs("word_language"):
+        assert not [lang for lang, known in words.items() if lang != y and x in known], (x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma-3-270m"])
+def test_closed_label_tasks_make_exact_prompts(model):
+    """On both zoo tokenizers every pair of the closed-label tasks is usable, and 100 prompts are built with and
+    without the query's label among the demos; every answer is one token that decodes to the label."""
+    from transformers import AutoTokenizer
+
+    from mechcopy.models import zoo
+    from mechcopy.tasks import load_task
+    from mechcopy.tasks.prompts import build_prompts
+
+    tok = AutoTokenizer.from_pretrained(zoo.fetch(model))
+    for name in CLOSED_LABEL:
+        task = load_task(name)
+        for gold_in_demos in (True, False):
+            ps = build_prompts(task, tok, shots=4, n=100, seed=0, gold_in_demos=gold_in_demos)
+            assert len(ps) == 100 and not ps.dropped, (name, gold_in_demos, ps.dropped[:3])
+            for p in ps.prompts:
+                assert len(p.answer_ids) == 1 and tok.decode(p.answer_ids).strip() == p.answer
+                assert gold_in_demos or p.answer not in p.demo_labels
 
 
 def test_probe_items_pool():

@@ -87,34 +87,34 @@ def test_make_prompt_exact_tokens(tok):
 
 
 def test_prompt_tokens_equal_model_to_tokens(tiny):
-    ps = build_prompts(load_task("antonyms"), tiny.tokenizer, k=4, n=10)
+    ps = build_prompts(load_task("antonyms"), tiny.tokenizer, shots=4, n=10)
     for p in ps.prompts:
         assert encode(tiny.tokenizer, p.text) == tiny.to_tokens(p.text)[0].tolist()
 
 
 def test_build_prompts_demos_and_seed(tok):
     task = load_task("antonyms")
-    a = build_prompts(task, tok, k=4, n=30, seed=3)
+    a = build_prompts(task, tok, shots=4, n=30, seed=3)
     assert len(a) == 30 and a.task == "antonyms"
-    assert a == build_prompts(task, tok, k=4, n=30, seed=3)
-    assert a.prompts != build_prompts(task, tok, k=4, n=30, seed=4).prompts
+    assert a == build_prompts(task, tok, shots=4, n=30, seed=3)
+    assert a.prompts != build_prompts(task, tok, shots=4, n=30, seed=4).prompts
     assert len({p.query for p in a.prompts}) == 30  # distinct queries
     for p in a.prompts:
         assert len(p.demos) == 4 and (p.query, p.answer) not in p.demos
         assert p.query not in {x for x, _ in p.demos}
         assert p.text.startswith("\n".join(f"{x} -> {y}" for x, y in p.demos))
-    zero = build_prompts(task, tok, k=0, n=5)
+    zero = build_prompts(task, tok, shots=0, n=5)
     assert all(p.text == f"{p.query} -> " and p.demos == () for p in zero.prompts)
-    assert len(build_prompts(Task("small", (("a", "b"), ("c", "d"), ("e", "f"))), tok, k=2, n=100)) == 3
+    assert len(build_prompts(Task("small", (("a", "b"), ("c", "d"), ("e", "f"))), tok, shots=2, n=100)) == 3
     with pytest.raises(ValueError, match="at least 5"):
-        build_prompts(Task("tiny", (("a", "b"), ("c", "d"))), tok, k=4)
+        build_prompts(Task("tiny", (("a", "b"), ("c", "d"))), tok, shots=4)
 
 
 def test_build_prompts_drops_untokenizable_pairs(tok):
     # The character tokenizer knows only ASCII: accented pairs must be dropped and reported.
     pairs = [("cat", "chat"), ("coffee", "café"), ("dog", "chien"), ("tea", "thé"), ("bird", "oiseau"),
              ("milk", "lait"), ("bread", "pain"), ("water", "eau"), ("été", "summer")]
-    ps = build_prompts(Task("en_fr_mini", tuple(pairs)), tok, k=2, n=100, seed=0)
+    ps = build_prompts(Task("en_fr_mini", tuple(pairs)), tok, shots=2, n=100, seed=0)
     assert {pair for pair, _ in ps.dropped} == {("coffee", "café"), ("tea", "thé"), ("été", "summer")}
     assert all("does not know" in reason for _, reason in ps.dropped)
     assert len(ps) == 6
@@ -124,7 +124,7 @@ def test_build_prompts_drops_untokenizable_pairs(tok):
 
 def test_probe_gold_never_among_demo_labels(tok):
     for seed in range(60):
-        ps = probe_prompts(tok, n=25, k=4, seed=seed)
+        ps = probe_prompts(tok, n=25, shots=4, seed=seed)
         assert len(ps) == 25 and not ps.dropped
         for p in ps.prompts:
             assert p.answer not in p.demo_labels

@@ -46,7 +46,8 @@ def task_df(seed: int = 0) -> pd.DataFrame:
     for task in ("antonyms", "country_capital", "next_letter"):
         for cond in ("unpruned", "pruned", "random-0", "random-1", "random-2", "bottom"):
             acc, cr = rng.uniform(0.1, 0.9), rng.uniform(0.0, 0.5)
-            rows.append(dict(task=task, condition=cond, accuracy=acc, accuracy_lo=acc - 0.05,
+            rows.append(dict(task=task, condition=cond, family="random" if cond.startswith("random") else cond,
+                             accuracy=acc, accuracy_lo=acc - 0.05,
                              accuracy_hi=min(1, acc + 0.05), copy_rate=cr, copy_rate_lo=max(0, cr - 0.04),
                              copy_rate_hi=cr + 0.04))
     return pd.DataFrame(rows)
@@ -361,7 +362,7 @@ def test_report_renders_offline_in_chromium(browser, report, tmp_path):
 def test_forest_plot_draws_every_task_and_the_pooled_difference():
     from tests.test_evaluation import _fake_rows
 
-    from mechcopy.evaluation import compare_rows
+    from mechcopy.comparisons import compare_rows
 
     comps = compare_rows(_fake_rows(), n_boot=200)
     fig = viz.plot_forest(comps)
@@ -382,7 +383,7 @@ def test_forest_plot_draws_every_task_and_the_pooled_difference():
 def test_k_curve_plot_draws_each_k_and_pair():
     from tests.test_evaluation import _fake_rows
 
-    from mechcopy.evaluation import compare_rows
+    from mechcopy.comparisons import compare_rows
 
     pooled = compare_rows(_fake_rows(), n_boot=200)["pooled"]
     # two ks with the same comparisons, the second shifted by +0.1, to tell them apart on the plot
@@ -405,7 +406,7 @@ def test_k_curve_plot_draws_each_k_and_pair():
 def test_k_curve_plot_says_when_no_pruning_was_chosen():
     from tests.test_evaluation import _fake_rows
 
-    from mechcopy.evaluation import compare_rows
+    from mechcopy.comparisons import compare_rows
 
     fig = viz.plot_k_curve({"5": compare_rows(_fake_rows(), n_boot=100)["pooled"]}, chosen_k=0, title="t")
     assert fig._suptitle.get_text() == "t\nthe dev split chose k = 0: no pruning"

@@ -18,6 +18,8 @@ MAMBA = MambaArch()
 
 def arch_of(model: HookedModel) -> Arch:
     """The architecture of `model` (a HookedTransformer or a HookedMamba)."""
+    # imported here: TransformerLens (and HookedMamba, built on it) take seconds to import, and every
+    # command imports this package before it checks its flags
     from transformer_lens import HookedTransformer
 
     from mechcopy.models.mamba import HookedMamba

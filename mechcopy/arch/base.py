@@ -219,8 +219,10 @@ class Arch:
         clean runs cached at least `ig_cache_names(model)` in `caches` (the fast IG path)."""
         raise NotImplementedError
 
-    def prune_weights(self, model: HookedModel, layer: int, idx: Tensor) -> None:
-        """Zero the weights that read neurons `idx` of `layer` (a permanent pruning)."""
+    def prune_weights(self, model: HookedModel, layer: int, idx: Tensor, values: Tensor | None = None) -> None:
+        """Zero the weights that read neurons `idx` of `layer` (a permanent pruning); with `values` (one
+        per index: their mean activations), add what those values write to the output bias instead of
+        losing it (a permanent mean ablation)."""
         raise NotImplementedError
 
     def neuron_direction(self, model: HookedModel, layer: int, idx: int) -> Float[Tensor, "d_model"]:

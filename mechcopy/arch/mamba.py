@@ -51,10 +51,16 @@ class MambaArch(Arch):
                    caches: Sequence[Any]) -> Stepper:
         return MambaRows(model, caches)
 
-    def prune_weights(self, model: HookedModel, layer: int, idx: Tensor) -> None:
-        w = model.blocks[layer].mixer.out_proj.weight      # [d_model, d_inner]
+    def prune_weights(self, model: HookedModel, layer: int, idx: Tensor, values: Tensor | None = None) -> None:
+        proj = model.blocks[layer].mixer.out_proj
+        w, idx = proj.weight, idx.to(proj.weight.device)   # [d_model, d_inner]
         with torch.no_grad():
-            w[:, idx.to(w.device)] = 0
+            if values is not None:
+                if proj.bias is None:
+                    raise ValueError("mean ablation as a weight edit needs a bias in out_proj, and this Mamba has "
+                                     "none (use_bias=False); mean-ablate with hooks instead (pruning.pruning_hooks)")
+                proj.bias += w[:, idx] @ values.to(w)
+            w[:, idx] = 0
 
     def neuron_direction(self, model: HookedModel, layer: int, idx: int) -> Tensor:
         """Column `idx` of the layer's `out_proj`."""

@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechcopy.arch.base import Arch, HookedModel, State, Stepper, rows_per_prompt
+from mechcopy.hooks import capture
 
 #: hook points of a block that `OneTokenBlocks` does not fire: the attention's internals and the
 #: per-head input hooks (`use_attn_in`, `use_split_qkv_input`); a hook on one selects `TLBlocks`
@@ -89,10 +90,13 @@ class TransformerArch(Arch):
             return OneTokenBlocks(model, caches)
         return TLBlocks(model, tokens, caches)
 
-    def prune_weights(self, model: HookedModel, layer: int, idx: Tensor) -> None:
-        w = model.blocks[layer].mlp.W_out                  # [d_mlp, d_model]
+    def prune_weights(self, model: HookedModel, layer: int, idx: Tensor, values: Tensor | None = None) -> None:
+        mlp = model.blocks[layer].mlp
+        w, idx = mlp.W_out, idx.to(mlp.W_out.device)       # W_out: [d_mlp, d_model]
         with torch.no_grad():
-            w[idx.to(w.device)] = 0
+            if values is not None:
+                mlp.b_out += values.to(w) @ w[idx]
+            w[idx] = 0
 
     def neuron_direction(self, model: HookedModel, layer: int, idx: int) -> Tensor:
         """Row `idx` of the layer's `W_out`."""
@@ -243,8 +247,6 @@ def run_blocks(model: HookedModel, tokens: Int[Tensor, "1 pos"], names: Collecti
     causal attention): the last block's output and the activations at the hook points `names`.
     TransformerLens' own blocks copy their weight matrices on every call, half the time of a forward
     pass over a short prompt."""
-    from mechcopy.hooks import capture
-
     store: dict[str, Tensor] = {}
     with torch.no_grad(), model.hooks(fwd_hooks=[(lambda name: name in names, capture(store))]):
         x = model(tokens, stop_at_layer=0)

@@ -13,6 +13,11 @@ import importlib
 import sys
 import warnings
 
+from safetensors import SafetensorError
+
+from mechcopy.errors import UnknownName
+from mechcopy.models.zoo import ZooError
+
 COMMANDS = ["models", "reproduce", "find", "evaluate", "task_vectors", "patch", "train_organism"]
 NOTHING_SAVED = "nothing was saved; run the command again"
 
@@ -44,11 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe(e: BaseException) -> str:
     """One line for the user: what was wrong and, where the message does not say it, what to do."""
-    from safetensors import SafetensorError
-
-    from mechcopy.errors import UnknownName
-    from mechcopy.models.zoo import ZooError
-
     if isinstance(e, OSError) and e.errno is not None:
         where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         text = f"{e.strerror}: {where}; check the path and its permissions" if where else f"{e.strerror}"

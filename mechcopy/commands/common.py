@@ -19,7 +19,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 from mechcopy.arch import HookedModel
 from mechcopy.errors import below_minimum
+from mechcopy.fingerprint import model_fingerprint
+from mechcopy.io import write_json_atomic
 from mechcopy.models.zoo import DEFAULT_MODEL
+from mechcopy.provenance import git_revision
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 #: torch CPU threads unless --threads says otherwise (docs/reliability.md: measured on 2 cores)
@@ -122,17 +125,16 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, helps: dict[str, str]
                     choices: dict[str, Iterable[str]] | None = None) -> None:
     """One flag per field of the frozen config `cls` named in `helps`: `--n-dev` feeds `n_dev`.
 
-    Defaults come from the dataclass; tuples of ints are written comma-separated (`--ks 5,10,20`).
-    Bounds come from `cls.MINIMUM` (the config checks the same bounds), so a bad value is refused,
-    with its flag's name, before anything loads.
+    A field of a nested config is named by its path, `find.n` (`ReproduceConfig.find.n`), and its
+    flag by the same path with dashes, `--find-n`. Defaults come from the dataclass; tuples of ints
+    are written comma-separated (`--ks 5,10,20`). Bounds come from the config's `MINIMUM` (the config
+    checks the same bounds), so a bad value is refused, with its flag's name, before anything loads.
     """
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    minimum = getattr(cls, "MINIMUM", {})
     choices = choices or {}
-    for name, help_text in helps.items():
-        f = fields[name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    for path, help_text in helps.items():
+        owner, name, default = _field(cls, path)
+        hints = typing.get_type_hints(owner)
+        minimum = getattr(owner, "MINIMUM", {})
         kind = _base_type(hints[name])
         kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default {_show(default)})"}
         if kind is bool:
@@ -145,16 +147,41 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, helps: dict[str, str]
             else:
                 kwargs["type"] = kind
             kwargs["metavar"] = name.upper()
-        if name in choices:
-            kwargs["choices"] = list(choices[name])
+        if path in choices:
+            kwargs["choices"] = list(choices[path])
             kwargs.pop("metavar", None)
-        p.add_argument("--" + name.replace("_", "-"), **kwargs)
+        p.add_argument("--" + path.replace(".", "-").replace("_", "-"), dest=path, **kwargs)
+
+
+def _field(cls: type, path: str) -> tuple[type, str, Any]:
+    """(the config class that owns field `path`, its name there, its default in `cls`'s default)."""
+    *outer, name = path.split(".")
+    value: Any = None
+    owner = cls
+    for part in outer:
+        f = {f.name: f for f in dataclasses.fields(owner)}[part]
+        value = getattr(value, part) if value is not None else _default(f)
+        owner = type(value)
+    f = {f.name: f for f in dataclasses.fields(owner)}[name]
+    return owner, name, getattr(value, name) if value is not None else _default(f)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **extra: Any):
-    """The frozen config `cls` from the parsed flags (fields without a flag keep their default)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    """The frozen config `cls` from the parsed flags (fields without a flag keep their default; a
+    nested config is built from its own flags, `find.n`, over its default in `cls`)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in vars(args):
+            values[f.name] = vars(args)[f.name]
+            continue
+        prefix = f.name + "."
+        nested = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if nested:
+            values[f.name] = dataclasses.replace(_default(f), **nested)
     return cls(**{**values, **extra})
 
 
@@ -265,8 +292,4 @@ def saved_in(path: Path, what: str) -> Callable[[], str | None]:
 
 def write_result(path: Path, model: HookedModel, payload: dict[str, Any]) -> Path:
     """Write a command's JSON result (with the model's fingerprint and the code's git revision)."""
-    from mechcopy.io import write_json_atomic
-    from mechcopy.neurons import model_fingerprint
-    from mechcopy.reproduce import git_revision
-
     return write_json_atomic(path, {"model": model_fingerprint(model), "git_revision": git_revision(), **payload})

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 
+from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS
 from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, open_model,
                                       prepare_out, saved_in)
-from mechcopy.find import ATTRIBUTIONS, PROBES, SELECTIONS, FindConfig
-from mechcopy.tasks.probe import FORMATS, ITEM_SETS
+from mechcopy.components import MATCHES
+from mechcopy.find import ATTRIBUTIONS, PROBES, SELECTIONS, FindConfig, find_copy_neurons
 from mechcopy.io import side_file
+from mechcopy.tasks.probe import FORMATS, ITEM_SETS
 
 HELPS = {
     "n": "probe prompts for attribution",
@@ -33,13 +35,13 @@ HELPS = {
     "probe_format": "balanced probe's layout: one pair per line, or one line of comma-separated pairs",
     "max_completeness_error": "IG completeness gate: select only in layers whose median error is below it",
     "consistency_random": "random sets of the self-consistency check that may refuse the choice (0: off)",
+    "random_match": "the check's random sets: matched on layer, or on layer and mean |activation| at the answer "
+                    "position of the attribution prompts (size)",
 }
 SIDE_FILES = (".scores.safetensors", ".scores.json", ".attributions.safetensors")
 
 
 def run(args) -> int:
-    from mechcopy.find import find_copy_neurons
-
     config = config_from_args(FindConfig, args)
     out = prepare_out(args.out, {"--text": config.text, "--model": args.model}, args.force,
                       side=[side_file(args.out, s) for s in SIDE_FILES])
@@ -56,7 +58,7 @@ def run(args) -> int:
         mark = "  <- chosen" if r["k"] == sw["chosen_k"] else ("" if r["feasible"] else "  (ppl bound)")
         print(f"  k={r['k']}: dev accuracy {r['dev_accuracy']:.3f}, copy rate {r['dev_copy_rate']:.3f}, "
               f"ppl {r['ppl']:.2f} ({r['ppl_increase']:+.1%}){mark}")
-    if neurons.neurons:
+    if neurons.pairs:
         counts = {l: c for l, c in enumerate(neurons.meta["layer_counts"]) if c}
         print(f"{len(neurons)} neurons, by layer {counts}")
     else:
@@ -67,13 +69,11 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS
-
     p = sub.add_parser("find", help="find copy neurons: IG attribution on the probe, k chosen on its dev split")
     add_model_args(p)
     add_config_args(p, FindConfig, HELPS, choices={
         "attribution": ATTRIBUTIONS, "target": TARGETS, "method": METHODS, "rule": RULES,
         "normalisation": NORMALISATIONS, "mode": SELECTIONS, "probe": PROBES, "probe_items": ITEM_SETS,
-        "probe_format": tuple(FORMATS)})
+        "probe_format": tuple(FORMATS), "random_match": MATCHES})
     add_out_args(p, "neuron file to write (JSON); an interrupted run started again resumes", required=True)
     p.set_defaults(run=run)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from mechcopy.models import zoo
+
 
 def models_table() -> list[dict]:
-    from mechcopy.models import zoo
-
     rows = []
     for m in zoo.ZOO.values():
         rows.append({
@@ -21,8 +21,6 @@ def models_table() -> list[dict]:
 
 
 def run(args) -> int:
-    from mechcopy.models import zoo
-
     if args.action == "fetch":
         if not args.name:
             raise ValueError(f"which model? known: {', '.join(zoo.ZOO)}")
@@ -33,7 +31,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps([{**r, "name": r["name"].split(" ")[0]} for r in rows], indent=2))
     else:
-        import pandas as pd
+        import pandas as pd  # heavy: only for the table
 
         print(pd.DataFrame(rows).drop(columns=["source"]).to_string(index=False))
         print(f"\ncache: {zoo.cache_root()} (set ${zoo.CACHE_ENV} to move it)")

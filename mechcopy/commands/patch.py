@@ -6,13 +6,13 @@ import time
 from pathlib import Path
 
 from mechcopy.commands.common import add_model_args, add_out_args, at_least, open_model, prepare_out, write_result
+from mechcopy.components import Components
+from mechcopy.patching import activation_patching
+from mechcopy.tasks import list_tasks, load_task
+from mechcopy.tasks.pairs import CORRUPTIONS
 
 
 def run(args) -> int:
-    from mechcopy.neurons import NeuronSet
-    from mechcopy.patching import activation_patching
-    from mechcopy.tasks import list_tasks, load_task
-
     t0 = time.time()
     task = load_task(args.task)
     if args.other_task and args.corruption != "other_task":
@@ -23,13 +23,13 @@ def run(args) -> int:
     other = None
     if args.corruption == "other_task":
         other = load_task(args.other_task or next(t for t in list_tasks() if t != task.name))
-    neurons = NeuronSet.load(args.neurons) if args.neurons else None
+    neurons = Components.load(args.neurons) if args.neurons else None
     out = prepare_out(args.out, {"--task": args.task, "--other-task": args.other_task, "--neurons": args.neurons,
                                  "--model": args.model}, args.force)
     model = open_model(args)
     if neurons is not None:
         neurons.check(model)
-        if not neurons.neurons:
+        if not neurons.pairs:
             print(f"{args.neurons} holds no neurons ({neurons.why_empty}): no neuron patching")
     res = activation_patching(model, task, args.corruption, n=args.n, shots=args.shots, seed=args.seed,
                               other_task=other, neurons=neurons, method=args.method, progress=True)
@@ -46,8 +46,6 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    from mechcopy.tasks.pairs import CORRUPTIONS
-
     p = sub.add_parser("patch", help="activation patching, clean into corrupted ICL prompts (layers x positions)")
     add_model_args(p)
     p.add_argument("--task", required=True, help="built-in task name or task JSON file")

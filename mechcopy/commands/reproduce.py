@@ -6,21 +6,20 @@ from pathlib import Path
 
 from mechcopy.commands.common import (add_config_args, add_model_args, config_from_args, open_model, prepare_out_dir,
                                       saved_in)
-from mechcopy.reproduce import ReproduceConfig
+from mechcopy.reproduce import STAGES, ReproduceConfig, check_out, reproduce
 
 HELPS = {
-    "n_probe": "probe prompts for attribution",
-    "n_dev": "probe dev prompts for the k sweep",
-    "steps": "Integrated Gradients steps",
+    "find.n": "probe prompts for attribution",
+    "find.n_dev": "probe dev prompts for the k sweep",
+    "find.steps": "Integrated Gradients steps",
+    "find.seed": "seed of the probe (find's prompts and its guard's random sets)",
     "n_eval": "prompts per task in the evaluation",
     "n_random": "random-neuron baseline sets",
-    "seed": "seed of every prompt set and baseline",
+    "seed": "seed of the evaluation's prompts and baselines, the task vectors and the patching",
 }
 
 
 def run(args) -> int:
-    from mechcopy.reproduce import STAGES, check_out, reproduce
-
     cfg = config_from_args(ReproduceConfig, args)
     out = prepare_out_dir(args.out or f"results/{cfg.model}", {"--model": args.model}, args.force,
                           resume="settings.json")

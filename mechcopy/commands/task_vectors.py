@@ -7,7 +7,9 @@ from pathlib import Path
 
 from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, files_in,
                                       open_model, prepare_out, write_result)
-from mechcopy.task_vectors import TaskVectorConfig
+from mechcopy.components import Components
+from mechcopy.task_vectors import TaskVectorConfig, run_task_vectors
+from mechcopy.tasks import load_tasks
 
 HELPS = {
     "shots": "demonstrations per extraction / ICL prompt",
@@ -20,20 +22,16 @@ HELPS = {
 
 
 def run(args) -> int:
-    from mechcopy.neurons import NeuronSet
-    from mechcopy.task_vectors import run_task_vectors
-    from mechcopy.tasks import load_tasks
-
     t0 = time.time()
     tasks = load_tasks(args.tasks)
-    neurons = NeuronSet.load(args.prune) if args.prune else None
+    neurons = Components.load(args.prune) if args.prune else None
     config = config_from_args(TaskVectorConfig, args)
     out = prepare_out(args.out, {"--tasks": files_in(args.tasks), "--prune": args.prune, "--model": args.model},
                       args.force)
     model = open_model(args)
     if neurons is not None:
         neurons.check(model)
-        if not neurons.neurons:
+        if not neurons.pairs:
             print(f"{args.prune} holds no neurons ({neurons.why_empty}): nothing to prune, unpruned results only")
     results = run_task_vectors(model, tasks, config, neurons)
     for r in results:

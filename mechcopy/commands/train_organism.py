@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from mechcopy.commands.common import add_device_args, at_least, positive, prepare_out_dir
+from mechcopy.organisms.train import ARCHS, DEFAULT_STEPS, TrainConfig, default_dir, train_organism
 
 
 def run(args) -> int:
-    import torch
-
-    from mechcopy.organisms.train import TrainConfig, default_dir, train_organism
-
     try:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     except json.JSONDecodeError as e:
@@ -30,14 +29,12 @@ def run(args) -> int:
     if result.stopped_early:
         print(f"{cfg.name}: stopped early: {result.stopped_early}")
     print(f"{cfg.name}: {result.steps_done} steps in {result.seconds:.0f} s, final loss {result.final_loss:.3f}; "
-          f"query accuracy (k=4): {acc}")
+          f"query accuracy (4 shots): {acc}")
     print(f"saved to {out} (load with mechcopy.organisms.load_organism)")
     return 0
 
 
 def register(sub) -> None:
-    from mechcopy.organisms.train import ARCHS, DEFAULT_STEPS, TrainConfig
-
     d = TrainConfig()
     p = sub.add_parser("train-organism", help="train a small transformer or Mamba for in-context learning")
     p.add_argument("--arch", choices=ARCHS, default="transformer")

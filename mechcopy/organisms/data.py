@@ -33,7 +33,8 @@ from typing import Sequence
 
 import torch
 
-from mechcopy.tasks.prompts import SEPARATOR, TEMPLATE
+from mechcopy.tasks.prompts import SEPARATOR, TEMPLATE, PromptSet, make_prompt
+from mechcopy.tasks.task import Task
 
 LETTERS = string.ascii_lowercase
 N_CLASSES = 4
@@ -65,8 +66,6 @@ class Function:
 
     def to_task(self, kind: str = "algorithmic"):
         """The function as a `mechcopy.tasks.Task` (every input once)."""
-        from mechcopy.tasks import Task
-
         return Task(name=f"organism-{self.name}", pairs=self.table, kind=kind)
 
 
@@ -123,7 +122,7 @@ def sample_function(family: str, rng: random.Random, split: str = "train") -> Fu
 
 @dataclass(frozen=True)
 class Episode:
-    """k demonstrations and one query of one function."""
+    """`shots` demonstrations and one query of one function."""
 
     function: Function
     demos: tuple[tuple[str, str], ...]
@@ -134,7 +133,7 @@ class Episode:
         return tuple(y for _, y in self.demos)
 
 
-def sample_episode(fn: Function, k: int, rng: random.Random, probe: bool = False,
+def sample_episode(fn: Function, shots: int, rng: random.Random, probe: bool = False,
                    repeats: bool = False, same_label: bool = False) -> Episode:
     """Demos then a query. `map`: the query repeats a demo input (retrieval); otherwise the query is new.
 
@@ -144,16 +143,16 @@ def sample_episode(fn: Function, k: int, rng: random.Random, probe: bool = False
     retrievals (a denser learning signal for the induction mechanism). `same_label=True` (probe
     only): every demo has the same (wrong) label, the strongest pull to copy ("lemon -> 2, garden -> 2").
     """
-    if k < 1 and fn.family == "map":
+    if shots < 1 and fn.family == "map":
         raise ValueError("a map episode needs at least one demo (the query repeats a demo input)")
     if fn.family == "map":
         if repeats:
-            pool = rng.sample(LETTERS, max(1, (k + 1) // 2))
-            demos = tuple((x, fn(x)) for x in (rng.choice(pool) for _ in range(k)))
-            return Episode(fn, demos, demos[rng.randrange(k)])
-        xs = rng.sample(LETTERS, k)
+            pool = rng.sample(LETTERS, max(1, (shots + 1) // 2))
+            demos = tuple((x, fn(x)) for x in (rng.choice(pool) for _ in range(shots)))
+            return Episode(fn, demos, demos[rng.randrange(shots)])
+        xs = rng.sample(LETTERS, shots)
         demos = tuple((x, fn(x)) for x in xs)
-        return Episode(fn, demos, demos[rng.randrange(k)])
+        return Episode(fn, demos, demos[rng.randrange(shots)])
     q = rng.choice(LETTERS)
     gold = fn(q)
     if probe:
@@ -165,7 +164,7 @@ def sample_episode(fn: Function, k: int, rng: random.Random, probe: bool = False
             pool = [x for x in pool if fn(x) == label]
     else:
         pool = [x for x in LETTERS if x != q]
-    xs = rng.sample(pool, k)
+    xs = rng.sample(pool, shots)
     return Episode(fn, tuple((x, fn(x)) for x in xs), (q, gold))
 
 
@@ -215,7 +214,7 @@ class Batch:
 
 def make_batch(codec: CharCodec, rng: random.Random, batch_size: int, k_range: tuple[int, int] = (2, 8),
                families: Sequence[str] = FAMILIES, split: str = "train") -> Batch:
-    """A training batch: each row samples a family, a function of `split`, k in `k_range`, an episode."""
+    """A training batch: each row samples a family, a function of `split`, a number of shots in `k_range`, an episode."""
     rows, masks, qmasks = [], [], []
     for _ in range(batch_size):
         fam = rng.choice(list(families))
@@ -243,39 +242,37 @@ EVAL_SETS = ("map-heldout", "map-train", "shift-heldout", "class", "probe", "pro
 PROBES = ("probe", "probe-shift")  # the prompt sets whose gold is never a demo label (attribution, k choice)
 
 
-def episodes(name: str, n: int, k: int = 4, seed: int = 0) -> list[Episode]:
+def episodes(name: str, n: int, shots: int = 4, seed: int = 0) -> list[Episode]:
     """`n` evaluation episodes of set `name` (see `EVAL_SETS`), deterministic in `seed`."""
     if name not in EVAL_SETS:
         raise ValueError(f"unknown organism prompt set {name!r}; known: {', '.join(EVAL_SETS)}")
-    rng = random.Random(f"organism-{name}-{k}-{seed}")
+    rng = random.Random(f"organism-{name}-{shots}-{seed}")
     out = []
     for _ in range(n):
         if name == "probe":
-            out.append(sample_episode(sample_function("class", rng), k, rng, probe=True))
+            out.append(sample_episode(sample_function("class", rng), shots, rng, probe=True))
         elif name == "probe-same":
-            out.append(sample_episode(sample_function("class", rng), k, rng, probe=True, same_label=True))
+            out.append(sample_episode(sample_function("class", rng), shots, rng, probe=True, same_label=True))
         elif name == "class":
-            out.append(sample_episode(sample_function("class", rng), k, rng))
+            out.append(sample_episode(sample_function("class", rng), shots, rng))
         elif name == "probe-shift":  # training shifts, new query: gold is never a demo label
-            out.append(sample_episode(sample_function("shift", rng, "train"), k, rng))
+            out.append(sample_episode(sample_function("shift", rng, "train"), shots, rng))
         else:
             fam, split = name.split("-")
-            out.append(sample_episode(sample_function(fam, rng, "heldout" if split == "heldout" else "train"), k, rng))
+            out.append(sample_episode(sample_function(fam, rng, "heldout" if split == "heldout" else "train"), shots, rng))
     return out
 
 
-def organism_prompts(name: str, tokenizer, n: int = 200, k: int = 4, seed: int = 0):
+def organism_prompts(name: str, tokenizer, n: int = 200, shots: int = 4, seed: int = 0):
     """A `PromptSet` of set `name` built with `mechcopy.tasks.prompts.make_prompt` (the shared builder)."""
-    from mechcopy.tasks.prompts import PromptSet, make_prompt
-
     prompts = tuple(
         make_prompt(ep.demos, ep.query, tokenizer, template=TEMPLATE, sep=SEPARATOR, task=f"organism-{name}")
-        for ep in episodes(name, n, k, seed)
+        for ep in episodes(name, n, shots, seed)
     )
     return PromptSet(task=f"organism-{name}", prompts=prompts, dropped=())
 
 
-def probe_splits(tokenizer, n_attr: int = 100, n_dev: int = 100, n_test: int = 100, k: int = 4, seed: int = 0,
+def probe_splits(tokenizer, n_attr: int = 100, n_dev: int = 100, n_test: int = 100, shots: int = 4, seed: int = 0,
                  probe: str = "probe"):
     """Disjoint attribution, dev and test prompts of probe `probe` (see `PROBES`).
 
@@ -285,7 +282,7 @@ def probe_splits(tokenizer, n_attr: int = 100, n_dev: int = 100, n_test: int = 1
         raise ValueError(f"unknown organism probe {probe!r}; known: {', '.join(PROBES)}")
     splits, seen = [], set()
     for i, n in enumerate((n_attr, n_dev, n_test)):  # twice as many drawn, so duplicates can be dropped
-        fresh = [p for p in organism_prompts(probe, tokenizer, 2 * n, k, seed + 10_000 * i).prompts
+        fresh = [p for p in organism_prompts(probe, tokenizer, 2 * n, shots, seed + 10_000 * i).prompts
                  if p.text not in seen][:n]
         seen |= {p.text for p in fresh}
         splits.append(fresh)

@@ -1,16 +1,18 @@
 """The full copy-neuron method on a model organism, and its summary over training seeds.
 
-`run_method(model)` runs, for each probe in `PROBES`:
-probe attribution split -> IG on every neuron (target `contrast`) -> copy scores (min-max per prompt)
--> k chosen on the probe's *dev* split -> evaluation of the pruned set against random layer-matched sets
-and the bottom-score set (`mechcopy.pruning.condition_sets`) on held-out functions, the class family and
-both probes' test splits -> task vectors (unpruned and pruned) on class and shift functions.
+`run_method(model)` runs the method's steps (`mechcopy.method`, with the organisms' own `FindConfig`,
+`ORGANISM_FIND`) for each probe in `PROBES`: probe attribution split -> IG on every neuron (target
+`contrast`) -> copy scores (min-max per prompt, no completeness gate) -> k chosen on the probe's *dev*
+split -> evaluation of the pruned set against random layer-matched sets and the bottom-score set
+(`mechcopy.conditions.standard_conditions`) on held-out functions, the class family and both probes'
+test splits -> task vectors (unpruned and pruned) on class and shift functions.
 
-k comes from `pruning.sweep_k` with the general-ability bound instead of perplexity (the organisms
-read no English): the best dev accuracy among the k that keep query accuracy on *training-split* map
-and class episodes within `max_general_drop`. The organisms prune the best feasible k even where it
-does not beat k = 0 (the sweep's `chosen_k` is then 0), and the smallest k of the grid when no k is
-feasible (recorded as `pruned_k`), so the table still shows what the method's first step costs.
+k comes from `method.choose_k` with the general-ability bound instead of perplexity (the organisms
+read no English: `max_ppl_increase=None`): the best dev accuracy among the k that keep query accuracy on
+*training-split* map and class episodes within `max_general_drop`. The organisms prune the best
+feasible k even where it does not beat k = 0 (the sweep's `chosen_k` is then 0), and the smallest k of
+the grid when no k is feasible (recorded as `pruned_k`), so the table still shows what the method's
+first step costs.
 
 `seed_summary(results)` turns one result per trained organism into rows with the mean and a 95%
 t interval over training seeds (`stats.seed_interval`), per architecture, probe, set and condition,
@@ -21,18 +23,23 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from mechcopy.attribution import copy_scores, integrated_gradients
+from mechcopy import method
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.conditions import Condition, standard_conditions
 from mechcopy.evaluation import evaluate, evaluate_conditions
-from mechcopy.neurons import model_fingerprint
+from mechcopy.fingerprint import model_fingerprint
+from mechcopy.method import FindConfig
 from mechcopy.organisms.data import PROBES, make_function, organism_prompts, probe_splits
-from mechcopy.pruning import condition_sets, pruning_hooks, select, sweep_k
+from mechcopy.pruning import pruning_hooks
+from mechcopy.selection import select
 from mechcopy.stats import seed_interval
+from mechcopy.task_vectors import TaskVectorConfig, task_vector_experiment
 
 GENERAL = ("map-train", "class")  # general ability: training-split functions
 PER_PROMPT = ("predictions", "correct", "copy")  # TaskResult fields left out of the summaries
@@ -40,38 +47,43 @@ HELD_OUT = ("map-heldout", "shift-heldout", "class", "probe-same")  # evaluated 
 TV_FUNCTIONS = (("class", 0), ("class", 1))  # the family whose ICL works (shifts stay at chance)
 
 
+def _organism_find() -> FindConfig:
+    """The method's settings on an organism: 100 attribution and 200 dev prompts of 4 shots, IG with 20
+    steps and no completeness gate, a small k grid, the general-ability bound instead of perplexity, no guard."""
+    return FindConfig(n=100, n_dev=200, shots=4, steps=20, ks=(1, 2, 4, 8, 16, 32, 64), max_ppl_increase=None,
+                      max_general_drop=0.05, max_completeness_error=None, consistency_random=0)
+
+
+ORGANISM_FIND = _organism_find()
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Sizes of one run of the method (prompts per split, IG steps, the k grid, baselines)."""
+    """One run of the method on an organism: the method's own config (`find`: prompts per split, shots,
+    IG steps, the k grid, the bound, the seed) and the evaluation's sizes."""
 
+    find: FindConfig = field(default_factory=_organism_find)
     n_eval: int = 400
-    n_attr: int = 100
-    n_dev: int = 200
-    k_shots: int = 4
-    ig_steps: int = 20
     n_random: int = 5
-    ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    max_general_drop: float = 0.05
     probes: tuple[str, ...] = PROBES
     task_vectors: bool = True
-    seed: int = 0
 
     def __post_init__(self):
         unknown = set(self.probes) - set(PROBES)
         if unknown:
             raise ValueError(f"unknown organism probe(s) {sorted(unknown)}; known: {', '.join(PROBES)}")
-        object.__setattr__(self, "ks", tuple(self.ks))
         object.__setattr__(self, "probes", tuple(self.probes))
 
 
-def _cell(res, name: str, condition: str) -> dict:
-    return {"set": name, "condition": condition, "accuracy": res.accuracy, "accuracy_ci": list(res.accuracy_ci),
-            "copy_rate": res.copy_rate, "copy_rate_ci": list(res.copy_rate_ci), "n": res.n}
+def _cell(res, name: str, condition: "Condition | str") -> dict:
+    """One row of the organism's table: a prompt set under a condition (its name and family)."""
+    label, family = (condition, condition) if isinstance(condition, str) else (condition.label, condition.family)
+    return {"set": name, "condition": label, "family": family, "accuracy": res.accuracy,
+            "accuracy_ci": list(res.accuracy_ci), "copy_rate": res.copy_rate, "copy_rate_ci": list(res.copy_rate_ci),
+            "n": res.n}
 
 
 def _task_vectors(model: HookedModel, hooks_by_condition: dict[str, list], seed: int) -> list[dict]:
-    from mechcopy.task_vectors import TaskVectorConfig, task_vector_experiment
-
     config = TaskVectorConfig(shots=4, n_extract=5, n_dev=8, n_test=9, seed=seed)
     out = []
     for family, param in TV_FUNCTIONS:
@@ -88,17 +100,15 @@ def _task_vectors(model: HookedModel, hooks_by_condition: dict[str, list], seed:
 
 def run_method(model: HookedModel, config: MethodConfig = MethodConfig(), progress: bool = True) -> dict:
     """Every number of the organism write-up for one trained organism (see the module docstring)."""
-    from tqdm.auto import tqdm
-
     t0 = time.time()
-    torch.manual_seed(config.seed)
-    c, tok = config, model.tokenizer
-    splits = {p: probe_splits(tok, c.n_attr, c.n_dev, c.n_eval, c.k_shots, c.seed, probe=p) for p in PROBES}
-    sets = {name: list(organism_prompts(name, tok, c.n_eval, c.k_shots, c.seed).prompts) for name in HELD_OUT}
+    c, f, tok = config, config.find, model.tokenizer
+    torch.manual_seed(f.seed)
+    splits = {p: probe_splits(tok, f.n, f.n_dev, c.n_eval, f.shots, f.seed, probe=p) for p in PROBES}
+    sets = {name: list(organism_prompts(name, tok, c.n_eval, f.shots, f.seed).prompts) for name in HELD_OUT}
     sets.update({f"{p}-test": splits[p][2] for p in PROBES})
-    general = [p for name in GENERAL for p in organism_prompts(name, tok, c.n_dev, c.k_shots, c.seed + 30_000).prompts]
+    general = [p for name in GENERAL for p in organism_prompts(name, tok, f.n_dev, f.shots, f.seed + 30_000).prompts]
 
-    unpruned = {name: evaluate(model, ps, condition="unpruned", seed=c.seed) for name, ps in sets.items()}
+    unpruned = {name: evaluate(model, ps, condition="unpruned", seed=f.seed) for name, ps in sets.items()}
     out: dict[str, Any] = {
         "model": model_fingerprint(model), "arch": arch_of(model).name,
         "config": asdict(c),
@@ -108,16 +118,15 @@ def run_method(model: HookedModel, config: MethodConfig = MethodConfig(), progre
     tv_hooks = {"unpruned": []}
     for probe in tqdm(c.probes, desc="organism method", disable=not progress):
         attr, dev, _ = splits[probe]
-        ig = integrated_gradients(model, attr, target="contrast", steps=c.ig_steps, method="fast")
-        scores = copy_scores(model, ig, normalisation="minmax", seed=c.seed)
-        sweep = sweep_k(model, scores, dev, c.ks, "global", max_ppl_increase=None, seed=c.seed,
-                        general_prompts=general, max_general_drop=c.max_general_drop)
-        pruned_k = sweep.best_pruned_k or min(c.ks)
-        neurons = select(scores, "global", k=pruned_k)
+        ig = method.attribute(model, attr, f)
+        scores = method.score(model, ig, f)
+        sweep = method.choose_k(model, scores, dev, f, general_prompts=general)
+        pruned_k = sweep.best_pruned_k or min(sweep.ks)
+        neurons = select(scores, f.mode, k=pruned_k)
         table = [_cell(r, name, "unpruned") for name, r in unpruned.items()]
-        pruned_sets = condition_sets(model, neurons, n_random=c.n_random, seed=c.seed, scores=scores)
-        results = {name: evaluate_conditions(model, ps, pruned_sets, seed=c.seed) for name, ps in sets.items()}
-        table += [_cell(results[name][cond], name, cond) for cond in pruned_sets for name in sets]
+        conditions = standard_conditions(model, neurons, n_random=c.n_random, seed=f.seed, scores=scores)
+        results = {name: evaluate_conditions(model, ps, conditions, seed=f.seed) for name, ps in sets.items()}
+        table += [_cell(results[name][cond.label], name, cond) for cond in conditions for name in sets]
         tv_hooks[f"pruned ({probe})"] = pruning_hooks(model, neurons)
         out["methods"][probe] = {
             "ig": {"completeness_error_median": float(ig.completeness_error().median()),
@@ -126,21 +135,17 @@ def run_method(model: HookedModel, config: MethodConfig = MethodConfig(), progre
             "top16_per_layer": select(scores, "global", k=min(16, scores.scores.numel())).layer_counts(model.cfg.n_layers),
             "sweep": sweep.to_json(),
             "pruned_k": pruned_k,
-            "neurons": [list(n) for n in neurons.neurons],
+            "neurons": [list(n) for n in neurons.pairs],
             "neurons_per_layer_selected": neurons.layer_counts(model.cfg.n_layers),
             "table": table,
         }
     if c.task_vectors:
-        out["task_vectors"] = _task_vectors(model, tv_hooks, c.seed)
+        out["task_vectors"] = _task_vectors(model, tv_hooks, f.seed)
     out["seconds"] = time.time() - t0
     return out
 
 
 # ------------------------------------------------------------------------------ over training seeds
-
-
-def _condition_group(condition: str) -> str:
-    return "random" if condition.startswith("random") else condition
 
 
 def seed_summary(results: Sequence[dict]) -> list[dict]:
@@ -151,7 +156,7 @@ def seed_summary(results: Sequence[dict]) -> list[dict]:
         for probe, m in res["methods"].items():
             cells: dict[tuple, list[dict]] = defaultdict(list)
             for row in m["table"]:
-                cells[(row["set"], _condition_group(row["condition"]))].append(row)
+                cells[(row["set"], row["family"])].append(row)
             for (name, cond), rows in cells.items():
                 acc = sum(r["accuracy"] for r in rows) / len(rows)
                 copy = sum(r["copy_rate"] for r in rows) / len(rows)

@@ -16,12 +16,15 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel
-from mechcopy.organisms.data import CharCodec, episode_text, episodes, make_batch
 from mechcopy.errors import check_minimums
+from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import write_atomic, write_json_atomic
-from mechcopy.neurons import model_fingerprint
+from mechcopy.models.zoo import cache_root
+from mechcopy.organisms.data import CharCodec, episode_text, episodes, make_batch
 
 ARCHS = ("transformer", "mamba")
 CONFIG_FILE = "organism.json"
@@ -79,7 +82,7 @@ class TrainConfig:
 
 def build_model(arch: str, model_kwargs: dict[str, Any], seed: int, device: str = "cpu"):
     """A fresh (random) organism of `arch` with the character tokenizer."""
-    if arch == "transformer":
+    if arch == "transformer":  # the models import TransformerLens (seconds): only when one is built
         from mechcopy.models.tiny import tiny_transformer
 
         model = tiny_transformer(seed=seed, **model_kwargs)
@@ -102,13 +105,13 @@ def _lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float
 
 @torch.no_grad()
 def quick_accuracy(model: HookedModel, sets: tuple[str, ...] = ("map-heldout", "shift-heldout", "class", "probe"),
-                   n: int = 64, k: int = 4, seed: int = 12345) -> dict[str, float]:
+                   n: int = 64, shots: int = 4, seed: int = 12345) -> dict[str, float]:
     """Query accuracy per evaluation set, straight from token ids (no prompt builder): for training logs."""
     codec = CharCodec(model.tokenizer)
     device = next(model.parameters()).device
     out = {}
     for name in sets:
-        eps = episodes(name, n, k, seed)
+        eps = episodes(name, n, shots, seed)
         ids = torch.tensor([codec.encode(episode_text(e, with_answer=False)) for e in eps], device=device)
         pred = model(ids)[:, -1].argmax(-1)
         gold = torch.tensor([codec.char_to_id[e.query[1]] for e in eps], device=device)
@@ -137,8 +140,6 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
     Loss: cross-entropy on every output character (each demo's label and the query's answer).
     Returns the trained model (eval mode) and a `TrainResult`.
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed)
     model = model if model is not None else build_model(cfg.arch, cfg.model_kwargs, cfg.seed, cfg.device)
     codec = CharCodec(model.tokenizer)
@@ -195,8 +196,6 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
 def save_organism(model: HookedModel, cfg: TrainConfig, out_dir: str | Path, curve: dict | None = None,
                   result: TrainResult | None = None) -> Path:
     """Write weights (safetensors), config JSON and, if given, the loss curve (JSON + PNG)."""
-    from safetensors.torch import save
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -213,7 +212,7 @@ def save_organism(model: HookedModel, cfg: TrainConfig, out_dir: str | Path, cur
 
 def plot_loss(curve: dict, path: str | Path, title: str = "") -> Path:
     """Loss (smoothed) and periodic held-out accuracies against the step (`viz.plot_loss_curve`)."""
-    from mechcopy import viz
+    from mechcopy import viz  # matplotlib: heavy, only for the figure
 
     evals = {name: (curve["eval_step"], [e[name] for e in curve["eval"]]) for name in (curve["eval"] or [{}])[0]}
     fig = viz.plot_loss_curve(curve["step"], {"all outputs": curve["loss"], "query": curve["query_loss"]},
@@ -223,8 +222,6 @@ def plot_loss(curve: dict, path: str | Path, title: str = "") -> Path:
 
 def load_organism(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """The trained hooked model saved in folder `path` by `train_organism`, on `device` in `dtype`."""
-    from safetensors.torch import load_file
-
     folder = Path(path).expanduser()
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.exists():
@@ -241,6 +238,4 @@ def load_organism(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
 
 def default_dir(arch: str, seed: int) -> Path:
     """Where `train-organism` saves by default: the user's cache, never the git tree."""
-    from mechcopy.models.zoo import cache_root
-
     return cache_root() / "organisms" / f"{arch}-s{seed}"

@@ -5,126 +5,35 @@ A task is a list of (input, output) string pairs. Built-in tasks live in `mechco
 `mechcopy.tasks.generators.GENERATORS`, and the copy probe (vowel counting) in `mechcopy.tasks.probe`
 (its item pool, `data/probe_items.json`, is not a task).
 A user task file has the same shape (`{"name": ..., "pairs": [[x, y], ...]}`); `validate_task_json`
-checks it and names the entry and field of every problem.
+checks it and names the entry and field of every problem. A task is *closed-label* (its answers can be
+scored as a label set, `Task.label_set`) when it has at most `MAX_LABELS` distinct answers, unless its
+file says otherwise: `"labels": [...]` gives the set, `"closed": false` refuses label scoring.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mechcopy.errors import UnknownName
-
-DATA_DIR = Path(__file__).parent / "data"
-KINDS = ("algorithmic", "linguistic", "translation", "knowledge", "counting", "probe", "sentiment", "user")
-PROBE_NAME = "copy_probe"
-#: The balanced probe's item pool (`mechcopy.tasks.probe.load_items`): data, but not a task.
-PROBE_ITEMS = "probe_items"
-
-
-@dataclass(frozen=True)
-class Task:
-    """A named list of (input, output) pairs; `kind` groups tasks in tables."""
-
-    name: str
-    pairs: tuple[tuple[str, str], ...]
-    kind: str = "user"
-
-    def __post_init__(self):
-        object.__setattr__(self, "pairs", tuple((str(x), str(y)) for x, y in self.pairs))
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "pairs": [list(p) for p in self.pairs]}
-
-    def distinct_pairs(self) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str], str]]]:
-        """The pairs to use (in order) and the (pair, reason) of each pair left out: a repeat of an
-        earlier pair, or any pair whose input has several outputs (no single answer is right)."""
-        outputs: dict[str, set[str]] = {}
-        for x, y in self.pairs:
-            outputs.setdefault(x, set()).add(y)
-        keep: dict[tuple[str, str], None] = {}
-        dropped = []
-        for pair in self.pairs:
-            if len(outputs[pair[0]]) > 1:
-                dropped.append((pair, f"input {pair[0]!r} has {len(outputs[pair[0]])} different outputs"))
-            elif pair in keep:
-                dropped.append((pair, "repeats an earlier pair"))
-            else:
-                keep[pair] = None
-        return list(keep), dropped
-
-
-def validate_task_json(obj: Any, source: str = "task file") -> Task:
-    """Check a task object `{"name": str, "pairs": [[input, output], ...]}` and build the Task.
-
-    Every error names `source`, the entry index and the field, and says what to do. Inputs and
-    outputs must be non-empty strings without newlines (the newline separates demonstrations).
-    """
-    fix = 'expected {"name": "...", "pairs": [["input", "output"], ...]}'
-    if not isinstance(obj, dict):
-        raise ValueError(f"{source}: the top level must be a JSON object, got {type(obj).__name__}; {fix}")
-    if "name" not in obj:
-        raise ValueError(f'{source}: missing field "name"; {fix}')
-    name = obj["name"]
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f'{source}: field "name" must be a non-empty string, got {name!r}')
-    if "pairs" not in obj:
-        raise ValueError(f'{source}: missing field "pairs"; {fix}')
-    pairs = obj["pairs"]
-    if not isinstance(pairs, list):
-        raise ValueError(f'{source}: field "pairs" must be a list of [input, output] pairs, '
-                         f"got {type(pairs).__name__}")
-    if not pairs:
-        raise ValueError(f'{source}: field "pairs" is empty; a task needs at least two pairs')
-    out = []
-    for i, pair in enumerate(pairs):
-        where = f"{source}: pairs[{i}]"
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ValueError(f"{where} must be a list of 2 strings [input, output], got {pair!r}")
-        for field, value in zip(("input", "output"), pair):
-            if not isinstance(value, str):
-                raise ValueError(f"{where} {field} must be a string, got {type(value).__name__} {value!r}")
-            if not value.strip():
-                raise ValueError(f"{where} {field} is empty (or only whitespace)")
-            if "\n" in value or "\r" in value:
-                raise ValueError(f"{where} {field} contains a newline ({value!r}); newlines separate "
-                                 "demonstrations, so inputs and outputs must be single lines")
-        out.append((pair[0], pair[1]))
-    kind = obj.get("kind", "user")
-    if kind not in KINDS:
-        raise ValueError(f'{source}: field "kind" must be one of {", ".join(KINDS)}, got {kind!r}')
-    return Task(name=name, pairs=tuple(out), kind=kind)
-
-
-def _generators() -> dict:
-    try:
-        from mechcopy.tasks.generators import GENERATORS
-    except ImportError:  # the generators module is optional
-        return {}
-    return GENERATORS
+from mechcopy.tasks.generators import GENERATORS
+from mechcopy.tasks.probe import probe_task
+from mechcopy.tasks.task import DATA_DIR, KINDS, MAX_LABELS, PROBE_ITEMS, PROBE_NAME, Task, validate_task_json
 
 
 def list_tasks() -> list[str]:
     """Built-in task names: the JSON data files, the generators, and the copy probe."""
     names = sorted(p.stem for p in DATA_DIR.glob("*.json") if p.stem != PROBE_ITEMS)
-    names += sorted(g for g in _generators() if g not in names)
+    names += sorted(g for g in GENERATORS if g not in names)
     return names + [PROBE_NAME]
 
 
 def load_task(name_or_path: str) -> Task:
     """A built-in task by name (see `list_tasks`), or a user task file `FILE.json`."""
     if name_or_path == PROBE_NAME:
-        from mechcopy.tasks.probe import probe_task
-
         return probe_task()
-    generators = _generators()
-    if name_or_path in generators:
-        return generators[name_or_path]()
+    if name_or_path in GENERATORS:
+        return GENERATORS[name_or_path]()
     builtin = DATA_DIR / f"{name_or_path}.json"
     if builtin.is_file() and "/" not in name_or_path and name_or_path != PROBE_ITEMS:
         return _read_task(builtin)
@@ -170,4 +79,5 @@ def load_tasks(spec: str) -> list[Task]:
     return tasks
 
 
-__all__ = ["Task", "list_tasks", "load_task", "load_tasks", "validate_task_json", "PROBE_NAME"]
+__all__ = ["Task", "list_tasks", "load_task", "load_tasks", "validate_task_json", "DATA_DIR", "KINDS", "MAX_LABELS",
+           "PROBE_ITEMS", "PROBE_NAME"]

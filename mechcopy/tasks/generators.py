@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported lazily at call time: mechcopy.tasks imports this module
-    from mechcopy.tasks import Task
+from mechcopy.tasks.task import Task
 
 #: Common, concrete, single-word objects (lower case) used by `object_counting`.
 OBJECTS: tuple[str, ...] = (
@@ -23,15 +21,13 @@ OBJECTS: tuple[str, ...] = (
 )
 
 
-def object_counting(n: int = 200, seed: int = 0, max_count: int = 9, min_count: int = 1) -> "Task":
+def object_counting(n: int = 200, seed: int = 0, max_count: int = 9, min_count: int = 1) -> Task:
     """Count the items of a comma-separated list of common objects ("apple, chair, apple" -> "3").
 
     Objects may repeat within a list (so the answer is the number of items, not of distinct objects).
     Counts are drawn uniformly from [min_count, max_count]; answers are single digits, which is why
     max_count may be at most 9. Inputs are distinct; the same seed always gives the same task.
     """
-    from mechcopy.tasks import Task
-
     if not 1 <= min_count <= max_count <= 9:
         raise ValueError(
             f"object_counting needs 1 <= min_count <= max_count <= 9 (single-digit answers), "

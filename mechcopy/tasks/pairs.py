@@ -115,7 +115,7 @@ def corrupted_pairs(task, tokenizer, corruption: str, n: int, shots: int = 4, se
         raise ValueError(f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
     rng = random.Random(seed)
     pairs, dropped = [], []
-    for p in build_prompts(task, tokenizer, k=shots, n=n, seed=seed, gold_in_demos=gold_in_demos).prompts:
+    for p in build_prompts(task, tokenizer, shots=shots, n=n, seed=seed, gold_in_demos=gold_in_demos).prompts:
         try:
             pairs.append((p, corrupt_prompt(p, corruption, tokenizer, rng, other_task)))
         except ValueError as e:

@@ -1,13 +1,13 @@
-"""The copy probe: count the vowels of a common word ("lemon -> 2"), with k demonstrations whose
+"""The copy probe: count the vowels of a common word ("lemon -> 2"), with `shots` demonstrations whose
 labels never include the query's gold label, so every prediction equal to a demo label is a copy
 error by construction. Attribution and dev splits are disjoint by query word.
 
 Two versions. The *classic* probe (`probe_task`, `probe_prompts`, `probe_splits`) takes the words
 below and their natural label distribution (2 vowels: about half the words). The *balanced* probe
 (`ProbeConfig`, `build_probe`) draws items from `data/probe_items.json` (words, places, people) so
-that every gold count is equally frequent, and gives each prompt k distinct demo labels out of the
-non-gold counts, so a wrong in-range answer that no demo carries exists: `outcomes` tells a copy
-from "any wrong digit".
+that every gold count is equally frequent, and gives each prompt `shots` distinct demo labels out of the
+non-gold counts, so a wrong in-range answer that no demo carries exists: `tasks.outcomes.outcomes`
+tells a copy from "any wrong digit".
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-import numpy as np
-
-from mechcopy.tasks import DATA_DIR, PROBE_ITEMS, PROBE_NAME, Task
+from mechcopy.tasks.task import DATA_DIR, PROBE_ITEMS, PROBE_NAME, Task
 from mechcopy.tasks.prompts import TEMPLATE, ICLPrompt, PromptSet, build_prompts, make_prompt
 
 VOWELS = "aeiou"
@@ -72,15 +70,15 @@ def probe_task(words: tuple[str, ...] = WORDS) -> Task:
     return Task(name=PROBE_NAME, pairs=tuple((w, str(vowel_count(w))) for w in words), kind="probe")
 
 
-def probe_prompts(tokenizer, n: int = 150, k: int = 4, seed: int = 0) -> PromptSet:
-    """`n` probe prompts (distinct query words), k demos each; the gold label is never a demo label."""
-    return build_prompts(probe_task(), tokenizer, k=k, n=n, seed=seed)
+def probe_prompts(tokenizer, n: int = 150, shots: int = 4, seed: int = 0) -> PromptSet:
+    """`n` probe prompts (distinct query words), `shots` demos each; the gold label is never a demo label."""
+    return build_prompts(probe_task(), tokenizer, shots=shots, n=n, seed=seed)
 
 
-def probe_splits(tokenizer, n_attr: int = 100, n_dev: int = 50, k: int = 4,
+def probe_splits(tokenizer, n_attr: int = 100, n_dev: int = 50, shots: int = 4,
                  seed: int = 0) -> tuple[list[ICLPrompt], list[ICLPrompt]]:
     """Attribution and dev prompts whose query words are disjoint (demos come from all words)."""
-    full = probe_prompts(tokenizer, n=len(WORDS), k=k, seed=seed)
+    full = probe_prompts(tokenizer, n=len(WORDS), shots=shots, seed=seed)
     prompts = list(full.prompts)
     random.Random(seed + 1).shuffle(prompts)
     if len(prompts) < n_attr + n_dev:
@@ -95,7 +93,6 @@ def probe_splits(tokenizer, n_attr: int = 100, n_dev: int = 50, k: int = 4,
 FORMATS = {"newline": (TEMPLATE, "\n"), "comma": (TEMPLATE, ", ")}
 ITEM_SETS = ("words", "places", "people", "names", "mixed")
 SPLITS = ("attribution", "dev", "test")
-OUTCOMES = ("correct", "copy", "in_range", "other")
 
 
 @dataclass(frozen=True)
@@ -103,15 +100,16 @@ class ProbeConfig:
     """A variant of the vowel-counting probe.
 
     `counts` are the gold labels used (single digits); `items` the pool (`mixed`: all three lists);
-    `template` a key of `FORMATS`; `k` demos per prompt. `balanced`: gold counts exactly uniform and
-    k distinct demo labels per prompt, each k-subset of the non-gold counts equally often; otherwise
-    the items' natural gold distribution and k demos drawn from all non-gold items (labels may repeat).
+    `template` a key of `FORMATS`; `shots` demos per prompt. `balanced`: gold counts exactly uniform and
+    `shots` distinct demo labels per prompt, each such subset of the non-gold counts equally often;
+    otherwise the items' natural gold distribution and `shots` demos drawn from all non-gold items
+    (labels may repeat).
     """
 
     counts: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     items: str = "mixed"
     template: str = "newline"
-    k: int = 4
+    shots: int = 4
     balanced: bool = True
 
     def __post_init__(self):
@@ -123,11 +121,11 @@ class ProbeConfig:
             raise ValueError(f"unknown item set {self.items!r}; choose one of {', '.join(ITEM_SETS)}")
         if self.template not in FORMATS:
             raise ValueError(f"unknown probe format {self.template!r}; choose one of {', '.join(FORMATS)}")
-        if self.k < 1:
-            raise ValueError(f"the probe needs k >= 1 demos, got {self.k}")
-        if self.balanced and self.k > len(counts) - 1:
-            raise ValueError(f"a balanced probe gives each prompt k distinct non-gold labels: k = {self.k} needs "
-                             f"at least {self.k + 1} counts, got {len(counts)}")
+        if self.shots < 1:
+            raise ValueError(f"the probe needs shots >= 1 demos, got {self.shots}")
+        if self.balanced and self.shots > len(counts) - 1:
+            raise ValueError(f"a balanced probe gives each prompt `shots` distinct non-gold labels: shots = {self.shots} "
+                             f"needs at least {self.shots + 1} counts, got {len(counts)}")
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -139,7 +137,7 @@ class ProbeConfig:
         return ":".join([PROBE_NAME, "balanced" if self.balanced else "natural", self.items, self.template])
 
     def to_json(self) -> dict[str, Any]:
-        return {"counts": list(self.counts), "items": self.items, "template": self.template, "k": self.k,
+        return {"counts": list(self.counts), "items": self.items, "template": self.template, "shots": self.shots,
                 "balanced": self.balanced, "name": self.name}
 
 
@@ -227,13 +225,13 @@ def build_probe(tokenizer, config: ProbeConfig = ProbeConfig(), n_attr: int = 10
 
     def prompt_for(query: str, gold: int, cycles: dict) -> ICLPrompt:
         if c.balanced:
-            cycle = cycles.setdefault(gold, _demo_label_cycle([n for n in c.counts if n != gold], c.k, rng))
+            cycle = cycles.setdefault(gold, _demo_label_cycle([n for n in c.counts if n != gold], c.shots, rng))
             labels = list(next(cycle))
             rng.shuffle(labels)
             demos = [(rng.choice(by_count[d]), str(d)) for d in labels]
         else:
             pool = [x for n, items in by_count.items() if n != gold for x in items]
-            demos = [(x, str(vowel_count(x))) for x in rng.sample(pool, c.k)]
+            demos = [(x, str(vowel_count(x))) for x in rng.sample(pool, c.shots)]
         p = make_prompt(demos, (query, str(gold)), tokenizer, template, sep, c.name)
         if len(p.answer_ids) != 1 or any(len(ids) != 1 for ids in p.demo_label_ids):
             raise ValueError(f"answer or a demo label is more than one token ({p.answer_ids}, {p.demo_label_ids})")
@@ -266,38 +264,3 @@ def build_probe(tokenizer, config: ProbeConfig = ProbeConfig(), n_attr: int = 10
         rng.shuffle(prompts)
         splits.append(tuple(prompts))
     return ProbeSplits(c, *splits, dropped=tuple(dropped), seed=seed)
-
-
-def outcomes(prompts: Sequence[ICLPrompt], predictions: Sequence[str]) -> np.ndarray:
-    """Each prediction as one of `OUTCOMES`: correct; copy (a wrong demo label, `evaluation.copy_error`);
-    in_range (wrong, in the prompt's `label_space`, no demo's label); other (not a label at all)."""
-    from mechcopy.evaluation import copy_error
-
-    if len(prompts) != len(predictions):
-        raise ValueError(f"{len(predictions)} predictions for {len(prompts)} prompts; they must pair up one to one")
-    out = []
-    for p, pred in zip(prompts, predictions):
-        if not p.label_space:
-            raise ValueError(f"prompt {p.text!r} has no label_space: build it with build_probe")
-        pred = pred.strip()
-        if pred == p.answer.strip():
-            out.append("correct")
-        elif copy_error(pred, p.answer, p.demo_labels):
-            out.append("copy")
-        elif pred in {label.strip() for label in p.label_space}:
-            out.append("in_range")
-        else:
-            out.append("other")
-    return np.array(out)
-
-
-def outcome_rates(prompts: Sequence[ICLPrompt], predictions: Sequence[str]) -> dict[str, float]:
-    """Share of each outcome, and copy / in_range per available label: a model that errs on a uniform
-    wrong in-range label has equal per-label rates; copying shows as copy_per_label >> in_range_per_label."""
-    codes = outcomes(prompts, predictions)
-    rates = {o: float((codes == o).mean()) for o in OUTCOMES}
-    n_demo = np.mean([len(set(p.demo_labels) - {p.answer}) for p in prompts])
-    n_absent = np.mean([len(set(p.label_space) - set(p.demo_labels) - {p.answer}) for p in prompts])
-    rates["copy_per_label"] = rates["copy"] / n_demo
-    rates["in_range_per_label"] = rates["in_range"] / n_absent if n_absent else float("nan")
-    return rates

@@ -11,6 +11,7 @@ ends with `"-> "`), and demo labels are tokenized the same way so `demo_label_id
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -32,7 +33,7 @@ class ICLPrompt:
     demo_labels: tuple[str, ...]
     demo_label_ids: tuple[tuple[int, ...], ...]
     #: every label the task can give (the probe's counts), when known: tells a wrong in-range answer
-    #: that no demo carries from a copy (`mechcopy.tasks.probe.outcomes`)
+    #: that no demo carries from a copy (`mechcopy.tasks.outcomes.outcomes`)
     label_space: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
@@ -138,9 +139,10 @@ def make_prompt(demos: Sequence[tuple[str, str]], query_pair: tuple[str, str], t
     )
 
 
-def build_prompts(task, tokenizer, k: int = 4, n: int = 100, seed: int = 0,
-                  template: str = TEMPLATE, sep: str = SEPARATOR, gold_in_demos: bool = True) -> PromptSet:
-    """Up to `n` k-shot prompts for `task`, seeded; each query is a distinct pair.
+def build_prompts(task, tokenizer, shots: int = 4, n: int = 100, seed: int = 0,
+                  template: str = TEMPLATE, sep: str = SEPARATOR, gold_in_demos: bool = True,
+                  copy_control: bool = False) -> PromptSet:
+    """Up to `n` prompts of `shots` demonstrations each for `task`, seeded; each query is a distinct pair.
 
     Repeated pairs and inputs with several outputs are left out (`Task.distinct_pairs`) and listed
     in `dropped`. Demos never contain the query, nor any pair with the same input. With
@@ -148,9 +150,14 @@ def build_prompts(task, tokenizer, k: int = 4, n: int = 100, seed: int = 0,
     label is a copy error; the copy probe (`task.kind == "probe"`) is always built that way. Pairs
     whose answer does not tokenize exactly are dropped (with the reason) and never used, as query or
     demo. `n` is capped by the number of usable pairs.
+
+    With `copy_control` (closed-label tasks only) the labels the demos show are drawn first, so that
+    every label is among a prompt's demos as often as it is absent (`_present_sets`); this is the
+    construction the copy effect (`mechcopy.copy_effect`) is estimated from.
     """
-    if k < 0 or n < 0:
-        raise ValueError(f"k and n must be >= 0, got k={k}, n={n}")
+    if shots < 0 or n < 0:
+        raise ValueError(f"shots and n must be >= 0, got shots={shots}, n={n}")
+    labels = task.require_labels() if copy_control else ()
     rng = random.Random(seed)
     pairs, dropped = task.distinct_pairs()
     usable: list[tuple[str, str]] = []
@@ -161,21 +168,47 @@ def build_prompts(task, tokenizer, k: int = 4, n: int = 100, seed: int = 0,
             dropped.append((pair, str(e)))
         else:
             usable.append(pair)
-    if len(usable) < k + 1:
+    if len(usable) < shots + 1:
         raise ValueError(f"task {task.name!r} has {len(usable)} usable pairs ({len(dropped)} dropped); "
-                         f"{k} shots need at least {k + 1}. Add pairs or use fewer shots.")
+                         f"{shots} shots need at least {shots + 1}. Add pairs or use fewer shots.")
     no_gold = task.kind == "probe" or not gold_in_demos
     prompts: list[ICLPrompt] = []
+    cycles: dict = {}
     for query in rng.sample(usable, len(usable)):
         if len(prompts) >= n:
             break
         pool = [p for p in usable if p[0] != query[0] and not (no_gold and p[1] == query[1])]
-        if len(pool) < k:
-            dropped.append((query, f"only {len(pool)} pairs can be demonstrations for it; {k} needed"))
+        if len(pool) < shots:
+            dropped.append((query, f"only {len(pool)} pairs can be demonstrations for it; {shots} needed"))
             continue
-        demos = rng.sample(pool, k)
+        if copy_control:
+            choice = tuple(y for y in labels if not (no_gold and y == query[1]))
+            present = next(cycles.setdefault(choice, _present_sets(choice, shots, rng)))
+            shown = list(present) + [rng.choice(present) for _ in range(shots - len(present))]
+            by_label = {y: [p for p in pool if p[1] == y] for y in present}
+            if any(len(by_label[y]) < shown.count(y) for y in present):
+                dropped.append((query, f"too few demonstration pairs for the labels {list(present)}"))
+                continue
+            demos = [d for y in present for d in rng.sample(by_label[y], shown.count(y))]
+            rng.shuffle(demos)
+        else:
+            demos = rng.sample(pool, shots)
         try:
             prompts.append(make_prompt(demos, query, tokenizer, template, sep, task.name))
         except ValueError as e:
             dropped.append((query, str(e)))
     return PromptSet(task=task.name, prompts=tuple(prompts), dropped=tuple(dropped))
+
+
+def _present_sets(labels: tuple[str, ...], shots: int, rng: random.Random):
+    """The label sets a copy-control prompt's demos show, in turn: subsets of `labels` of half their
+    number (alternately rounded down and up when it is odd; at least 1, at most shots), each subset of a
+    size equally often, so every label is present in as many prompts as it is absent where shots allow."""
+    sizes = sorted({min(shots, max(1, len(labels) // 2)), min(shots, max(1, (len(labels) + 1) // 2))})
+    passes = [list(itertools.combinations(labels, size)) for size in sizes]
+    queues: list[list] = [[] for _ in sizes]
+    for turn in itertools.count():
+        i = turn % len(sizes)
+        if not queues[i]:
+            queues[i] = rng.sample(passes[i], len(passes[i]))
+        yield queues[i].pop()

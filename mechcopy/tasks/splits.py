@@ -1,5 +1,5 @@
 """Task-vector splits (Hendel et al. 2023): extraction prompts with dummy queries, zero-shot dev and
-test queries, and the k-shot ICL baseline on the test queries; all disjoint from the extraction pairs."""
+test queries, and the few-shot ICL baseline on the test queries; all disjoint from the extraction pairs."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ class TaskVectorSplit:
     """The prompts of one task-vector experiment; the query sets are disjoint from the extraction pairs."""
 
     task: str
-    extraction: tuple        # k-shot prompts with dummy queries (ICLPrompt)
+    extraction: tuple        # few-shot prompts with dummy queries (ICLPrompt)
     dev: tuple               # zero-shot prompts
     test: tuple              # zero-shot prompts
-    test_icl: tuple          # k-shot prompts with the test queries (demos from the extraction pool)
+    test_icl: tuple          # few-shot prompts with the test queries (demos from the extraction pool)
     dropped: tuple[tuple[tuple[str, str], str], ...] = ()
 
     @property
@@ -33,16 +33,16 @@ def split_task(task, tokenizer, shots: int = 4, n_extract: int = 5, n_dev: int =
 
     The pool (shots + n_extract pairs) gives the extraction prompts (prompt i: dummy query pool[i],
     `shots` demos drawn from the rest of the pool) and the ICL baseline's demos. Dev and test queries
-    come from the remaining pairs, keeping only those whose zero-shot and k-shot prompts both tokenise
+    come from the remaining pairs, keeping only those whose zero-shot and few-shot prompts both tokenise
     with a single-token answer, so every condition sees the same queries.
     """
-    k, n_pool = shots, shots + n_extract
+    n_pool = shots + n_extract
     rng = random.Random(seed)
     pairs, dropped = task.distinct_pairs()
     rng.shuffle(pairs)
     if len(pairs) < n_pool + 2:
         raise ValueError(f"task {task.name!r} has {len(pairs)} distinct pairs; task vectors with "
-                         f"shots={k}, n_extract={n_extract} need at least {n_pool + 2}")
+                         f"shots={shots}, n_extract={n_extract} need at least {n_pool + 2}")
 
     def single(pair, demos):
         try:
@@ -63,7 +63,7 @@ def split_task(task, tokenizer, shots: int = 4, n_extract: int = 5, n_dev: int =
             break
         others = [p for p in pool if p != query]
         try:
-            extraction.append(make_prompt(rng.sample(others, k), query, tokenizer, task=task.name))
+            extraction.append(make_prompt(rng.sample(others, shots), query, tokenizer, task=task.name))
         except ValueError as e:
             dropped.append((query, str(e)))
     if not extraction:
@@ -76,7 +76,7 @@ def split_task(task, tokenizer, shots: int = 4, n_extract: int = 5, n_dev: int =
         zs = single(pair, ())
         if zs is None:
             continue
-        icl = single(pair, rng.sample(pool, k))
+        icl = single(pair, rng.sample(pool, shots))
         if icl is not None:
             queries.append((zs, icl))
     if len(queries) < 2:
