@@ -430,11 +430,14 @@ class CopyScores:
 
     def check(self, model: HookedModel) -> None:
         """Raise unless these scores were computed on a model with `model`'s identity and sizes."""
+        from mechcopy.components import component_kind
+
         fp = model_fingerprint(model)
-        want = (fp["n_layers"], fp["neurons_per_layer"])
+        kind = component_kind(self.kind)
+        want = (fp["n_layers"], kind.width(model))
         if tuple(self.scores.shape) != want:
             raise ValueError(f"scores have shape {tuple(self.scores.shape)}, the model has {want} "
-                             "(layers, neurons): they were computed on another model")
+                             f"(layers, {kind.plural}): they were computed on another model")
         for k in ("name", "architecture"):
             if k in self.model and self.model[k] != fp[k]:
                 raise ValueError(f"scores were computed on another model ({k}: {self.model[k]!r} vs {fp[k]!r})")

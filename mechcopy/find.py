@@ -27,7 +27,7 @@ from mechcopy.evaluation import check_context
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import side_file
 from mechcopy.method import ATTRIBUTIONS, PROBES, SELECTIONS, FindConfig
-from mechcopy.sweeps import DEFAULT_KS, valid_ks
+from mechcopy.sweeps import valid_ks
 
 CHECKPOINT_FORMAT = 1
 
@@ -91,7 +91,7 @@ def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = 
     """
     c = config
     out = Path(out)
-    valid_ks(model, c.ks or DEFAULT_KS, c.mode)
+    valid_ks(model, c.grid, c.mode, c.kind)
     method.held_out_text(c)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -100,7 +100,8 @@ def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = 
     fp = model_fingerprint(model)
     identity = {"format": CHECKPOINT_FORMAT, "model": fp["name"], "weight_hash": fp["weight_hash"],
                 "attribution": c.attribution, "target": c.target, "steps": c.steps,
-                "prompts": _prompts_hash(probe.attribution), "n": c.n}
+                "prompts": _prompts_hash(probe.attribution), "n": c.n,
+                **({} if c.components == "neurons" else {"components": c.components})}
     att = attribute_with_checkpoints(model, probe.attribution, side_file(out, ".attributions.safetensors"), identity,
                                      c, progress)
     times["attribution_s"] = round(time.perf_counter() - t0, 1)
@@ -117,7 +118,8 @@ def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = 
             "method": att.method, "rule": att.rule, "normalisation": c.normalisation, "n_attr": c.n,
             "n_dev": c.n_dev, "shots": c.shots, "seed": c.seed, "scores_path": str(scores_path.resolve()),
             "completeness_error_median": float(att.completeness_error().median()),
-            "sweep": sweep.to_json(), "times": times, "config": asdict(c)}
+            "sweep": sweep.to_json(), "times": times, "config": asdict(c),
+            "intervention": {"ablation": "zero", "positions": "all"}}
     neurons = Components(choice.components.pairs, fp, meta, kind=choice.components.kind)
     neurons.meta["layer_counts"] = neurons.layer_counts(model.cfg.n_layers)
     neurons.save(out)
