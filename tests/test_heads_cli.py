@@ -130,3 +130,19 @@ def test_evaluate_heads_with_size_matched_random_sets(cli, gqa, tmp_path):
 def test_evaluate_ablation_flags_need_prune(cli, capsys):
     assert cli(["evaluate", *EVAL, "--ablation", "mean"]) != 0
     assert "--ablation and --positions say how the --prune set is ablated" in capsys.readouterr().err
+
+
+def test_patch_per_head_equals_the_library(cli, gqa, tmp_path, capsys):
+    from mechcopy.head_patching import HeadPatchingResult, task_head_patching
+
+    out = tmp_path / "p.json"
+    assert cli(["patch", "--task", "to_upper", "--per-head", "--n", "3", "--shots", "3", "--seed", "2",
+                "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    got = HeadPatchingResult.from_json({k: v for k, v in json.loads(out.read_text()).items()
+                                        if k in HeadPatchingResult.__dataclass_fields__ or k == "gap"})
+    want = task_head_patching(gqa, load_tasks("to_upper")[0], "shuffled_labels", n=3, shots=3, seed=2)
+    assert got.columns == ("all",) and torch.allclose(got.array(), want.array(), atol=1e-6)
+    assert got.array().shape == (2, 1, 4) and "per head (z)" in printed and "largest |normalised|" in printed
+    assert cli(["patch", "--task", "to_upper", "--per-head", "--method", "tl", "--out", str(tmp_path / "q.json")]) != 0
+    assert "--per-head patches every head with its own loop" in capsys.readouterr().err
