@@ -315,6 +315,17 @@ def inject_vector(vector: Float[Tensor, "d"] | Float[Tensor, "batch d"], positio
     return _named(hook, "inject_vector")
 
 
+def add_vector(vector: Float[Tensor, "d"], position: int = -1) -> Hook:
+    """Add `vector` to the activation at `position` (e.g. a function vector to the residual stream)."""
+
+    def hook(act: Float[Tensor, "batch pos d"], hook) -> Float[Tensor, "batch pos d"]:
+        out = act.clone()
+        out[:, position] = out[:, position] + vector.to(act.device, act.dtype)
+        return out
+
+    return _named(hook, "add_vector")
+
+
 def capture(store: dict) -> Hook:
     """Record the activation under its hook name in `store` (detached); changes nothing."""
 
