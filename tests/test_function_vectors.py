@@ -81,3 +81,27 @@ def test_experiment_fields_and_mamba_refused(gqa, mamba):
     assert res.best_layer in (0, 1) and 0 <= res.fv_test_accuracy <= 1 and res.norm > 0
     with pytest.raises(ValueError, match="needs attention heads, and a mamba model has none"):
         FV.function_vector_experiment(mamba, LENGTH, cfg)
+
+
+def test_function_vectors_command(gqa, monkeypatch, tmp_path):
+    import json
+
+    import mechcopy.models
+    from mechcopy.commands import main
+
+    monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: gqa)
+    task = tmp_path / "length.json"
+    task.write_text(json.dumps({"name": "length", "pairs": [list(p) for p in LENGTH.pairs]}))
+    heads = tmp_path / "heads.json"
+    from mechcopy.heads import head_set
+
+    head_set(gqa, [(0, 0), (1, 2)], {"k": 2}).save(heads)
+    out = tmp_path / "fv.json"
+    assert main(["function-vectors", "--tasks", str(task), "--shots", "3", "--n-extract", "4", "--n-dev", "4",
+                 "--n-test", "4", "--n-heads", "2", "--prune", str(heads), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["condition"] for r in rows] == ["unpruned", "pruned"]
+    want = FV.function_vector_experiment(gqa, LENGTH, TaskVectorConfig(shots=3, n_extract=4, n_dev=4, n_test=4),
+                                         n_heads=2)
+    assert [tuple(h) for h in rows[0]["heads"]] == list(want.heads)
+    assert tuple(rows[0]["fv_dev_accuracy"]) == want.fv_dev_accuracy

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from mechcopy.errors import UnknownName
 from mechcopy.models.zoo import ZooError
 
-COMMANDS = ["models", "reproduce", "find", "evaluate", "task_vectors", "patch", "train_organism"]
+COMMANDS = ["models", "reproduce", "find", "evaluate", "task_vectors", "function_vectors", "patch", "train_organism"]
 NOTHING_SAVED = "nothing was saved; run the command again"
 
 
