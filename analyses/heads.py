@@ -68,22 +68,10 @@ def prompts_for(model, task: str, n: int):
 
 
 def copied_to_gold(model, prompts) -> list:
-    """Each prompt with its copied label c (the demo label with the highest clean logit) replaced by the
-    gold answer in every demo that shows it."""
-    import torch
+    """Each prompt with its copied label replaced by the gold (`head_attribution.copied_to_gold`)."""
+    from mechcopy.head_attribution import copied_to_gold as counterfactuals
 
-    from mechcopy.attribution import make_target
-    from mechcopy.tasks.prompts import make_prompt
-
-    out = []
-    for p in prompts:
-        with torch.no_grad():
-            logits = model(p.text)[0, -1]
-        copy = make_target("contrast", p, logits).copy
-        c = next(y for y, ids in zip(p.demo_labels, p.demo_label_ids) if ids[0] == copy)
-        demos = [(x, p.answer if y == c else y) for x, y in p.demos]
-        out.append(make_prompt(demos, (p.query, p.answer), model.tokenizer, task=f"{p.task}:copied_to_gold"))
-    return out
+    return counterfactuals(model, prompts)
 
 
 def run_stage(stage: str, model, prompts) -> dict:

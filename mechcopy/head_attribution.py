@@ -60,6 +60,23 @@ def label_swap_target(prompt, label: str) -> TargetSpec:
     return TargetSpec("contrast", gold, demos, x)
 
 
+def copied_to_gold(model: HookedModel, prompts: Sequence) -> list:
+    """The counterfactual of each prompt: its copied label c (the demo label whose first token has the
+    highest clean logit) replaced by the gold answer in every demo that shows it, so c is gone from the
+    demos and the gold is there instead (a baseline for IG over heads, a source for per-head patching)."""
+    from mechcopy.tasks.prompts import make_prompt
+
+    out = []
+    for p in prompts:
+        with torch.no_grad():
+            logits = model(p.text)[0, -1]
+        copy = make_target("contrast", p, logits).copy
+        c = next(y for y, ids in zip(p.demo_labels, p.demo_label_ids) if ids[0] == copy)
+        demos = [(x, p.answer if y == c else y) for x, y in p.demos]
+        out.append(make_prompt(demos, (p.query, p.answer), model.tokenizer, task=f"{p.task}:copied_to_gold"))
+    return out
+
+
 def _targets(prompts: Sequence, target, logits: Sequence[Tensor]) -> list[TargetSpec]:
     """One TargetSpec per prompt: by name (`make_target` on the clean logits) or as given."""
     if isinstance(target, str):

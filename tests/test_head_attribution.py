@@ -165,3 +165,15 @@ def test_zero_baseline_fails_completeness_after_a_post_attention_norm():
         assert HA.head_integrated_gradients(model, [p], steps=steps).completeness_error().max() > 0.1
     swap = corrupt_prompt(p, "shuffled_labels", tok, __import__("random").Random(0))
     assert _completeness(HA.head_integrated_gradients(model, [p], steps=20, baseline=[swap])) < 1e-3
+
+
+def test_copied_to_gold_replaces_the_copied_label(model, prompts):
+    from mechcopy.attribution import make_target
+
+    for p, cf in zip(prompts, HA.copied_to_gold(model, prompts)):
+        with torch.no_grad():
+            copy = make_target("contrast", p, model(p.text)[0, -1]).copy
+        c = next(y for y, ids in zip(p.demo_labels, p.demo_label_ids) if ids[0] == copy)
+        assert c not in cf.demo_labels and cf.query == p.query and cf.answer == p.answer
+        assert [x for x, _ in cf.demos] == [x for x, _ in p.demos]
+        assert list(cf.demo_labels) == [p.answer if y == c else y for y in p.demo_labels]
