@@ -146,3 +146,19 @@ def test_patch_per_head_equals_the_library(cli, gqa, tmp_path, capsys):
     assert got.array().shape == (2, 1, 4) and "per head (z)" in printed and "largest |normalised|" in printed
     assert cli(["patch", "--task", "to_upper", "--per-head", "--method", "tl", "--out", str(tmp_path / "q.json")]) != 0
     assert "--per-head patches every head with its own loop" in capsys.readouterr().err
+
+
+def test_every_evaluate_row_carries_its_prompts(cli, gqa, tmp_path):
+    path = H.head_set(gqa, [(1, 0)], {"k": 1}).save(tmp_path / "heads.json")
+    out = tmp_path / "e.json"
+    assert cli(["evaluate", *EVAL, "--prune", str(path), "--n-random", "1", "--out", str(out)]) == 0
+    prompts = _prompts(gqa)
+    for (task, condition), row in _rows(out).items():
+        records = row["per_prompt"]
+        assert [r["prompt"] for r in records] == [p.text for p in prompts[task]]
+        assert [r["answer"] for r in records] == [p.answer for p in prompts[task]]
+        assert [r["demo_labels"] for r in records] == [list(p.demo_labels) for p in prompts[task]]
+        assert [r["prediction"] for r in records] == list(row["predictions"])
+        # the outcome recomputed from the records alone
+        correct = [r["prediction"] == r["answer"] for r in records]
+        assert abs(sum(correct) / len(correct) - row["accuracy"]) < 1e-9

@@ -71,7 +71,7 @@ def run(args) -> int:
         print(f"{len(neurons)} {plural}, by layer {counts}{listed}")
     else:
         why = neurons.meta.get("refused") or sw["why"]
-        print(f"k = 0 chosen: {why}. The file holds no {plural}: there is nothing to prune.")
+        print(f"k = 0 chosen: {why}. The {neurons.kind} file holds no {plural}: there is nothing to prune.")
     print(f"wrote {out} (scores: {neurons.meta['scores_path']}) in {time.perf_counter() - t0:.0f} s")
     return 0
 
