@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from mechcopy import head_attribution as HA
-from mechcopy.attribution import TargetSpec
 from mechcopy.models.tiny import tiny_transformer
 from mechcopy.tasks.pairs import corrupt_prompt
 from mechcopy.tasks.prompts import make_prompt
