@@ -249,21 +249,30 @@ def _nodes(alphas: Tensor, like: Tensor) -> Float[Tensor, "m_plus_1 1"]:
     return torch.cat([alphas, torch.zeros(1)])[:, None].to(like)
 
 
-def _reference_layer(model: HookedModel, clean: _Clean, layer: int, alphas, weights) -> tuple[Tensor, Tensor]:
-    """IG of one layer on the full sequence, read from the model's own logits (the plain TransformerLens
-    computation); returns (attribution [N], target at alpha = 0)."""
-    m, act = len(alphas), clean.acts[layer]
-    leaf = (_nodes(alphas, act) * act).requires_grad_(True)                 # [m+1, N]
+def path_gradients(model: HookedModel, tokens: Tensor, site: str, path: Float[Tensor, "m_plus_1 *shape"],
+                   target: TargetSpec) -> tuple[Float[Tensor, "m *shape"], Float[Tensor, ""]]:
+    """The full sequence once per point of `path` (batched), the activation at `site`'s last position set
+    to that point; the gradient of the target (read from the model's own logits) at the first m points,
+    and the target at the last one (the baseline): the plain TransformerLens computation of IG."""
+    m = path.shape[0] - 1
+    leaf = path.detach().requires_grad_(True)
 
     def put_leaf(a, hook):
         return torch.cat([a[:, :-1], leaf[:, None].to(a.dtype)], dim=1)
 
     with torch.enable_grad():
-        logits = model.run_with_hooks(clean.tokens.expand(m + 1, -1), fwd_hooks=[(neuron_site(model, layer), put_leaf)])
-        values = clean.target(_f(logits[:, -1]))
+        logits = model.run_with_hooks(tokens.expand(m + 1, -1), fwd_hooks=[(site, put_leaf)])
+        values = target(_f(logits[:, -1]))
         (grad,) = torch.autograd.grad(values[:m].sum(), leaf)
-    ig = act * (weights.to(act)[:, None] * _f(grad[:m])).sum(0)
-    return ig.detach(), values[m].detach()
+    return _f(grad[:m]), values[m].detach()
+
+
+def _reference_layer(model: HookedModel, clean: _Clean, layer: int, alphas, weights) -> tuple[Tensor, Tensor]:
+    """IG of one layer on the full sequence (`path_gradients`); returns (attribution [N], target at alpha = 0)."""
+    act = clean.acts[layer]
+    grad, t0 = path_gradients(model, clean.tokens, neuron_site(model, layer), _nodes(alphas, act) * act, clean.target)
+    ig = act * (weights.to(act)[:, None] * grad).sum(0)
+    return ig.detach(), t0
 
 
 def _attribute_reference(model: HookedModel, cleans: list[_Clean], alphas, weights, layers):
@@ -443,11 +452,14 @@ class CopyScores:
 
     def check(self, model: HookedModel) -> None:
         """Raise unless these scores were computed on a model with `model`'s identity and sizes."""
+        from mechcopy.components import component_kind
+
         fp = model_fingerprint(model)
-        want = (fp["n_layers"], fp["neurons_per_layer"])
+        kind = component_kind(self.kind)
+        want = (fp["n_layers"], kind.width(model))
         if tuple(self.scores.shape) != want:
             raise ValueError(f"scores have shape {tuple(self.scores.shape)}, the model has {want} "
-                             "(layers, neurons): they were computed on another model")
+                             f"(layers, {kind.plural}): they were computed on another model")
         for k in ("name", "architecture"):
             if k in self.model and self.model[k] != fp[k]:
                 raise ValueError(f"scores were computed on another model ({k}: {self.model[k]!r} vs {fp[k]!r})")

@@ -34,7 +34,7 @@ from mechcopy.fingerprint import model_fingerprint, numerics
 from mechcopy.io import side_file
 from mechcopy.method import ATTRIBUTIONS, PROBES, SELECTIONS, FindConfig
 from mechcopy.progress import tqdm
-from mechcopy.sweeps import DEFAULT_KS, valid_ks
+from mechcopy.sweeps import valid_ks
 
 CHECKPOINT_FORMAT = 2
 #: the in-progress checkpoint beside `out` (the finished attributions are `.attributions.safetensors`)
@@ -43,7 +43,7 @@ CHECKPOINT_SUFFIX = ".partial.safetensors"
 SET_SUFFIXES = (".attributions.safetensors", ".scores.safetensors", ".scores.json")
 #: the FindConfig fields that change the attributions (the rest act after them, on the scores)
 ATTRIBUTION_FIELDS = ("n", "shots", "seed", "probe", "probe_items", "probe_format", "attribution", "target", "steps",
-                      "method", "rule", "batch_size")
+                      "method", "rule", "batch_size", "components")
 
 __all__ = ["ATTRIBUTIONS", "PROBES", "SELECTIONS", "FindConfig", "find_copy_neurons", "attribute_with_checkpoints",
            "checkpoint_identity"]
@@ -136,7 +136,7 @@ def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = 
     if not isinstance(c, FindConfig):
         raise TypeError(f"config must be a FindConfig, got {type(c).__name__}")
     out = Path(out)
-    valid_ks(model, c.ks or DEFAULT_KS, c.mode, strict=c.ks is not None)
+    valid_ks(model, c.grid, c.mode, c.kind, strict=c.ks is not None)
     text, text_name = method.held_out_text(c)
     if c.max_ppl_increase is not None:
         held_out_ids(model.tokenizer, text, c.ppl_tokens, text_name, field="ppl_tokens")
@@ -170,7 +170,8 @@ def find_copy_neurons(model: HookedModel, out: str | Path, config: FindConfig = 
             "n_dev": c.n_dev, "shots": c.shots, "seed": c.seed, **numerics(model), "run": run,
             "scores_path": str(final[".scores.safetensors"].resolve()),
             "completeness_error_median": float(att.completeness_error().median()),
-            "sweep": sweep.to_json(), "times": times, "config": asdict(c)}
+            "sweep": sweep.to_json(), "times": times, "config": asdict(c),
+            "intervention": {"ablation": "zero", "positions": "all"}}
     neurons = Components(choice.components.pairs, fp, meta, kind=choice.components.kind)
     neurons.meta["layer_counts"] = neurons.layer_counts(model.cfg.n_layers)
     neurons.save(staging / out.name)

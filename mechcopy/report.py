@@ -332,12 +332,27 @@ def _copy_error_up_close(model: HookedModel, settings: dict, neurons) -> Section
     counts = neurons.layer_counts(model.cfg.n_layers)
     layer = max(range(len(counts)), key=counts.__getitem__)
     views = [viz.neuron_activations_view(model, prompt.text, neurons, max_neurons=50)] if neurons.neurons else []
+    heads = ""
     if arch_of(model).has_attention:
         views.insert(0, viz.attention_view(model, prompt.text, layer))
+        top = _top_heads(model, prompt)
+        views.insert(1, viz.head_attention_view(model, prompt, top))
+        heads = (f" The heads that write most of logit(c) - logit(gold) directly on this prompt (direct logit "
+                 f"attribution, c the demo label with the highest logit): {', '.join(f'L{l}H{h}' for l, h in top)}, "
+                 "their attention with the demo-label tokens marked «like this».")
     return Section("A copy error up close",
                    f"Gold answer {prompt.answer!r}, demo labels {list(prompt.demo_labels)}, model says "
                    f"{pred!r}. Attention of layer {layer} (the layer with the most copy neurons) and "
-                   "the copy neurons' activations over the prompt's tokens.", html=views)
+                   f"the copy neurons' activations over the prompt's tokens.{heads}", html=views)
+
+
+def _top_heads(model: HookedModel, prompt, k: int = 3) -> list[tuple[int, int]]:
+    """The k heads with the largest |direct logit attribution| of logit(c) - logit(gold) on `prompt`."""
+    from mechcopy.head_attribution import direct_logit_attribution
+
+    values = direct_logit_attribution(model, [prompt]).heads[0]
+    idx = values.flatten().abs().topk(min(k, values.numel())).indices
+    return [divmod(int(i), values.shape[1]) for i in idx]
 
 
 def build_report(out_dir: str | Path, model: HookedModel) -> dict:

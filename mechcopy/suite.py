@@ -102,8 +102,8 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
 def evaluate_task(model: HookedModel, task, prompts: PromptSet, conditions: Sequence[Condition],
                   seed: int = 0, batch_size: int = 128) -> list[dict]:
     """One task's result rows, one per condition, from one pass: `TaskResult.to_json()` plus the task
-    kind, the number of dropped pairs, the seconds (the pass's time, shared equally by the rows) and
-    the condition's `spec`. A closed-label task's label set is what label-scored conditions choose
+    kind, the number of dropped pairs, the seconds (the pass's time, shared equally by the rows), the
+    condition's `spec` and the per-prompt records (`per_prompt`). A closed-label task's label set is what label-scored conditions choose
     from (with the reference queries their calibrations need: `scoring.reference_queries`, domain
     queries from the task's inputs) and gives every row its copy effect."""
     t0 = time.perf_counter()
@@ -114,7 +114,15 @@ def evaluate_task(model: HookedModel, task, prompts: PromptSet, conditions: Sequ
                                   references=references)
     seconds = round((time.perf_counter() - t0) / len(results), 2)
     return [{**results[c.label].to_json(), "kind": task.kind, "n_dropped": len(prompts.dropped), "seconds": seconds,
-             "spec": c.describe()} for c in conditions]
+             "spec": c.describe(), "per_prompt": per_prompt(prompts.prompts, results[c.label].predictions)}
+            for c in conditions]
+
+
+def per_prompt(prompts: Sequence, predictions: Sequence[str]) -> list[dict]:
+    """One record per prompt: its text (`prompt`), gold `answer`, `demo_labels` and the `prediction`, so
+    anyone can recompute a prediction (and its outcome) from the result file alone."""
+    return [{"prompt": p.text, "answer": p.answer, "demo_labels": list(p.demo_labels), "prediction": pred}
+            for p, pred in zip(prompts, predictions)]
 
 
 def copy_effects(rows: Sequence[dict], prompt_sets: dict[str, PromptSet], tasks, seed: int = 0) -> dict[str, dict]:

@@ -357,6 +357,72 @@ def plot_patching_heatmap(values: Float[np.ndarray, "layers positions"] | torch.
     return fig
 
 
+def _head_panel(fig: Figure, ax, values: np.ndarray, title: str, label: str, top: int, centre: bool) -> None:
+    """One layers x heads heatmap on `ax`, the `top` heads by absolute value outlined and named."""
+    from matplotlib.patches import Rectangle
+
+    if values.ndim != 2:
+        raise ValueError(f"a head map must be 2-D [layers, heads], got shape {values.shape}")
+    n_l, n_h = values.shape
+    finite = values[np.isfinite(values)]
+    if centre:
+        vmax = float(np.abs(finite).max()) if finite.size else 1.0
+        im = ax.imshow(values, cmap="RdBu_r", vmin=-(vmax or 1.0), vmax=vmax or 1.0, aspect="auto", interpolation="nearest")
+    else:
+        im = ax.imshow(values, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.set_xticks(np.arange(n_h), [str(h) for h in range(n_h)], fontsize=7)
+    ax.set_yticks(np.arange(0, n_l, max(1, n_l // 15)))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, shrink=0.9, label=label)
+    order = [int(i) for i in np.argsort(-np.nan_to_num(np.abs(values), nan=-1).ravel(), kind="stable")[:top]]
+    names = []
+    for i in order:
+        l, h = divmod(i, n_h)
+        ax.add_patch(Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="k", lw=1.4))
+        names.append(f"L{l}H{h} {values[l, h]:+.3g}")
+    ax.set_title(_label(title) + (("\ntop: " + ", ".join(names[:3]) + ("\n" + ", ".join(names[3:]) if names[3:] else ""))
+                                  if names else ""), fontsize=8)
+
+
+def _as_array(values) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+
+
+def plot_head_heatmap(values: Float[np.ndarray, "layers heads"] | torch.Tensor, title: str = "Heads",
+                      label: str = "", top: int = 5, centre: bool = True) -> Figure:
+    """A layers x heads heatmap (attribution, label attention, per-head patching), the `top` heads by
+    absolute value outlined and named (LxHy). `centre`: a diverging scale centred on zero (signed
+    values); else a sequential one (e.g. attention weights)."""
+    values = _as_array(values)
+    if values.ndim != 2:
+        raise ValueError(f"plot_head_heatmap: values must be 2-D [layers, heads], got shape {values.shape}")
+    fig = Figure(figsize=(max(3.6, 0.42 * values.shape[1] + 2.6), max(3.0, 0.2 * values.shape[0] + 1.8)),
+                 layout="constrained")
+    _head_panel(fig, fig.subplots(), values, title, label, top, centre)
+    return fig
+
+
+def plot_head_maps(panels: dict[str, dict], title: str = "", top: int = 5) -> Figure:
+    """Several layers x heads maps side by side: `panels` is {panel title: {"values": [layers, heads],
+    "label": colour-bar label, "centre": bool (default True)}}, each drawn as `plot_head_heatmap` draws one."""
+    if not panels:
+        raise ValueError("plot_head_maps: no panels to draw")
+    arrays = {k: _as_array(p["values"]) for k, p in panels.items()}
+    n_l, n_h = next(iter(arrays.values())).shape
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(cols * max(3.0, 0.28 * n_h + 2.2), rows * max(3.0, 0.16 * n_l + 1.9)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (name, p) in zip(axes, panels.items()):
+        _head_panel(fig, ax, arrays[name], name, p.get("label", ""), top, p.get("centre", True))
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(_label(title), fontsize=10)
+    return fig
+
+
 def plot_loss_curve(steps: Sequence[float], losses: Sequence[float] | dict[str, Sequence[float]],
                     title: str | None = None, evals: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
                     smooth: int = 1) -> Figure:
@@ -552,9 +618,35 @@ def attention_view(model: HookedModel, text: str, layer: int, heads: Sequence[in
     return CircuitsvisHTML.build(
         "AttentionHeads", title=f"Attention, layer {layer}",
         attention=pattern[head_ids].double().cpu().numpy().round(4),
-        tokens=model.to_str_tokens(text),
+        tokens=arch_of(model).str_tokens(model, text),
         attentionHeadNames=[f"L{layer}H{h}" for h in head_ids],
         maskUpperTri=True,
+    )
+
+
+def head_attention_view(model: HookedModel, prompt, heads: Sequence[tuple[int, int]],
+                        mark: str = "«{}»") -> CircuitsvisHTML:
+    """circuitsvis attention patterns of `heads` ((layer, head) pairs, any layers) on an ICL prompt, its
+    demo-label tokens marked (`mark`, a format with one `{}`), so a copy error's attention to the labels
+    shows. Named `L{layer}H{head}`."""
+    from mechcopy.heads import check_heads, require_heads
+    from mechcopy.label_attention import label_positions
+
+    require_heads(model, "head_attention_view")
+    heads = list(check_heads(model, heads)) if heads else []
+    if not heads:
+        raise ValueError("head_attention_view needs at least one (layer, head)")
+    names = {f"blocks.{l}.attn.hook_pattern" for l, _ in heads}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(arch_of(model).tokens(model, prompt.text), names_filter=lambda n: n in names)
+    pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0, h] for l, h in heads])   # [heads, dest, src]
+    tokens = arch_of(model).str_tokens(model, prompt.text)
+    for pos in (p for demo in label_positions(model, prompt) for p in demo):
+        tokens[pos] = mark.format(tokens[pos])
+    return CircuitsvisHTML.build(
+        "AttentionHeads", title="Attention of chosen heads (demo-label tokens marked)",
+        attention=pattern.double().cpu().numpy().round(4), tokens=tokens,
+        attentionHeadNames=[f"L{l}H{h}" for l, h in heads], maskUpperTri=True,
     )
 
 
@@ -582,7 +674,7 @@ def neuron_activations_view(model: HookedModel, text: str, neurons, max_neurons:
         acts, labels = acts[:, keep], [labels[int(i)] for i in keep]
     return CircuitsvisHTML.build(
         "TextNeuronActivations", title=f"{len(labels)} neurons' activations",
-        tokens=model.to_str_tokens(text),
+        tokens=arch_of(model).str_tokens(model, text),
         activations=acts[:, None, :].double().cpu().numpy().round(4),  # [tokens, 1, neurons]
         firstDimensionName="Set", secondDimensionName="Neuron",
         firstDimensionLabels=[str(neurons.meta.get("name", "neurons"))],

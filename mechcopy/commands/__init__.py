@@ -19,7 +19,7 @@ from mechcopy.errors import FieldError, UnknownName
 from mechcopy.models.zoo import ZooError
 from mechcopy.progress import set_bars
 
-COMMANDS = ["models", "reproduce", "find", "evaluate", "task_vectors", "patch", "train_organism"]
+COMMANDS = ["models", "reproduce", "find", "evaluate", "task_vectors", "function_vectors", "patch", "train_organism"]
 NOTHING_SAVED = "nothing was saved; run the command again"
 
 

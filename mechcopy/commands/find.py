@@ -1,4 +1,5 @@
-"""`mechcopy find`: copy neurons by attribution on the probe, k chosen on its dev split."""
+"""`mechcopy find`: copy neurons (or, with `--components heads`, attention heads) by attribution on the
+probe, k chosen on its dev split."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS
 from mechcopy.commands.common import (NEURON_SIDE_SUFFIXES, add_config_args, add_model_args, add_out_args,
                                       config_from_args, existing_file, model_path, open_model, prepare_out, saved_in)
 from mechcopy.components import MATCHES
+from mechcopy.components import component_kind
 from mechcopy.find import ATTRIBUTIONS, CHECKPOINT_SUFFIX, PROBES, SELECTIONS, FindConfig, find_copy_neurons
+from mechcopy.method import COMPONENTS
 from mechcopy.io import side_file
 from mechcopy.tasks.probe import FORMATS, ITEM_SETS, ProbeConfig, check_probe_size
 
@@ -24,7 +27,10 @@ HELPS = {
     "rule": "quadrature rule",
     "normalisation": "per-prompt normalisation of the attributions",
     "mode": "top-k selection",
-    "ks": "k grid of the sweep, comma-separated (default 5,10,20,50,100,200,500,1000)",
+    "components": "what to attribute and prune: MLP neurons, or attention heads (each head's hook_z; "
+                  "transformers only)",
+    "ks": "k grid of the sweep, comma-separated (default 5,10,20,50,100,200,500,1000; with --components heads "
+          "1,2,3,5,10,20,50,100, within the model's head count)",
     "max_ppl_increase": "relative perplexity bound of the sweep",
     "text": "held-out text file for perplexity (default: the standard library's pydoc_data.topics)",
     "ppl_tokens": "tokens of held-out text",
@@ -70,22 +76,26 @@ def run(args) -> int:
         mark = "  <- chosen" if r["k"] == sw["chosen_k"] else ("" if r["feasible"] else "  (ppl bound)")
         print(f"  k={r['k']}: dev accuracy {r['dev_accuracy']:.3f}, copy rate {r['dev_copy_rate']:.3f}, "
               f"ppl {r['ppl']:.2f} ({r['ppl_increase']:+.1%}){mark}")
+    plural = component_kind(neurons.kind).plural
     if neurons.pairs:
         counts = {l: c for l, c in enumerate(neurons.meta["layer_counts"]) if c}
-        print(f"{len(neurons)} neurons, by layer {counts}")
+        listed = f": {[list(p) for p in neurons.pairs]}" if neurons.kind == "head" else ""
+        print(f"{len(neurons)} {plural}, by layer {counts}{listed}")
     else:
         why = neurons.meta.get("refused") or sw["why"]
-        print(f"k = 0 chosen: {why}. The neuron file holds no neurons: there is nothing to prune.")
+        print(f"k = 0 chosen: {why}. The {neurons.kind} file holds no {plural}: there is nothing to prune.")
     print(f"wrote {out} (scores: {neurons.meta['scores_path']}) in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("find", help="find copy neurons: IG attribution on the probe, k chosen on its dev split")
+    p = sub.add_parser("find", help="find copy neurons (or heads): IG attribution on the probe, k chosen on its dev "
+                                    "split")
     add_model_args(p)
     add_config_args(p, FindConfig, HELPS, choices={
         "attribution": ATTRIBUTIONS, "target": TARGETS, "method": METHODS, "rule": RULES,
         "normalisation": NORMALISATIONS, "mode": SELECTIONS, "probe": PROBES, "probe_items": ITEM_SETS,
-        "probe_format": tuple(FORMATS), "random_match": MATCHES}, types={"text": existing_file("text file")})
+        "probe_format": tuple(FORMATS), "random_match": MATCHES, "components": tuple(COMPONENTS)},
+        types={"text": existing_file("text file")})
     add_out_args(p, "neuron file to write (JSON); an interrupted run started again resumes", required=True)
     p.set_defaults(run=run)

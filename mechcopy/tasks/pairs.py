@@ -6,8 +6,9 @@ Corruptions of a clean k-shot prompt (same query):
 - `gold_label`: one demo's label (one of the same token length) replaced by the query's gold answer.
 
 `token_roles` labels every token of a prompt by its role (`x1`, `->1`, `y1`, `\\n1`, ..., `xq`, `->q`),
-so positions can be aligned across pairs. What needs a model (equal token lengths, the reference
-token) is `mechcopy.patching.make_pairs`.
+so positions can be aligned across pairs, and between the two prompts of a pair whose lengths differ
+(`align_roles`). What needs a model (token lengths, the reference token) is `mechcopy.patching`
+(`make_pairs`, `role_pairs`).
 """
 
 from __future__ import annotations
@@ -107,15 +108,39 @@ def token_roles(strs: Sequence[str], prompt: ICLPrompt) -> list[str]:
 
 
 def corrupted_pairs(task, tokenizer, corruption: str, n: int, shots: int = 4, seed: int = 0,
-                    other_task=None) -> tuple[list[tuple[ICLPrompt, ICLPrompt]], list[str]]:
-    """Up to `n` (clean, corrupted) prompt pairs of `task` and the reasons candidates were dropped."""
+                    other_task=None, gold_in_demos: bool = True) -> tuple[list[tuple[ICLPrompt, ICLPrompt]], list[str]]:
+    """Up to `n` (clean, corrupted) prompt pairs of `task` and the reasons candidates were dropped; clean
+    prompts as `build_prompts` makes them (`gold_in_demos=False`: no demo carries the query's label)."""
     if corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
     rng = random.Random(seed)
     pairs, dropped = [], []
-    for p in build_prompts(task, tokenizer, shots=shots, n=n, seed=seed).prompts:
+    for p in build_prompts(task, tokenizer, shots=shots, n=n, seed=seed, gold_in_demos=gold_in_demos).prompts:
         try:
             pairs.append((p, corrupt_prompt(p, corruption, tokenizer, rng, other_task)))
         except ValueError as e:
             dropped.append(f"{p.query!r}: {e}")
     return pairs, dropped
+
+
+def align_roles(target_roles: Sequence[str], source_roles: Sequence[str], roles: Sequence[str] | None = None,
+                ) -> tuple[list[int], list[int]]:
+    """Positions of two prompts that play the same role: (target positions, source positions), one
+    to one. Each role's tokens are paired from the end of the role (its last token with the other's
+    last token, ...), so the final position always pairs with the final position, and a demo label of
+    three tokens pairs its last token with a one-token label. `roles` limits the roles paired (default
+    every role both prompts have); positions with an empty role are never paired."""
+    wanted = None if roles is None else set(roles)
+    t_at, s_at = {}, {}
+    for at, rs in ((t_at, target_roles), (s_at, source_roles)):
+        for i, r in enumerate(rs):
+            if r and (wanted is None or r in wanted):
+                at.setdefault(r, []).append(i)
+    t_pos, s_pos = [], []
+    for role, ts in t_at.items():
+        ss = s_at.get(role, [])
+        n = min(len(ts), len(ss))
+        t_pos += ts[len(ts) - n:]
+        s_pos += ss[len(ss) - n:]
+    order = sorted(range(len(t_pos)), key=t_pos.__getitem__)
+    return [t_pos[i] for i in order], [s_pos[i] for i in order]
