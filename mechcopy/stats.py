@@ -340,7 +340,7 @@ def pooled(per_task: Mapping[str, tuple[np.ndarray, np.ndarray]], condition: str
     tasks. The p-value is a stratified sign-flip test of the same statistic (each prompt's
     difference flipped independently). extra: n_tasks and n_up / n_down, the tasks that move
     significantly up / down after Holm correction of per-task p-values (exact McNemar for a
-    single baseline, the sign-flip test of `versus_sets` for sets).
+    single baseline, the sign-flip test of `versus_sets` for sets), and the `tasks` themselves.
     """
     if not per_task:
         raise ValueError("pooled needs at least one task")
@@ -379,7 +379,7 @@ def pooled(per_task: Mapping[str, tuple[np.ndarray, np.ndarray]], condition: str
                       diff=float(task_diffs.mean()), ci=_interval(sign * reps, alpha), p_value=p,
                       mde=mde(float(reps.std(ddof=1)), n_total, alpha), n=n_total, test="stratified sign-flip",
                       extra={"n_tasks": len(tasks), "n_up": int((rejected & (task_diffs > 0)).sum()),
-                             "n_down": int((rejected & (task_diffs < 0)).sum())})
+                             "n_down": int((rejected & (task_diffs < 0)).sum()), "tasks": tasks})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,10 +399,11 @@ class _Spec:
 
 
 def _plan(task: str, outcomes: Mapping[str, np.ndarray], families: Mapping[str, str] | None,
-          baseline: str) -> list[_Spec]:
+          baseline: str, versus: Mapping[str, Sequence[str]] | None = None) -> list[_Spec]:
     """The comparisons of one task: every other condition vs the baseline, then the random family
     vs the baseline (random minus baseline) and every condition of the `pruned` family vs the random
-    family. `families` maps a condition to its family (default: each its own)."""
+    family, then each condition vs the conditions `versus` names for it (those present; paired).
+    `families` maps a condition to its family (default: each its own)."""
     if baseline not in outcomes:
         raise ValueError(f"task {task}: baseline {baseline!r} missing (conditions: {sorted(outcomes)})")
     families = families or {}
@@ -419,6 +420,8 @@ def _plan(task: str, outcomes: Mapping[str, np.ndarray], families: Mapping[str, 
         Y = np.stack([arrays[name] for name in sets])
         specs.append(_Spec("random", baseline, arrays[baseline], Y, True, sets))
         specs += [_Spec(name, "random", arrays[name], Y, False, sets) for name in arrays if family[name] == "pruned"]
+    specs += [_Spec(name, other, arrays[name], arrays[other], False) for name, others in (versus or {}).items()
+              if name in arrays for other in others if other in arrays and other not in (name, baseline)]
     return specs
 
 
@@ -429,26 +432,28 @@ def _run(task: str, spec: _Spec, metric: str, n_boot: int, seed: int) -> Compari
 
 
 def compare_task(task: str, outcomes: Mapping[str, np.ndarray], metric: str, families: Mapping[str, str] | None = None,
-                 baseline: str = "unpruned", n_boot: int = 2000, seed: int = 0) -> list[Comparison]:
+                 baseline: str = "unpruned", n_boot: int = 2000, seed: int = 0,
+                 versus: Mapping[str, Sequence[str]] | None = None) -> list[Comparison]:
     """All comparisons of one task; outcomes maps condition -> 0-1 outcomes over the same prompts, and
     `families` a condition to its family (`Condition.family`; default: each its own).
 
     Every condition that is neither the baseline nor in the `random` family against the baseline
     (`paired`); if the random family has members, "random" minus the baseline and every condition of
-    the `pruned` family minus "random" (`versus_sets`).
+    the `pruned` family minus "random" (`versus_sets`); each condition against the others `versus`
+    names for it (`Condition.versus`: a calibration against pruning; `paired`).
     """
-    return [_run(task, spec, metric, n_boot, seed) for spec in _plan(task, outcomes, families, baseline)]
+    return [_run(task, spec, metric, n_boot, seed) for spec in _plan(task, outcomes, families, baseline, versus)]
 
 
 def compare_all(per_task: Mapping[str, Mapping[str, np.ndarray]], metric: str,
                 families: Mapping[str, str] | None = None, baseline: str = "unpruned", n_boot: int = 2000,
-                seed: int = 0) -> list[Comparison]:
+                seed: int = 0, versus: Mapping[str, Sequence[str]] | None = None) -> list[Comparison]:
     """`compare_task` for every task, then the same (condition, baseline) pairs pooled over the tasks
     that have them (task "pooled"). Random families must name the same sets in every task."""
     out: list[Comparison] = []
     groups: dict[tuple[str, str], dict[str, _Spec]] = {}
     for task, outcomes in per_task.items():
-        for spec in _plan(task, outcomes, families, baseline):
+        for spec in _plan(task, outcomes, families, baseline, versus):
             out.append(_run(task, spec, metric, n_boot, seed))
             groups.setdefault((spec.condition, spec.baseline), {})[task] = spec
     for (condition, base), specs in groups.items():
@@ -460,3 +465,85 @@ def compare_all(per_task: Mapping[str, Mapping[str, np.ndarray]], metric: str,
         out.append(pooled({t: (spec.x, spec.y) for t, spec in specs.items()}, condition, base, metric,
                           n_boot=n_boot, seed=seed, flip=flip))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks as the unit of inference
+
+
+@dataclass(frozen=True)
+class TaskLevel:
+    """A difference with the task as the unit: each task's difference (`diffs`, e.g. a per-task
+    `Comparison.diff`) is one observation. `mean` over tasks with a Student t interval `ci` and the
+    one-sample t-test's `p_value`; a percentile bootstrap over tasks (`bootstrap_ci`); the exact sign
+    test over the tasks that moved (`n_up` up, `n_down` down; `n_zero` did not move): `sign_p`.
+
+    The pooled `Comparison` holds the tasks fixed and resamples prompts: it says whether these tasks
+    moved. This says whether a task drawn like these would: a claim about tasks rests on it.
+    """
+
+    condition: str
+    baseline: str
+    metric: str
+    n_tasks: int
+    mean: float
+    ci: tuple[float, float]
+    p_value: float
+    bootstrap_ci: tuple[float, float]
+    n_up: int
+    n_down: int
+    n_zero: int
+    sign_p: float
+    diffs: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("condition", "baseline", "metric", "n_tasks", "mean", "p_value",
+                                           "n_up", "n_down", "n_zero", "sign_p")}
+        return {**d, "ci": list(self.ci), "bootstrap_ci": list(self.bootstrap_ci), "diffs": dict(self.diffs),
+                "test": "t over tasks; exact sign test over tasks"}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TaskLevel":
+        fields = {k: v for k, v in d.items() if k != "test"}
+        return cls(**{**fields, "ci": tuple(d["ci"]), "bootstrap_ci": tuple(d["bootstrap_ci"]),
+                      "diffs": dict(d["diffs"])})
+
+
+def task_level(diffs: Mapping[str, float], metric: str, condition: str, baseline: str, n_boot: int = 10_000,
+               seed: int = 0, alpha: float = 0.05) -> TaskLevel:
+    """`TaskLevel` of per-task differences (task -> condition minus baseline). Fewer than 2 tasks give
+    nan for the t and bootstrap figures; no task that moved gives sign_p = 1."""
+    if not diffs:
+        raise ValueError("task_level needs at least one task's difference")
+    x = np.asarray(list(diffs.values()), dtype=float)
+    if not np.isfinite(x).all():
+        raise ValueError(f"task differences must be finite numbers, got {dict(diffs)}")
+    n = x.size
+    mean = float(x.mean())
+    if n >= 2 and x.std(ddof=1) > 0:
+        half = float(_scipy_stats().t.ppf(1 - alpha / 2, n - 1)) * float(x.std(ddof=1)) / np.sqrt(n)
+        ci, p = (float(mean - half), float(mean + half)), float(_scipy_stats().ttest_1samp(x, 0.0).pvalue)
+    elif n >= 2:   # every task moved by the same amount: no spread to test against
+        ci, p = (mean, mean), (1.0 if mean == 0 else 0.0)
+    else:
+        ci, p = (float("nan"), float("nan")), float("nan")
+    if n >= 2:
+        means = x[np.random.default_rng(seed).integers(0, n, size=(n_boot, n))].mean(axis=1)
+        boot = _interval(means, alpha)
+    else:
+        boot = (float("nan"), float("nan"))
+    up, down = int((x > 0).sum()), int((x < 0).sum())
+    return TaskLevel(condition=condition, baseline=baseline, metric=metric, n_tasks=n, mean=mean, ci=ci, p_value=p,
+                     bootstrap_ci=boot, n_up=up, n_down=down, n_zero=n - up - down, sign_p=mcnemar_exact(up, down),
+                     diffs={t: float(v) for t, v in diffs.items()})
+
+
+def task_level_of(comparisons: Mapping[str, Sequence[Mapping[str, Any]]], condition: str, baseline: str,
+                  metric: str, **kwargs) -> TaskLevel:
+    """`task_level` of the per-task diffs in `comparisons` (`evaluation.compare_rows`' output: task ->
+    [Comparison.to_json(), ...]), every task but "pooled" and those without this comparison."""
+    diffs = {t: c["diff"] for t, cs in comparisons.items() if t != "pooled" for c in cs
+             if (c["condition"], c["baseline"], c["metric"]) == (condition, baseline, metric)}
+    if not diffs:
+        raise ValueError(f"no task has the comparison {condition} - {baseline} on {metric}")
+    return task_level(diffs, metric, condition, baseline, **kwargs)

@@ -5,7 +5,9 @@ A task is a list of (input, output) string pairs. Built-in tasks live in `mechco
 `mechcopy.tasks.generators.GENERATORS`, and the copy probe (vowel counting) in `mechcopy.tasks.probe`
 (its item pool, `data/probe_items.json`, is not a task).
 A user task file has the same shape (`{"name": ..., "pairs": [[x, y], ...]}`); `validate_task_json`
-checks it and names the entry and field of every problem.
+checks it and names the entry and field of every problem. A task is *closed-label* (its answers can be
+scored as a label set, `Task.label_set`) when it has at most `MAX_LABELS` distinct answers, unless its
+file says otherwise: `"labels": [...]` gives the set, `"closed": false` refuses label scoring.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 from mechcopy.errors import UnknownName
 from mechcopy.tasks.generators import GENERATORS
 from mechcopy.tasks.probe import probe_task
-from mechcopy.tasks.task import DATA_DIR, KINDS, PROBE_ITEMS, PROBE_NAME, Task, validate_task_json
+from mechcopy.tasks.task import DATA_DIR, KINDS, MAX_LABELS, PROBE_ITEMS, PROBE_NAME, Task, validate_task_json
+
 
 def list_tasks() -> list[str]:
     """Built-in task names: the JSON data files, the generators, and the copy probe."""
@@ -76,5 +79,5 @@ def load_tasks(spec: str) -> list[Task]:
     return tasks
 
 
-__all__ = ["Task", "list_tasks", "load_task", "load_tasks", "validate_task_json", "DATA_DIR", "KINDS", "PROBE_ITEMS",
-           "PROBE_NAME"]
+__all__ = ["Task", "list_tasks", "load_task", "load_tasks", "validate_task_json", "DATA_DIR", "KINDS", "MAX_LABELS",
+           "PROBE_ITEMS", "PROBE_NAME"]

@@ -11,6 +11,7 @@ ends with `"-> "`), and demo labels are tokenized the same way so `demo_label_id
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -146,7 +147,8 @@ def make_prompt(demos: Sequence[tuple[str, str]], query_pair: tuple[str, str], t
 
 
 def build_prompts(task, tokenizer, shots: int = 4, n: int = 100, seed: int = 0,
-                  template: str = TEMPLATE, sep: str = SEPARATOR, gold_in_demos: bool = True) -> PromptSet:
+                  template: str = TEMPLATE, sep: str = SEPARATOR, gold_in_demos: bool = True,
+                  copy_control: bool = False) -> PromptSet:
     """Up to `n` prompts of `shots` demonstrations each for `task`, seeded; each query is a distinct pair.
 
     Repeated pairs and inputs with several outputs are left out (`Task.distinct_pairs`) and listed
@@ -155,9 +157,14 @@ def build_prompts(task, tokenizer, shots: int = 4, n: int = 100, seed: int = 0,
     label is a copy error; the copy probe (`task.kind == "probe"`) is always built that way. Pairs
     whose answer does not tokenize exactly are dropped (with the reason) and never used, as query or
     demo. `n` is capped by the number of usable pairs.
+
+    With `copy_control` (closed-label tasks only) the labels the demos show are drawn first, so that
+    every label is among a prompt's demos as often as it is absent (`_present_sets`); this is the
+    construction the copy effect (`mechcopy.copy_effect`) is estimated from.
     """
     if shots < 0 or n < 0:
         raise ValueError(f"shots and n must be >= 0, got shots={shots}, n={n}")
+    labels = task.require_labels() if copy_control else ()
     rng = random.Random(seed)
     pairs, dropped = task.distinct_pairs()
     usable: list[tuple[str, str]] = []
@@ -173,6 +180,7 @@ def build_prompts(task, tokenizer, shots: int = 4, n: int = 100, seed: int = 0,
                          f"{shots} shots need at least {shots + 1}. Add pairs or use fewer shots.")
     no_gold = task.kind == "probe" or not gold_in_demos
     prompts: list[ICLPrompt] = []
+    cycles: dict = {}
     for query in rng.sample(usable, len(usable)):
         if len(prompts) >= n:
             break
@@ -180,9 +188,34 @@ def build_prompts(task, tokenizer, shots: int = 4, n: int = 100, seed: int = 0,
         if len(pool) < shots:
             dropped.append((query, f"only {len(pool)} pairs can be demonstrations for it; {shots} needed"))
             continue
-        demos = rng.sample(pool, shots)
+        if copy_control:
+            choice = tuple(y for y in labels if not (no_gold and y == query[1]))
+            present = next(cycles.setdefault(choice, _present_sets(choice, shots, rng)))
+            shown = list(present) + [rng.choice(present) for _ in range(shots - len(present))]
+            by_label = {y: [p for p in pool if p[1] == y] for y in present}
+            if any(len(by_label[y]) < shown.count(y) for y in present):
+                dropped.append((query, f"too few demonstration pairs for the labels {list(present)}"))
+                continue
+            demos = [d for y in present for d in rng.sample(by_label[y], shown.count(y))]
+            rng.shuffle(demos)
+        else:
+            demos = rng.sample(pool, shots)
         try:
             prompts.append(make_prompt(demos, query, tokenizer, template, sep, task.name))
         except ValueError as e:
             dropped.append((query, str(e)))
     return PromptSet(task=task.name, prompts=tuple(prompts), dropped=tuple(dropped))
+
+
+def _present_sets(labels: tuple[str, ...], shots: int, rng: random.Random):
+    """The label sets a copy-control prompt's demos show, in turn: subsets of `labels` of half their
+    number (alternately rounded down and up when it is odd; at least 1, at most shots), each subset of a
+    size equally often, so every label is present in as many prompts as it is absent where shots allow."""
+    sizes = sorted({min(shots, max(1, len(labels) // 2)), min(shots, max(1, (len(labels) + 1) // 2))})
+    passes = [list(itertools.combinations(labels, size)) for size in sizes]
+    queues: list[list] = [[] for _ in sizes]
+    for turn in itertools.count():
+        i = turn % len(sizes)
+        if not queues[i]:
+            queues[i] = rng.sample(passes[i], len(passes[i]))
+        yield queues[i].pop()

@@ -11,6 +11,8 @@ KINDS = ("algorithmic", "linguistic", "translation", "knowledge", "counting", "p
 PROBE_NAME = "copy_probe"
 #: The balanced probe's item pool (`mechcopy.tasks.probe.load_items`): data, but not a task.
 PROBE_ITEMS = "probe_items"
+#: a task with at most this many distinct answers is closed-label unless its file says otherwise
+MAX_LABELS = 12
 
 
 @dataclass(frozen=True)
@@ -20,15 +22,41 @@ class Task:
     name: str
     pairs: tuple[tuple[str, str], ...]
     kind: str = "user"
+    #: the label set the file gives (`"labels"`); empty: the distinct answers
+    labels: tuple[str, ...] = ()
+    #: the file's `"closed"`: False refuses label scoring, True allows it beyond MAX_LABELS answers
+    closed: bool | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "pairs", tuple((str(x), str(y)) for x, y in self.pairs))
+        object.__setattr__(self, "labels", tuple(map(str, self.labels)))
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "pairs": [list(p) for p in self.pairs]}
+        extra = {"labels": list(self.labels)} if self.labels else {}
+        extra.update({} if self.closed is None else {"closed": self.closed})
+        return {"name": self.name, "kind": self.kind, "pairs": [list(p) for p in self.pairs], **extra}
+
+    def label_set(self) -> tuple[str, ...] | None:
+        """The labels a closed-label task answers with (the file's `labels`, else its distinct answers,
+        sorted), or None for an open task (more than MAX_LABELS answers, or `"closed": false`)."""
+        if self.closed is False:
+            return None
+        answers = self.labels or tuple(sorted({y for _, y in self.pairs}))
+        return answers if self.closed or self.labels or len(answers) <= MAX_LABELS else None
+
+    def require_labels(self) -> tuple[str, ...]:
+        """`label_set()`, or a ValueError that says why this task cannot be label-scored."""
+        labels = self.label_set()
+        if labels is None:
+            why = ('its file says "closed": false' if self.closed is False else
+                   f"it has {len({y for _, y in self.pairs})} distinct answers (more than {MAX_LABELS}) "
+                   'and its file gives no "labels"')
+            raise ValueError(f"task {self.name!r} is open, so it cannot be scored as a label set: {why}; "
+                             "use generation scoring for it")
+        return labels
 
     def distinct_pairs(self) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str], str]]]:
         """The pairs to use (in order) and the (pair, reason) of each pair left out: a repeat of an
@@ -87,4 +115,16 @@ def validate_task_json(obj: Any, source: str = "task file") -> Task:
     kind = obj.get("kind", "user")
     if kind not in KINDS:
         raise ValueError(f'{source}: field "kind" must be one of {", ".join(KINDS)}, got {kind!r}')
-    return Task(name=name, pairs=tuple(out), kind=kind)
+    closed = obj.get("closed")
+    if closed is not None and not isinstance(closed, bool):
+        raise ValueError(f'{source}: field "closed" must be true or false, got {closed!r}')
+    labels = obj.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() and "\n" not in x for x in labels):
+        raise ValueError(f'{source}: field "labels" must be a list of non-empty one-line strings, got {labels!r}')
+    if len(set(labels)) != len(labels) or (labels and closed is False):
+        raise ValueError(f'{source}: field "labels" ' + ("repeats a label" if len(set(labels)) != len(labels) else
+                         'contradicts "closed": false; give one of them'))
+    missing = sorted({y for _, y in out} - set(labels)) if labels else []
+    if missing:
+        raise ValueError(f'{source}: answers {missing[:3]} are not in "labels"; every answer must be a label')
+    return Task(name=name, pairs=tuple(out), kind=kind, labels=tuple(labels), closed=closed)
