@@ -263,3 +263,13 @@ def test_zoo_tokenizers(model):
             assert {s.clean.task for s in swaps} == set(probe.config.tasks)
             for s in swaps:
                 check_swap(tok, s)
+
+
+def test_small_splits_build(tok):
+    """Below shots x labels prompts per split, every construction still finds its demos (at least `shots`
+    items per label are drawn) and the gold labels stay close to uniform."""
+    for c in CONSTRUCTIONS:
+        probe = build_copy_probe(tok, CopyProbeConfig(construction=c, n_attr=5, n_dev=2, n_test=1))
+        assert [len(probe.split(s, t)) for t in PROBE_TASKS for s in SPLITS] == [5, 2, 1] * len(PROBE_TASKS)
+        for t in PROBE_TASKS:
+            assert max(Counter(p.answer for p in probe.split("attribution", t)).values()) <= 3

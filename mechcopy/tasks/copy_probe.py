@@ -254,15 +254,16 @@ def build_copy_probe(tokenizer, config: CopyProbeConfig = CopyProbeConfig(), see
                      attribution_seed: int | None = None) -> CopyProbe:
     """The copy probe's splits for `tokenizer`, seeded.
 
-    Per task and split, the split's own n items (n / labels per label, the remainder spread over random
-    labels) are drawn by a generator seeded from (seed, task, split), and `build_prompts` makes each of
-    them a query once, with demos from the others, under the config's construction (so the gold labels
-    are as uniform as n allows, and demos never come from another split); the test split is drawn
+    Per task and split, the split's own items (n / labels per label, the remainder spread over random
+    labels; at least `shots` per label, so every construction finds its demos) are drawn by a generator
+    seeded from (seed, task, split), and `build_prompts` makes n of them queries, with demos from the
+    others, under the config's construction. Demos never come from another split, and the gold labels
+    are exactly as uniform as n allows when n >= shots x labels (each item is then a query once), about
+    uniform below that; the test split is drawn
     first, then dev, then attribution (from `attribution_seed`, default `seed`), each excluding the
     inputs drawn before, so query items and demos never cross splits. Every prompt carries its task's
     label set (`label_space`). A split that comes out smaller than asked (pairs dropped as not
-    token-exact, or too few pairs of a label for a copy-control prompt's demos: ask for at least
-    `shots` per label) is refused with the reasons.
+    token-exact) is refused with the reasons.
     """
     c = config
     attribution_seed = seed if attribution_seed is None else attribution_seed
@@ -277,7 +278,7 @@ def build_copy_probe(tokenizer, config: CopyProbeConfig = CopyProbeConfig(), see
                 continue
             split_seed = attribution_seed if split == "attribution" else seed
             rng = _rng("copy-probe", split_seed, name, split)
-            pairs = draw_items(name, _quotas(n, labels, rng), rng, used)
+            pairs = draw_items(name, _quotas(max(n, c.shots * len(labels)), labels, rng), rng, used)
             used = used | {x for x, _ in pairs}
             build_seed = _rng("copy-probe-prompts", split_seed, name, split).randrange(2 ** 31)
             ps = build_prompts(probe_label_task(name, pairs), tokenizer, shots=c.shots, n=n, seed=build_seed,
