@@ -1,7 +1,7 @@
 """The copy-neuron study of docs/replication.md: are the selected neurons copy neurons, and does
 pruning them change in-context learning beyond what removing any neurons does?
 
-    python analyses/replication.py --model smollm2-135m --variant default [--out results/replication]
+    python analyses/replication.py --model smollm2-135m --variant default [--random-match size] [--out results/replication]
 
 One variant of the method (a `FindConfig`: `VARIANTS`) on one model, in stages; each stage writes
 OUT/MODEL/VARIANT/<stage>.json (atomically) and is skipped when that file exists, so an interrupted run
@@ -41,6 +41,11 @@ decide) on one `Study`, which builds the probe once and keeps each attribution i
   the perplexity bound, the k it prefers and the smallest k that beats no pruning), the top-k set and 2
   layer-matched random sets;
   paired comparisons per k (`comparisons.compare_rows`).
+
+Every random set is matched on layer; with `--random-match size` (into OUT/MODEL/VARIANT-size) also on
+size, each neuron's mean |activation| at the answer position of the consistency stage's attribution
+prompts (`components.random_matched`), in the guard, the consistency and ablation stages and every
+evaluation.
 """
 
 from __future__ import annotations
@@ -59,13 +64,13 @@ from mechcopy.attribution import MAX_COMPLETENESS_ERROR, Attributions, CopyScore
 from mechcopy.audit import self_consistency
 from mechcopy.cards import neuron_cards
 from mechcopy.comparisons import compare_rows
-from mechcopy.components import Components, random_matched
+from mechcopy.components import MATCHES, Components, Sizes, random_matched
 from mechcopy.conditions import UNPRUNED, Condition
 from mechcopy.evaluation import evaluate
 from mechcopy.io import write_json_atomic
 from mechcopy.method import FindConfig
 from mechcopy.provenance import git_revision, run_stages
-from mechcopy.pruning import component_means
+from mechcopy.pruning import component_means, component_sizes
 from mechcopy.selection import select
 from mechcopy.stability import bootstrap_stability, jaccard, stability_report
 from mechcopy.suite import run_evaluation
@@ -104,11 +109,13 @@ class StudyConfig:
     n_curve: int = 50             # prompts per task for the k curve on the tasks
     seed: int = 0
     tasks: str = "all"
+    random_match: str = "layer"   # every random set: matched on layer, or on layer and size (components.MATCHES)
 
     @property
     def find(self) -> FindConfig:
         """The variant's method at this study's sizes."""
-        return replace(VARIANTS[self.variant], n=self.n_attr, n_dev=self.n_dev, steps=self.steps, seed=self.seed)
+        return replace(VARIANTS[self.variant], n=self.n_attr, n_dev=self.n_dev, steps=self.steps, seed=self.seed,
+                       random_match=self.random_match)
 
 
 @dataclass
@@ -121,10 +128,19 @@ class Study:
     out: Path
     _probe: method.Probe | None = field(default=None, init=False)
     _attributions: dict[str, Attributions] = field(default_factory=dict, init=False)
+    _sizes: Sizes | None = field(default=None, init=False)
 
     @property
     def find(self) -> FindConfig:
         return self.cfg.find
+
+    def sizes(self) -> Sizes:
+        """Every neuron's mean |activation| at the answer position of the consistency stage's attribution
+        prompts: what size-matched random sets match (`StudyConfig.random_match`)."""
+        if self._sizes is None:
+            prompts = self.probe.attribution[:self.cfg.n_consistency]
+            self._sizes = component_sizes(self.model, prompts, reference=f"{len(prompts)} attribution prompts")
+        return self._sizes
 
     @property
     def probe(self) -> method.Probe:
@@ -258,7 +274,7 @@ def stage_consistency(study: Study) -> dict:
     for name, scores in study.methods().items():
         t0 = time.perf_counter()
         res[name] = self_consistency(study.model, prompts, scores, cfg.ks, n_random=cfg.n_random, seed=cfg.seed,
-                                     progress=True).to_json()
+                                     progress=True, match=cfg.random_match).to_json()
         res[name]["seconds"] = round(time.perf_counter() - t0, 1)
     return res
 
@@ -288,18 +304,23 @@ def stage_ablation(study: Study) -> dict:
     for name, (ablation, positions, means) in ablations.items():
         t0 = time.perf_counter()
         res[name] = self_consistency(model, prompts, scores, ks, n_random=cfg.n_random, seed=cfg.seed, progress=True,
-                                     ablation=ablation, positions=positions, means=means).to_json()
+                                     ablation=ablation, positions=positions, means=means,
+                                     match=cfg.random_match).to_json()
         res[name]["seconds"] = round(time.perf_counter() - t0, 1)
     return res
 
 
-def _with_random(model, sets: dict[Any, Components], n_random: int, seed: int) -> list[Condition]:
-    """unpruned, and per group (a k or a method) its set (`pruned@group`) and `n_random` layer-matched
-    random sets (`random-s@group`, seeds seed..seed+n_random-1)."""
+def _with_random(study: Study, sets: dict[Any, Components], n_random: int) -> list[Condition]:
+    """unpruned, and per group (a k or a method) its set (`pruned@group`) and `n_random` random sets
+    matched on layer (or on size too: `StudyConfig.random_match`, sizes on the consistency stage's
+    attribution prompts) (`random-s@group`, seeds seed..seed+n_random-1)."""
+    cfg = study.cfg
+    sizes = study.sizes() if cfg.random_match == "size" else None
     conds = [UNPRUNED]
     for group, comps in sets.items():
         conds.append(Condition("pruned", "pruned", comps, group=group))
-        conds += [Condition(f"random-{s}", "random", random_matched(model, comps, seed + s), seed=seed + s, group=group)
+        conds += [Condition(f"random-{s}", "random", random_matched(study.model, comps, cfg.seed + s, cfg.random_match,
+                                                                    sizes), seed=cfg.seed + s, group=group)
                   for s in range(n_random)]
     return conds
 
@@ -320,7 +341,7 @@ def _stage_evaluate(study: Study, gold_in_demos: bool) -> dict:
     cfg, selection, sweep = study.cfg, study.selection(), study.sweep()
     scores = study.scores()
     grid = sorted({k for k in (selection["chosen_k"], sweep.smallest_unbounded_k, sweep.best_unbounded_k) if k} or {20})
-    conds = _with_random(study.model, {k: select(scores, "global", k=k) for k in grid}, cfg.n_random, cfg.seed)
+    conds = _with_random(study, {k: select(scores, "global", k=k) for k in grid}, cfg.n_random)
     stage = "evaluate-standard" if gold_in_demos else "evaluate-nogold"
     _, rows, dropped = _evaluate_tasks(study, stage, conds, cfg.n_eval, gold_in_demos)
     return {"grid": grid, "chosen_k": selection["chosen_k"], "unbounded_k": sweep.best_unbounded_k,
@@ -332,8 +353,7 @@ def stage_evaluate_methods(study: Study) -> dict:
     cfg, selection = study.cfg, study.selection()
     k = selection["chosen_k"] or study.sweep().smallest_unbounded_k or 20
     methods = study.methods()
-    conds = _with_random(study.model, {name: select(scores, "global", k=k) for name, scores in methods.items()}, 1,
-                         cfg.seed)
+    conds = _with_random(study, {name: select(scores, "global", k=k) for name, scores in methods.items()}, 1)
     _, rows, dropped = _evaluate_tasks(study, "evaluate-methods", conds, cfg.n_curve, True)
     return {"k": k, "chosen_k": selection["chosen_k"], "n_per_task": cfg.n_curve, "methods": list(methods),
             "rows": rows, "dropped": dropped,
@@ -344,7 +364,7 @@ def stage_kcurve_tasks(study: Study) -> dict:
     cfg, selection = study.cfg, study.selection()
     scores = study.scores()
     ks = study.sweep().ks
-    conds = _with_random(study.model, {k: select(scores, "global", k=k) for k in ks}, 1, cfg.seed)
+    conds = _with_random(study, {k: select(scores, "global", k=k) for k in ks}, 1)
     tasks, rows, dropped = _evaluate_tasks(study, "kcurve-tasks", conds, cfg.n_curve, True)
     pooled = {str(k): compare_rows(rows, seed=cfg.seed, group=k)["pooled"] for k in ks}
     viz.save_figure(viz.plot_k_curve(pooled, selection["chosen_k"], title=f"{Path(cfg.model).name} / {cfg.variant}: "
@@ -374,16 +394,18 @@ def main() -> None:
     ap.add_argument("--variant", choices=list(VARIANTS), default="default")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order")
     ap.add_argument("--n-eval", type=int, default=StudyConfig.n_eval)
+    ap.add_argument("--random-match", choices=MATCHES, default="layer",
+                    help="random sets matched on layer (default) or on layer and size; size writes to VARIANT-size")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the stages run end to end")
     ap.add_argument("--out", type=Path, default=Path("results/replication"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = StudyConfig(model=args.model, variant=args.variant, n_eval=args.n_eval)
+    cfg = StudyConfig(model=args.model, variant=args.variant, n_eval=args.n_eval, random_match=args.random_match)
     if args.smoke:
         cfg = replace(cfg, n_attr=6, n_dev=6, n_test=6, n_settings=3, n_boot=3, ks=(5, 10), n_eval=3,
                       n_consistency=4, n_cards=2, n_curve=3, tasks="antonyms,sentiment_binary")
-    out = args.out / Path(args.model).name / args.variant
+    out = args.out / Path(args.model).name / (args.variant + ("" if args.random_match == "layer" else "-size"))
     out.mkdir(parents=True, exist_ok=True)
     study = Study(load_model(args.model), cfg, out)
     write_json_atomic(out / "settings.json", {"config": asdict(cfg), "variant": asdict(cfg.find),

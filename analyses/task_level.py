@@ -4,7 +4,7 @@
         [--exclude copy_probe] [--out TASK_LEVEL.json]
 
 RESULT.json is what `mechcopy evaluate --out` writes (or any JSON with `comparisons`: task ->
-[Comparison.to_json(), ...], as `evaluation.compare_rows` returns). For each metric (accuracy, copy
+[Comparison.to_json(), ...], as `comparisons.compare_rows` returns). For each metric (accuracy, copy
 rate), the per-task differences `condition - baseline` become one observation per task
 (`mechcopy.stats.task_level`): the mean over tasks, a t interval and t-test, a bootstrap over tasks,
 and the exact sign test. Prints and writes JSON beside the pooled comparison (which holds the tasks

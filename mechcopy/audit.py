@@ -27,7 +27,7 @@ from mechcopy.batching import token_batches
 from mechcopy.components import random_matched
 from mechcopy.conditions import Means
 from mechcopy.evaluation import predict
-from mechcopy.pruning import pruning_hooks
+from mechcopy.pruning import component_sizes, pruning_hooks
 from mechcopy.selection import select
 from mechcopy.stats import paired, paired_means, versus_sets
 from mechcopy.tasks.outcomes import outcome_arrays
@@ -99,6 +99,7 @@ class SelfConsistency:
     per_prompt_unpruned: tuple[float, ...]
     rows: tuple[ConsistencyRow, ...]
     ablation: str = "zero"        # "zero" (pruning) or "mean" (`pruning.component_means`), "... at the last position"
+    match: str = "layer"          # the random sets: matched on layer, or on layer and size
 
     @property
     def passed(self) -> bool:
@@ -107,7 +108,7 @@ class SelfConsistency:
 
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "mode": self.mode, "n_prompts": self.n_prompts, "n_random": self.n_random,
-                "seed": self.seed, "ablation": self.ablation, "passed": self.passed,
+                "seed": self.seed, "ablation": self.ablation, "random_match": self.match, "passed": self.passed,
                 "per_prompt_unpruned": list(self.per_prompt_unpruned),
                 "rows": [r.to_json() for r in self.rows]}
 
@@ -115,15 +116,17 @@ class SelfConsistency:
     def from_json(cls, obj: dict[str, Any]) -> "SelfConsistency":
         return cls(obj["target"], obj["mode"], obj["n_prompts"], obj["n_random"], obj["seed"],
                    tuple(obj["per_prompt_unpruned"]), tuple(ConsistencyRow.from_json(r) for r in obj["rows"]),
-                   obj.get("ablation", "zero"))
+                   obj.get("ablation", "zero"), obj.get("random_match", "layer"))
 
 
 def self_consistency(model: HookedModel, prompts: Sequence, scores: CopyScores, ks: Sequence[int] = (5, 30, 100),
                      mode: str = "global", target: str = "contrast", n_random: int = 5, seed: int = 0,
                      n_boot: int = 2000, progress: bool = False, ablation: str = "zero", positions: str = "all",
-                     means: Means | None = None) -> SelfConsistency:
+                     means: Means | None = None, match: str = "layer") -> SelfConsistency:
     """The target on `prompts` (the attribution prompts) unpruned, with `select(scores, mode, k)` pruned and
     with `n_random` layer-matched random sets pruned (seeds seed..seed+n_random-1), for every k. With
+    `match="size"` the random sets are matched on size too (`components.random_matched`: each
+    component's mean size at the answer position of `prompts`, `pruning.component_sizes`). With
     `ablation="mean"` every set is mean-ablated to `means` (`pruning.component_means`) instead of
     zeroed; with `positions="last"`, at the last position only (`pruning.pruning_hooks`).
 
@@ -135,6 +138,7 @@ def self_consistency(model: HookedModel, prompts: Sequence, scores: CopyScores, 
     if n_random < 1 or not prompts:
         raise ValueError(f"the check needs prompts and n_random >= 1 random sets, got {len(prompts)} and {n_random}")
     scores.check(model)
+    sizes = component_sizes(model, prompts, scores.kind, "the attribution prompts") if match == "size" else None
     clean = last_logits(model, prompts).float()
     specs = [make_target(target, p, row) for p, row in zip(prompts, clean)]
     unpruned = np.array([float(spec(row[None])[0]) for spec, row in zip(specs, clean)])
@@ -145,8 +149,8 @@ def self_consistency(model: HookedModel, prompts: Sequence, scores: CopyScores, 
         chosen = target_values(model, prompts, target, pruning_hooks(model, chosen_set, ablation, positions, means),
                                specs)
         rand = np.stack([target_values(model, prompts, target,
-                                       pruning_hooks(model, random_matched(model, chosen_set, s), ablation, positions,
-                                                     means), specs)
+                                       pruning_hooks(model, random_matched(model, chosen_set, s, match, sizes), ablation,
+                                                     positions, means), specs)
                          for s in range(seed, seed + n_random)])
         vs_random = paired_means(chosen, rand, "probe", f"top-{k}", "random", target, n_boot, seed)
         vs_unpruned = paired_means(chosen, unpruned, "probe", f"top-{k}", "unpruned", target, n_boot, seed)
@@ -155,7 +159,7 @@ def self_consistency(model: HookedModel, prompts: Sequence, scores: CopyScores, 
                                    float(rand.mean()), vs_random.to_json(), vs_unpruned.to_json(), bool(passed),
                                    tuple(chosen.tolist()), tuple(map(tuple, rand.tolist()))))
     return SelfConsistency(target, mode, len(prompts), n_random, seed, tuple(unpruned.tolist()), tuple(rows),
-                           ablation + (" at the last position" if positions == "last" else ""))
+                           ablation + (" at the last position" if positions == "last" else ""), match)
 
 
 # ---------------------------------------------------------------- the k curve on ICL prompts
@@ -181,15 +185,17 @@ class KCurve:
 
 def k_curve(model: HookedModel, prompts: Sequence, scores: CopyScores, ks: Sequence[int] = (5, 10, 20, 50, 100),
             mode: str = "global", n_random: int = 5, seed: int = 0, n_boot: int = 2000,
-            progress: bool = False) -> KCurve:
+            progress: bool = False, match: str = "layer") -> KCurve:
     """Accuracy and copy rate (and the in-range non-copy rate on probe prompts) on `prompts` for every k:
-    `select(scores, mode, k)` pruned, `n_random` layer-matched random sets pruned, and unpruned.
+    `select(scores, mode, k)` pruned, `n_random` layer-matched random sets pruned (`match="size"`: on
+    size too, as `self_consistency`), and unpruned.
 
     Per metric: chosen vs random sets (`stats.versus_sets`) and chosen vs unpruned (`stats.paired`).
     """
     if n_random < 1 or not prompts:
         raise ValueError(f"the k curve needs prompts and n_random >= 1 random sets, got {len(prompts)} and {n_random}")
     scores.check(model)
+    sizes = component_sizes(model, prompts, scores.kind, "the k curve's prompts") if match == "size" else None
     base = outcome_arrays(prompts, predict(model, prompts))
     metrics = tuple(base)
     rows = []
@@ -197,7 +203,7 @@ def k_curve(model: HookedModel, prompts: Sequence, scores: CopyScores, ks: Seque
         chosen_set = select(scores, mode, k=int(k))
         chosen = outcome_arrays(prompts, predict(model, prompts, fwd_hooks=pruning_hooks(model, chosen_set)))
         rand = [outcome_arrays(prompts, predict(model, prompts, fwd_hooks=pruning_hooks(
-            model, random_matched(model, chosen_set, s)))) for s in range(seed, seed + n_random)]
+            model, random_matched(model, chosen_set, s, match, sizes)))) for s in range(seed, seed + n_random)]
         row: dict[str, Any] = {"k": int(k), "n_neurons": len(chosen_set)}
         for m in metrics:
             Y = np.stack([r[m] for r in rand])

@@ -1,8 +1,15 @@
-"""Paired comparisons of an evaluation's result rows (`compare_rows`), and its pandas tables.
+"""Paired comparisons of an evaluation's result rows (`compare_rows`), with the task as the unit
+(`task_levels`), and its pandas tables.
 
 Rows come from `suite.run_evaluation` (or its JSON). Conditions are grouped by their `spec`'s family,
 never by their names: the `random` family is compared as one set of baselines, every `pruned`
-condition against it, and every condition against `unpruned`.
+condition against it, every condition against `unpruned`, and each against the conditions its spec's
+`versus` names (a calibration against pruning).
+
+Two intervals answer two questions. The pooled comparison (`compare_rows`' "pooled") resamples
+prompts within the tasks and holds the tasks fixed: did *these* tasks move? `task_levels` takes each
+task's difference as one observation (t interval, bootstrap over tasks, sign test): would a task drawn
+like these move? A claim about tasks in general rests on the second.
 """
 
 from __future__ import annotations
@@ -27,21 +34,24 @@ def compare_rows(rows: list[dict], n_boot: int = 2000, seed: int = 0, group: str
     """Paired comparisons of the conditions in `rows` (from `run_evaluation`), per task and pooled.
 
     For each task: every condition against `unpruned`, the `random` family as one set of baselines
-    against `unpruned`, and each `pruned` condition against the random family
-    (`mechcopy.stats.compare_task`), on accuracy and on copy rate. With `group`, only that group's
-    conditions (and the ungrouped `unpruned`), labelled by their names within the group (`pruned`, not
-    `pruned@20`). "pooled" weighs every task the same and leaves out the probe (`kind == "probe"`), on
-    which the neurons were chosen. Returns {task or "pooled": [Comparison.to_json(), ...]}.
+    against `unpruned`, each `pruned` condition against the random family, and each condition against
+    those its spec's `versus` names (`mechcopy.stats.compare_task`), on accuracy and on copy rate. With
+    `group`, only that group's conditions (and the ungrouped `unpruned`), labelled by their names within
+    the group (`pruned`, not `pruned@20`). "pooled"
+    weighs every task the same and leaves out the probe (`kind == "probe"`), on which the neurons were
+    chosen. Returns {task or "pooled": [Comparison.to_json(), ...]}.
     """
     by_task: dict[str, dict[str, dict]] = defaultdict(dict)
     kinds: dict[str, str] = {}
     families: dict[str, str] = {}
+    versus: dict[str, list[str]] = {}
     for r in rows:
         spec = _spec(r)
         if spec["group"] != group and not (spec["family"] == "unpruned" and spec["group"] is None):
             continue
         by_task[r["task"]][spec["name"]] = r
         families[spec["name"]] = spec["family"]
+        versus[spec["name"]] = spec.get("versus", [])
         kinds[r["task"]] = r.get("kind", "")
     out: dict[str, list[dict]] = {}
     for metric, key in (("accuracy", "correct"), ("copy_rate", "copy")):
@@ -49,26 +59,59 @@ def compare_rows(rows: list[dict], n_boot: int = 2000, seed: int = 0, group: str
         held_out = {t: o for t, o in outcomes.items() if kinds[t] != "probe"}
         for t, o in outcomes.items():
             if t not in held_out:
-                out.setdefault(t, []).extend(c.to_json() for c in stats.compare_task(t, o, metric, families,
-                                                                                       n_boot=n_boot, seed=seed))
-        for c in stats.compare_all(held_out, metric, families, n_boot=n_boot, seed=seed):
+                out.setdefault(t, []).extend(c.to_json() for c in stats.compare_task(
+                    t, o, metric, families, n_boot=n_boot, seed=seed, versus=versus))
+        for c in stats.compare_all(held_out, metric, families, n_boot=n_boot, seed=seed, versus=versus):
             out.setdefault(c.task, []).append(c.to_json())
     return out
 
 
+def task_levels(comparisons: dict[str, list[dict]], seed: int = 0) -> list[dict]:
+    """Every pooled comparison of `compare_rows`' output again with the task as the unit
+    (`stats.task_level`: each task's difference one observation; t interval, bootstrap over tasks,
+    exact sign test), over the same tasks (the pooled comparison's `tasks`), in the same order:
+    [TaskLevel.to_json(), ...]."""
+    out = []
+    for c in comparisons.get("pooled", []):
+        pair = (c["condition"], c["baseline"], c["metric"])
+        diffs = {t: d["diff"] for t in c["tasks"] for d in comparisons[t]
+                 if (d["condition"], d["baseline"], d["metric"]) == pair}
+        out.append(stats.task_level(diffs, c["metric"], c["condition"], c["baseline"], seed=seed).to_json())
+    return out
+
+
 def results_table(rows: list[dict]):
-    """A pandas table: task, condition, n, accuracy and copy rate with their 95% intervals."""
+    """A pandas table: task, condition, n, accuracy and copy rate with their 95% intervals, and beside
+    the copy rate the copy effect (`-` where the row has none, `n/a` where it is null: its
+    `copy_effect.reason` says why, e.g. an open task, or 2 labels with no gold among the demos)."""
     import pandas as pd
 
     def fmt(x, ci):
         return f"{x:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
+    def effect(r):
+        ce = r.get("copy_effect")
+        if ce is None:
+            return "-"
+        return "n/a" if ce["effect"] is None else f"{ce['effect']:+.2f} [{ce['ci'][0]:+.2f}, {ce['ci'][1]:+.2f}]"
+
     return pd.DataFrame([{
         "task": r["task"], "condition": r["condition"], "n": r["n"],
         "accuracy [95% CI]": fmt(r["accuracy"], r["accuracy_ci"]),
-        "copy rate [95% CI]": fmt(r["copy_rate"], r["copy_rate_ci"]),
+        "copy rate [95% CI]": fmt(r["copy_rate"], r["copy_rate_ci"]), "copy effect [95% CI]": effect(r),
         "copy/errors": round(r["copy_share_of_errors"], 2), "other": round(r["other_rate"], 2),
     } for r in rows])
+
+
+def task_level_table(levels: list[dict]):
+    """A pandas table of `task_levels`: mean difference over tasks, t interval, p, sign test."""
+    import pandas as pd
+
+    return pd.DataFrame([{
+        "comparison": f"{t['condition']} - {t['baseline']}", "metric": t["metric"], "mean over tasks": f"{t['mean']:+.3f}",
+        "95% CI (t)": f"[{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}]", "p (t)": f"{t['p_value']:.3g}",
+        "tasks up/down": f"{t['n_up']}/{t['n_down']}", "p (sign)": f"{t['sign_p']:.3g}", "tasks": t["n_tasks"],
+    } for t in levels])
 
 
 def comparisons_table(comparisons: list[dict]):

@@ -9,9 +9,14 @@ edits) asks the kind, so a new kind is one registry entry:
 
 * `neuron`: transformers `blocks.{l}.mlp.hook_post` (for gated MLPs act(gate)*up, the input to
   `W_out`), Mamba `blocks.{l}.mixer.hook_gated` (the input to `out_proj`); the last axis; the weight
-  edit zeroes rows of `W_out` (Mamba: columns of `out_proj`).
+  edit zeroes rows of `W_out` (Mamba: columns of `out_proj`); its size is |activation|.
 * `head`: `blocks.{l}.attn.hook_z` ([batch pos head d_head]), models with attention only; axis -2;
-  the weight edit zeroes the head's rows of `W_O` (and for mean ablation adds mean_z @ W_O to `b_O`).
+  the weight edit zeroes the head's rows of `W_O` (and for mean ablation adds mean_z @ W_O to `b_O`);
+  its size is the norm of its output z_h @ W_O[h].
+
+Random baselines (`random_matched`) draw the same number of components in every layer as a set, and
+with `match="size"` also components of about the same size: each component's mean size at the answer
+position over reference prompts (`Sizes`, computed by `pruning.component_sizes`).
 
 A component file is JSON: `{"model": fingerprint, "<kind plural>": [[layer, index], ...], "meta": {...}}`
 (`"neurons"` for the neuron kind, so every neuron file written before components had kinds loads
@@ -27,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.fingerprint import IDENTITY_KEYS, model_fingerprint
+from mechcopy.errors import note
 from mechcopy.io import write_json_atomic
 
 
@@ -60,6 +67,11 @@ class ComponentKind:
         position, or with `means` (the layer's `Means.values`) what mean ablation does."""
         raise NotImplementedError
 
+    def size(self, model: HookedModel, layer: int, activation: Tensor) -> Float[Tensor, "batch width"]:
+        """Each component's size in `activation`, the site's activation at one position ([batch, width,
+        *rest]): what a size-matched random set matches (`random_matched`)."""
+        raise NotImplementedError
+
     def check(self, model: HookedModel) -> None:
         why = self.unsupported(model)
         if why:
@@ -80,6 +92,9 @@ class NeuronKind(ComponentKind):
 
     def edit_weights(self, model: HookedModel, layer: int, idx: Tensor, means: Tensor | None = None) -> None:
         arch_of(model).prune_weights(model, layer, idx, None if means is None else means[idx])
+
+    def size(self, model: HookedModel, layer: int, activation: Tensor) -> Float[Tensor, "batch width"]:
+        return activation.abs()                                 # |activation|
 
 
 class HeadKind(ComponentKind):
@@ -105,6 +120,10 @@ class HeadKind(ComponentKind):
             if means is not None:        # what the mean of z writes through W_O, now a constant
                 attn.b_O += torch.einsum("hd,hdm->m", means[idx.cpu()].to(attn.W_O), attn.W_O[idx])
             attn.W_O[idx] = 0
+
+    def size(self, model: HookedModel, layer: int, activation: Tensor) -> Float[Tensor, "batch width"]:
+        W_O = model.blocks[layer].attn.W_O                      # the norm of what the head writes: z_h @ W_O[h]
+        return torch.einsum("bhd,hdm->bhm", activation.to(W_O), W_O).norm(dim=-1)
 
 
 KINDS: dict[str, ComponentKind] = {kind.name: kind for kind in (NeuronKind(), HeadKind())}
@@ -246,20 +265,97 @@ class Components:
         return cls.from_json(obj, path)
 
 
-def random_matched(model: HookedModel, components: Components, seed: int) -> Components:
+MATCHES = ("layer", "size")
+#: a size-matched component is drawn from this many unused components nearest in size to its target
+SIZE_POOL = 5
+#: a size-matched set whose mean size in a layer misses the set's by more than this share is noted
+SIZE_TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every component's mean size at the answer position (each prompt's last position) over
+    reference prompts (`pruning.component_sizes`): `values[layer]` is [width] (neurons: mean |a|;
+    heads: mean norm of the head's output). `reference` names the prompts."""
+
+    values: dict[int, Tensor]
+    kind: str = "neuron"
+    reference: str = ""
+    n_prompts: int = 0
+
+    def __post_init__(self):
+        component_kind(self.kind)
+
+    def __getitem__(self, layer: int) -> Tensor:
+        return self.values[layer]
+
+    def describe(self) -> dict[str, Any]:
+        """What the sizes are, without their values."""
+        return {"kind": self.kind, "reference": self.reference, "n_prompts": self.n_prompts}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.describe(), "values": {str(l): v.tolist() for l, v in sorted(self.values.items())}}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Sizes":
+        return cls({int(l): torch.tensor(v, dtype=torch.float32) for l, v in obj["values"].items()}, obj["kind"],
+                   obj["reference"], obj["n_prompts"])
+
+
+def random_matched(model: HookedModel, components: Components, seed: int, match: str = "layer",
+                   sizes: Sizes | None = None) -> Components:
     """Random components of the same kind with the same count in every layer (avoiding the set itself
-    where possible): the layer-matched baseline."""
+    where possible): the layer-matched baseline. With `match="size"` each is also matched on size
+    (`sizes`: `pruning.component_sizes` on reference prompts): the set's components, largest first,
+    each get one drawn at random from the `SIZE_POOL` unused components of their layer nearest in size
+    to a target, the component's own size plus what the draws so far fell short of the set (so the
+    layer's mean size is kept). Meta `size_ratio` gives, per layer, the drawn set's mean size over
+    the set's; a layer off by more than `SIZE_TOLERANCE` (the set's components are the layer's
+    largest, say) is noted and listed in meta `size_mismatch`."""
     components.check(model)
+    if match not in MATCHES:
+        raise ValueError(f"unknown match {match!r}; choose one of {', '.join(MATCHES)}")
+    if match == "size" and (sizes is None or sizes.kind != components.kind):
+        raise ValueError(f"size matching needs the sizes of the {component_kind(components.kind).plural} "
+                         "(pruning.component_sizes)")
     width = component_kind(components.kind).width(model)
     gen = torch.Generator().manual_seed(int(seed))
-    chosen = []
+    chosen, ratios = [], {}
     for layer, idx in components.by_layer().items():
         pool = torch.ones(width, dtype=torch.bool)
         if width - len(idx) >= len(idx):
             pool[idx] = False
         candidates = pool.nonzero()[:, 0]
-        pick = candidates[torch.randperm(len(candidates), generator=gen)[: len(idx)]]
+        if match == "layer":
+            pick = candidates[torch.randperm(len(candidates), generator=gen)[: len(idx)]]
+        else:
+            pick = _size_matched(sizes[layer].double(), idx, candidates, gen)
+            ratios[layer] = float(sizes[layer][pick].double().mean() / sizes[layer][idx].double().mean())
         chosen += [(layer, int(i)) for i in pick]
-    return Components(tuple(chosen), components.model,
-                      {"selection": "random-matched", "seed": int(seed), "matched_to": len(components)},
-                      kind=components.kind)
+    meta = {"selection": "random-matched", "seed": int(seed), "matched_to": len(components), "match": match}
+    if match == "size":
+        off = [l for l, r in ratios.items() if not abs(r - 1) <= SIZE_TOLERANCE]
+        meta.update(sizes=sizes.describe(), size_ratio={str(l): round(r, 4) for l, r in ratios.items()},
+                    size_mismatch=off)
+        if off:
+            note(f"random set {seed}: mean size off by more than {SIZE_TOLERANCE:.0%} in layer(s) {off} "
+                 f"(ratios {', '.join(f'{ratios[l]:.2f}' for l in off)}): the set's components there are "
+                 "larger or smaller than any others")
+    return Components(tuple(chosen), components.model, meta, kind=components.kind)
+
+
+def _size_matched(size: Tensor, idx: Tensor, candidates: Tensor, gen: torch.Generator) -> Tensor:
+    """One candidate per component of `idx`, largest first, drawn from the SIZE_POOL unused candidates
+    nearest in `size` to the component's size plus the running shortfall of the draws so far."""
+    free = torch.ones(len(candidates), dtype=torch.bool)
+    shortfall, out = 0.0, []
+    for i in sorted(idx.tolist(), key=lambda i: -float(size[i])):
+        target = float(size[i]) + shortfall
+        gap = (size[candidates] - target).abs()
+        gap[~free] = float("inf")
+        near = torch.argsort(gap)[: min(SIZE_POOL, int(free.sum()))]
+        j = int(near[torch.randint(len(near), (1,), generator=gen)])
+        free[j] = False
+        out.append(int(candidates[j]))
+        shortfall = target - float(size[candidates[j]])
+    return torch.tensor(out, dtype=torch.long)

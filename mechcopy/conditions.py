@@ -1,6 +1,6 @@
 """Conditions: what an evaluation compares, as data. A condition names a set of components and how they
-are ablated (zero or mean, at every position or the last), or, later, a change of how the answer is
-read (`Readout`); "unpruned" changes nothing.
+are ablated (zero or mean, at every position or the last), and how the answer is read (`Readout`:
+greedy generation, or label scoring with an optional calibration); "unpruned" changes nothing.
 
 Conditions flow through the one-pass evaluator (`evaluation.evaluate_conditions`), the checkpointed
 task suite (`suite.run_evaluation`), the paired comparisons (`comparisons.compare_rows`, grouped by
@@ -9,28 +9,31 @@ task suite (`suite.run_evaluation`), the paired comparisons (`comparisons.compar
 and the structured fields in `spec` (`Condition.describe`).
 
 `standard_conditions` builds the evaluation's usual set around a selection: the selection itself
-(`pruned`), layer-matched random sets (`random-<seed>`) and the bottom-score set (`bottom`).
+(`pruned`), random sets matched on layer (or on layer and size: `components.random_matched`,
+`random-<seed>`) and the bottom-score set (`bottom`). `read_by` reads any conditions by another
+`Readout` (label scoring), and `calibrated_conditions` adds the calibrations (`contextual`, `batch`,
+`domain`, and each combined with pruning: `pruned+contextual`), each with its paired comparisons.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Sequence
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechcopy.arch import HookedModel
 from mechcopy.attribution import CopyScores
-from mechcopy.components import Components, component_kind, random_matched
+from mechcopy.components import Components, Sizes, component_kind, random_matched
 from mechcopy.io import side_file
 from mechcopy.selection import bottom_set
-from mechcopy.tasks.prompts import ICLPrompt
 
 ABLATIONS = ("zero", "mean")
 POSITIONS = ("all", "last")
+SCORINGS = ("generate", "labels")
+CALIBRATIONS = ("contextual", "batch", "domain")
 
 
 @dataclass(frozen=True)
@@ -69,17 +72,45 @@ class Means:
         return cls(values, obj["kind"], obj["positions"], obj["reference"], obj["n_prompts"])
 
 
-@runtime_checkable
-class Readout(Protocol):
-    """A change of how the answer is read from the logits instead of a change of the activations
-    (calibration, restricted label scoring). `choose` takes each row's logits for the first answer
-    token and the row's prompt, and returns the token chosen per row; generation continues greedily."""
+@dataclass(frozen=True)
+class Readout:
+    """How a condition reads the model's answer, the other thing (beside ablation) a condition may change.
 
-    name: str
+    `scoring`: `generate` (the next token's argmax; greedy generation for answers of several tokens)
+    or `labels` (the task's label whose full token sequence has the highest summed log-probability,
+    `scoring.score_labels`; closed-label tasks only). `calibration` (label scoring only) re-weights the
+    label probabilities before the argmax: `contextual` (content-free queries with the prompt's demos,
+    Zhao et al. 2021), `domain` (random in-domain words as the queries, Fei et al. 2023) or `batch`
+    (the mean over the task's prompts subtracted, Zhou et al. 2024); see `scoring.LabelScores.weights`.
+    """
 
-    def choose(self, logits: Float[Tensor, "rows vocab"], prompts: Sequence[ICLPrompt]) -> Int[Tensor, "rows"]: ...
+    scoring: str = "generate"
+    calibration: str | None = None
 
-    def to_json(self) -> dict[str, Any]: ...
+    def __post_init__(self):
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {self.scoring!r}; choose one of {', '.join(SCORINGS)}")
+        if self.calibration is not None and self.calibration not in CALIBRATIONS:
+            raise ValueError(f"unknown calibration {self.calibration!r}; choose from {', '.join(CALIBRATIONS)}")
+        if self.calibration is not None and self.scoring != "labels":
+            raise ValueError(f"{self.calibration} calibration re-weights label probabilities: it needs "
+                             "scoring='labels'")
+
+    @property
+    def labels(self) -> bool:
+        """True when the answer is read by label scoring."""
+        return self.scoring == "labels"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scoring": self.scoring, "calibration": self.calibration}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any] | None) -> "Readout":
+        return cls() if obj is None else cls(obj["scoring"], obj.get("calibration"))
+
+
+GENERATE = Readout()
+LABELS = Readout("labels")
 
 
 @dataclass(frozen=True)
@@ -88,7 +119,9 @@ class Condition:
     `pruned`, `random`, `bottom`, ...), the components it ablates (None: none), the ablation (`zero`, or
     `mean` with `means`), the positions (`all`, or `last`: the last position of every forward pass), the
     seed that drew a random set, the group it belongs to in a study (a k, a method; None outside one),
-    and an optional `readout`. `label` is the name result rows carry."""
+    the `readout` (generation, or label scoring with an optional calibration), and `versus`: the names
+    of other conditions of its group it is compared with besides `unpruned` (a calibration against
+    pruning). `label` is the name result rows carry."""
 
     name: str
     family: str = ""
@@ -98,12 +131,16 @@ class Condition:
     means: Means | None = field(default=None, compare=False)
     seed: int | None = None
     group: str | int | None = None
-    readout: Readout | None = None
+    readout: Readout = GENERATE
+    versus: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.name:
             raise ValueError("a condition needs a name")
         object.__setattr__(self, "family", self.family or self.name)
+        object.__setattr__(self, "versus", tuple(self.versus))
+        if not isinstance(self.readout, Readout):
+            raise ValueError(f"condition {self.name}: readout must be a conditions.Readout, got {self.readout!r}")
         if self.ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join(ABLATIONS)}")
         if self.positions not in POSITIONS:
@@ -134,23 +171,20 @@ class Condition:
                 "n_components": 0 if self.components is None else len(self.components),
                 "ablation": self.ablation, "positions": self.positions, "seed": self.seed,
                 "means": None if self.means is None else self.means.describe(),
-                "readout": None if self.readout is None else self.readout.to_json()}
+                "readout": self.readout.to_json(), "versus": list(self.versus)}
 
     def to_json(self) -> dict[str, Any]:
-        """`describe()` with the components and the means' values: enough to rebuild the condition
-        (a readout is recorded, not rebuilt)."""
+        """`describe()` with the components and the means' values: enough to rebuild the condition."""
         return {**self.describe(), "components": None if self.components is None else self.components.to_json(),
                 "means": None if self.means is None else self.means.to_json()}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "Condition":
-        if obj.get("readout") is not None:
-            raise ValueError(f"condition {obj['name']!r} changes the readout; a readout cannot be rebuilt from JSON")
         comps = obj.get("components")
         means = obj.get("means")
         return cls(obj["name"], obj["family"], None if comps is None else Components.from_json(comps),
                    obj["ablation"], obj["positions"], None if means is None else Means.from_json(means),
-                   obj.get("seed"), obj.get("group"))
+                   obj.get("seed"), obj.get("group"), Readout.from_json(obj.get("readout")), tuple(obj.get("versus", ())))
 
 
 UNPRUNED = Condition("unpruned")
@@ -158,24 +192,57 @@ UNPRUNED = Condition("unpruned")
 
 def standard_conditions(model: HookedModel, components: Components, n_random: int = 5, seed: int = 0,
                         scores: CopyScores | None = None, group: str | int | None = None, ablation: str = "zero",
-                        positions: str = "all", means: Means | None = None) -> list[Condition]:
+                        positions: str = "all", means: Means | None = None, readout: Readout = GENERATE,
+                        match: str = "layer", sizes: Sizes | None = None) -> list[Condition]:
     """The evaluation's conditions around a selection (`UNPRUNED` comes first, separately): `pruned`
-    (the selection), `random-<s>` (layer-matched random sets, seeds seed..seed+n_random-1) and `bottom`
-    (the lowest-scoring set of the same size, from `scores` or the scores file the set names: see
-    `find_scores`), all ablated the same way. An empty selection (find chose k = 0) gives none."""
+    (the selection), `random-<s>` (random sets matched on layer, or with `match="size"` on layer and
+    size, `components.random_matched` with `sizes`; seeds seed..seed+n_random-1) and `bottom` (the
+    lowest-scoring set of the same size, from `scores` or the scores file the set names: see
+    `find_scores`), all ablated the same way and read by `readout`. An empty selection (find chose
+    k = 0) gives none."""
     components.check(model)
     if not components.pairs:
         return []
 
     def condition(name: str, family: str, comps: Components, s: int | None = None) -> Condition:
-        return Condition(name, family, comps, ablation, positions, means, s, group)
+        return Condition(name, family, comps, ablation, positions, means, s, group, readout)
 
     out = [condition("pruned", "pruned", components)]
-    out += [condition(f"random-{s}", "random", random_matched(model, components, s), s)
+    out += [condition(f"random-{s}", "random", random_matched(model, components, s, match, sizes), s)
             for s in range(seed, seed + n_random)]
     scores = scores if scores is not None else find_scores(components)
     if scores is not None:
         out.append(condition("bottom", "bottom", bottom_set(scores, len(components))))
+    return out
+
+
+def read_by(conditions: Sequence[Condition], readout: Readout) -> list[Condition]:
+    """`conditions` with their answers read by `readout` (e.g. `LABELS`: label scoring for all)."""
+    return [replace(c, readout=readout) for c in conditions]
+
+
+def calibrated_conditions(conditions: Sequence[Condition], calibrations: Sequence[str]) -> list[Condition]:
+    """The conditions that calibrate label scores, to add to `conditions`: for each calibration X
+    (`CALIBRATIONS`), `X` (the model unablated, its label probabilities calibrated by X) and, for each
+    condition P of the `pruned` family, `P+X` (P's ablation, calibrated; P's group).
+
+    Every condition is compared with `unpruned` (`comparisons.compare_rows`); `X` also with each
+    pruned condition (calibration against pruning), `P+X` with P (what calibration adds to pruning)
+    and with `X` (what pruning adds to calibration): their `versus`. Label scoring needs a closed-label
+    task; `conditions` should be read by `LABELS` too, so that every comparison changes one thing.
+    `X` belongs to no group: where the pruned conditions do (a study), `compare_rows(..., group=g)`
+    leaves it and the comparisons with it out."""
+    calibrations = list(dict.fromkeys(calibrations))
+    unknown = [c for c in calibrations if c not in CALIBRATIONS]
+    if unknown:
+        raise ValueError(f"unknown calibration {unknown[0]!r}; choose from {', '.join(CALIBRATIONS)}")
+    pruned = [c for c in conditions if c.family == "pruned"]
+    out = []
+    for x in calibrations:
+        readout = Readout("labels", x)
+        out.append(Condition(x, x, readout=readout, versus=tuple(sorted({p.name for p in pruned}))))
+        out += [replace(p, name=f"{p.name}+{x}", family=f"{p.family}+{x}", readout=readout, versus=(p.name, x))
+                for p in pruned]
     return out
 
 

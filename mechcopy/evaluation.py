@@ -9,16 +9,19 @@ and other interventions compose with the evaluator. Conditions (`mechcopy.condit
 or mean ablation of any component kind, at every position or the last) run in one pass
 (`evaluate_conditions`): each batch shares the blocks before the first ablated layer, then forks into
 one row group per condition, ablated by one hook per site (`pruning.grouped_hooks`). Single-token
-answers are scored by the argmax of the next token (or a condition's `readout`); multi-token answers
-by greedy generation up to the separator. What a prediction is (correct, a copy error: a wrong
-prediction equal to one of the demo labels) is `mechcopy.tasks.outcomes`'s rule.
+answers are scored by the argmax of the next token, multi-token answers by greedy generation up to
+the separator; a condition whose `Readout` says `labels` is read over the task's label set instead
+(`scoring.score_labels_conditions`, each label's full token sequence, then the condition's
+calibration), in the same call. What a prediction is (correct, a copy error: a wrong prediction equal
+to one of the demo labels) is `mechcopy.tasks.outcomes`'s rule; beside the copy rate, the copy effect
+and the demo-share test (`mechcopy.copy_effect`) where the task's label set is given.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +32,10 @@ from tqdm.auto import tqdm
 
 from mechcopy.arch import Decoder, HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
-from mechcopy.conditions import Condition, Readout
+from mechcopy.conditions import Condition
+from mechcopy.copy_effect import copy_effect, demo_share
 from mechcopy.pruning import grouped_hooks
+from mechcopy.scoring import CONTENT_FREE, LabelScores, score_labels_conditions
 from mechcopy.stats import bootstrap_ci, rate_interval
 from mechcopy.tasks.outcomes import classify
 from mechcopy.tasks.prompts import SEPARATOR, ICLPrompt, PromptSet
@@ -39,7 +44,12 @@ from mechcopy.tasks.prompts import SEPARATOR, ICLPrompt, PromptSet
 @dataclass(frozen=True)
 class TaskResult:
     """Accuracy and error breakdown of one task under one condition (rates are shares of all n), and
-    each prompt's outcome in prompt order (`correct`, `copy`: what paired comparisons need)."""
+    each prompt's outcome in prompt order (`correct`, `copy`: what paired comparisons need).
+
+    Beside the copy rate, where the task's label set was given: `copy_effect` (`copy_effect.CopyEffect`
+    as JSON: does a label's presence among the demos make it the answer, preference aside; its
+    `effect` is null, with the `reason`, where the prompts cannot estimate it) and `demo_share` (the
+    probe's demo-share test against chance); both None where no label set was given."""
 
     task: str
     condition: str
@@ -53,6 +63,8 @@ class TaskResult:
     predictions: tuple[str, ...]
     correct: tuple[bool, ...]
     copy: tuple[bool, ...]
+    copy_effect: dict[str, Any] | None = None
+    demo_share: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -89,19 +101,15 @@ def _tokens(model: HookedModel, prompts: Sequence[ICLPrompt]) -> list[Int[Tensor
     return [prompt_tokens(model, p, i)[0] for i, p in enumerate(prompts)]
 
 
-def _greedy(decode: Decoder, tokens: Tensor, mask: Tensor, budgets: Sequence[int], tok, sep: str,
-            first: Callable[[Tensor], Tensor] | None = None) -> list[str]:
+def _greedy(decode: Decoder, tokens: Tensor, mask: Tensor, budgets: Sequence[int], tok, sep: str) -> list[str]:
     """Each row's answer: the next token's argmax if its budget is 1, else greedy generation that
-    stops per row at `sep`, EOS or the row's budget (the decoder runs until every row stopped).
-    `first` (logits -> tokens) chooses the first token instead of the argmax (readouts)."""
+    stops per row at `sep`, EOS or the row's budget (the decoder runs until every row stopped)."""
     eos = getattr(tok, "eos_token_id", None)
     generated: list[list[int]] = [[] for _ in budgets]
     done = [False] * len(budgets)
     logits = decode(tokens, mask)
-    choose = first
     while True:
-        nxt = logits.argmax(-1) if choose is None else choose(logits)
-        choose = None
+        nxt = logits.argmax(-1)
         for r, t in enumerate(nxt.tolist()):
             if done[r]:
                 continue
@@ -117,10 +125,8 @@ def _greedy(decode: Decoder, tokens: Tensor, mask: Tensor, budgets: Sequence[int
 
 
 def _predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks, batch_size: int, groups: int,
-             fork_at: int, sep: str, progress: bool, pad: bool,
-             readouts: Sequence[Readout | None] = ()) -> list[list[str]]:
-    """Answers per row group (`Arch.decoder`'s fork) under `fwd_hooks`; `batch_size` rows per pass;
-    `readouts[g]` (if any) chooses group g's first answer tokens."""
+             fork_at: int, sep: str, progress: bool, pad: bool) -> list[list[str]]:
+    """Answers per row group (`Arch.decoder`'s fork) under `fwd_hooks`; `batch_size` rows per pass."""
     prompts = _as_list(prompts)
     arch, tok = arch_of(model), model.tokenizer
     ids, budgets = _tokens(model, prompts), [_steps(p) for p in prompts]
@@ -130,26 +136,11 @@ def _predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks, batch_
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         for batch in tqdm(batches, desc="predict", disable=not progress, leave=False):
             tokens, mask = left_pad([ids[i] for i in batch], pad_id)
-            first = (_first_chooser(readouts, [prompts[i] for i in batch])
-                     if any(r is not None for r in readouts) else None)
             answers = _greedy(arch.decoder(model, groups, fork_at), tokens, mask,
-                              [budgets[i] for i in batch] * groups, tok, sep, first)
+                              [budgets[i] for i in batch] * groups, tok, sep)
             for r, answer in enumerate(answers):
                 out[r // len(batch)][batch[r % len(batch)]] = answer
     return out
-
-
-def _first_chooser(readouts: Sequence[Readout | None], prompts: Sequence[ICLPrompt]) -> Callable[[Tensor], Tensor]:
-    """First tokens of a forked batch: each group's readout on its rows, the argmax where it has none."""
-    def choose(logits: Tensor) -> Tensor:
-        out = logits.argmax(-1)
-        for g, readout in enumerate(readouts):
-            if readout is not None:
-                rows = slice(g * len(prompts), (g + 1) * len(prompts))
-                out[rows] = readout.choose(logits[rows], prompts).to(out)
-        return out
-
-    return choose
 
 
 def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int = 32,
@@ -168,32 +159,84 @@ def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batc
 
 
 def predict_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditions: Sequence[Condition],
-                       batch_size: int = 128, sep: str = SEPARATOR, progress: bool = False) -> dict[str, list[str]]:
+                       batch_size: int = 128, sep: str = SEPARATOR, progress: bool = False,
+                       labels: Sequence[str] | None = None,
+                       references: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
     """`predict` under every condition in one pass: {condition label: answers}.
 
     Each batch runs once through the blocks before the first ablated layer, then forks into one row
     group per condition, each ablated by its own hooks (`pruning.grouped_hooks`: zero or mean, at every
-    position or the last, any component kind) and read by its own readout; answers equal separate
-    `predict` runs with `pruning.condition_hooks`. `batch_size` counts forked rows (prompts x
-    conditions), so memory stays bounded however many conditions there are.
+    position or the last, any component kind); answers equal separate `predict` runs with
+    `pruning.condition_hooks`. `batch_size` counts forked rows (prompts x conditions), so memory stays
+    bounded however many conditions there are.
+
+    Conditions whose `readout` scores labels are read over `labels` (the task's label set,
+    `Task.require_labels()`) instead: one forked pass of `scoring.score_labels_conditions` per distinct
+    ablation among them (calibrations of one ablation share its label scores), then each condition's
+    calibration (`scoring.LabelScores.predict`; batch calibration takes `prompts` as its batch, so
+    pass one task's prompts). `references` gives the reference queries of `contextual` and `domain`
+    calibration (default: `scoring.CONTENT_FREE` for contextual; domain's must be given,
+    `scoring.reference_queries`).
     """
     conditions = list(conditions)
     if not conditions:
         raise ValueError("no conditions to evaluate: pass e.g. [mechcopy.conditions.UNPRUNED]")
-    labels = [c.label for c in conditions]
-    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    names = [c.label for c in conditions]
+    repeated = sorted({x for x in names if names.count(x) > 1})
     if repeated:
         raise ValueError(f"conditions must have distinct labels; {repeated} appear more than once")
-    fork_at, hooks = grouped_hooks(model, conditions)
-    answers = _predict(model, prompts, hooks, batch_size, len(conditions), fork_at, sep, progress, True,
-                       [c.readout for c in conditions])
-    return dict(zip(labels, answers))
+    out: dict[str, list[str]] = {}
+    generated = [c for c in conditions if not c.readout.labels]
+    if generated:
+        fork_at, hooks = grouped_hooks(model, generated)
+        answers = _predict(model, prompts, hooks, batch_size, len(generated), fork_at, sep, progress, True)
+        out.update(zip([c.label for c in generated], answers))
+    scored = [c for c in conditions if c.readout.labels]
+    if scored:
+        out.update(_read_labels(model, _as_list(prompts), scored, labels, references, batch_size, progress))
+    return {name: out[name] for name in names}
+
+
+def _ablation_key(c: Condition) -> tuple:
+    """What a condition's label scores depend on: its ablation, not its readout."""
+    comps = None if not c.ablates else (c.components.kind, c.components.pairs)
+    return comps, c.ablation if c.ablates else None, c.positions if c.ablates else None, id(c.means)
+
+
+def _read_labels(model: HookedModel, prompts: list[ICLPrompt], conditions: Sequence[Condition],
+                 labels: Sequence[str] | None, references: Mapping[str, Sequence[str]] | None, batch_size: int,
+                 progress: bool) -> dict[str, list[str]]:
+    """Label-scored conditions' answers: each distinct ablation scored once (with the reference
+    queries only where one of its conditions calibrates with them), then each condition's readout."""
+    if labels is None:
+        raise ValueError(f"conditions {[c.label for c in conditions]} score labels: pass the task's label set "
+                         "(labels=task.require_labels())")
+    refs = dict(references) if references is not None else {"contextual": CONTENT_FREE}
+    by_ablation: dict[tuple, list[Condition]] = {}
+    for c in conditions:
+        by_ablation.setdefault(_ablation_key(c), []).append(c)
+    needs = {key: sorted({c.readout.calibration for c in cs} & {"contextual", "domain"})
+             for key, cs in by_ablation.items()}
+    missing = sorted({x for xs in needs.values() for x in xs} - set(refs))
+    if missing:
+        raise ValueError(f"{missing[0]} calibration needs its reference queries: pass references="
+                         f"scoring.reference_queries({missing}, task inputs)")
+    scores: dict[tuple, LabelScores] = {}
+    for kinds in {tuple(x) for x in needs.values()}:
+        keys = [key for key, x in needs.items() if tuple(x) == kinds]
+        got = score_labels_conditions(model, prompts, labels, [by_ablation[k][0] for k in keys],
+                                      {x: refs[x] for x in kinds}, batch_size=batch_size, progress=progress)
+        scores.update({k: got[by_ablation[k][0].label] for k in keys})
+    return {c.label: scores[key].predict(c.readout.calibration or "labels")
+            for key, cs in by_ablation.items() for c in cs}
 
 
 def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], condition: str = "unpruned",
-              seed: int = 0, n_boot: int = 1000) -> TaskResult:
+              seed: int = 0, n_boot: int = 1000, labels: Sequence[str] | None | bool = False) -> TaskResult:
     """Score predictions against prompts (no model needed): rates and 95% bootstrap intervals (exact
-    Clopper-Pearson intervals where every prompt has the same outcome and the bootstrap degenerates)."""
+    Clopper-Pearson intervals where every prompt has the same outcome and the bootstrap degenerates).
+    With `labels` (the task's label set, `Task.label_set()`; None for an open task) also the copy
+    effect and the demo-share test (`mechcopy.copy_effect`); the default False leaves them out."""
     prompts = _as_list(prompts)
     if not prompts:
         raise ValueError("no prompts to evaluate (did every pair get dropped? see PromptSet.dropped)")
@@ -204,13 +247,17 @@ def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], conditio
         if outcome.all() or not outcome.any():  # every resample equal: the bootstrap says [p, p]
             ci[j] = rate_interval(int(outcome.sum()), n)
     tasks = sorted({p.task for p in prompts})
+    name = tasks[0] if len(tasks) == 1 else ",".join(tasks)
+    extra = {} if labels is False else {
+        "copy_effect": copy_effect(prompts, predictions, labels, name, seed=seed).to_json(),
+        "demo_share": demo_share(prompts, predictions, labels, name).to_json()}
     return TaskResult(
-        task=tasks[0] if len(tasks) == 1 else ",".join(tasks), condition=condition, n=n,
+        task=name, condition=condition, n=n,
         accuracy=float(correct.mean()), copy_rate=float(copy.mean()),
         copy_share_of_errors=float(copy.sum() / n_err) if n_err else 0.0,
         other_rate=float((~correct & ~copy).mean()),
         accuracy_ci=(float(ci[0, 0]), float(ci[0, 1])), copy_rate_ci=(float(ci[1, 0]), float(ci[1, 1])),
-        predictions=tuple(predictions), correct=tuple(map(bool, correct)), copy=tuple(map(bool, copy)),
+        predictions=tuple(predictions), correct=tuple(map(bool, correct)), copy=tuple(map(bool, copy)), **extra,
     )
 
 
@@ -223,12 +270,17 @@ def evaluate(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), con
 
 
 def evaluate_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditions: Sequence[Condition],
-                        seed: int = 0, n_boot: int = 1000, batch_size: int = 128,
-                        progress: bool = False) -> dict[str, TaskResult]:
-    """`evaluate` under every condition, in one pass (`predict_conditions`): {condition label: TaskResult}."""
+                        seed: int = 0, n_boot: int = 1000, batch_size: int = 128, progress: bool = False,
+                        labels: Sequence[str] | None | bool = False,
+                        references: Mapping[str, Sequence[str]] | None = None) -> dict[str, TaskResult]:
+    """`evaluate` under every condition, in one pass (`predict_conditions`): {condition label: TaskResult}.
+    `labels` (the task's label set; None: an open task) is what label-scored conditions choose from, and
+    gives every result its copy effect and demo share (`summarize`)."""
     prompts = _as_list(prompts)
-    preds = predict_conditions(model, prompts, conditions, batch_size=batch_size, progress=progress)
-    return {label: summarize(prompts, p, condition=label, seed=seed, n_boot=n_boot) for label, p in preds.items()}
+    preds = predict_conditions(model, prompts, conditions, batch_size=batch_size, progress=progress,
+                               labels=labels or None, references=references)
+    return {label: summarize(prompts, p, condition=label, seed=seed, n_boot=n_boot, labels=labels)
+            for label, p in preds.items()}
 
 
 def default_text() -> str:

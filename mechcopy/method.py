@@ -23,7 +23,7 @@ from mechcopy.arch import HookedModel
 from mechcopy.attribution import (MAX_COMPLETENESS_ERROR, METHODS, NORMALISATIONS, RULES, TARGETS, Attributions,
                                   CopyScores, copy_scores, grad_x_act, integrated_gradients)
 from mechcopy.audit import SelfConsistency, self_consistency
-from mechcopy.components import Components
+from mechcopy.components import MATCHES, Components
 from mechcopy.errors import check_minimums
 from mechcopy.selection import select
 from mechcopy.sweeps import DEFAULT_KS, KSweep, sweep_k
@@ -82,6 +82,7 @@ class FindConfig:
     # dominated the selection and pruning it raised the very target it was chosen to lower
     max_completeness_error: float | None = MAX_COMPLETENESS_ERROR  # IG gate: select only in layers whose median error is below it
     consistency_random: int = 3     # > 0: refuse (k = 0) a choice that fails audit.self_consistency
+    random_match: str = "layer"     # the guard's random sets: matched on layer, or on layer and size (components.MATCHES)
     probe: str = "balanced"         # balanced (uniform gold, distinct demo labels) | classic (labels as they fall)
     probe_items: str = "mixed"      # balanced probe: words | places | people | names | mixed
     probe_format: str = "newline"   # balanced probe: newline ("x -> y" per line) | comma (one line)
@@ -94,7 +95,8 @@ class FindConfig:
     def __post_init__(self):
         for name, allowed in (("attribution", tuple(ATTRIBUTIONS)), ("target", TARGETS), ("method", METHODS),
                               ("rule", RULES), ("normalisation", NORMALISATIONS), ("mode", SELECTIONS),
-                              ("probe", PROBES), ("probe_items", ITEM_SETS), ("probe_format", tuple(FORMATS))):
+                              ("probe", PROBES), ("probe_items", ITEM_SETS), ("probe_format", tuple(FORMATS)),
+                              ("random_match", MATCHES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.ks is not None:
@@ -185,10 +187,11 @@ class Guard:
 
 
 def guard(model: HookedModel, prompts: Sequence[ICLPrompt], scores: CopyScores, k: int, config: FindConfig) -> Guard:
-    """`audit.self_consistency` of the top-k set with `config.consistency_random` random sets; refused
-    when chosen - random does not move the target away from copying."""
+    """`audit.self_consistency` of the top-k set with `config.consistency_random` random sets (matched
+    as `config.random_match` says); refused when chosen - random does not move the target away from
+    copying."""
     check = self_consistency(model, prompts, scores, [k], config.mode, config.target, config.consistency_random,
-                             config.seed)
+                             config.seed, match=config.random_match)
     if check.passed:
         return Guard(check)
     row = check.rows[0].chosen_vs_random

@@ -7,7 +7,8 @@ the hooks that ablate a different condition in each row group of one batch (the 
 over all conditions: `evaluation.predict_conditions`). `prune_weights` edits the weights instead
 (zero the rows of `W_out` / columns of Mamba's `out_proj` / a head's rows of `W_O`; for mean ablation
 their mean's output goes into the bias). Every function asks the component kind
-(`components.component_kind`) where its components live and how to act on them.
+(`components.component_kind`) where its components live and how to act on them. `component_sizes`
+measures what size-matched random baselines match (`components.random_matched`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechcopy.arch import HookedModel
-from mechcopy.batching import token_batches
-from mechcopy.components import Components, component_kind
+from mechcopy.arch import HookedModel, arch_of
+from mechcopy.batching import left_pad, token_batches
+from mechcopy.components import Components, Sizes, component_kind
 from mechcopy.conditions import ABLATIONS, POSITIONS, Condition, Means
 from mechcopy.hooks import Hook, ablate_by_group, capture, set_units, zero_units
 
@@ -135,3 +136,33 @@ def component_means(model: HookedModel, prompts: Sequence, kind: str = "neuron",
             count += len(batch) * (1 if positions == "last" else len(ids[batch[0]]))
     values: dict[int, Float[Tensor, "..."]] = {layer: (s / count).float() for layer, s in sums.items()}
     return Means(values, kind, positions, reference, len(prompts))
+
+
+def component_sizes(model: HookedModel, prompts: Sequence, kind: str = "neuron", reference: str = "",
+                    batch_size: int = 32) -> Sizes:
+    """Every component's mean size at the answer position (each prompt's last position) over `prompts`:
+    what size-matched random sets match (`components.random_matched`). The size is the kind's
+    (`ComponentKind.size`: neurons |activation|, heads the norm of their output). Prompts of any lengths
+    share a batch, left-padded (`Arch.run_blocks` keeps padding out of every real position)."""
+    if not prompts:
+        raise ValueError("component_sizes needs at least one prompt")
+    spec = component_kind(kind)
+    spec.check(model)
+    arch = arch_of(model)
+    sites = {spec.site(model, layer): layer for layer in range(model.cfg.n_layers)}
+    sums: dict[int, Tensor] = {}
+
+    def add(activation: Tensor, hook) -> None:
+        layer = sites[hook.name]
+        total = spec.size(model, layer, activation[:, -1]).double().sum(0)
+        sums[layer] = sums[layer] + total if layer in sums else total
+
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = [arch.tokens(model, p.text, what=f"prompt {i}")[0] for i, p in enumerate(prompts)]
+    with torch.no_grad(), model.hooks(fwd_hooks=[(name, add) for name in sites]):
+        for batch in token_batches(ids, [1] * len(ids), batch_size, pad=True):
+            tokens, mask = left_pad([ids[i] for i in batch], pad_id)
+            arch.run_blocks(model, tokens, mask, None)
+    return Sizes({layer: (v / len(prompts)).float().cpu() for layer, v in sorted(sums.items())}, kind, reference,
+                 len(prompts))

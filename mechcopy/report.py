@@ -202,27 +202,36 @@ def _stage(out: Path, name: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())["result"]
 
 
-def _verdict(c: dict) -> str:
-    """One sentence on a pooled comparison: the difference, its interval, and whether it could tell."""
+def _verdict(c: dict, level: dict | None = None) -> str:
+    """One sentence on a pooled comparison: the difference, its interval, and whether it could tell;
+    then, with `level` (`comparisons.task_levels`), the same with the task as the unit."""
     lo, hi = c["ci"]
     what = f"{c['metric'].replace('_', ' ')} {c['condition']} - {c['baseline']}"
     shown = f"{c['diff']:+.3f} [95% CI {lo:+.3f}, {hi:+.3f}], p = {c['p_value']:.3g}"
     moved = f"{c['n_up']} of {c['n_tasks']} tasks up and {c['n_down']} down after Holm"
     if lo > 0 or hi < 0:
-        return f"- {what}: {shown}: a {'rise' if lo > 0 else 'fall'} the comparison can tell ({moved})."
-    return (f"- {what}: {shown}: no difference detected; one of {c['mde']:.3f} or more would have been "
-            f"found 80% of the time ({moved}).")
+        text = f"- {what}: {shown}: a {'rise' if lo > 0 else 'fall'} the comparison can tell ({moved})."
+    else:
+        text = (f"- {what}: {shown}: no difference detected; one of {c['mde']:.3f} or more would have been "
+                f"found 80% of the time ({moved}).")
+    if level is not None:
+        tlo, thi = level["ci"]
+        text += (f" Over tasks: {level['mean']:+.3f} [t interval {tlo:+.3f}, {thi:+.3f}], p = {level['p_value']:.3g}; "
+                 f"{level['n_up']} tasks up, {level['n_down']} down, sign test p = {level['sign_p']:.3g}.")
+    return text
 
 
-def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path) -> Section:
-    """The headline: pooled paired differences (pruned - unpruned, pruned - random) and the forest plot."""
+def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path, levels: list[dict] | None = None) -> Section:
+    """The headline: pooled paired differences (pruned - unpruned, pruned - random) beside the same with
+    the task as the unit, and the forest plot."""
     basis = neurons.meta.get("basis", "chosen on the probe's dev split")
     if not neurons.neurons:
         return Section("The answer: nothing was pruned",
                        f"k = 0: {neurons.why_empty}, so nothing was pruned and there is nothing to compare. "
                        "The sections below show the unpruned model.")
     pooled = {(c["condition"], c["baseline"], c["metric"]): c for c in comparisons.get("pooled", [])}
-    lines = [_verdict(pooled[(cond, base, m)]) for cond, base in viz.FOREST_PAIRS
+    over = {(t["condition"], t["baseline"], t["metric"]): t for t in levels or []}
+    lines = [_verdict(pooled[(cond, base, m)], over.get((cond, base, m))) for cond, base in viz.FOREST_PAIRS
              for m in ("accuracy", "copy_rate") if (cond, base, m) in pooled]
     n_tasks = next(iter(pooled.values()))["n_tasks"] if pooled else 0
     text = (f"Does pruning the copy neurons change in-context learning beyond what removing any neurons does? "
@@ -230,7 +239,10 @@ def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path) -> Secti
             f"Paired over the same prompts, pooled over {n_tasks} held-out tasks (each task weighs the same; "
             "the probe, on which the neurons were chosen, is left out):\n\n" + "\n".join(lines) +
             "\n\nIntervals: task-stratified paired bootstrap (random sets resampled too); p: stratified "
-            "sign-flip test; MDE: the smallest difference this comparison detects with 80% power.")
+            "sign-flip test; MDE: the smallest difference this comparison detects with 80% power. These hold "
+            "the tasks fixed: they say whether these tasks moved. \"Over tasks\" takes each task's difference "
+            "as one observation (t interval and test, exact sign test): a claim that pruning helps tasks like "
+            "these rests on it, and where the two disagree the claim is about these tasks only.")
     forest = viz.save_figure(viz.plot_forest(comparisons), fig_dir / "forest.png")
     return Section("The answer: paired differences, pooled over tasks", text, [forest])
 
@@ -240,6 +252,7 @@ def _per_task(model: HookedModel, settings: dict, neurons, evaluation: list[dict
     """Per-task bars and the mean over tasks per condition family."""
     cfg = settings["config"]
     df = viz.task_results_df(evaluation)
+    df["copy_effect"] = df["copy_effect"].astype(float)
     means = df.groupby("family")[["accuracy", "copy_rate"]].mean().round(3).reset_index()
     bars = viz.save_figure(viz.plot_task_bars(df), fig_dir / "tasks.png")
     shown = [f for f in ("unpruned", "pruned", "random", "bottom") if f in set(means["family"])]
@@ -250,8 +263,11 @@ def _per_task(model: HookedModel, settings: dict, neurons, evaluation: list[dict
             "; copy rate " + " vs ".join(f"{unp.loc[f, 'copy_rate']:.3f} {f}" for f in shown) +
             f". Random = mean over {cfg['n_random']} random neuron sets of the same size per layer; bottom = the "
             "lowest-scoring neurons. Whiskers: 95% intervals of each rate alone (the paired comparisons above "
-            "are sharper).")
-    table = df.pivot_table(index="task", columns="family", values=["accuracy", "copy_rate"]).round(3)
+            "are sharper). The table gives, beside the copy rate, the copy effect of closed-label tasks: "
+            "P(answer = X | X among the demos) - P(answer = X | X absent), which a preference for a label "
+            "does not raise (empty where the prompts cannot estimate it; the result JSON says why).")
+    table = df.pivot_table(index="task", columns="family", values=["accuracy", "copy_rate", "copy_effect"],
+                           dropna=False).round(3)
     table.columns = [f"{m} {c}" for m, c in table.columns]
     return Section("Accuracy and copy rate per task, before and after pruning", text, [bars],
                    table=table.reset_index()), means
@@ -333,7 +349,7 @@ def build_report(out_dir: str | Path, model: HookedModel) -> dict:
     neurons = Components.load(out / "evaluated.json")
     evaluation = _stage(out, "evaluate")
     per_task, means = _per_task(model, settings, neurons, evaluation["results"], fig_dir)
-    sections = [_answer(evaluation["comparisons"], neurons, fig_dir), per_task, _selection(model, settings, neurons, fig_dir),
+    sections = [_answer(evaluation["comparisons"], neurons, fig_dir, evaluation.get("task_level")), per_task, _selection(model, settings, neurons, fig_dir),
                 _task_vectors(_stage(out, "task_vectors")["results"], fig_dir),
                 _patching(_stage(out, "patching"), fig_dir), _copy_error_up_close(model, settings, neurons)]
     path = write_report(out / "report.html", f"mechcopy: copy neurons of {model.cfg.model_name}", sections, settings)

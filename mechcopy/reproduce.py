@@ -20,7 +20,7 @@ import torch
 
 from mechcopy import method
 from mechcopy.arch import HookedModel
-from mechcopy.comparisons import compare_rows
+from mechcopy.comparisons import compare_rows, task_levels
 from mechcopy.components import Components
 from mechcopy.conditions import UNPRUNED, find_scores, standard_conditions
 from mechcopy.errors import check_minimums
@@ -100,7 +100,9 @@ def stage_evaluate(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:
     conds = [UNPRUNED, *standard_conditions(model, neurons, cfg.n_random, cfg.seed)]
     rows, dropped = run_evaluation(model, load_tasks(cfg.tasks), cfg.shots, cfg.n_eval, cfg.seed, conds,
                                    checkpoint=out / "evaluate.partial.jsonl")
-    return {"results": rows, "dropped": dropped, "comparisons": compare_rows(rows, seed=cfg.seed)}
+    comparisons = compare_rows(rows, seed=cfg.seed)
+    return {"results": rows, "dropped": dropped, "comparisons": comparisons,
+            "task_level": task_levels(comparisons, seed=cfg.seed)}
 
 
 def stage_task_vectors(model: HookedModel, cfg: ReproduceConfig, out: Path) -> dict:

@@ -540,7 +540,7 @@ def task_level(diffs: Mapping[str, float], metric: str, condition: str, baseline
 
 def task_level_of(comparisons: Mapping[str, Sequence[Mapping[str, Any]]], condition: str, baseline: str,
                   metric: str, **kwargs) -> TaskLevel:
-    """`task_level` of the per-task diffs in `comparisons` (`evaluation.compare_rows`' output: task ->
+    """`task_level` of the per-task diffs in `comparisons` (`comparisons.compare_rows`' output: task ->
     [Comparison.to_json(), ...]), every task but "pooled" and those without this comparison."""
     diffs = {t: c["diff"] for t, cs in comparisons.items() if t != "pooled" for c in cs
              if (c["condition"], c["baseline"], c["metric"]) == (condition, baseline, metric)}

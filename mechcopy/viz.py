@@ -106,16 +106,18 @@ def task_results_df(results) -> pd.DataFrame:
 
     Columns: task, condition, family (the row's `spec` family; the condition itself where a result
     carries no spec), n, accuracy, accuracy_lo, accuracy_hi, copy_rate, copy_rate_lo, copy_rate_hi,
-    copy_share_of_errors, other_rate.
+    copy_effect (None / NaN where a row has none or it cannot be estimated), copy_share_of_errors, other_rate.
     """
     rows = []
     for r in results:
         d = r if isinstance(r, dict) else r.to_json()
+        effect = (d.get("copy_effect") or {}).get("effect")
         rows.append({
             "task": d["task"], "condition": d["condition"], "family": d.get("spec", {}).get("family", d["condition"]),
             "n": d["n"],
             "accuracy": d["accuracy"], "accuracy_lo": d["accuracy_ci"][0], "accuracy_hi": d["accuracy_ci"][1],
             "copy_rate": d["copy_rate"], "copy_rate_lo": d["copy_rate_ci"][0], "copy_rate_hi": d["copy_rate_ci"][1],
+            "copy_effect": effect,
             "copy_share_of_errors": d.get("copy_share_of_errors"), "other_rate": d.get("other_rate"),
         })
     return pd.DataFrame(rows)
@@ -167,7 +169,7 @@ def plot_forest(comparisons: dict[str, list[dict]], pairs: Sequence[tuple[str, s
                 metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
     """Paired differences per task with 95% intervals, the pooled difference last (a diamond).
 
-    `comparisons` is {task or "pooled": [comparison dicts]} as `evaluation.compare_rows` returns
+    `comparisons` is {task or "pooled": [comparison dicts]} as `comparisons.compare_rows` returns
     (fields condition, baseline, metric, diff, ci, p_value, mde). One panel per metric (rows) and
     (condition, baseline) pair (columns); filled markers are significant at 0.05 (per task,
     unadjusted); each panel's title gives the pooled difference and its minimal detectable effect.
@@ -243,7 +245,7 @@ def plot_k_curve(curve: dict, chosen_k: int | None = None, pairs: Sequence[tuple
                  metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
     """Pooled paired differences along k with 95% intervals: the k curve on the tasks.
 
-    `curve` is {k: [comparison dicts]} (the "pooled" entry of `evaluation.compare_rows` for each k).
+    `curve` is {k: [comparison dicts]} (the "pooled" entry of `comparisons.compare_rows` for each k).
     One panel per metric, one line per (condition, baseline) pair; filled markers: p < 0.05;
     a dotted line marks `chosen_k`, the dev split's choice (k = 0: no pruning).
     """

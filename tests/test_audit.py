@@ -57,6 +57,26 @@ def test_self_consistency_against_direct_runs(case):
     assert res.to_json()["rows"][1]["k"] == 30
 
 
+def test_self_consistency_with_size_matched_random_sets(case):
+    """match="size": the random sets are `random_matched(..., "size", sizes)` with the sizes of the check's own
+    prompts; the result says so, and the guard of `find` passes its config's choice through."""
+    from mechcopy import method
+    from mechcopy.pruning import component_sizes
+
+    model, prompts, _, scores = case
+    res = self_consistency(model, prompts, scores, ks=(6,), n_random=2, seed=1, match="size")
+    sizes = component_sizes(model, prompts)
+    chosen_set = select(scores, "global", k=6)
+    rand = np.array([[_contrast(model, p, pruning_hooks(model, random_matched(model, chosen_set, s, "size", sizes)))
+                      for p in prompts] for s in (1, 2)])
+    assert np.allclose(res.rows[0].per_prompt_random, rand, atol=1e-5)
+    assert res.to_json()["random_match"] == "size" and SelfConsistency.from_json(res.to_json()).match == "size"
+    config = method.FindConfig(consistency_random=2, seed=1, random_match="size")
+    assert method.guard(model, prompts, scores, 6, config).check.rows[0].per_prompt_random == res.rows[0].per_prompt_random
+    with pytest.raises(ValueError, match="unknown random_match"):
+        method.FindConfig(random_match="norm")
+
+
 def test_self_consistency_verdict(case):
     """IG's own top set lowers the contrast beyond random sets; the set IG ranks lowest raises it."""
     model, prompts, _, scores = case

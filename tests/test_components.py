@@ -156,7 +156,7 @@ def test_condition_fields_and_round_trip(tiny3):
     assert c.describe() == {"name": "pruned", "family": "pruned", "group": 20, "kind": "neuron", "n_components": 2,
                             "ablation": "mean", "positions": "last", "seed": None,
                             "means": {"kind": "neuron", "positions": "all", "reference": "3 prompts", "n_prompts": 3},
-                            "readout": None}
+                            "readout": {"scoring": "generate", "calibration": None}, "versus": []}
     back = Condition.from_json(json.loads(json.dumps(c.to_json())))
     assert back == c and back.components.pairs == comps.pairs
     assert all(torch.allclose(back.means[l], means[l]) for l in range(3))

@@ -178,28 +178,78 @@ def test_one_pass_equals_separate_conditions(model, spec):
         predict_conditions(model, prompts, [Condition("a"), Condition("a")])
 
 
-def test_a_readout_chooses_the_first_token_of_its_group(tiny):
-    """A condition's readout replaces the argmax of its own rows' first answer token, nothing else."""
-    prompts = _mixed_prompts(tiny.tokenizer)
+ANSWERS = ("no", "yes", "maybe")
 
-    class Forced:
-        name = "forced"
 
-        def __init__(self, token: int):
-            self.token = token
+def answer_task() -> Task:
+    words = ("cat", "moon", "sky", "river", "stone", "apple", "tree", "house", "lamp", "road", "bird", "fish",
+             "rain", "sand", "wolf")
+    return Task("answers", tuple((w, ANSWERS[i % 3]) for i, w in enumerate(words)))
 
-        def choose(self, logits, rows):
-            assert len(rows) == logits.shape[0]
-            return torch.full((logits.shape[0],), self.token)
 
-        def to_json(self):
-            return {"name": self.name, "token": self.token}
+@pytest.mark.parametrize("arch", ["transformer", "mamba"])
+def test_label_readouts_in_one_call_equal_separate_scoring(arch):
+    """Label-scored conditions (plain, calibrated, pruned and both) and generated ones in one call answer as
+    separate `score_labels` runs under each condition's hooks read by its calibration, and as `predict`."""
+    from mechcopy.conditions import LABELS, Readout, calibrated_conditions, read_by
+    from mechcopy.models.mamba import tiny_mamba
+    from mechcopy.scoring import CONTENT_FREE, domain_queries, reference_queries, score_labels
 
-    z = tiny.tokenizer.encode("z", add_special_tokens=False)[0]
-    got = predict_conditions(tiny, prompts, [UNPRUNED, Condition("forced", readout=Forced(z))], batch_size=16)
-    assert got["unpruned"] == predict(tiny, prompts)
-    assert all(answer.startswith("z") for answer in got["forced"])
-    assert Condition("forced", readout=Forced(z)).describe()["readout"] == {"name": "forced", "token": z}
+    model = tiny_transformer(n_layers=3, d_model=32, d_mlp=64, seed=2) if arch == "transformer" else \
+        tiny_mamba(n_layers=3, d_model=32, seed=2)
+    task = answer_task()
+    labels = task.require_labels()
+    prompts = build_prompts(task, model.tokenizer, shots=3, n=10, seed=1).prompts
+    width = arch_of(model).neurons_per_layer(model)
+    comps = NeuronSet(tuple((l, i) for l in (1, 2) for i in range(0, width, 3)), model_fingerprint(model))
+    base = read_by([UNPRUNED, Condition("pruned", "pruned", comps)], LABELS)
+    calibrated = calibrated_conditions(base, ["contextual", "batch", "domain"])
+    assert [c.label for c in calibrated] == ["contextual", "pruned+contextual", "batch", "pruned+batch", "domain",
+                                             "pruned+domain"]
+    assert calibrated[0].versus == ("pruned",) and calibrated[1].versus == ("pruned", "contextual")
+    assert calibrated[1].components == comps and calibrated[1].family == "pruned+contextual"
+    conditions = [Condition("generated"), *base, *calibrated]
+    refs = reference_queries(["contextual", "domain"], [x for x, _ in task.pairs], seed=0)
+    assert refs == {"contextual": CONTENT_FREE, "domain": domain_queries([x for x, _ in task.pairs], seed=0)}
+    got = predict_conditions(model, prompts, conditions, batch_size=12, labels=labels, references=refs)
+    assert got["generated"] == predict(model, prompts)
+    for c in [*base, *calibrated]:
+        scores = score_labels(model, prompts, labels, fwd_hooks=condition_hooks(model, c), references=refs)
+        assert got[c.label] == scores.predict(c.readout.calibration or "labels"), c.label
+    assert got["pruned+contextual"] != got["contextual"] and got["contextual"] != got["unpruned"]  # both matter
+    results = evaluate_conditions(model, prompts, conditions, batch_size=12, labels=labels, references=refs)
+    assert all(r.predictions == tuple(got[name]) for name, r in results.items())
+    with pytest.raises(ValueError, match="label set"):
+        predict_conditions(model, prompts, base)
+    with pytest.raises(ValueError, match="domain calibration needs its reference queries"):
+        predict_conditions(model, prompts, calibrated, labels=labels)
+    with pytest.raises(ValueError, match="needs scoring='labels'"):
+        Readout("generate", "contextual")
+    with pytest.raises(ValueError, match="unknown calibration"):
+        calibrated_conditions(base, ["platt"])
+    again = Condition.from_json(json.loads(json.dumps(calibrated[1].to_json())))
+    assert again == calibrated[1] and again.describe()["readout"] == {"scoring": "labels", "calibration": "contextual"}
+
+
+def test_rows_carry_the_copy_effect_beside_the_copy_rate(tiny):
+    """A closed-label task's rows carry the copy effect and demo share of their predictions (equal to
+    `copy_effect` on them); an open task's say why they have none; the pooled part is computed apart."""
+    from mechcopy.copy_effect import copy_effect, demo_share
+    from mechcopy.suite import build_prompt_sets, copy_effects
+
+    closed = answer_task()
+    open_task = Task("open", tuple((w, w[::-1]) for w in ("ab", "cd", "ef", "gh", "ij", "kl")), closed=False)
+    rows, _ = run_evaluation(tiny, [closed, open_task], shots=3, n=8, conditions=[UNPRUNED], progress=False,
+                             copy_control=False)
+    sets = build_prompt_sets(tiny, [closed, open_task], shots=3, n=8)
+    row, open_row = rows
+    prompts = sets["answers"].prompts
+    assert row["copy_effect"] == copy_effect(prompts, row["predictions"], closed.label_set(), "answers").to_json()
+    assert row["demo_share"] == demo_share(prompts, row["predictions"], closed.label_set(), "answers").to_json()
+    assert open_row["copy_effect"]["effect"] is None and "open task" in open_row["copy_effect"]["reason"]
+    part = copy_effects(rows, sets, [closed, open_task])
+    assert set(part) == {"unpruned"} and set(part["unpruned"]) == {"pooled", "task_level", "tasks"}
+    assert "copy_effect" not in {k for r in rows for k in r if k.startswith("pooled")}
 
 
 def test_task_result_outcomes_agree_with_classify(tiny):
@@ -285,7 +335,7 @@ def test_evaluate_cli(tiny, tmp_path, monkeypatch):
     NeuronSet(((0, 1), (1, 2)), model_fingerprint(tiny)).save(neurons)
     calls = []
 
-    def fake_conditions(model, ns, n_random, seed, scores=None):
+    def fake_conditions(model, ns, n_random, seed, scores=None, **kw):
         calls.append((len(ns), n_random, seed))
         return [Condition("pruned", "pruned", ns), Condition("random-0", "random", NeuronSet(((1, 5),), ns.model), seed=0)]
 
@@ -304,6 +354,52 @@ def test_evaluate_cli(tiny, tmp_path, monkeypatch):
         assert {"condition", "baseline", "metric", "diff", "ci", "p_value", "mde", "n"} <= set(c)
     assert {(c["condition"], c["baseline"]) for c in data["comparisons"]["pooled"]} == {
         ("pruned", "unpruned"), ("random", "unpruned"), ("pruned", "random")}
+    assert [(t["condition"], t["baseline"], t["metric"]) for t in data["task_level"]] == [
+        (c["condition"], c["baseline"], c["metric"]) for c in data["comparisons"]["pooled"]]
+
+
+def test_evaluate_cli_label_scoring_and_calibration(tiny, tmp_path, monkeypatch, capsys):
+    """--scoring labels --calibrate: every condition label-scored, the calibrations alone and with pruning,
+    each compared with unpruned and with pruning; task-level figures beside the pooled ones; the copy
+    effect's pooled part apart from the rows; open tasks and --calibrate without labels refused first."""
+    import mechcopy
+    from mechcopy.commands import main
+
+    loads = []
+    monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: loads.append(name) or tiny)
+    task_file = tmp_path / "t.json"
+    task_file.write_text(json.dumps(answer_task().to_json()))
+    neurons = tmp_path / "n.json"
+    NeuronSet(((0, 1), (1, 2), (1, 7)), model_fingerprint(tiny)).save(neurons)
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--shots", "3", "--n", "9", "--prune",
+                 str(neurons), "--n-random", "2", "--scoring", "labels", "--calibrate", "contextual,batch",
+                 "--random-match", "size", "--copy-control", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["scoring"] == "labels" and data["settings"]["calibrate"] == ["contextual", "batch"]
+    assert data["settings"]["random_match"] == "size" and data["settings"]["sizes"]["n_prompts"] == 9
+    rows = {r["condition"]: r for r in data["results"]}
+    assert list(rows) == ["unpruned", "pruned", "random-0", "random-1", "contextual", "pruned+contextual", "batch",
+                          "pruned+batch"]
+    assert {r["spec"]["readout"]["scoring"] for r in rows.values()} == {"labels"}
+    assert rows["pruned+batch"]["spec"]["readout"]["calibration"] == "batch"
+    assert all(set(r["predictions"]) <= set(ANSWERS) for r in rows.values())
+    assert all(r["copy_effect"]["task"] == "answers" for r in rows.values())
+    pairs = {(c["condition"], c["baseline"]) for c in data["comparisons"]["pooled"] if c["metric"] == "accuracy"}
+    for x in ("contextual", "batch"):
+        assert {(x, "unpruned"), (x, "pruned"), (f"pruned+{x}", "pruned"), (f"pruned+{x}", x),
+                (f"pruned+{x}", "unpruned")} <= pairs
+    assert len(data["task_level"]) == len(data["comparisons"]["pooled"])
+    assert set(data["copy_effect"]) == set(rows) and "pooled" in data["copy_effect"]["batch"]
+    assert loads == ["tiny"]
+    for extra, msg in [(["--calibrate", "batch"], "add --scoring labels"), (["--scoring", "labels"], "is open"),
+                       (["--copy-control"], "is open")]:
+        task_file.write_text(json.dumps({**answer_task().to_json(), "closed": False}) if "is open" in msg
+                             else json.dumps(answer_task().to_json()))
+        capsys.readouterr()
+        assert main(["evaluate", "--model", "tiny", "--tasks", f"{task_file}", "--n", "3", *extra]) == 2
+        assert msg in capsys.readouterr().err
+    assert loads == ["tiny"]                                        # refused before the model loads
 
 
 def test_mamba_predict_batches(tiny):
@@ -416,6 +512,40 @@ def test_compare_rows_groups_by_spec_not_by_name():
     assert ("pruned", "random") in pooled and ("random", "unpruned") in pooled
     with pytest.raises(ValueError, match="older mechcopy"):
         compare_rows([{k: v for k, v in r.items() if k != "spec"} for r in _fake_rows()])
+
+
+def test_versus_comparisons_and_task_levels_by_hand():
+    """A calibrated condition is compared with unpruned and with what its spec's `versus` names, per task and
+    pooled over the held-out tasks; `task_levels` is `stats.task_level` of the same per-task differences."""
+    from mechcopy.comparisons import task_level_table, task_levels
+    from mechcopy.conditions import LABELS, calibrated_conditions, read_by
+    from mechcopy.stats import task_level
+
+    rng = np.random.default_rng(3)
+    base = read_by([UNPRUNED, Condition("pruned", "pruned")], LABELS)
+    conds = base + calibrated_conditions(base, ["contextual"])
+    rows = [{"task": t, "kind": kind, "condition": c.label, "correct": (rng.random(30) < 0.5).tolist(),
+             "copy": (rng.random(30) < 0.3).tolist(), "spec": c.describe()}
+            for t, kind in (("a", "knowledge"), ("b", "sentiment"), ("c", "linguistic"), ("copy_probe", "probe"))
+            for c in conds]
+    out = compare_rows(rows, n_boot=200)
+    get = {(r["task"], r["condition"]): np.mean(r["correct"]) for r in rows}
+    pairs = {(c["condition"], c["baseline"]) for c in out["a"] if c["metric"] == "accuracy"}
+    assert pairs == {("pruned", "unpruned"), ("contextual", "unpruned"), ("pruned+contextual", "unpruned"),
+                     ("contextual", "pruned"), ("pruned+contextual", "pruned"), ("pruned+contextual", "contextual")}
+    by = {(t, c["condition"], c["baseline"], c["metric"]): c for t, cs in out.items() for c in cs}
+    for t in "abc":
+        assert by[(t, "contextual", "pruned", "accuracy")]["diff"] == pytest.approx(get[(t, "contextual")] - get[(t, "pruned")])
+    pooled = by[("pooled", "pruned+contextual", "contextual", "accuracy")]
+    assert pooled["tasks"] == ["a", "b", "c"] and pooled["diff"] == pytest.approx(
+        np.mean([get[(t, "pruned+contextual")] - get[(t, "contextual")] for t in "abc"]))
+    levels = task_levels(out, seed=0)
+    assert len(levels) == len(out["pooled"])
+    for level, c in zip(levels, out["pooled"]):
+        want = task_level({t: by[(t, c["condition"], c["baseline"], c["metric"])]["diff"] for t in "abc"},
+                          c["metric"], c["condition"], c["baseline"], seed=0)
+        assert level == want.to_json()
+    assert len(task_level_table(levels)) == len(levels)
 
 
 def test_comparisons_table_lists_every_comparison():

@@ -69,3 +69,18 @@ def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant):
     assert f"| {tiny_llama_dir.name} | {variant} | gradxact | {methods['k']} |" in tables
     for k in ks:
         assert f"| {tiny_llama_dir.name} | {variant} | {f'**{k}**' if k == chosen else k} |" in tables
+
+
+def test_study_random_sets_matched_on_size(tiny_llama_dir, tmp_path):
+    """--random-match size reaches the guard, the consistency check and the evaluations, in its own folder."""
+    stages = "probe,attribution,selection,consistency,evaluate-methods"
+    cmd = [sys.executable, str(ROOT / "analyses" / "replication.py"), "--model", str(tiny_llama_dir),
+           "--variant", "default", "--smoke", "--stages", stages, "--out", str(tmp_path), "--random-match", "size"]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = tmp_path / tiny_llama_dir.name / "default-size"
+    res = {s: json.loads((out / f"{s}.json").read_text())["result"] for s in stages.split(",")}
+    assert {c["random_match"] for c in res["consistency"].values()} == {"size"}
+    guard = res["selection"]["guard"]
+    assert guard is None or guard["self_consistency"]["random_match"] == "size"
+    assert json.loads((out / "settings.json").read_text())["variant"]["random_match"] == "size"
+    assert {r["condition"] for r in res["evaluate-methods"]["rows"]} >= {"unpruned", "random-0@gradxact"}

@@ -207,7 +207,7 @@ def test_closed_label_tasks_make_exact_prompts(model):
     for name in CLOSED_LABEL:
         task = load_task(name)
         for gold_in_demos in (True, False):
-            ps = build_prompts(task, tok, k=4, n=100, seed=0, gold_in_demos=gold_in_demos)
+            ps = build_prompts(task, tok, shots=4, n=100, seed=0, gold_in_demos=gold_in_demos)
             assert len(ps) == 100 and not ps.dropped, (name, gold_in_demos, ps.dropped[:3])
             for p in ps.prompts:
                 assert len(p.answer_ids) == 1 and tok.decode(p.answer_ids).strip() == p.answer

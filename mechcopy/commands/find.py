@@ -7,6 +7,7 @@ import time
 from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS
 from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, open_model,
                                       prepare_out, saved_in)
+from mechcopy.components import MATCHES
 from mechcopy.find import ATTRIBUTIONS, PROBES, SELECTIONS, FindConfig, find_copy_neurons
 from mechcopy.io import side_file
 from mechcopy.tasks.probe import FORMATS, ITEM_SETS
@@ -34,6 +35,8 @@ HELPS = {
     "probe_format": "balanced probe's layout: one pair per line, or one line of comma-separated pairs",
     "max_completeness_error": "IG completeness gate: select only in layers whose median error is below it",
     "consistency_random": "random sets of the self-consistency check that may refuse the choice (0: off)",
+    "random_match": "the check's random sets: matched on layer, or on layer and mean |activation| at the answer "
+                    "position of the attribution prompts (size)",
 }
 SIDE_FILES = (".scores.safetensors", ".scores.json", ".attributions.safetensors")
 
@@ -71,6 +74,6 @@ def register(sub) -> None:
     add_config_args(p, FindConfig, HELPS, choices={
         "attribution": ATTRIBUTIONS, "target": TARGETS, "method": METHODS, "rule": RULES,
         "normalisation": NORMALISATIONS, "mode": SELECTIONS, "probe": PROBES, "probe_items": ITEM_SETS,
-        "probe_format": tuple(FORMATS)})
+        "probe_format": tuple(FORMATS), "random_match": MATCHES})
     add_out_args(p, "neuron file to write (JSON); an interrupted run started again resumes", required=True)
     p.set_defaults(run=run)
