@@ -39,18 +39,38 @@ import numpy as np
 
 #: the settings frozen before the first result (docs/copy_mechanism.md, "Frozen before the first run")
 SETTINGS: dict[str, Any] = {
+    # the probe tasks the pilot's keep rule (analyses/copy_probe_pilot.py, fixed before the pilot ran) keeps
+    # for this model alone (`probe_tasks`); all six when it keeps fewer than two
     "probe_tasks": ["last_digit", "max_digit", "star_count", "distinct_symbols", "odd_position", "repeated_symbol"],
-    "shots": 4, "n_attr": 10, "n_dev": 15, "n_test": 30, "probe_seed": 0,
+    "shots": 4, "n_attr": 8, "n_dev": 12, "n_test": 30, "probe_seed": 0,
     "selection_seeds": [0, 1, 2],
     "attribution": "ig", "target": "contrast", "steps": 20,
     "ks": [10, 20, 50, 100, 200], "ablations": ["zero", "mean"], "positions": "all",
     "max_ppl_increase": 0.05, "ppl_tokens": 4096,
     "heldout_tasks": ["animal_class", "chemical_state", "food_group", "location_continent", "location_religion",
                       "object_color", "object_counting", "sentiment_binary", "sentiment_five", "word_language"],
-    "n": 40, "prompt_seed": 0, "constructions": ["no-gold", "copy-control"],
+    "n": 30, "prompt_seed": 0, "constructions": ["no-gold", "copy-control"],
     "calibrations": ["contextual", "batch"], "random_match": "size", "n_random_per_seed": 1,
 }
 CONSTRUCTIONS = ("no-gold", "copy-control")
+
+
+def probe_tasks(model_name: str, pilot: Path = Path("docs/data/copy_probe_pilot.json")) -> tuple[list[str], str]:
+    """The probe tasks of the study for `model_name`: those the pilot's keep rule keeps on this model's
+    pilot alone (all six when fewer than two), and why."""
+    import importlib.util
+    import json
+
+    doc = json.loads(pilot.read_text())
+    if model_name not in doc.get("models", {}):
+        raise SystemExit(f"{pilot} has no pilot of {model_name}: run analyses/copy_probe_pilot.py --models {model_name}")
+    spec = importlib.util.spec_from_file_location("copy_probe_pilot", Path(__file__).with_name("copy_probe_pilot.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kept, dropped = module.keep({model_name: doc["models"][model_name]})
+    if len(kept) >= 2:
+        return kept, f"kept by the pilot's rule on {model_name}; dropped: {dropped}"
+    return list(SETTINGS["probe_tasks"]), f"the pilot's rule kept {kept} on {model_name} (fewer than two): all six used"
 
 
 def _work(args) -> Path:
@@ -399,6 +419,8 @@ def main(argv=None) -> int:
     from mechcopy.io import write_json_atomic
 
     torch.set_num_threads(args.threads)
+    kept, why = probe_tasks(args.model)
+    SETTINGS.update(probe_tasks=kept, probe_tasks_why=why)
     work = _work(args)
     work.mkdir(parents=True, exist_ok=True)
     if args.stage == "summary":
