@@ -6,7 +6,7 @@
     python analyses/copy_mechanism.py --model smollm2-135m --stage heldout --construction copy-control
     python analyses/copy_mechanism.py --model smollm2-135m --stage summary     # docs/data/copy_mechanism_<model>.json
 
-Every stage is resumable: its state goes to `--work` (default `runs/copy_mechanism/<model>/`, not
+Every stage is resumable: its state goes to `--work` (default `results/copy_mechanism/<model>/`, not
 committed) as soon as it is made, and a stage started again skips what is there (the held-out stages
 through `suite.run_evaluation`'s journal, one task at a time). Stages may run one at a time, under
 the CPU lock, in any order after `select`.
@@ -74,7 +74,7 @@ def probe_tasks(model_name: str, pilot: Path = Path("docs/data/copy_probe_pilot.
 
 
 def _work(args) -> Path:
-    return Path(args.work or f"runs/copy_mechanism/{args.model}")
+    return Path(args.work or f"results/copy_mechanism/{args.model}")
 
 
 def _probe(tokenizer, construction: str, seed: int, settings: dict = SETTINGS):
