@@ -141,6 +141,21 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     for t, d in table["accuracy"]["per_task"].items():
         assert d == pytest.approx(np.mean(by["pruned@s0"][t]["correct"]) - np.mean(by["unpruned"][t]["correct"]))
 
+    # the summary reads the same state back from the work folder
+    import json
+    for sel in sels:
+        (tmp_path / f"select_seed{sel['seed']}.json").write_text(json.dumps(sel))
+    (tmp_path / "probe_test.json").write_text(json.dumps(probe))
+    import shutil
+    shutil.copy(tmp_path / "ng.jsonl", tmp_path / "heldout_no-gold.jsonl")
+    shutil.copy(tmp_path / "cc.jsonl", tmp_path / "heldout_copy-control.jsonl")
+    (tmp_path / "costs.json").write_text(json.dumps(study.ablation_costs(tiny, sels, s)))
+    doc = study.summary("tiny", tmp_path, s, tokenizer=tiny.tokenizer)
+    assert {r["condition"] for r in doc["table"]} == names - {"unpruned"}
+    assert doc["criteria"] == json.loads(json.dumps(crit))
+    assert {r["condition"]: r["ppl_increase"] for r in doc["table"]}["pruned+batch@s1"] == doc["ppl_increase"]["pruned@s1"]
+    assert len(json.dumps(doc)) < 64 * 1024
+
 
 def test_mechanism_criterion_on_made_rows(study):
     """A set that removes the copy effect on every task beside a random set that keeps it: criterion 1's
