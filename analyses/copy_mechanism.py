@@ -286,12 +286,17 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
        paired prompt-level interval below 0; on the held-out tasks, per task |CE(random)| - |CE(set)|
        (= [|CE0| - |CE(set)|] - [|CE0| - |CE(random)|]) with a task-level interval above 0.
     2. Better than calibration: per task acc(set) - acc(calibration) (= the difference of their gains),
-       no-gold, task-level interval above 0, against each calibration separately."""
+       no-gold, task-level interval above 0, against each calibration separately.
+
+    The mean over seeds counts every selection seed: one whose dev sweep chose nothing prunes nothing
+    (`no_selection`), so it enters as the unpruned model (copy-effect differences 0; its accuracy the
+    unpruned model's, its "set + calibration" the calibration's)."""
     from mechcopy.copy_effect import copy_effect_difference
 
     seeds = [f"s{sel['seed']}" for sel in selections if sel["chosen"] is not None]
     ng, cc = _rows_by(rows_no_gold), _rows_by(rows_cc)
-    out: dict[str, Any] = {"seeds": seeds, "mechanism": {}, "versus_calibration": {}}
+    empty = [f"s{sel['seed']}" for sel in selections if sel["chosen"] is None]
+    out: dict[str, Any] = {"seeds": seeds, "no_selection": empty, "mechanism": {}, "versus_calibration": {}}
 
     def randoms(group: str, by: dict) -> list[str]:
         return [c for c in by if c.startswith("random-") and c.endswith(f"@{group}")]
@@ -330,6 +335,13 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
                     r = _level(d, f"acc({name}) - acc({cal})", seed)
                     r["holds"] = bool(r["task_ci"][0] > 0)
                     out["versus_calibration"].setdefault(g, {})[f"{name} vs {cal}"] = r
+    for g in empty:   # nothing pruned: the set is the unpruned model, and so is its random counterpart
+        if probe is not None and probe_prompts is not None and probe_parts:
+            for t, ps in _by_task(probe_prompts).items():
+                same = probe["predictions"]["unpruned"][t]
+                probe_parts[f"{t}#0#{g}"] = (ps, same, same, ps[0].label_space)
+        if held_parts and "unpruned" in cc:
+            held_parts[g] = {t: 0.0 for t, r in cc["unpruned"].items() if _ce(r) is not None}
     mean: dict[str, Any] = {}
     if probe_parts:
         mean["probe_test"] = copy_effect_difference(probe_parts, seed=seed)
@@ -348,6 +360,7 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
     for cal in settings["calibrations"]:
         for stem in ("pruned", f"pruned+{cal}"):
             names = [f"{stem}@{g}" for g in seeds if f"{stem}@{g}" in ng]
+            names += [("unpruned" if stem == "pruned" else cal) for g in empty] if names else []
             if names and cal in ng:
                 tasks = sorted(set(ng[cal]).intersection(*(set(ng[n]) for n in names)))
                 d = {t: float(np.mean([np.mean(ng[n][t]["correct"]) for n in names]) - np.mean(ng[cal][t]["correct"]))

@@ -137,6 +137,16 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     for t, d in mean["per_task"].items():
         assert d == pytest.approx(np.mean([np.mean(by[f"pruned@{g}"][t]["correct"]) for g in ("s0", "s1")])
                                   - np.mean(by["contextual"][t]["correct"]))
+    # a seed whose dev sweep chose nothing enters the mean over seeds as the unpruned model
+    with_empty = study.criteria(sels + [{"seed": 2, "chosen": None}], probe, rows, cc, prompts, s)
+    assert with_empty["no_selection"] == ["s2"]
+    mean = with_empty["versus_calibration"]["mean_over_seeds"]["pruned vs batch"]
+    for t, d in mean["per_task"].items():
+        accs = [np.mean(by[c][t]["correct"]) for c in ("pruned@s0", "pruned@s1", "unpruned")]
+        assert d == pytest.approx(np.mean(accs) - np.mean(by["batch"][t]["correct"]))
+    both = crit["mechanism"]["mean_over_seeds"]["probe_test"]
+    third = with_empty["mechanism"]["mean_over_seeds"]["probe_test"]
+    assert third["diff"] == pytest.approx(both["diff"] * len(both["tasks"]) / len(third["tasks"]))
     table = study.compare(rows, cc, "pruned@s0", "unpruned")
     for t, d in table["accuracy"]["per_task"].items():
         assert d == pytest.approx(np.mean(by["pruned@s0"][t]["correct"]) - np.mean(by["unpruned"][t]["correct"]))
