@@ -407,6 +407,9 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
                        {"chosen": None if s["chosen"] is None else {k: v for k, v in s["chosen"].items() if k != "components"}
                         | {"neurons": s["chosen"]["components"]["neurons"] if "neurons" in s["chosen"]["components"]
                            else s["chosen"]["components"]}} for s in selections],
+        "shared_neurons": {f"s{a['seed']}-s{b['seed']}": len({tuple(n) for n in a["chosen"]["components"]["neurons"]}
+                                                            & {tuple(n) for n in b["chosen"]["components"]["neurons"]})
+                           for i, a in enumerate(selections) for b in selections[i + 1:] if a["chosen"] and b["chosen"]},
         "finished": {"select": [s["seed"] for s in selections], "probe_test": probe is not None,
                      **{f"heldout_{c}": sorted({r["task"] for r in rows[c]}) for c in CONSTRUCTIONS}},
         "rows": levels, "table": table, "ppl_increase": costs,
