@@ -174,6 +174,36 @@ def copy_effect(prompts: Sequence[ICLPrompt], predictions: Sequence[str], labels
     return _effect(name, prompts, predictions, labels, n_boot, np.random.default_rng(seed))[0]
 
 
+def copy_effect_difference(per_task: Mapping[str, tuple[Sequence[ICLPrompt], Sequence[str], Sequence[str], Sequence[str]]],
+                           n_boot: int = N_BOOT, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """The paired difference of two conditions' copy effects on the same prompts, pooled over tasks
+    (task -> (prompts, predictions a, predictions b, label set)): diff = mean over tasks of CE(a) - CE(b),
+    each task's effects over the label columns both can estimate (the same for a and b: which labels
+    are shown and wrong depends on the prompts only). The (1 - alpha) interval is a task-stratified
+    paired bootstrap: one resample of each task's prompts serves both conditions. Tasks where neither
+    can be estimated are left out and listed. {"diff", "ci", "tasks": {task: diff}, "left_out", "n_boot"}."""
+    diffs, reps, left_out = {}, [], []
+    for i, (t, (prompts, a, b, labels)) in enumerate(per_task.items()):
+        shown, wrong, said_a = _arrays(prompts, a, labels)
+        said_b = _arrays(prompts, b, labels)[2]
+        n = len(prompts)
+        pres, absn = _rates(np.ones((1, n)), shown, wrong, said_a, slice(None))
+        cols = np.flatnonzero(~np.isnan(pres[0]) & ~np.isnan(absn[0]))
+        if not len(cols):
+            left_out.append(t)
+            continue
+        pb, ab = _rates(np.ones((1, n)), shown, wrong, said_b, cols)
+        diffs[t] = float((pres[0, cols] - absn[0, cols]).mean() - (pb[0] - ab[0]).mean())
+        weights = np.random.default_rng([seed, i]).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+        ra, rb = _rates(weights, shown, wrong, said_a, cols), _rates(weights, shown, wrong, said_b, cols)
+        reps.append(_nanmean((ra[0] - ra[1]) - (rb[0] - rb[1]), axis=1))
+    if not diffs:
+        return {"diff": None, "ci": None, "tasks": {}, "left_out": left_out, "n_boot": n_boot}
+    lo, hi = np.nanquantile(_nanmean(np.stack(reps), axis=0), [alpha / 2, 1 - alpha / 2])
+    return {"diff": float(np.mean(list(diffs.values()))), "ci": [float(lo), float(hi)], "tasks": diffs,
+            "left_out": left_out, "n_boot": n_boot}
+
+
 def poisson_binomial_test(k: int, chances: Sequence[float]) -> float:
     """Two-sided exact p-value of k successes among independent trials with success probabilities
     `chances`: the total probability of every count no more likely than k (scipy's binomial rule)."""

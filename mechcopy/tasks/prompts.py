@@ -47,6 +47,13 @@ class ICLPrompt:
                 "demo_labels": list(self.demo_labels), "demo_label_ids": [list(i) for i in self.demo_label_ids],
                 "label_space": list(self.label_space), "sep": self.sep}
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ICLPrompt":
+        return cls(task=obj["task"], text=obj["text"], query=obj["query"], answer=obj["answer"],
+                   answer_ids=tuple(obj["answer_ids"]), demos=tuple(tuple(d) for d in obj["demos"]),
+                   demo_labels=tuple(obj["demo_labels"]), demo_label_ids=tuple(map(tuple, obj["demo_label_ids"])),
+                   label_space=tuple(obj.get("label_space", ())))
+
 
 @dataclass(frozen=True)
 class PromptSet:
