@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,11 +41,13 @@ from jaxtyping import Bool, Float
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.components import component_kind
+from mechcopy.errors import check_number
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import write_atomic, write_json_atomic
+from mechcopy.progress import tqdm
 from mechcopy.sites import neuron_site
 
 TARGETS = ("contrast", "gold_logprob", "copy_prob")
@@ -110,8 +113,7 @@ def make_target(name: str, prompt, clean_logits: Float[Tensor, "vocab"]) -> Targ
 
 def quadrature(steps: int, rule: str = "gauss-legendre") -> tuple[Tensor, Tensor]:
     """Nodes alpha in (0, 1) and weights (summing to 1) for int_0^1 f(alpha) dalpha."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_number(steps, "steps", low=1, integer=True)
     if rule == "midpoint":
         alphas = (np.arange(steps) + 0.5) / steps
         weights = np.full(steps, 1.0 / steps)
@@ -250,21 +252,30 @@ def _nodes(alphas: Tensor, like: Tensor) -> Float[Tensor, "m_plus_1 1"]:
     return torch.cat([alphas, torch.zeros(1)])[:, None].to(like)
 
 
-def _reference_layer(model: HookedModel, clean: _Clean, layer: int, alphas, weights) -> tuple[Tensor, Tensor]:
-    """IG of one layer on the full sequence, read from the model's own logits (the plain TransformerLens
-    computation); returns (attribution [N], target at alpha = 0)."""
-    m, act = len(alphas), clean.acts[layer]
-    leaf = (_nodes(alphas, act) * act).requires_grad_(True)                 # [m+1, N]
+def path_gradients(model: HookedModel, tokens: Tensor, site: str, path: Float[Tensor, "m_plus_1 *shape"],
+                   target: TargetSpec) -> tuple[Float[Tensor, "m *shape"], Float[Tensor, ""]]:
+    """The full sequence once per point of `path` (batched), the activation at `site`'s last position set
+    to that point; the gradient of the target (read from the model's own logits) at the first m points,
+    and the target at the last one (the baseline): the plain TransformerLens computation of IG."""
+    m = path.shape[0] - 1
+    leaf = path.detach().requires_grad_(True)
 
     def put_leaf(a, hook):
         return torch.cat([a[:, :-1], leaf[:, None].to(a.dtype)], dim=1)
 
     with torch.enable_grad():
-        logits = model.run_with_hooks(clean.tokens.expand(m + 1, -1), fwd_hooks=[(neuron_site(model, layer), put_leaf)])
-        values = clean.target(_f(logits[:, -1]))
+        logits = model.run_with_hooks(tokens.expand(m + 1, -1), fwd_hooks=[(site, put_leaf)])
+        values = target(_f(logits[:, -1]))
         (grad,) = torch.autograd.grad(values[:m].sum(), leaf)
-    ig = act * (weights.to(act)[:, None] * _f(grad[:m])).sum(0)
-    return ig.detach(), values[m].detach()
+    return _f(grad[:m]), values[m].detach()
+
+
+def _reference_layer(model: HookedModel, clean: _Clean, layer: int, alphas, weights) -> tuple[Tensor, Tensor]:
+    """IG of one layer on the full sequence (`path_gradients`); returns (attribution [N], target at alpha = 0)."""
+    act = clean.acts[layer]
+    grad, t0 = path_gradients(model, clean.tokens, neuron_site(model, layer), _nodes(alphas, act) * act, clean.target)
+    ig = act * (weights.to(act)[:, None] * grad).sum(0)
+    return ig.detach(), t0
 
 
 def _attribute_reference(model: HookedModel, cleans: list[_Clean], alphas, weights, layers):
@@ -406,6 +417,26 @@ class CopyScores:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     allowed_layers: tuple[int, ...] | None = None
 
+    def __post_init__(self):
+        s = self.scores
+        if not isinstance(s, Tensor) or s.ndim != 2 or not s.is_floating_point():
+            raise TypeError("copy scores must be a float tensor [layers, neurons], got "
+                            + (f"shape {tuple(s.shape)} of {s.dtype}" if isinstance(s, Tensor) else type(s).__name__))
+        bad = ~torch.isfinite(s)
+        if bool(bad.any()):   # a NaN would rank as the top *and* the bottom set
+            layer, idx = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"copy scores must be finite: {int(bad.sum())} of {s.numel()} are NaN or infinite "
+                             f"(the first at layer {layer}, neuron {idx}); recompute them (`mechcopy find`)")
+        if not isinstance(self.meta, dict):
+            raise TypeError(f"copy scores' meta must be a dict, got {type(self.meta).__name__}")
+        if not isinstance(self.meta.get("model", {}), dict):
+            raise TypeError(f"copy scores' meta 'model' must be a model fingerprint (a dict), got {self.meta['model']!r}")
+        component_kind(self.kind)
+        if self.allowed_layers is not None:
+            if any(isinstance(l, bool) or not isinstance(l, numbers.Integral) or not 0 <= l < s.shape[0]
+                   for l in self.allowed_layers):
+                raise ValueError(f"allowed_layers must be layers 0..{s.shape[0] - 1}, got {self.allowed_layers}")
+
     @property
     def model(self) -> dict[str, Any]:
         return self.meta.get("model", {})
@@ -425,11 +456,14 @@ class CopyScores:
 
     def check(self, model: HookedModel) -> None:
         """Raise unless these scores were computed on a model with `model`'s identity and sizes."""
+        from mechcopy.components import component_kind
+
         fp = model_fingerprint(model)
-        want = (fp["n_layers"], fp["neurons_per_layer"])
+        kind = component_kind(self.kind)
+        want = (fp["n_layers"], kind.width(model))
         if tuple(self.scores.shape) != want:
             raise ValueError(f"scores have shape {tuple(self.scores.shape)}, the model has {want} "
-                             "(layers, neurons): they were computed on another model")
+                             f"(layers, {kind.plural}): they were computed on another model")
         for k in ("name", "architecture"):
             if k in self.model and self.model[k] != fp[k]:
                 raise ValueError(f"scores were computed on another model ({k}: {self.model[k]!r} vs {fp[k]!r})")
@@ -459,8 +493,11 @@ class CopyScores:
                 meta = json.loads((f.metadata() or {}).get("mechcopy", "{}"))
         except (SafetensorError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is damaged or not a copy-score file ({e}); run `mechcopy find` again") from e
-        allowed = meta.get("allowed_layers")
-        return cls(scores, meta, None if allowed is None else tuple(allowed))
+        allowed = meta.get("allowed_layers") if isinstance(meta, dict) else None
+        try:
+            return cls(scores, meta, None if allowed is None else tuple(allowed))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from e
 
 
 def copy_scores(model: HookedModel, attributions: Attributions | Tensor, normalisation: str = "minmax",

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.attribution import COPY_SIGN, TARGETS, CopyScores, make_target
@@ -27,6 +26,7 @@ from mechcopy.batching import token_batches
 from mechcopy.components import random_matched
 from mechcopy.conditions import Means
 from mechcopy.evaluation import predict
+from mechcopy.progress import tqdm
 from mechcopy.pruning import component_sizes, pruning_hooks
 from mechcopy.selection import select
 from mechcopy.stats import Comparison, paired, paired_means, versus_sets

@@ -25,7 +25,6 @@ unchanged; `NeuronSet` is the name it had).
 
 from __future__ import annotations
 
-import json
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,8 @@ from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.fingerprint import IDENTITY_KEYS, model_fingerprint
-from mechcopy.errors import note
-from mechcopy.io import write_json_atomic
+from mechcopy.errors import check_number, input_file, note
+from mechcopy.io import read_json, write_json_atomic
 
 if TYPE_CHECKING:   # TransformerLens takes seconds to import: at run time only where a model is built
     from transformer_lens.components import TransformerBlock
@@ -52,6 +51,8 @@ class ComponentKind:
     plural: str = ""
     #: the axis of the site's activation that a component index selects (-1: the last)
     axis: int = -1
+    #: the model fingerprint's key holding the components per layer (a file is checked against it on loading)
+    size_key: str = ""
 
     def unsupported(self, model: HookedModel) -> str | None:
         """Why `model` has no components of this kind (None: it has)."""
@@ -85,7 +86,7 @@ class ComponentKind:
 
 
 class NeuronKind(ComponentKind):
-    name, plural, axis = "neuron", "neurons", -1
+    name, plural, axis, size_key = "neuron", "neurons", -1, "neurons_per_layer"
 
     def site(self, model: HookedModel, layer: int) -> str:
         return arch_of(model).neuron_site(model, layer)
@@ -101,7 +102,7 @@ class NeuronKind(ComponentKind):
 
 
 class HeadKind(ComponentKind):
-    name, plural, axis = "head", "heads", -2
+    name, plural, axis, size_key = "head", "heads", -2, "n_heads"
 
     def unsupported(self, model: HookedModel) -> str | None:
         arch = arch_of(model)
@@ -139,14 +140,20 @@ def component_kind(name: str) -> ComponentKind:
     return KINDS[name]
 
 
+def _size(model: dict[str, Any], key: str) -> int | None:
+    """A size the fingerprint records (None where it records none, or not as a count)."""
+    value = model.get(key) if key else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _as_index(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
     return int(value)
 
 
-def _checked_pairs(pairs: Any, kind: str) -> tuple[tuple[int, int], ...]:
-    """(layer, index) pairs as sorted, distinct integer pairs; refused where one is not a pair of integers."""
+def _as_pairs(pairs: Any, kind: str) -> tuple[tuple[int, int], ...]:
+    """`pairs` as sorted, distinct (layer, index) integer pairs (a ValueError naming the first that is not)."""
     out = set()
     for i, pair in enumerate(pairs):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -170,8 +177,22 @@ class Components:
     kind: str = "neuron"
 
     def __post_init__(self):
-        component_kind(self.kind)
-        object.__setattr__(self, "pairs", _checked_pairs(self.pairs, self.kind))
+        kind = component_kind(self.kind)
+        if not isinstance(self.model, dict):
+            raise TypeError(f"model must be a model fingerprint (a dict), got {type(self.model).__name__}")
+        if not isinstance(self.pairs, (tuple, list)):
+            raise TypeError(f"pairs must be a list of (layer, index) pairs, got {type(self.pairs).__name__}")
+        object.__setattr__(self, "pairs", _as_pairs(self.pairs, self.kind))
+        # what the fingerprint says about the model's sizes is checked now, before any model loads
+        n_layers, width = _size(self.model, "n_layers"), _size(self.model, kind.size_key)
+        for layer, idx in self.pairs:
+            if layer < 0 or idx < 0:
+                raise ValueError(f"{self.kind} ({layer}, {idx}) has a negative layer or index (they count from 0; "
+                                 "-1 does not mean the last)")
+            if (n_layers is not None and layer >= n_layers) or (width is not None and idx >= width):
+                raise ValueError(f"{self.kind} ({layer}, {idx}) is out of range: the model the set names has "
+                                 f"{n_layers if n_layers is not None else '?'} layers of "
+                                 f"{width if width is not None else '?'} {kind.plural}")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -197,6 +218,7 @@ class Components:
 
     def layer_counts(self, n_layers: int | None = None) -> list[int]:
         n = n_layers if n_layers is not None else self.model.get("n_layers", 0)
+        check_number(n, "n_layers", low=max((l + 1 for l, _ in self.pairs), default=0), integer=True)
         counts = [0] * n
         for layer, _ in self.pairs:
             counts[layer] += 1
@@ -253,24 +275,30 @@ class Components:
         if not pairs and meta.get("k") != 0:
             raise ValueError(f"{what}: it holds no {kind.plural} and does not say why (a file from `mechcopy find` "
                              "that chose k = 0 says so in meta.k)")
-        try:
-            return cls(_checked_pairs(pairs, kind.name), model, meta, source, kind.name)
+        try:                     # an entry that is no pair of integers: not a neuron file
+            pairs = _as_pairs(pairs, kind.name)
         except ValueError as e:
             raise ValueError(f"{what}: {e}") from e
+        try:                     # pairs past the sizes the file's own fingerprint records
+            return cls(pairs, model, meta, source, kind.name)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: {e}" if source else str(e)) from e
 
     def save(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "Components":
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"neuron file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a neuron file (not valid JSON: {e})") from e
-        return cls.from_json(obj, path)
+        path = input_file(path, "neuron file")
+        return cls.from_json(read_json(path, "neuron file"), path)
+
+
+def as_components(value: Any, name: str = "components") -> Components:
+    """`value` if it is a `Components` set, else a TypeError naming `name` and saying how to get one."""
+    if not isinstance(value, Components):
+        raise TypeError(f"{name} must be Components (e.g. Components.load('neurons.json'), or selection.select), "
+                        f"got {type(value).__name__} {value!r:.60}")
+    return value
 
 
 MATCHES = ("layer", "size")
@@ -320,6 +348,7 @@ def random_matched(model: HookedModel, components: Components, seed: int, match:
     layer's mean size is kept). Meta `size_ratio` gives, per layer, the drawn set's mean size over
     the set's; a layer off by more than `SIZE_TOLERANCE` (the set's components are the layer's
     largest, say) is noted and listed in meta `size_mismatch`."""
+    check_number(seed, "seed", low=0, integer=True)
     components.check(model)
     if match not in MATCHES:
         raise ValueError(f"unknown match {match!r}; choose one of {', '.join(MATCHES)}")

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from mechcopy.arch import HookedModel
 from mechcopy.attribution import CopyScores
-from mechcopy.components import Components, Sizes, component_kind, random_matched
+from mechcopy.components import Components, Sizes, as_components, component_kind, random_matched
+from mechcopy.errors import check_items, check_number
 from mechcopy.io import side_file
 from mechcopy.selection import bottom_set
 
@@ -170,8 +171,12 @@ class Condition:
     versus: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if not self.name:
-            raise ValueError("a condition needs a name")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a condition needs a name (a non-empty string), got {self.name!r}")
+        if self.components is not None:
+            as_components(self.components, f"condition {self.name}: components")
+        if self.seed is not None:
+            check_number(self.seed, f"condition {self.name}: seed", low=0, integer=True)
         object.__setattr__(self, "family", self.family or self.name)
         object.__setattr__(self, "versus", tuple(self.versus))
         if not isinstance(self.readout, Readout):
@@ -239,6 +244,9 @@ def standard_conditions(model: HookedModel, components: Components, n_random: in
     lowest-scoring set of the same size, from `scores` or the scores file the set names: see
     `find_scores`), all ablated the same way and read by `readout`. An empty selection (find chose
     k = 0) gives none."""
+    as_components(components)
+    check_number(n_random, "n_random", low=0, integer=True)
+    check_number(seed, "seed", low=0, integer=True)
     components.check(model)
     if not components.pairs:
         return []
@@ -253,6 +261,25 @@ def standard_conditions(model: HookedModel, components: Components, n_random: in
     if scores is not None:
         out.append(condition("bottom", "bottom", bottom_set(scores, len(components))))
     return out
+
+
+def check_scores_belong(scores: CopyScores, components: Components, path: str | Path = "the copy scores") -> None:
+    """Refuse copy scores that are not the ones `components` was chosen from, without a model: a shape
+    other than the sizes its fingerprint records, a kind of its own, or another `find` run (meta `run`)."""
+    where = components.source or f"the {components.kind} set"
+    kind = component_kind(components.kind)
+    want = (components.model.get("n_layers"), components.model.get(kind.size_key))
+    if scores.kind != components.kind:
+        raise ValueError(f"{path}: these are scores of {component_kind(scores.kind).plural}, but {where} holds "
+                         f"{kind.plural}; use the scores `mechcopy find` wrote beside it")
+    if all(isinstance(w, int) for w in want) and tuple(scores.scores.shape) != want:
+        raise ValueError(f"{path}: copy scores of shape {tuple(scores.scores.shape)}, but {where} names a model of "
+                         f"{want[0]} layers of {want[1]} {kind.plural}: they belong to another model; run "
+                         "`mechcopy find` again")
+    runs = (scores.meta.get("run"), components.meta.get("run"))
+    if all(runs) and runs[0] != runs[1]:
+        raise ValueError(f"{path}: these copy scores are of another `find` run than {where} (run {runs[0]} vs "
+                         f"{runs[1]}: an interrupted `find --force`?); run `mechcopy find` again")
 
 
 def read_by(conditions: Sequence[Condition], readout: Readout) -> list[Condition]:
@@ -271,7 +298,8 @@ def calibrated_conditions(conditions: Sequence[Condition], calibrations: Sequenc
     task; `conditions` should be read by `LABELS` too, so that every comparison changes one thing.
     `X` belongs to no group: where the pruned conditions do (a study), `compare_rows(..., group=g)`
     leaves it and the comparisons with it out."""
-    calibrations = list(dict.fromkeys(calibrations))
+    conditions = check_items(conditions, Condition, "conditions", "the conditions to calibrate, e.g. standard_conditions(...)")
+    calibrations = list(dict.fromkeys(check_items(calibrations, str, "calibrations", "e.g. ['contextual', 'batch']")))
     unknown = [c for c in calibrations if c not in CALIBRATIONS]
     if unknown:
         raise ValueError(f"unknown calibration {unknown[0]!r}; choose from {', '.join(CALIBRATIONS)}")
@@ -299,7 +327,9 @@ def find_scores(components: Components) -> CopyScores | None:
         candidates.append(side_file(components.source, ".scores.safetensors"))
     for path in candidates:
         if path.is_file():
-            return CopyScores.load(path)
+            scores = CopyScores.load(path)
+            check_scores_belong(scores, components, path)
+            return scores
     raise FileNotFoundError(
         f"the bottom-score baseline needs the copy scores of {components.source or 'this neuron set'}, which are "
         f"neither at {recorded} nor beside the neuron file; move the scores file back beside it")

@@ -31,7 +31,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mechcopy.stats import rate_interval, task_level
+from mechcopy.errors import check_items
+from mechcopy.stats import check_boot, rate_interval, task_level
 from mechcopy.tasks.prompts import ICLPrompt
 
 N_BOOT = 2000
@@ -100,9 +101,11 @@ class DemoShare:
 
 def _arrays(prompts: Sequence[ICLPrompt], predictions: Sequence[str], labels: Sequence[str]):
     """[prompts, labels] booleans: X is among the demos, X is wrong (not the gold), the answer is X."""
+    prompts = check_items(prompts, ICLPrompt, "prompts", "tasks.prompts.build_prompts(...).prompts")
+    predictions = check_items(predictions, str, "predictions", "evaluation.predict(...)")
     if len(prompts) != len(predictions):
         raise ValueError(f"{len(predictions)} predictions for {len(prompts)} prompts; they must pair up one to one")
-    labels = [y.strip() for y in labels]
+    labels = [y.strip() for y in check_items(labels, str, "labels", "the task's label set, Task.label_set()")]
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ValueError(f"the copy effect needs at least two distinct labels, got {labels}")
     shown = np.array([[y in {d.strip() for d in p.demo_labels} for y in labels] for p in prompts], dtype=bool)
@@ -163,11 +166,42 @@ def copy_effect(prompts: Sequence[ICLPrompt], predictions: Sequence[str], labels
                 task: str | None = None, n_boot: int = N_BOOT, seed: int = 0) -> CopyEffect:
     """The copy effect of one task's predictions (see the module docstring); `labels` is the task's
     label set (`Task.label_set()`), None for an open task (the effect is then null)."""
+    check_boot(n_boot, seed)
     name = task or (prompts[0].task if prompts else "")
     if labels is None:
         return CopyEffect(name, len(prompts), None, None, None, None, 0, 0, (),
                           "an open task has no label set (more than 12 distinct answers or \"closed\": false)")
     return _effect(name, prompts, predictions, labels, n_boot, np.random.default_rng(seed))[0]
+
+
+def copy_effect_difference(per_task: Mapping[str, tuple[Sequence[ICLPrompt], Sequence[str], Sequence[str], Sequence[str]]],
+                           n_boot: int = N_BOOT, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """The paired difference of two conditions' copy effects on the same prompts, pooled over tasks
+    (task -> (prompts, predictions a, predictions b, label set)): diff = mean over tasks of CE(a) - CE(b),
+    each task's effects over the label columns both can estimate (the same for a and b: which labels
+    are shown and wrong depends on the prompts only). The (1 - alpha) interval is a task-stratified
+    paired bootstrap: one resample of each task's prompts serves both conditions. Tasks where neither
+    can be estimated are left out and listed. {"diff", "ci", "tasks": {task: diff}, "left_out", "n_boot"}."""
+    diffs, reps, left_out = {}, [], []
+    for i, (t, (prompts, a, b, labels)) in enumerate(per_task.items()):
+        shown, wrong, said_a = _arrays(prompts, a, labels)
+        said_b = _arrays(prompts, b, labels)[2]
+        n = len(prompts)
+        pres, absn = _rates(np.ones((1, n)), shown, wrong, said_a, slice(None))
+        cols = np.flatnonzero(~np.isnan(pres[0]) & ~np.isnan(absn[0]))
+        if not len(cols):
+            left_out.append(t)
+            continue
+        pb, ab = _rates(np.ones((1, n)), shown, wrong, said_b, cols)
+        diffs[t] = float((pres[0, cols] - absn[0, cols]).mean() - (pb[0] - ab[0]).mean())
+        weights = np.random.default_rng([seed, i]).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+        ra, rb = _rates(weights, shown, wrong, said_a, cols), _rates(weights, shown, wrong, said_b, cols)
+        reps.append(_nanmean((ra[0] - ra[1]) - (rb[0] - rb[1]), axis=1))
+    if not diffs:
+        return {"diff": None, "ci": None, "tasks": {}, "left_out": left_out, "n_boot": n_boot}
+    lo, hi = np.nanquantile(_nanmean(np.stack(reps), axis=0), [alpha / 2, 1 - alpha / 2])
+    return {"diff": float(np.mean(list(diffs.values()))), "ci": [float(lo), float(hi)], "tasks": diffs,
+            "left_out": left_out, "n_boot": n_boot}
 
 
 def poisson_binomial_test(k: int, chances: Sequence[float] | np.ndarray) -> float:
@@ -208,6 +242,7 @@ def copy_effect_report(per_task: Mapping[str, tuple[Sequence[ICLPrompt], Sequenc
     resampling prompts within tasks) and taken with the task as the unit (`stats.task_level`, sign
     test and t interval over tasks): {"tasks": {task: {"copy_effect", "demo_share"}}, "pooled",
     "task_level"}, the part of a result JSON that is not per-task rows."""
+    check_boot(n_boot, seed)
     tasks, reps = {}, {}
     for i, (t, (prompts, predictions, labels)) in enumerate(per_task.items()):
         if labels is None:

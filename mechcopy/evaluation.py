@@ -28,17 +28,19 @@ import torch
 from jaxtyping import Int
 from pydoc_data.topics import topics
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import Decoder, HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
 from mechcopy.conditions import Condition
 from mechcopy.copy_effect import copy_effect, demo_share
+from mechcopy.errors import FieldError, check_items, check_number
+from mechcopy.hooks import check_hook_points
+from mechcopy.progress import tqdm
 from mechcopy.pruning import grouped_hooks
 from mechcopy.scoring import CONTENT_FREE, LabelScores, score_labels_conditions
 from mechcopy.stats import bootstrap_ci, rate_interval
 from mechcopy.tasks.outcomes import classify
-from mechcopy.tasks.prompts import SEPARATOR, ICLPrompt, PromptSet
+from mechcopy.tasks.prompts import ICLPrompt, PromptSet
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ def _pair(x: Sequence[float]) -> tuple[float, float]:
 
 
 def _as_list(prompts) -> list[ICLPrompt]:
-    return list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
+    return check_items(prompts.prompts if isinstance(prompts, PromptSet) else prompts, ICLPrompt, "prompts",
+                       "tasks.prompts.build_prompts(...).prompts")
 
 
 def _steps(p: ICLPrompt) -> int:
@@ -113,9 +116,11 @@ def _tokens(model: HookedModel, prompts: Sequence[ICLPrompt]) -> list[Int[Tensor
     return [prompt_tokens(model, p, i)[0] for i, p in enumerate(prompts)]
 
 
-def _greedy(decode: Decoder, tokens: Tensor, mask: Tensor, budgets: Sequence[int], tok, sep: str) -> list[str]:
+def _greedy(decode: Decoder, tokens: Tensor, mask: Tensor, budgets: Sequence[int], tok,
+            seps: Sequence[str]) -> list[str]:
     """Each row's answer: the next token's argmax if its budget is 1, else greedy generation that
-    stops per row at `sep`, EOS or the row's budget (the decoder runs until every row stopped)."""
+    stops per row at its separator `seps[r]`, EOS or the row's budget (the decoder runs until every
+    row stopped)."""
     eos = getattr(tok, "eos_token_id", None)
     generated: list[list[int]] = [[] for _ in budgets]
     done = [False] * len(budgets)
@@ -129,38 +134,46 @@ def _greedy(decode: Decoder, tokens: Tensor, mask: Tensor, budgets: Sequence[int
                 done[r] = True
                 continue
             generated[r].append(t)
-            if len(generated[r]) >= budgets[r] or sep in tok.decode(generated[r]):
+            if len(generated[r]) >= budgets[r] or seps[r] in tok.decode(generated[r]):
                 done[r] = True
         if all(done):
-            return [tok.decode(g).split(sep)[0].strip() for g in generated]
+            return [tok.decode(g).split(sep)[0].strip() for g, sep in zip(generated, seps)]
         logits = decode(nxt[:, None])
 
 
 def _predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks, batch_size: int, groups: int,
-             fork_at: int, sep: str, progress: bool, pad: bool) -> list[list[str]]:
-    """Answers per row group (`Arch.decoder`'s fork) under `fwd_hooks`; `batch_size` rows per pass."""
+             fork_at: int, sep: str | None, progress: bool, pad: bool) -> list[list[str]]:
+    """Answers per row group (`Arch.decoder`'s fork) under `fwd_hooks`; `batch_size` rows per pass;
+    generation stops at `sep`, or (None) at each prompt's own separator."""
     prompts = _as_list(prompts)
+    check_number(batch_size, "batch_size", low=1, integer=True)
+    if sep is not None and (not isinstance(sep, str) or not sep):
+        raise ValueError(f"sep must be a non-empty string (None: each prompt's own separator), got {sep!r}")
+    fwd_hooks = list(fwd_hooks)
+    check_hook_points(model, fwd_hooks)
     arch, tok = arch_of(model), model.tokenizer
     ids, budgets = _tokens(model, prompts), [_steps(p) for p in prompts]
+    seps = [sep or p.sep for p in prompts]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: list[list[str]] = [[""] * len(prompts) for _ in range(groups)]
     batches = token_batches(ids, budgets, max(1, batch_size // groups), pad)
-    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
         for batch in tqdm(batches, desc="predict", disable=not progress, leave=False):
             tokens, mask = left_pad([ids[i] for i in batch], pad_id)
             answers = _greedy(arch.decoder(model, groups, fork_at), tokens, mask,
-                              [budgets[i] for i in batch] * groups, tok, sep)
+                              [budgets[i] for i in batch] * groups, tok, [seps[i] for i in batch] * groups)
             for r, answer in enumerate(answers):
                 out[r // len(batch)][batch[r % len(batch)]] = answer
     return out
 
 
 def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int = 32,
-            sep: str = SEPARATOR, progress: bool = False, pad: bool = True) -> list[str]:
+            sep: str | None = None, progress: bool = False, pad: bool = True) -> list[str]:
     """The model's answer to each prompt (decoded text, stripped), under `fwd_hooks`.
 
     Prompts whose answer and demo labels are all one token: argmax of the next token. Otherwise greedy
-    generation until the generated text contains `sep`, the EOS token, or max(answer, demo label
+    generation until the generated text contains the prompt's separator (`ICLPrompt.sep`, the one it was
+    built with; `sep` overrides it), the EOS token, or max(answer, demo label
     lengths) + 2 tokens, continuing the architecture's decoder (a key/value cache on transformers, the
     recurrent state on Mamba). With `pad` (default) prompts of any lengths share a batch, left-padded;
     `pad=False` batches only prompts of equal length (the reference). Hooks run on every pass: a hook
@@ -171,7 +184,7 @@ def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batc
 
 
 def predict_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditions: Sequence[Condition],
-                       batch_size: int = 128, sep: str = SEPARATOR, progress: bool = False,
+                       batch_size: int = 128, sep: str | None = None, progress: bool = False,
                        labels: Sequence[str] | None = None,
                        references: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
     """`predict` under every condition in one pass: {condition label: answers}.
@@ -190,7 +203,7 @@ def predict_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditi
     calibration (default: `scoring.CONTENT_FREE` for contextual; domain's must be given,
     `scoring.reference_queries`).
     """
-    conditions = list(conditions)
+    conditions = check_items(conditions, Condition, "conditions", "mechcopy.conditions.UNPRUNED, standard_conditions(...)")
     if not conditions:
         raise ValueError("no conditions to evaluate: pass e.g. [mechcopy.conditions.UNPRUNED]")
     names = [c.label for c in conditions]
@@ -300,6 +313,25 @@ def default_text() -> str:
     return "\n\n".join(topics.values())
 
 
+def held_out_ids(tokenizer, text: str | None, n_tokens: int, text_name: str | None = None,
+                 field: str = "n_tokens") -> list[int]:
+    """The first `n_tokens` token ids of `text` (None: `default_text()`), refused (naming `field` and the
+    text) when the text holds fewer: a perplexity of fewer tokens than asked would be recorded as if it
+    were of `n_tokens`."""
+    check_number(n_tokens, field, low=2, integer=True)
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"text must be a string (None: the default held-out text), got {type(text).__name__}")
+    name = text_name or ("the default held-out text" if text is None else "the text")
+    text = default_text() if text is None else text
+    ids = list(tokenizer(text[: max(n_tokens * 12, 1000)], add_special_tokens=False)["input_ids"])
+    if len(ids) < n_tokens:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) < n_tokens:
+        raise FieldError(field, f"= {n_tokens} tokens of held-out text asked, but {name} holds only {len(ids)}; "
+                                "give a longer text or ask for fewer tokens")
+    return ids[:n_tokens]
+
+
 def perplexity(model: HookedModel, text: str | None = None, fwd_hooks=(), n_tokens: int = 4096, window: int = 256,
                batch_size: int = 4) -> float:
     """exp(mean next-token NLL) over the first `n_tokens` tokens of `text`, in non-overlapping windows.
@@ -308,14 +340,14 @@ def perplexity(model: HookedModel, text: str | None = None, fwd_hooks=(), n_toke
     predicted; without a BOS the first token of each window is context only. Windows are cut to the
     model's context.
     """
+    check_number(window, "window", low=1, integer=True)
+    check_number(batch_size, "batch_size", low=1, integer=True)
+    fwd_hooks = list(fwd_hooks)
+    check_hook_points(model, fwd_hooks)
     limit = arch_of(model).context_limit(model)
     window = min(window, limit - 1) if limit else window
     tok = model.tokenizer
-    text = default_text() if text is None else text
-    ids = list(tok(text[: max(n_tokens * 12, 1000)], add_special_tokens=False)["input_ids"])
-    if len(ids) < n_tokens:
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-    ids = ids[:n_tokens]
+    ids = held_out_ids(tok, text, n_tokens)
     bos = getattr(tok, "bos_token_id", None)
     windows = [([bos] if bos is not None else []) + ids[s:s + window] for s in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) >= 2]

@@ -44,7 +44,8 @@ def _weights_state(model: HookedModel) -> tuple:
 
 
 def model_fingerprint(model: HookedModel) -> dict[str, Any]:
-    """Name, architecture and sizes (what a component file is checked against) plus a weight hash."""
+    """Name, architecture and sizes (what a component file is checked against, also before the model
+    loads: layers, neurons per layer, attention heads) plus a weight hash."""
     state = _weights_state(model)
     cached = _FINGERPRINTS.get(model)
     if cached is not None and cached[0] == state:
@@ -58,5 +59,16 @@ def model_fingerprint(model: HookedModel) -> dict[str, Any]:
         "neurons_per_layer": arch.neurons_per_layer(model),
         "weight_hash": weight_hash(model),
     }
+    if arch.has_attention:     # the sizes a head file is checked against on loading
+        fp["n_heads"] = int(cfg.n_heads)
     _FINGERPRINTS[model] = (state, fp)
     return dict(fp)
+
+
+def numerics(model: HookedModel) -> dict[str, str]:
+    """What changes a model's numbers without changing its weights' identity (the weight hash is the same
+    in float32 and bfloat16): the parameters' dtype and the kind of device. Part of every checkpoint's
+    and journal's key, so work done in one precision is never reused in another."""
+    p = next(iter(model.parameters()), None)
+    return {"dtype": str(p.dtype).removeprefix("torch.") if p is not None else "none",
+            "device": p.device.type if p is not None else "cpu"}

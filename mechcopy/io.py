@@ -73,6 +73,37 @@ def write_jsonl_atomic(path: str | Path, objs: Iterable[Any]) -> Path:
     return write_atomic(path, "".join(_jsonl(o) for o in objs))
 
 
+def parse_json(text: str, source: str) -> Any:
+    """JSON from a user's file, strictly: a key given twice in one object is refused (json would keep
+    the last silently), and so is nesting too deep to parse (a RecursionError otherwise). Every
+    error is a ValueError that names `source`."""
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ValueError(f"{source}: the key {key!r} appears twice in one object (JSON keeps only the "
+                                 "last one); keep one")
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{source}: its JSON is nested too deeply to read; check the file") from None
+
+
+def read_json(path: str | Path, what: str = "") -> Any:
+    """`parse_json` of the UTF-8 file `path` (`what` names it in errors, e.g. "task file")."""
+    source = f"{what} {path}".strip()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_json(text, source)
+
+
 def read_jsonl(path: str | Path) -> Iterator[Any]:
     """The objects of a JSON-lines file, skipping a line that a kill cut short (or any unreadable one)."""
     path = Path(path)

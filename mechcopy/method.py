@@ -24,10 +24,10 @@ from mechcopy.attribution import (MAX_COMPLETENESS_ERROR, METHODS, NORMALISATION
                                   CopyScores, copy_scores, grad_x_act, integrated_gradients)
 from mechcopy.audit import SelfConsistency, self_consistency
 from mechcopy.components import MATCHES, Components
-from mechcopy.errors import check_minimums
+from mechcopy.errors import Above, check_minimums, input_file
 from mechcopy.io import as_tuples
 from mechcopy.selection import select
-from mechcopy.sweeps import DEFAULT_KS, KSweep, sweep_k
+from mechcopy.sweeps import KSweep, default_ks, sweep_k
 from mechcopy.tasks.probe import FORMATS, ITEM_SETS, ProbeConfig, build_probe, probe_splits
 from mechcopy.tasks.prompts import ICLPrompt
 
@@ -50,8 +50,28 @@ def _gradxact(model: HookedModel, prompts: Sequence[ICLPrompt], config: "FindCon
                       progress=progress)
 
 
+def _head_ig(model: HookedModel, prompts: Sequence[ICLPrompt], config: "FindConfig", progress: bool) -> Attributions:
+    from mechcopy.head_attribution import head_integrated_gradients
+
+    return head_integrated_gradients(model, prompts, target=config.target, steps=config.steps, method=config.method,
+                                     rule=config.rule, progress=progress)
+
+
+def _head_gradxact(model: HookedModel, prompts: Sequence[ICLPrompt], config: "FindConfig",
+                   progress: bool) -> Attributions:
+    from mechcopy.head_attribution import head_grad_x_act
+
+    return head_grad_x_act(model, prompts, target=config.target, method=config.method, progress=progress)
+
+
 #: attribution method name -> function; `FindConfig.attribution` names one
 ATTRIBUTIONS: dict[str, Attributor] = {"ig": _ig, "gradxact": _gradxact}
+#: the same methods over attention heads (`mechcopy.head_attribution`: each head's output `z` at the last
+#: position scaled from zero), for `FindConfig.components="heads"`
+HEAD_ATTRIBUTIONS: dict[str, Attributor] = {"ig": _head_ig, "gradxact": _head_gradxact}
+#: `FindConfig.components` -> (component kind, its attribution methods)
+COMPONENTS: dict[str, tuple[str, dict[str, Attributor]]] = {"neurons": ("neuron", ATTRIBUTIONS),
+                                                            "heads": ("head", HEAD_ATTRIBUTIONS)}
 
 
 # ---------------------------------------------------------------- the config
@@ -72,7 +92,7 @@ class FindConfig:
     rule: str = "gauss-legendre"
     normalisation: str = "minmax"
     mode: str = "global"            # global | per-layer top-k
-    ks: tuple[int, ...] | None = None   # the k grid (default sweeps.DEFAULT_KS)
+    ks: tuple[int, ...] | None = None   # the k grid (default sweeps.default_ks(kind): DEFAULT_KS, HEAD_KS)
     max_ppl_increase: float | None = 0.05   # the bound on general ability (None: no perplexity bound)
     text: str | None = None         # held-out text file for perplexity (default pydoc_data.topics)
     ppl_tokens: int = 4096
@@ -87,25 +107,39 @@ class FindConfig:
     probe: str = "balanced"         # balanced (uniform gold, distinct demo labels) | classic (labels as they fall)
     probe_items: str = "mixed"      # balanced probe: words | places | people | names | mixed
     probe_format: str = "newline"   # balanced probe: newline ("x -> y" per line) | comma (one line)
+    components: str = "neurons"     # what is attributed and pruned: neurons | heads (attention heads, `hook_z`)
 
     MINIMUM: ClassVar[dict[str, int | float]] = {
         "n": 1, "n_dev": 1, "shots": 1, "steps": 1, "ks": 1, "max_ppl_increase": 0.0, "ppl_tokens": 2, "seed": 0,
-        "checkpoint_every": 1, "max_completeness_error": 0.0, "consistency_random": 0, "batch_size": 1,
+        "checkpoint_every": 1, "max_completeness_error": Above(0.0), "consistency_random": 0, "batch_size": 1,
         "max_general_drop": 0.0}
 
     def __post_init__(self):
         for name, allowed in (("attribution", tuple(ATTRIBUTIONS)), ("target", TARGETS), ("method", METHODS),
                               ("rule", RULES), ("normalisation", NORMALISATIONS), ("mode", SELECTIONS),
                               ("probe", PROBES), ("probe_items", ITEM_SETS), ("probe_format", tuple(FORMATS)),
-                              ("random_match", MATCHES)):
+                              ("random_match", MATCHES), ("components", tuple(COMPONENTS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        if self.ks is not None:
+        if isinstance(self.ks, list):
             object.__setattr__(self, "ks", tuple(self.ks))
         check_minimums(self)
-        if self.text is not None and not (Path(self.text).is_file() and Path(self.text).stat().st_size):
-            raise FileNotFoundError(f"text file {self.text} " + ("is empty" if Path(self.text).is_file()
-                                                                 else "does not exist"))
+        if self.components == "heads" and self.mode == "per-layer" and self.ks is None:
+            raise ValueError("per-layer top-k over heads needs its own k grid (--ks), each k at most the heads "
+                             "per layer")
+        if self.text is not None and not input_file(self.text, "text file").stat().st_size:
+            raise ValueError(f"text file {self.text} is empty")
+
+
+    @property
+    def kind(self) -> str:
+        """The component kind attributed and pruned (`components.KINDS`): `neuron` or `head`."""
+        return COMPONENTS[self.components][0]
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The k grid of the sweep: `ks`, or the kind's default (`sweeps.default_ks`)."""
+        return tuple(self.ks) if self.ks else default_ks(self.kind)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,8 +180,9 @@ def prompts(tokenizer, config: FindConfig, n_test: int = 0) -> Probe:
 
 def attribute(model: HookedModel, prompts: Sequence[ICLPrompt], config: FindConfig,
               progress: bool = False) -> Attributions:
-    """Per-prompt attributions of every neuron by `config.attribution` (`ATTRIBUTIONS`)."""
-    return ATTRIBUTIONS[config.attribution](model, prompts, config, progress)
+    """Per-prompt attributions of every component of `config.components` by `config.attribution`
+    (`ATTRIBUTIONS` for neurons, `HEAD_ATTRIBUTIONS` for heads)."""
+    return COMPONENTS[config.components][1][config.attribution](model, prompts, config, progress)
 
 
 def score(model: HookedModel, attributions: Attributions, config: FindConfig,
@@ -155,7 +190,7 @@ def score(model: HookedModel, attributions: Attributions, config: FindConfig,
     """Copy scores: `config.normalisation` per prompt, the mean over prompts, and only the layers whose
     IG converged allowed (`config.max_completeness_error`; None allows all). `prompts` are recorded."""
     return copy_scores(model, attributions, config.normalisation, prompts=prompts, seed=config.seed,
-                       max_completeness_error=config.max_completeness_error, shots=config.shots)
+                       max_completeness_error=config.max_completeness_error, shots=config.shots, kind=config.kind)
 
 
 def held_out_text(config: FindConfig) -> tuple[str | None, str]:
@@ -173,7 +208,7 @@ def choose_k(model: HookedModel, scores: CopyScores, dev: Sequence[ICLPrompt], c
     """The k sweep on the dev split over `config.ks`, bounded by `config.max_ppl_increase` on held-out
     text and, with `general_prompts`, by `config.max_general_drop` on them (`sweeps.sweep_k`)."""
     text, text_name = held_out_text(config)
-    return sweep_k(model, scores, dev, config.ks or DEFAULT_KS, config.mode, config.max_ppl_increase, text,
+    return sweep_k(model, scores, dev, config.grid, config.mode, config.max_ppl_increase, text,
                    text_name, config.ppl_tokens, config.seed, progress, general_prompts, config.max_general_drop)
 
 

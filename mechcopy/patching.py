@@ -20,6 +20,12 @@ instead (HookedTransformer only; tested equal).
 
 Positions are aligned across pairs by *role* (`mechcopy.tasks.pairs.token_roles`): only pairs with
 the most common role sequence are kept, so one column means the same part of the prompt in every pair.
+`role_pairs` keeps pairs of any lengths instead (a researcher's own task, whose inputs differ in token
+length) and aligns the two prompts of a pair by role (`mechcopy.tasks.pairs.align_roles`): the
+per-head patching of `mechcopy.head_patching` runs on them.
+
+A clean-corrupted gap (LD_clean - LD_corrupt) of the wrong sign, or small against its spread over the
+pairs, makes the normalised metric meaningless: `gap_warning` says so, and the results carry it.
 """
 
 from __future__ import annotations
@@ -31,14 +37,16 @@ from typing import Any, Callable, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.components import as_components
+from mechcopy.errors import check_number
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import patch_from_cache
 from mechcopy.io import as_tuples
+from mechcopy.progress import tqdm
 from mechcopy.sites import components, neuron_site
-from mechcopy.tasks.pairs import CORRUPTIONS, corrupted_pairs, token_roles
+from mechcopy.tasks.pairs import CORRUPTIONS, align_roles, corrupted_pairs, token_roles
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ def make_pairs(model: HookedModel, task, corruption: str, n: int = 10, shots: in
         if tc.shape != tx.shape:
             dropped.append(f"{p.query!r}: corrupted prompt has {tx.shape[0]} tokens, clean {tc.shape[0]}")
             continue
-        kept.append((p, c, tc, tx, tuple(token_roles(model.to_str_tokens(p.text), p))))
+        kept.append((p, c, tc, tx, tuple(token_roles(arch_of(model).str_tokens(model, p.text), p))))
     if not kept:
         raise ValueError(f"no clean/corrupted pair of equal token length for task {task.name!r} with "
                          f"{corruption!r} ({len(dropped)} dropped, e.g. {dropped[:2]})")
@@ -97,6 +105,136 @@ def make_pairs(model: HookedModel, task, corruption: str, n: int = 10, shots: in
                       corrupt_tokens[ix], gold[ix], torch.tensor(refs), sig, tuple(dropped))
 
 
+@dataclass(frozen=True)
+class RolePair:
+    """One clean/corrupted pair of any lengths: tokens [1, pos] each, token roles, gold and reference ids."""
+
+    clean: Any
+    corrupt: Any
+    clean_tokens: Int[Tensor, "1 pos"]
+    corrupt_tokens: Int[Tensor, "1 pos_corrupt"]
+    clean_roles: tuple[str, ...]
+    corrupt_roles: tuple[str, ...]
+    gold: int
+    ref: int
+
+    def aligned(self, roles: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
+        """(corrupted positions, clean positions) that play the same role (`align_roles`), for patching
+        clean into corrupted; `roles` limits them."""
+        return align_roles(self.corrupt_roles, self.clean_roles, roles)
+
+    @property
+    def same_layout(self) -> bool:
+        return self.clean_roles == self.corrupt_roles
+
+
+@dataclass(frozen=True)
+class RolePairs:
+    """Clean/corrupted pairs kept whatever their token lengths (`role_pairs`), and why others were dropped."""
+
+    pairs: tuple[RolePair, ...]
+    dropped: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self):
+        return iter(self.pairs)
+
+    def roles(self) -> list[str]:
+        """Every role of the corrupted prompts, in prompt order (BOS, x1, ->1, y1, ..., xq, ->q)."""
+        seen: dict[str, None] = {}
+        for p in self.pairs:
+            for r in p.corrupt_roles:
+                if r:
+                    seen.setdefault(r, None)
+        return list(seen)
+
+
+def role_pairs(model: HookedModel, task, corruption: str, n: int = 10, shots: int = 4, seed: int = 0,
+               other_task=None, n_candidates: int | None = None, gold_in_demos: bool = True,
+               reverse: bool = False) -> RolePairs:
+    """Up to `n` clean/corrupted pairs of `task`, of any token lengths, aligned by role, from
+    `n_candidates` prompts (default 2n + 10; `gold_in_demos=False`: no demo carries the query's label);
+    see `role_pairs_of`."""
+    cands, dropped = corrupted_pairs(task, model.tokenizer, corruption, n_candidates or 2 * n + 10, shots, seed,
+                                     other_task, gold_in_demos)
+    return _role_pairs(model, cands, dropped, n, reverse, f"task {task.name!r} with {corruption!r}")
+
+
+def role_pairs_of(model: HookedModel, prompts: Sequence, corruption: str | Sequence, n: int | None = None,
+                  seed: int = 0, other_task=None, reverse: bool = False) -> RolePairs:
+    """Clean/corrupted pairs from given prompts (e.g. the probe's), up to `n` (default all), of any token
+    lengths, aligned by role; `corruption` names one of `CORRUPTIONS`, or is the corrupted prompts
+    themselves (one per prompt, same query). The reference token is `make_pairs`'s (the corrupted run's
+    top demo label, gold excluded); a prompt that cannot be corrupted, or whose demo labels all start
+    with the gold token, is dropped with the reason.
+
+    `reverse` swaps the two prompts: the corrupted one becomes the source of the patches and the
+    original prompt the run patched into. On prompts with no gold among the demos and the `gold_label`
+    corruption, that asks which heads, taken from a run whose demos show the gold label once, make the
+    run whose demos never show it give the gold rather than copy."""
+    import random
+
+    from mechcopy.tasks.pairs import corrupt_prompt
+
+    rng, cands, dropped = random.Random(seed), [], []
+    if not isinstance(corruption, str):
+        corrupted = list(corruption)
+        if len(corrupted) != len(prompts) or any(c.query != p.query for c, p in zip(corrupted, prompts)):
+            raise ValueError("give one corrupted prompt per prompt, with the same query")
+        cands = list(zip(prompts, corrupted))
+    for p in prompts if isinstance(corruption, str) else ():
+        try:
+            cands.append((p, corrupt_prompt(p, corruption, model.tokenizer, rng, other_task)))
+        except ValueError as e:
+            dropped.append(f"{p.query!r}: {e}")
+    what = repr(corruption) if isinstance(corruption, str) else "the given corrupted prompts"
+    return _role_pairs(model, cands, dropped, len(prompts) if n is None else n, reverse, what)
+
+
+def _role_pairs(model: HookedModel, cands, dropped: list[str], n: int, reverse: bool, what: str) -> RolePairs:
+    if reverse:
+        cands = [(c, p) for p, c in cands]
+    tokens, pairs = arch_of(model).tokens, []
+    for p, c in cands:
+        if len(pairs) == n:
+            break
+        tc = tokens(model, p.text, what="a clean prompt")
+        tx = tokens(model, c.text, what="a corrupted prompt")
+        gold = int(p.answer_ids[0])
+        ids = sorted({ids[0] for ids in c.demo_label_ids} - {gold})
+        if not ids:
+            dropped.append(f"{c.query!r}: every demo label starts with the gold token; no reference token")
+            continue
+        with torch.no_grad():
+            logits = arch_of(model).last_logits(model, tx)[0]
+        ref = ids[int(logits[ids].argmax())]
+        pairs.append(RolePair(p, c, tc, tx, tuple(token_roles(arch_of(model).str_tokens(model, p.text), p)),
+                              tuple(token_roles(arch_of(model).str_tokens(model, c.text), c)), gold, ref))
+    if not pairs:
+        raise ValueError(f"{what}: no usable clean/corrupted pair ({len(dropped)} dropped, e.g. {dropped[:2]})")
+    return RolePairs(tuple(pairs), tuple(dropped))
+
+
+def gap_warning(ld_clean: Sequence[float], ld_corrupt: Sequence[float]) -> str | None:
+    """Why the normalised metric (LD_patched - LD_corrupt) / (LD_clean - LD_corrupt) should not be read,
+    or None: a mean gap LD_clean - LD_corrupt <= 0 (the corruption does not move the model away from the
+    gold), within two standard errors of zero over the pairs, or from one pair (no spread)."""
+    gaps = torch.tensor(list(ld_clean), dtype=torch.float64) - torch.tensor(list(ld_corrupt), dtype=torch.float64)
+    n, gap = len(gaps), float(gaps.mean())
+    if gap <= 0:
+        return (f"the clean-corrupted logit-difference gap is {gap:+.3f} (<= 0): the corruption does not lower "
+                "logit(gold) - logit(ref), so the normalised values are not recoveries; use another corruption")
+    if n < 2:
+        return f"one pair: the gap {gap:+.3f} has no spread to compare with; use more pairs"
+    se = float(gaps.std() / n ** 0.5)
+    if gap < 2 * se:
+        return (f"the clean-corrupted gap {gap:+.3f} is within 2 standard errors ({se:.3f}) of zero over {n} pairs: "
+                "the normalised values are mostly noise; use more pairs or another corruption")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------
 # metric and patch loops
 
@@ -116,18 +254,27 @@ class NormalisedLogitDiff:
     ref: Tensor
     ld_clean: float
     ld_corrupt: float
+    #: per-pair LD_clean and LD_corrupt (for `warning`)
+    pairs_clean: tuple[float, ...] = ()
+    pairs_corrupt: tuple[float, ...] = ()
+
+    @property
+    def warning(self) -> str | None:
+        """`gap_warning` of the pairs (None when the gap is clear, or the per-pair LDs are unknown)."""
+        return gap_warning(self.pairs_clean, self.pairs_corrupt) if self.pairs_clean else None
 
     @classmethod
     def from_runs(cls, model: HookedModel, clean_tokens, corrupt_tokens, gold, ref, fwd_hooks=()
                   ) -> "NormalisedLogitDiff":
         last_logits = arch_of(model).last_logits
         with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
-            ld_c = float(logit_diff(last_logits(model, clean_tokens), gold, ref).mean())
-            ld_x = float(logit_diff(last_logits(model, corrupt_tokens), gold, ref).mean())
+            lds_c = logit_diff(last_logits(model, clean_tokens), gold, ref)
+            lds_x = logit_diff(last_logits(model, corrupt_tokens), gold, ref)
+        ld_c, ld_x = float(lds_c.mean()), float(lds_x.mean())
         if abs(ld_c - ld_x) < 1e-6:
             raise ValueError(f"clean and corrupted runs have the same logit difference ({ld_c:.4g}): "
                              "the normalised metric is undefined; use another corruption or more pairs")
-        return cls(gold, ref, ld_c, ld_x)
+        return cls(gold, ref, ld_c, ld_x, tuple(lds_c.tolist()), tuple(lds_x.tolist()))
 
     def __call__(self, logits: Tensor) -> Tensor:
         ld = logit_diff(logits, self.gold, self.ref).mean()
@@ -226,6 +373,8 @@ class PatchingResult:
     neuron_all_positions: float | None = None
     neuron_by_pos: tuple[float, ...] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    #: `gap_warning` of the pairs: why the normalised values should not be read (None: the gap is clear)
+    warning: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
 
     def array(self) -> Float[Tensor, "component layer pos"]:
@@ -248,8 +397,9 @@ def activation_patching(
 
     `neurons` are checked against the model before any work; an empty set (find chose k = 0) is not
     patched."""
+    check_number(n, "n", low=1, integer=True)
     if neurons is not None:
-        neurons.check(model)
+        as_components(neurons, "neurons").check(model)
         neurons = neurons if neurons.pairs else None
     pairs = make_pairs(model, task, corruption, n, shots, seed, other_task)
     metric = NormalisedLogitDiff.from_runs(model, pairs.clean_tokens, pairs.corrupt_tokens, pairs.gold,
@@ -271,8 +421,8 @@ def activation_patching(
         n_pos = tuple(by_pos.tolist())
     return PatchingResult(
         task=task.name, corruption=corruption, components=tuple(comps), values=as_tuples(arr.tolist()),
-        roles=pairs.roles, tokens=tuple(model.to_str_tokens(pairs.clean[0].text)), n_pairs=len(pairs),
-        n_dropped=len(pairs.dropped), ld_clean=metric.ld_clean, ld_corrupt=metric.ld_corrupt,
+        roles=pairs.roles, tokens=tuple(arch_of(model).str_tokens(model, pairs.clean[0].text)), n_pairs=len(pairs),
+        n_dropped=len(pairs.dropped), ld_clean=metric.ld_clean, ld_corrupt=metric.ld_corrupt, warning=metric.warning,
         neurons=len(neurons) if neurons is not None else 0, neuron_all_positions=n_all, neuron_by_pos=n_pos,
         settings={"n": n, "shots": shots, "seed": seed, "method": method,
                   "other_task": other_task.name if other_task is not None else None,

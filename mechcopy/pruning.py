@@ -14,7 +14,7 @@ measures what size-matched random baselines match (`components.random_matched`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
@@ -22,9 +22,11 @@ from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
-from mechcopy.components import Components, Sizes, component_kind
+from mechcopy.components import Components, Sizes, as_components, component_kind
 from mechcopy.conditions import ABLATIONS, POSITIONS, Condition, Means
+from mechcopy.errors import check_number
 from mechcopy.hooks import Hook, ablate_by_group, capture, set_units, zero_units
+from mechcopy.tasks.prompts import PromptSet
 
 
 def pruning_hooks(model: HookedModel, components: Components, ablation: str = "zero", positions: str = "all",
@@ -33,7 +35,7 @@ def pruning_hooks(model: HookedModel, components: Components, ablation: str = "z
     (`zero_units`, i.e. pruning), or with `ablation="mean"` mean ablation to `means`
     (`component_means`); with `positions="last"` only the last position is changed (the position IG
     attributes; in generation, every new token)."""
-    components.check(model)
+    as_components(components).check(model)
     if ablation not in ABLATIONS or positions not in POSITIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS} and positions one of {POSITIONS}, "
                          f"got {ablation!r}, {positions!r}")
@@ -101,10 +103,28 @@ def pruned(model: HookedModel, components: Components):
 def prune_weights(model: HookedModel, components: Components, means: Means | None = None) -> None:
     """Permanently prune by editing weights (`ComponentKind.edit_weights`): what `pruning_hooks` does at
     every position, zeroing, or with `means` mean-ablating."""
-    components.check(model)
+    as_components(components).check(model)
     kind = component_kind(components.kind)
     for layer, idx in components.by_layer().items():
         kind.edit_weights(model, layer, idx, None if means is None else means[layer])
+
+
+def _reference_prompts(prompts: Any, batch_size: int, what: str) -> list:
+    """The reference prompts of `what` as a list, each with a `text` (ICLPrompts), at least one; the batch
+    size an integer >= 1 (errors name the argument)."""
+    if isinstance(prompts, PromptSet):
+        prompts = prompts.prompts
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a list of ICLPrompts (tasks.prompts.build_prompts(...).prompts), got "
+                        f"{type(prompts).__name__} {prompts!r:.60}")
+    prompts = list(prompts)
+    stray = next((p for p in prompts if not isinstance(getattr(p, "text", None), str)), None)
+    if stray is not None:
+        raise TypeError(f"prompts must be ICLPrompts (or anything with a `text`), got {type(stray).__name__} {stray!r:.60}")
+    check_number(batch_size, "batch_size", low=1, integer=True)
+    if not prompts:
+        raise ValueError(f"{what} needs at least one prompt")
+    return prompts
 
 
 def component_means(model: HookedModel, prompts: Sequence, kind: str = "neuron", positions: str = "all",
@@ -113,8 +133,7 @@ def component_means(model: HookedModel, prompts: Sequence, kind: str = "neuron",
     last positions only (`positions="last"`): the reference for mean ablation, what a component carries
     on average, so ablating to it removes only what varies across prompts. `reference` names the
     prompts in the result (e.g. "probe attribution split")."""
-    if not prompts:
-        raise ValueError("component_means needs at least one prompt")
+    prompts = _reference_prompts(prompts, batch_size, "component_means")
     if positions not in POSITIONS:
         raise ValueError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
     spec = component_kind(kind)
@@ -144,8 +163,7 @@ def component_sizes(model: HookedModel, prompts: Sequence, kind: str = "neuron",
     what size-matched random sets match (`components.random_matched`). The size is the kind's
     (`ComponentKind.size`: neurons |activation|, heads the norm of their output). Prompts of any lengths
     share a batch, left-padded (`Arch.run_blocks` keeps padding out of every real position)."""
-    if not prompts:
-        raise ValueError("component_sizes needs at least one prompt")
+    prompts = _reference_prompts(prompts, batch_size, "component_sizes")
     spec = component_kind(kind)
     spec.check(model)
     arch = arch_of(model)

@@ -33,7 +33,7 @@ from mechcopy.method import Choice
 from mechcopy.patching import PatchingResult
 from mechcopy.stats import Comparison, TaskLevel
 from mechcopy.task_vectors import TaskVectorResult
-from mechcopy.views import Views
+from mechcopy.views import Views, marked_tokens
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Inline scripts and styles, data: images; nothing from anywhere else (no fetch, no fonts, no frames).
@@ -345,8 +345,8 @@ def _copy_error_up_close(views: Views | None) -> Section:
         return Section(title, "This run's folder holds no views.json (the run was made before the views stage "
                               "existed): run `mechcopy reproduce` again with the same --out to add it.")
     p = views.prompt
-    html_views: list[Any] = [viz.attention_heads_view(views.tokens, a.pattern, a.names, f"Attention: {a.chosen_by}")
-                             for a in views.attention]
+    html_views: list[Any] = [viz.attention_heads_view(marked_tokens(views.tokens, a.marked), a.pattern, a.names,
+                                                      f"Attention: {a.chosen_by}") for a in views.attention]
     if views.neurons is not None:
         html_views.append(viz.text_activations_view(views.tokens, views.neurons.activations, views.neurons.labels,
                                                     views.neurons.set_name))

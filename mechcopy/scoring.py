@@ -35,13 +35,15 @@ from typing import Any, Collection, Mapping, Sequence
 import numpy as np
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
 from mechcopy.conditions import Condition
+from mechcopy.errors import check_items, check_number
+from mechcopy.hooks import check_hook_points
+from mechcopy.progress import tqdm
 from mechcopy.pruning import grouped_hooks
-from mechcopy.tasks.prompts import SEPARATOR, TEMPLATE, ICLPrompt, PromptSet, _continuation, encode, make_prompt
+from mechcopy.tasks.prompts import TEMPLATE, ICLPrompt, PromptSet, _continuation, encode, make_prompt
 
 #: Zhao et al.'s content-free queries
 CONTENT_FREE = ("N/A", "", "[MASK]")
@@ -76,10 +78,11 @@ def label_ids(tokenizer, prompt: ICLPrompt, labels: Sequence[str]) -> tuple[tupl
 
 
 def with_queries(prompt: ICLPrompt, queries: Sequence[str], tokenizer, template: str = TEMPLATE,
-                 sep: str = SEPARATOR) -> list[ICLPrompt]:
+                 sep: str | None = None) -> list[ICLPrompt]:
     """`prompt` with the same demos and each of `queries` instead of its own (content-free or in-domain
-    queries); refused unless `template` and `sep` rebuild `prompt` itself exactly (pass the ones it
-    was built with)."""
+    queries); refused unless `template` and `sep` (None: the prompt's own, `ICLPrompt.sep`) rebuild
+    `prompt` itself exactly (pass the ones it was built with)."""
+    sep = prompt.sep if sep is None else sep
     same = make_prompt(prompt.demos, (prompt.query, prompt.answer), tokenizer, template, sep, prompt.task)
     if same.text != prompt.text:
         raise ValueError(f"prompt of task {prompt.task!r} was not built with template {template!r} and separator "
@@ -87,7 +90,8 @@ def with_queries(prompt: ICLPrompt, queries: Sequence[str], tokenizer, template:
     return [make_prompt(prompt.demos, (q, prompt.answer), tokenizer, template, sep, prompt.task) for q in queries]
 
 
-def with_query(prompt: ICLPrompt, query: str, tokenizer, template: str = TEMPLATE, sep: str = SEPARATOR) -> ICLPrompt:
+def with_query(prompt: ICLPrompt, query: str, tokenizer, template: str = TEMPLATE,
+               sep: str | None = None) -> ICLPrompt:
     """`prompt` with another query (`with_queries` for one)."""
     return with_queries(prompt, [query], tokenizer, template, sep)[0]
 
@@ -97,6 +101,11 @@ def domain_queries(inputs: Sequence[str], n: int = 4, n_words: int | None = None
     task's own inputs): Fei et al.'s in-domain random text. `n_words` defaults to the mean number of
     words of an input, at least 1 (Fei et al.'s rule; the reference implementation StaICC uses 64 words,
     for long-text tasks)."""
+    inputs = check_items(inputs, str, "inputs", "a task's inputs")
+    check_number(n, "n", low=1, integer=True)
+    if n_words is not None:
+        check_number(n_words, "n_words", low=1, integer=True)
+    check_number(seed, "seed", low=0, integer=True)
     words = [w for x in inputs for w in x.split()]
     if not words or n < 1:
         raise ValueError(f"domain queries need n >= 1 (got {n}) and inputs with words (got {len(words)} words)")
@@ -226,7 +235,7 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def _check_labels(labels: Sequence[str], prompts: Sequence[ICLPrompt]) -> tuple[str, ...]:
-    labels = tuple(labels)
+    labels = tuple(check_items(labels, str, "labels", "task.require_labels()"))
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ValueError(f"label scoring needs at least two distinct labels, got {list(labels)}")
     outside = sorted({p.answer for p in prompts} - set(labels))
@@ -236,12 +245,15 @@ def _check_labels(labels: Sequence[str], prompts: Sequence[ICLPrompt]) -> tuple[
 
 
 def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mapping[str, Sequence[str]] | None,
-           fwd_hooks, template: str, sep: str, batch_size: int, groups: int, fork_at: int,
+           fwd_hooks, template: str, sep: str | None, batch_size: int, groups: int, fork_at: int,
            progress: bool) -> list[LabelScores]:
     """One LabelScores per row group: every prompt, and every reference query with its demos, scored
     over `labels` in one pass per batch of prompts (their common token prefix runs once)."""
-    prompts = _prompts(prompts)
+    prompts = check_items(_prompts(prompts), ICLPrompt, "prompts", "tasks.prompts.build_prompts(...).prompts")
     labels = _check_labels(labels, prompts)
+    check_number(batch_size, "batch_size", low=1, integer=True)
+    fwd_hooks = list(fwd_hooks)
+    check_hook_points(model, fwd_hooks)
     references = {kind: tuple(qs) for kind, qs in (references or {}).items()}
     for kind, qs in references.items():
         if kind not in ("contextual", "domain") or not qs:
@@ -275,12 +287,12 @@ def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mappi
 
 def score_labels(model: HookedModel, prompts, labels: Sequence[str], fwd_hooks=(),
                  references: Mapping[str, Sequence[str]] | None = None, template: str = TEMPLATE,
-                 sep: str = SEPARATOR, batch_size: int = 32, progress: bool = False) -> LabelScores:
+                 sep: str | None = None, batch_size: int = 32, progress: bool = False) -> LabelScores:
     """Every prompt's summed log-probability of each label's tokens, under `fwd_hooks`.
 
     `references` maps a calibration ("contextual", "domain") to its queries (e.g. `CONTENT_FREE`,
     `domain_queries(...)`): each is scored with the prompt's own demos, sharing the prompt's prefix
-    (`template` and `sep` must be those the prompts were built with). Hooks run on every pass and see
+    (`template` must be the one the prompts were built with; `sep` defaults to each prompt's own). Hooks run on every pass and see
     the prefix, then right-padded continuations: a hook must act at every position, as pruning does.
     """
     return _score(model, prompts, labels, references, fwd_hooks, template, sep, batch_size, 1, 0, progress)[0]
@@ -288,7 +300,7 @@ def score_labels(model: HookedModel, prompts, labels: Sequence[str], fwd_hooks=(
 
 def score_labels_conditions(model: HookedModel, prompts, labels: Sequence[str], conditions: Sequence[Condition],
                             references: Mapping[str, Sequence[str]] | None = None, template: str = TEMPLATE,
-                            sep: str = SEPARATOR, batch_size: int = 128,
+                            sep: str | None = None, batch_size: int = 128,
                             progress: bool = False) -> dict[str, LabelScores]:
     """`score_labels` under every condition's ablation in one pass ({condition label: LabelScores}; the
     conditions' readouts play no part here): the blocks before the first ablated layer run once, then
@@ -307,6 +319,7 @@ def reference_queries(calibrations: Collection[str | None], inputs: Sequence[str
     """The reference queries `calibrations` need (None, no calibration, needs none): `contextual` the content-free queries (`CONTENT_FREE`),
     `domain` in-domain ones drawn from `inputs` (a task's inputs: `domain_queries`, seeded); `batch`
     needs none."""
+    calibrations = check_items(calibrations, (str, type(None)), "calibrations", "e.g. ['contextual', 'batch']")
     out: dict[str, tuple[str, ...]] = {}
     if "contextual" in calibrations:
         out["contextual"] = CONTENT_FREE

@@ -13,8 +13,15 @@ import torch
 
 from mechcopy.attribution import CopyScores
 from mechcopy.components import Components
+from mechcopy.errors import check_number
 
 MODES = ("global", "per-layer", "threshold")
+
+
+def _check_scores(scores: CopyScores) -> None:
+    if not isinstance(scores, CopyScores):
+        raise TypeError(f"scores must be CopyScores (attribution.copy_scores, or CopyScores.load), got "
+                        f"{type(scores).__name__}")
 
 
 def _eligible_scores(scores: CopyScores, fill: float) -> torch.Tensor:
@@ -26,6 +33,11 @@ def select(scores: CopyScores, mode: str = "global", k: int | None = None,
            threshold: float | None = None) -> Components:
     """Top neurons by copy score: global top-k, top-k in every layer, or score >= threshold
     (only in the layers the scores allow)."""
+    _check_scores(scores)
+    if k is not None:
+        check_number(k, "k", low=1, integer=True)
+    if threshold is not None:
+        check_number(threshold, "threshold")
     s = _eligible_scores(scores, float("-inf"))
     n_layers, width = s.shape
     allowed = sorted(range(n_layers) if scores.allowed_layers is None else scores.allowed_layers)
@@ -54,6 +66,8 @@ def select(scores: CopyScores, mode: str = "global", k: int | None = None,
 
 def bottom_set(scores: CopyScores, k: int) -> Components:
     """The k lowest-scoring neurons (global, allowed layers): the set that pushes hardest *against* copying."""
+    _check_scores(scores)
+    check_number(k, "k", low=1, integer=True)
     n_eligible = int(scores.eligible().sum())
     if not 0 < k <= n_eligible:
         raise ValueError(f"bottom-k needs 0 < k <= {n_eligible} (neurons in allowed layers), got {k}")
@@ -66,6 +80,9 @@ def bottom_set(scores: CopyScores, k: int) -> Components:
 def select_layer_percent(scores: CopyScores, layer: int, percent: float) -> Components:
     """The top `percent`% of one layer's neurons by copy score (ceil, at least one): the neurons of
     that layer above its (100 - percent)th score percentile. The layer must be allowed."""
+    _check_scores(scores)
+    check_number(layer, "layer", low=0, integer=True)
+    check_number(percent, "percent")
     n_layers, width = scores.scores.shape
     if not 0 <= layer < n_layers:
         raise IndexError(f"layer {layer} out of range: the scores have {n_layers} layers")

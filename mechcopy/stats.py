@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from mechcopy.errors import check_number
+
 N_PERM = 10_000
 
 
@@ -25,6 +27,10 @@ def _scipy_stats():
     from scipy import stats
 
     return stats
+
+
+#: the task name of comparisons pooled over tasks (no task may take it)
+POOLED = "pooled"
 _CORE_KEYS = ("task", "condition", "baseline", "metric", "diff", "ci", "p_value", "mde", "n", "test")
 
 
@@ -66,11 +72,25 @@ def seed_interval(values: Sequence[float] | np.ndarray) -> tuple[float, float, f
     return mean, mean - half, mean + half
 
 
+def check_boot(n_boot: int, seed: int = 0, alpha: float = 0.05) -> None:
+    """Refuse bootstrap settings that cannot give the interval asked: `n_boot` must leave at least one
+    replicate beyond each end of a (1 - alpha) percentile interval (n_boot >= 2 / alpha: 40 for 95%;
+    `n_boot=1` gave the 95% interval (0.5, 0.5)); the seed is an integer >= 0; alpha lies in (0, 1)."""
+    check_number(alpha, "alpha", above=0.0)
+    if not alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    check_number(seed, "seed", low=0, integer=True)
+    least = int(np.ceil(2 / alpha - 1e-9))
+    check_number(n_boot, f"n_boot (bootstrap replicates; a {1 - alpha:.0%} interval needs at least {least})",
+                 low=least, integer=True)
+
+
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> np.ndarray:
     """Percentile bootstrap intervals of the mean for each column of `values` [n, m] (or [n]) -> [m, 2].
 
     n == 0 gives nan rows.
     """
+    check_boot(n_boot, seed, alpha)
     values = np.asarray(values, dtype=float)
     if values.ndim == 1:
         values = values[:, None]
@@ -282,6 +302,7 @@ def paired(x: np.ndarray, y: np.ndarray, task: str, condition: str, baseline: st
     diff = mean(x) - mean(y) with a 95% percentile bootstrap that resamples prompts (the same
     indices for x and y, which keeps the pairing); p-value from the exact McNemar test.
     """
+    check_boot(n_boot, seed)
     x, y = _outcomes(x, "x"), _outcomes(y, "y")
     n = _check_pair(x, y)
     rng = np.random.default_rng(seed)
@@ -305,6 +326,7 @@ def versus_sets(x: np.ndarray, Y: np.ndarray, task: str, condition: str, baselin
     whether x differs from these sets, not from the population they were drawn from (the interval
     is the one that speaks to that). A 1-D Y is taken as a single set.
     """
+    check_boot(n_boot, seed)
     x, Y = _outcomes(x, "x"), _outcomes(Y, "Y", ndim=(1, 2))
     Y = np.atleast_2d(Y)
     if Y.shape[0] == 0:
@@ -333,6 +355,7 @@ def paired_means(x: np.ndarray, Y: np.ndarray, task: str, condition: str, baseli
     p-value equal `versus_sets`' (and the interval `paired`'s for a single baseline). Only the mde
     differs: no 0-1 floor.
     """
+    check_boot(n_boot, seed)
     x, Y = np.asarray(x, dtype=float), np.asarray(Y, dtype=float)
     for name, a, dims in (("x", x, (1,)), ("Y", Y, (1, 2))):
         if a.ndim not in dims:
@@ -369,6 +392,7 @@ def pooled(per_task: Mapping[str, tuple[np.ndarray, np.ndarray]], condition: str
     significantly up / down after Holm correction of per-task p-values (exact McNemar for a
     single baseline, the sign-flip test of `versus_sets` for sets), and the `tasks` themselves.
     """
+    check_boot(n_boot, seed, alpha)
     if not per_task:
         raise ValueError("pooled needs at least one task")
     tasks = list(per_task)
@@ -402,7 +426,7 @@ def pooled(per_task: Mapping[str, tuple[np.ndarray, np.ndarray]], condition: str
     rejected = holm(task_p, alpha)
     n_total = int(sum(len(x) for x in xs))
     p = _sign_flip_p(np.concatenate([d / (len(tasks) * len(d)) for d in ds]), seed)
-    return Comparison(task="pooled", condition=condition, baseline=baseline, metric=metric,
+    return Comparison(task=POOLED, condition=condition, baseline=baseline, metric=metric,
                       diff=float(task_diffs.mean()), ci=_interval(sign * reps, alpha), p_value=p,
                       mde=mde(float(reps.std(ddof=1)), n_total, alpha), n=n_total, test="stratified sign-flip",
                       extra={"n_tasks": len(tasks), "n_up": int((rejected & (task_diffs > 0)).sum()),
@@ -469,6 +493,7 @@ def compare_task(task: str, outcomes: Mapping[str, np.ndarray], metric: str, fam
     the `pruned` family minus "random" (`versus_sets`); each condition against the others `versus`
     names for it (`Condition.versus`: a calibration against pruning; `paired`).
     """
+    check_boot(n_boot, seed)
     return [_run(task, spec, metric, n_boot, seed) for spec in _plan(task, outcomes, families, baseline, versus)]
 
 
@@ -477,6 +502,9 @@ def compare_all(per_task: Mapping[str, Mapping[str, np.ndarray]], metric: str,
                 seed: int = 0, versus: Mapping[str, Sequence[str]] | None = None) -> list[Comparison]:
     """`compare_task` for every task, then the same (condition, baseline) pairs pooled over the tasks
     that have them (task "pooled"). Random families must name the same sets in every task."""
+    check_boot(n_boot, seed)
+    if POOLED in per_task:
+        raise ValueError(f"a task is named {POOLED!r}, the name of the comparison pooled over tasks; rename it")
     out: list[Comparison] = []
     groups: dict[tuple[str, str], dict[str, _Spec]] = {}
     for task, outcomes in per_task.items():

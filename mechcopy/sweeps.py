@@ -12,18 +12,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
-
 from mechcopy.arch import HookedModel
 from mechcopy.attribution import CopyScores
+from mechcopy.components import component_kind
+from mechcopy.errors import FieldError
 from mechcopy.evaluation import evaluate, perplexity
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import Hook
+from mechcopy.progress import tqdm
 from mechcopy.pruning import pruning_hooks
 from mechcopy.selection import select, select_layer_percent
-from mechcopy.sites import neurons_per_layer
 
 DEFAULT_KS = (5, 10, 20, 50, 100, 200, 500, 1000)
+#: the k grid over attention heads (270 on SmolLM2, 72 on Gemma-3-270M; valid_ks drops the k a model lacks)
+HEAD_KS = (1, 2, 3, 5, 10, 20, 50, 100)
+
+
+def default_ks(kind: str = "neuron") -> tuple[int, ...]:
+    """The default k grid of the sweep for a component kind."""
+    return HEAD_KS if kind == "head" else DEFAULT_KS
 
 
 def _measure(model: HookedModel, dev_prompts: Sequence, hooks: list[tuple[str, Hook]], name: str, seed: int,
@@ -117,13 +124,20 @@ def _choose_k(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> tuple[int
                f"best pruned: k = {best['k']}, {best['dev_accuracy']:.3f})")
 
 
-def valid_ks(model: HookedModel, ks: Sequence[int], mode: str = "global") -> list[int]:
-    """The k of the grid that `mode` can select on this model (sorted); an error if none can."""
-    width = neurons_per_layer(model)
+def valid_ks(model: HookedModel, ks: Sequence[int], mode: str = "global", kind: str = "neuron",
+             strict: bool = False) -> list[int]:
+    """The k of the grid that `mode` can select on this model among its components of `kind` (sorted);
+    an error if none can, and with `strict` (a grid the user gave, not the default one) an error naming
+    `ks` if any k cannot."""
+    kinds = component_kind(kind)
+    width = kinds.width(model)
     most = width if mode == "per-layer" else width * model.cfg.n_layers
     valid = sorted({int(k) for k in ks if 0 < k <= most})
-    if not valid:
-        raise ValueError(f"no k in {list(ks)} can be selected on this model ({mode} top-k: 1 <= k <= {most})")
+    beyond = sorted({int(k) for k in ks if not 0 < k <= most})
+    if not valid or (strict and beyond):
+        raise FieldError("ks", f"{','.join(map(str, beyond))}: {mode} top-k on this model can select 1 <= k <= "
+                               f"{most} ({kinds.plural + ' per layer' if mode == 'per-layer' else kinds.plural}); drop "
+                               f"{'it' if len(beyond) == 1 else 'them'} from the grid")
     return valid
 
 
@@ -144,7 +158,7 @@ def sweep_k(model: HookedModel, scores: CopyScores, dev_prompts: Sequence, ks: S
     if max_ppl_increase is None and general_prompts is None:
         raise ValueError("the k sweep needs a bound: max_ppl_increase and/or general_prompts")
     scores.check(model)
-    ks = valid_ks(model, ks, mode)
+    ks = valid_ks(model, ks, mode, scores.kind)
 
     def measure(hooks, name: str) -> dict[str, Any]:
         return _measure(model, dev_prompts, hooks, name, seed, text, n_tokens, max_ppl_increase is not None,

@@ -27,18 +27,19 @@ from typing import Any, ClassVar, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
-from mechcopy.components import Components
-from mechcopy.errors import check_minimums
+from mechcopy.components import Components, as_components
+from mechcopy.errors import check_items, check_minimums
 from mechcopy.evaluation import check_context, evaluate
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import inject_vector
 from mechcopy.io import as_tuples
+from mechcopy.progress import tqdm
 from mechcopy.pruning import pruning_hooks
 from mechcopy.tasks.outcomes import copy_rate
 from mechcopy.tasks.splits import TaskVectorSplit, split_task
+from mechcopy.tasks.task import Task
 
 RESID_SITE = "blocks.{layer}.hook_resid_post"
 
@@ -62,9 +63,9 @@ class TaskVectorConfig:
     MINIMUM: ClassVar[dict[str, int]] = {"shots": 1, "n_extract": 1, "n_dev": 1, "n_test": 1, "seed": 0, "layers": 0}
 
     def __post_init__(self):
+        check_minimums(self)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
-        check_minimums(self)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,10 +206,13 @@ def run_task_vectors(model: HookedModel, tasks, config: TaskVectorConfig = TaskV
                      neurons: Components | None = None, progress: bool = True) -> list[TaskVectorResult]:
     """Unpruned results for every task, and pruned ones (hooks in extraction and injection) if `neurons`
     holds any. Every task's split is built and checked against the context before any work."""
+    if not isinstance(config, TaskVectorConfig):
+        raise TypeError(f"config must be a TaskVectorConfig, got {type(config).__name__}")
+    tasks = check_items(tasks, Task, "tasks", "mechcopy.tasks.load_tasks('antonyms,to_upper')")
     config.check(model)
     conditions: list[tuple[str, list]] = [("unpruned", [])]
     if neurons is not None:
-        neurons.check(model)
+        as_components(neurons, "neurons").check(model)
         if neurons.pairs:
             conditions.append(("pruned", pruning_hooks(model, neurons)))
     splits = [config.split(task, model.tokenizer) for task in tasks]

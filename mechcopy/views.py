@@ -6,10 +6,12 @@ probe (`method.prompts` with the run's `FindConfig`) on which the unpruned model
 (else the first one), its tokens, attention patterns (where the architecture has attention) and the
 evaluated neurons' activations over the tokens.
 
-Which attention to show is data, not code: each `AttentionView` holds the (layer, head) pairs it shows
-and says why they were chosen (`chosen_by`). Today's view is every head of the layer with the most
-evaluated components; views of heads chosen by their attention to the demo labels (issue 24's label
-attention) go in the same list, and the report draws every view the list holds.
+Which attention to show is data, not code: each `AttentionView` holds the (layer, head) pairs it shows,
+says why they were chosen (`chosen_by`) and which token positions to mark (`marked`: the demo labels).
+Two views today: every head of the layer with the most evaluated components, and the heads that write
+most of logit(c) - logit(gold) directly on the prompt (`top_heads`: direct logit attribution, c the demo
+label with the highest logit), their demo-label tokens marked. Other views (e.g. heads chosen by label
+attention) go in the same list; the report draws every view the list holds.
 
 The data functions (`attention_patterns`, `neuron_activations`) are also what `mechcopy.viz`'s
 model-level views draw.
@@ -28,7 +30,10 @@ from mechcopy import method
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.components import Components
 from mechcopy.evaluation import predict
+from mechcopy.head_attribution import direct_logit_attribution
+from mechcopy.heads import check_heads, require_heads
 from mechcopy.io import as_tuples
+from mechcopy.label_attention import label_positions
 from mechcopy.method import FindConfig
 from mechcopy.sites import neuron_site
 from mechcopy.tasks.outcomes import copy_error
@@ -37,6 +42,8 @@ from mechcopy.tasks.prompts import ICLPrompt
 DIGITS = 4                  # decimals kept of every pattern and activation saved
 MAX_NEURONS = 50            # neurons shown (the largest activations on the prompt)
 N_CANDIDATES = 16           # dev prompts tried for a copy error
+TOP_HEADS = 3               # heads shown by direct logit attribution
+MARK = "«{}»"               # how a marked token (a demo label's) is drawn
 
 
 # ---------------------------------------------------------------- data from the model
@@ -56,7 +63,7 @@ def attention_patterns(model: HookedModel, text: str, heads: Sequence[tuple[int,
             raise IndexError(f"head {head} out of range: the model has {n_heads} heads per layer")
     names = {f"blocks.{layer}.attn.hook_pattern" for layer, _ in heads}
     with torch.no_grad():
-        _, cache = model.run_with_cache(text, names_filter=lambda n: n in names)
+        _, cache = model.run_with_cache(arch.tokens(model, text), names_filter=lambda n: n in names)
     return torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0, head] for layer, head in heads])
 
 
@@ -68,7 +75,7 @@ def neuron_activations(model: HookedModel, text: str, neurons: Components, max_n
     by_layer = neurons.by_layer()
     sites = {neuron_site(model, layer): layer for layer in by_layer}
     with torch.no_grad():
-        _, cache = model.run_with_cache(text, names_filter=lambda n: n in sites)
+        _, cache = model.run_with_cache(arch_of(model).tokens(model, text), names_filter=lambda n: n in sites)
     cols, labels = [], []
     for site, layer in sites.items():
         idx = by_layer[layer]
@@ -79,6 +86,22 @@ def neuron_activations(model: HookedModel, text: str, neurons: Components, max_n
         keep = acts.abs().amax(0).topk(max_neurons).indices.sort().values
         acts, labels = acts[:, keep], [labels[int(i)] for i in keep]
     return acts, labels
+
+
+def top_heads(model: HookedModel, prompt: ICLPrompt, k: int = TOP_HEADS) -> list[tuple[int, int]]:
+    """The k heads with the largest |direct logit attribution| of logit(c) - logit(gold) on `prompt`
+    (`head_attribution.direct_logit_attribution`, c the demo label with the highest logit)."""
+    values = direct_logit_attribution(model, [prompt]).heads[0]
+    idx = values.flatten().abs().topk(min(k, values.numel())).indices
+    return [divmod(int(i), values.shape[1]) for i in idx]
+
+
+def marked_tokens(tokens: Sequence[str], marked: Sequence[int], mark: str = MARK) -> list[str]:
+    """`tokens` with the positions `marked` drawn as `mark` (a format with one `{}`)."""
+    out = list(tokens)
+    for pos in marked:
+        out[pos] = mark.format(out[pos])
+    return out
 
 
 def _rounded(x: Tensor) -> Any:
@@ -97,17 +120,21 @@ class AttentionView:
     heads: tuple[tuple[int, int], ...]
     pattern: tuple[tuple[tuple[float, ...], ...], ...]
     chosen_by: str
+    #: token positions the view marks (the demo labels' tokens), none by default
+    marked: tuple[int, ...] = ()
 
     @property
     def names(self) -> list[str]:
         return [f"L{layer}H{head}" for layer, head in self.heads]
 
     def to_json(self) -> dict[str, Any]:
-        return {"heads": [list(h) for h in self.heads], "pattern": self.pattern, "chosen_by": self.chosen_by}
+        return {"heads": [list(h) for h in self.heads], "pattern": self.pattern, "chosen_by": self.chosen_by,
+                "marked": list(self.marked)}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "AttentionView":
-        return cls(as_tuples(obj["heads"]), as_tuples(obj["pattern"]), obj["chosen_by"])
+        return cls(as_tuples(obj["heads"]), as_tuples(obj["pattern"]), obj["chosen_by"],
+                   tuple(obj.get("marked", ())))
 
 
 @dataclass(frozen=True)
@@ -174,12 +201,29 @@ def layer_view(model: HookedModel, text: str, components: Components) -> Attenti
     return AttentionView(tuple(heads), _rounded(attention_patterns(model, text, heads)), why)
 
 
+def head_view(model: HookedModel, prompt: ICLPrompt, heads: Sequence[tuple[int, int]], chosen_by: str
+              ) -> AttentionView:
+    """The attention of `heads` ((layer, head) pairs, any layers) on `prompt`, its demo-label tokens marked."""
+    require_heads(model, "a view of heads")
+    heads = list(check_heads(model, heads)) if heads else []
+    if not heads:
+        raise ValueError("a view of heads needs at least one (layer, head)")
+    marked = tuple(p for demo in label_positions(model, prompt) for p in demo)
+    return AttentionView(tuple(heads), _rounded(attention_patterns(model, prompt.text, heads)), chosen_by, marked)
+
+
 def copy_error_views(model: HookedModel, find: FindConfig, components: Components) -> Views:
     """The views the report shows of one copy error (module docstring)."""
     prompt, pred = copy_error_prompt(model, find)
-    attention = (layer_view(model, prompt.text, components),) if arch_of(model).has_attention else ()
+    attention: tuple[AttentionView, ...] = ()
+    if arch_of(model).has_attention:
+        why = (f"the {TOP_HEADS} heads that write most of logit(c) - logit(gold) directly on this prompt (direct "
+               "logit attribution, c the demo label with the highest logit), the demo-label tokens marked "
+               + MARK.format("like this"))
+        attention = (layer_view(model, prompt.text, components),
+                     head_view(model, prompt, top_heads(model, prompt), why))
     neurons = None
     if components.pairs and components.kind == "neuron":
         acts, labels = neuron_activations(model, prompt.text, components, MAX_NEURONS)
         neurons = ActivationView(tuple(labels), _rounded(acts), str(components.meta.get("name", "neurons")))
-    return Views(prompt, pred, tuple(model.to_str_tokens(prompt.text)), attention, neurons)
+    return Views(prompt, pred, tuple(arch_of(model).str_tokens(model, prompt.text)), attention, neurons)

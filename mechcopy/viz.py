@@ -17,6 +17,7 @@ import html
 import io
 import json
 import re
+import sys
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,7 +33,8 @@ from matplotlib.figure import Figure
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.io import write_atomic
 from mechcopy.stats import Comparison
-from mechcopy.views import attention_patterns, neuron_activations
+from mechcopy.heads import require_heads
+from mechcopy.views import MARK, attention_patterns, head_view, marked_tokens, neuron_activations
 
 # A 1-D series of numbers: a list, a tuple or a numpy array.
 Series = Sequence[float] | np.ndarray
@@ -363,6 +365,72 @@ def plot_patching_heatmap(values: Float[np.ndarray, "layers positions"] | torch.
     return fig
 
 
+def _head_panel(fig: Figure, ax, values: np.ndarray, title: str, label: str, top: int, centre: bool) -> None:
+    """One layers x heads heatmap on `ax`, the `top` heads by absolute value outlined and named."""
+    from matplotlib.patches import Rectangle
+
+    if values.ndim != 2:
+        raise ValueError(f"a head map must be 2-D [layers, heads], got shape {values.shape}")
+    n_l, n_h = values.shape
+    finite = values[np.isfinite(values)]
+    if centre:
+        vmax = float(np.abs(finite).max()) if finite.size else 1.0
+        im = ax.imshow(values, cmap="RdBu_r", vmin=-(vmax or 1.0), vmax=vmax or 1.0, aspect="auto", interpolation="nearest")
+    else:
+        im = ax.imshow(values, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.set_xticks(np.arange(n_h), [str(h) for h in range(n_h)], fontsize=7)
+    ax.set_yticks(np.arange(0, n_l, max(1, n_l // 15)))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, shrink=0.9, label=label)
+    order = [int(i) for i in np.argsort(-np.nan_to_num(np.abs(values), nan=-1).ravel(), kind="stable")[:top]]
+    names = []
+    for i in order:
+        l, h = divmod(i, n_h)
+        ax.add_patch(Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="k", lw=1.4))
+        names.append(f"L{l}H{h} {values[l, h]:+.3g}")
+    ax.set_title(_label(title) + (("\ntop: " + ", ".join(names[:3]) + ("\n" + ", ".join(names[3:]) if names[3:] else ""))
+                                  if names else ""), fontsize=8)
+
+
+def _as_array(values) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+
+
+def plot_head_heatmap(values: Float[np.ndarray, "layers heads"] | torch.Tensor, title: str = "Heads",
+                      label: str = "", top: int = 5, centre: bool = True) -> Figure:
+    """A layers x heads heatmap (attribution, label attention, per-head patching), the `top` heads by
+    absolute value outlined and named (LxHy). `centre`: a diverging scale centred on zero (signed
+    values); else a sequential one (e.g. attention weights)."""
+    values = _as_array(values)
+    if values.ndim != 2:
+        raise ValueError(f"plot_head_heatmap: values must be 2-D [layers, heads], got shape {values.shape}")
+    fig = Figure(figsize=(max(3.6, 0.42 * values.shape[1] + 2.6), max(3.0, 0.2 * values.shape[0] + 1.8)),
+                 layout="constrained")
+    _head_panel(fig, fig.subplots(), values, title, label, top, centre)
+    return fig
+
+
+def plot_head_maps(panels: dict[str, dict], title: str = "", top: int = 5) -> Figure:
+    """Several layers x heads maps side by side: `panels` is {panel title: {"values": [layers, heads],
+    "label": colour-bar label, "centre": bool (default True)}}, each drawn as `plot_head_heatmap` draws one."""
+    if not panels:
+        raise ValueError("plot_head_maps: no panels to draw")
+    arrays = {k: _as_array(p["values"]) for k, p in panels.items()}
+    n_l, n_h = next(iter(arrays.values())).shape
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(cols * max(3.0, 0.28 * n_h + 2.2), rows * max(3.0, 0.16 * n_l + 1.9)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (name, p) in zip(axes, panels.items()):
+        _head_panel(fig, ax, arrays[name], name, p.get("label", ""), top, p.get("centre", True))
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(_label(title), fontsize=10)
+    return fig
+
+
 def plot_loss_curve(steps: Series, losses: Series | dict[str, Series],
                     title: str | None = None, evals: Mapping[str, tuple[Series, Series]] | None = None,
                     smooth: int = 1) -> Figure:
@@ -465,12 +533,32 @@ class CircuitsvisHTML:
                     f'<script type="module">\n{circuitsvis_library()}\n{call}\n</script>')
         return f'<div id="{div}" class="circuitsvis" style="margin: 15px 0;"></div>\n<script>{call}</script>'
 
+    def page_snippet(self, define_library: bool) -> str:
+        """This view for a page that holds the script once (a notebook): `define_library` defines the
+        global `CircuitsVis` here (the page's first view); otherwise the view renders once the page's
+        copy is there, and says what to do if it never comes."""
+        div = f"circuits-vis-{uuid.uuid4().hex[:12]}"
+        call = f'CircuitsVis.render("{div}", CircuitsVis.{self.component}, {self.props});'
+        if define_library:
+            return (f'<div id="{div}" style="margin: 15px 0;"></div>\n'
+                    f"<script>\n{circuitsvis_library()}\n{call}\n</script>")
+        missing = ("circuitsvis' script is not on this page (it comes with the first view a kernel shows): "
+                   "run that cell again, or run mechcopy.viz.reset_notebook_script() and then this one")
+        return (f'<div id="{div}" style="margin: 15px 0;"></div>\n<script>(function draw(tries) {{\n'
+                f'  if (window.CircuitsVis) {{ {call} }}\n'
+                f"  else if (tries < 100) {{ setTimeout(function () {{ draw(tries + 1); }}, 100); }}\n"
+                f'  else {{ document.getElementById("{div}").textContent = {json.dumps(missing)}; }}\n'
+                f"}})(0);</script>")
+
     @property
     def local_src(self) -> str:
         return self.snippet(include_library=True)
 
     def _repr_html_(self) -> str:
-        return self.local_src
+        """In a Jupyter kernel, circuitsvis' 1.3 MB script comes with the first view only (see
+        `_notebook_defines_library`); anywhere else each view carries it (`local_src`)."""
+        define = _notebook_defines_library()
+        return self.local_src if define is None else self.page_snippet(define)
 
     def __repr__(self) -> str:
         return f"CircuitsvisHTML({self.component}, {self.title!r}, props: {len(self.props) / 1e3:.1f} kB)"
@@ -487,6 +575,36 @@ class CircuitsvisHTML:
                 f"<title>{html.escape(self.title or self.component)}</title></head>\n<body>\n"
                 f"{self.local_src}\n</body></html>\n")
         return write_atomic(path, page)
+
+
+_NOTEBOOK_SCRIPT: dict[str, str | None] = {}
+
+
+def _notebook_defines_library() -> bool | None:
+    """Whether the view displayed now must define the page's circuitsvis script; None outside a Jupyter kernel.
+
+    The first view a kernel displays defines it, as does a later one in the cell that defined it when
+    that cell runs again (its old output, and the script, are being replaced; JupyterLab says which
+    cell runs). Colab shows each output in its own frame, so there every view carries the script.
+    """
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+        return None
+    if "google.colab" in sys.modules:
+        return None
+    parent = getattr(shell, "parent_header", None) or {}
+    run = str(parent.get("header", {}).get("msg_id", ""))
+    cell = (parent.get("metadata") or {}).get("cellId")
+    if not _NOTEBOOK_SCRIPT or (cell is not None and cell == _NOTEBOOK_SCRIPT["cell"]
+                                and run != _NOTEBOOK_SCRIPT["run"]):
+        _NOTEBOOK_SCRIPT.update(cell=cell, run=run)
+        return True
+    return False
+
+
+def reset_notebook_script() -> None:
+    """Make the next view displayed in this kernel carry circuitsvis' script again (for a page that lost it)."""
+    _NOTEBOOK_SCRIPT.clear()
 
 
 def attention_heads_view(tokens: Sequence[str], pattern, names: Sequence[str], title: str = "Attention"
@@ -508,7 +626,7 @@ def attention_view(model: HookedModel, text: str, layer: int, heads: Sequence[in
     """circuitsvis attention heads of `layer` on `text` (`mechcopy.views.attention_patterns`)."""
     head_ids = list(range(arch_of(model).attention_shape(model)[0])) if heads is None else [int(h) for h in heads]
     pattern = attention_patterns(model, text, [(layer, h) for h in head_ids])
-    return attention_heads_view(model.to_str_tokens(text), pattern, [f"L{layer}H{h}" for h in head_ids],
+    return attention_heads_view(arch_of(model).str_tokens(model, text), pattern, [f"L{layer}H{h}" for h in head_ids],
                                 f"Attention, layer {layer}")
 
 
@@ -527,6 +645,18 @@ def text_activations_view(tokens: Sequence[str], activations, labels: Sequence[s
         secondDimensionLabels=list(labels))
 
 
+def head_attention_view(model: HookedModel, prompt, heads: Sequence[tuple[int, int]],
+                        mark: str = MARK) -> CircuitsvisHTML:
+    """circuitsvis attention patterns of `heads` ((layer, head) pairs, any layers) on an ICL prompt
+    (`ICLPrompt`), its demo-label tokens marked (`mark`, a format with one `{}`), so a copy error's
+    attention to the labels shows. Named `L{layer}H{head}` (the data: `mechcopy.views.head_view`).
+    `prompt` is not annotated so that a model without heads is refused for that first, whatever the prompt."""
+    require_heads(model, "head_attention_view")
+    view = head_view(model, prompt, heads, "chosen heads")
+    return attention_heads_view(marked_tokens(arch_of(model).str_tokens(model, prompt.text), view.marked, mark),
+                                view.pattern, view.names, "Attention of chosen heads (demo-label tokens marked)")
+
+
 def neuron_activations_view(model: HookedModel, text: str, neurons, max_neurons: int | None = 200) -> CircuitsvisHTML:
     """Activations of the neurons in `neurons` (`Components` of neurons) over the tokens of `text`.
 
@@ -536,7 +666,8 @@ def neuron_activations_view(model: HookedModel, text: str, neurons, max_neurons:
     largest absolute activation on this text are kept.
     """
     acts, labels = neuron_activations(model, text, neurons, max_neurons)
-    return text_activations_view(model.to_str_tokens(text), acts, labels, str(neurons.meta.get("name", "neurons")))
+    return text_activations_view(arch_of(model).str_tokens(model, text), acts, labels,
+                                 str(neurons.meta.get("name", "neurons")))
 
 
 def to_json_props(view: CircuitsvisHTML) -> dict:

@@ -53,26 +53,53 @@ def mamba():
     return tiny_mamba(n_layers=2, d_model=32, seed=0)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    """A Hugging Face folder holding a tiny random Llama (2 layers of 64 neurons, 512-token context)
-    with the character tokenizer: `load_model(folder)` loads it as a real user's folder is loaded,
-    and a subprocess can load it too. Its name contains "llama" on purpose (see `_tl_config`)."""
+def write_tiny_llama(folder, seed: int = 0, jitter: float = 0.0, **config):
+    """Save a tiny random Llama (2 layers of 64 neurons, 512-token context; `config` overrides) with the
+    character tokenizer in `folder`; `jitter` adds noise to every weight (norms too, so folding matters)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mechcopy.models.tiny import char_tokenizer
 
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
     tok = char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    cfg = LlamaConfig(**{**dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id, tie_word_embeddings=False), **config})
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(cfg)
+    if jitter:
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(torch.randn_like(p) * jitter)
+    hf.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A Hugging Face folder holding a tiny random Llama with the character tokenizer (`write_tiny_llama`):
+    `load_model(folder)` loads it as a real user's folder is loaded, and a subprocess can load it too.
+    Its name contains "llama" on purpose (see `_tl_config`)."""
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """The tests' own cache folder: `MECHCOPY_CACHE` for a subprocess that loads a tiny model folder, so
+    that its processed entry (`mechcopy.models.processed`) is never written into the user's cache."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def private_processed_cache(request, monkeypatch, tiny_cache):
+    """Tiny tests' model folders get their processed entries in the tests' own cache; tests marked slow
+    (real models) use the user's, which the suite fills once."""
+    if request.node.get_closest_marker("slow") is None:
+        from mechcopy.models import processed
+
+        monkeypatch.setattr(processed, "processed_root", lambda: tiny_cache / "processed")
 
 
 @pytest.fixture

@@ -56,8 +56,12 @@ def test_files_keep_their_format_and_kind(tiny3, tmp_path):
     with pytest.raises(ValueError, match="one kind"):
         Components.from_json({**old, "heads": [[0, 1]]})
     loaded.check(tiny3)
+    with pytest.raises(ValueError, match=r"head \(0, 4\) is out of range: the model the set names has 3 layers of 4 "
+                                         "heads"):
+        _heads(tiny3, [(0, 4)])      # the fingerprint's sizes: refused before any model is at hand
+    older = {k: v for k, v in fp.items() if k != "n_heads"}           # a fingerprint that records no heads
     with pytest.raises(IndexError, match=r"head \(0, 4\) out of range: the model has 3 layers of 4 heads"):
-        _heads(tiny3, [(0, 4)]).check(tiny3)
+        Components(((0, 4),), older, kind="head").check(tiny3)
 
 
 def test_mamba_has_no_heads(mamba):

@@ -147,8 +147,9 @@ def test_refusing_an_input_as_out_is_fast_and_leaves_it_alone(tmp_path):
     task.write_text(json.dumps({"name": "x", "pairs": [["ab", "AB"], ["cd", "CD"], ["ef", "EF"]]}))
     before = (task.read_bytes(), task.stat().st_mtime_ns)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mechcopy", "evaluate", "--tasks", "X.json", "--out", "X.json"],
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mechcopy", "evaluate", "--tasks", "X.json", "--shots", "2", "--out",
+                           "X.json"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True)
     seconds = time.perf_counter() - t0
     assert proc.returncode == 2 and "would overwrite the input --tasks X.json" in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -69,11 +69,17 @@ def test_notebook_runs(path, kernel_name):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     html = [o["data"]["text/html"] for o in outputs if o.get("output_type") in ("display_data", "execute_result")
             and "text/html" in o.get("data", {})]
-    # circuitsvis views, where a notebook shows any, are the offline kind (no CDN import).
-    for snippet in html:
-        if "CircuitsVis" in snippet:
-            assert "unpkg.com" not in snippet and "var CircuitsVis=" in snippet
-    print(f"{path.name}: {time.time() - t0:.1f} s")
+    # circuitsvis views, where a notebook shows any, are the offline kind (no CDN import), and the page
+    # holds circuitsvis' script once: the first view defines it, the others only render.
+    views = [snippet for snippet in html if "CircuitsVis" in snippet]
+    assert all("unpkg.com" not in v for v in views)
+    assert [v.count("var CircuitsVis=") for v in views] == [1] * bool(views) + [0] * (len(views) - 1)
+    size = len(nbformat.writes(nb).encode())
+    if views:
+        from mechcopy.viz import circuitsvis_library
+
+        assert size < len(circuitsvis_library()) + 1e6, f"{path.name}: executed, {size / 1e6:.1f} MB"
+    print(f"{path.name}: {time.time() - t0:.1f} s, {len(views)} views, {size / 1e6:.2f} MB executed")
     out = os.environ.get("MECHCOPY_NOTEBOOK_OUT")  # keep the executed copies to look at
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -139,10 +139,10 @@ def test_bad_inputs(tiny3, mamba, tmp_path):
     other = _set(mamba, [(0, 1)])
     with pytest.raises(ValueError, match="another model"):
         pruning_hooks(tiny3, other)
-    with pytest.raises(IndexError, match="out of range"):
-        pruning_hooks(tiny3, _set(tiny3, [(0, 64)]))
-    with pytest.raises(IndexError, match="out of range"):
-        prune_weights(tiny3, _set(tiny3, [(3, 0)]))
+    with pytest.raises(ValueError, match="out of range: the model the set names has 3 layers of 64"):
+        _set(tiny3, [(0, 64)])          # the fingerprint's sizes: refused when the set is made, before any model
+    with pytest.raises(ValueError, match="out of range"):
+        _set(tiny3, [(3, 0)])
     assert standard_conditions(tiny3, _set(tiny3, [], k=0)) == []   # k = 0: nothing to prune, no conditions
     ns = _set(tiny3, [(0, 1)])
     path = ns.save(tmp_path / "n.json")

@@ -75,6 +75,7 @@ def make_files(folder: Path) -> None:
         "junk.json": _neurons(fp, [[0, 1]], scores_path="junk.scores.safetensors"),
         "junk.scores.safetensors": "not a safetensors file",
         "n.attributions.safetensors": "not a safetensors file",
+        "n.partial.safetensors": "not a safetensors file",
         "full/notes.txt": "someone else's file",
         "mymodel/config.json": "{}",
     }
@@ -104,12 +105,12 @@ class Disk:
 UNCHANGED = Disk("nothing written; every input unchanged", lambda d, before: snapshot(d) == before)
 
 
-def only(*names: str, words: str) -> Disk:
-    """Inputs unchanged; the files `names` new (or replaced)."""
+def only(*names: str, words: str, gone: tuple[str, ...] = ()) -> Disk:
+    """Inputs unchanged; the files `names` new (or replaced), the files `gone` removed."""
     def check(d: Path, before: dict) -> bool:
         after = snapshot(d)
         changed = {k for k in after if before.get(k) != after[k]}
-        return changed == set(names) and set(before) <= set(after)
+        return changed == set(names) and set(before) - set(after) == set(gone)
 
     return Disk(words, check)
 
@@ -146,12 +147,20 @@ class Case:
 
 
 def _interrupt_after(target: str, n_calls: int):
-    """Ctrl-C on the n-th call of `target` (module.function), as if the user pressed it there."""
+    """Ctrl-C on the n-th call of `target` (module.function, or module.Class.method), as if the user
+    pressed it there."""
     def patch(monkeypatch, folder):
         import importlib
 
-        module, name = target.rsplit(".", 1)
-        mod = importlib.import_module(module)
+        parts, mod, cut = target.split("."), None, 1
+        for i in range(1, len(parts)):
+            try:
+                mod, cut = importlib.import_module(".".join(parts[:i])), i
+            except ImportError:
+                break
+        for attr in parts[cut:-1]:
+            mod = getattr(mod, attr)
+        name = parts[-1]
         real, calls = getattr(mod, name), []
 
         def wrapped(*a, **k):
@@ -280,9 +289,9 @@ CASES: list[Case] = [
     Case("k = 0 in the grid", f"{M} find --out n2.json --ks 5,0",
          f"{M} find: error: argument --ks: expected comma-separated integers >= 1 such as 5,10,20, got '5,0'"),
     Case("a perplexity bound that is not a number", f"{M} find --out n2.json --max-ppl-increase nan",
-         f"{M} find: error: argument --max-ppl-increase: must be a number >= 0.0, got nan"),
+         f"{M} find: error: argument --max-ppl-increase: must be a finite number >= 0.0, got nan"),
     Case("a missing text file (read after the attribution before)", f"{M} find --out n2.json --text missing.txt",
-         f"{M} find: error: text file missing.txt does not exist"),
+         f"{M} find: error: argument --text: text file missing.txt does not exist"),
     Case("`reproduce --find-n 0` (`list index out of range` before)", f"{M} reproduce --find-n 0",
          f"{M} reproduce: error: argument --find-n: must be an integer >= 1, got 0"),
     Case("`patch --n 0` (`stack expects a non-empty TensorList` before)", f"{M} patch --task t.json --out p.json --n 0",
@@ -298,7 +307,7 @@ CASES: list[Case] = [
     Case("`--batch-size 0` (`max() arg is an empty sequence` before)", f"{M} train-organism --batch-size 0",
          f"{M} train-organism: error: argument --batch-size: must be an integer >= 1, got 0"),
     Case("a negative learning rate", f"{M} train-organism --lr -1",
-         f"{M} train-organism: error: argument --lr: must be a number > 0, got '-1'"),
+         f"{M} train-organism: error: argument --lr: must be a finite number > 0, got '-1'"),
     Case("model sizes that are not JSON", f"{M} train-organism --model-kwargs '{{d_model: 96}}'",
          f"{M} train-organism: error: --model-kwargs is not valid JSON"),
     # ---- tasks
@@ -386,7 +395,7 @@ CASES: list[Case] = [
          f"{M} evaluate --model tiny --tasks t.json --prune hash.json",
          f"{EV} the neuron set (hash.json) was found on another model (weight_hash: file has '0000000000000000'"),
     Case("an index out of range", f"{M} evaluate --model tiny --tasks t.json --prune oor.json",
-         f"{EV} neuron (0, 64) (oor.json) out of range: the model has 2 layers of 64 neurons"),
+         f"{EV} oor.json: neuron (0, 64) is out of range: the model the set names has 2 layers of 64 neurons"),
     Case("task-vectors with another model's neurons (exit 0, `\"results\": []` before)", f"{TV} --tasks small.json --prune other.json",
          f"{M} task-vectors: error: the neuron set (other.json) was found on another model"),
     Case("patch with another model's neurons (checked after a 720-run sweep before)",
@@ -450,17 +459,18 @@ CASES: list[Case] = [
          f"{M} evaluate: interrupted; nothing was saved; run the command again", code=130,
          patch=_interrupt_after("mechcopy.suite.evaluate_task", 2)),
     Case("Ctrl-C during find", f"{FIND} --checkpoint-every 1 --out n3.json",
-         f"{M} find: interrupted; the attributions done so far are in n3.attributions.safetensors: run the same command "
+         f"{M} find: interrupted; the attributions done so far are in n3.partial.safetensors: run the same command "
          "to resume", code=130, patch=_interrupt_after("mechcopy.method.integrated_gradients", 2),
-         disk=only("n3.attributions.safetensors", words="`n3.attributions.safetensors` with the first prompt")),
+         disk=only("n3.partial.safetensors", words="`n3.partial.safetensors` with the first prompt")),
     Case("Ctrl-C during reproduce", f"{M} reproduce --model tiny --out run",
          f"{M} reproduce: interrupted; the finished stages and the checkpoints of find and evaluate are in run: run the "
          "same command to resume", code=130, patch=_interrupt_after("mechcopy.method.integrated_gradients", 1),
          disk=only("run/settings.json", words="`run/settings.json` (the run resumes from it)")),
     Case("a damaged find checkpoint (blocked find until deleted before)", f"{FIND} --out n.json --force",
-         "mechcopy: checkpoint n.attributions.safetensors is damaged", code=0,
+         "mechcopy: checkpoint n.partial.safetensors is damaged", code=0,
          disk=only("n.json", "n.scores.safetensors", "n.scores.json", "n.attributions.safetensors",
-                   words="a new checkpoint replaces the damaged one; the neuron file is written")),
+                   gone=("n.partial.safetensors",),
+                   words="a new checkpoint replaces the damaged one; the neuron file is written, the checkpoint removed")),
     Case("a zoo manifest without its file list (not rebuilt before)",
          **_call("zoo.cache_problem('smollm2-135m')", _zoo_manifest_without_files),
          message="ValueError: " + "{cache}/models/smollm2-135m/mechcopy-manifest.json is unreadable or lacks its file list",

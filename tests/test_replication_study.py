@@ -1,6 +1,7 @@
 """The study's script (analyses/replication.py) end to end on a tiny model folder, at --smoke sizes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,11 @@ STAGES = "probe,attribution,selection,consistency,stability,ablation,cards,kcurv
 
 
 @pytest.mark.parametrize("variant", ["default"])
-def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant):
+def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant, tiny_cache):
     cmd = [sys.executable, str(ROOT / "analyses" / "replication.py"), "--model", str(tiny_llama_dir),
            "--variant", variant, "--smoke", "--stages", STAGES, "--out", str(tmp_path)]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                   env={**os.environ, "MECHCOPY_CACHE": str(tiny_cache)})
     out = tmp_path / tiny_llama_dir.name / variant
     res = {s: json.loads((out / f"{s}.json").read_text())["result"] for s in STAGES.split(",")}
     # every stage's result reads back as its type, and that writes the same JSON again
@@ -65,7 +67,8 @@ def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant):
         "bootstrap"][0]["jaccard"]
     # a second run skips every stage (resumes) and changes nothing
     before = {s: (out / f"{s}.json").read_bytes() for s in STAGES.split(",")}
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                   env={**os.environ, "MECHCOPY_CACHE": str(tiny_cache)})
     assert before == {s: (out / f"{s}.json").read_bytes() for s in STAGES.split(",")}
     # the tables render every stage that ran, and nothing reads as broken
     tables = subprocess.run([sys.executable, str(ROOT / "analyses" / "replication_tables.py"), "--root", str(tmp_path),
@@ -80,12 +83,13 @@ def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant):
         assert f"| {tiny_llama_dir.name} | {variant} | {f'**{k}**' if k == chosen else k} |" in tables
 
 
-def test_study_random_sets_matched_on_size(tiny_llama_dir, tmp_path):
+def test_study_random_sets_matched_on_size(tiny_llama_dir, tmp_path, tiny_cache):
     """--random-match size reaches the guard, the consistency check and the evaluations, in its own folder."""
     stages = "probe,attribution,selection,consistency,evaluate-methods"
     cmd = [sys.executable, str(ROOT / "analyses" / "replication.py"), "--model", str(tiny_llama_dir),
            "--variant", "default", "--smoke", "--stages", stages, "--out", str(tmp_path), "--random-match", "size"]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                   env={**os.environ, "MECHCOPY_CACHE": str(tiny_cache)})
     out = tmp_path / tiny_llama_dir.name / "default-size"
     res = {s: json.loads((out / f"{s}.json").read_text())["result"] for s in stages.split(",")}
     assert {c["random_match"] for c in res["consistency"].values()} == {"size"}

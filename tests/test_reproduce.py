@@ -19,6 +19,9 @@ def test_reproduce_tiny_end_to_end(tiny, tmp_path, monkeypatch, best_k_chosen):
         assert (out / f"{name}.json").exists(), name
     html = report.read_text()
     assert html.count("<img") >= 6 and "AttentionHeads" in html and "TextNeuronActivations" in html
+    # the copy error's top heads by direct logit attribution, their attention with the demo labels marked
+    assert "write most of logit(c) - logit(gold) directly on this prompt" in html
+    assert "\\u00ab" in html                      # the head view's marked demo-label tokens («...»)
 
     # the headline is the pooled paired difference, as the evaluation stage computed it
     comps = json.loads((out / "evaluate.json").read_text())["result"]["comparisons"]

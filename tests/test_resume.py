@@ -59,7 +59,7 @@ def _recording(monkeypatch) -> list[tuple[str, str]]:
 
 
 def test_evaluate_killed_with_sigkill_resumes_without_redoing_anything(tiny_llama_dir, tmp_path, monkeypatch, capsys,
-                                                                       one_thread):
+                                                                       one_thread, tiny_cache):
     from mechcopy import load_model
     from mechcopy.commands import main
     from mechcopy.neurons import NeuronSet, model_fingerprint
@@ -70,7 +70,7 @@ def test_evaluate_killed_with_sigkill_resumes_without_redoing_anything(tiny_llam
             "n.json", "--n-random", "4", "--threads", "1", "--out", "r.json"]
     total = 6 * 6                                     # tasks x (unpruned, pruned, 4 random sets)
     partial = tmp_path / "r.partial.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MECHCOPY_CACHE": str(tiny_cache)}
     proc = subprocess.Popen([sys.executable, "-m", "mechcopy", *argv], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -95,7 +95,7 @@ def test_evaluate_killed_with_sigkill_resumes_without_redoing_anything(tiny_llam
     assert _without_seconds(resumed) == _without_seconds(once)
 
 
-def test_checkpoint_survives_a_torn_line_and_ignores_other_settings(tiny, tmp_path, monkeypatch, one_thread):
+def test_checkpoint_survives_a_torn_line_and_keeps_other_settings(tiny, tmp_path, monkeypatch, one_thread, capsys):
     from mechcopy.conditions import UNPRUNED, Condition
     from mechcopy.neurons import NeuronSet, model_fingerprint
     from mechcopy.suite import run_evaluation
@@ -108,14 +108,18 @@ def test_checkpoint_survives_a_torn_line_and_ignores_other_settings(tiny, tmp_pa
     rows, dropped = run_evaluation(tiny, tasks, 2, 6, 0, conditions, progress=False, checkpoint=journal)
     lines = journal.read_text().splitlines()
     assert len(lines) == 6
-    # a kill mid-append leaves half a line; lines of other settings are stale
-    stale = json.loads(lines[0]) | {"key": "another-setting"}
-    journal.write_text("\n".join(lines[:3] + [json.dumps(stale), lines[3][:40]]))
+    # a kill mid-append leaves half a line; a line of other settings is kept, and both are said
+    other_run = json.loads(lines[0]) | {"key": "another-setting"}
+    journal.write_text("\n".join(lines[:3] + [json.dumps(other_run), lines[3][:40]]))
+    capsys.readouterr()
     redone = _recording(monkeypatch)
     again, _ = run_evaluation(tiny, tasks, 2, 6, 0, conditions, progress=False, checkpoint=journal)
     assert redone == [(t.name, c) for t in tasks[1:] for c in ("unpruned", "pruned")][1:]
     assert _without_seconds(again) == _without_seconds(rows)
-    assert all(e["key"] != "another-setting" for e in read_jsonl(journal)) and len(journal.read_text().splitlines()) == 6
+    said = capsys.readouterr().err
+    assert "1 line not reused (line 5: not JSON" in said and "also holds 1 row of other settings" in said, said
+    assert [e["key"] for e in read_jsonl(journal)].count("another-setting") == 1
+    assert len(journal.read_text().splitlines()) == 7
     # another neuron set is another setting: nothing is reused
     redone.clear()
     other = [UNPRUNED, Condition("pruned", components=NeuronSet(((0, 1), (0, 3)), model_fingerprint(tiny)))]

@@ -113,6 +113,17 @@ def test_with_query_refuses_another_template(tiny):
     assert with_query(p, "N/A", tiny.tokenizer, template="{x} = {y}").text.endswith("N/A = ")
 
 
+def test_with_query_keeps_the_prompts_separator(tiny):
+    """A prompt built with another separator carries it (`ICLPrompt.sep`): its reference queries are built
+    with it, so calibration needs no separator passed again (refused as 'not built with' before)."""
+    p = build_prompts(label_task(), tiny.tokenizer, shots=2, n=1, sep=" | ")[0]
+    q = with_query(p, "N/A", tiny.tokenizer)
+    demos = p.text[:p.text.rindex(p.query)]                   # the demos and the separators after them
+    assert q.sep == " | " and demos.endswith(" | ") and q.text.startswith(demos + "N/A ->")
+    with pytest.raises(ValueError, match="not built with template"):
+        with_query(p, "N/A", tiny.tokenizer, sep="\n")
+
+
 def test_domain_queries_are_seeded_task_words():
     inputs = ["red apple pie", "blue sky", "green tree house"]
     qs = domain_queries(inputs, n=5, seed=3)

@@ -80,8 +80,8 @@ def test_neuron_set_roundtrip_and_checks(tiny, tmp_path):
     back = NeuronSet.load(path)
     assert back == ns and back.meta == {"method": "test"}
     back.check(tiny)
-    with pytest.raises(IndexError, match="out of range"):
-        NeuronSet(((0, 64),), fp).check(tiny)
+    with pytest.raises(ValueError, match="out of range: the model the set names has 2 layers of 64"):
+        NeuronSet(((0, 64),), fp)               # the fingerprint's sizes: refused when made, before any model
     NeuronSet((), fp, {"k": 0}).check(tiny)  # find's k = 0: legitimate, nothing to prune
     with pytest.raises(ValueError, match="does not name the model"):
         NeuronSet(((0, 1),), {}).check(tiny)

@@ -232,6 +232,54 @@ def test_neuron_view_matches_the_sites(tiny, tiny_neurons, tmp_path):
         viz.neuron_activations_view(tiny, TEXT, other)
 
 
+class _Kernel:
+    """What a view sees of a Jupyter kernel: the shell's class name and the request it answers."""
+
+    def __init__(self):
+        self.parent_header = {}
+
+    def run(self, cell, n):
+        self.parent_header = {"header": {"msg_id": f"run-{n}"}, "metadata": {"cellId": cell} if cell else {}}
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    import sys
+    import types
+
+    shell = type("ZMQInteractiveShell", (_Kernel,), {})()
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    viz.reset_notebook_script()
+    yield shell
+    viz.reset_notebook_script()
+
+
+def test_notebook_views_share_one_script(tiny, kernel):
+    """In a kernel the first view defines circuitsvis' script for the page; later views only render,
+    except the defining cell when it runs again (its output is replaced). Outside a kernel: local_src."""
+    lib = viz.circuitsvis_library()
+    view = viz.attention_view(tiny, TEXT, layer=0)
+    shown = []
+    for cell, n in [("a", 1), ("a", 1), ("b", 2), ("a", 3), ("c", 4)]:   # cell a shows two views, b one...
+        kernel.run(cell, n)
+        shown.append(view._repr_html_())
+    assert [lib in h for h in shown] == [True, False, False, True, False]
+    first = shown[0]
+    assert first.count("</script>") == 1 and 'type="module"' not in first   # global: later outputs use it
+    assert all("window.CircuitsVis" in h and len(h) < len(first) - len(lib) + 1000 for h in shown[1:3] + shown[4:])
+    kernel.run(None, 5)                 # a front end that does not say which cell runs (nbclient)
+    assert lib not in view._repr_html_()
+    viz.reset_notebook_script()
+    assert lib in view._repr_html_()
+    import sys
+
+    sys.modules["google.colab"] = object()   # Colab: every output is its own frame
+    try:
+        assert view._repr_html_().count(lib) == 1 and 'type="module"' in view._repr_html_()
+    finally:
+        del sys.modules["google.colab"]
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -348,6 +396,19 @@ def _screenshot(driver):
     return Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB")
 
 
+def _wait_for_views(driver, n_views: int) -> None:
+    """circuitsvis renders with React after load: wait until each of the `n_views` div.view holds DOM content."""
+    count_js = """return Array.from(document.querySelectorAll('div.view')).map(v =>
+        Array.from(v.querySelectorAll('*')).filter(e => e.tagName !== 'SCRIPT').length);"""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        counts = driver.execute_script(count_js)
+        if len(counts) == n_views and all(c > 3 for c in counts):
+            break
+        time.sleep(0.25)
+    assert len(counts) == n_views and all(c > 3 for c in counts), f"circuitsvis views did not render: {counts}"
+
+
 def test_browser_detectors_catch_errors_and_requests(browser, tmp_path):
     """Control: a page that logs an error and fetches from the network must trip both detectors."""
     page = tmp_path / "control.html"
@@ -359,19 +420,24 @@ def test_browser_detectors_catch_errors_and_requests(browser, tmp_path):
     assert "http://127.0.0.1:9/x.png" in _requests(browser)
 
 
+def test_notebook_page_renders_every_view_from_one_script(browser, tiny, tiny_neurons, tmp_path):
+    """Outputs as a notebook page holds them: the first view defines the script, the second only renders."""
+    views = [viz.attention_view(tiny, TEXT, 0), viz.neuron_activations_view(tiny, TEXT, tiny_neurons)]
+    page = tmp_path / "notebook.html"
+    page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
+                    + "".join(f'<div class="view">{v.page_snippet(i == 0)}</div>' for i, v in enumerate(views))
+                    + "</body></html>")
+    assert page.read_text().count("var CircuitsVis=") == 1
+    _open(browser, page)
+    _wait_for_views(browser, 2)
+    assert "hot" in browser.execute_script("return document.querySelectorAll('div.view')[1].innerText")
+    assert _console_errors(browser) == []
+
+
 def test_report_renders_offline_in_chromium(browser, report, tmp_path):
     path, n_figures, n_views = report
     _open(browser, path)
-    # circuitsvis renders with React after load: wait until every view holds DOM content.
-    count_js = """return Array.from(document.querySelectorAll('div.view')).map(v =>
-        Array.from(v.querySelectorAll('*')).filter(e => e.tagName !== 'SCRIPT').length);"""
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        counts = browser.execute_script(count_js)
-        if len(counts) == n_views and all(c > 3 for c in counts):
-            break
-        time.sleep(0.25)
-    assert len(counts) == n_views and all(c > 3 for c in counts), f"circuitsvis views did not render: {counts}"
+    _wait_for_views(browser, n_views)
     heights = browser.execute_script(
         "return Array.from(document.querySelectorAll('div.view')).map(v => v.getBoundingClientRect().height)")
     assert all(h > 30 for h in heights), heights
@@ -414,6 +480,33 @@ def test_forest_plot_draws_every_task_and_the_pooled_difference():
     assert f"{pooled.diff:+.3f}" in ax.get_title() and f"MDE {pooled.mde:.3f}" in ax.get_title()
     with pytest.raises(ValueError):
         viz.plot_forest({})
+
+
+def test_report_answer_gives_the_task_level_figures_beside_the_pooled_ones(tiny, tiny_neurons, tmp_path):
+    """Issue 25 item 5: the report's headline shows, for every pooled comparison it states, the same
+    comparison with the task as the unit (`comparisons.task_levels`), and says which claim rests on which."""
+    from tests.test_evaluation import _fake_rows
+
+    from mechcopy.comparisons import compare_rows, task_levels
+    from mechcopy.report import _answer
+
+    comps = compare_rows(_fake_rows(), n_boot=200)
+    levels = task_levels(comps, seed=0)
+    text = _answer(comps, tiny_neurons, tmp_path, levels).text
+    over = {(t["condition"], t["baseline"], t["metric"]): t for t in levels}
+    for c in comps["pooled"]:
+        key = (c["condition"], c["baseline"], c["metric"])
+        if key[:2] not in viz.FOREST_PAIRS:
+            continue
+        lo, hi = over[key]["ci"]
+        line = next(l for l in text.splitlines() if l.startswith(f"- {c['metric'].replace('_', ' ')} "
+                                                                   f"{key[0]} - {key[1]}:"))
+        assert f"{c['diff']:+.3f} [95% CI {c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" in line
+        assert (f"Over tasks: {over[key]['mean']:+.3f} [t interval {lo:+.3f}, {hi:+.3f}], "
+                f"p = {over[key]['p_value']:.3g}") in line
+        assert f"sign test p = {over[key]['sign_p']:.3g}" in line
+    assert "a claim that pruning helps tasks like these rests on it" in text
+    assert "Over tasks: " not in _answer(comps, tiny_neurons, tmp_path).text   # no levels given: none shown
 
 
 def test_k_curve_plot_draws_each_k_and_pair():

@@ -222,6 +222,11 @@ class Arch:
                              f"{limit}; use fewer shots or shorter pairs")
         return tokens
 
+    def str_tokens(self, model: HookedModel, text: str) -> list[str]:
+        """The tokens `model` reads for `text` (`tokens`), as strings. TransformerLens' `to_str_tokens`
+        on a string fails on Gemma's tokenizer (a batch axis added twice); on the token ids it works."""
+        return list(model.to_str_tokens(self.tokens(model, text)[0]))
+
     # -- the forward tail --------------------------------------------------------------------------
 
     def final_logits(self, model: HookedModel, resid: Float[Tensor, "... d_model"],

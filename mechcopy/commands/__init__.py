@@ -16,10 +16,11 @@ from typing import NoReturn
 
 from safetensors import SafetensorError
 
-from mechcopy.errors import UnknownName
+from mechcopy.errors import FieldError, UnknownName
 from mechcopy.models.zoo import ZooError
+from mechcopy.progress import set_bars
 
-COMMANDS = ["models", "reproduce", "find", "evaluate", "task_vectors", "patch", "train_organism"]
+COMMANDS = ["models", "reproduce", "find", "evaluate", "task_vectors", "function_vectors", "patch", "train_organism"]
 NOTHING_SAVED = "nothing was saved; run the command again"
 
 
@@ -39,18 +40,30 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mechcopy.commands.common import add_progress_args
+
     parser = Parser(prog="mechcopy", description=__import__("mechcopy").__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"mechcopy.commands.{name}").register(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        add_progress_args(p)
     return parser
 
 
-def describe(e: BaseException) -> str:
+def flag_of(args: argparse.Namespace | None, field: str) -> str | None:
+    """The flag that feeds the config field `field` (`ks` -> `--ks`; `find.ks` too), if the command has one."""
+    dests = [d for d in vars(args or argparse.Namespace()) if d == field or d.endswith("." + field)]
+    return "--" + dests[0].replace(".", "-").replace("_", "-") if len(dests) == 1 else None
+
+
+def describe(e: BaseException, args: argparse.Namespace | None = None) -> str:
     """One line for the user: what was wrong and, where the message does not say it, what to do."""
-    if isinstance(e, OSError) and e.errno is not None:
+    flag = flag_of(args, e.field) if isinstance(e, FieldError) else None
+    if flag:
+        text = f"argument {flag}: {e.problem}"
+    elif isinstance(e, OSError) and e.errno is not None:
         where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         text = f"{e.strerror}: {where}; check the path and its permissions" if where else f"{e.strerror}"
     elif isinstance(e, KeyError) and not isinstance(e, UnknownName):
@@ -74,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    set_bars(True if args.progress else None)
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
@@ -83,5 +97,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(f"mechcopy {args.command}: error: {describe(e)}", file=sys.stderr)
+        print(f"mechcopy {args.command}: error: {describe(e, args)}", file=sys.stderr)
         return 2

@@ -18,15 +18,22 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from mechcopy.arch import HookedModel
-from mechcopy.errors import below_minimum
+from mechcopy.components import Components
+from mechcopy.errors import below_minimum, input_file
+from mechcopy.find import CHECKPOINT_SUFFIX, SET_SUFFIXES
 from mechcopy.fingerprint import model_fingerprint
-from mechcopy.io import write_json_atomic
+from mechcopy.io import side_file, write_json_atomic
+from mechcopy.models import zoo
 from mechcopy.models.zoo import DEFAULT_MODEL
 from mechcopy.provenance import git_revision
+from mechcopy.suite import JOURNAL_SUFFIX
+from mechcopy.tasks import task_file, task_names
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 #: torch CPU threads unless --threads says otherwise (docs/reliability.md: measured on 2 cores)
 DEFAULT_THREADS = 1
+#: more threads than torch can count (a 32-bit int) overflowed in torch; no machine has more than this
+MAX_THREADS = 4096
 
 Inputs = Mapping[str, "str | Path | Iterable[str | Path] | None"]
 
@@ -34,8 +41,8 @@ Inputs = Mapping[str, "str | Path | Iterable[str | Path] | None"]
 # ------------------------------------------------------------------------------------------- flag types
 
 
-def at_least(low: int | float) -> Callable[[str], int | float]:
-    """An argparse type: an integer (a number, if `low` is a float) >= `low`."""
+def at_least(low: int | float, most: int | None = None) -> Callable[[str], int | float]:
+    """An argparse type: an integer (a number, if `low` is a float) >= `low` (and <= `most`)."""
     def convert(text: str) -> int | float:
         try:
             value: Any = float(text) if isinstance(low, float) else int(text)
@@ -44,6 +51,8 @@ def at_least(low: int | float) -> Callable[[str], int | float]:
         problem = below_minimum(value, low)
         if problem:
             raise argparse.ArgumentTypeError(problem)
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {most}, got {value}")
         return value
 
     convert.__name__ = f"at_least_{low}"
@@ -58,7 +67,7 @@ def int_list(low: int) -> Callable[[str], tuple[int, ...]]:
             values = tuple(int(x) for x in items)
         except ValueError:
             values = ()
-        if not values or any(v < low for v in values):
+        if not values or any(below_minimum(v, low) for v in values):
             raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {low} such as 5,10,20, "
                                              f"got {text!r}")
         return values
@@ -68,14 +77,27 @@ def int_list(low: int) -> Callable[[str], tuple[int, ...]]:
 
 
 def positive(text: str) -> float:
-    """An argparse type: a number > 0."""
+    """An argparse type: a finite number > 0."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
+
+
+def existing_file(what: str) -> Callable[[str], str]:
+    """An argparse type: a path to an existing regular file (not a folder, not /dev/null)."""
+    def convert(text: str) -> str:
+        try:
+            input_file(text, what)
+        except (ValueError, TypeError, OSError) as e:
+            raise argparse.ArgumentTypeError(str(e))
+        return text
+
+    convert.__name__ = "existing_file"
+    return convert
 
 
 def device_name(text: str) -> str:
@@ -110,9 +132,16 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     """--device and --threads (also for commands that build their model themselves)."""
     p.add_argument("--device", default=None, type=device_name,
                    help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=at_least(1), default=DEFAULT_THREADS,
+    p.add_argument("--threads", type=at_least(1, most=MAX_THREADS), default=DEFAULT_THREADS,
                    help=f"torch CPU threads (default {DEFAULT_THREADS}: more threads lose badly when another job "
                         "shares the cores; see docs/reliability.md)")
+
+
+def add_progress_args(p: argparse.ArgumentParser) -> None:
+    """--progress (every command: `commands.build_parser`; `mechcopy.progress` says what it changes)."""
+    p.add_argument("--progress", action="store_true",
+                   help="draw progress bars even when stderr is not a terminal (default: bars on a terminal, "
+                        "else one summary line per stage)")
 
 
 def add_out_args(p: argparse.ArgumentParser, help_text: str, required: bool = False) -> None:
@@ -122,13 +151,14 @@ def add_out_args(p: argparse.ArgumentParser, help_text: str, required: bool = Fa
 
 
 def add_config_args(p: argparse.ArgumentParser, cls: type, helps: dict[str, str],
-                    choices: dict[str, Iterable[str]] | None = None) -> None:
+                    choices: dict[str, Iterable[str]] | None = None, types: dict[str, Callable] | None = None) -> None:
     """One flag per field of the frozen config `cls` named in `helps`: `--n-dev` feeds `n_dev`.
 
     A field of a nested config is named by its path, `find.n` (`ReproduceConfig.find.n`), and its
     flag by the same path with dashes, `--find-n`. Defaults come from the dataclass; tuples of ints
     are written comma-separated (`--ks 5,10,20`). Bounds come from the config's `MINIMUM` (the config
-    checks the same bounds), so a bad value is refused, with its flag's name, before anything loads.
+    checks the same bounds), so a bad value is refused, with its flag's name, before anything loads;
+    `types` gives a field (by its path) another flag type (a file).
     """
     choices = choices or {}
     for path, help_text in helps.items():
@@ -140,7 +170,9 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, helps: dict[str, str]
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            if kind is tuple:
+            if name in (types or {}):
+                kwargs["type"] = types[name]
+            elif kind is tuple:
                 kwargs["type"] = int_list(minimum.get(name, 0))
             elif name in minimum:
                 kwargs["type"] = at_least(minimum[name])
@@ -216,9 +248,39 @@ def open_model(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------------- outputs
 
 
+#: suffixes of the files mechcopy keeps beside a result and reads back (resume, bottom baseline)
+SIDE_SUFFIXES = (JOURNAL_SUFFIX, CHECKPOINT_SUFFIX, *SET_SUFFIXES)
+#: those beside a neuron file: what `find` wrote with it, and its checkpoint
+NEURON_SIDE_SUFFIXES = (CHECKPOINT_SUFFIX, *SET_SUFFIXES)
+#: mechcopy's own folder: its code and the task data every run reads
+PACKAGE = Path(__file__).resolve().parent.parent
+
+
 def files_in(spec: str | None) -> list[Path]:
-    """The existing files named in a comma-separated list such as --tasks (built-in names are not files)."""
-    return [Path(s.strip()) for s in (spec or "").split(",") if s.strip() and Path(s.strip()).expanduser().is_file()]
+    """The files a task list such as --tasks reads: task files and the built-in tasks' data files."""
+    try:
+        names = task_names(spec or "")
+    except (ValueError, TypeError):
+        return []
+    return [f for f in map(task_file, names) if f is not None]
+
+
+def model_path(name: str) -> str | Path:
+    """What --model reads: a zoo model's cache folder, or the folder named."""
+    return zoo.model_dir(name) if name in zoo.ZOO else name
+
+
+def load_neurons(flag: str, path: str | Path | None):
+    """The neuron file of `flag` (None if not given), and what `prepare_out` must not overwrite with it:
+    the file and the files read with it (its copy scores, wherever its meta puts them, and find's
+    attributions)."""
+    if path is None:
+        return None, {}
+    neurons = Components.load(input_file(path, "neuron file"))
+    side = [side_file(path, s) for s in NEURON_SIDE_SUFFIXES]
+    if isinstance(neurons.meta.get("scores_path"), str):
+        side.append(Path(neurons.meta["scores_path"]))
+    return neurons, {flag: [Path(path)], f"{flag} {path}'s side file": side}
 
 
 def prepare_out(path: str | Path | None, inputs: Inputs | None = None, force: bool = False,
@@ -231,6 +293,10 @@ def prepare_out(path: str | Path | None, inputs: Inputs | None = None, force: bo
     out = Path(path).expanduser()
     for f in (out, *side):
         _not_an_input(f, path, inputs)
+    taken = next((s for s in SIDE_SUFFIXES if out.name.endswith(s)), None)
+    if taken:
+        raise ValueError(f"--out {path} is named like a file mechcopy keeps beside a result and reads back "
+                         f"(*{taken}); name the result FILE.json")
     if out.is_dir():
         raise ValueError(f"--out {path} is a folder; name a file, such as {Path(path) / 'results.json'}")
     if out.exists() and not force:
@@ -256,8 +322,12 @@ def prepare_out_dir(path: str | Path, inputs: Inputs | None = None, force: bool 
 
 
 def _not_an_input(out: Path, given: str | Path, inputs: Inputs | None) -> None:
-    """Refuse an output that is an input file (by path, symlink or hard link) or lies in an input folder."""
+    """Refuse an output that is an input file (by path, symlink or hard link) or lies in an input folder,
+    or in mechcopy's own folder (its code, and the built-in task data every run may read)."""
     target = out.expanduser().resolve()
+    if target == PACKAGE or PACKAGE in target.parents:
+        raise ValueError(f"--out {given} lies in mechcopy's own folder {PACKAGE}, which holds its code and task "
+                         "data; write the results elsewhere")
     for flag, value in (inputs or {}).items():
         for item in [value] if isinstance(value, (str, Path)) else list(value or []):
             src = Path(item).expanduser()

@@ -11,17 +11,18 @@ import argparse
 import time
 from pathlib import Path
 
-from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, open_model, prepare_out,
-                                      saved_in, write_result)
+from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, load_neurons, model_path,
+                                      open_model, prepare_out, saved_in, write_result)
 from mechcopy.comparisons import (compare_rows, comparisons_json, comparisons_table, results_table, task_level_table,
                                   task_levels)
 from mechcopy.components import MATCHES, Components
-from mechcopy.conditions import (CALIBRATIONS, GENERATE, LABELS, SCORINGS, UNPRUNED, calibrated_conditions,
-                                 find_scores, read_by, standard_conditions)
+from mechcopy.conditions import (ABLATIONS, CALIBRATIONS, GENERATE, LABELS, POSITIONS, SCORINGS, UNPRUNED, Means,
+                                 calibrated_conditions, find_scores, read_by, standard_conditions)
 from mechcopy.io import side_file
-from mechcopy.pruning import component_sizes
+from mechcopy.pruning import component_means, component_sizes
+from mechcopy.stats import POOLED
 from mechcopy.suite import build_prompt_sets, copy_effects, run_evaluation
-from mechcopy.tasks import load_tasks
+from mechcopy.tasks import check_shots, load_tasks
 
 #: what the printed comparisons say about their two intervals
 UNITS = ("pooled: prompts resampled within these tasks (did these tasks move?); over tasks: each task one "
@@ -38,22 +39,40 @@ def calibrations(text: str) -> tuple[str, ...]:
     return items
 
 
+def intervention(components: Components, ablation: str | None, positions: str | None) -> dict:
+    """How a component file's set is ablated: the flags where given, else what the file records in meta
+    `intervention` (`ablation`, `positions`, optionally the `means` as `Means.to_json`), else zero at
+    every position. Recorded means are used only for mean ablation at the positions they were taken at."""
+    recorded = components.meta.get("intervention") or {}
+    out = {"ablation": ablation or recorded.get("ablation", "zero"),
+           "positions": positions or recorded.get("positions", "all"), "means": None, "source": "flags"}
+    if ablation is None and positions is None:
+        out["source"] = "the file" if recorded else "the default (zero at every position)"
+    if out["ablation"] == "mean" and recorded.get("means") is not None:
+        means = Means.from_json(recorded["means"])
+        out["means"] = means if means.positions == out["positions"] else None
+    return out
+
+
 def run(args) -> int:
     tasks = load_tasks(args.tasks)
+    check_shots(tasks, args.shots, "--shots")
     if args.n_random is not None and not args.prune:
         raise ValueError("--n-random needs --prune NEURONS.json (the set whose size and layers to match)")
     if args.random_match != "layer" and not args.prune:
         raise ValueError("--random-match needs --prune NEURONS.json (the set the random sets are matched to)")
+    if (args.ablation or args.positions) and not args.prune:
+        raise ValueError("--ablation and --positions say how the --prune set is ablated: add --prune FILE.json")
     if args.calibrate and args.scoring != "labels":
         raise ValueError("--calibrate re-weights label probabilities: add --scoring labels (so that every "
                          "condition reads its answer the same way and each comparison changes one thing)")
     if args.scoring == "labels" or args.copy_control:
         for task in tasks:
             task.require_labels()
-    neurons = Components.load(args.prune) if args.prune else None
+    neurons, read = load_neurons("--prune", args.prune)
     scores = find_scores(neurons) if neurons is not None and neurons.pairs else None
     checkpoint = side_file(args.out, ".partial.jsonl") if args.out else None
-    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), "--prune": args.prune, "--model": args.model},
+    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), **read, "--model": model_path(args.model)},
                       args.force, side=[checkpoint] if checkpoint else [])
     if checkpoint:
         args.saved = saved_in(checkpoint, "the finished (task, condition) rows are")
@@ -71,12 +90,20 @@ def run(args) -> int:
             print(f"{args.prune} holds no neurons ({neurons.why_empty}): nothing to prune, so only the unpruned "
                   "model is evaluated")
         sizes = None
+        prompts = [p for ps in prompt_sets.values() for p in ps.prompts]
         if args.random_match == "size" and neurons.pairs and n_random:
-            prompts = [p for ps in prompt_sets.values() for p in ps.prompts]
             sizes = component_sizes(model, prompts, neurons.kind, f"the {len(prompts)} evaluated prompts")
+        how = intervention(neurons, args.ablation, args.positions)
+        means = how["means"]
+        if how["ablation"] == "mean" and means is None and neurons.pairs:
+            means = component_means(model, prompts, neurons.kind, how["positions"],
+                                    f"the {len(prompts)} evaluated prompts")
         conditions += standard_conditions(model, neurons, n_random, args.seed, scores=scores, readout=readout,
-                                          match=args.random_match, sizes=sizes)
-        settings.update(prune=str(args.prune), n_neurons=len(neurons), n_random=n_random,
+                                          match=args.random_match, sizes=sizes, ablation=how["ablation"],
+                                          positions=how["positions"], means=means)
+        settings.update(prune=str(args.prune), kind=neurons.kind, n_neurons=len(neurons), n_random=n_random,
+                        ablation=how["ablation"], positions=how["positions"], intervention_from=how["source"],
+                        means=None if means is None else means.describe(),
                         random_match=args.random_match, sizes=None if sizes is None else sizes.describe(),
                         random_sets={c.label: {k: c.components.meta.get(k) for k in ("seed", "match", "size_ratio",
                                                                                       "size_mismatch")}
@@ -102,13 +129,17 @@ def run(args) -> int:
         levels = task_levels(comparisons, seed=args.seed)
         payload["comparisons"] = comparisons_json(comparisons)
         payload["task_level"] = [t.to_json() for t in levels]
-        if comparisons.get("pooled"):
+        pooled = comparisons.get(POOLED)
+        if pooled:
             with pd.option_context("display.width", 200, "display.max_columns", 20):
                 print("\npaired comparisons, pooled over the held-out tasks (each task weighs the same):")
-                print(comparisons_table(comparisons["pooled"]).to_string(index=False))
+                print(comparisons_table(pooled).to_string(index=False))
                 print("\nthe same with the task as the unit:")
                 print(task_level_table(levels).to_string(index=False))
             print(UNITS)
+        else:
+            print("\nno pooled comparison: every task is the probe the neurons were chosen on (the per-task "
+                  "comparisons are in the results)")
     if out:
         print(f"wrote {write_result(out, model, payload)}")
         side_file(out, ".partial.jsonl").unlink(missing_ok=True)
@@ -134,11 +165,19 @@ def register(sub) -> None:
     p.add_argument("--calibrate", type=calibrations, default=None, metavar="CALIBRATIONS",
                    help=f"with --scoring labels: also these calibrations (comma-separated: {', '.join(CALIBRATIONS)}),"
                         " alone and with pruning (pruned+contextual, ...)")
-    p.add_argument("--prune", type=Path, default=None, help="a neuron file (JSON): also evaluate it pruned")
+    p.add_argument("--prune", type=Path, default=None,
+                   help="a component file (JSON: neurons, or heads from find --components heads): also evaluate it "
+                        "ablated, as the file records (default zero at every position) unless --ablation/--positions")
+    p.add_argument("--ablation", choices=ABLATIONS, default=None,
+                   help="with --prune: zero the components, or set them to their means (from the file if it "
+                        "records them, else over the evaluated prompts)")
+    p.add_argument("--positions", choices=POSITIONS, default=None,
+                   help="with --prune: ablate at every position, or at the last position of every forward pass")
     p.add_argument("--n-random", type=at_least(0), default=None,
-                   help="with --prune: this many random neuron sets of the same size and layers (default 5)")
+                   help="with --prune: this many random sets of the same kind, size and layers (default 5)")
     p.add_argument("--random-match", choices=MATCHES, default="layer",
-                   help="with --prune: random sets matched on layer (default), or on layer and mean |activation| "
-                        "at the answer position over the evaluated prompts (size)")
+                   help="with --prune: random sets matched on layer (default), or on layer and size at the answer "
+                        "position over the evaluated prompts (size: neurons |activation|, heads the norm of their "
+                        "output z_h @ W_O[h])")
     add_out_args(p, "write the results JSON here (an interrupted run started again resumes)")
     p.set_defaults(run=run)

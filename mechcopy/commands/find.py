@@ -1,17 +1,20 @@
-"""`mechcopy find`: copy neurons by attribution on the probe, k chosen on its dev split."""
+"""`mechcopy find`: copy neurons (or, with `--components heads`, attention heads) by attribution on the
+probe, k chosen on its dev split."""
 
 from __future__ import annotations
 
 import time
 
 from mechcopy.attribution import METHODS, NORMALISATIONS, RULES, TARGETS
-from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, open_model,
-                                      prepare_out, saved_in)
+from mechcopy.commands.common import (NEURON_SIDE_SUFFIXES, add_config_args, add_model_args, add_out_args,
+                                      config_from_args, existing_file, model_path, open_model, prepare_out, saved_in)
 from mechcopy.components import MATCHES
-from mechcopy.find import ATTRIBUTIONS, PROBES, SELECTIONS, FindConfig, find_copy_neurons
+from mechcopy.components import component_kind
+from mechcopy.find import ATTRIBUTIONS, CHECKPOINT_SUFFIX, PROBES, SELECTIONS, FindConfig, find_copy_neurons
+from mechcopy.method import COMPONENTS
 from mechcopy.io import side_file
 from mechcopy.method import Choice
-from mechcopy.tasks.probe import FORMATS, ITEM_SETS
+from mechcopy.tasks.probe import FORMATS, ITEM_SETS, ProbeConfig, check_probe_size
 
 HELPS = {
     "n": "probe prompts for attribution",
@@ -25,7 +28,10 @@ HELPS = {
     "rule": "quadrature rule",
     "normalisation": "per-prompt normalisation of the attributions",
     "mode": "top-k selection",
-    "ks": "k grid of the sweep, comma-separated (default 5,10,20,50,100,200,500,1000)",
+    "components": "what to attribute and prune: MLP neurons, or attention heads (each head's hook_z; "
+                  "transformers only)",
+    "ks": "k grid of the sweep, comma-separated (default 5,10,20,50,100,200,500,1000; with --components heads "
+          "1,2,3,5,10,20,50,100, within the model's head count)",
     "max_ppl_increase": "relative perplexity bound of the sweep",
     "text": "held-out text file for perplexity (default: the standard library's pydoc_data.topics)",
     "ppl_tokens": "tokens of held-out text",
@@ -39,15 +45,27 @@ HELPS = {
     "random_match": "the check's random sets: matched on layer, or on layer and mean |activation| at the answer "
                     "position of the attribution prompts (size)",
 }
-SIDE_FILES = (".scores.safetensors", ".scores.json", ".attributions.safetensors")
+
+
+def check_probe(config: FindConfig, sizes: str = "--n + --n-dev") -> None:
+    """What the probe can give, checked before the model loads: shots that a balanced probe can fill
+    with distinct labels, and no more prompts (`sizes`) than its items hold."""
+    probe = None
+    if config.probe == "balanced":
+        try:
+            probe = ProbeConfig(items=config.probe_items, template=config.probe_format, shots=config.shots)
+        except ValueError as e:
+            raise ValueError(f"--shots {config.shots}: {e}") from None
+    check_probe_size(probe, config.n + config.n_dev, sizes)
 
 
 def run(args) -> int:
     config = config_from_args(FindConfig, args)
-    out = prepare_out(args.out, {"--text": config.text, "--model": args.model}, args.force,
-                      side=[side_file(args.out, s) for s in SIDE_FILES])
+    check_probe(config)
+    out = prepare_out(args.out, {"--text": config.text, "--model": model_path(args.model)}, args.force,
+                      side=[side_file(args.out, s) for s in NEURON_SIDE_SUFFIXES])
     assert out is not None      # --out is required
-    args.saved = saved_in(side_file(out, ".attributions.safetensors"), "the attributions done so far are")
+    args.saved = saved_in(side_file(out, CHECKPOINT_SUFFIX), "the attributions done so far are")
     t0 = time.perf_counter()
     model = open_model(args)
     neurons = find_copy_neurons(model, out, config)
@@ -61,22 +79,26 @@ def run(args) -> int:
         mark = "  <- chosen" if r["k"] == sw.chosen_k else ("" if r["feasible"] else "  (ppl bound)")
         print(f"  k={r['k']}: dev accuracy {r['dev_accuracy']:.3f}, copy rate {r['dev_copy_rate']:.3f}, "
               f"ppl {r['ppl']:.2f} ({r['ppl_increase']:+.1%}){mark}")
+    plural = component_kind(neurons.kind).plural
     if neurons.pairs:
         counts = {l: c for l, c in enumerate(neurons.layer_counts(model.cfg.n_layers)) if c}
-        print(f"{len(neurons)} neurons, by layer {counts}")
+        listed = f": {[list(p) for p in neurons.pairs]}" if neurons.kind == "head" else ""
+        print(f"{len(neurons)} {plural}, by layer {counts}{listed}")
     else:
         why = choice.guard.refused if choice.guard is not None and choice.guard.refused else sw.why
-        print(f"k = 0 chosen: {why}. The neuron file holds no neurons: there is nothing to prune.")
+        print(f"k = 0 chosen: {why}. The {neurons.kind} file holds no {plural}: there is nothing to prune.")
     print(f"wrote {out} (scores: {neurons.meta['scores_path']}) in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("find", help="find copy neurons: IG attribution on the probe, k chosen on its dev split")
+    p = sub.add_parser("find", help="find copy neurons (or heads): IG attribution on the probe, k chosen on its dev "
+                                    "split")
     add_model_args(p)
     add_config_args(p, FindConfig, HELPS, choices={
         "attribution": ATTRIBUTIONS, "target": TARGETS, "method": METHODS, "rule": RULES,
         "normalisation": NORMALISATIONS, "mode": SELECTIONS, "probe": PROBES, "probe_items": ITEM_SETS,
-        "probe_format": tuple(FORMATS), "random_match": MATCHES})
+        "probe_format": tuple(FORMATS), "random_match": MATCHES, "components": tuple(COMPONENTS)},
+        types={"text": existing_file("text file")})
     add_out_args(p, "neuron file to write (JSON); an interrupted run started again resumes", required=True)
     p.set_defaults(run=run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mechcopy.models import zoo
+from mechcopy.models import processed, zoo
 
 
 def models_table() -> list[dict]:
@@ -14,7 +14,7 @@ def models_table() -> list[dict]:
             "name": m.name + (" (default)" if m.name == zoo.DEFAULT_MODEL else ""),
             "architecture": m.architecture, "layers": m.n_layers, "neurons_per_layer": m.d_mlp,
             "d_model": m.d_model, "cached": zoo.is_cached(m.name),
-            "size_on_disk_mb": round(zoo.cached_size(m.name) / 2**20, 1),
+            "size_on_disk_mb": round((zoo.cached_size(m.name) + processed.entry_size(zoo.model_dir(m.name))) / 2**20, 1),
             "source": ", ".join(w.requirement for w in m.wheels), "license": m.license,
         })
     return rows

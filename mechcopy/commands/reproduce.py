@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mechcopy.commands.common import (add_config_args, add_model_args, config_from_args, open_model, prepare_out_dir,
-                                      saved_in)
+from mechcopy.commands.common import (add_config_args, add_model_args, config_from_args, model_path, open_model,
+                                      prepare_out_dir, saved_in)
+from mechcopy.commands.find import check_probe
 from mechcopy.reproduce import STAGES, ReproduceConfig, check_out, reproduce
 
 HELPS = {
@@ -19,9 +20,15 @@ HELPS = {
 }
 
 
+def check_inputs(cfg: ReproduceConfig) -> None:
+    """What the stages read that needs no model, checked before it loads: the probe's size and shots."""
+    check_probe(cfg.find, "--find-n + --find-n-dev")
+
+
 def run(args) -> int:
     cfg = config_from_args(ReproduceConfig, args)
-    out = prepare_out_dir(args.out or f"results/{cfg.model}", {"--model": args.model}, args.force,
+    check_inputs(cfg)
+    out = prepare_out_dir(args.out or f"results/{cfg.model}", {"--model": model_path(args.model)}, args.force,
                           resume="settings.json")
     check_out(cfg, out)
     done = [name for name, _ in STAGES if (out / f"{name}.json").exists()]

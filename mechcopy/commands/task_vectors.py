@@ -6,10 +6,9 @@ import time
 from pathlib import Path
 
 from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, config_from_args, files_in,
-                                      open_model, prepare_out, write_result)
-from mechcopy.components import Components
+                                      load_neurons, model_path, open_model, prepare_out, write_result)
 from mechcopy.task_vectors import TaskVectorConfig, run_task_vectors
-from mechcopy.tasks import load_tasks
+from mechcopy.tasks import check_shots, load_tasks
 
 HELPS = {
     "shots": "demonstrations per extraction / ICL prompt",
@@ -24,9 +23,10 @@ HELPS = {
 def run(args) -> int:
     t0 = time.time()
     tasks = load_tasks(args.tasks)
-    neurons = Components.load(args.prune) if args.prune else None
+    check_shots(tasks, args.shots, "--shots")
+    neurons, read = load_neurons("--prune", args.prune)
     config = config_from_args(TaskVectorConfig, args)
-    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), "--prune": args.prune, "--model": args.model},
+    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), **read, "--model": model_path(args.model)},
                       args.force)
     model = open_model(args)
     if neurons is not None:

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from mechcopy.commands.common import add_device_args, at_least, positive, prepare_out_dir
-from mechcopy.organisms.train import ARCHS, DEFAULT_STEPS, TrainConfig, default_dir, train_organism
+from mechcopy.organisms.data import episode_length
+from mechcopy.organisms.train import (ARCHS, DEFAULT_MODEL_KWARGS, DEFAULT_STEPS, TrainConfig, check_model_kwargs,
+                                      default_dir, train_organism)
 
 
 def run(args) -> int:
@@ -19,6 +21,8 @@ def run(args) -> int:
     if not isinstance(kwargs, dict):
         raise ValueError("--model-kwargs must be a JSON object such as '{\"d_model\": 96}', "
                          f"got {args.model_kwargs!r}")
+    check_model_kwargs(args.arch, {**DEFAULT_MODEL_KWARGS[args.arch], **kwargs},
+                       longest=episode_length(TrainConfig.k_max), name="--model-kwargs")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(arch=args.arch, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       model_kwargs=kwargs, device=device, max_minutes=args.max_minutes)

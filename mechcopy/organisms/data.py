@@ -177,6 +177,12 @@ def episode_text(ep: Episode, with_answer: bool = True) -> str:
     return SEPARATOR.join(lines)
 
 
+def episode_length(k: int) -> int:
+    """Tokens of the longest episode with `k` demonstrations (BOS + one token per character)."""
+    line = len(TEMPLATE.format(x="a", y="b"))
+    return 1 + (k + 1) * line + k * len(SEPARATOR)
+
+
 class CharCodec:
     """Text <-> ids for the character tokenizer without a tokenizer call per sequence (fast batches)."""
 

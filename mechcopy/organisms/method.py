@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from mechcopy import method
 from mechcopy.arch import HookedModel, arch_of
@@ -36,6 +35,7 @@ from mechcopy.evaluation import evaluate, evaluate_conditions
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.method import FindConfig
 from mechcopy.organisms.data import PROBES, make_function, organism_prompts, probe_splits
+from mechcopy.progress import tqdm
 from mechcopy.pruning import pruning_hooks
 from mechcopy.selection import select
 from mechcopy.stats import seed_interval

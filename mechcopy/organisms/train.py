@@ -6,7 +6,6 @@ config, fingerprint, final metrics), `loss.json` and `loss.png` (the loss curve)
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -17,14 +16,14 @@ from typing import Any, ClassVar, Sequence, cast
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel
-from mechcopy.errors import check_minimums
+from mechcopy.errors import check_minimums, check_number
 from mechcopy.fingerprint import model_fingerprint
-from mechcopy.io import as_tuples, write_atomic, write_json_atomic
+from mechcopy.io import as_tuples, read_json, write_atomic, write_json_atomic
 from mechcopy.models.zoo import cache_root
-from mechcopy.organisms.data import CharCodec, episode_text, episodes, make_batch
+from mechcopy.organisms.data import FAMILIES, CharCodec, episode_length, episode_text, episodes, make_batch
+from mechcopy.progress import tqdm
 
 ARCHS = ("transformer", "mamba")
 CONFIG_FILE = "organism.json"
@@ -58,19 +57,25 @@ class TrainConfig:
     device: str = "cpu"
     max_minutes: float | None = None  # stop (and save) after this wall time; the schedule ends then too
 
-    MINIMUM: ClassVar[dict[str, int]] = {"steps": 1, "batch_size": 1, "warmup": 0, "seed": 0, "eval_every": 1}
+    MINIMUM: ClassVar[dict[str, int | float]] = {"steps": 1, "batch_size": 1, "warmup": 0, "seed": 0, "eval_every": 1,
+                                                 "k_min": 1, "k_max": 1, "weight_decay": 0.0}
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if not 1 <= self.k_min <= self.k_max:
-            raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         object.__setattr__(self, "steps", DEFAULT_STEPS[self.arch] if self.steps is None else self.steps)
         check_minimums(self)
-        if not self.lr > 0 or (self.max_minutes is not None and not self.max_minutes > 0):
-            raise ValueError(f"lr and max_minutes must be > 0, got lr={self.lr}, max_minutes={self.max_minutes}")
+        if not self.k_min <= self.k_max:
+            raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+        check_number(self.lr, "lr (learning rate)", above=0.0)
+        if self.max_minutes is not None:
+            check_number(self.max_minutes, "max_minutes", above=0.0)
         object.__setattr__(self, "families", tuple(self.families))
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if not self.families or unknown:
+            raise ValueError(f"families must name some of {', '.join(FAMILIES)}, got {list(self.families)}")
         object.__setattr__(self, "model_kwargs", {**DEFAULT_MODEL_KWARGS[self.arch], **self.model_kwargs})
+        check_model_kwargs(self.arch, self.model_kwargs, longest=episode_length(self.k_max))
 
     @property
     def name(self) -> str:
@@ -87,6 +92,46 @@ class TrainConfig:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "TrainConfig":
         return cls(**{f.name: as_tuples(obj[f.name]) for f in fields(cls) if f.name in obj})
+
+
+#: the model sizes `model_kwargs` may set, per architecture (`tiny_transformer`, `tiny_mamba`), and their kinds
+MODEL_KWARGS: dict[str, dict[str, type]] = {
+    "transformer": {"n_layers": int, "d_model": int, "n_heads": int, "d_mlp": int, "n_ctx": int,
+                    "n_key_value_heads": int, "gated": bool},
+    "mamba": {"n_layers": int, "d_model": int, "d_state": int, "d_conv": int, "expand": int, "dt_rank": int},
+}
+
+
+def check_model_kwargs(arch: str, kwargs: dict[str, Any], longest: int | None = None,
+                       name: str = "model_kwargs") -> None:
+    """Refuse model sizes that cannot build a model (before any training): unknown keys, sizes that
+    are not integers >= 1, heads that do not divide d_model (or give an odd head size, which rotary
+    embeddings cannot split), and a context shorter than the `longest` training sequence."""
+    known = MODEL_KWARGS[arch]
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"{name} must be a dict such as {{\"d_model\": 96}}, got {type(kwargs).__name__}")
+    unknown = sorted(str(k) for k in kwargs if k not in known)
+    if unknown:
+        raise ValueError(f"{name}: unknown size {unknown[0]!r} for a {arch}; known: {', '.join(known)}")
+    for key, value in kwargs.items():
+        if known[key] is bool:
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: {key} must be true or false, got {value!r}")
+        elif value is not None or key != "dt_rank":
+            check_number(value, f"{name}: {key}", low=1, integer=True)
+            if value > 1 << 16:
+                raise ValueError(f"{name}: {key} = {value} is far beyond a model organism (at most {1 << 16})")
+    if arch == "transformer":
+        d, h = kwargs["d_model"], kwargs["n_heads"]
+        if d % h or (d // h) % 2:
+            raise ValueError(f"{name}: n_heads {h} must divide d_model {d} into heads of an even size "
+                             "(rotary embeddings rotate pairs of dimensions)")
+        kv = kwargs.get("n_key_value_heads")
+        if kv is not None and h % kv:
+            raise ValueError(f"{name}: n_key_value_heads {kv} must divide n_heads {h}")
+        if longest is not None and kwargs["n_ctx"] < longest:
+            raise ValueError(f"{name}: n_ctx {kwargs['n_ctx']} is shorter than the longest training "
+                             f"sequence ({longest} tokens at k_max demonstrations); raise n_ctx or lower k_max")
 
 
 def build_model(arch: str, model_kwargs: dict[str, Any], seed: int, device: str = "cpu") -> HookedModel:
@@ -172,7 +217,7 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
     bar = tqdm(range(cfg.n_steps), desc=f"train {cfg.name}", disable=not progress, mininterval=2)
     stopped = None
     for step in bar:
-        if budget and time.time() - start > budget:
+        if budget and step and time.time() - start > budget:    # at least one step, whatever the budget
             stopped = f"time budget of {cfg.max_minutes} min reached after {step} steps"
             break
         batch = make_batch(codec, rng, cfg.batch_size, (cfg.k_min, cfg.k_max), cfg.families)
@@ -182,6 +227,9 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
         targets = tokens[:, 1:]
         losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
         loss = losses[mask].mean()
+        if not torch.isfinite(loss):
+            raise ValueError(f"training diverged at step {step} (loss {loss.item()}); nothing was saved: lower the "
+                             f"learning rate (lr = {cfg.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -243,10 +291,20 @@ def load_organism(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
     if not cfg_path.exists():
         raise FileNotFoundError(f"{folder} holds no organism ({CONFIG_FILE} missing): train one with "
                                 "`mechcopy train-organism --arch transformer --out DIR`")
-    meta = json.loads(cfg_path.read_text())
+    meta = read_json(cfg_path)
+    if not isinstance(meta, dict) or meta.get("arch") not in ARCHS or not isinstance(meta.get("seed"), int):
+        raise ValueError(f"{cfg_path} is not an organism's description (it needs \"arch\" ({', '.join(ARCHS)}), "
+                         "\"model_kwargs\" and \"seed\"); train the organism again")
+    check_model_kwargs(meta["arch"], meta.get("model_kwargs"), name=f"{cfg_path}: model_kwargs")
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} holds no weights ({WEIGHTS_FILE} missing): train the organism again")
     model = build_model(meta["arch"], meta["model_kwargs"], meta["seed"], device)
     state = load_file(str(folder / WEIGHTS_FILE), device=device)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the model {CONFIG_FILE} describes "
+                         f"({' '.join(str(e).split())[:200]}); train the organism again") from None
     model.to(dtype)
     model.eval()
     return model

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import numbers
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
+from mechcopy.errors import check_number
 from mechcopy.tasks.task import DATA_DIR, PROBE_ITEMS, PROBE_NAME, Task
 from mechcopy.tasks.prompts import TEMPLATE, ICLPrompt, PromptSet, build_prompts, make_prompt
 
@@ -113,14 +115,18 @@ class ProbeConfig:
     balanced: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.counts, (tuple, list)) or not all(
+                isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in self.counts):
+            raise TypeError(f"counts must be single digits (0..9), got {self.counts!r}")
+        check_number(self.shots, "shots", low=1, integer=True)
         counts = tuple(int(c) for c in self.counts)
         object.__setattr__(self, "counts", counts)
         if len(set(counts)) != len(counts) or len(counts) < 2 or not all(0 <= c <= 9 for c in counts):
             raise ValueError(f"counts must be at least two distinct single digits (0..9), got {self.counts}")
         if self.items not in ITEM_SETS:
-            raise ValueError(f"unknown item set {self.items!r}; choose one of {', '.join(ITEM_SETS)}")
-        if self.template not in FORMATS:
-            raise ValueError(f"unknown probe format {self.template!r}; choose one of {', '.join(FORMATS)}")
+            raise ValueError(f"unknown item set (items) {self.items!r}; choose one of {', '.join(ITEM_SETS)}")
+        if not isinstance(self.template, str) or self.template not in FORMATS:
+            raise ValueError(f"unknown probe format (template) {self.template!r}; choose one of {', '.join(FORMATS)}")
         if self.shots < 1:
             raise ValueError(f"the probe needs shots >= 1 demos, got {self.shots}")
         if self.balanced and self.shots > len(counts) - 1:
@@ -200,6 +206,25 @@ def _demo_label_cycle(others: Sequence[int], k: int, rng: random.Random):
     while True:
         rng.shuffle(subsets)
         yield from subsets
+
+
+def check_probe_size(config: ProbeConfig | None, n: int, what: str = "n_attr + n_dev") -> None:
+    """Refuse, before any tokenizer or model, more probe prompts than the item pool can give: `n`
+    query items in all, split evenly over the counts when balanced (None: the classic probe's words).
+    Items a tokenizer cannot make exact are dropped later, so passing this is necessary, not sufficient."""
+    if config is None:
+        have, source = len(WORDS), "the classic probe's words"
+        enough = n <= have
+    else:
+        items = load_items(config.items)
+        per_count = {c: sum(vowel_count(x) == c for x in items) for c in config.counts}
+        have, source = sum(per_count.values()), f"the {config.items!r} items"
+        # a balanced split asks n // len(counts) items of every count (the remainder spread over counts)
+        enough = n <= have and (not config.balanced or n // len(per_count) <= min(per_count.values()))
+    if not enough:
+        raise ValueError(f"{what} = {n} probe prompts, but {source} give at most {have} query items"
+                         + ("" if config is None or not config.balanced else
+                            f" ({min(per_count.values())} of the rarest count)") + "; ask for fewer prompts")
 
 
 def build_probe(tokenizer, config: ProbeConfig = ProbeConfig(), n_attr: int = 100, n_dev: int = 50,

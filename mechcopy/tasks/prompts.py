@@ -16,6 +16,9 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from mechcopy.errors import check_number
+from mechcopy.tasks.task import Task
+
 TEMPLATE = "{x} -> {y}"
 SEPARATOR = "\n"
 
@@ -35,18 +38,21 @@ class ICLPrompt:
     #: every label the task can give (the probe's counts), when known: tells a wrong in-range answer
     #: that no demo carries from a copy (`mechcopy.tasks.outcomes.outcomes`)
     label_space: tuple[str, ...] = ()
+    #: what separates the demonstrations (the evaluator stops a generated answer there)
+    sep: str = SEPARATOR
 
     def to_json(self) -> dict[str, Any]:
         return {"task": self.task, "text": self.text, "query": self.query, "answer": self.answer,
                 "answer_ids": list(self.answer_ids), "demos": [list(d) for d in self.demos],
                 "demo_labels": list(self.demo_labels), "demo_label_ids": [list(i) for i in self.demo_label_ids],
-                "label_space": list(self.label_space)}
+                "label_space": list(self.label_space), "sep": self.sep}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "ICLPrompt":
         return cls(obj["task"], obj["text"], obj["query"], obj["answer"], tuple(obj["answer_ids"]),
                    tuple((x, y) for x, y in obj["demos"]), tuple(obj["demo_labels"]),
-                   tuple(tuple(ids) for ids in obj["demo_label_ids"]), tuple(obj.get("label_space", ())))
+                   tuple(tuple(ids) for ids in obj["demo_label_ids"]), tuple(obj.get("label_space", ())),
+                   obj.get("sep", SEPARATOR))
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,7 @@ def make_prompt(demos: Sequence[tuple[str, str]], query_pair: tuple[str, str], t
         label_ids.append(tuple(ids))
     return ICLPrompt(
         task=task, text=prefix, query=x, answer=y, answer_ids=tuple(cont), demos=tuple((dx, dy) for dx, dy in demos),
-        demo_labels=tuple(dy for _, dy in demos), demo_label_ids=tuple(label_ids),
+        demo_labels=tuple(dy for _, dy in demos), demo_label_ids=tuple(label_ids), sep=sep,
     )
 
 
@@ -161,8 +167,13 @@ def build_prompts(task, tokenizer, shots: int = 4, n: int = 100, seed: int = 0,
     every label is among a prompt's demos as often as it is absent (`_present_sets`); this is the
     construction the copy effect (`mechcopy.copy_effect`) is estimated from.
     """
-    if shots < 0 or n < 0:
-        raise ValueError(f"shots and n must be >= 0, got shots={shots}, n={n}")
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a Task (e.g. mechcopy.tasks.load_task('antonyms')), got {type(task).__name__}")
+    check_number(shots, "shots", low=0, integer=True)
+    check_number(n, "n", low=0, integer=True)
+    check_number(seed, "seed", low=0, integer=True)
+    if not isinstance(sep, str) or not sep.strip(" "):
+        raise ValueError(f"sep must be a string that is more than spaces (it separates the demonstrations), got {sep!r}")
     labels = task.require_labels() if copy_control else ()
     rng = random.Random(seed)
     pairs, dropped = task.distinct_pairs()

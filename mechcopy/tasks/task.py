@@ -11,6 +11,8 @@ KINDS = ("algorithmic", "linguistic", "translation", "knowledge", "counting", "p
 PROBE_NAME = "copy_probe"
 #: The balanced probe's item pool (`mechcopy.tasks.probe.load_items`): data, but not a task.
 PROBE_ITEMS = "probe_items"
+#: names a task may not take: the results use them for rows that are not one task's (`stats.POOLED`)
+RESERVED_NAMES = ("pooled",)
 #: a task with at most this many distinct answers is closed-label unless its file says otherwise
 MAX_LABELS = 12
 
@@ -95,6 +97,9 @@ def validate_task_json(obj: Any, source: str = "task file") -> Task:
     name = obj["name"]
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f'{source}: field "name" must be a non-empty string, got {name!r}')
+    if name.strip() in RESERVED_NAMES:
+        raise ValueError(f'{source}: the task name {name!r} is reserved (the comparison over all tasks is '
+                         'called so in the results); give the task another "name"')
     if "pairs" not in obj:
         raise ValueError(f'{source}: missing field "pairs"; {fix}')
     pairs = obj["pairs"]

@@ -1,0 +1,187 @@
+"""The copy-mechanism study's driver (analyses/copy_mechanism.py) on a tiny model: the dev sweep against
+separate label-scoring runs, the held-out conditions, both criteria by hand, and the paired copy-effect
+difference (`copy_effect.copy_effect_difference`) against two separate `copy_effect` calls."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mechcopy.copy_effect import copy_effect, copy_effect_difference
+from mechcopy.tasks.copy_probe import CopyProbeConfig, build_copy_probe
+from mechcopy.tasks.prompts import make_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("copy_mechanism", ROOT / "analyses" / "copy_mechanism.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_settings(study):
+    return {**study.SETTINGS, "probe_tasks": ["max_digit", "repeated_symbol"], "n_attr": 3, "n_dev": 4, "n_test": 8,
+            "steps": 2, "ks": [2, 4], "ppl_tokens": 64, "max_ppl_increase": 10.0,
+            "heldout_tasks": ["chemical_state", "sentiment_binary"], "n": 6}
+
+
+def test_copy_effect_difference_matches_two_effects(tiny):
+    char_tok = tiny.tokenizer
+    probe = build_copy_probe(char_tok, CopyProbeConfig(("max_digit", "repeated_symbol"), "copy-control", n_attr=24,
+                                                       n_dev=0, n_test=0))
+    rng = np.random.default_rng(0)
+    per_task = {}
+    for t in ("max_digit", "repeated_symbol"):
+        ps = list(probe.split("attribution", t))
+        labels = ps[0].label_space
+        a = [rng.choice(p.demo_labels) if rng.random() < 0.6 else rng.choice(labels) for p in ps]
+        b = [rng.choice(labels) for _ in ps]
+        per_task[t] = (ps, a, b, labels)
+    got = copy_effect_difference(per_task, n_boot=500)
+    by_hand = {t: copy_effect(ps, a, labels).effect - copy_effect(ps, b, labels).effect
+               for t, (ps, a, b, labels) in per_task.items()}
+    assert got["tasks"] == pytest.approx(by_hand)
+    assert got["diff"] == pytest.approx(np.mean(list(by_hand.values())))
+    assert got["ci"][0] <= got["diff"] <= got["ci"][1]
+    same = copy_effect_difference({t: (ps, a, a, labels) for t, (ps, a, _, labels) in per_task.items()}, n_boot=200)
+    assert same["diff"] == 0 and same["ci"] == [0, 0]
+
+
+def test_select_seed_dev_sweep_by_hand(study, tiny):
+    """Every (ablation, k) of the dev sweep recomputed on its own: IG scores, top-k, hooks, label scoring
+    task by task, perplexity; and the choice is the best feasible one, only if it beats unpruned."""
+    from mechcopy import method
+    from mechcopy.evaluation import perplexity
+    from mechcopy.pruning import component_means, pruning_hooks
+    from mechcopy.scoring import score_labels
+    from mechcopy.selection import select
+
+    s = tiny_settings(study)
+    res = study.select_seed(tiny, 1, s)
+    assert [(r["ablation"], r["k"]) for r in res["sweep"]] == [(a, k) for a in s["ablations"] for k in s["ks"]]
+    probe = study._probe(tiny.tokenizer, "no-gold", 1, s)
+    config = method.FindConfig(n=len(probe.attribution), steps=2, seed=1)
+    scores = method.score(tiny, method.attribute(tiny, probe.attribution, config), config)
+    means = component_means(tiny, probe.attribution, "neuron", "all")
+    base_ppl = perplexity(tiny, n_tokens=64)
+    assert res["base_ppl"] == pytest.approx(base_ppl)
+
+    def dev_accuracy(hooks):
+        accs = []
+        for t, ps in study._by_task(probe.dev).items():
+            answers = score_labels(tiny, ps, ps[0].label_space, fwd_hooks=hooks).predict()
+            accs.append(np.mean([a == p.answer for a, p in zip(answers, ps)]))
+        return np.mean(accs)
+
+    assert res["dev_unpruned_accuracy"] == pytest.approx(dev_accuracy([]))
+    for row in res["sweep"]:
+        hooks = pruning_hooks(tiny, select(scores, "global", k=row["k"]), row["ablation"], "all",
+                              means if row["ablation"] == "mean" else None)
+        assert row["dev_accuracy"] == pytest.approx(dev_accuracy(hooks))
+        assert row["ppl_increase"] == pytest.approx(perplexity(tiny, fwd_hooks=hooks, n_tokens=64) / base_ppl - 1, rel=1e-4)
+    best = max((r for r in res["sweep"] if r["feasible"]), key=lambda r: (r["dev_accuracy"], -r["k"]))
+    if best["dev_accuracy"] > res["dev_unpruned_accuracy"]:
+        assert (res["chosen"]["ablation"], res["chosen"]["k"]) == (best["ablation"], best["k"])
+        assert res["chosen"]["components"]["neurons"] == [list(n) for n in select(scores, "global", k=best["k"]).pairs]
+    else:
+        assert res["chosen"] is None and "beats the unpruned" in res["why"]
+
+
+def _forced_selection(study, tiny, seed, s):
+    """A selection as select_seed writes it, with a chosen set whatever the dev split says."""
+    from mechcopy import method
+    from mechcopy.pruning import component_means, component_sizes
+    from mechcopy.selection import select
+
+    probe = study._probe(tiny.tokenizer, "no-gold", seed, s)
+    config = method.FindConfig(n=len(probe.attribution), steps=2, seed=seed)
+    scores = method.score(tiny, method.attribute(tiny, probe.attribution, config), config)
+    comps = select(scores, "global", k=4)
+    return {"seed": seed, "chosen": {"condition": "mean-k4", "ablation": "mean", "k": 4, "components": comps.to_json()},
+            "means": component_means(tiny, probe.attribution, "neuron", "all").to_json(),
+            "sizes": component_sizes(tiny, probe.attribution, "neuron").to_json()}
+
+
+def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
+    s = tiny_settings(study)
+    sels = [_forced_selection(study, tiny, seed, s) for seed in (0, 1)]
+    rows, _ = study.heldout(tiny, sels, "no-gold", tmp_path / "ng.jsonl", s, progress=False)
+    names = {r["condition"] for r in rows}
+    assert names == {"unpruned", "pruned@s0", "pruned@s1", "random-0@s0", "random-1000@s1", "contextual", "batch",
+                     "pruned+contextual@s0", "pruned+contextual@s1", "pruned+batch@s0", "pruned+batch@s1"}
+    again, _ = study.heldout(tiny, sels, "no-gold", tmp_path / "ng.jsonl", s, progress=False)   # resumed: same rows
+    assert [r["predictions"] for r in again] == [r["predictions"] for r in rows]
+    cc, _ = study.heldout(tiny, sels, "copy-control", tmp_path / "cc.jsonl", s, progress=False)
+    assert {r["task"] for r in cc} == {"chemical_state"}     # 2 labels: no copy effect to estimate
+    probe = study.probe_test(tiny, sels, s)
+    prompts = study._probe(tiny.tokenizer, "copy-control", 0, s).test
+    crit = study.criteria(sels, probe, rows, cc, prompts, s)
+    by = study._rows_by(rows)
+    for g in ("s0", "s1"):
+        for cal in ("contextual", "batch"):
+            r = crit["versus_calibration"][g][f"pruned@{g} vs {cal}"]
+            for t, d in r["per_task"].items():
+                assert d == pytest.approx(np.mean(by[f"pruned@{g}"][t]["correct"]) - np.mean(by[cal][t]["correct"]))
+        pt = crit["mechanism"][g]["probe_test"]
+        rand = [k for k in probe["predictions"] if k.startswith("random-") and k.endswith(f"@{g}")]
+        for t, ps in study._by_task(prompts).items():
+            ce = lambda name: copy_effect(ps, probe["predictions"][name][t], ps[0].label_space).effect
+            if ce(f"pruned@{g}") is not None:
+                assert pt["tasks"][f"{t}#0"] == pytest.approx(ce(f"pruned@{g}") - ce(rand[0]))
+    mean = crit["versus_calibration"]["mean_over_seeds"]["pruned vs contextual"]
+    for t, d in mean["per_task"].items():
+        assert d == pytest.approx(np.mean([np.mean(by[f"pruned@{g}"][t]["correct"]) for g in ("s0", "s1")])
+                                  - np.mean(by["contextual"][t]["correct"]))
+    # a seed whose dev sweep chose nothing enters the mean over seeds as the unpruned model
+    with_empty = study.criteria(sels + [{"seed": 2, "chosen": None}], probe, rows, cc, prompts, s)
+    assert with_empty["no_selection"] == ["s2"]
+    mean = with_empty["versus_calibration"]["mean_over_seeds"]["pruned vs batch"]
+    for t, d in mean["per_task"].items():
+        accs = [np.mean(by[c][t]["correct"]) for c in ("pruned@s0", "pruned@s1", "unpruned")]
+        assert d == pytest.approx(np.mean(accs) - np.mean(by["batch"][t]["correct"]))
+    both = crit["mechanism"]["mean_over_seeds"]["probe_test"]
+    third = with_empty["mechanism"]["mean_over_seeds"]["probe_test"]
+    assert third["diff"] == pytest.approx(both["diff"] * len(both["tasks"]) / len(third["tasks"]))
+    table = study.compare(rows, cc, "pruned@s0", "unpruned")
+    for t, d in table["accuracy"]["per_task"].items():
+        assert d == pytest.approx(np.mean(by["pruned@s0"][t]["correct"]) - np.mean(by["unpruned"][t]["correct"]))
+
+    # the summary reads the same state back from the work folder
+    import json
+    for sel in sels:
+        (tmp_path / f"select_seed{sel['seed']}.json").write_text(json.dumps(sel))
+    (tmp_path / "probe_test.json").write_text(json.dumps(probe))
+    import shutil
+    shutil.copy(tmp_path / "ng.jsonl", tmp_path / "heldout_no-gold.jsonl")
+    shutil.copy(tmp_path / "cc.jsonl", tmp_path / "heldout_copy-control.jsonl")
+    (tmp_path / "costs.json").write_text(json.dumps(study.ablation_costs(tiny, sels, s)))
+    doc = study.summary("tiny", tmp_path, s, tokenizer=tiny.tokenizer)
+    assert {r["condition"] for r in doc["table"]} == names - {"unpruned"}
+    assert doc["criteria"] == json.loads(json.dumps(crit))
+    assert {r["condition"]: r["ppl_increase"] for r in doc["table"]}["pruned+batch@s1"] == doc["ppl_increase"]["pruned@s1"]
+    assert len(json.dumps(doc)) < 64 * 1024
+
+
+def test_mechanism_criterion_on_made_rows(study):
+    """A set that removes the copy effect on every task beside a random set that keeps it: criterion 1's
+    held-out half holds; swapped, it fails."""
+    def row(task, cond, ce):
+        return {"task": task, "condition": cond, "copy_effect": {"effect": ce}, "correct": [True], "copy": [False]}
+
+    tasks = ["a", "b", "c", "d"]
+    rows = [row(t, "unpruned", 0.3) for t in tasks]
+    rows += [row(t, "pruned@s0", 0.02 * i) for i, t in enumerate(tasks)]
+    rows += [row(t, "random-0@s0", 0.3 - 0.01 * i) for i, t in enumerate(tasks)]
+    sel = [{"seed": 0, "chosen": {"k": 1}}]
+    crit = study.criteria(sel, None, [], rows, settings=study.SETTINGS)
+    held = crit["mechanism"]["s0"]["heldout"]
+    assert held["per_task"] == pytest.approx({t: (0.3 - 0.01 * i) - 0.02 * i for i, t in enumerate(tasks)})
+    assert held["holds"] and not crit["mechanism"]["s0"]["holds"]        # no probe half: not a mechanism
+    swapped = [dict(r, condition={"pruned@s0": "random-0@s0", "random-0@s0": "pruned@s0"}.get(r["condition"], r["condition"]))
+               for r in rows]
+    assert not study.criteria(sel, None, [], swapped, settings=study.SETTINGS)["mechanism"]["s0"]["heldout"]["holds"]

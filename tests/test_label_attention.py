@@ -1,0 +1,123 @@
+"""Label attention equals the attention weights read from the cache by hand; the OV check's values are
+the ones the head mixes into z (grouped-query models included) and its logits are computed by hand;
+outcomes split copy errors from correct answers; the pictures show the data."""
+
+import numpy as np
+import pytest
+import torch
+
+from mechcopy import label_attention as LA
+from mechcopy import viz
+from mechcopy.models.tiny import tiny_transformer
+from mechcopy.tasks.prompts import make_prompt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=["plain", "gqa+post-norm"])
+def model(request):
+    kw = {} if request.param == "plain" else {"n_key_value_heads": 2, "use_normalization_before_and_after": True}
+    return tiny_transformer(n_layers=2, seed=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    tok = model.tokenizer
+    return [make_prompt([("cat", "31"), ("tree", "4"), ("fish", "5")], ("lamp", "7"), tok),
+            make_prompt([("ab", "1"), ("cde", "22"), ("q", "3")], ("xy", "6"), tok)]
+
+
+def _label_positions_by_hand(prompt):
+    """Character tokenizer: one token per character, BOS first; a label's characters follow its ' -> '."""
+    out, start = [], 0
+    for x, y in prompt.demos:
+        at = prompt.text.index(f"{x} -> {y}", start) + len(f"{x} -> ")
+        out.append([1 + at + i for i in range(len(y))])
+        start = at + len(y)
+    return out
+
+
+def test_label_attention_equals_the_pattern_read_by_hand(model, prompts):
+    res = LA.label_attention(model, prompts)
+    assert res.to_labels.shape == (2, 2, 4) and res.to_demo.shape == (2, 2, 4, 3)
+    for i, p in enumerate(prompts):
+        positions = _label_positions_by_hand(p)
+        assert LA.label_positions(model, p) == positions
+        _, cache = model.run_with_cache(p.text)
+        for layer in range(2):
+            pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, -1]          # [heads, key]
+            by_demo = torch.stack([pattern[:, pos].sum(-1) for pos in positions], -1)
+            torch.testing.assert_close(res.to_demo[i, layer], by_demo)
+            torch.testing.assert_close(res.to_labels[i, layer], pattern[:, sum(positions, [])].sum(-1))
+            torch.testing.assert_close(res.to_bos[i, layer], pattern[:, 0])
+            assert torch.equal(res.attended[i, layer], by_demo.argmax(-1))
+        assert abs(float(res.label_share[i]) - len(sum(positions, [])) / len(model.to_str_tokens(p.text))) < 1e-6
+
+
+def test_ov_check_by_hand(model, prompts):
+    """The values the check reads are the ones the head mixes into z (the attention-weighted sum over
+    every position is hook_z: the query head -> key/value head map is right); its logit is computed by
+    hand through W_O, the post-attention norm and the final norm with frozen scales, and W_U."""
+    res = LA.label_attention(model, prompts)
+    p = prompts[0]
+    _, cache = model.run_with_cache(p.text)
+    n_kv = model.cfg.n_key_value_heads or 4
+    for layer in range(2):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, -1]
+        v = cache[f"blocks.{layer}.attn.hook_v"][0]                                    # [pos, kv_heads, d_head]
+        for h in range(4):
+            vh = v[:, h // (4 // n_kv)]
+            torch.testing.assert_close(pattern[h] @ vh, cache[f"blocks.{layer}.attn.hook_z"][0, -1, h], atol=1e-5, rtol=1e-5)
+            d = int(res.attended[0, layer, h])
+            pos = _label_positions_by_hand(p)[d]
+            u = (pattern[h, pos, None] * vh[pos]).sum(0) / pattern[h, pos].sum()
+            x = u @ model.blocks[layer].attn.W_O[h]
+            if model.cfg.use_normalization_before_and_after:
+                x = x / cache[f"blocks.{layer}.ln1_post.hook_scale"][0, -1] * model.blocks[layer].ln1_post.w
+            x = x / cache["ln_final.hook_scale"][0, -1] * model.ln_final.w
+            ids = [ids[0] for ids in p.demo_label_ids]
+            own, others = ids[d], sorted((set(ids) | {p.answer_ids[0]}) - {ids[d]})    # other demo labels and gold
+            logits = x @ model.W_U
+            assert abs(float(logits[own]) - float(res.ov_logit[0, layer, h])) < 1e-4
+            assert abs(float(logits[own] - logits[others].mean()) - float(res.ov_margin[0, layer, h])) < 1e-4
+
+
+def test_outcomes_split_copy_errors_from_correct_answers(model, prompts):
+    res = LA.label_attention(model, prompts)
+    for p, pred, outcome in zip(prompts, res.predicted, res.outcomes):
+        assert pred == int(model(p.text)[0, -1].argmax())
+        assert outcome == LA.outcome_of(p, pred)
+    p = prompts[0]
+    assert LA.outcome_of(p, p.answer_ids[0]) == "correct"
+    assert LA.outcome_of(p, p.demo_label_ids[1][0]) == "copy"
+    assert LA.outcome_of(p, model.tokenizer.convert_tokens_to_ids("z")) == "other"
+    # a mean over one outcome is the mean over those prompts; over none it is NaN
+    fake = LA.LabelAttention(**{**res.__dict__, "outcomes": ("copy", "correct")})
+    torch.testing.assert_close(fake.mean("to_labels", "copy"), res.to_labels[0])
+    assert torch.isnan(fake.mean("to_labels", "other")).all()
+    back = LA.LabelAttention.from_json(res.to_json())
+    torch.testing.assert_close(back.ov_margin, res.ov_margin, equal_nan=True)
+
+
+def test_head_heatmap_and_attention_view(model, prompts, tmp_path):
+    values = np.array([[0.1, -2.0, 0.3, 0.0], [1.5, 0.2, -0.1, 0.05]])
+    fig = viz.plot_head_heatmap(values, "DLA", "logit", top=2)
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), values)
+    assert "L0H1 -2" in fig.axes[0].get_title() and "L1H0 +1.5" in fig.axes[0].get_title()
+    assert len(fig.axes[0].patches) == 2
+    viz.save_figure(viz.plot_head_heatmap(values, centre=False), tmp_path / "h.png")
+    fig = viz.plot_head_maps({"a": {"values": values}, "b": {"values": 2 * values, "centre": False}}, "maps")
+    panels = [ax for ax in fig.axes if ax.images]
+    np.testing.assert_allclose(panels[0].images[0].get_array(), values)
+    np.testing.assert_allclose(panels[1].images[0].get_array(), 2 * values)
+    with pytest.raises(ValueError, match="2-D"):
+        viz.plot_head_heatmap(values[0])
+    p = prompts[0]
+    view = viz.head_attention_view(model, p, [(1, 2), (0, 1)])
+    props = viz.to_json_props(view)
+    assert props["attentionHeadNames"] == ["L0H1", "L1H2"]
+    _, cache = model.run_with_cache(p.text)
+    np.testing.assert_allclose(np.array(props["attention"][1]), cache["blocks.1.attn.hook_pattern"][0, 2].numpy(), atol=1e-4)
+    marked = [i for i, t in enumerate(props["tokens"]) if t.startswith("«")]
+    assert marked == sum(_label_positions_by_hand(p), [])
+    assert "http" not in view.local_src.split("<script", 1)[0]
