@@ -33,7 +33,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Self, Sequence
 
 import numpy as np
 import torch
@@ -167,7 +167,7 @@ class Attributions:
         return (self.sums - self.deltas).abs() / self.deltas.abs().clamp_min(1e-12)
 
     @classmethod
-    def cat(cls, parts: Sequence["Attributions"]) -> "Attributions":
+    def cat(cls, parts: Sequence[Self]) -> Self:
         """Join results over prompts (same target, method, steps and layers)."""
         first = parts[0]
         for p in parts[1:]:

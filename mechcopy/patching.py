@@ -179,16 +179,17 @@ def role_pairs_of(model: HookedModel, prompts: Sequence, corruption: str | Seque
     from mechcopy.tasks.pairs import corrupt_prompt
 
     rng, cands, dropped = random.Random(seed), [], []
-    if not isinstance(corruption, str):
+    if isinstance(corruption, str):
+        for p in prompts:
+            try:
+                cands.append((p, corrupt_prompt(p, corruption, model.tokenizer, rng, other_task)))
+            except ValueError as e:
+                dropped.append(f"{p.query!r}: {e}")
+    else:
         corrupted = list(corruption)
         if len(corrupted) != len(prompts) or any(c.query != p.query for c, p in zip(corrupted, prompts)):
             raise ValueError("give one corrupted prompt per prompt, with the same query")
         cands = list(zip(prompts, corrupted))
-    for p in prompts if isinstance(corruption, str) else ():
-        try:
-            cands.append((p, corrupt_prompt(p, corruption, model.tokenizer, rng, other_task)))
-        except ValueError as e:
-            dropped.append(f"{p.query!r}: {e}")
     what = repr(corruption) if isinstance(corruption, str) else "the given corrupted prompts"
     return _role_pairs(model, cands, dropped, len(prompts) if n is None else n, reverse, what)
 
@@ -196,7 +197,8 @@ def role_pairs_of(model: HookedModel, prompts: Sequence, corruption: str | Seque
 def _role_pairs(model: HookedModel, cands, dropped: list[str], n: int, reverse: bool, what: str) -> RolePairs:
     if reverse:
         cands = [(c, p) for p, c in cands]
-    tokens, pairs = arch_of(model).tokens, []
+    tokens = arch_of(model).tokens
+    pairs: list[RolePair] = []
     for p, c in cands:
         if len(pairs) == n:
             break

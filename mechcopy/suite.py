@@ -148,12 +148,14 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
             bar.set_postfix_str(task.name)
             fresh = {r.condition: r for r in evaluate_task(model, task, ps, todo, seed, batch_size)} if todo else {}
             for c in conditions:
-                key = keys.get((task.name, c.label))
-                if c.label in fresh and checkpoint:
-                    row = fresh[c.label].to_json()
+                if c.label not in fresh:
+                    rows.append(done[keys[(task.name, c.label)]])
+                    continue
+                if checkpoint:
+                    key, row = keys[(task.name, c.label)], fresh[c.label].to_json()
                     append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": c.label, "row": row,
                                               "digest": _digest(key, row)})
-                rows.append(fresh[c.label] if c.label in fresh else done[key])
+                rows.append(fresh[c.label])
             bar.update(len(todo))
     return rows, dropped
 

@@ -35,13 +35,15 @@ if TYPE_CHECKING:   # TransformerLens takes seconds to import: at run time only 
 UNFIRED_HOOKS = (".attn.", ".hook_attn_in", ".hook_q_input", ".hook_k_input", ".hook_v_input")
 
 
-def _cfg(model: HookedModel) -> HookedTransformerConfig:
-    """The model's config as what it is on a transformer (heads, MLP width, positions, norms)."""
+def transformer_cfg(model: HookedModel) -> HookedTransformerConfig:
+    """The model's config as what it is on a transformer (heads, MLP width, positions, norms): what code that
+    runs on transformers only (after `Arch.has_attention`, e.g. `mechcopy.heads`) reads."""
     return cast("HookedTransformerConfig", model.cfg)
 
 
-def _block(model: HookedModel, layer: int) -> TransformerBlock:
-    """Block `layer` as what it is on a transformer (TransformerLens' `TransformerBlock`)."""
+def transformer_block(model: HookedModel, layer: int) -> TransformerBlock:
+    """Block `layer` as what it is on a transformer (TransformerLens' `TransformerBlock`: its attention,
+    norms and MLP), for code that runs on transformers only."""
     return cast("TransformerBlock", model.blocks[layer])
 
 
@@ -62,17 +64,17 @@ class TransformerArch(Arch):
     tl_patching = True
 
     def neurons_per_layer(self, model: HookedModel) -> int:
-        d_mlp = _cfg(model).d_mlp
+        d_mlp = transformer_cfg(model).d_mlp
         if d_mlp is None:
             raise ValueError("this transformer has no MLP, so no neurons (attention only)")
         return int(d_mlp)
 
     def attention_shape(self, model: HookedModel) -> tuple[int, int]:
-        cfg = _cfg(model)
+        cfg = transformer_cfg(model)
         return int(cfg.n_heads), int(cfg.d_head)
 
     def architecture_name(self, model: HookedModel) -> str:
-        return _cfg(model).original_architecture or "transformer"
+        return transformer_cfg(model).original_architecture or "transformer"
 
     def run_blocks(self, model: HookedModel, x: Tensor, mask: Tensor | None, state: State, start: int | None = None,
                    stop: int | None = None) -> tuple[Tensor, State]:
@@ -82,7 +84,7 @@ class TransformerArch(Arch):
         from transformer_lens import TransformerLensKeyValueCache
 
         cache = state if state is not None else TransformerLensKeyValueCache.init_cache(
-            _cfg(model), model.cfg.device, x.shape[0])
+            transformer_cfg(model), model.cfg.device, x.shape[0])
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
         stop = model.cfg.n_layers if stop is None else stop
@@ -107,7 +109,7 @@ class TransformerArch(Arch):
     def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 _pos"]],
                    caches: Sequence[Any]) -> Stepper:
         """`OneTokenBlocks` where it applies, else `TLBlocks`."""
-        cfg = _cfg(model)
+        cfg = transformer_cfg(model)
         if cfg.attention_dir != "causal" or cfg.positional_embedding_type == "shortformer":
             raise ValueError(f"the fast IG path continues a causal prefix one token at a time; this model has "
                              f"{cfg.attention_dir} attention and {cfg.positional_embedding_type} positions: "
@@ -117,7 +119,7 @@ class TransformerArch(Arch):
         return TLBlocks(model, tokens, caches)
 
     def prune_weights(self, model: HookedModel, layer: int, idx: Tensor, values: Tensor | None = None) -> None:
-        mlp = _mlp(_block(model, layer))
+        mlp = _mlp(transformer_block(model, layer))
         w, idx = mlp.W_out, idx.to(mlp.W_out.device)       # W_out: [d_mlp, d_model]
         with torch.no_grad():
             if values is not None:
@@ -127,7 +129,7 @@ class TransformerArch(Arch):
     def neuron_direction(self, model: HookedModel, layer: int, idx: int) -> Tensor:
         """Row `idx` of the layer's `W_out`."""
         self.check_neuron(model, layer, idx)
-        return _mlp(_block(model, layer)).W_out[idx].detach()
+        return _mlp(transformer_block(model, layer)).W_out[idx].detach()
 
 def one_token_block_unsupported(model: HookedModel) -> str | None:
     """Why `OneTokenBlocks` cannot stand in for `model`'s blocks now (None: it can).
@@ -140,8 +142,8 @@ def one_token_block_unsupported(model: HookedModel) -> str | None:
     from transformer_lens.components import MLP, Attention, GatedMLP, GroupedQueryAttention, TransformerBlock
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-    cfg = _cfg(model)
-    blocks = [_block(model, layer) for layer in range(cfg.n_layers)]
+    cfg = transformer_cfg(model)
+    blocks = [transformer_block(model, layer) for layer in range(cfg.n_layers)]
     if cfg.attn_only:
         return "attention-only blocks"
     hooked = [name for name, point in model.hook_dict.items()
@@ -277,7 +279,7 @@ def run_blocks(model: HookedModel, tokens: Int[Tensor, "1 pos"], names: Collecti
     store: dict[str, Tensor] = {}
     with torch.no_grad(), model.hooks(fwd_hooks=[(lambda name: name in names, capture(store))]):
         x = model(tokens, stop_at_layer=0)
-        for block in (_block(model, layer) for layer in range(model.cfg.n_layers)):
+        for block in (transformer_block(model, layer) for layer in range(model.cfg.n_layers)):
             x = _run_block(block, x, partial(_causal_attention, block.attn, *_packed_qkv(block.attn)))
     return x, store
 
@@ -308,7 +310,7 @@ class OneTokenBlocks:
         clean = [[c[f"blocks.{l}.hook_resid_pre"][0] for c in caches] for l in layers]
         self.positions = [r.shape[0] - 1 for r in clean[0]]                  # of the rows: each prompt's last
         with torch.no_grad():
-            self.prefix = [self._prefix(_block(model, l), resid) for l, resid in zip(layers, clean)]
+            self.prefix = [self._prefix(transformer_block(model, l), resid) for l, resid in zip(layers, clean)]
 
     def _prefix(self, block, clean: list[Float[Tensor, "_pos d_model"]]) -> _Prefix:
         """Pack the layer's q/k/v weights and compute each prompt's prefix keys and values once."""
@@ -317,7 +319,7 @@ class OneTokenBlocks:
         keys, values = [], []
         for resid, position in zip(clean, self.positions):
             _, k, v = _qkv(attn, w, b, block.ln1(resid[None]))             # every clean position
-            if _cfg(self.model).positional_embedding_type == "rotary":
+            if transformer_cfg(self.model).positional_embedding_type == "rotary":
                 k = _relative_keys(attn, k, position)
             pad = (0, 0, 0, width - position)                               # prefix positions up to width
             keys.append(F.pad(k[0, :position].transpose(0, 1), pad))        # [kv_heads, width, d_head]
@@ -333,17 +335,17 @@ class OneTokenBlocks:
         return None if bool(visible.all()) else visible[:, None, None].to(self.model.cfg.device)
 
     def step(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
-        return _run_block(_block(self.model, layer), x, partial(self._attention, layer))
+        return _run_block(transformer_block(self.model, layer), x, partial(self._attention, layer))
 
     def enter(self, layer: int, neurons: Float[Tensor, "rows neurons"]) -> Float[Tensor, "rows 1 d_model"]:
-        block = _block(self.model, layer)
+        block = transformer_block(self.model, layer)
         post = _mlp(block).hook_post(neurons.to(self.model.cfg.dtype)[:, None])
         return _from_neurons(block, rows_per_prompt(self.resid_mid[layer], neurons.shape[0] // self.n_prompts), post)
 
     def _attention(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
         """One query per row against its prompt's prefix keys and its own key (no rotation: see
         `_relative_keys`)."""
-        attn, p = _block(self.model, layer).attn, self.prefix[layer]
+        attn, p = transformer_block(self.model, layer).attn, self.prefix[layer]
         z = self._attend(attn, p, *_qkv(attn, p.w_qkv, p.b_qkv, x))         # [rows, n_heads * d_head]
         return F.linear(z[:, None], attn.W_O.reshape(-1, self.model.cfg.d_model).T, attn.b_O)
 
@@ -383,7 +385,7 @@ class TLBlocks:
 
         self.model, self.prefixes = model, []
         for t in tokens:
-            prefix = TransformerLensKeyValueCache.init_cache(_cfg(model), model.cfg.device, 1)
+            prefix = TransformerLensKeyValueCache.init_cache(transformer_cfg(model), model.cfg.device, 1)
             with torch.no_grad():
                 model(t[:, :-1], past_kv_cache=prefix, return_type=None)
             prefix.freeze()
@@ -404,7 +406,7 @@ class TLBlocks:
         before any other hook on it runs."""
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-        entry, n, block = self.prefixes[prompt][layer], x.shape[0], _block(self.model, layer)
+        entry, n, block = self.prefixes[prompt][layer], x.shape[0], transformer_block(self.model, layer)
         rows = TransformerLensKeyValueCacheEntry(entry.past_keys.expand(n, -1, -1, -1),
                                                  entry.past_values.expand(n, -1, -1, -1), frozen=True)
         if neurons is None:

@@ -61,7 +61,7 @@ def flag_of(args: argparse.Namespace | None, field: str) -> str | None:
 def describe(e: BaseException, args: argparse.Namespace | None = None) -> str:
     """One line for the user: what was wrong and, where the message does not say it, what to do."""
     flag = flag_of(args, e.field) if isinstance(e, FieldError) else None
-    if flag:
+    if flag and isinstance(e, FieldError):
         text = f"argument {flag}: {e.problem}"
     elif isinstance(e, OSError) and e.errno is not None:
         where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)

@@ -170,7 +170,7 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, helps: dict[str, str]
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            if name in (types or {}):
+            if types is not None and name in types:
                 kwargs["type"] = types[name]
             elif kind is tuple:
                 kwargs["type"] = int_list(minimum.get(name, 0))

@@ -191,7 +191,7 @@ def tl_reference_load(path: Path, name: str, device: str = "cpu", dtype: torch.d
 
 def read_orders(model: HookedTransformer) -> dict[str, tuple[int, ...]]:
     """Parameter name -> the permutation under which TransformerLens 3.9 reads it (see `store_as_read`)."""
-    orders = {"unembed.W_U": (1, 0)}
+    orders: dict[str, tuple[int, ...]] = {"unembed.W_U": (1, 0)}
     for i, block in enumerate(model.blocks):
         if model.cfg.gated_mlp:
             orders.update({f"blocks.{i}.mlp.{n}": (1, 0) for n in ("W_gate", "W_in", "W_out")})

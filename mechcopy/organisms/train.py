@@ -102,7 +102,7 @@ MODEL_KWARGS: dict[str, dict[str, type]] = {
 }
 
 
-def check_model_kwargs(arch: str, kwargs: dict[str, Any], longest: int | None = None,
+def check_model_kwargs(arch: str, kwargs: Any, longest: int | None = None,
                        name: str = "model_kwargs") -> None:
     """Refuse model sizes that cannot build a model (before any training): unknown keys, sizes that
     are not integers >= 1, heads that do not divide d_model (or give an odd head size, which rotary

@@ -18,7 +18,7 @@ import numbers
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence, TypeVar
 
 from mechcopy.errors import check_number
 from mechcopy.tasks.task import DATA_DIR, PROBE_ITEMS, PROBE_NAME, Task
@@ -193,7 +193,10 @@ class ProbeSplits:
                    tuple((item, why) for item, why in obj["dropped"]), obj["seed"])
 
 
-def _quotas(n: int, labels: Sequence[int], rng: random.Random) -> dict[int, int]:
+L = TypeVar("L", bound=Hashable)
+
+
+def _quotas(n: int, labels: Sequence[L], rng: random.Random) -> dict[L, int]:
     """n split over labels as evenly as possible; the remainder goes to a random subset of labels."""
     base, extra = divmod(n, len(labels))
     lucky = set(rng.sample(list(labels), extra))
