@@ -26,7 +26,7 @@ Heads only exist on attention models: a Mamba model is refused with one line.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
@@ -40,6 +40,7 @@ from mechcopy.conditions import Means
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.heads import head_site, require_heads
 from mechcopy.hooks import Hook, ablate_by_group, add_vector
+from mechcopy.io import as_tuples
 from mechcopy.progress import tqdm
 from mechcopy.pruning import component_means, pruning_hooks
 from mechcopy.task_vectors import TaskVectorConfig, resid_site, task_vector_experiment
@@ -160,6 +161,11 @@ class FunctionVectorResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "FunctionVectorResult":
+        return cls(**{f.name: as_tuples(obj[f.name]) if f.name not in ("config", "model") else obj[f.name]
+                      for f in fields(cls) if f.name in obj})
 
 
 def function_vector_experiment(model: HookedModel, task, config: TaskVectorConfig = TaskVectorConfig(),

@@ -37,10 +37,11 @@ from mechcopy.scoring import CONTENT_FREE, LabelScores, score_labels
 from mechcopy.selection import select
 from mechcopy.stability import Agreement, BootstrapStability, StabilityReport, stability_report
 from mechcopy.stats import Comparison, TaskLevel
-from mechcopy.suite import ResultRow, run_evaluation
+from mechcopy.suite import PromptRecord, ResultRow, run_evaluation
 from mechcopy.sweeps import KSweep, LayerPercentSweep, sweep_k, sweep_layer_percent
 from mechcopy.task_vectors import TaskVectorConfig, TaskVectorResult, task_vector_experiment
 from mechcopy.tasks import Task, load_task
+from mechcopy.tasks.copy_probe import CopyProbe, CopyProbeConfig, build_copy_probe
 from mechcopy.tasks.probe import ProbeConfig, ProbeSplits, build_probe
 from mechcopy.tasks.prompts import ICLPrompt, build_prompts
 from mechcopy.views import ActivationView, AttentionView, Views, copy_error_views
@@ -78,12 +79,14 @@ def results(tiny) -> dict[type, object]:
     find = FindConfig(n=3, n_dev=4, steps=4, ks=(2, 4))
     train = TrainConfig(arch="transformer", steps=5)
     views = copy_error_views(tiny, find, chosen)
+    copy_probe = build_copy_probe(tiny.tokenizer, CopyProbeConfig(tasks=("max_digit",), n_attr=2, n_dev=2, n_test=2))
     made = [
         TaskResult, ResultRow, Evaluation, Comparison, ConditionSpec, Condition, Components, ICLPrompt, Task,
         ProbeConfig, ProbeSplits, SelfConsistency, ConsistencyRow, Guard, KSweep, LayerPercentSweep, KCurve,
         Agreement, BootstrapStability, StabilityReport, PatchingResult, NeuronCard, TaskVectorConfig,
         TaskVectorResult, TrainConfig, TrainResult, MambaConfig, FindConfig, ReproduceConfig, Settings, Views,
-        AttentionView, ActivationView, Readout, TaskLevel, CopyEffect, DemoShare]
+        AttentionView, ActivationView, Readout, TaskLevel, CopyEffect, DemoShare, PromptRecord, CopyProbeConfig,
+        CopyProbe]
     out: dict[type, object] = {
         TaskResult: evaluate(tiny, dev), ResultRow: rows[-1], Evaluation: evaluation,
         Comparison: evaluation.comparisons["pooled"][0], ConditionSpec: conditions[-1].spec,
@@ -107,7 +110,8 @@ def results(tiny) -> dict[type, object]:
         AttentionView: views.attention[0], ActivationView: views.neurons, Readout: Readout("labels", "contextual"),
         TaskLevel: evaluation.task_level[0],
         CopyEffect: copy_effect(prompts, predictions, closed.label_set(), closed.name),
-        DemoShare: demo_share(prompts, predictions, closed.label_set(), closed.name)}
+        DemoShare: demo_share(prompts, predictions, closed.label_set(), closed.name),
+        PromptRecord: rows[-1].per_prompt[0], CopyProbeConfig: copy_probe.config, CopyProbe: copy_probe}
     report = out[StabilityReport]
     out[Agreement], out[BootstrapStability] = report.settings[0], report.bootstrap[0]
     assert set(out) == set(made)
@@ -131,7 +135,7 @@ TYPES = ["TaskResult", "ResultRow", "Evaluation", "Comparison", "ConditionSpec",
          "LayerPercentSweep", "KCurve", "Agreement", "BootstrapStability", "StabilityReport", "PatchingResult",
          "NeuronCard", "TaskVectorConfig", "TaskVectorResult", "TrainConfig", "TrainResult", "MambaConfig",
          "FindConfig", "ReproduceConfig", "Settings", "Views", "AttentionView", "ActivationView", "Readout", "TaskLevel",
-         "CopyEffect", "DemoShare"]
+         "CopyEffect", "DemoShare", "PromptRecord", "CopyProbeConfig", "CopyProbe"]
 
 
 def _no_nan(obj) -> bool:
