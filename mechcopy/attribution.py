@@ -33,7 +33,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self, Sequence
+from typing import Any, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -128,6 +128,9 @@ def quadrature(steps: int, rule: str = "gauss-legendre") -> tuple[Tensor, Tensor
 # ---------------------------------------------------------------- results
 
 
+A = TypeVar("A", bound="Attributions")     # `Attributions.cat` of a subclass returns the subclass
+
+
 @dataclass(frozen=True)
 class Attributions:
     """Per-prompt neuron attributions plus the per-layer completeness pieces.
@@ -167,7 +170,7 @@ class Attributions:
         return (self.sums - self.deltas).abs() / self.deltas.abs().clamp_min(1e-12)
 
     @classmethod
-    def cat(cls, parts: Sequence[Self]) -> Self:
+    def cat(cls: type[A], parts: Sequence[A]) -> A:
         """Join results over prompts (same target, method, steps and layers)."""
         first = parts[0]
         for p in parts[1:]:

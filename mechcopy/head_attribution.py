@@ -33,7 +33,7 @@ use a counterfactual baseline there.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Self, Sequence
+from typing import Any, Sequence, TypeVar
 
 import torch
 from jaxtyping import Float
@@ -196,6 +196,9 @@ def direct_logit_attribution(model: HookedModel, prompts: Sequence, target="cont
 # ---------------------------------------------------------------- IG and gradient x activation over heads
 
 
+H = TypeVar("H", bound="HeadAttributions")
+
+
 @dataclass(frozen=True)
 class HeadAttributions(Attributions):
     """`Attributions` over heads: `values[p, l, h]` is head h of layer l; `target_zero[p, l]` is the target
@@ -204,7 +207,7 @@ class HeadAttributions(Attributions):
     baseline: str = "zero"
 
     @classmethod
-    def cat(cls, parts: Sequence[Self]) -> Self:
+    def cat(cls: type[H], parts: Sequence[H]) -> H:
         """Join results over prompts (same settings and baseline kind)."""
         if len({p.baseline for p in parts}) > 1:
             raise ValueError("cannot join head attributions computed from different baselines")

@@ -32,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.arch.base import Cache
 from mechcopy.arch.transformer import transformer_block, transformer_cfg
 from mechcopy.heads import kv_head, require_heads
 from mechcopy.hooks import capture, patch_heads_by_group
@@ -54,7 +55,7 @@ def _grouped(model: HookedModel) -> bool:
     return cfg.n_key_value_heads is not None and not cfg.ungroup_grouped_query_attention
 
 
-def _run_groups(model: HookedModel, layer: int, activation: str, source: dict[str, Tensor],
+def _run_groups(model: HookedModel, layer: int, activation: str, source: Cache,
                 resid_pre: Float[Tensor, "batch pos d_model"], groups: Sequence[Group],
                 ) -> Float[Tensor, "groups batch d_vocab"]:
     """Last-position logits of the target prompts (their residual stream entering `layer`: `resid_pre`)
@@ -74,7 +75,7 @@ def _run_groups(model: HookedModel, layer: int, activation: str, source: dict[st
     return torch.cat(out)
 
 
-def _kv_patched_z(model: HookedModel, layer: int, activation: str, source: dict[str, Tensor],
+def _kv_patched_z(model: HookedModel, layer: int, activation: str, source: Cache,
                   resid_pre: Tensor, groups: Sequence[Group]) -> Float[Tensor, "rows pos heads d_head"]:
     """First pass of a grouped-query key/value patch: block `layer` alone with each group's key/value
     head patched; returns, row group by row group, the `z` it gives (head h of group g is what the

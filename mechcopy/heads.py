@@ -26,13 +26,14 @@ function refuses a Mamba model with one line (`require_heads`).
 from __future__ import annotations
 
 import numbers
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.arch.base import Cache
 from mechcopy.arch.transformer import transformer_block, transformer_cfg
 from mechcopy.components import Components, component_kind
 from mechcopy.conditions import Means
@@ -158,7 +159,7 @@ def post_attention_norm(model: HookedModel, layer: int):
     return transformer_block(model, layer).ln1_post
 
 
-def head_writes(model: HookedModel, cache: Mapping[str, Tensor], layer: int, position: int = -1,
+def head_writes(model: HookedModel, cache: Cache, layer: int, position: int = -1,
                 ) -> tuple[Float[Tensor, "batch heads d_model"], Float[Tensor, "batch d_model"]]:
     """What each head of `layer` and the output bias add to the residual stream at `position`, from a
     cache holding `blocks.{layer}.attn.hook_z` (and, on models with a post-attention norm,

@@ -19,6 +19,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import ActivationCache
 
+#: activations by hook point name: TransformerLens' `ActivationCache` (not a `Mapping`) or a plain mapping
+Cache = ActivationCache | Mapping[str, Tensor]
+
 
 @runtime_checkable
 class ModelConfig(Protocol):
