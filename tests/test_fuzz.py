@@ -29,6 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("MECHCOPY_FUZZ_EXAMPLES", "30"))
+# the refusals users get: annotations unchecked at run time, as outside the tests (conftest.annotations_unchecked)
+pytestmark = pytest.mark.usefixtures("annotations_unchecked")
+
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES < 100,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large, HealthCheck.filter_too_much])
