@@ -487,26 +487,28 @@ def test_report_answer_gives_the_task_level_figures_beside_the_pooled_ones(tiny,
     comparison with the task as the unit (`comparisons.task_levels`), and says which claim rests on which."""
     from tests.test_evaluation import _fake_rows
 
-    from mechcopy.comparisons import compare_rows, task_levels
+    from mechcopy.comparisons import Evaluation, compare_rows, task_levels
     from mechcopy.report import _answer
 
-    comps = compare_rows(_fake_rows(), n_boot=200)
+    rows = _fake_rows()
+    comps = compare_rows(rows, n_boot=200)
     levels = task_levels(comps, seed=0)
-    text = _answer(comps, tiny_neurons, tmp_path, levels).text
-    over = {(t["condition"], t["baseline"], t["metric"]): t for t in levels}
+    text = _answer(Evaluation(tuple(rows), {}, comps, tuple(levels)), tiny_neurons, tmp_path).text
+    over = {(t.condition, t.baseline, t.metric): t for t in levels}
     for c in comps["pooled"]:
-        key = (c["condition"], c["baseline"], c["metric"])
+        key = (c.condition, c.baseline, c.metric)
         if key[:2] not in viz.FOREST_PAIRS:
             continue
-        lo, hi = over[key]["ci"]
-        line = next(l for l in text.splitlines() if l.startswith(f"- {c['metric'].replace('_', ' ')} "
+        lo, hi = over[key].ci
+        line = next(l for l in text.splitlines() if l.startswith(f"- {c.metric.replace('_', ' ')} "
                                                                    f"{key[0]} - {key[1]}:"))
-        assert f"{c['diff']:+.3f} [95% CI {c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" in line
-        assert (f"Over tasks: {over[key]['mean']:+.3f} [t interval {lo:+.3f}, {hi:+.3f}], "
-                f"p = {over[key]['p_value']:.3g}") in line
-        assert f"sign test p = {over[key]['sign_p']:.3g}" in line
+        assert f"{c.diff:+.3f} [95% CI {c.ci[0]:+.3f}, {c.ci[1]:+.3f}]" in line
+        assert (f"Over tasks: {over[key].mean:+.3f} [t interval {lo:+.3f}, {hi:+.3f}], "
+                f"p = {over[key].p_value:.3g}") in line
+        assert f"sign test p = {over[key].sign_p:.3g}" in line
     assert "a claim that pruning helps tasks like these rests on it" in text
-    assert "Over tasks: " not in _answer(comps, tiny_neurons, tmp_path).text   # no levels given: none shown
+    no_levels = _answer(Evaluation(tuple(rows), {}, comps), tiny_neurons, tmp_path).text
+    assert "Over tasks: " not in no_levels   # no levels given: none shown
 
 
 def test_k_curve_plot_draws_each_k_and_pair():
