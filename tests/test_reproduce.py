@@ -155,7 +155,8 @@ def test_views_hold_what_the_model_has(tiny, mamba):
     where there are neurons, and the report draws a view from the saved data as the model view would."""
     from mechcopy import viz
     from mechcopy.neurons import NeuronSet, model_fingerprint
-    from mechcopy.views import copy_error_views
+    from mechcopy.label_attention import label_positions
+    from mechcopy.views import MARK, copy_error_views, marked_tokens, top_heads
 
     find = rp.FindConfig(n=2, n_dev=4, steps=2)
     on_mamba = copy_error_views(mamba, find, NeuronSet(((0, 1), (1, 7)), model_fingerprint(mamba)))
@@ -163,10 +164,20 @@ def test_views_hold_what_the_model_has(tiny, mamba):
     assert len(on_mamba.neurons.activations) == len(on_mamba.tokens)
     empty = NeuronSet((), model_fingerprint(tiny), {"k": 0, "why": "no k helps"})
     on_tiny = copy_error_views(tiny, find, empty)
-    assert on_tiny.neurons is None and len(on_tiny.attention) == 1
-    (att,) = on_tiny.attention
+    assert on_tiny.neurons is None and len(on_tiny.attention) == 2
+    att, dla = on_tiny.attention
     assert att.heads == tuple((0, h) for h in range(tiny.cfg.n_heads)) and "no neurons were evaluated" in att.chosen_by
     from_data = viz.to_json_props(viz.attention_heads_view(on_tiny.tokens, att.pattern, att.names))
     from_model = viz.to_json_props(viz.attention_view(tiny, on_tiny.prompt.text, 0))
     assert from_data["tokens"] == from_model["tokens"] and from_data["attentionHeadNames"] == from_model["attentionHeadNames"]
+    assert torch.allclose(torch.tensor(from_data["attention"]), torch.tensor(from_model["attention"]), atol=1e-4)
+    # the heads with the largest direct logit attribution, their demo-label tokens marked: as the model view draws them
+    prompt = on_tiny.prompt
+    assert dla.heads == tuple(sorted(top_heads(tiny, prompt))) and "direct logit attribution" in dla.chosen_by
+    assert dla.marked == tuple(p for demo in label_positions(tiny, prompt) for p in demo)
+    from_data = viz.to_json_props(viz.attention_heads_view(marked_tokens(on_tiny.tokens, dla.marked), dla.pattern,
+                                                           dla.names))
+    from_model = viz.to_json_props(viz.head_attention_view(tiny, prompt, top_heads(tiny, prompt)))
+    assert from_data["tokens"] == from_model["tokens"] and from_data["attentionHeadNames"] == from_model["attentionHeadNames"]
+    assert sum(t.startswith(MARK[0]) for t in from_data["tokens"]) == len(dla.marked) > 0
     assert torch.allclose(torch.tensor(from_data["attention"]), torch.tensor(from_model["attention"]), atol=1e-4)
