@@ -87,7 +87,11 @@ def _pair(x: Sequence[float]) -> tuple[float, float]:
     return (float(x[0]), float(x[1]))
 
 
-def _as_list(prompts) -> list[ICLPrompt]:
+#: what every function that takes an evaluation's prompts accepts: the prompts, or their `PromptSet`
+Prompts = Sequence[ICLPrompt] | PromptSet
+
+
+def _as_list(prompts: Any) -> list[ICLPrompt]:
     return check_items(prompts.prompts if isinstance(prompts, PromptSet) else prompts, ICLPrompt, "prompts",
                        "tasks.prompts.build_prompts(...).prompts")
 
@@ -105,7 +109,7 @@ def prompt_tokens(model: HookedModel, prompt: ICLPrompt, index: int = 0) -> Int[
                                  what=f"prompt {index} of task {prompt.task!r}")
 
 
-def check_context(model: HookedModel, prompts: Sequence[ICLPrompt]) -> None:
+def check_context(model: HookedModel, prompts: Prompts) -> None:
     """Refuse, before any work, a prompt that does not fit the model's context (`prompt_tokens`)."""
     for i, p in enumerate(_as_list(prompts)):
         prompt_tokens(model, p, i)
@@ -141,7 +145,7 @@ def _greedy(decode: Decoder, tokens: Tensor, mask: Tensor, budgets: Sequence[int
         logits = decode(nxt[:, None])
 
 
-def _predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks, batch_size: int, groups: int,
+def _predict(model: HookedModel, prompts: Prompts, fwd_hooks, batch_size: int, groups: int,
              fork_at: int, sep: str | None, progress: bool, pad: bool) -> list[list[str]]:
     """Answers per row group (`Arch.decoder`'s fork) under `fwd_hooks`; `batch_size` rows per pass;
     generation stops at `sep`, or (None) at each prompt's own separator."""
@@ -167,7 +171,7 @@ def _predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks, batch_
     return out
 
 
-def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int = 32,
+def predict(model: HookedModel, prompts: Prompts, fwd_hooks=(), batch_size: int = 32,
             sep: str | None = None, progress: bool = False, pad: bool = True) -> list[str]:
     """The model's answer to each prompt (decoded text, stripped), under `fwd_hooks`.
 
@@ -183,7 +187,7 @@ def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batc
     return _predict(model, prompts, fwd_hooks, batch_size, 1, 0, sep, progress, pad)[0]
 
 
-def predict_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditions: Sequence[Condition],
+def predict_conditions(model: HookedModel, prompts: Prompts, conditions: Sequence[Condition],
                        batch_size: int = 128, sep: str | None = None, progress: bool = False,
                        labels: Sequence[str] | None = None,
                        references: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
@@ -256,7 +260,7 @@ def _read_labels(model: HookedModel, prompts: list[ICLPrompt], conditions: Seque
             for key, cs in by_ablation.items() for c in cs}
 
 
-def summarize(prompts: Sequence[ICLPrompt] | PromptSet, predictions: Sequence[str], condition: str = "unpruned",
+def summarize(prompts: Prompts, predictions: Sequence[str], condition: str = "unpruned",
               seed: int = 0, n_boot: int = 1000, labels: Sequence[str] | None | Literal[False] = False) -> TaskResult:
     """Score predictions against prompts (no model needed): rates and 95% bootstrap intervals (exact
     Clopper-Pearson intervals where every prompt has the same outcome and the bootstrap degenerates).
@@ -286,7 +290,7 @@ def summarize(prompts: Sequence[ICLPrompt] | PromptSet, predictions: Sequence[st
     )
 
 
-def evaluate(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), condition: str = "unpruned", seed: int = 0,
+def evaluate(model: HookedModel, prompts: Prompts, fwd_hooks=(), condition: str = "unpruned", seed: int = 0,
              n_boot: int = 1000, batch_size: int = 32, progress: bool = False) -> TaskResult:
     """Predict every prompt under `fwd_hooks` and score it (accuracy, copy rate, 95% bootstrap CIs)."""
     prompts = _as_list(prompts)
@@ -294,7 +298,7 @@ def evaluate(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), con
     return summarize(prompts, preds, condition=condition, seed=seed, n_boot=n_boot)
 
 
-def evaluate_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditions: Sequence[Condition],
+def evaluate_conditions(model: HookedModel, prompts: Prompts, conditions: Sequence[Condition],
                         seed: int = 0, n_boot: int = 1000, batch_size: int = 128, progress: bool = False,
                         labels: Sequence[str] | None | Literal[False] = False,
                         references: Mapping[str, Sequence[str]] | None = None) -> dict[str, TaskResult]:
