@@ -33,9 +33,12 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:   # mechcopy (torch, TransformerLens) is imported where a stage runs
+    from mechcopy.suite import ResultRow
 
 #: the settings frozen before the first result (docs/copy_mechanism.md, "Frozen before the first run")
 SETTINGS: dict[str, Any] = {
@@ -197,7 +200,7 @@ def probe_test(model, selections: Sequence[dict], settings: dict = SETTINGS) -> 
 
 
 def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Path, settings: dict = SETTINGS,
-            progress: bool = True) -> tuple[list[dict], dict]:
+            progress: bool = True) -> tuple[list[ResultRow], dict]:
     """The held-out label tasks in one construction: every condition of the study, label scoring."""
     from mechcopy.conditions import LABELS, UNPRUNED, calibrated_conditions
     from mechcopy.suite import run_evaluation
@@ -228,18 +231,18 @@ def ablation_costs(model, selections: Sequence[dict], settings: dict = SETTINGS)
 # ---------------------------------------------------------------- the summary: tables and criteria
 
 
-def _rows_by(rows: Sequence[dict]) -> dict[str, dict[str, dict]]:
-    out: dict[str, dict[str, dict]] = {}
+def _rows_by(rows: Sequence[ResultRow]) -> dict[str, dict[str, ResultRow]]:
+    out: dict[str, dict[str, ResultRow]] = {}
     for r in rows:
-        out.setdefault(r["condition"], {})[r["task"]] = r
+        out.setdefault(r.condition, {})[r.task] = r
     return out
 
 
-def _ce(row: dict) -> float | None:
-    return (row.get("copy_effect") or {}).get("effect")
+def _ce(row: ResultRow) -> float | None:
+    return (row.result.copy_effect or {}).get("effect")
 
 
-def compare(rows_no_gold: Sequence[dict], rows_cc: Sequence[dict], condition: str, baseline: str,
+def compare(rows_no_gold: Sequence[ResultRow], rows_cc: Sequence[ResultRow], condition: str, baseline: str,
             seed: int = 0) -> dict[str, Any]:
     """condition - baseline on the held-out tasks: accuracy and copy rate (no-gold; pooled with its
     prompt-level interval, `stats.pooled`, and with the task as the unit, `stats.task_level`) and the
@@ -251,8 +254,8 @@ def compare(rows_no_gold: Sequence[dict], rows_cc: Sequence[dict], condition: st
     if condition in by and baseline in by:
         tasks = sorted(set(by[condition]) & set(by[baseline]))
         for metric, key in (("accuracy", "correct"), ("copy_rate", "copy")):
-            per_task = {t: (np.asarray(by[condition][t][key], bool), np.asarray(by[baseline][t][key], bool))
-                        for t in tasks}
+            per_task = {t: (np.asarray(getattr(by[condition][t].result, key), bool),
+                            np.asarray(getattr(by[baseline][t].result, key), bool)) for t in tasks}
             pooled = stats.pooled(per_task, condition, baseline, metric, seed=seed)
             level = stats.task_level({t: float(x.mean() - y.mean()) for t, (x, y) in per_task.items()}, metric,
                                      condition, baseline, seed=seed)
@@ -278,7 +281,8 @@ def _level(diffs: dict[str, float], what: str, seed: int = 0) -> dict[str, Any]:
             "n_down": level.n_down, "n_tasks": level.n_tasks, "per_task": level.diffs}
 
 
-def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Sequence[dict], rows_cc: Sequence[dict],
+def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Sequence[ResultRow],
+             rows_cc: Sequence[ResultRow],
              probe_prompts=None, settings: dict = SETTINGS, seed: int = 0) -> dict[str, Any]:
     """Both criteria of docs/copy_mechanism.md, per seed and for the mean over seeds.
 
@@ -330,7 +334,7 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
         for cal in settings["calibrations"]:
             for name in (f"pruned@{g}", f"pruned+{cal}@{g}"):
                 if name in ng and cal in ng:
-                    d = {t: float(np.mean(ng[name][t]["correct"]) - np.mean(ng[cal][t]["correct"]))
+                    d = {t: float(np.mean(ng[name][t].result.correct) - np.mean(ng[cal][t].result.correct))
                          for t in sorted(set(ng[name]) & set(ng[cal]))}
                     r = _level(d, f"acc({name}) - acc({cal})", seed)
                     r["holds"] = bool(r["task_ci"][0] > 0)
@@ -363,7 +367,7 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
             names += [("unpruned" if stem == "pruned" else cal) for g in empty] if names else []
             if names and cal in ng:
                 tasks = sorted(set(ng[cal]).intersection(*(set(ng[n]) for n in names)))
-                d = {t: float(np.mean([np.mean(ng[n][t]["correct"]) for n in names]) - np.mean(ng[cal][t]["correct"]))
+                d = {t: float(np.mean([np.mean(ng[n][t].result.correct) for n in names]) - np.mean(ng[cal][t].result.correct))
                      for t in tasks}
                 r = _level(d, f"acc({stem}, mean over seeds) - acc({cal})", seed)
                 r["holds"] = bool(r["task_ci"][0] > 0)
@@ -379,11 +383,12 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
     import json
 
     from mechcopy.io import read_jsonl
+    from mechcopy.suite import ResultRow
 
     selections = [json.loads(p.read_text()) for p in sorted(work.glob("select_seed*.json"))]
     probe = json.loads((work / "probe_test.json").read_text()) if (work / "probe_test.json").exists() else None
-    rows = {c: [e["row"] for e in read_jsonl(work / f"heldout_{c}.jsonl") if isinstance(e, dict) and "row" in e]
-            for c in CONSTRUCTIONS}
+    rows = {c: [ResultRow.from_json(e["row"]) for e in read_jsonl(work / f"heldout_{c}.jsonl")
+                if isinstance(e, dict) and "row" in e] for c in CONSTRUCTIONS}
     costs = json.loads((work / "costs.json").read_text()) if (work / "costs.json").exists() else {}
     probe_prompts = _probe(tokenizer, "copy-control", settings["probe_seed"], settings).test if tokenizer and probe else None
     ng = _rows_by(rows["no-gold"])
@@ -396,9 +401,10 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
         for cal in settings["calibrations"]:
             ablation = ablation.replace(f"+{cal}", "")
         c["ppl_increase"] = costs.get(ablation, 0.0)     # calibration alone changes no activation
-        c["seconds_per_task"] = float(np.mean([r["seconds"] for r in ng[name].values()]))
+        c["seconds_per_task"] = float(np.mean([r.seconds for r in ng[name].values()]))
         table.append(c)
-    levels = {c: {name: {t: {k: r[k] for k in ("n", "accuracy", "copy_rate")} | {"copy_effect": _ce(r)}
+    levels = {c: {name: {t: {"n": r.result.n, "accuracy": r.result.accuracy, "copy_rate": r.result.copy_rate,
+                              "copy_effect": _ce(r)}
                           for t, r in per.items()} for name, per in _rows_by(rows[c]).items()} for c in CONSTRUCTIONS}
     return {
         "what": "the copy-mechanism study (issue 26), neurons only; settings frozen in docs/copy_mechanism.md",
@@ -411,7 +417,7 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
                                                             & {tuple(n) for n in b["chosen"]["components"]["neurons"]})
                            for i, a in enumerate(selections) for b in selections[i + 1:] if a["chosen"] and b["chosen"]},
         "finished": {"select": [s["seed"] for s in selections], "probe_test": probe is not None,
-                     **{f"heldout_{c}": sorted({r["task"] for r in rows[c]}) for c in CONSTRUCTIONS}},
+                     **{f"heldout_{c}": sorted({r.task for r in rows[c]}) for c in CONSTRUCTIONS}},
         "rows": levels, "table": table, "ppl_increase": costs,
         "criteria": criteria(selections, probe, rows["no-gold"], rows["copy-control"], probe_prompts, settings),
     }

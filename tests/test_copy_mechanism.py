@@ -3,12 +3,16 @@ separate label-scoring runs, the held-out conditions, both criteria by hand, and
 difference (`copy_effect.copy_effect_difference`) against two separate `copy_effect` calls."""
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mechcopy.conditions import ConditionSpec
 from mechcopy.copy_effect import copy_effect, copy_effect_difference
+from mechcopy.evaluation import TaskResult
+from mechcopy.suite import ResultRow
 from mechcopy.tasks.copy_probe import CopyProbeConfig, build_copy_probe
 from mechcopy.tasks.prompts import make_prompt
 
@@ -111,13 +115,13 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     s = tiny_settings(study)
     sels = [_forced_selection(study, tiny, seed, s) for seed in (0, 1)]
     rows, _ = study.heldout(tiny, sels, "no-gold", tmp_path / "ng.jsonl", s, progress=False)
-    names = {r["condition"] for r in rows}
+    names = {r.condition for r in rows}
     assert names == {"unpruned", "pruned@s0", "pruned@s1", "random-0@s0", "random-1000@s1", "contextual", "batch",
                      "pruned+contextual@s0", "pruned+contextual@s1", "pruned+batch@s0", "pruned+batch@s1"}
     again, _ = study.heldout(tiny, sels, "no-gold", tmp_path / "ng.jsonl", s, progress=False)   # resumed: same rows
-    assert [r["predictions"] for r in again] == [r["predictions"] for r in rows]
+    assert [r.result.predictions for r in again] == [r.result.predictions for r in rows]
     cc, _ = study.heldout(tiny, sels, "copy-control", tmp_path / "cc.jsonl", s, progress=False)
-    assert {r["task"] for r in cc} == {"chemical_state"}     # 2 labels: no copy effect to estimate
+    assert {r.task for r in cc} == {"chemical_state"}     # 2 labels: no copy effect to estimate
     probe = study.probe_test(tiny, sels, s)
     prompts = study._probe(tiny.tokenizer, "copy-control", 0, s).test
     crit = study.criteria(sels, probe, rows, cc, prompts, s)
@@ -126,7 +130,7 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
         for cal in ("contextual", "batch"):
             r = crit["versus_calibration"][g][f"pruned@{g} vs {cal}"]
             for t, d in r["per_task"].items():
-                assert d == pytest.approx(np.mean(by[f"pruned@{g}"][t]["correct"]) - np.mean(by[cal][t]["correct"]))
+                assert d == pytest.approx(np.mean(by[f"pruned@{g}"][t].result.correct) - np.mean(by[cal][t].result.correct))
         pt = crit["mechanism"][g]["probe_test"]
         rand = [k for k in probe["predictions"] if k.startswith("random-") and k.endswith(f"@{g}")]
         for t, ps in study._by_task(prompts).items():
@@ -135,21 +139,21 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
                 assert pt["tasks"][f"{t}#0"] == pytest.approx(ce(f"pruned@{g}") - ce(rand[0]))
     mean = crit["versus_calibration"]["mean_over_seeds"]["pruned vs contextual"]
     for t, d in mean["per_task"].items():
-        assert d == pytest.approx(np.mean([np.mean(by[f"pruned@{g}"][t]["correct"]) for g in ("s0", "s1")])
-                                  - np.mean(by["contextual"][t]["correct"]))
+        assert d == pytest.approx(np.mean([np.mean(by[f"pruned@{g}"][t].result.correct) for g in ("s0", "s1")])
+                                  - np.mean(by["contextual"][t].result.correct))
     # a seed whose dev sweep chose nothing enters the mean over seeds as the unpruned model
     with_empty = study.criteria(sels + [{"seed": 2, "chosen": None}], probe, rows, cc, prompts, s)
     assert with_empty["no_selection"] == ["s2"]
     mean = with_empty["versus_calibration"]["mean_over_seeds"]["pruned vs batch"]
     for t, d in mean["per_task"].items():
-        accs = [np.mean(by[c][t]["correct"]) for c in ("pruned@s0", "pruned@s1", "unpruned")]
-        assert d == pytest.approx(np.mean(accs) - np.mean(by["batch"][t]["correct"]))
+        accs = [np.mean(by[c][t].result.correct) for c in ("pruned@s0", "pruned@s1", "unpruned")]
+        assert d == pytest.approx(np.mean(accs) - np.mean(by["batch"][t].result.correct))
     both = crit["mechanism"]["mean_over_seeds"]["probe_test"]
     third = with_empty["mechanism"]["mean_over_seeds"]["probe_test"]
     assert third["diff"] == pytest.approx(both["diff"] * len(both["tasks"]) / len(third["tasks"]))
     table = study.compare(rows, cc, "pruned@s0", "unpruned")
     for t, d in table["accuracy"]["per_task"].items():
-        assert d == pytest.approx(np.mean(by["pruned@s0"][t]["correct"]) - np.mean(by["unpruned"][t]["correct"]))
+        assert d == pytest.approx(np.mean(by["pruned@s0"][t].result.correct) - np.mean(by["unpruned"][t].result.correct))
 
     # the summary reads the same state back from the work folder
     import json
@@ -171,7 +175,9 @@ def test_mechanism_criterion_on_made_rows(study):
     """A set that removes the copy effect on every task beside a random set that keeps it: criterion 1's
     held-out half holds; swapped, it fails."""
     def row(task, cond, ce):
-        return {"task": task, "condition": cond, "copy_effect": {"effect": ce}, "correct": [True], "copy": [False]}
+        result = TaskResult(task, cond, 1, 1.0, 0.0, 0.0, 0.0, (1.0, 1.0), (0.0, 0.0), ("a",), (True,), (False,),
+                            {"effect": ce})
+        return ResultRow(result, "algorithmic", 0, 0.0, ConditionSpec(cond.split("@")[0], "pruned"))
 
     tasks = ["a", "b", "c", "d"]
     rows = [row(t, "unpruned", 0.3) for t in tasks]
@@ -182,6 +188,6 @@ def test_mechanism_criterion_on_made_rows(study):
     held = crit["mechanism"]["s0"]["heldout"]
     assert held["per_task"] == pytest.approx({t: (0.3 - 0.01 * i) - 0.02 * i for i, t in enumerate(tasks)})
     assert held["holds"] and not crit["mechanism"]["s0"]["holds"]        # no probe half: not a mechanism
-    swapped = [dict(r, condition={"pruned@s0": "random-0@s0", "random-0@s0": "pruned@s0"}.get(r["condition"], r["condition"]))
-               for r in rows]
+    swap = {"pruned@s0": "random-0@s0", "random-0@s0": "pruned@s0"}
+    swapped = [replace(r, result=replace(r.result, condition=swap.get(r.condition, r.condition))) for r in rows]
     assert not study.criteria(sel, None, [], swapped, settings=study.SETTINGS)["mechanism"]["s0"]["heldout"]["holds"]
