@@ -17,10 +17,14 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens import ActivationCache
 
-#: activations by hook point name: TransformerLens' `ActivationCache` (not a `Mapping`) or a plain mapping
-Cache = ActivationCache | Mapping[str, Tensor]
+@runtime_checkable
+class Cache(Protocol):
+    """Activations by hook point name: TransformerLens' `ActivationCache` (not a `Mapping`) or a plain
+    mapping. A protocol, so that importing this module does not import TransformerLens (seconds, at
+    every command's start)."""
+
+    def __getitem__(self, name: str, /) -> Tensor: ...
 
 
 @runtime_checkable
@@ -299,7 +303,7 @@ class Arch:
         raise NotImplementedError
 
     def clean_run(self, model: HookedModel, tokens: Int[Tensor, "1 pos"], names: Collection[str],
-                  ) -> tuple[Float[Tensor, "1 pos d_model"], Mapping[str, Tensor] | ActivationCache]:
+                  ) -> tuple[Float[Tensor, "1 pos d_model"], Cache]:
         """One forward pass of `tokens` to the last block's output, with the activations at the hook
         points `names` (no gradient; TransformerLens' `ActivationCache` or a plain mapping)."""
         with torch.no_grad():
