@@ -51,7 +51,12 @@ SETTINGS: dict[str, Any] = {
                       "object_color", "object_counting", "sentiment_binary", "sentiment_five", "word_language"],
     "n": 30, "prompt_seed": 0, "constructions": ["no-gold", "copy-control"],
     "calibrations": ["contextual", "batch"], "random_match": "size", "n_random_per_seed": 1,
+    # the head arm (docs/copy_mechanism.md, "Heads, added after the neuron run"; exploratory): top-h heads by
+    # IG from the label-swap counterfactual, mean-ablated at every position, h chosen on dev by the same rule
+    "hs": [5, 10, 20],
 }
+#: the arms: their selection function, the prefix of their groups (condition `pruned@<group>`) and of their files
+ARMS = ("neurons", "heads")
 CONSTRUCTIONS = ("no-gold", "copy-control")
 
 
@@ -104,13 +109,65 @@ def _predict_tasks(model, prompts, conditions, batch_size: int = 32) -> dict[str
     return out
 
 
-def select_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = False) -> dict[str, Any]:
-    """One selection seed: IG scores on the probe's attribution split, the dev sweep over k and
-    ablation (label scoring, perplexity bound), the chosen set, its means and the sizes."""
-    from mechcopy import method
-    from mechcopy.conditions import LABELS, UNPRUNED, Condition
+def _dev_sweep(model, probe, candidates: Sequence[Any], settings: dict = SETTINGS) -> dict[str, Any]:
+    """The dev rule (docs/copy_mechanism.md): each candidate `Condition` (an ablation) read by label
+    scoring on the probe's dev split (each probe task weighing the same) and its perplexity increase;
+    the best dev accuracy within the perplexity bound wins (ties to the smaller set), if it beats the
+    unpruned model (else nothing is chosen, and `why` says so)."""
+    from mechcopy.conditions import LABELS, UNPRUNED
     from mechcopy.evaluation import perplexity
-    from mechcopy.pruning import component_means, component_sizes, condition_hooks
+    from mechcopy.pruning import condition_hooks
+
+    s = settings
+    unpruned = replace(UNPRUNED, readout=LABELS)
+    preds = _predict_tasks(model, probe.dev, [unpruned, *candidates])
+    dev = _by_task(probe.dev)
+
+    def accuracy(label: str) -> float:   # every task weighs the same
+        return float(np.mean([np.mean([a.strip() == p.answer.strip() for a, p in zip(preds[label][t], ps)])
+                              for t, ps in dev.items()]))
+
+    base_ppl = perplexity(model, n_tokens=s["ppl_tokens"])
+    rows = []
+    for c in candidates:
+        ppl = perplexity(model, fwd_hooks=condition_hooks(model, c), n_tokens=s["ppl_tokens"])
+        rows.append({"condition": c.name, "ablation": c.ablation, "k": len(c.components), "dev_accuracy": accuracy(c.label),
+                     "ppl_increase": ppl / base_ppl - 1, "feasible": ppl / base_ppl - 1 <= s["max_ppl_increase"]})
+    baseline = accuracy(unpruned.label)
+    feasible = [r for r in rows if r["feasible"]]
+    best = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"])) if feasible else None
+    if best is None or best["dev_accuracy"] <= baseline:
+        chosen, why = None, ("no (k, ablation) within the perplexity bound" if best is None else
+                             f"no (k, ablation) beats the unpruned dev accuracy {baseline:.3f} "
+                             f"(best: {best['condition']}, {best['dev_accuracy']:.3f})")
+    else:
+        chosen, why = best, ""
+    return {"dev_unpruned_accuracy": baseline, "base_ppl": base_ppl, "sweep": rows, "chosen": chosen, "why": why}
+
+
+def _selection(model, seed: int, n_attr: int, n_dev: int, scores, sweep: dict, means, sizes, t0: float,
+               t_attr: float, extra: dict | None = None) -> dict[str, Any]:
+    """What a select stage saves for one seed (neurons or heads)."""
+    from mechcopy.selection import select
+
+    chosen = sweep["chosen"]
+    comps = None if chosen is None else select(scores, "global", k=chosen["k"])
+    return {"seed": seed, "kind": scores.kind, "n_attribution": n_attr, "n_dev": n_dev,
+            "allowed_layers": None if scores.allowed_layers is None else list(scores.allowed_layers),
+            **{k: sweep[k] for k in ("dev_unpruned_accuracy", "base_ppl", "sweep")},
+            "chosen": None if chosen is None else {**chosen, "components": comps.to_json()}, "why": sweep["why"],
+            "layers_of_chosen": None if comps is None else comps.layer_counts(model.cfg.n_layers),
+            "means": means.to_json() if chosen and chosen["ablation"] == "mean" else None,
+            "sizes": sizes.to_json(), **(extra or {}),
+            "seconds": {"attribution": round(t_attr, 1), "total": round(time.perf_counter() - t0, 1)}}
+
+
+def select_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = False) -> dict[str, Any]:
+    """One selection seed, neurons: IG scores on the probe's attribution split, the dev sweep over k and
+    ablation (`_dev_sweep`), the chosen set, its means and the sizes."""
+    from mechcopy import method
+    from mechcopy.conditions import LABELS, Condition
+    from mechcopy.pruning import component_means, component_sizes
     from mechcopy.selection import select
 
     s = settings
@@ -124,45 +181,81 @@ def select_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = Fa
     reference = f"copy probe attribution split (no-gold), selection seed {seed}"
     means = component_means(model, probe.attribution, "neuron", s["positions"], reference=reference)
     sizes = component_sizes(model, probe.attribution, "neuron", reference=reference)
-    unpruned = replace(UNPRUNED, readout=LABELS)
-    conditions = [unpruned] + [
-        Condition(f"{ab}-k{k}", "pruned", select(scores, "global", k=k), ab, s["positions"],
-                  means if ab == "mean" else None, readout=LABELS)
-        for ab in s["ablations"] for k in s["ks"]]
-    preds = _predict_tasks(model, probe.dev, conditions)
-    dev = _by_task(probe.dev)
-
-    def accuracy(label: str) -> float:   # every task weighs the same
-        return float(np.mean([np.mean([a.strip() == p.answer.strip() for a, p in zip(preds[label][t], ps)])
-                              for t, ps in dev.items()]))
-
-    base_ppl = perplexity(model, n_tokens=s["ppl_tokens"])
-    rows = []
-    for c in conditions[1:]:
-        ppl = perplexity(model, fwd_hooks=condition_hooks(model, c), n_tokens=s["ppl_tokens"])
-        rows.append({"condition": c.name, "ablation": c.ablation, "k": len(c.components), "dev_accuracy": accuracy(c.label),
-                     "ppl_increase": ppl / base_ppl - 1, "feasible": ppl / base_ppl - 1 <= s["max_ppl_increase"]})
-    baseline = accuracy(unpruned.label)
-    feasible = [r for r in rows if r["feasible"]]
-    best = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"])) if feasible else None
-    if best is None or best["dev_accuracy"] <= baseline:
-        chosen, why = None, ("no (k, ablation) within the perplexity bound" if best is None else
-                             f"no (k, ablation) beats the unpruned dev accuracy {baseline:.3f} "
-                             f"(best: {best['condition']}, {best['dev_accuracy']:.3f})")
-    else:
-        chosen, why = best, ""
-    comps = None if chosen is None else select(scores, "global", k=chosen["k"])
-    return {"seed": seed, "n_attribution": len(probe.attribution), "n_dev": len(probe.dev),
-            "allowed_layers": None if scores.allowed_layers is None else list(scores.allowed_layers),
-            "dev_unpruned_accuracy": baseline, "base_ppl": base_ppl, "sweep": rows,
-            "chosen": None if chosen is None else {**chosen, "components": comps.to_json()}, "why": why,
-            "layers_of_chosen": None if comps is None else comps.layer_counts(model.cfg.n_layers),
-            "means": means.to_json() if chosen and chosen["ablation"] == "mean" else None,
-            "sizes": sizes.to_json(), "seconds": {"attribution": round(t_attr, 1),
-                                                  "total": round(time.perf_counter() - t0, 1)}}
+    candidates = [Condition(f"{ab}-k{k}", "pruned", select(scores, "global", k=k), ab, s["positions"],
+                            means if ab == "mean" else None, readout=LABELS)
+                  for ab in s["ablations"] for k in s["ks"]]
+    sweep = _dev_sweep(model, probe, candidates, s)
+    return _selection(model, seed, len(probe.attribution), len(probe.dev), scores, sweep, means, sizes, t0, t_attr)
 
 
-def seed_conditions(model, selections: Sequence[dict], settings: dict = SETTINGS) -> tuple[list, list]:
+def preferred_demo_label(model, prompt) -> str:
+    """The demo label (not the gold) whose first token the clean run's last position prefers: the X of
+    the contrast target (`attribution.make_target("contrast")`)."""
+    import torch
+
+    from mechcopy.attribution import make_target
+
+    with torch.no_grad():
+        logits = model(prompt.text)[0, -1]
+    copy = make_target("contrast", prompt, logits).copy
+    return next(y for y, ids in zip(prompt.demo_labels, prompt.demo_label_ids) if ids[0] == copy)
+
+
+def head_attributions(model, prompts, seed: int, settings: dict = SETTINGS, progress: bool = False):
+    """IG over heads from the label-swap counterfactual (docs/copy_mechanism.md, "Heads"): each prompt's
+    swap of its preferred demo label X (`tasks.pairs.label_swaps`), target logit(X) - logit(gold);
+    returns (attributions, the clean prompts attributed, the reasons of the prompts dropped)."""
+    from mechcopy.head_attribution import head_integrated_gradients, label_swap_target
+    from mechcopy.tasks.pairs import label_swaps
+
+    swaps, dropped = label_swaps(prompts, model.tokenizer, seed=seed,
+                                 choose_x=lambda p: preferred_demo_label(model, p))
+    if not swaps:
+        raise ValueError(f"no label swap on the attribution split: {dropped[:3]}")
+    clean = [w.clean for w in swaps]
+    targets = [label_swap_target(w.clean, w.clean.demo_labels[w.replaced[0]]) for w in swaps]
+    attributions = head_integrated_gradients(model, clean, target=targets, steps=settings["steps"],
+                                             baseline=[w.counterfactual for w in swaps], progress=progress)
+    return attributions, clean, dropped
+
+
+def select_heads_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = False) -> dict[str, Any]:
+    """One selection seed, heads: `head_attributions` on the probe's attribution split, scored by
+    `method.score` (the IG gate), the dev sweep over h (mean ablation, `_dev_sweep`), the chosen set,
+    its means and the sizes."""
+    from mechcopy import method
+    from mechcopy.conditions import LABELS, Condition
+    from mechcopy.pruning import component_means, component_sizes
+    from mechcopy.selection import select
+
+    s = settings
+    t0 = time.perf_counter()
+    probe = _probe(model.tokenizer, "no-gold", seed, s)
+    attributions, clean, dropped = head_attributions(model, probe.attribution, seed, s, progress)
+    config = method.FindConfig(n=len(clean), shots=s["shots"], steps=s["steps"], attribution="ig",
+                               target="contrast", seed=seed, components="heads")
+    scores = method.score(model, attributions, config, prompts=clean)
+    t_attr = time.perf_counter() - t0
+    reference = f"copy probe attribution split (no-gold), selection seed {seed}"
+    means = component_means(model, probe.attribution, "head", s["positions"], reference=reference)
+    sizes = component_sizes(model, probe.attribution, "head", reference=reference)
+    eligible = int(scores.eligible().sum())
+    candidates = [Condition(f"mean-h{h}", "pruned", select(scores, "global", k=h), "mean", s["positions"], means,
+                            readout=LABELS) for h in s["hs"] if h <= eligible]
+    sweep = _dev_sweep(model, probe, candidates, s)
+    extra = {"n_dropped": len(dropped), "dropped": dropped[:20], "n_eligible": eligible,
+             "scores_top": sorted(([int(l), int(h), float(scores.scores[l, h])] for l, h in
+                                   select(scores, "global", k=min(20, eligible)).pairs), key=lambda r: -r[2])}
+    return _selection(model, seed, len(clean), len(probe.dev), scores, sweep, means, sizes, t0, t_attr, extra)
+
+
+def group_of(arm: str, seed: int) -> str:
+    """The group of an arm's conditions for one selection seed: `s0` (neurons, the frozen names), `heads-s0`."""
+    return f"s{seed}" if arm == "neurons" else f"{arm}-s{seed}"
+
+
+def seed_conditions(model, selections: Sequence[dict], settings: dict = SETTINGS,
+                    arm: str = "neurons") -> tuple[list, list]:
     """(pruned conditions, size-matched random conditions), one group per seed that chose a set."""
     from mechcopy.components import Components, Sizes, random_matched
     from mechcopy.conditions import LABELS, Condition, Means
@@ -174,7 +267,7 @@ def seed_conditions(model, selections: Sequence[dict], settings: dict = SETTINGS
         comps = Components.from_json(sel["chosen"]["components"])
         ab = sel["chosen"]["ablation"]
         means = Means.from_json(sel["means"]) if ab == "mean" else None
-        group = f"s{sel['seed']}"
+        group = group_of(arm, sel["seed"])
         pruned.append(Condition("pruned", "pruned", comps, ab, settings["positions"], means, None, group, LABELS))
         sizes = Sizes.from_json(sel["sizes"])
         for r in range(settings["n_random_per_seed"]):
@@ -184,12 +277,12 @@ def seed_conditions(model, selections: Sequence[dict], settings: dict = SETTINGS
     return pruned, random
 
 
-def probe_test(model, selections: Sequence[dict], settings: dict = SETTINGS) -> dict[str, Any]:
+def probe_test(model, selections: Sequence[dict], settings: dict = SETTINGS, arm: str = "neurons") -> dict[str, Any]:
     """The probe's test split (copy-control), unpruned and every seed's set and random sets: answers."""
     from mechcopy.conditions import LABELS, UNPRUNED
 
     probe = _probe(model.tokenizer, "copy-control", settings["probe_seed"], settings)
-    pruned, random = seed_conditions(model, selections, settings)
+    pruned, random = seed_conditions(model, selections, settings, arm)
     conditions = [replace(UNPRUNED, readout=LABELS)] + pruned + random
     t0 = time.perf_counter()
     preds = _predict_tasks(model, probe.test, conditions)
@@ -197,15 +290,18 @@ def probe_test(model, selections: Sequence[dict], settings: dict = SETTINGS) -> 
 
 
 def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Path, settings: dict = SETTINGS,
-            progress: bool = True) -> tuple[list[dict], dict]:
-    """The held-out label tasks in one construction: every condition of the study, label scoring."""
+            progress: bool = True, arm: str = "neurons") -> tuple[list[dict], dict]:
+    """The held-out label tasks in one construction: every condition of the study, label scoring. The
+    neuron arm runs the calibrations alone too; the head arm only its sets, their random sets and the
+    sets + calibration (and the unpruned model again, to check it reproduces the neuron arm's)."""
     from mechcopy.conditions import LABELS, UNPRUNED, calibrated_conditions
     from mechcopy.suite import run_evaluation
     from mechcopy.tasks import load_tasks
 
-    pruned, random = seed_conditions(model, selections, settings)
+    pruned, random = seed_conditions(model, selections, settings, arm)
     conditions = [replace(UNPRUNED, readout=LABELS)] + pruned + random
-    conditions += calibrated_conditions(pruned, settings["calibrations"])
+    conditions += [c for c in calibrated_conditions(pruned, settings["calibrations"])
+                   if arm == "neurons" or c.name not in settings["calibrations"]]
     tasks = load_tasks(",".join(settings["heldout_tasks"]))
     if construction == "copy-control":   # two labels and no gold among the demos: no copy effect to estimate
         tasks = [t for t in tasks if len(t.label_set()) >= 3]
@@ -214,12 +310,12 @@ def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Pa
                           gold_in_demos=False, copy_control=construction == "copy-control")
 
 
-def ablation_costs(model, selections: Sequence[dict], settings: dict = SETTINGS) -> dict[str, float]:
+def ablation_costs(model, selections: Sequence[dict], settings: dict = SETTINGS, arm: str = "neurons") -> dict[str, float]:
     """Relative perplexity increase of every ablation condition (label -> increase)."""
     from mechcopy.evaluation import perplexity
     from mechcopy.pruning import condition_hooks
 
-    pruned, random = seed_conditions(model, selections, settings)
+    pruned, random = seed_conditions(model, selections, settings, arm)
     base = perplexity(model, n_tokens=settings["ppl_tokens"])
     return {c.label: perplexity(model, fwd_hooks=condition_hooks(model, c), n_tokens=settings["ppl_tokens"]) / base - 1
             for c in pruned + random}
@@ -279,7 +375,7 @@ def _level(diffs: dict[str, float], what: str, seed: int = 0) -> dict[str, Any]:
 
 
 def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Sequence[dict], rows_cc: Sequence[dict],
-             probe_prompts=None, settings: dict = SETTINGS, seed: int = 0) -> dict[str, Any]:
+             probe_prompts=None, settings: dict = SETTINGS, seed: int = 0, arm: str = "neurons") -> dict[str, Any]:
     """Both criteria of docs/copy_mechanism.md, per seed and for the mean over seeds.
 
     1. Copying mechanism: on the probe's test split, CE(set) - CE(random) (= dCE(set) - dCE(random)) with a
@@ -293,9 +389,9 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
     unpruned model's, its "set + calibration" the calibration's)."""
     from mechcopy.copy_effect import copy_effect_difference
 
-    seeds = [f"s{sel['seed']}" for sel in selections if sel["chosen"] is not None]
+    seeds = [group_of(arm, sel["seed"]) for sel in selections if sel["chosen"] is not None]
     ng, cc = _rows_by(rows_no_gold), _rows_by(rows_cc)
-    empty = [f"s{sel['seed']}" for sel in selections if sel["chosen"] is None]
+    empty = [group_of(arm, sel["seed"]) for sel in selections if sel["chosen"] is None]
     out: dict[str, Any] = {"seeds": seeds, "no_selection": empty, "mechanism": {}, "versus_calibration": {}}
 
     def randoms(group: str, by: dict) -> list[str]:
@@ -374,18 +470,85 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
     return out
 
 
-def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=None) -> dict[str, Any]:
-    """The docs JSON from the saved state (no model needed beyond the tokenizer for the probe prompts)."""
+def _file(arm: str, name: str) -> str:
+    """An arm's state file in the work folder: the neuron arm's frozen names, the others prefixed."""
+    return name if arm == "neurons" else f"{arm}_{name}"
+
+
+def load_state(work: Path, arm: str) -> dict[str, Any]:
+    """An arm's saved state: selections, probe test predictions, held-out rows per construction, costs."""
     import json
 
     from mechcopy.io import read_jsonl
 
-    selections = [json.loads(p.read_text()) for p in sorted(work.glob("select_seed*.json"))]
-    probe = json.loads((work / "probe_test.json").read_text()) if (work / "probe_test.json").exists() else None
-    rows = {c: [e["row"] for e in read_jsonl(work / f"heldout_{c}.jsonl") if isinstance(e, dict) and "row" in e]
-            for c in CONSTRUCTIONS}
-    costs = json.loads((work / "costs.json").read_text()) if (work / "costs.json").exists() else {}
-    probe_prompts = _probe(tokenizer, "copy-control", settings["probe_seed"], settings).test if tokenizer and probe else None
+    read = lambda name: json.loads((work / _file(arm, name)).read_text()) if (work / _file(arm, name)).exists() else None
+    return {"selections": [json.loads(p.read_text()) for p in sorted(work.glob(_file(arm, "select_seed*.json")))],
+            "probe": read("probe_test.json"), "costs": read("costs.json") or {},
+            "rows": {c: [e["row"] for e in read_jsonl(work / _file(arm, f"heldout_{c}.jsonl")) if isinstance(e, dict)
+                         and "row" in e] if (work / _file(arm, f"heldout_{c}.jsonl")).exists() else []
+                     for c in CONSTRUCTIONS}}
+
+
+def best_arm(neurons: Sequence[dict], heads: Sequence[dict]) -> dict[int, str | None]:
+    """Per selection seed, the arm whose chosen set has the higher dev accuracy (a tie goes to neurons,
+    the frozen arm; None: neither chose a set)."""
+    acc = lambda sels, seed: next((s["chosen"]["dev_accuracy"] for s in sels if s["seed"] == seed and s["chosen"]), None)
+    out = {}
+    for seed in sorted({s["seed"] for s in [*neurons, *heads]}):
+        n, h = acc(neurons, seed), acc(heads, seed)
+        out[seed] = None if n is None and h is None else "heads" if n is None or (h is not None and h > n) else "neurons"
+    return out
+
+
+def as_best(states: dict[str, dict], best: dict[int, str | None]) -> dict[str, Any]:
+    """The best mechanistic intervention of each seed as an arm of its own (`best`): its selections, and
+    its rows and probe predictions copied from the winning arm under the group `best-s<seed>`."""
+    def rename(name: str) -> str | None:
+        if "@" not in name:
+            return None
+        stem, group = name.rsplit("@", 1)
+        for seed, arm in best.items():
+            if arm is not None and group == group_of(arm, seed):
+                return f"{stem}@{group_of('best', seed)}"
+        return None
+
+    sels = [next(s for s in states[arm]["selections"] if s["seed"] == seed) if arm else {"seed": seed, "chosen": None}
+            for seed, arm in best.items()]
+    rows = {c: [r | {"condition": rename(r["condition"])} for arm in ARMS for r in states[arm]["rows"][c]
+                if rename(r["condition"])] for c in CONSTRUCTIONS}
+    probe = None
+    if states["neurons"]["probe"] is not None:
+        preds = {"unpruned": states["neurons"]["probe"]["predictions"]["unpruned"]}
+        for arm in ARMS:
+            for name, p in ((states[arm]["probe"] or {}).get("predictions") or {}).items():
+                if rename(name):
+                    preds[rename(name)] = p
+        probe = {"predictions": preds}
+    return {"selections": sels, "rows": rows, "probe": probe}
+
+
+def _selection_json(s: dict) -> dict:
+    return {k: v for k, v in s.items() if k not in ("means", "sizes")} | {
+        "chosen": None if s["chosen"] is None else {k: v for k, v in s["chosen"].items() if k != "components"}
+        | {"components": [p for key, p in s["chosen"]["components"].items() if key in ("neurons", "heads")][0]}}
+
+
+def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=None) -> dict[str, Any]:
+    """The docs JSON from the saved state of both arms (no model needed beyond the tokenizer for the probe
+    prompts): the table of every condition against unpruned, both criteria for the neuron arm (the frozen
+    one), the head arm (exploratory) and each seed's dev-best of the two."""
+    states = {arm: load_state(work, arm) for arm in ARMS}
+    neurons, heads = states["neurons"], states["heads"]
+    probe_prompts = (_probe(tokenizer, "copy-control", settings["probe_seed"], settings).test
+                     if tokenizer and neurons["probe"] else None)
+    reproduced = {}
+    for c in CONSTRUCTIONS:   # the head arm's unpruned rows must equal the neuron arm's
+        mine = {r["task"]: r["predictions"] for r in heads["rows"][c] if r["condition"] == "unpruned"}
+        theirs = {r["task"]: r["predictions"] for r in neurons["rows"][c] if r["condition"] == "unpruned"}
+        if mine:
+            reproduced[c] = {t: mine[t] == theirs.get(t) for t in sorted(mine)}
+    rows = {c: neurons["rows"][c] + [r for r in heads["rows"][c] if r["condition"] != "unpruned"] for c in CONSTRUCTIONS}
+    costs = {**neurons["costs"], **heads["costs"]}
     ng = _rows_by(rows["no-gold"])
     table = []
     for name in sorted(ng):
@@ -400,20 +563,29 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
         table.append(c)
     levels = {c: {name: {t: {k: r[k] for k in ("n", "accuracy", "copy_rate")} | {"copy_effect": _ce(r)}
                           for t, r in per.items()} for name, per in _rows_by(rows[c]).items()} for c in CONSTRUCTIONS}
+    best = best_arm(neurons["selections"], heads["selections"])
+    crit = {}
+    for arm, state in (*states.items(), ("best", as_best(states, best))):
+        if state["selections"]:   # every arm is read against the same unpruned and calibration rows
+            extra = state["rows"] if arm == "best" else {c: [] for c in CONSTRUCTIONS}
+            crit[arm] = criteria(state["selections"], state["probe"], rows["no-gold"] + extra["no-gold"],
+                                 rows["copy-control"] + extra["copy-control"], probe_prompts, settings, arm=arm)
     return {
-        "what": "the copy-mechanism study (issue 26), neurons only; settings frozen in docs/copy_mechanism.md",
+        "what": "the copy-mechanism study (issue 26): the frozen neuron arm, calibration, and the head arm "
+                "(exploratory); settings in docs/copy_mechanism.md",
         "model": model_name, "settings": settings,
-        "selections": [{k: v for k, v in s.items() if k not in ("means", "sizes")} |
-                       {"chosen": None if s["chosen"] is None else {k: v for k, v in s["chosen"].items() if k != "components"}
-                        | {"neurons": s["chosen"]["components"]["neurons"] if "neurons" in s["chosen"]["components"]
-                           else s["chosen"]["components"]}} for s in selections],
-        "shared_neurons": {f"s{a['seed']}-s{b['seed']}": len({tuple(n) for n in a["chosen"]["components"]["neurons"]}
-                                                            & {tuple(n) for n in b["chosen"]["components"]["neurons"]})
-                           for i, a in enumerate(selections) for b in selections[i + 1:] if a["chosen"] and b["chosen"]},
-        "finished": {"select": [s["seed"] for s in selections], "probe_test": probe is not None,
-                     **{f"heldout_{c}": sorted({r["task"] for r in rows[c]}) for c in CONSTRUCTIONS}},
+        "selections": {arm: [_selection_json(s) for s in st["selections"]] for arm, st in states.items()},
+        "shared": {arm: {f"s{a['seed']}-s{b['seed']}": len({tuple(n) for n in _selection_json(a)["chosen"]["components"]}
+                                                          & {tuple(n) for n in _selection_json(b)["chosen"]["components"]})
+                         for i, a in enumerate(st["selections"]) for b in st["selections"][i + 1:]
+                         if a["chosen"] and b["chosen"]} for arm, st in states.items()},
+        "best_arm": {f"s{seed}": arm for seed, arm in best.items()},
+        "unpruned_reproduced_by_head_arm": reproduced,
+        "finished": {arm: {"select": [s["seed"] for s in st["selections"]], "probe_test": st["probe"] is not None,
+                           **{f"heldout_{c}": sorted({r["task"] for r in st["rows"][c]}) for c in CONSTRUCTIONS}}
+                     for arm, st in states.items()},
         "rows": levels, "table": table, "ppl_increase": costs,
-        "criteria": criteria(selections, probe, rows["no-gold"], rows["copy-control"], probe_prompts, settings),
+        "criteria": crit,
     }
 
 
@@ -422,6 +594,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--stage", required=True, choices=("select", "probe", "heldout", "costs", "summary"))
     ap.add_argument("--construction", choices=CONSTRUCTIONS, default="no-gold")
+    ap.add_argument("--components", choices=ARMS, default="neurons",
+                    help="the arm a stage runs: neurons (frozen) or heads (the exploratory addendum); summary reads both")
     ap.add_argument("--seeds", default=None, help="selection seeds for --stage select (default: the frozen ones)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", type=Path, default=None)
@@ -449,28 +623,37 @@ def main(argv=None) -> int:
         doc = summary(args.model, work, tokenizer=tok)
         doc["commands"] = [f"python analyses/copy_mechanism.py --model {args.model} --stage {s}" for s in
                            ("select", "probe", "heldout --construction no-gold", "heldout --construction copy-control",
-                            "costs", "summary")]
+                            "costs")] + [f"python analyses/copy_mechanism.py --model {args.model} --components heads --stage {s}"
+                                         for s in ("select", "probe", "heldout --construction no-gold",
+                                                   "heldout --construction copy-control", "costs")] + [
+            f"python analyses/copy_mechanism.py --model {args.model} --stage summary"]
         write_json_atomic(out, doc)
         print(f"wrote {out}", file=sys.stderr)
         return 0
     model = load_model(args.model)
-    selections = lambda: [json.loads(p.read_text()) for p in sorted(work.glob("select_seed*.json"))]
+    arm = args.components
+    selections = lambda: load_state(work, arm)["selections"]
     if args.stage == "select":
+        choose = select_seed if arm == "neurons" else select_heads_seed
         seeds = SETTINGS["selection_seeds"] if args.seeds is None else [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
-            path = work / f"select_seed{seed}.json"
+            path = work / _file(arm, f"select_seed{seed}.json")
             if path.exists():
                 continue
-            res = select_seed(model, seed, progress=True)
+            res = choose(model, seed, progress=True)
             write_json_atomic(path, res)
-            print(f"seed {seed}: chosen {res['chosen'] and (res['chosen']['condition'], res['chosen']['dev_accuracy'])} "
+            print(f"{arm} seed {seed}: chosen {res['chosen'] and (res['chosen']['condition'], res['chosen']['dev_accuracy'])} "
                   f"vs unpruned {res['dev_unpruned_accuracy']:.3f}; {res['seconds']}", file=sys.stderr)
     elif args.stage == "probe":
-        write_json_atomic(work / "probe_test.json", probe_test(model, selections()))
+        t0 = time.perf_counter()
+        write_json_atomic(work / _file(arm, "probe_test.json"), probe_test(model, selections(), arm=arm))
+        print(f"{arm} probe test: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     elif args.stage == "costs":
-        write_json_atomic(work / "costs.json", ablation_costs(model, selections()))
+        write_json_atomic(work / _file(arm, "costs.json"), ablation_costs(model, selections(), arm=arm))
     else:
-        heldout(model, selections(), args.construction, work / f"heldout_{args.construction}.jsonl")
+        t0 = time.perf_counter()
+        heldout(model, selections(), args.construction, work / _file(arm, f"heldout_{args.construction}.jsonl"), arm=arm)
+        print(f"{arm} held-out {args.construction}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 
 

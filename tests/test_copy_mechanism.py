@@ -102,7 +102,8 @@ def _forced_selection(study, tiny, seed, s):
     config = method.FindConfig(n=len(probe.attribution), steps=2, seed=seed)
     scores = method.score(tiny, method.attribute(tiny, probe.attribution, config), config)
     comps = select(scores, "global", k=4)
-    return {"seed": seed, "chosen": {"condition": "mean-k4", "ablation": "mean", "k": 4, "components": comps.to_json()},
+    return {"seed": seed, "chosen": {"condition": "mean-k4", "ablation": "mean", "k": 4, "dev_accuracy": 0.5,
+                                     "components": comps.to_json()},
             "means": component_means(tiny, probe.attribution, "neuron", "all").to_json(),
             "sizes": component_sizes(tiny, probe.attribution, "neuron").to_json()}
 
@@ -162,7 +163,11 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     (tmp_path / "costs.json").write_text(json.dumps(study.ablation_costs(tiny, sels, s)))
     doc = study.summary("tiny", tmp_path, s, tokenizer=tiny.tokenizer)
     assert {r["condition"] for r in doc["table"]} == names - {"unpruned"}
-    assert doc["criteria"] == json.loads(json.dumps(crit))
+    assert doc["criteria"]["neurons"] == json.loads(json.dumps(crit))
+    # no head arm: every seed's best mechanism is its neuron set, read under its own group names
+    assert doc["best_arm"] == {"s0": "neurons", "s1": "neurons"} and "heads" not in doc["criteria"]
+    best = doc["criteria"]["best"]["versus_calibration"]["mean_over_seeds"]
+    assert best == doc["criteria"]["neurons"]["versus_calibration"]["mean_over_seeds"]
     assert {r["condition"]: r["ppl_increase"] for r in doc["table"]}["pruned+batch@s1"] == doc["ppl_increase"]["pruned@s1"]
     assert len(json.dumps(doc)) < 64 * 1024
 
@@ -185,3 +190,76 @@ def test_mechanism_criterion_on_made_rows(study):
     swapped = [dict(r, condition={"pruned@s0": "random-0@s0", "random-0@s0": "pruned@s0"}.get(r["condition"], r["condition"]))
                for r in rows]
     assert not study.criteria(sel, None, [], swapped, settings=study.SETTINGS)["mechanism"]["s0"]["heldout"]["holds"]
+
+
+def test_head_arm_by_hand(study, tiny, tmp_path):
+    """The head arm: IG over heads from each prompt's label-swap counterfactual recomputed on its own, the
+    dev sweep over h against separate label-scoring runs, and the arm's held-out conditions and criteria
+    under its own group names beside the neuron arm's."""
+    import torch
+
+    from mechcopy.attribution import make_target
+    from mechcopy.evaluation import perplexity
+    from mechcopy.head_attribution import head_integrated_gradients
+    from mechcopy.pruning import component_means, pruning_hooks
+    from mechcopy.scoring import score_labels
+    from mechcopy.selection import select
+    from mechcopy.tasks.pairs import label_swaps
+
+    s = {**tiny_settings(study), "hs": [2, 3]}
+    res = study.select_heads_seed(tiny, 1, s)
+    probe = study._probe(tiny.tokenizer, "no-gold", 1, s)
+
+    def preferred(p):   # by hand: the demo label whose first token the clean last position scores highest
+        with torch.no_grad():
+            logits = tiny(p.text)[0, -1]
+        ids = [int(t[0]) for t in p.demo_label_ids]
+        return p.demo_labels[int(np.argmax([float(logits[i]) for i in ids]))]
+
+    swaps, dropped = label_swaps(probe.attribution, tiny.tokenizer, seed=1, choose_x=preferred)
+    assert res["n_attribution"] == len(swaps) and res["n_dropped"] == len(dropped)
+    for w in swaps:   # the target's X is the preferred label, and it is gone from the counterfactual
+        assert w.x == preferred(w.clean).strip() and w.x not in [y.strip() for y in w.counterfactual.demo_labels]
+        assert make_target("contrast", w.clean, tiny(w.clean.text)[0, -1]).copy == w.x_id
+    ig = head_integrated_gradients(tiny, [w.clean for w in swaps], target="contrast", steps=2,
+                                   baseline=[w.counterfactual for w in swaps], method="reference")
+    mine, _, _ = study.head_attributions(tiny, probe.attribution, 1, s)
+    assert mine.values == pytest.approx(ig.values, abs=1e-4)   # the fast path against the reference path
+    assert mine.baseline == "counterfactual"
+    means = component_means(tiny, probe.attribution, "head", "all")
+    base_ppl = perplexity(tiny, n_tokens=64)
+    assert [r["k"] for r in res["sweep"]] == [2, 3] and all(r["ablation"] == "mean" for r in res["sweep"])
+    assert res["dev_unpruned_accuracy"] == pytest.approx(np.mean(
+        [np.mean([a == p.answer for a, p in zip(score_labels(tiny, ps, ps[0].label_space).predict(), ps)])
+         for ps in study._by_task(probe.dev).values()]))
+    from mechcopy import method
+    config = method.FindConfig(n=len(swaps), steps=2, seed=1, components="heads")
+    scores = method.score(tiny, mine, config)
+    for row in res["sweep"]:
+        heads = select(scores, "global", k=row["k"])
+        assert heads.kind == "head"
+        hooks = pruning_hooks(tiny, heads, "mean", "all", means)
+        accs = [np.mean([a == p.answer for a, p in zip(score_labels(tiny, ps, ps[0].label_space, fwd_hooks=hooks).predict(), ps)])
+                for ps in study._by_task(probe.dev).values()]
+        assert row["dev_accuracy"] == pytest.approx(np.mean(accs))
+        assert row["ppl_increase"] == pytest.approx(perplexity(tiny, fwd_hooks=hooks, n_tokens=64) / base_ppl - 1, rel=1e-4)
+
+    # a forced head selection per seed runs through the held-out stage under its own names
+    from mechcopy.pruning import component_sizes
+    sel = {"seed": 0, "kind": "head", "chosen": {"condition": "mean-h2", "ablation": "mean", "k": 2, "dev_accuracy": 0.5,
+                                                  "components": select(scores, "global", k=2).to_json()},
+           "means": means.to_json(), "sizes": component_sizes(tiny, probe.attribution, "head").to_json()}
+    rows, _ = study.heldout(tiny, [sel], "no-gold", tmp_path / "h.jsonl", s, progress=False, arm="heads")
+    assert {r["condition"] for r in rows} == {"unpruned", "pruned@heads-s0", "random-0@heads-s0",
+                                              "pruned+contextual@heads-s0", "pruned+batch@heads-s0"}
+    nrows, _ = study.heldout(tiny, [], "no-gold", tmp_path / "n.jsonl", s, progress=False)
+    by = study._rows_by(rows + nrows)
+    assert by["unpruned"]["chemical_state"]["predictions"] == study._rows_by(rows)["unpruned"]["chemical_state"]["predictions"]
+    crit = study.criteria([sel], None, [r for r in rows if r["condition"] != "unpruned"] + nrows, [], settings=s, arm="heads")
+    r = crit["versus_calibration"]["heads-s0"]["pruned@heads-s0 vs batch"]
+    for t, d in r["per_task"].items():
+        assert d == pytest.approx(np.mean(by["pruned@heads-s0"][t]["correct"]) - np.mean(by["batch"][t]["correct"]))
+    # the dev-best arm per seed: the higher dev accuracy, ties to neurons
+    n = [{"seed": 0, "chosen": {"dev_accuracy": 0.5}}, {"seed": 1, "chosen": {"dev_accuracy": 0.4}}, {"seed": 2, "chosen": None}]
+    h = [{"seed": 0, "chosen": {"dev_accuracy": 0.5}}, {"seed": 1, "chosen": {"dev_accuracy": 0.6}}, {"seed": 2, "chosen": None}]
+    assert study.best_arm(n, h) == {0: "neurons", 1: "heads", 2: None}
