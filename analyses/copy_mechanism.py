@@ -336,10 +336,11 @@ def _ce(row: dict) -> float | None:
 
 
 def compare(rows_no_gold: Sequence[dict], rows_cc: Sequence[dict], condition: str, baseline: str,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, cc_prompts: dict[str, Sequence] | None = None) -> dict[str, Any]:
     """condition - baseline on the held-out tasks: accuracy and copy rate (no-gold; pooled with its
     prompt-level interval, `stats.pooled`, and with the task as the unit, `stats.task_level`) and the
-    copy effect (copy-control; per-task differences, task-level)."""
+    copy effect (copy-control; per-task differences, task-level; with the copy-control prompts of every
+    task, `cc_prompts`, also the paired prompt-level interval of `copy_effect.copy_effect_difference`)."""
     from mechcopy import stats
 
     out: dict[str, Any] = {"condition": condition, "baseline": baseline}
@@ -363,6 +364,14 @@ def compare(rows_no_gold: Sequence[dict], rows_cc: Sequence[dict], condition: st
             level = stats.task_level(diffs, "copy_effect", condition, baseline, seed=seed)
             out["copy_effect"] = {"diff": level.mean, "task_ci": list(level.ci), "task_p": level.p_value,
                                   "sign_p": level.sign_p, "n_tasks": level.n_tasks, "per_task": level.diffs}
+            if cc_prompts is not None:
+                from mechcopy.copy_effect import copy_effect_difference
+
+                paired = copy_effect_difference({t: (cc_prompts[t], by[condition][t]["predictions"],
+                                                     by[baseline][t]["predictions"], by[baseline][t]["copy_effect"]["labels"])
+                                                 for t in diffs}, seed=seed)
+                out["copy_effect"]["prompt_ci"] = paired["ci"]
+                out["copy_effect"]["prompt_diff"] = paired["diff"]
     return out
 
 
@@ -550,11 +559,26 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
     rows = {c: neurons["rows"][c] + [r for r in heads["rows"][c] if r["condition"] != "unpruned"] for c in CONSTRUCTIONS}
     costs = {**neurons["costs"], **heads["costs"]}
     ng = _rows_by(rows["no-gold"])
+    cc_prompts = None
+    if tokenizer is not None:   # the held-out copy-control prompts again (seeded), checked against the rows' effects
+        from mechcopy.copy_effect import copy_effect
+        from mechcopy.tasks import load_tasks
+        from mechcopy.tasks.prompts import build_prompts
+
+        cc_prompts = {t.name: build_prompts(t, tokenizer, shots=settings["shots"], n=settings["n"],
+                                            seed=settings["prompt_seed"], gold_in_demos=False, copy_control=True).prompts
+                      for t in load_tasks(",".join(sorted(_rows_by(rows["copy-control"]).get("unpruned", {}))))} \
+            if rows["copy-control"] else None
+        for t, r in (_rows_by(rows["copy-control"]).get("unpruned", {}) if cc_prompts else {}).items():
+            again = copy_effect(cc_prompts[t], r["predictions"], r["copy_effect"]["labels"]).effect
+            if again is None or abs(again - _ce(r)) > 1e-9:
+                raise ValueError(f"the copy-control prompts of {t} rebuilt here do not give the saved copy effect "
+                                 f"({again} vs {_ce(r)}): the prompts changed since the run")
     table = []
     for name in sorted(ng):
         if name == "unpruned":
             continue
-        c = compare(rows["no-gold"], rows["copy-control"], name, "unpruned")
+        c = compare(rows["no-gold"], rows["copy-control"], name, "unpruned", cc_prompts=cc_prompts)
         ablation = name
         for cal in settings["calibrations"]:
             ablation = ablation.replace(f"+{cal}", "")

@@ -169,6 +169,10 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     best = doc["criteria"]["best"]["versus_calibration"]["mean_over_seeds"]
     assert best == doc["criteria"]["neurons"]["versus_calibration"]["mean_over_seeds"]
     assert {r["condition"]: r["ppl_increase"] for r in doc["table"]}["pruned+batch@s1"] == doc["ppl_increase"]["pruned@s1"]
+    # the copy effect's paired prompt-level interval, on the copy-control prompts rebuilt from their seed
+    row = {r["condition"]: r for r in doc["table"]}["pruned@s0"]["copy_effect"]
+    assert row["prompt_diff"] == pytest.approx(row["diff"])
+    assert row["prompt_ci"][0] <= row["prompt_diff"] <= row["prompt_ci"][1]
     assert len(json.dumps(doc)) < 64 * 1024
 
 
