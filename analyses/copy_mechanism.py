@@ -4,7 +4,8 @@
     python analyses/copy_mechanism.py --model smollm2-135m --stage probe       # the probe's test split
     python analyses/copy_mechanism.py --model smollm2-135m --stage heldout --construction no-gold
     python analyses/copy_mechanism.py --model smollm2-135m --stage heldout --construction copy-control
-    python analyses/copy_mechanism.py --model smollm2-135m --stage summary     # docs/data/copy_mechanism_<model>.json
+    python analyses/copy_mechanism.py --model smollm2-135m --components heads --stage select   # the head arm, each stage
+    python analyses/copy_mechanism.py --model smollm2-135m --stage summary     # docs/data/copy_mechanism_<model>*.json
 
 Every stage is resumable: its state goes to `--work` (default `results/copy_mechanism/<model>/`, not
 committed) as soon as it is made, and a stage started again skips what is there (the held-out stages
@@ -23,12 +24,20 @@ the CPU lock, in any order after `select`.
   construction per run: unpruned, each seed's selection (`pruned@s<seed>`) and its size-matched
   random set (`random-<seed>@s<seed>`), contextual and batch calibration, each selection plus each
   calibration; all read by label scoring. Perplexity of every ablation is measured once.
-- **summary**: the tables and both criteria (`criteria`) from the saved state, into the docs JSON.
+- **summary**: the tables and both criteria (`criteria`) from the saved state of both arms, into the docs
+  JSON (`write_docs`: the table, the criteria per arm, the per-task figures).
+
+`--components heads` runs a stage for the head arm (docs/copy_mechanism.md, "Heads, added after the
+neuron run"; exploratory): IG over heads from each attribution prompt's label-swap counterfactual
+(`head_attributions`), the top-h heads mean-ablated, h chosen by the same dev rule (`_dev_sweep`),
+size-matched random heads, heads + calibration; its state files are prefixed `heads_`, its conditions
+grouped `heads-s<seed>`. The summary also reads each seed's dev-best arm (`best_arm`) as an arm of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -608,9 +617,47 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
         "finished": {arm: {"select": [s["seed"] for s in st["selections"]], "probe_test": st["probe"] is not None,
                            **{f"heldout_{c}": sorted({r["task"] for r in st["rows"][c]}) for c in CONSTRUCTIONS}}
                      for arm, st in states.items()},
+        "unpruned": {"accuracy": float(np.mean([r["accuracy"] for r in ng.get("unpruned", {}).values()] or [np.nan])),
+                     "copy_rate": float(np.mean([r["copy_rate"] for r in ng.get("unpruned", {}).values()] or [np.nan])),
+                     "copy_effect": float(np.mean([_ce(r) for r in _rows_by(rows["copy-control"]).get("unpruned", {}).values()
+                                                   if _ce(r) is not None] or [np.nan])),
+                     "what": "pooled over the held-out tasks, each weighing the same (no-gold; copy effect: copy-control)"},
         "rows": levels, "table": table, "ppl_increase": costs,
         "criteria": crit,
     }
+
+
+def _rounded(obj: Any, digits: int = 4) -> Any:
+    """`obj` with every float at `digits` significant digits (the docs JSON stays small)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
+def write_docs(doc: dict[str, Any], out: Path) -> list[Path]:
+    """The summary as small JSON files (docs/data holds files under 64 KiB): `out` (settings, selections,
+    the table of every condition against unpruned, without its per-task lists), `<out>_criteria_<arm>`
+    (both criteria for one arm, per task) and `<out>_tasks` (every condition's per-task figures)."""
+    from mechcopy.io import write_atomic
+
+    doc = _rounded(doc)
+    what = {"neurons": "the frozen arm", "heads": "exploratory", "best": "each seed's dev-best of neurons and heads"}
+    parts = {"": doc, "_tasks": {"what": "per held-out task and condition: n, accuracy, copy rate (no-gold), copy "
+                                         "effect (copy-control)", "model": doc["model"], "rows": doc.pop("rows")}}
+    for arm, crit in doc.pop("criteria").items():
+        parts[f"_criteria_{arm}"] = {"what": f"both criteria of docs/copy_mechanism.md for the {arm} arm ({what[arm]})",
+                                     "model": doc["model"], "criteria": crit}
+    for row in doc["table"]:
+        for metric in ("accuracy", "copy_rate", "copy_effect"):
+            (row.get(metric) or {}).pop("per_task", None)
+    paths = [out.with_name(out.stem + suffix + ".json") for suffix in parts]
+    for path, part in zip(paths, parts.values()):
+        write_atomic(path, json.dumps(part, indent=1) + "\n")
+    return paths
 
 
 def main(argv=None) -> int:
@@ -651,8 +698,7 @@ def main(argv=None) -> int:
                                          for s in ("select", "probe", "heldout --construction no-gold",
                                                    "heldout --construction copy-control", "costs")] + [
             f"python analyses/copy_mechanism.py --model {args.model} --stage summary"]
-        write_json_atomic(out, doc)
-        print(f"wrote {out}", file=sys.stderr)
+        print(f"wrote {', '.join(map(str, write_docs(doc, out)))}", file=sys.stderr)
         return 0
     model = load_model(args.model)
     arm = args.components

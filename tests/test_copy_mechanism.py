@@ -174,6 +174,12 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     assert row["prompt_diff"] == pytest.approx(row["diff"])
     assert row["prompt_ci"][0] <= row["prompt_diff"] <= row["prompt_ci"][1]
     assert len(json.dumps(doc)) < 64 * 1024
+    assert doc["unpruned"]["accuracy"] == pytest.approx(np.mean([np.mean(r["correct"]) for r in by["unpruned"].values()]))
+    paths = study.write_docs(doc, tmp_path / "docs.json")
+    parts = [json.loads(p.read_text()) for p in paths]
+    assert [p.name for p in paths] == ["docs.json", "docs_tasks.json", "docs_criteria_neurons.json", "docs_criteria_best.json"]
+    assert parts[2]["criteria"]["mechanism"]["s0"]["holds"] == crit["mechanism"]["s0"]["holds"]
+    assert set(parts[1]["rows"]) == {"no-gold", "copy-control"} and "per_task" not in parts[0]["table"][0]["accuracy"]
 
 
 def test_mechanism_criterion_on_made_rows(study):
