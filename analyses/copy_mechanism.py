@@ -640,7 +640,7 @@ def _rounded(obj: Any, digits: int = 4) -> Any:
 
 def write_docs(doc: dict[str, Any], out: Path) -> list[Path]:
     """The summary as small JSON files (docs/data holds files under 64 KiB): `out` (settings, selections,
-    the table of every condition against unpruned, without its per-task lists), `<out>_criteria_<arm>`
+    the table of every condition against unpruned by name, without its per-task lists), `<out>_criteria_<arm>`
     (both criteria for one arm, per task) and `<out>_tasks` (every condition's per-task figures)."""
     from mechcopy.io import write_atomic
 
@@ -654,6 +654,7 @@ def write_docs(doc: dict[str, Any], out: Path) -> list[Path]:
     for row in doc["table"]:
         for metric in ("accuracy", "copy_rate", "copy_effect"):
             (row.get(metric) or {}).pop("per_task", None)
+    doc["table"] = {row["condition"]: row for row in doc["table"]}   # by name: docs cite `table.<condition>.<metric>`
     paths = [out.with_name(out.stem + suffix + ".json") for suffix in parts]
     for path, part in zip(paths, parts.values()):
         write_atomic(path, json.dumps(part, indent=1) + "\n")

@@ -179,7 +179,7 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     parts = [json.loads(p.read_text()) for p in paths]
     assert [p.name for p in paths] == ["docs.json", "docs_tasks.json", "docs_criteria_neurons.json", "docs_criteria_best.json"]
     assert parts[2]["criteria"]["mechanism"]["s0"]["holds"] == crit["mechanism"]["s0"]["holds"]
-    assert set(parts[1]["rows"]) == {"no-gold", "copy-control"} and "per_task" not in parts[0]["table"][0]["accuracy"]
+    assert set(parts[1]["rows"]) == {"no-gold", "copy-control"} and "per_task" not in parts[0]["table"]["pruned@s0"]["accuracy"]
 
 
 def test_mechanism_criterion_on_made_rows(study):
