@@ -64,8 +64,10 @@ SETTINGS: dict[str, Any] = {
     # IG from the label-swap counterfactual, mean-ablated at every position, h chosen on dev by the same rule
     "hs": [5, 10, 20],
 }
-#: the arms: their selection function, the prefix of their groups (condition `pruned@<group>`) and of their files
-ARMS = ("neurons", "heads")
+#: the arms: `neurons` (frozen), `heads` (the addendum's, exploratory), `heads-last` (post hoc, exploratory: the
+#: head arm's attribution with mean ablation at the last position only); their groups `<arm>-s<seed>`
+#: (neurons: `s<seed>`), their state files prefixed `<arm>_` (neurons: none)
+ARMS = ("neurons", "heads", "heads-last")
 CONSTRUCTIONS = ("no-gold", "copy-control")
 
 
@@ -140,7 +142,8 @@ def _dev_sweep(model, probe, candidates: Sequence[Any], settings: dict = SETTING
     rows = []
     for c in candidates:
         ppl = perplexity(model, fwd_hooks=condition_hooks(model, c), n_tokens=s["ppl_tokens"])
-        rows.append({"condition": c.name, "ablation": c.ablation, "k": len(c.components), "dev_accuracy": accuracy(c.label),
+        rows.append({"condition": c.name, "ablation": c.ablation, "positions": c.positions, "k": len(c.components),
+                     "dev_accuracy": accuracy(c.label),
                      "ppl_increase": ppl / base_ppl - 1, "feasible": ppl / base_ppl - 1 <= s["max_ppl_increase"]})
     baseline = accuracy(unpruned.label)
     feasible = [r for r in rows if r["feasible"]]
@@ -228,10 +231,11 @@ def head_attributions(model, prompts, seed: int, settings: dict = SETTINGS, prog
     return attributions, clean, dropped
 
 
-def select_heads_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = False) -> dict[str, Any]:
+def select_heads_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = False,
+                      positions: str | None = None) -> dict[str, Any]:
     """One selection seed, heads: `head_attributions` on the probe's attribution split, scored by
-    `method.score` (the IG gate), the dev sweep over h (mean ablation, `_dev_sweep`), the chosen set,
-    its means and the sizes."""
+    `method.score` (the IG gate), the dev sweep over h (mean ablation at `positions`, by default the
+    frozen every-position, `_dev_sweep`), the chosen set, its means and the sizes."""
     from mechcopy import method
     from mechcopy.conditions import LABELS, Condition
     from mechcopy.pruning import component_means, component_sizes
@@ -246,10 +250,11 @@ def select_heads_seed(model, seed: int, settings: dict = SETTINGS, progress: boo
     scores = method.score(model, attributions, config, prompts=clean)
     t_attr = time.perf_counter() - t0
     reference = f"copy probe attribution split (no-gold), selection seed {seed}"
-    means = component_means(model, probe.attribution, "head", s["positions"], reference=reference)
+    positions = positions or s["positions"]
+    means = component_means(model, probe.attribution, "head", positions, reference=reference)
     sizes = component_sizes(model, probe.attribution, "head", reference=reference)
     eligible = int(scores.eligible().sum())
-    candidates = [Condition(f"mean-h{h}", "pruned", select(scores, "global", k=h), "mean", s["positions"], means,
+    candidates = [Condition(f"mean-h{h}", "pruned", select(scores, "global", k=h), "mean", positions, means,
                             readout=LABELS) for h in s["hs"] if h <= eligible]
     sweep = _dev_sweep(model, probe, candidates, s)
     extra = {"n_dropped": len(dropped), "dropped": dropped[:20], "n_eligible": eligible,
@@ -277,12 +282,13 @@ def seed_conditions(model, selections: Sequence[dict], settings: dict = SETTINGS
         ab = sel["chosen"]["ablation"]
         means = Means.from_json(sel["means"]) if ab == "mean" else None
         group = group_of(arm, sel["seed"])
-        pruned.append(Condition("pruned", "pruned", comps, ab, settings["positions"], means, None, group, LABELS))
+        positions = sel["chosen"].get("positions", settings["positions"])   # the frozen neuron state has none: all
+        pruned.append(Condition("pruned", "pruned", comps, ab, positions, means, None, group, LABELS))
         sizes = Sizes.from_json(sel["sizes"])
         for r in range(settings["n_random_per_seed"]):
             rseed = 1000 * sel["seed"] + r
             random.append(Condition(f"random-{rseed}", "random", random_matched(model, comps, rseed, settings["random_match"],
-                                    sizes), ab, settings["positions"], means, rseed, group, LABELS))
+                                    sizes), ab, positions, means, rseed, group, LABELS))
     return pruned, random
 
 
@@ -552,21 +558,23 @@ def _selection_json(s: dict) -> dict:
 
 
 def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=None) -> dict[str, Any]:
-    """The docs JSON from the saved state of both arms (no model needed beyond the tokenizer for the probe
+    """The docs JSON from the saved state of every arm (no model needed beyond the tokenizer for the probe
     prompts): the table of every condition against unpruned, both criteria for the neuron arm (the frozen
-    one), the head arm (exploratory) and each seed's dev-best of the two."""
+    one), the head arms (exploratory) and each seed's dev-best of neurons and heads."""
     states = {arm: load_state(work, arm) for arm in ARMS}
     neurons, heads = states["neurons"], states["heads"]
     probe_prompts = (_probe(tokenizer, "copy-control", settings["probe_seed"], settings).test
                      if tokenizer and neurons["probe"] else None)
     reproduced = {}
-    for c in CONSTRUCTIONS:   # the head arm's unpruned rows must equal the neuron arm's
-        mine = {r["task"]: r["predictions"] for r in heads["rows"][c] if r["condition"] == "unpruned"}
-        theirs = {r["task"]: r["predictions"] for r in neurons["rows"][c] if r["condition"] == "unpruned"}
-        if mine:
-            reproduced[c] = {t: mine[t] == theirs.get(t) for t in sorted(mine)}
-    rows = {c: neurons["rows"][c] + [r for r in heads["rows"][c] if r["condition"] != "unpruned"] for c in CONSTRUCTIONS}
-    costs = {**neurons["costs"], **heads["costs"]}
+    for arm in ARMS[1:]:   # every other arm's unpruned rows must equal the neuron arm's
+        for c in CONSTRUCTIONS:
+            mine = {r["task"]: r["predictions"] for r in states[arm]["rows"][c] if r["condition"] == "unpruned"}
+            theirs = {r["task"]: r["predictions"] for r in neurons["rows"][c] if r["condition"] == "unpruned"}
+            if mine:
+                reproduced[f"{arm} {c}"] = all(mine[t] == theirs.get(t) for t in mine)
+    rows = {c: neurons["rows"][c] + [r for arm in ARMS[1:] for r in states[arm]["rows"][c] if r["condition"] != "unpruned"]
+            for c in CONSTRUCTIONS}
+    costs = {k: v for arm in ARMS for k, v in states[arm]["costs"].items()}
     ng = _rows_by(rows["no-gold"])
     cc_prompts = None
     if tokenizer is not None:   # the held-out copy-control prompts again (seeded), checked against the rows' effects
@@ -613,7 +621,7 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
                          for i, a in enumerate(st["selections"]) for b in st["selections"][i + 1:]
                          if a["chosen"] and b["chosen"]} for arm, st in states.items()},
         "best_arm": {f"s{seed}": arm for seed, arm in best.items()},
-        "unpruned_reproduced_by_head_arm": reproduced,
+        "unpruned_reproduced": reproduced,
         "finished": {arm: {"select": [s["seed"] for s in st["selections"]], "probe_test": st["probe"] is not None,
                            **{f"heldout_{c}": sorted({r["task"] for r in st["rows"][c]}) for c in CONSTRUCTIONS}}
                      for arm, st in states.items()},
@@ -645,7 +653,8 @@ def write_docs(doc: dict[str, Any], out: Path) -> list[Path]:
     from mechcopy.io import write_atomic
 
     doc = _rounded(doc)
-    what = {"neurons": "the frozen arm", "heads": "exploratory", "best": "each seed's dev-best of neurons and heads"}
+    what = {"neurons": "the frozen arm", "heads": "exploratory", "heads-last": "post hoc, exploratory",
+            "best": "each seed's dev-best of neurons and heads"}
     parts = {"": doc, "_tasks": {"what": "per held-out task and condition: n, accuracy, copy rate (no-gold), copy "
                                          "effect (copy-control)", "model": doc["model"], "rows": doc.pop("rows")}}
     for arm, crit in doc.pop("criteria").items():
@@ -705,7 +714,8 @@ def main(argv=None) -> int:
     arm = args.components
     selections = lambda: load_state(work, arm)["selections"]
     if args.stage == "select":
-        choose = select_seed if arm == "neurons" else select_heads_seed
+        choose = {"neurons": select_seed, "heads": select_heads_seed,
+                  "heads-last": lambda *a, **k: select_heads_seed(*a, **k, positions="last")}[arm]
         seeds = SETTINGS["selection_seeds"] if args.seeds is None else [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
             path = work / _file(arm, f"select_seed{seed}.json")
