@@ -254,6 +254,17 @@ def test_head_arm_by_hand(study, tiny, tmp_path):
         assert row["dev_accuracy"] == pytest.approx(np.mean(accs))
         assert row["ppl_increase"] == pytest.approx(perplexity(tiny, fwd_hooks=hooks, n_tokens=64) / base_ppl - 1, rel=1e-4)
 
+    # the post-hoc arm: the same heads, mean-ablated at the last position only (means over last positions);
+    # perplexity scores no window's last position, so the cost is 0 by construction
+    last = study.select_heads_seed(tiny, 1, s, positions="last")
+    means_last = component_means(tiny, probe.attribution, "head", "last")
+    for row, frozen in zip(last["sweep"], res["sweep"]):
+        assert (row["positions"], row["k"]) == ("last", frozen["k"]) and row["ppl_increase"] == pytest.approx(0, abs=1e-9)
+        hooks = pruning_hooks(tiny, select(scores, "global", k=row["k"]), "mean", "last", means_last)
+        accs = [np.mean([a == p.answer for a, p in zip(score_labels(tiny, ps, ps[0].label_space, fwd_hooks=hooks).predict(), ps)])
+                for ps in study._by_task(probe.dev).values()]
+        assert row["dev_accuracy"] == pytest.approx(np.mean(accs))
+
     # a forced head selection per seed runs through the held-out stage under its own names
     from mechcopy.pruning import component_sizes
     sel = {"seed": 0, "kind": "head", "chosen": {"condition": "mean-h2", "ablation": "mean", "k": 2, "dev_accuracy": 0.5,
