@@ -454,7 +454,7 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
                          for t in sorted(set(ng[name]) & set(ng[cal]))}
                     r = _level(d, f"acc({name}) - acc({cal})", seed)
                     r["holds"] = bool(r["task_ci"][0] > 0)
-                    out["versus_calibration"].setdefault(g, {})[f"{name} vs {cal}"] = r
+                    out["versus_calibration"].setdefault(g, {})[f"{name}_vs_{cal}"] = r
     for g in empty:   # nothing pruned: the set is the unpruned model, and so is its random counterpart
         if probe is not None and probe_prompts is not None and probe_parts:
             for t, ps in _by_task(probe_prompts).items():
@@ -487,9 +487,9 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
                      for t in tasks}
                 r = _level(d, f"acc({stem}, mean over seeds) - acc({cal})", seed)
                 r["holds"] = bool(r["task_ci"][0] > 0)
-                r["seeds_holding"] = sum(out["versus_calibration"].get(g, {}).get(f"{stem}@{g} vs {cal}", {}).get("holds", False)
+                r["seeds_holding"] = sum(out["versus_calibration"].get(g, {}).get(f"{stem}@{g}_vs_{cal}", {}).get("holds", False)
                                          for g in seeds)
-                vs_mean[f"{stem} vs {cal}"] = r
+                vs_mean[f"{stem}_vs_{cal}"] = r
     out["versus_calibration"]["mean_over_seeds"] = vs_mean
     return out
 

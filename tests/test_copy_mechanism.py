@@ -125,7 +125,7 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     by = study._rows_by(rows)
     for g in ("s0", "s1"):
         for cal in ("contextual", "batch"):
-            r = crit["versus_calibration"][g][f"pruned@{g} vs {cal}"]
+            r = crit["versus_calibration"][g][f"pruned@{g}_vs_{cal}"]
             for t, d in r["per_task"].items():
                 assert d == pytest.approx(np.mean(by[f"pruned@{g}"][t]["correct"]) - np.mean(by[cal][t]["correct"]))
         pt = crit["mechanism"][g]["probe_test"]
@@ -134,14 +134,14 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
             ce = lambda name: copy_effect(ps, probe["predictions"][name][t], ps[0].label_space).effect
             if ce(f"pruned@{g}") is not None:
                 assert pt["tasks"][f"{t}#0"] == pytest.approx(ce(f"pruned@{g}") - ce(rand[0]))
-    mean = crit["versus_calibration"]["mean_over_seeds"]["pruned vs contextual"]
+    mean = crit["versus_calibration"]["mean_over_seeds"]["pruned_vs_contextual"]
     for t, d in mean["per_task"].items():
         assert d == pytest.approx(np.mean([np.mean(by[f"pruned@{g}"][t]["correct"]) for g in ("s0", "s1")])
                                   - np.mean(by["contextual"][t]["correct"]))
     # a seed whose dev sweep chose nothing enters the mean over seeds as the unpruned model
     with_empty = study.criteria(sels + [{"seed": 2, "chosen": None}], probe, rows, cc, prompts, s)
     assert with_empty["no_selection"] == ["s2"]
-    mean = with_empty["versus_calibration"]["mean_over_seeds"]["pruned vs batch"]
+    mean = with_empty["versus_calibration"]["mean_over_seeds"]["pruned_vs_batch"]
     for t, d in mean["per_task"].items():
         accs = [np.mean(by[c][t]["correct"]) for c in ("pruned@s0", "pruned@s1", "unpruned")]
         assert d == pytest.approx(np.mean(accs) - np.mean(by["batch"][t]["correct"]))
@@ -277,7 +277,7 @@ def test_head_arm_by_hand(study, tiny, tmp_path):
     by = study._rows_by(rows + nrows)
     assert by["unpruned"]["chemical_state"]["predictions"] == study._rows_by(rows)["unpruned"]["chemical_state"]["predictions"]
     crit = study.criteria([sel], None, [r for r in rows if r["condition"] != "unpruned"] + nrows, [], settings=s, arm="heads")
-    r = crit["versus_calibration"]["heads-s0"]["pruned@heads-s0 vs batch"]
+    r = crit["versus_calibration"]["heads-s0"]["pruned@heads-s0_vs_batch"]
     for t, d in r["per_task"].items():
         assert d == pytest.approx(np.mean(by["pruned@heads-s0"][t]["correct"]) - np.mean(by["batch"][t]["correct"]))
     # the dev-best arm per seed: the higher dev accuracy, ties to neurons
