@@ -130,6 +130,39 @@ def input_file(path: Any, what: str) -> Path:
     return p
 
 
+def check_device(device: Any) -> str:
+    """`device` as a torch device name this machine has (cpu, cuda, cuda:N): a ValueError naming it, not
+    torch's error later. The --device flag and `load_model` share it."""
+    import torch
+
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a name such as 'cpu' or 'cuda', got {type(device).__name__} {device!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA device(s); got {str(device)!r}")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {str(device)!r}; use cpu or cuda")
+    return str(device)
+
+
+def check_dtype(dtype: Any) -> Any:
+    """`dtype` as a torch floating dtype (`torch.float32`, ...): the --dtype flag names one, the API
+    takes the dtype itself, and a string here is refused with the fix rather than deep in torch."""
+    import torch
+
+    if not isinstance(dtype, torch.dtype):
+        hint = f" (torch.{dtype})" if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype) else ""
+        raise TypeError(f"dtype must be a torch dtype such as torch.float32{hint}, got {type(dtype).__name__} {dtype!r}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch dtype, got {dtype}")
+    return dtype
+
+
 def check_minimums(config: Any) -> None:
     """Raise TypeError naming the first field of `config` whose value is not of its annotated type,
     then ValueError naming the first field below its bound in `config.MINIMUM`.

@@ -332,12 +332,13 @@ def _tokens(model, text: str = "ab -> AB"):
 
 
 def _tiny_folder(folder: Path) -> Path:
-    """A Hugging Face folder holding a tiny random Llama with the character tokenizer."""
+    """A Hugging Face folder holding a tiny random Llama with the character tokenizer (beside the row's
+    folder, whose disk check wants it unchanged)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mechcopy.models.tiny import char_tokenizer
 
-    d = folder / "tiny-hf"
+    d = folder.parent / f"{folder.name}-tiny-hf"
     tok = char_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
@@ -570,7 +571,8 @@ CASES: list[Case] = [
          "no pooled comparison: every task is the probe the neurons were chosen on", code=0, model=True,
          disk=json_at("r2.json", lambda r: "copy_probe" in r["comparisons"], "`r2.json` with the per-task comparisons")),
     Case("internal error", "a model folder whose config.json is `[]`", f"{M} evaluate --model listcfg --tasks T.json",
-         f"{EV} listcfg/config.json", open="issue 27's mechcopy/models/ (its helper owns the folder)"),
+         f"{EV} listcfg/config.json",
+         part_b="--model's folder has its config.json read (models.loading.folder_config) before the model loads"),
     Case("internal error", "a task file of 100,000 nested brackets", f"{M} evaluate {TI} --tasks deep.json",
          f"{EV} deep.json: its JSON is nested too deeply to read; check the file"),
     Case("internal error", "`train-organism --max-minutes 1e-9` (a crash after zero steps before)",
@@ -595,10 +597,10 @@ CASES: list[Case] = [
     # ---------------------------------------------------------------- raw API exceptions
     Case("raw API exception", "`load_model(device=\"cuda\")` on a CPU build", "load_model(folder, device='cuda')",
          "ValueError", call="load_model_cuda", skip=_no_cuda,
-         open="issue 27's mechcopy/models/: load_model checks device with the --device flag's check"),
+         part_b="load_model checks device with the --device flag's check (errors.check_device)"),
     Case("raw API exception", "`load_model(dtype=\"float32\")`, a string", "load_model(folder, dtype='float32')",
          "TypeError", call="load_model_dtype_str",
-         open="issue 27's mechcopy/models/: load_model checks dtype with the --dtype flag's check"),
+         part_b="load_model checks dtype (errors.check_dtype); the flag names it, the API takes the dtype"),
     Case("raw API exception", "`build_prompts(k=2.5)`", "build_prompts(task, tok, 2.5)",
          "TypeError: shots must be an integer >= 0, got 2.5", call="build_prompts_2_5"),
     Case("raw API exception", "`evaluate(n_boot=0)`", "evaluate(tiny, prompts, n_boot=0)",

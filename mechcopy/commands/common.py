@@ -19,11 +19,12 @@ from typing import Any, Callable, Iterable, Mapping
 
 from mechcopy.arch import HookedModel
 from mechcopy.components import Components
-from mechcopy.errors import below_minimum, input_file
+from mechcopy.errors import below_minimum, check_device, input_file
 from mechcopy.find import CHECKPOINT_SUFFIX, SET_SUFFIXES
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.io import side_file, write_json_atomic
 from mechcopy.models import zoo
+from mechcopy.models.loading import folder_config
 from mechcopy.models.zoo import DEFAULT_MODEL
 from mechcopy.provenance import git_revision
 from mechcopy.suite import JOURNAL_SUFFIX
@@ -102,19 +103,10 @@ def existing_file(what: str) -> Callable[[str], str]:
 
 def device_name(text: str) -> str:
     """An argparse type: a torch device this machine has (so `--device cuda` fails here, not in torch)."""
-    import torch
-
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"this machine has {torch.cuda.device_count()} CUDA device(s); got {text!r}")
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu or cuda")
-    return text
+        return check_device(text)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 # ------------------------------------------------------------------------------------------- flags
@@ -266,8 +258,14 @@ def files_in(spec: str | None) -> list[Path]:
 
 
 def model_path(name: str) -> str | Path:
-    """What --model reads: a zoo model's cache folder, or the folder named."""
-    return zoo.model_dir(name) if name in zoo.ZOO else name
+    """What --model reads: a zoo model's cache folder, or the folder named (whose config.json is
+    checked here, before any model loads)."""
+    if name in zoo.ZOO:
+        return zoo.model_dir(name)
+    folder = Path(name).expanduser()
+    if folder.is_dir() and (folder / "config.json").is_file():
+        folder_config(folder)
+    return name
 
 
 def load_neurons(flag: str, path: str | Path | None):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from mechcopy.errors import UnknownName
+from mechcopy.errors import UnknownName, check_device, check_dtype
 from mechcopy.models import zoo
 from mechcopy.models.processed import Processed, load_processed
 from mechcopy.progress import library_bars
@@ -248,7 +248,8 @@ def load_model(name: str | Path = zoo.DEFAULT_MODEL, device: str | None = None, 
         raise TypeError(f"load_model expects a model name or folder (str or Path), got {type(name).__name__} {name!r}")
     if not str(name).strip():
         raise ValueError(f"empty model name; known zoo models: {', '.join(zoo.ZOO)} (default {zoo.DEFAULT_MODEL})")
-    dtype = dtype or torch.float32
+    dtype = torch.float32 if dtype is None else check_dtype(dtype)
+    device = None if device is None else check_device(device)
     name = str(name)
     if name in zoo.ZOO:
         # The weights are hashed when they are processed (`zoo.fetch` before `process_hf_dir`), not
@@ -260,7 +261,7 @@ def load_model(name: str | Path = zoo.DEFAULT_MODEL, device: str | None = None, 
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is a folder but has no config.json (not a Hugging Face model folder)")
-        conf = _folder_config(path)
+        conf = folder_config(path)
         if conf.get("model_type") == "mamba" or ("ssm_cfg" in conf and "n_layer" in conf):   # HF or mamba-ssm
             from mechcopy.models.mamba import HookedMamba
 
@@ -286,7 +287,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", "/")) or name.endswith("/") or name.count("/") > 1
 
 
-def _folder_config(path: Path) -> dict:
+def folder_config(path: Path) -> dict:
     """A model folder's config.json as a dict, or a ValueError that says what is wrong with it."""
     file = path / "config.json"
     try:
