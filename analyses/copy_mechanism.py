@@ -31,7 +31,9 @@ the CPU lock, in any order after `select`.
 neuron run"; exploratory): IG over heads from each attribution prompt's label-swap counterfactual
 (`head_attributions`), the top-h heads mean-ablated, h chosen by the same dev rule (`_dev_sweep`),
 size-matched random heads, heads + calibration; its state files are prefixed `heads_`, its conditions
-grouped `heads-s<seed>`. The summary also reads each seed's dev-best arm (`best_arm`) as an arm of its own.
+grouped `heads-s<seed>`. `--components heads-last` is the same at the last position only (post hoc,
+exploratory; `heads-last_`, `heads-last-s<seed>`). The summary also reads each seed's dev-best of neurons
+and heads (`best_arm`) as an arm of its own (`best-s<seed>`).
 """
 
 from __future__ import annotations
