@@ -284,3 +284,31 @@ def test_head_arm_by_hand(study, tiny, tmp_path):
     n = [{"seed": 0, "chosen": {"dev_accuracy": 0.5}}, {"seed": 1, "chosen": {"dev_accuracy": 0.4}}, {"seed": 2, "chosen": None}]
     h = [{"seed": 0, "chosen": {"dev_accuracy": 0.5}}, {"seed": 1, "chosen": {"dev_accuracy": 0.6}}, {"seed": 2, "chosen": None}]
     assert study.best_arm(n, h) == {0: "neurons", 1: "heads", 2: None}
+
+
+def test_best_arm_takes_each_seeds_winner(study):
+    """`as_best`: each seed's dev-best arm's rows and probe predictions under `best-s<seed>`, nothing else."""
+    def rows(arm, seed):
+        g = study.group_of(arm, seed)
+        return [{"task": "t", "condition": f"{c}@{g}", "arm": arm} for c in ("pruned", "random-0", "pruned+batch")]
+
+    sel = lambda seed, acc: {"seed": seed, "chosen": None if acc is None else {"dev_accuracy": acc}}
+    states = {
+        "neurons": {"selections": [sel(0, 0.5), sel(1, 0.4), sel(2, None)],
+                    "rows": {c: rows("neurons", 0) + rows("neurons", 1) + [{"task": "t", "condition": "unpruned"}]
+                             for c in study.CONSTRUCTIONS},
+                    "probe": {"predictions": {"unpruned": {"t": ["a"]}, "pruned@s0": {"t": ["n0"]}, "pruned@s1": {"t": ["n1"]}}}},
+        "heads": {"selections": [sel(0, 0.5), sel(1, 0.6), sel(2, None)],
+                  "rows": {c: rows("heads", 0) + rows("heads", 1) for c in study.CONSTRUCTIONS},
+                  "probe": {"predictions": {"unpruned": {"t": ["a"]}, "pruned@heads-s1": {"t": ["h1"]}}}},
+        "heads-last": {"selections": [], "rows": {c: [] for c in study.CONSTRUCTIONS}, "probe": None},
+    }
+    best = study.best_arm(states["neurons"]["selections"], states["heads"]["selections"])
+    assert best == {0: "neurons", 1: "heads", 2: None}
+    got = study.as_best(states, best)
+    assert [s["seed"] for s in got["selections"]] == [0, 1, 2] and got["selections"][2]["chosen"] is None
+    by = {(r["condition"], r["arm"]) for r in got["rows"]["no-gold"]}
+    assert by == {("pruned@best-s0", "neurons"), ("random-0@best-s0", "neurons"), ("pruned+batch@best-s0", "neurons"),
+                  ("pruned@best-s1", "heads"), ("random-0@best-s1", "heads"), ("pruned+batch@best-s1", "heads")}
+    assert got["probe"]["predictions"] == {"unpruned": {"t": ["a"]}, "pruned@best-s0": {"t": ["n0"]},
+                                           "pruned@best-s1": {"t": ["h1"]}}
