@@ -312,3 +312,44 @@ def test_best_arm_takes_each_seeds_winner(study):
                   ("pruned@best-s1", "heads"), ("random-0@best-s1", "heads"), ("pruned+batch@best-s1", "heads")}
     assert got["probe"]["predictions"] == {"unpruned": {"t": ["a"]}, "pruned@best-s0": {"t": ["n0"]},
                                            "pruned@best-s1": {"t": ["h1"]}}
+
+
+def test_recipe_replays_the_dev_best_selection(study, tiny, tmp_path):
+    """`find --recipe copy-mechanism` (`mechcopy.copy_mechanism`): the dev-best chosen set over the seeds of
+    neurons and heads, with its ablation, positions and means over the same attribution prompts recorded so
+    that `evaluate --prune` applies it as the study did; k = 0 with the reason when no seed chose one."""
+    from mechcopy.commands.evaluate import intervention
+    from mechcopy.components import Components
+    from mechcopy.copy_mechanism import best_selection, recipe_components
+    from mechcopy.pruning import component_means
+
+    s = tiny_settings(study)
+    chosen = lambda comps, acc, ab="mean", pos="all": {"condition": f"{ab}-k{len(comps)}", "ablation": ab, "positions": pos,
+                                                        "k": len(comps), "dev_accuracy": acc, "ppl_increase": 0.01,
+                                                        "components": [list(p) for p in comps]}
+    doc = {"model": "tiny", "settings": s, "selections": {
+        "neurons": [{"seed": 0, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(1, 3), (0, 5)], 0.4)},
+                    {"seed": 1, "dev_unpruned_accuracy": 0.3, "chosen": None}],
+        "heads": [{"seed": 0, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(1, 2)], 0.45, pos="last")},
+                  {"seed": 1, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(0, 1)], 0.45)}],
+        "heads-last": [{"seed": 2, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(0, 0)], 0.9)}]}}
+    arm, sel = best_selection(doc)          # heads-last never counts; a tie goes to the lower seed
+    assert (arm, sel["seed"]) == ("heads", 0)
+    comps = recipe_components(tiny, doc)
+    assert comps.kind == "head" and comps.pairs == ((1, 2),) and comps.meta["seed"] == 0
+    probe = study._probe(tiny.tokenizer, "no-gold", 0, s)
+    by_hand = component_means(tiny, probe.attribution, "head", "last")
+    path = comps.save(tmp_path / "c.json")
+    how = intervention(Components.load(path), None, None)
+    assert (how["ablation"], how["positions"], how["source"]) == ("mean", "last", "the file")
+    assert all(np.allclose(how["means"].values[l].numpy(), by_hand.values[l].numpy()) for l in by_hand.values)
+    # neurons win a tie with heads
+    doc["selections"]["neurons"][0]["chosen"]["dev_accuracy"] = 0.45
+    assert best_selection(doc)[0] == "neurons" and recipe_components(tiny, doc).pairs == ((0, 5), (1, 3))
+    # nothing chosen anywhere: an empty file that says why
+    for arm in ("neurons", "heads"):
+        for sel in doc["selections"][arm]:
+            sel["chosen"] = None
+    empty = recipe_components(tiny, doc)
+    assert not empty.pairs and empty.meta["k"] == 0 and "nothing to prune" in empty.meta["why"]
+    assert Components.load(empty.save(tmp_path / "e.json")).meta["k"] == 0
