@@ -353,3 +353,32 @@ def test_recipe_replays_the_dev_best_selection(study, tiny, tmp_path):
     empty = recipe_components(tiny, doc)
     assert not empty.pairs and empty.meta["k"] == 0 and "nothing to prune" in empty.meta["why"]
     assert Components.load(empty.save(tmp_path / "e.json")).meta["k"] == 0
+
+
+def test_recipe_on_the_command_line(study, tiny, tmp_path, monkeypatch, capsys):
+    """`mechcopy find --recipe copy-mechanism --study FILE` writes what `recipe_components` makes, and refuses
+    a study of another model."""
+    import json
+
+    import mechcopy.models
+    from mechcopy.commands import main
+    from mechcopy.components import Components
+    from mechcopy.copy_mechanism import recipe_components
+
+    monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: tiny)
+    s = tiny_settings(study)
+    doc = {"model": "smollm2-135m", "settings": s, "selections": {"neurons": [
+        {"seed": 0, "dev_unpruned_accuracy": 0.3, "chosen": {"condition": "zero-k2", "ablation": "zero", "k": 2,
+                                                             "dev_accuracy": 0.4, "ppl_increase": 0.01,
+                                                             "components": [[0, 1], [1, 2]]}}]}}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(doc))
+    assert main(["find", "--model", "smollm2-135m", "--recipe", "copy-mechanism", "--study", str(path),
+                 "--out", str(tmp_path / "c.json")]) == 0
+    got = Components.load(tmp_path / "c.json")
+    want = recipe_components(tiny, doc)
+    assert got.pairs == want.pairs == ((0, 1), (1, 2)) and got.meta["intervention"] == {"ablation": "zero", "positions": "all"}
+    assert "neurons, selection seed 0" in capsys.readouterr().out
+    assert main(["find", "--model", "gemma-3-270m", "--recipe", "copy-mechanism", "--study", str(path),
+                 "--out", str(tmp_path / "d.json")]) != 0
+    assert "is of 'smollm2-135m', not --model 'gemma-3-270m'" in capsys.readouterr().err
