@@ -42,7 +42,7 @@ def baselines(model, shots: int = 4, n: int = 100, seed: int = 0, progress: bool
         "seconds": round(seconds, 1),
         "perplexity": {"value": ppl, "text": "pydoc_data.topics", "n_tokens": 4096, "window": 256,
                        "seconds": round(time.perf_counter() - t1, 1)},
-        "results": rows, "dropped": dropped,
+        "results": [r.to_json() for r in rows], "dropped": dropped,
     }
 
 

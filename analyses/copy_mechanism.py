@@ -44,9 +44,12 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:   # mechcopy (torch, TransformerLens) is imported where a stage runs
+    from mechcopy.suite import ResultRow
 
 #: the settings frozen before the first result (docs/copy_mechanism.md, "Frozen before the first run")
 SETTINGS: dict[str, Any] = {
@@ -307,7 +310,7 @@ def probe_test(model, selections: Sequence[dict], settings: dict = SETTINGS, arm
 
 
 def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Path, settings: dict = SETTINGS,
-            progress: bool = True, arm: str = "neurons") -> tuple[list[dict], dict]:
+            progress: bool = True, arm: str = "neurons") -> tuple[list[ResultRow], dict]:
     """The held-out label tasks in one construction: every condition of the study, label scoring. The
     neuron arm runs the calibrations alone too; the head arm only its sets, their random sets and the
     sets + calibration (and the unpruned model again, to check it reproduces the neuron arm's)."""
@@ -341,18 +344,18 @@ def ablation_costs(model, selections: Sequence[dict], settings: dict = SETTINGS,
 # ---------------------------------------------------------------- the summary: tables and criteria
 
 
-def _rows_by(rows: Sequence[dict]) -> dict[str, dict[str, dict]]:
-    out: dict[str, dict[str, dict]] = {}
+def _rows_by(rows: Sequence[ResultRow]) -> dict[str, dict[str, ResultRow]]:
+    out: dict[str, dict[str, ResultRow]] = {}
     for r in rows:
-        out.setdefault(r["condition"], {})[r["task"]] = r
+        out.setdefault(r.condition, {})[r.task] = r
     return out
 
 
-def _ce(row: dict) -> float | None:
-    return (row.get("copy_effect") or {}).get("effect")
+def _ce(row: ResultRow) -> float | None:
+    return (row.result.copy_effect or {}).get("effect")
 
 
-def compare(rows_no_gold: Sequence[dict], rows_cc: Sequence[dict], condition: str, baseline: str,
+def compare(rows_no_gold: Sequence[ResultRow], rows_cc: Sequence[ResultRow], condition: str, baseline: str,
             seed: int = 0, cc_prompts: dict[str, Sequence] | None = None) -> dict[str, Any]:
     """condition - baseline on the held-out tasks: accuracy and copy rate (no-gold; pooled with its
     prompt-level interval, `stats.pooled`, and with the task as the unit, `stats.task_level`) and the
@@ -365,8 +368,8 @@ def compare(rows_no_gold: Sequence[dict], rows_cc: Sequence[dict], condition: st
     if condition in by and baseline in by:
         tasks = sorted(set(by[condition]) & set(by[baseline]))
         for metric, key in (("accuracy", "correct"), ("copy_rate", "copy")):
-            per_task = {t: (np.asarray(by[condition][t][key], bool), np.asarray(by[baseline][t][key], bool))
-                        for t in tasks}
+            per_task = {t: (np.asarray(getattr(by[condition][t].result, key), bool),
+                            np.asarray(getattr(by[baseline][t].result, key), bool)) for t in tasks}
             pooled = stats.pooled(per_task, condition, baseline, metric, seed=seed)
             level = stats.task_level({t: float(x.mean() - y.mean()) for t, (x, y) in per_task.items()}, metric,
                                      condition, baseline, seed=seed)
@@ -384,8 +387,9 @@ def compare(rows_no_gold: Sequence[dict], rows_cc: Sequence[dict], condition: st
             if cc_prompts is not None:
                 from mechcopy.copy_effect import copy_effect_difference
 
-                paired = copy_effect_difference({t: (cc_prompts[t], by[condition][t]["predictions"],
-                                                     by[baseline][t]["predictions"], by[baseline][t]["copy_effect"]["labels"])
+                paired = copy_effect_difference({t: (cc_prompts[t], by[condition][t].result.predictions,
+                                                     by[baseline][t].result.predictions,
+                                                     (by[baseline][t].result.copy_effect or {})["labels"])
                                                  for t in diffs}, seed=seed)
                 out["copy_effect"]["prompt_ci"] = paired["ci"]
                 out["copy_effect"]["prompt_diff"] = paired["diff"]
@@ -400,7 +404,8 @@ def _level(diffs: dict[str, float], what: str, seed: int = 0) -> dict[str, Any]:
             "n_down": level.n_down, "n_tasks": level.n_tasks, "per_task": level.diffs}
 
 
-def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Sequence[dict], rows_cc: Sequence[dict],
+def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Sequence[ResultRow],
+             rows_cc: Sequence[ResultRow],
              probe_prompts=None, settings: dict = SETTINGS, seed: int = 0, arm: str = "neurons") -> dict[str, Any]:
     """Both criteria of docs/copy_mechanism.md, per seed and for the mean over seeds.
 
@@ -452,7 +457,7 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
         for cal in settings["calibrations"]:
             for name in (f"pruned@{g}", f"pruned+{cal}@{g}"):
                 if name in ng and cal in ng:
-                    d = {t: float(np.mean(ng[name][t]["correct"]) - np.mean(ng[cal][t]["correct"]))
+                    d = {t: float(np.mean(ng[name][t].result.correct) - np.mean(ng[cal][t].result.correct))
                          for t in sorted(set(ng[name]) & set(ng[cal]))}
                     r = _level(d, f"acc({name}) - acc({cal})", seed)
                     r["holds"] = bool(r["task_ci"][0] > 0)
@@ -485,7 +490,7 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
             names += [("unpruned" if stem == "pruned" else cal) for g in empty] if names else []
             if names and cal in ng:
                 tasks = sorted(set(ng[cal]).intersection(*(set(ng[n]) for n in names)))
-                d = {t: float(np.mean([np.mean(ng[n][t]["correct"]) for n in names]) - np.mean(ng[cal][t]["correct"]))
+                d = {t: float(np.mean([np.mean(ng[n][t].result.correct) for n in names]) - np.mean(ng[cal][t].result.correct))
                      for t in tasks}
                 r = _level(d, f"acc({stem}, mean over seeds) - acc({cal})", seed)
                 r["holds"] = bool(r["task_ci"][0] > 0)
@@ -506,11 +511,12 @@ def load_state(work: Path, arm: str) -> dict[str, Any]:
     import json
 
     from mechcopy.io import read_jsonl
+    from mechcopy.suite import ResultRow
 
     read = lambda name: json.loads((work / _file(arm, name)).read_text()) if (work / _file(arm, name)).exists() else None
     return {"selections": [json.loads(p.read_text()) for p in sorted(work.glob(_file(arm, "select_seed*.json")))],
             "probe": read("probe_test.json"), "costs": read("costs.json") or {},
-            "rows": {c: [e["row"] for e in read_jsonl(work / _file(arm, f"heldout_{c}.jsonl")) if isinstance(e, dict)
+            "rows": {c: [ResultRow.from_json(e["row"]) for e in read_jsonl(work / _file(arm, f"heldout_{c}.jsonl")) if isinstance(e, dict)
                          and "row" in e] if (work / _file(arm, f"heldout_{c}.jsonl")).exists() else []
                      for c in CONSTRUCTIONS}}
 
@@ -540,8 +546,8 @@ def as_best(states: dict[str, dict], best: dict[int, str | None]) -> dict[str, A
 
     sels = [next(s for s in states[arm]["selections"] if s["seed"] == seed) if arm else {"seed": seed, "chosen": None}
             for seed, arm in best.items()]
-    rows = {c: [r | {"condition": rename(r["condition"])} for arm in ARMS for r in states[arm]["rows"][c]
-                if rename(r["condition"])] for c in CONSTRUCTIONS}
+    rows = {c: [replace(r, result=replace(r.result, condition=rename(r.condition))) for arm in ARMS
+                for r in states[arm]["rows"][c] if rename(r.condition)] for c in CONSTRUCTIONS}
     probe = None
     if states["neurons"]["probe"] is not None:
         preds = {"unpruned": states["neurons"]["probe"]["predictions"]["unpruned"]}
@@ -570,11 +576,11 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
     reproduced = {}
     for arm in ARMS[1:]:   # every other arm's unpruned rows must equal the neuron arm's
         for c in CONSTRUCTIONS:
-            mine = {r["task"]: r["predictions"] for r in states[arm]["rows"][c] if r["condition"] == "unpruned"}
-            theirs = {r["task"]: r["predictions"] for r in neurons["rows"][c] if r["condition"] == "unpruned"}
+            mine = {r.task: r.result.predictions for r in states[arm]["rows"][c] if r.condition == "unpruned"}
+            theirs = {r.task: r.result.predictions for r in neurons["rows"][c] if r.condition == "unpruned"}
             if mine:
                 reproduced[f"{arm} {c}"] = all(mine[t] == theirs.get(t) for t in mine)
-    rows = {c: neurons["rows"][c] + [r for arm in ARMS[1:] for r in states[arm]["rows"][c] if r["condition"] != "unpruned"]
+    rows = {c: neurons["rows"][c] + [r for arm in ARMS[1:] for r in states[arm]["rows"][c] if r.condition != "unpruned"]
             for c in CONSTRUCTIONS}
     costs = {k: v for arm in ARMS for k, v in states[arm]["costs"].items()}
     ng = _rows_by(rows["no-gold"])
@@ -589,7 +595,7 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
                       for t in load_tasks(",".join(sorted(_rows_by(rows["copy-control"]).get("unpruned", {}))))} \
             if rows["copy-control"] else None
         for t, r in (_rows_by(rows["copy-control"]).get("unpruned", {}) if cc_prompts else {}).items():
-            again = copy_effect(cc_prompts[t], r["predictions"], r["copy_effect"]["labels"]).effect
+            again = copy_effect(cc_prompts[t], r.result.predictions, (r.result.copy_effect or {})["labels"]).effect
             if again is None or abs(again - _ce(r)) > 1e-9:
                 raise ValueError(f"the copy-control prompts of {t} rebuilt here do not give the saved copy effect "
                                  f"({again} vs {_ce(r)}): the prompts changed since the run")
@@ -602,9 +608,10 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
         for cal in settings["calibrations"]:
             ablation = ablation.replace(f"+{cal}", "")
         c["ppl_increase"] = costs.get(ablation, 0.0)     # calibration alone changes no activation
-        c["seconds_per_task"] = float(np.mean([r["seconds"] for r in ng[name].values()]))
+        c["seconds_per_task"] = float(np.mean([r.seconds for r in ng[name].values()]))
         table.append(c)
-    levels = {c: {name: {t: {k: r[k] for k in ("n", "accuracy", "copy_rate")} | {"copy_effect": _ce(r)}
+    levels = {c: {name: {t: {"n": r.result.n, "accuracy": r.result.accuracy, "copy_rate": r.result.copy_rate,
+                              "copy_effect": _ce(r)}
                           for t, r in per.items()} for name, per in _rows_by(rows[c]).items()} for c in CONSTRUCTIONS}
     best = best_arm(neurons["selections"], heads["selections"])
     crit = {}
@@ -625,10 +632,10 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
         "best_arm": {f"s{seed}": arm for seed, arm in best.items()},
         "unpruned_reproduced": reproduced,
         "finished": {arm: {"select": [s["seed"] for s in st["selections"]], "probe_test": st["probe"] is not None,
-                           **{f"heldout_{c}": sorted({r["task"] for r in st["rows"][c]}) for c in CONSTRUCTIONS}}
+                           **{f"heldout_{c}": sorted({r.task for r in st["rows"][c]}) for c in CONSTRUCTIONS}}
                      for arm, st in states.items()},
-        "unpruned": {"accuracy": float(np.mean([r["accuracy"] for r in ng.get("unpruned", {}).values()] or [np.nan])),
-                     "copy_rate": float(np.mean([r["copy_rate"] for r in ng.get("unpruned", {}).values()] or [np.nan])),
+        "unpruned": {"accuracy": float(np.mean([r.result.accuracy for r in ng.get("unpruned", {}).values()] or [np.nan])),
+                     "copy_rate": float(np.mean([r.result.copy_rate for r in ng.get("unpruned", {}).values()] or [np.nan])),
                      "copy_effect": float(np.mean([_ce(r) for r in _rows_by(rows["copy-control"]).get("unpruned", {}).values()
                                                    if _ce(r) is not None] or [np.nan])),
                      "what": "pooled over the held-out tasks, each weighing the same (no-gold; copy effect: copy-control)"},

@@ -31,15 +31,17 @@ def pruning_table(model, neurons, tasks, n: int = 50, shots: int = 4, seed: int 
     rows, dropped = run_evaluation(model, tasks, shots=shots, n=n, seed=seed, conditions=conds, progress=progress)
     seconds = time.perf_counter() - t0
     summary = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        by = {r["spec"]["family"]: r for r in rows if r["task"] == task and r["spec"]["family"] != "random"}
-        rand = [r for r in rows if r["task"] == task and r["spec"]["family"] == "random"]
-        entry = {"task": task, "kind": by["unpruned"].get("kind"), "n": by["unpruned"]["n"]}
+    for task in dict.fromkeys(r.task for r in rows):
+        by = {r.spec.family: r for r in rows if r.task == task and r.spec.family != "random"}
+        rand = [r.result for r in rows if r.task == task and r.spec.family == "random"]
+        entry = {"task": task, "kind": by["unpruned"].kind, "n": by["unpruned"].result.n}
         for cond in ("unpruned", "pruned", "bottom"):
             if cond in by:
-                entry[cond] = {k: by[cond][k] for k in ("accuracy", "accuracy_ci", "copy_rate", "copy_rate_ci")}
+                res = by[cond].result
+                entry[cond] = {"accuracy": res.accuracy, "accuracy_ci": list(res.accuracy_ci),
+                               "copy_rate": res.copy_rate, "copy_rate_ci": list(res.copy_rate_ci)}
         if rand:
-            accs, copies = [r["accuracy"] for r in rand], [r["copy_rate"] for r in rand]
+            accs, copies = [r.accuracy for r in rand], [r.copy_rate for r in rand]
             entry["random"] = {"accuracy_mean": statistics.mean(accs),
                                "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                                "copy_rate_mean": statistics.mean(copies),
@@ -51,7 +53,8 @@ def pruning_table(model, neurons, tasks, n: int = 50, shots: int = 4, seed: int 
             "settings": {"n": n, "shots": shots, "seed": seed, "n_random": n_random,
                          "tasks": [t.name for t in tasks], "selection": {k: v for k, v in neurons.meta.items()
                                                                         if k not in ("sweep",)}},
-            "sweep": neurons.meta.get("sweep"), "rows": rows, "dropped": dropped, "summary": summary,
+            "sweep": neurons.meta.get("sweep"), "rows": [r.to_json() for r in rows], "dropped": dropped,
+            "summary": summary,
             "seconds": round(seconds, 1)}
 
 

@@ -69,7 +69,7 @@ from mechcopy.conditions import UNPRUNED, Condition
 from mechcopy.evaluation import evaluate
 from mechcopy.io import write_json_atomic
 from mechcopy.method import FindConfig
-from mechcopy.provenance import git_revision, run_stages
+from mechcopy.provenance import git_revision, read_stage, run_stages
 from mechcopy.pruning import component_means, component_sizes
 from mechcopy.selection import select
 from mechcopy.stability import bootstrap_stability, jaccard, stability_report
@@ -77,6 +77,8 @@ from mechcopy.suite import run_evaluation
 from mechcopy.sweeps import KSweep
 from mechcopy.tasks import load_tasks
 from mechcopy.tasks.outcomes import outcome_rates
+from study_results import (AttributionStage, CardsStage, HeldOutStage, KCurveStage, MethodsStage, MethodStability,
+                           ProbeRates, ProbeStage, SelectionStage, StabilityStage, TimedChecks)
 
 VARIANTS: dict[str, FindConfig] = {
     # what the evidence supports: a balanced probe, IG gated by completeness, min-max per prompt
@@ -182,41 +184,37 @@ class Study:
                 "gradxact": method.score(self.model, self.gradxact(),
                                          replace(self.find, attribution="gradxact", max_completeness_error=None))}
 
-    def selection(self) -> dict[str, Any]:
-        return json.loads((self.out / "selection.json").read_text())["result"]
+    def selection(self) -> SelectionStage:
+        return SelectionStage.from_json(read_stage(self.out, "selection"))
 
     def sweep(self) -> KSweep:
-        return KSweep.from_json(self.selection()["sweep"])
+        return self.selection().sweep
 
 
-def _rates(model, prompts) -> dict[str, Any]:
+def _rates(model, prompts) -> ProbeRates:
     res = evaluate(model, prompts)
     preds = list(res.predictions)
-    out = {"accuracy": res.accuracy, "accuracy_ci": res.accuracy_ci, "copy_rate": res.copy_rate,
-           "copy_rate_ci": res.copy_rate_ci, "n": res.n,
-           "gold_labels": {g: sum(p.answer == g for p in prompts) for g in sorted({p.answer for p in prompts})},
-           "predicted": {g: preds.count(g) for g in sorted(set(preds))}}
-    if all(p.label_space for p in prompts):
-        out.update(outcome_rates(prompts, preds))
-    return out
+    return ProbeRates(res.accuracy, res.accuracy_ci, res.copy_rate, res.copy_rate_ci, res.n,
+                      {g: sum(p.answer == g for p in prompts) for g in sorted({p.answer for p in prompts})},
+                      {g: preds.count(g) for g in sorted(set(preds))},
+                      outcome_rates(prompts, preds) if all(p.label_space for p in prompts) else {})
 
 
-def stage_probe(study: Study) -> dict:
+def stage_probe(study: Study) -> ProbeStage:
     probe = study.probe
-    return {"dev": _rates(study.model, list(probe.dev)), "test": _rates(study.model, list(probe.test)),
-            "n_attr": len(probe.attribution), "example": probe.dev[0].text}
+    return ProbeStage(_rates(study.model, list(probe.dev)), _rates(study.model, list(probe.test)),
+                      len(probe.attribution), probe.dev[0].text)
 
 
-def stage_attribution(study: Study) -> dict:
+def stage_attribution(study: Study) -> AttributionStage:
     ig, gx = study.ig(), study.gradxact()
     err = ig.completeness_error().median(0).values
-    return {"n": len(study.probe.attribution), "ig_seconds": Attributions.load(study.out / "ig.safetensors")[1]["seconds"],
-            "gradxact_seconds": Attributions.load(study.out / "gradxact.safetensors")[1]["seconds"],
-            "completeness_error_median_per_layer": [round(float(e), 6) for e in err],
-            "mean_target_clean": float(ig.target_clean.mean())}
+    return AttributionStage(len(study.probe.attribution), Attributions.load(study.out / "ig.safetensors")[1]["seconds"],
+                            Attributions.load(study.out / "gradxact.safetensors")[1]["seconds"],
+                            tuple(round(float(e), 6) for e in err), float(ig.target_clean.mean()))
 
 
-def stage_stability(study: Study) -> dict:
+def stage_stability(study: Study) -> StabilityStage:
     cfg, find = study.cfg, study.find
     ig = study.ig()
     gate = study.scores().allowed_layers
@@ -230,11 +228,10 @@ def stage_stability(study: Study) -> dict:
     settings["gradxact contrast"] = study.attributions("gradxact-sub", replace(find, attribution="gradxact"), prompts)
     full = stability_report(ig, ks=ks, n_boot=cfg.n_boot, seed=cfg.seed, allowed_layers=gate)
     across = stability_report(settings, ks=ks, n_boot=cfg.n_boot, seed=cfg.seed, allowed_layers=gate)
-    return {"bootstrap_and_normalisations": full.to_json(), "ig_settings": across.to_json(),
-            "allowed_layers": None if gate is None else list(gate), "methods": _method_stability(study, ks)}
+    return StabilityStage(full, across, gate, _method_stability(study, ks))
 
 
-def _method_stability(study: Study, ks) -> dict:
+def _method_stability(study: Study, ks) -> dict[str, MethodStability]:
     """For each attribution of `Study.methods`, on all attribution prompts: the bootstrap of its own
     selection (its gate, the variant's normalisation) and the Jaccard overlap of its top-k set with the
     variant's IG top-k set."""
@@ -246,56 +243,51 @@ def _method_stability(study: Study, ks) -> dict:
         att = atts["gradxact" if name == "gradxact" else "ig"]
         boot = bootstrap_stability(att, ks, study.find.normalisation, study.cfg.n_boot, study.cfg.seed,
                                    scores.allowed_layers)
-        res[name] = {"allowed_layers": None if scores.allowed_layers is None else list(scores.allowed_layers),
-                     "bootstrap": boot.to_json(),
-                     "jaccard_with_variant": {str(k): jaccard(frozenset(select(scores, "global", k=k).pairs),
-                                                              frozenset(select(reference, "global", k=k).pairs))
-                                              for k in ks}}
+        res[name] = MethodStability(scores.allowed_layers, boot,
+                                    {int(k): jaccard(frozenset(select(scores, "global", k=k).pairs),
+                                                     frozenset(select(reference, "global", k=k).pairs)) for k in ks})
     return res
 
 
-def stage_selection(study: Study) -> dict:
+def stage_selection(study: Study) -> SelectionStage:
     """The method's choice on the dev split (`method.choose_k`, then `method.decide`: the guard), and what
     the sweep says without its bound."""
     scores = study.scores()
     sweep = method.choose_k(study.model, scores, study.probe.dev, study.find, progress=True)
     choice = method.decide(study.model, scores, sweep, study.probe.attribution, study.find)
-    return {"sweep": sweep.to_json(), "chosen_k": choice.k, "sweep_k": sweep.chosen_k,
-            "guard": None if choice.guard is None else choice.guard.to_json(),
-            "why": choice.components.meta.get("why", ""),
-            "unbounded_k": sweep.best_unbounded_k, "smallest_better_k": sweep.smallest_unbounded_k,
-            "allowed_layers": None if scores.allowed_layers is None else list(scores.allowed_layers)}
+    return SelectionStage(sweep, choice.k, sweep.chosen_k, choice.guard, choice.components.meta.get("why", ""),
+                          sweep.best_unbounded_k, sweep.smallest_unbounded_k, scores.allowed_layers)
 
 
-def stage_consistency(study: Study) -> dict:
+def stage_consistency(study: Study) -> TimedChecks:
     cfg = study.cfg
     prompts = study.probe.attribution[:cfg.n_consistency]
-    res = {}
+    checks, seconds = {}, {}
     for name, scores in study.methods().items():
         t0 = time.perf_counter()
-        res[name] = self_consistency(study.model, prompts, scores, cfg.ks, n_random=cfg.n_random, seed=cfg.seed,
-                                     progress=True, match=cfg.random_match).to_json()
-        res[name]["seconds"] = round(time.perf_counter() - t0, 1)
-    return res
+        checks[name] = self_consistency(study.model, prompts, scores, cfg.ks, n_random=cfg.n_random, seed=cfg.seed,
+                                        progress=True, match=cfg.random_match)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    return TimedChecks(checks, seconds)
 
 
-def stage_cards(study: Study) -> dict:
+def stage_cards(study: Study) -> CardsStage:
     scores = study.scores()
     top = select(scores, "global", k=study.cfg.n_cards)
     cards = neuron_cards(study.model, top, list(study.probe.dev), scores=scores)
     viz.save_figure(viz.plot_neuron_cards(cards), study.out / "cards.png")
-    return {"cards": [c.to_json() for c in cards], "neurons": [list(n) for n in top.pairs]}
+    return CardsStage(cards, top.pairs)
 
 
-def stage_ablation(study: Study) -> dict:
+def stage_ablation(study: Study) -> TimedChecks:
     cfg, model = study.cfg, study.model
     dev = list(study.probe.dev)
     scores = study.scores()
-    chosen = study.selection()["chosen_k"]
+    chosen = study.selection().chosen_k
     ks = sorted(set(cfg.ks) | ({chosen} if chosen else set()))
     prompts = study.probe.attribution[:cfg.n_consistency]
     reference = f"dev split, {len(dev)} prompts"
-    res: dict[str, Any] = {"ks": ks, "chosen_k": chosen, "means_from": reference}
+    checks, seconds = {}, {}
     ablations = {"zero": ("zero", "all", None),
                  "mean": ("mean", "all", component_means(model, dev, positions="all", reference=reference)),
                  "zero, last position": ("zero", "last", None),
@@ -303,11 +295,11 @@ def stage_ablation(study: Study) -> dict:
                                                                            reference=reference))}
     for name, (ablation, positions, means) in ablations.items():
         t0 = time.perf_counter()
-        res[name] = self_consistency(model, prompts, scores, ks, n_random=cfg.n_random, seed=cfg.seed, progress=True,
-                                     ablation=ablation, positions=positions, means=means,
-                                     match=cfg.random_match).to_json()
-        res[name]["seconds"] = round(time.perf_counter() - t0, 1)
-    return res
+        checks[name] = self_consistency(model, prompts, scores, ks, n_random=cfg.n_random, seed=cfg.seed,
+                                        progress=True, ablation=ablation, positions=positions, means=means,
+                                        match=cfg.random_match)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    return TimedChecks(checks, seconds, tuple(ks), chosen, reference)
 
 
 def _with_random(study: Study, sets: dict[Any, Components], n_random: int) -> list[Condition]:
@@ -334,51 +326,48 @@ def _evaluate_tasks(study: Study, stage: str, conds: list[Condition], n: int, go
     return tasks, rows, {t: len(d) for t, d in dropped.items()}
 
 
-def _stage_evaluate(study: Study, gold_in_demos: bool) -> dict:
+def _stage_evaluate(study: Study, gold_in_demos: bool) -> HeldOutStage:
     """unpruned, and per k of the grid its top-k set and layer-matched random sets. The grid holds the
     method's choice (when not 0) and, with no bound, the k the dev split prefers and the smallest k that
     beats the unpruned model on it (when some k does), else k = 20."""
     cfg, selection, sweep = study.cfg, study.selection(), study.sweep()
     scores = study.scores()
-    grid = sorted({k for k in (selection["chosen_k"], sweep.smallest_unbounded_k, sweep.best_unbounded_k) if k} or {20})
+    grid = sorted({k for k in (selection.chosen_k, sweep.smallest_unbounded_k, sweep.best_unbounded_k) if k} or {20})
     conds = _with_random(study, {k: select(scores, "global", k=k) for k in grid}, cfg.n_random)
     stage = "evaluate-standard" if gold_in_demos else "evaluate-nogold"
     _, rows, dropped = _evaluate_tasks(study, stage, conds, cfg.n_eval, gold_in_demos)
-    return {"grid": grid, "chosen_k": selection["chosen_k"], "unbounded_k": sweep.best_unbounded_k,
-            "smallest_better_k": sweep.smallest_unbounded_k, "rows": rows, "dropped": dropped,
-            "comparisons": {str(k): compare_rows(rows, seed=cfg.seed, group=k) for k in grid}}
+    return HeldOutStage(tuple(grid), selection.chosen_k, sweep.best_unbounded_k, sweep.smallest_unbounded_k,
+                        tuple(rows), dropped, {k: compare_rows(rows, seed=cfg.seed, group=k) for k in grid})
 
 
-def stage_evaluate_methods(study: Study) -> dict:
+def stage_evaluate_methods(study: Study) -> MethodsStage:
     cfg, selection = study.cfg, study.selection()
-    k = selection["chosen_k"] or study.sweep().smallest_unbounded_k or 20
+    k = selection.chosen_k or study.sweep().smallest_unbounded_k or 20
     methods = study.methods()
     conds = _with_random(study, {name: select(scores, "global", k=k) for name, scores in methods.items()}, 1)
     _, rows, dropped = _evaluate_tasks(study, "evaluate-methods", conds, cfg.n_curve, True)
-    return {"k": k, "chosen_k": selection["chosen_k"], "n_per_task": cfg.n_curve, "methods": list(methods),
-            "rows": rows, "dropped": dropped,
-            "pooled": {name: compare_rows(rows, seed=cfg.seed, group=name)["pooled"] for name in methods}}
+    return MethodsStage(k, selection.chosen_k, cfg.n_curve, tuple(methods), tuple(rows), dropped,
+                        {name: compare_rows(rows, seed=cfg.seed, group=name)["pooled"] for name in methods})
 
 
-def stage_kcurve_tasks(study: Study) -> dict:
+def stage_kcurve_tasks(study: Study) -> KCurveStage:
     cfg, selection = study.cfg, study.selection()
     scores = study.scores()
     ks = study.sweep().ks
     conds = _with_random(study, {k: select(scores, "global", k=k) for k in ks}, 1)
     tasks, rows, dropped = _evaluate_tasks(study, "kcurve-tasks", conds, cfg.n_curve, True)
-    pooled = {str(k): compare_rows(rows, seed=cfg.seed, group=k)["pooled"] for k in ks}
-    viz.save_figure(viz.plot_k_curve(pooled, selection["chosen_k"], title=f"{Path(cfg.model).name} / {cfg.variant}: "
+    pooled = {k: compare_rows(rows, seed=cfg.seed, group=k)["pooled"] for k in ks}
+    viz.save_figure(viz.plot_k_curve(pooled, selection.chosen_k, title=f"{Path(cfg.model).name} / {cfg.variant}: "
                                      f"the k curve on {len(tasks)} tasks, {cfg.n_curve} prompts each"),
                     study.out / "kcurve-tasks.png")
-    return {"ks": ks, "chosen_k": selection["chosen_k"], "n_per_task": cfg.n_curve, "rows": rows,
-            "dropped": dropped, "pooled": pooled}
+    return KCurveStage(tuple(ks), selection.chosen_k, cfg.n_curve, tuple(rows), dropped, pooled)
 
 
-def stage_evaluate_standard(study: Study) -> dict:
+def stage_evaluate_standard(study: Study) -> HeldOutStage:
     return _stage_evaluate(study, True)
 
 
-def stage_evaluate_nogold(study: Study) -> dict:
+def stage_evaluate_nogold(study: Study) -> HeldOutStage:
     return _stage_evaluate(study, False)
 
 

@@ -3,8 +3,8 @@
     python analyses/replication_tables.py [--root results/replication] \
         [--models smollm2-135m,gemma-3-270m] [--variants default,faithful,classic]
 
-Reads ROOT/MODEL/VARIANT/<stage>.json (each `{"stage", "seconds", "result"}`) and prints one table per
-concern to stdout: probe, attribution cost and completeness, the k sweep, self-consistency, stability,
+Reads ROOT/MODEL/VARIANT/<stage>.json (each `{"stage", "seconds", "result"}`) as the stage's typed result
+(`study_results.STAGE_TYPES`) and prints one table per concern to stdout: probe, attribution cost and completeness, the k sweep, self-consistency, stability,
 mean ablation, neuron cards, the k curve on the tasks, held-out effect. The stages finish one by one over hours, so a missing
 folder or stage is a "(not run)" cell or note, never an error: the tables can be regenerated at any
 point. Nothing is recomputed; the held-out comparisons use `mechcopy.comparisons.comparisons_table`.
@@ -17,17 +17,22 @@ import json
 import math
 from pathlib import Path
 
+from mechcopy.audit import SelfConsistency
 from mechcopy.comparisons import comparisons_table
+from mechcopy.stability import spread
+from mechcopy.stats import Comparison
+from study_results import STAGE_TYPES
 
 NOT_RUN = "(not run)"
 
 
 # ---------------------------------------------------------------- reading and formatting
 
-def load(root: Path, model: str, variant: str, stage: str) -> dict | None:
-    """The stage's `result`, or None when the file is missing (a ValueError or KeyError when it is broken)."""
+def load(root: Path, model: str, variant: str, stage: str):
+    """The stage's result as its type (`STAGE_TYPES`), or None when the file is missing (a ValueError or
+    KeyError when it is broken)."""
     path = root / model / variant / f"{stage}.json"
-    return json.loads(path.read_text())["result"] if path.exists() else None
+    return STAGE_TYPES[stage].from_json(json.loads(path.read_text())["result"]) if path.exists() else None
 
 
 def num(x, digits: int = 3) -> str:
@@ -85,7 +90,7 @@ DIFF_COLUMNS = [("accuracy", "pruned - unpruned"), ("accuracy", "pruned - random
 DIFF_HEAD = ["Δ acc pruned − unpruned", "Δ acc pruned − random", "Δ copy pruned − unpruned", "Δ copy pruned − random"]
 
 
-def diff_cells(comparisons: list[dict]) -> list[str]:
+def diff_cells(comparisons: list[Comparison]) -> list[str]:
     """The four paired differences of DIFF_COLUMNS from `comparisons.compare_rows` entries, with
     intervals (and, pooled, how many tasks move up/down after Holm)."""
     df = comparisons_table(comparisons)
@@ -119,11 +124,11 @@ def each(args, stage: str, rows_of, width: int) -> list[list]:
 def probe_table(args) -> str:
     def rows_of(res, *_):
         out = []
-        for split in ("dev", "test"):
-            s = res[split]
-            out.append([split, s["n"], with_ci(s["accuracy"], s["accuracy_ci"]),
-                        with_ci(s["copy_rate"], s["copy_rate_ci"]), num(s.get("in_range")),
-                        num(s.get("copy_per_label")), num(s.get("in_range_per_label")), counts(s.get("predicted")), counts(s.get("gold_labels"))])
+        for split, s in (("dev", res.dev), ("test", res.test)):
+            rates = s.outcomes
+            out.append([split, s.n, with_ci(s.accuracy, s.accuracy_ci), with_ci(s.copy_rate, s.copy_rate_ci),
+                        num(rates.get("in_range")), num(rates.get("copy_per_label")),
+                        num(rates.get("in_range_per_label")), counts(s.predicted), counts(s.gold_labels)])
         return out
 
     head = ["model", "variant", "split", "n", "accuracy [95% CI]", "copy rate [95% CI]", "in range",
@@ -137,11 +142,11 @@ def probe_table(args) -> str:
 
 def attribution_table(args) -> str:
     def rows_of(res, m, v):
-        err = res["completeness_error_median_per_layer"]
+        err = res.completeness_error_median_per_layer
         rest = max(range(1, len(err)), key=lambda i: err[i], default=None)
         sel = load(args.root, m, v, "selection") or load(args.root, m, v, "stability")
-        allowed = ranges(sel["allowed_layers"]) if sel and "allowed_layers" in sel else NOT_RUN
-        return [[res["n"], num(res["ig_seconds"]), num(res["gradxact_seconds"]), num(err[0]) if err else "–",
+        allowed = ranges(sel.allowed_layers) if sel else NOT_RUN
+        return [[res.n, num(res.ig_seconds), num(res.gradxact_seconds), num(err[0]) if err else "–",
                  f"{num(err[rest])} (layer {rest})" if rest is not None else "–", allowed]]
 
     head = ["model", "variant", "prompts", "IG s", "grad×act s", "completeness error, layer 0",
@@ -155,18 +160,18 @@ def selection_table(args) -> str:
     notes = []
 
     def rows_of(res, m, v):
-        sweep = res["sweep"]
-        chosen = res.get("chosen_k", sweep.get("chosen_k"))
+        sweep = res.sweep
+        chosen = res.chosen_k
         out = []
-        for r in [sweep["baseline"]] + sweep["rows"]:
+        for r in [sweep.baseline, *sweep.rows]:
             mark = " ← chosen" if r["k"] == chosen else ""
             out.append([f"{r['k']}{mark}", num(r["dev_accuracy"]), num(r["dev_copy_rate"]),
                         f"{100 * r['ppl_increase']:+.3g}%" if r.get("ppl_increase") is not None else "–",
                         {True: "yes", False: "no"}.get(r.get("feasible"), "–")])
-        bound = sweep.get("max_ppl_increase")
+        bound = sweep.max_ppl_increase
         notes.append(f"- {m} / {v}: chosen k = {chosen}"
                      + (f" (bound: perplexity +{100 * bound:.3g}%)" if bound is not None else "")
-                     + (f"; why: {sweep['why']}" if sweep.get("why") else ""))
+                     + (f"; why: {sweep.why}" if sweep.why else ""))
         return out
 
     head = ["model", "variant", "k", "dev accuracy", "dev copy rate", "ppl increase", "feasible"]
@@ -179,18 +184,17 @@ CONSISTENCY_HEAD = ["target unpruned", "chosen − unpruned [95% CI]", "random �
                     "chosen − random [95% CI]", "p", "passes"]
 
 
-def consistency_rows(source: str, s: dict, notes: list[str], where: str) -> list[list]:
+def consistency_rows(source: str, s: SelfConsistency, notes: list[str], where: str) -> list[list]:
     """One row per k of an `audit.self_consistency` result; a line in `notes` on where it passes."""
-    passed = [r["k"] for r in s["rows"] if r["passed"]]
-    notes.append(f"- {where}, {source} (target {s.get('target')}, {s.get('n_random')} random sets): "
+    passed = [r.k for r in s.rows if r.passed]
+    notes.append(f"- {where}, {source} (target {s.target}, {s.n_random} random sets): "
                  + (f"passes at k = {', '.join(map(str, passed))}" if passed else "passes at no k")
-                 + f" of {', '.join(str(r['k']) for r in s['rows'])}")
+                 + f" of {', '.join(str(r.k) for r in s.rows)}")
     out = []
-    for r in s["rows"]:
-        vr, vu = r["chosen_vs_random"], r["chosen_vs_unpruned"]
-        out.append([source, r["k"], s.get("n_prompts"), num(r["unpruned"]), with_ci(vu["diff"], vu.get("ci")),
-                    num(r["random"] - r["unpruned"]), with_ci(vr["diff"], vr.get("ci")), num(vr.get("p_value"), 2),
-                    "**yes**" if r["passed"] else "no"])
+    for r in s.rows:
+        vr, vu = r.chosen_vs_random, r.chosen_vs_unpruned
+        out.append([source, r.k, s.n_prompts, num(r.unpruned), with_ci(vu.diff, vu.ci), num(r.random - r.unpruned),
+                    with_ci(vr.diff, vr.ci), num(vr.p_value, 2), "**yes**" if r.passed else "no"])
     return out
 
 
@@ -198,7 +202,7 @@ def consistency_table(args) -> str:
     notes: list[str] = []
 
     def rows_of(res, m, v):
-        return [row for source, s in res.items() for row in consistency_rows(source, s, notes, f"{m} / {v}")]
+        return [row for source, s in res.checks.items() for row in consistency_rows(source, s, notes, f"{m} / {v}")]
 
     head = ["model", "variant", "scores", "k", "prompts", *CONSISTENCY_HEAD]
     note = ("`consistency.json`: the attribution target (contrast = logit of the likeliest demo label minus the "
@@ -217,8 +221,8 @@ def ablation_table(args) -> str:
     notes: list[str] = []
 
     def rows_of(res, m, v):
-        return [row for name in ABLATIONS if name in res for row in
-                consistency_rows(f"ig (variant), {name}", res[name], notes, f"{m} / {v}")]
+        return [row for name in ABLATIONS if name in res.checks for row in
+                consistency_rows(f"ig (variant), {name}", res.checks[name], notes, f"{m} / {v}")]
 
     head = ["model", "variant", "ablation", "k", "prompts", *CONSISTENCY_HEAD]
     note = ("`ablation.json`: the self-consistency check of the variant's IG scores with every set (chosen and "
@@ -233,8 +237,8 @@ def ablation_table(args) -> str:
 def methods_table(args) -> str:
     def rows_of(res, m, v):
         out = []
-        for name in res["methods"]:
-            out.append([name, res["k"], res["n_per_task"], *diff_cells(res["pooled"][name])])
+        for name in res.methods:
+            out.append([name, res.k, res.n_per_task, *diff_cells(res.pooled[name])])
         return out
 
     head = ["model", "variant", "attribution", "k", "prompts per task", *DIFF_HEAD]
@@ -249,20 +253,19 @@ def kcurve_table(args) -> str:
 
     def rows_of(res, m, v):
         rates: dict = {}                           # (family, group) -> [(accuracy, copy rate) per task]
-        for r in res["rows"]:
-            spec = r["spec"]
-            rates.setdefault((spec["family"], spec["group"]), []).append((r["accuracy"], r["copy_rate"]))
+        for r in res.rows:
+            rates.setdefault((r.spec.family, r.spec.group), []).append((r.result.accuracy, r.result.copy_rate))
         png = args.root / m / v / "kcurve-tasks.png"
         if png.exists():
             figures.append(f"- {m} / {v}: `{png}`")
         out = []
-        for k in res["ks"]:
+        for k in res.ks:
             acc, copy = (sum(x) / len(x) for x in zip(*rates[("pruned", k)]))
-            out.append([f"**{k}**" if k == res["chosen_k"] else k, len(rates[("pruned", k)]), res["n_per_task"],
-                        f"{num(acc, 2)} / {num(copy, 2)}", *diff_cells(res["pooled"][str(k)])])
+            out.append([f"**{k}**" if k == res.chosen_k else k, len(rates[("pruned", k)]), res.n_per_task,
+                        f"{num(acc, 2)} / {num(copy, 2)}", *diff_cells(res.pooled[k])])
         base = [sum(x) / len(x) for x in zip(*rates[("unpruned", None)])]
-        return [[f"0 (unpruned){' **chosen**' if res['chosen_k'] == 0 else ''}", len(rates[("unpruned", None)]),
-                 res["n_per_task"], f"{num(base[0], 2)} / {num(base[1], 2)}", "", "", "", ""]] + out
+        return [[f"0 (unpruned){' **chosen**' if res.chosen_k == 0 else ''}", len(rates[("unpruned", None)]),
+                 res.n_per_task, f"{num(base[0], 2)} / {num(base[1], 2)}", "", "", "", ""]] + out
 
     head = ["model", "variant", "k", "tasks", "prompts per task", "acc / copy (mean over tasks)",
             *DIFF_HEAD]
@@ -278,29 +281,29 @@ def stability_table(args) -> str:
     ks: list[str] = []
 
     def rows_of(res, *_):
-        full, settings = res.get("bootstrap_and_normalisations") or {}, res.get("ig_settings") or {}
-        ks[:] = ks or [str(k) for k in (full.get("ks") or settings.get("ks") or [])]
+        full, settings = res.bootstrap_and_normalisations, res.ig_settings
+        ks[:] = ks or list(full.ks or settings.ks)
 
-        def span(d):
+        def span(values):
+            d = spread(values)
             return f"{num(d['mean'], 2)} [{num(d['q05'], 2)}, {num(d['q95'], 2)}]"
 
-        out = [[f"bootstrap, {b['normalisation']}", f"{b['n_prompts']} × {b['n_boot']}", span(b["spearman"])]
-               + [span(b["jaccard"][k]) for k in ks] for b in full.get("bootstrap", [])]
-        out += [[f"normalisation {a['a']} vs {a['b']}", "", num(a["spearman"], 2)]
-                + [num(a["jaccard"][k], 2) for k in ks] for a in full.get("normalisations", [])]
-        ref = settings.get("reference")
-        out += [[f"setting {a['a']} vs {a['b']}", "", num(a["spearman"], 2)] + [num(a["jaccard"][k], 2) for k in ks]
-                for a in settings.get("settings", []) if a["a"] == ref]
-        for name, m in (res.get("methods") or {}).items():
-            b = m["bootstrap"]
-            out.append([f"bootstrap, {name} ({b['normalisation']}; layers {ranges(m['allowed_layers'])})",
-                        f"{b['n_prompts']} × {b['n_boot']}", span(b["spearman"])] + [span(b["jaccard"][k]) for k in ks])
+        out = [[f"bootstrap, {b.normalisation}", f"{b.n_prompts} × {b.n_boot}", span(b.spearman)]
+               + [span(b.jaccard[k]) for k in ks] for b in full.bootstrap]
+        out += [[f"normalisation {a.a} vs {a.b}", "", num(a.spearman, 2)] + [num(a.jaccard[k], 2) for k in ks]
+                for a in full.normalisations]
+        out += [[f"setting {a.a} vs {a.b}", "", num(a.spearman, 2)] + [num(a.jaccard[k], 2) for k in ks]
+                for a in settings.settings if a.a == settings.reference]
+        for name, m in res.methods.items():
+            b = m.bootstrap
+            out.append([f"bootstrap, {name} ({b.normalisation}; layers {ranges(m.allowed_layers)})",
+                        f"{b.n_prompts} × {b.n_boot}", span(b.spearman)] + [span(b.jaccard[k]) for k in ks])
             out.append([f"selection {name} vs ig (variant), all prompts", "", ""]
-                       + [num(m["jaccard_with_variant"].get(k), 2) for k in ks])
+                       + [num(m.jaccard_with_variant.get(k), 2) for k in ks])
         return out
 
     rows = each(args, "stability", rows_of, 5)
-    ks = ks or ["5", "30", "100"]  # the stage's ks, when no stability.json says
+    ks = ks or [5, 30, 100]  # the stage's ks, when no stability.json says
     head = ["model", "variant", "comparison", "prompts × resamples", "Spearman"] + [f"Jaccard top-{k}" for k in ks]
     rows = [r + [""] * (len(head) - len(r)) for r in rows]
     note = ("`stability.json`: bootstrap = mean [5%, 95%] over resamples of the attribution prompts against the full "
@@ -320,15 +323,13 @@ def cards_table(args) -> str:
         if png.exists():
             figures.append(f"- {m} / {v}: `{png}`")
         out = []
-        for c in res["cards"]:
-            changed = sum(a != b for a, b in zip(c.get("predicted", []), c.get("predicted_pruned", [])))
-            out.append([f"{c['layer']}.{c['index']}", num(c.get("score")),
-                        " ".join(token(t) for t, _ in c["promoted"][:4]),
-                        " ".join(token(t) for t, _ in c["suppressed"][:4]),
-                        values(c.get("label_logits"), 2), values(c.get("activation_by_gold")),
-                        values(c.get("activation_by_copied")),
-                        f"{counts(c.get('label_counts'))} → {counts(c.get('label_counts_pruned'))} "
-                        f"({changed}/{len(c.get('predicted', []))} changed)"])
+        for c in res.cards:
+            changed = sum(a != b for a, b in zip(c.predicted, c.predicted_pruned))
+            out.append([f"{c.layer}.{c.index}", num(c.score), " ".join(token(t) for t, _ in c.promoted[:4]),
+                        " ".join(token(t) for t, _ in c.suppressed[:4]), values(c.label_logits, 2),
+                        values(c.activation_by_gold()), values(c.activation_by_copied()),
+                        f"{counts(c.label_counts())} → {counts(c.label_counts(pruned=True))} "
+                        f"({changed}/{len(c.predicted)} changed)"])
         return out
 
     head = ["model", "variant", "neuron (layer.index)", "score", "promotes", "suppresses", "logit on labels",
@@ -365,25 +366,25 @@ def heldout_table(args, construction: str) -> str:
     return section(f"Held-out effect, {construction} construction ({gold})", note, "\n\n".join(parts))
 
 
-def heldout_one(model: str, variant: str, res: dict) -> str:
-    unpruned = {r["task"]: r for r in res.get("rows", []) if r["condition"] == "unpruned"}
+def heldout_one(model: str, variant: str, res) -> str:
+    unpruned = {r.task: r.result for r in res.rows if r.condition == "unpruned"}
     head = ["task", "n", "unpruned acc / copy", *DIFF_HEAD]
-    why = {"chosen_k": "the dev split's choice", "unbounded_k": "preferred without the bound",
-           "smallest_better_k": "smallest k beating no pruning without the bound"}
+    why = ((res.chosen_k, "the dev split's choice"), (res.unbounded_k, "preferred without the bound"),
+           (res.smallest_better_k, "smallest k beating no pruning without the bound"))
     out = []
-    for k, comps in res["comparisons"].items():
-        reasons = [w for key, w in why.items() if res.get(key) == int(k)]
+    for k, comps in res.comparisons.items():
+        reasons = [w for key, w in why if key == k]
         rows = []
         for task, cs in comps.items():
             u = unpruned.get(task)
-            rows.append([f"**{task}**" if task == "pooled" else task, cs[0]["n"] if cs else "–",
-                         f"{num(u['accuracy'], 2)} / {num(u['copy_rate'], 2)}" if u else "", *diff_cells(cs)])
-        dropped = {t: d for t, d in (res.get("dropped") or {}).items() if d}
+            rows.append([f"**{task}**" if task == "pooled" else task, cs[0].n if cs else "–",
+                         f"{num(u.accuracy, 2)} / {num(u.copy_rate, 2)}" if u else "", *diff_cells(cs)])
+        dropped = {t: d for t, d in res.dropped.items() if d}
         title = (f"{model} / {variant}, k = {k}" + (f" ({'; '.join(reasons)})" if reasons else "")
                  + (f"; prompts dropped: {counts(dropped)}" if dropped else ""))
         out.append(f"{title}\n\n{table(head, rows)}")
     if not out:
-        return f"{model} / {variant}: no k in the grid ({res.get('grid')})"
+        return f"{model} / {variant}: no k in the grid ({list(res.grid)})"
     return "\n\n".join(out)
 
 

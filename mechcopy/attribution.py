@@ -33,7 +33,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -74,7 +74,10 @@ class TargetSpec:
 
     def rows(self) -> list[int] | None:
         """Unembedding rows needed (None: the full vocabulary, for targets that need the softmax)."""
-        return [self.copy, self.gold] if self.name == "contrast" else None
+        if self.name != "contrast":
+            return None
+        assert self.copy is not None, "a contrast target fixes its copied label (make_target)"
+        return [self.copy, self.gold]
 
     def __call__(self, logits: Float[Tensor, "rows vocab_or_sel"]) -> Float[Tensor, "rows"]:
         if self.name == "contrast":
@@ -125,6 +128,9 @@ def quadrature(steps: int, rule: str = "gauss-legendre") -> tuple[Tensor, Tensor
 # ---------------------------------------------------------------- results
 
 
+A = TypeVar("A", bound="Attributions")     # `Attributions.cat` of a subclass returns the subclass
+
+
 @dataclass(frozen=True)
 class Attributions:
     """Per-prompt neuron attributions plus the per-layer completeness pieces.
@@ -164,7 +170,7 @@ class Attributions:
         return (self.sums - self.deltas).abs() / self.deltas.abs().clamp_min(1e-12)
 
     @classmethod
-    def cat(cls, parts: Sequence["Attributions"]) -> "Attributions":
+    def cat(cls: type[A], parts: Sequence[A]) -> A:
         """Join results over prompts (same target, method, steps and layers)."""
         first = parts[0]
         for p in parts[1:]:
@@ -301,6 +307,7 @@ def _attribute_fast(model: HookedModel, cleans: list[_Clean], alphas, weights, l
                 rows = step.enter(layer, leaves[layer].flatten(0, 1))
                 x = rows if x is None else torch.cat([x.unflatten(0, (n_prompts, -1)),
                                                       rows.unflatten(0, (n_prompts, -1))], 1).flatten(0, 1)
+        assert x is not None, "no layer was attributed"
         resid = x[:, 0].unflatten(0, (n_prompts, -1))                     # [prompts, layers * (m+1), d_model]
         values = torch.stack([_target_values(model, c.target, r) for c, r in zip(cleans, resid)])
         values = values.unflatten(1, (len(layers), m + 1))                # [prompts, layers, m+1]
@@ -525,7 +532,7 @@ def copy_scores(model: HookedModel, attributions: Attributions | Tensor, normali
     if prompts is not None:
         info["prompts"] = [{"text": p.text, "answer": p.answer} for p in prompts]
     if max_completeness_error is not None:
-        info.update(max_completeness_error=max_completeness_error, allowed_layers=list(allowed))
+        info.update(max_completeness_error=max_completeness_error, allowed_layers=list(allowed or ()))
     info.update(meta)
     return CopyScores(scores, info, allowed)
 

@@ -29,7 +29,7 @@ from mechcopy.evaluation import predict
 from mechcopy.progress import tqdm
 from mechcopy.pruning import component_sizes, pruning_hooks
 from mechcopy.selection import select
-from mechcopy.stats import paired, paired_means, versus_sets
+from mechcopy.stats import Comparison, paired, paired_means, versus_sets
 from mechcopy.tasks.outcomes import outcome_arrays
 
 
@@ -67,24 +67,24 @@ class ConsistencyRow:
     unpruned: float
     chosen: float
     random: float
-    chosen_vs_random: dict[str, Any]
-    chosen_vs_unpruned: dict[str, Any]
+    chosen_vs_random: Comparison
+    chosen_vs_unpruned: Comparison
     passed: bool
     per_prompt_chosen: tuple[float, ...]
     per_prompt_random: tuple[tuple[float, ...], ...]
 
     def to_json(self) -> dict[str, Any]:
         return {"k": self.k, "n_neurons": self.n_neurons, "unpruned": self.unpruned, "chosen": self.chosen,
-                "random": self.random, "chosen_vs_random": self.chosen_vs_random,
-                "chosen_vs_unpruned": self.chosen_vs_unpruned, "passed": self.passed,
+                "random": self.random, "chosen_vs_random": self.chosen_vs_random.to_json(),
+                "chosen_vs_unpruned": self.chosen_vs_unpruned.to_json(), "passed": self.passed,
                 "per_prompt_chosen": list(self.per_prompt_chosen),
                 "per_prompt_random": [list(r) for r in self.per_prompt_random]}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "ConsistencyRow":
-        return cls(obj["k"], obj["n_neurons"], obj["unpruned"], obj["chosen"], obj["random"], obj["chosen_vs_random"],
-                   obj["chosen_vs_unpruned"], obj["passed"], tuple(obj["per_prompt_chosen"]),
-                   tuple(tuple(r) for r in obj["per_prompt_random"]))
+        return cls(obj["k"], obj["n_neurons"], obj["unpruned"], obj["chosen"], obj["random"],
+                   Comparison.from_json(obj["chosen_vs_random"]), Comparison.from_json(obj["chosen_vs_unpruned"]),
+                   obj["passed"], tuple(obj["per_prompt_chosen"]), tuple(tuple(r) for r in obj["per_prompt_random"]))
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def self_consistency(model: HookedModel, prompts: Sequence, scores: CopyScores, 
         vs_unpruned = paired_means(chosen, unpruned, "probe", f"top-{k}", "unpruned", target, n_boot, seed)
         passed = vs_random.ci[1] < 0 if sign > 0 else vs_random.ci[0] > 0
         rows.append(ConsistencyRow(int(k), len(chosen_set), float(unpruned.mean()), float(chosen.mean()),
-                                   float(rand.mean()), vs_random.to_json(), vs_unpruned.to_json(), bool(passed),
+                                   float(rand.mean()), vs_random, vs_unpruned, bool(passed),
                                    tuple(chosen.tolist()), tuple(map(tuple, rand.tolist()))))
     return SelfConsistency(target, mode, len(prompts), n_random, seed, tuple(unpruned.tolist()), tuple(rows),
                            ablation + (" at the last position" if positions == "last" else ""), match)
@@ -181,6 +181,11 @@ class KCurve:
     def to_json(self) -> dict[str, Any]:
         return {"metrics": list(self.metrics), "unpruned": self.unpruned, "rows": list(self.rows), "mode": self.mode,
                 "n_prompts": self.n_prompts, "n_random": self.n_random, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "KCurve":
+        return cls(tuple(obj["metrics"]), dict(obj["unpruned"]), tuple(obj["rows"]), obj["mode"], obj["n_prompts"],
+                   obj["n_random"], obj["seed"])
 
 
 def k_curve(model: HookedModel, prompts: Sequence, scores: CopyScores, ks: Sequence[int] = (5, 10, 20, 50, 100),

@@ -26,7 +26,8 @@ def token_batches(ids: Sequence[Tensor], budgets: Sequence[int], size: int, pad:
         groups[(budgets[i] == 1, pad or len(ids[i]))].append(i)
     out = []
     for items in groups.values():
-        batch, total = [], 0
+        batch: list[int] = []
+        total = 0
         for i in items:
             width = len(ids[i]) * (len(batch) + 1)    # the padded size if prompt i (the longest) joins
             if batch and (len(batch) == size or width - total - len(ids[i]) > MAX_PADDING * width):
@@ -38,7 +39,7 @@ def token_batches(ids: Sequence[Tensor], budgets: Sequence[int], size: int, pad:
     return out
 
 
-def left_pad(ids: Sequence[Int[Tensor, "pos"]], pad_id: int = 0
+def left_pad(ids: Sequence[Int[Tensor, "_pos"]], pad_id: int = 0
              ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Stack token rows of any lengths, padded on the left with `pad_id`; and the mask (1 = token)."""
     width = max(len(t) for t in ids)

@@ -74,6 +74,13 @@ class NeuronCard:
                 "gold": list(self.gold), "predicted": list(self.predicted), "copied": list(self.copied),
                 "predicted_pruned": list(self.predicted_pruned)}
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "NeuronCard":
+        """The card `to_json` wrote (its summaries by label are recomputed from the per-prompt fields)."""
+        return cls(obj["layer"], obj["index"], obj["score"], tuple((t, v) for t, v in obj["promoted"]),
+                   tuple((t, v) for t, v in obj["suppressed"]), dict(obj["label_logits"]), tuple(obj["activations"]),
+                   tuple(obj["gold"]), tuple(obj["predicted"]), tuple(obj["copied"]), tuple(obj["predicted_pruned"]))
+
 
 def _means(keys: Sequence[str], values: Sequence[float]) -> dict[str, float]:
     groups: dict[str, list[float]] = defaultdict(list)

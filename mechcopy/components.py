@@ -28,7 +28,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from jaxtyping import Float
@@ -38,6 +38,9 @@ from mechcopy.arch import HookedModel, arch_of
 from mechcopy.fingerprint import IDENTITY_KEYS, model_fingerprint
 from mechcopy.errors import check_number, input_file, note
 from mechcopy.io import read_json, write_json_atomic
+
+if TYPE_CHECKING:   # TransformerLens takes seconds to import: at run time only where a model is built
+    from transformer_lens.components import TransformerBlock
 
 
 class ComponentKind:
@@ -112,18 +115,18 @@ class HeadKind(ComponentKind):
 
     def width(self, model: HookedModel) -> int:
         self.check(model)
-        return int(model.cfg.n_heads)
+        return arch_of(model).attention_shape(model)[0]
 
     def edit_weights(self, model: HookedModel, layer: int, idx: Tensor, means: Tensor | None = None) -> None:
-        attn = model.blocks[layer].attn
+        attn = cast("TransformerBlock", model.blocks[layer]).attn    # heads exist on transformers only
         idx = idx.to(attn.W_O.device)
         with torch.no_grad():
             if means is not None:        # what the mean of z writes through W_O, now a constant
-                attn.b_O += torch.einsum("hd,hdm->m", means[idx.cpu()].to(attn.W_O), attn.W_O[idx])
+                attn.b_O.add_(torch.einsum("hd,hdm->m", means[idx.cpu()].to(attn.W_O), attn.W_O[idx]))
             attn.W_O[idx] = 0
 
     def size(self, model: HookedModel, layer: int, activation: Tensor) -> Float[Tensor, "batch width"]:
-        W_O = model.blocks[layer].attn.W_O                      # the norm of what the head writes: z_h @ W_O[h]
+        W_O = cast("TransformerBlock", model.blocks[layer]).attn.W_O    # the norm of what the head writes: z_h @ W_O[h]
         return torch.einsum("bhd,hdm->bhm", activation.to(W_O), W_O).norm(dim=-1)
 
 
@@ -363,11 +366,12 @@ def random_matched(model: HookedModel, components: Components, seed: int, match:
         if match == "layer":
             pick = candidates[torch.randperm(len(candidates), generator=gen)[: len(idx)]]
         else:
+            assert sizes is not None     # refused above
             pick = _size_matched(sizes[layer].double(), idx, candidates, gen)
             ratios[layer] = float(sizes[layer][pick].double().mean() / sizes[layer][idx].double().mean())
         chosen += [(layer, int(i)) for i in pick]
     meta = {"selection": "random-matched", "seed": int(seed), "matched_to": len(components), "match": match}
-    if match == "size":
+    if sizes is not None and match == "size":
         off = [l for l, r in ratios.items() if not abs(r - 1) <= SIZE_TOLERANCE]
         meta.update(sizes=sizes.describe(), size_ratio={str(l): round(r, 4) for l, r in ratios.items()},
                     size_mismatch=off)

@@ -17,7 +17,7 @@ and the structured fields in `spec` (`Condition.describe`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -115,6 +115,41 @@ LABELS = Readout("labels")
 
 
 @dataclass(frozen=True)
+class ConditionSpec:
+    """What a result row records of its condition (`Condition.spec`): its structured fields, without the
+    component list or the means' values. Comparisons group rows by `family` (and `group`), never by name."""
+
+    name: str
+    family: str
+    group: str | int | None = None
+    kind: str | None = None
+    n_components: int = 0
+    ablation: str = "zero"
+    positions: str = "all"
+    seed: int | None = None
+    means: dict[str, Any] | None = None        # `Means.describe()`
+    readout: Readout = GENERATE
+    versus: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The name a result row carries: `name`, or `name@group` within a group."""
+        return self.name if self.group is None else f"{self.name}@{self.group}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "group": self.group, "kind": self.kind,
+                "n_components": self.n_components, "ablation": self.ablation, "positions": self.positions,
+                "seed": self.seed, "means": self.means, "readout": self.readout.to_json(), "versus": list(self.versus)}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ConditionSpec":
+        values = {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
+        values["readout"] = Readout.from_json(obj.get("readout"))
+        values["versus"] = tuple(obj.get("versus", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class Condition:
     """One condition of an evaluation: a name, its family (how comparisons group it: `unpruned`,
     `pruned`, `random`, `bottom`, ...), the components it ablates (None: none), the ablation (`zero`, or
@@ -162,21 +197,25 @@ class Condition:
     @property
     def label(self) -> str:
         """The name a result row carries: `name`, or `name@group` within a group."""
-        return self.name if self.group is None else f"{self.name}@{self.group}"
+        return self.spec.label
 
     @property
     def ablates(self) -> bool:
         """True when the condition changes any activation."""
         return self.components is not None and len(self.components) > 0
 
-    def describe(self) -> dict[str, Any]:
+    @property
+    def spec(self) -> ConditionSpec:
         """The structured fields a result row carries beside its name (no component list, no means)."""
-        return {"name": self.name, "family": self.family, "group": self.group,
-                "kind": None if self.components is None else self.components.kind,
-                "n_components": 0 if self.components is None else len(self.components),
-                "ablation": self.ablation, "positions": self.positions, "seed": self.seed,
-                "means": None if self.means is None else self.means.describe(),
-                "readout": self.readout.to_json(), "versus": list(self.versus)}
+        return ConditionSpec(self.name, self.family, self.group,
+                             None if self.components is None else self.components.kind,
+                             0 if self.components is None else len(self.components), self.ablation, self.positions,
+                             self.seed, None if self.means is None else self.means.describe(), self.readout,
+                             self.versus)
+
+    def describe(self) -> dict[str, Any]:
+        """`spec` as JSON."""
+        return self.spec.to_json()
 
     def to_json(self) -> dict[str, Any]:
         """`describe()` with the components and the means' values: enough to rebuild the condition."""

@@ -204,7 +204,7 @@ def copy_effect_difference(per_task: Mapping[str, tuple[Sequence[ICLPrompt], Seq
             "left_out": left_out, "n_boot": n_boot}
 
 
-def poisson_binomial_test(k: int, chances: Sequence[float]) -> float:
+def poisson_binomial_test(k: int, chances: Sequence[float] | np.ndarray) -> float:
     """Two-sided exact p-value of k successes among independent trials with success probabilities
     `chances`: the total probability of every count no more likely than k (scipy's binomial rule)."""
     pmf = np.ones(1)

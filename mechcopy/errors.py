@@ -54,8 +54,8 @@ def number_problem(value: Any, low: int | float | None = None, above: float | No
     numpy hold) >= `low` and > `above`, or None when it is. The one number check of flags and API."""
     kind = "an integer" if integer else "a finite number"
     bound = f" >= {low}" if low is not None else f" > {above}" if above is not None else ""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real)
-            or not (integer or _finite(value)) or (low is not None and not value >= low)
+    is_number = not isinstance(value, bool) and isinstance(value, numbers.Integral if integer else numbers.Real)
+    if (not is_number or not (integer or _finite(value)) or (low is not None and not value >= low)
             or (above is not None and not value > above)):   # NaN fails every comparison
         return f"must be {kind}{bound}, got {value!r}"
     if integer and value > INT_MAX:
@@ -238,7 +238,8 @@ def _type_problem(value: Any, hint: Any) -> str | None:
 def check_types(config: Any) -> None:
     """Raise TypeError (ValueError for a non-finite or too large number) naming the first field of
     the frozen dataclass `config` whose value does not fit its annotation."""
-    for name, hint in _field_types(type(config)):
+    cls: type = type(config)
+    for name, hint in _field_types(cls):
         value = getattr(config, name)
         problem = _type_problem(value, hint)
         if problem:

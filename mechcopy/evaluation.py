@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -74,8 +74,24 @@ class TaskResult:
             d[key] = list(d[key])
         return d
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "TaskResult":
+        """The result `to_json` wrote (other keys, e.g. a result row's `spec`, are left out)."""
+        return cls(obj["task"], obj["condition"], obj["n"], obj["accuracy"], obj["copy_rate"],
+                   obj["copy_share_of_errors"], obj["other_rate"], _pair(obj["accuracy_ci"]),
+                   _pair(obj["copy_rate_ci"]), tuple(obj["predictions"]), tuple(map(bool, obj["correct"])),
+                   tuple(map(bool, obj["copy"])), obj.get("copy_effect"), obj.get("demo_share"))
 
-def _as_list(prompts) -> list[ICLPrompt]:
+
+def _pair(x: Sequence[float]) -> tuple[float, float]:
+    return (float(x[0]), float(x[1]))
+
+
+#: what every function that takes an evaluation's prompts accepts: the prompts, or their `PromptSet`
+Prompts = Sequence[ICLPrompt] | PromptSet
+
+
+def _as_list(prompts: Any) -> list[ICLPrompt]:
     return check_items(prompts.prompts if isinstance(prompts, PromptSet) else prompts, ICLPrompt, "prompts",
                        "tasks.prompts.build_prompts(...).prompts")
 
@@ -93,13 +109,13 @@ def prompt_tokens(model: HookedModel, prompt: ICLPrompt, index: int = 0) -> Int[
                                  what=f"prompt {index} of task {prompt.task!r}")
 
 
-def check_context(model: HookedModel, prompts: Sequence[ICLPrompt]) -> None:
+def check_context(model: HookedModel, prompts: Prompts) -> None:
     """Refuse, before any work, a prompt that does not fit the model's context (`prompt_tokens`)."""
     for i, p in enumerate(_as_list(prompts)):
         prompt_tokens(model, p, i)
 
 
-def _tokens(model: HookedModel, prompts: Sequence[ICLPrompt]) -> list[Int[Tensor, "pos"]]:
+def _tokens(model: HookedModel, prompts: Sequence[ICLPrompt]) -> list[Int[Tensor, "_pos"]]:
     """Each prompt's tokens, checked against the context length with its generation budget."""
     return [prompt_tokens(model, p, i)[0] for i, p in enumerate(prompts)]
 
@@ -129,7 +145,7 @@ def _greedy(decode: Decoder, tokens: Tensor, mask: Tensor, budgets: Sequence[int
         logits = decode(nxt[:, None])
 
 
-def _predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks, batch_size: int, groups: int,
+def _predict(model: HookedModel, prompts: Prompts, fwd_hooks, batch_size: int, groups: int,
              fork_at: int, sep: str | None, progress: bool, pad: bool) -> list[list[str]]:
     """Answers per row group (`Arch.decoder`'s fork) under `fwd_hooks`; `batch_size` rows per pass;
     generation stops at `sep`, or (None) at each prompt's own separator."""
@@ -155,7 +171,7 @@ def _predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks, batch_
     return out
 
 
-def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batch_size: int = 32,
+def predict(model: HookedModel, prompts: Prompts, fwd_hooks=(), batch_size: int = 32,
             sep: str | None = None, progress: bool = False, pad: bool = True) -> list[str]:
     """The model's answer to each prompt (decoded text, stripped), under `fwd_hooks`.
 
@@ -171,7 +187,7 @@ def predict(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), batc
     return _predict(model, prompts, fwd_hooks, batch_size, 1, 0, sep, progress, pad)[0]
 
 
-def predict_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditions: Sequence[Condition],
+def predict_conditions(model: HookedModel, prompts: Prompts, conditions: Sequence[Condition],
                        batch_size: int = 128, sep: str | None = None, progress: bool = False,
                        labels: Sequence[str] | None = None,
                        references: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
@@ -212,7 +228,7 @@ def predict_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditi
 
 def _ablation_key(c: Condition) -> tuple:
     """What a condition's label scores depend on: its ablation, not its readout."""
-    comps = None if not c.ablates else (c.components.kind, c.components.pairs)
+    comps = (c.components.kind, c.components.pairs) if c.ablates and c.components is not None else None
     return comps, c.ablation if c.ablates else None, c.positions if c.ablates else None, id(c.means)
 
 
@@ -228,7 +244,7 @@ def _read_labels(model: HookedModel, prompts: list[ICLPrompt], conditions: Seque
     by_ablation: dict[tuple, list[Condition]] = {}
     for c in conditions:
         by_ablation.setdefault(_ablation_key(c), []).append(c)
-    needs = {key: sorted({c.readout.calibration for c in cs} & {"contextual", "domain"})
+    needs = {key: sorted({x for x in (c.readout.calibration for c in cs) if x is not None and x in ("contextual", "domain")})
              for key, cs in by_ablation.items()}
     missing = sorted({x for xs in needs.values() for x in xs} - set(refs))
     if missing:
@@ -244,8 +260,8 @@ def _read_labels(model: HookedModel, prompts: list[ICLPrompt], conditions: Seque
             for key, cs in by_ablation.items() for c in cs}
 
 
-def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], condition: str = "unpruned",
-              seed: int = 0, n_boot: int = 1000, labels: Sequence[str] | None | bool = False) -> TaskResult:
+def summarize(prompts: Prompts, predictions: Sequence[str], condition: str = "unpruned",
+              seed: int = 0, n_boot: int = 1000, labels: Sequence[str] | None | Literal[False] = False) -> TaskResult:
     """Score predictions against prompts (no model needed): rates and 95% bootstrap intervals (exact
     Clopper-Pearson intervals where every prompt has the same outcome and the bootstrap degenerates).
     With `labels` (the task's label set, `Task.label_set()`; None for an open task) also the copy
@@ -274,7 +290,7 @@ def summarize(prompts: Sequence[ICLPrompt], predictions: Sequence[str], conditio
     )
 
 
-def evaluate(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), condition: str = "unpruned", seed: int = 0,
+def evaluate(model: HookedModel, prompts: Prompts, fwd_hooks=(), condition: str = "unpruned", seed: int = 0,
              n_boot: int = 1000, batch_size: int = 32, progress: bool = False) -> TaskResult:
     """Predict every prompt under `fwd_hooks` and score it (accuracy, copy rate, 95% bootstrap CIs)."""
     prompts = _as_list(prompts)
@@ -282,9 +298,9 @@ def evaluate(model: HookedModel, prompts: Sequence[ICLPrompt], fwd_hooks=(), con
     return summarize(prompts, preds, condition=condition, seed=seed, n_boot=n_boot)
 
 
-def evaluate_conditions(model: HookedModel, prompts: Sequence[ICLPrompt], conditions: Sequence[Condition],
+def evaluate_conditions(model: HookedModel, prompts: Prompts, conditions: Sequence[Condition],
                         seed: int = 0, n_boot: int = 1000, batch_size: int = 128, progress: bool = False,
-                        labels: Sequence[str] | None | bool = False,
+                        labels: Sequence[str] | None | Literal[False] = False,
                         references: Mapping[str, Sequence[str]] | None = None) -> dict[str, TaskResult]:
     """`evaluate` under every condition, in one pass (`predict_conditions`): {condition label: TaskResult}.
     `labels` (the task's label set; None: an open task) is what label-scored conditions choose from, and

@@ -60,7 +60,7 @@ def model_fingerprint(model: HookedModel) -> dict[str, Any]:
         "weight_hash": weight_hash(model),
     }
     if arch.has_attention:     # the sizes a head file is checked against on loading
-        fp["n_heads"] = int(cfg.n_heads)
+        fp["n_heads"] = arch.attention_shape(model)[0]
     _FINGERPRINTS[model] = (state, fp)
     return dict(fp)
 

@@ -26,20 +26,22 @@ Heads only exist on attention models: a Mamba model is refused with one line.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.arch.transformer import transformer_block
 from mechcopy.components import Components
 from mechcopy.conditions import Means
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.heads import head_site, require_heads
 from mechcopy.hooks import Hook, ablate_by_group, add_vector
+from mechcopy.io import as_tuples
+from mechcopy.progress import tqdm
 from mechcopy.pruning import component_means, pruning_hooks
 from mechcopy.task_vectors import TaskVectorConfig, resid_site, task_vector_experiment
 from mechcopy.tasks.outcomes import copy_rate
@@ -75,12 +77,12 @@ def indirect_effects(model: HookedModel, shuffled: Sequence, means: Means, layer
     if not shuffled:
         raise ValueError("indirect_effects needs shuffled-label prompts")
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    n = model.cfg.n_heads
+    n, d_head = arch_of(model).attention_shape(model)
     base = _gold_probs(model, shuffled, list(fwd_hooks), 1)[0]
     rows = []
     for layer in tqdm(layers, desc="indirect effects", disable=not progress):
         scale = 1 - torch.eye(n)                                          # group h: head h replaced
-        add = torch.zeros(n, n, model.cfg.d_head)
+        add = torch.zeros(n, n, d_head)
         add[torch.arange(n), torch.arange(n)] = means[layer].float()
         hook = ablate_by_group(scale, add, [True] * n, axis=-2)
         probs = _gold_probs(model, shuffled, list(fwd_hooks) + [(head_site(model, layer), hook)], n)
@@ -103,7 +105,7 @@ def function_vector(model: HookedModel, means: Means, heads: Sequence[tuple[int,
     require_heads(model, "function vectors")
     out = torch.zeros(model.cfg.d_model)
     for layer, head in heads:
-        W_O = model.blocks[layer].attn.W_O[head]
+        W_O = transformer_block(model, layer).attn.W_O[head]
         out = out + (means[layer][head].to(W_O) @ W_O).detach().float().cpu()
     return out
 
@@ -159,6 +161,11 @@ class FunctionVectorResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "FunctionVectorResult":
+        return cls(**{f.name: as_tuples(obj[f.name]) if f.name not in ("config", "model") else obj[f.name]
+                      for f in fields(cls) if f.name in obj})
 
 
 def function_vector_experiment(model: HookedModel, task, config: TaskVectorConfig = TaskVectorConfig(),

@@ -32,18 +32,19 @@ use a counterfactual baseline there.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence, TypeVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.arch.transformer import transformer_block, transformer_cfg
 from mechcopy.attribution import (METHODS, TARGETS, Attributions, TargetSpec, _f, _first_tokens, _target_values,
                                   make_target, path_gradients, quadrature)
 from mechcopy.heads import frozen_norm, head_cache_names, head_site, head_writes, norm_bias, require_heads
+from mechcopy.progress import tqdm
 
 
 # ---------------------------------------------------------------- targets
@@ -77,13 +78,16 @@ def copied_to_gold(model: HookedModel, prompts: Sequence) -> list:
     return out
 
 
-def _targets(prompts: Sequence, target, logits: Sequence[Tensor]) -> list[TargetSpec]:
-    """One TargetSpec per prompt: by name (`make_target` on the clean logits) or as given."""
+def _targets(prompts: Sequence, target, logits: Sequence[Tensor | None]) -> list[TargetSpec]:
+    """One TargetSpec per prompt: by name (`make_target` on the clean logits) or as given (`logits` unread:
+    None each)."""
     if isinstance(target, str):
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}, or pass one "
                              "TargetSpec per prompt (e.g. label_swap_target)")
-        return [make_target(target, p, l) for p, l in zip(prompts, logits)]
+        if any(l is None for l in logits):
+            raise ValueError(f"target {target!r} is read from the clean logits: give every prompt's")
+        return [make_target(target, p, l) for p, l in zip(prompts, logits) if l is not None]
     specs = list(target)
     if len(specs) != len(prompts) or not all(isinstance(s, TargetSpec) for s in specs):
         raise ValueError(f"target must be a name or one TargetSpec per prompt ({len(prompts)} prompts)")
@@ -131,9 +135,9 @@ class HeadDLA:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "HeadDLA":
-        tensors = ("heads", "attn_bias", "mlp", "embed", "constant", "logit_diff")
-        return cls(**{k: torch.tensor(d[k]) if k in tensors else tuple(d[k]) if k in ("plus", "minus") else d[k]
-                      for k in d})
+        t = {k: torch.tensor(d[k]) for k in ("heads", "attn_bias", "mlp", "embed", "constant", "logit_diff")}
+        return cls(t["heads"], t["attn_bias"], t["mlp"], t["embed"], t["constant"], t["logit_diff"],
+                   tuple(d["plus"]), tuple(d["minus"]), *([d["frozen"]] if "frozen" in d else []))
 
 
 def direct_logit_attribution(model: HookedModel, prompts: Sequence, target="contrast",
@@ -143,7 +147,7 @@ def direct_logit_attribution(model: HookedModel, prompts: Sequence, target="cont
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
     require_heads(model, "direct logit attribution per head")
-    cfg = model.cfg
+    cfg = transformer_cfg(model)
     if cfg.original_architecture in POST_NORM_ARCHITECTURES:
         raise NotImplementedError(f"{cfg.original_architecture} normalises after the residual add: a head's "
                                   "direct effect is not a sum of terms there")
@@ -160,11 +164,13 @@ def direct_logit_attribution(model: HookedModel, prompts: Sequence, target="cont
             logits, cache = model.run_with_cache(_tokens(model, prompt), names_filter=lambda n: n in names)
         rows.append((cache, logits[0, -1]))
     specs = _targets(prompts, target, [last for _, last in rows])
+    plus: list[int] = []
     for s in specs:
         if s.name != "contrast" or s.copy is None:
             raise ValueError("direct logit attribution needs a two-token contrast target (logit(plus) - logit(minus)): "
                              "target='contrast' or label_swap_target")
-    out = {k: [] for k in ("heads", "attn_bias", "mlp", "embed", "constant", "logit_diff")}
+        plus.append(s.copy)
+    out: dict[str, list[Tensor]] = {k: [] for k in ("heads", "attn_bias", "mlp", "embed", "constant", "logit_diff")}
     W_U, b_U = model.unembed.W_U, model.unembed.b_U
     with torch.no_grad():
         for (cache, last), spec in zip(rows, specs):
@@ -182,11 +188,15 @@ def direct_logit_attribution(model: HookedModel, prompts: Sequence, target="cont
             final_bias = _f(torch.as_tensor(norm_bias(final_norm), device=direction.device)) * direction
             out["constant"].append(final_bias.sum() + _f(b_U[spec.copy] - b_U[spec.gold]))
             out["logit_diff"].append(_f(last[spec.copy] - last[spec.gold]))
-    return HeadDLA(**{k: torch.stack(v).cpu() for k, v in out.items()},
-                   plus=tuple(s.copy for s in specs), minus=tuple(s.gold for s in specs))
+    t = {k: torch.stack(v).cpu() for k, v in out.items()}
+    return HeadDLA(t["heads"], t["attn_bias"], t["mlp"], t["embed"], t["constant"], t["logit_diff"], tuple(plus),
+                   tuple(s.gold for s in specs))
 
 
 # ---------------------------------------------------------------- IG and gradient x activation over heads
+
+
+H = TypeVar("H", bound="HeadAttributions")
 
 
 @dataclass(frozen=True)
@@ -197,12 +207,10 @@ class HeadAttributions(Attributions):
     baseline: str = "zero"
 
     @classmethod
-    def cat(cls, parts: Sequence["HeadAttributions"]) -> "HeadAttributions":
+    def cat(cls: type[H], parts: Sequence[H]) -> H:
         """Join results over prompts (same settings and baseline kind)."""
         if len({p.baseline for p in parts}) > 1:
             raise ValueError("cannot join head attributions computed from different baselines")
-        from dataclasses import replace
-
         return replace(super().cat(parts), baseline=parts[0].baseline)
 
     def to_json(self) -> dict[str, Any]:
@@ -258,7 +266,7 @@ def _reference_layer(model: HookedModel, c: _HeadClean, layer: int, alphas, weig
 def _fast_supported(model: HookedModel) -> str | None:
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-    cfg = model.cfg
+    cfg = transformer_cfg(model)
     if cfg.original_architecture in POST_NORM_ARCHITECTURES:
         return "post-norm blocks"
     if cfg.load_in_4bit:
@@ -270,7 +278,7 @@ def _from_attention(model: HookedModel, layer: int, resid_pre: Float[Tensor, "ro
                     z: Float[Tensor, "rows heads d_head"]) -> Float[Tensor, "rows 1 d_model"]:
     """Block `layer` from its heads' `z` on, for one-token rows whose residual stream entering the block
     is `resid_pre`: `W_O`, the post-attention norm (if any), then the rest of TransformerLens' block."""
-    block, cfg = model.blocks[layer], model.cfg
+    block, cfg = transformer_block(model, layer), transformer_cfg(model)
     attn = block.attn
     attn_out = (torch.einsum("rhd,hdm->rm", z.to(attn.W_O.dtype), attn.W_O) + attn.b_O)[:, None]
     if cfg.use_normalization_before_and_after:
@@ -305,6 +313,7 @@ def _fast_prompt(model: HookedModel, c: _HeadClean, layers: list[int], alphas, w
                 pre = c.cache[f"blocks.{layer}.hook_resid_pre"][:, -1:].expand(m + 1, 1, -1)
                 rows = _from_attention(model, layer, pre, leaves[layer])
                 x = rows if x is None else torch.cat([x, rows])
+        assert x is not None    # layers[0] is a leaf: the loop's first step made rows
         values = _target_values(model, c.target, x[:, 0]).unflatten(0, (len(layers), m + 1))
         grads = torch.autograd.grad(values[:, :m].sum(), [leaves[l] for l in layers])
     w = weights.to(c.z)[:, None, None]
@@ -324,7 +333,13 @@ def _attribute_heads(model, prompts, target, alphas, weights, method, kind, step
         raise ValueError("no prompts to attribute")
     if isinstance(target, str) and target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}, or one TargetSpec per prompt")
-    specs = [target] * len(prompts) if isinstance(target, str) else _targets(prompts, target, [None] * len(prompts))
+    specs: list[Any]
+    if isinstance(target, str):
+        specs, target_name = [target] * len(prompts), target
+    else:
+        specs = _targets(prompts, target, [None] * len(prompts))
+        target_name = specs[0].name
+    bases: list[Any]
     if isinstance(baseline, str):
         if baseline != "zero":
             raise ValueError(f"baseline must be 'zero' or one counterfactual prompt per prompt, got {baseline!r}")
@@ -348,7 +363,6 @@ def _attribute_heads(model, prompts, target, alphas, weights, method, kind, step
         clean.append(tc.cpu())
         copies.append(c.target.copy)
         golds.append(c.target.gold)
-    target_name = target if isinstance(target, str) else specs[0].name
     return HeadAttributions(torch.stack(vals), torch.stack(clean), torch.stack(zero), target_name, kind, method, steps,
                             rule, tuple(copies), tuple(golds), tuple(layers),
                             baseline="zero" if isinstance(baseline, str) else "counterfactual")

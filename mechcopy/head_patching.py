@@ -30,12 +30,14 @@ from typing import Any, Callable, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.arch.base import Cache
+from mechcopy.arch.transformer import transformer_block, transformer_cfg
 from mechcopy.heads import kv_head, require_heads
 from mechcopy.hooks import capture, patch_heads_by_group
 from mechcopy.patching import RolePairs, gap_warning, logit_diff, role_pairs
+from mechcopy.progress import tqdm
 
 ACTIVATIONS = ("z", "q", "k", "v")
 #: the most rows (patches x prompts) run in one batch
@@ -49,11 +51,11 @@ def _site(layer: int, activation: str) -> str:
 
 
 def _grouped(model: HookedModel) -> bool:
-    cfg = model.cfg
+    cfg = transformer_cfg(model)
     return cfg.n_key_value_heads is not None and not cfg.ungroup_grouped_query_attention
 
 
-def _run_groups(model: HookedModel, layer: int, activation: str, source: dict[str, Tensor],
+def _run_groups(model: HookedModel, layer: int, activation: str, source: Cache,
                 resid_pre: Float[Tensor, "batch pos d_model"], groups: Sequence[Group],
                 ) -> Float[Tensor, "groups batch d_vocab"]:
     """Last-position logits of the target prompts (their residual stream entering `layer`: `resid_pre`)
@@ -73,7 +75,7 @@ def _run_groups(model: HookedModel, layer: int, activation: str, source: dict[st
     return torch.cat(out)
 
 
-def _kv_patched_z(model: HookedModel, layer: int, activation: str, source: dict[str, Tensor],
+def _kv_patched_z(model: HookedModel, layer: int, activation: str, source: Cache,
                   resid_pre: Tensor, groups: Sequence[Group]) -> Float[Tensor, "rows pos heads d_head"]:
     """First pass of a grouped-query key/value patch: block `layer` alone with each group's key/value
     head patched; returns, row group by row group, the `z` it gives (head h of group g is what the
@@ -114,7 +116,7 @@ def patch_heads(model: HookedModel, source_tokens: Tensor, target_tokens: Tensor
     if source_tokens.shape != target_tokens.shape:
         raise ValueError(f"source and target tokens differ in shape ({list(source_tokens.shape)} vs "
                          f"{list(target_tokens.shape)}); use head_patching on role_pairs for prompts of different lengths")
-    cfg = model.cfg
+    cfg = transformer_cfg(model)
     src, tgt = _caches(model, source_tokens, target_tokens, activation)
     with torch.no_grad():
         base = float(metric(arch_of(model).last_logits(model, target_tokens)))
@@ -192,7 +194,7 @@ def head_patching(model: HookedModel, pairs: RolePairs, activation: str = "z", b
     from mechcopy.fingerprint import model_fingerprint
 
     _check(model, activation)
-    cfg = model.cfg
+    cfg = transformer_cfg(model)
     columns = (list(roles) if roles is not None else pairs.roles()) if by_role else ["all"]
     per_pair, lds_clean, lds_corrupt = [], [], []
     bar = tqdm(total=len(pairs) * cfg.n_layers, desc=f"patching heads ({activation})", disable=not progress)

@@ -26,13 +26,15 @@ function refuses a Mamba model with one line (`require_heads`).
 from __future__ import annotations
 
 import numbers
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.arch.base import Cache
+from mechcopy.arch.transformer import transformer_block, transformer_cfg
 from mechcopy.components import Components, component_kind
 from mechcopy.conditions import Means
 from mechcopy.fingerprint import model_fingerprint
@@ -56,15 +58,16 @@ def require_heads(model: HookedModel, what: str = "this head analysis") -> None:
 def n_heads(model: HookedModel) -> int:
     """Query heads per layer."""
     require_heads(model)
-    return int(model.cfg.n_heads)
+    return arch_of(model).attention_shape(model)[0]
 
 
 def kv_head(model: HookedModel, head: int) -> int:
     """The key/value head that query head `head` reads (itself without grouped-query attention)."""
-    n_kv = model.cfg.n_key_value_heads
-    if n_kv is None or model.cfg.ungroup_grouped_query_attention:
+    cfg = transformer_cfg(model)
+    n_kv = cfg.n_key_value_heads
+    if n_kv is None or cfg.ungroup_grouped_query_attention:
         return int(head)
-    return int(head) // (model.cfg.n_heads // n_kv)
+    return int(head) // (cfg.n_heads // n_kv)
 
 
 def head_site(model: HookedModel, layer: int) -> str:
@@ -86,9 +89,9 @@ def check_heads(model: HookedModel, heads: Iterable[Sequence[int]]) -> tuple[Hea
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{what} must be an integer, got {type(v).__name__} {v!r}")
         head_site(model, layer)
-        if not 0 <= head < model.cfg.n_heads:
-            raise IndexError(f"head {head} out of range: layer {layer} has {model.cfg.n_heads} heads "
-                             f"(0..{model.cfg.n_heads - 1})")
+        if not 0 <= head < n_heads(model):
+            raise IndexError(f"head {head} out of range: layer {layer} has {n_heads(model)} heads "
+                             f"(0..{n_heads(model) - 1})")
         out.add((int(layer), int(head)))
     return tuple(sorted(out))
 
@@ -135,6 +138,8 @@ def frozen_norm(norm, scale: Tensor | None, x: Float[Tensor, "... d_model"]) -> 
         return x
     if kind not in ("RMSNorm", "RMSNormPre", "LayerNorm", "LayerNormPre"):
         raise NotImplementedError(f"frozen_norm does not know the norm {kind}")
+    if scale is None:
+        raise ValueError(f"frozen_norm of a {kind} needs the scale it took (its hook_scale in the cache)")
     if kind.startswith("LayerNorm"):
         x = x - x.mean(-1, keepdim=True)
     x = x / scale
@@ -149,10 +154,12 @@ def norm_bias(norm) -> Tensor | float:
 def post_attention_norm(model: HookedModel, layer: int):
     """The norm applied to layer `layer`'s attention output before the residual add (Gemma 3's
     `ln1_post`), or None."""
-    return model.blocks[layer].ln1_post if model.cfg.use_normalization_before_and_after else None
+    if not transformer_cfg(model).use_normalization_before_and_after:
+        return None
+    return transformer_block(model, layer).ln1_post
 
 
-def head_writes(model: HookedModel, cache: Mapping[str, Tensor], layer: int, position: int = -1,
+def head_writes(model: HookedModel, cache: Cache, layer: int, position: int = -1,
                 ) -> tuple[Float[Tensor, "batch heads d_model"], Float[Tensor, "batch d_model"]]:
     """What each head of `layer` and the output bias add to the residual stream at `position`, from a
     cache holding `blocks.{layer}.attn.hook_z` (and, on models with a post-attention norm,
@@ -162,7 +169,7 @@ def head_writes(model: HookedModel, cache: Mapping[str, Tensor], layer: int, pos
     scale frozen at the value the whole attention output gave it, and the norm's own bias added to the
     bias term, so heads + bias = `hook_attn_out` exactly.
     """
-    attn = model.blocks[layer].attn
+    attn = transformer_block(model, layer).attn
     z = cache[head_site(model, layer)][:, position]                            # [batch, heads, d_head]
     per_head = torch.einsum("bhd,hdm->bhm", z.to(attn.W_O.dtype), attn.W_O)
     bias = attn.b_O.expand(z.shape[0], -1)

@@ -114,3 +114,8 @@ def read_jsonl(path: str | Path) -> Iterator[Any]:
             yield json.loads(line)
         except json.JSONDecodeError:
             continue
+
+
+def as_tuples(obj: Any) -> Any:
+    """JSON lists back as the tuples a frozen result holds, at every depth (dicts kept as they are)."""
+    return tuple(as_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj

@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
+from mechcopy.arch.transformer import transformer_block, transformer_cfg
 from mechcopy.attribution import _first_tokens
 from mechcopy.heads import frozen_norm, kv_head, post_attention_norm, require_heads
 from mechcopy.tasks.pairs import token_roles
@@ -88,9 +89,9 @@ class LabelAttention:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "LabelAttention":
-        tensors = {"to_labels", "to_bos", "to_demo", "ov_logit", "ov_margin", "label_share"}
-        return cls(**{k: torch.tensor(v) if k in tensors else torch.tensor(v, dtype=torch.long) if k == "attended"
-                      else tuple(v) for k, v in d.items()})
+        f = {k: torch.tensor(d[k]) for k in ("to_labels", "to_bos", "to_demo", "ov_logit", "ov_margin", "label_share")}
+        return cls(f["to_labels"], f["to_bos"], f["to_demo"], torch.tensor(d["attended"], dtype=torch.long),
+                   f["ov_logit"], f["ov_margin"], f["label_share"], tuple(d["outcomes"]), tuple(d["predicted"]))
 
 
 def outcome_of(prompt, predicted: int) -> str:
@@ -108,13 +109,13 @@ def label_attention(model: HookedModel, prompts: Sequence) -> LabelAttention:
         raise ValueError("label_attention needs at least one prompt")
     if len({len(p.demos) for p in prompts}) != 1:
         raise ValueError("label_attention needs prompts with the same number of demos")
-    cfg = model.cfg
+    cfg = transformer_cfg(model)
     layers, n_heads = cfg.n_layers, cfg.n_heads
     names = {f"blocks.{l}.attn.hook_{n}" for l in range(layers) for n in ("pattern", "v")}
     names |= {f"blocks.{l}.ln1_post.hook_scale" for l in range(layers)} | {"ln_final.hook_scale"}
     final_norm = model.ln_final if cfg.normalization_type is not None else torch.nn.Identity()
     kv = torch.tensor([kv_head(model, h) for h in range(n_heads)])
-    out = {k: [] for k in ("to_labels", "to_bos", "to_demo", "attended", "ov_logit", "ov_margin", "label_share")}
+    out: dict[str, list[Tensor]] = {k: [] for k in ("to_labels", "to_bos", "to_demo", "attended", "ov_logit", "ov_margin", "label_share")}
     outcomes, predicted = [], []
     for prompt in prompts:
         positions = label_positions(model, prompt)
@@ -125,7 +126,7 @@ def label_attention(model: HookedModel, prompts: Sequence) -> LabelAttention:
         predicted.append(pred)
         outcomes.append(outcome_of(prompt, pred))
         label_ids = [int(ids[0]) for ids in prompt.demo_label_ids]
-        rows = {k: [] for k in out if k != "label_share"}
+        rows: dict[str, list[Tensor]] = {k: [] for k in out if k != "label_share"}
         with torch.no_grad():
             for l in range(layers):
                 pattern = cache[f"blocks.{l}.attn.hook_pattern"][0, :, -1].float()            # [heads, pos]
@@ -138,7 +139,7 @@ def label_attention(model: HookedModel, prompts: Sequence) -> LabelAttention:
                     pos = positions[d]
                     w = pattern[h, pos] / pattern[h, pos].sum().clamp_min(1e-30)
                     u = (w[:, None] * v[pos, h].float()).sum(0)                            # value per unit attention
-                    write = u @ model.blocks[l].attn.W_O[h].float()
+                    write = u @ transformer_block(model, l).attn.W_O[h].float()
                     post = post_attention_norm(model, l)
                     if post is not None:
                         scale = cache[f"blocks.{l}.ln1_post.hook_scale"][0, -1] if hasattr(post, "hook_scale") else None

@@ -15,7 +15,7 @@ the same steps: their differences are configs. A new attribution method is one f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -25,6 +25,7 @@ from mechcopy.attribution import (MAX_COMPLETENESS_ERROR, METHODS, NORMALISATION
 from mechcopy.audit import SelfConsistency, self_consistency
 from mechcopy.components import MATCHES, Components
 from mechcopy.errors import Above, check_minimums, input_file
+from mechcopy.io import as_tuples
 from mechcopy.selection import select
 from mechcopy.sweeps import KSweep, default_ks, sweep_k
 from mechcopy.tasks.probe import FORMATS, ITEM_SETS, ProbeConfig, build_probe, probe_splits
@@ -140,6 +141,17 @@ class FindConfig:
         """The k grid of the sweep: `ks`, or the kind's default (`sweeps.default_ks`)."""
         return tuple(self.ks) if self.ks else default_ks(self.kind)
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "FindConfig":
+        """The config `to_json` wrote (settings this version no longer has are refused, not dropped)."""
+        unknown = sorted(set(obj) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown FindConfig settings {unknown}: written by another version of mechcopy")
+        return cls(**{k: as_tuples(v) for k, v in obj.items()})
+
 
 # ---------------------------------------------------------------- the steps
 
@@ -231,7 +243,7 @@ def guard(model: HookedModel, prompts: Sequence[ICLPrompt], scores: CopyScores, 
         return Guard(check)
     row = check.rows[0].chosen_vs_random
     return Guard(check, f"the top-{k} set fails the self-consistency check on the attribution prompts: "
-                        f"{config.target} chosen - random = {row['diff']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]; "
+                        f"{config.target} chosen - random = {row.diff:+.3f} [{row.ci[0]:+.3f}, {row.ci[1]:+.3f}]; "
                         "k = 0 (nothing pruned)")
 
 
@@ -247,6 +259,16 @@ class Choice:
     @property
     def k(self) -> int:
         return len(self.components)
+
+    @classmethod
+    def from_components(cls, components: Components) -> "Choice":
+        """The choice a neuron file of `mechcopy find` records: its set, and its meta's sweep and guard."""
+        meta = components.meta
+        if "sweep" not in meta:
+            where = f" {components.source}" if components.source else ""
+            raise ValueError(f"the component file{where} records no k sweep: it was not written by `mechcopy find`")
+        guard = Guard.from_json(meta) if "self_consistency" in meta else None
+        return cls(components, KSweep.from_json(meta["sweep"]), guard)
 
 
 def decide(model: HookedModel, scores: CopyScores, sweep: KSweep, attribution: Sequence[ICLPrompt],

@@ -31,7 +31,7 @@ pairs, makes the normalised metric meaningless: `gap_warning` says so, and the r
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 import torch
@@ -43,6 +43,7 @@ from mechcopy.components import as_components
 from mechcopy.errors import check_number
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import patch_from_cache
+from mechcopy.io import as_tuples
 from mechcopy.progress import tqdm
 from mechcopy.sites import components, neuron_site
 from mechcopy.tasks.pairs import CORRUPTIONS, align_roles, corrupted_pairs, token_roles
@@ -178,16 +179,17 @@ def role_pairs_of(model: HookedModel, prompts: Sequence, corruption: str | Seque
     from mechcopy.tasks.pairs import corrupt_prompt
 
     rng, cands, dropped = random.Random(seed), [], []
-    if not isinstance(corruption, str):
+    if isinstance(corruption, str):
+        for p in prompts:
+            try:
+                cands.append((p, corrupt_prompt(p, corruption, model.tokenizer, rng, other_task)))
+            except ValueError as e:
+                dropped.append(f"{p.query!r}: {e}")
+    else:
         corrupted = list(corruption)
         if len(corrupted) != len(prompts) or any(c.query != p.query for c, p in zip(corrupted, prompts)):
             raise ValueError("give one corrupted prompt per prompt, with the same query")
         cands = list(zip(prompts, corrupted))
-    for p in prompts if isinstance(corruption, str) else ():
-        try:
-            cands.append((p, corrupt_prompt(p, corruption, model.tokenizer, rng, other_task)))
-        except ValueError as e:
-            dropped.append(f"{p.query!r}: {e}")
     what = repr(corruption) if isinstance(corruption, str) else "the given corrupted prompts"
     return _role_pairs(model, cands, dropped, len(prompts) if n is None else n, reverse, what)
 
@@ -195,7 +197,8 @@ def role_pairs_of(model: HookedModel, prompts: Sequence, corruption: str | Seque
 def _role_pairs(model: HookedModel, cands, dropped: list[str], n: int, reverse: bool, what: str) -> RolePairs:
     if reverse:
         cands = [(c, p) for p, c in cands]
-    tokens, pairs = arch_of(model).tokens, []
+    tokens = arch_of(model).tokens
+    pairs: list[RolePair] = []
     for p, c in cands:
         if len(pairs) == n:
             break
@@ -361,7 +364,7 @@ class PatchingResult:
     task: str
     corruption: str
     components: tuple[str, ...]
-    values: tuple                    # nested [component][layer][pos] floats
+    values: tuple[tuple[tuple[float, ...], ...], ...]    # [component][layer][pos]
     roles: tuple[str, ...]           # the aligned role label of every position
     tokens: tuple[str, ...]          # the first clean prompt's string tokens
     n_pairs: int
@@ -381,6 +384,10 @@ class PatchingResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "PatchingResult":
+        return cls(**{f.name: as_tuples(obj[f.name]) for f in fields(cls) if f.name in obj})
 
 
 def activation_patching(
@@ -415,7 +422,7 @@ def activation_patching(
         n_all, by_pos = patch_neurons(model, neurons, pairs.clean_tokens, pairs.corrupt_tokens, metric, fwd_hooks)
         n_pos = tuple(by_pos.tolist())
     return PatchingResult(
-        task=task.name, corruption=corruption, components=tuple(comps), values=tuple(arr.tolist()),
+        task=task.name, corruption=corruption, components=tuple(comps), values=as_tuples(arr.tolist()),
         roles=pairs.roles, tokens=tuple(arch_of(model).str_tokens(model, pairs.clean[0].text)), n_pairs=len(pairs),
         n_dropped=len(pairs.dropped), ld_clean=metric.ld_clean, ld_corrupt=metric.ld_corrupt, warning=metric.warning,
         neurons=len(neurons) if neurons is not None else 0, neuron_all_positions=n_all, neuron_by_pos=n_pos,

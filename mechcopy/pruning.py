@@ -55,13 +55,13 @@ def _values(model: HookedModel, kind: str, layer: int, idx: Tensor, means: Means
     if means is not None:
         return means[layer][idx]
     spec = component_kind(kind)
-    rest = () if spec.axis == -1 else (int(model.cfg.d_head),) * (-spec.axis - 1)
+    rest = () if spec.axis == -1 else (arch_of(model).attention_shape(model)[1],) * (-spec.axis - 1)
     return torch.zeros(len(idx), *rest)
 
 
 def condition_hooks(model: HookedModel, condition: Condition) -> list[tuple[str, Hook]]:
     """The hooks of one condition run on its own (none for a condition that ablates nothing)."""
-    if not condition.ablates:
+    if condition.components is None or not condition.ablates:
         return []
     return pruning_hooks(model, condition.components, condition.ablation, condition.positions, condition.means)
 
@@ -74,16 +74,16 @@ def grouped_hooks(model: HookedModel, conditions: Sequence[Condition]) -> tuple[
     scales: dict[tuple[int, str], Tensor] = {}
     adds: dict[tuple[int, str], Tensor] = {}
     for g, cond in enumerate(conditions):
-        if not cond.ablates:
-            continue
         comps = cond.components
+        if comps is None or not cond.ablates:
+            continue
         comps.check(model)
         kind = component_kind(comps.kind)
         width = kind.width(model)
         for layer, idx in comps.by_layer().items():
             key = (layer, kind.name)
             scales.setdefault(key, torch.ones(groups, width))[g, idx] = 0.0
-            if cond.ablation == "mean":
+            if cond.means is not None:          # mean ablation (a condition holds means only then)
                 values = cond.means[layer]
                 adds.setdefault(key, torch.zeros(groups, *values.shape))[g, idx] = values[idx].float()
     last = [c.positions == "last" for c in conditions]

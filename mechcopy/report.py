@@ -1,5 +1,9 @@
-"""The main job's report: `build_report(out_dir, model)` turns a `mechcopy reproduce` output folder
-into one standalone, offline HTML file; `render_report`/`write_report` assemble any sections.
+"""The main job's report: `build_report(out_dir)` turns a `mechcopy reproduce` output folder into one
+standalone, offline HTML file; `render_report`/`write_report` assemble any sections.
+
+The report is a view of the folder: it reads the stages' JSON as the result types that wrote them
+(`mechcopy.job.Run`) and never loads or runs a model; what it shows of the model up close (attention,
+neuron activations) was saved by the `views` stage (`mechcopy.views`).
 
 Everything is inside the file: figures as base64 `data:` URIs, circuitsvis' script once in the
 head (each view then only calls `CircuitsVis.render`), tables as HTML. A Content-Security-Policy
@@ -21,12 +25,15 @@ from typing import Any, Sequence
 import pandas as pd
 
 from mechcopy import viz
-from mechcopy.arch import HookedModel, arch_of
+from mechcopy.comparisons import Evaluation
 from mechcopy.components import Components
-from mechcopy.evaluation import predict
 from mechcopy.io import write_atomic
-from mechcopy.tasks.outcomes import copy_error
-from mechcopy.tasks.probe import probe_splits
+from mechcopy.job import Run, Settings
+from mechcopy.method import Choice
+from mechcopy.patching import PatchingResult
+from mechcopy.stats import Comparison, TaskLevel
+from mechcopy.task_vectors import TaskVectorResult
+from mechcopy.views import Views, marked_tokens
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Inline scripts and styles, data: images; nothing from anywhere else (no fetch, no fonts, no frames).
@@ -130,8 +137,8 @@ def html_item(item: Any) -> tuple[str, bool]:
 
 
 def _table_html(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, border=0, classes="data", na_rep="",
-                      float_format=lambda v: f"{v:.4g}", escape=True)
+    """The table as HTML, every float at the report's one precision (`num`)."""
+    return df.to_html(index=False, border=0, classes="data", na_rep="", float_format=num, escape=True)
 
 
 def _meta_html(meta: dict) -> str:
@@ -198,44 +205,50 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section], meta
 # the main job's report, from its output folder
 
 
-def _stage(out: Path, name: str) -> dict:
-    return json.loads((out / f"{name}.json").read_text())["result"]
+def num(x: float | None) -> str:
+    """A rate or a mean as every number of the report shows it: three decimals ("–" for none)."""
+    return "–" if x is None else f"{x:.3f}"
 
 
-def _verdict(c: dict, level: dict | None = None) -> str:
+def signed(x: float) -> str:
+    """A difference: three decimals with its sign."""
+    return f"{x:+.3f}"
+
+
+def _verdict(c: Comparison, level: TaskLevel | None = None) -> str:
     """One sentence on a pooled comparison: the difference, its interval, and whether it could tell;
     then, with `level` (`comparisons.task_levels`), the same with the task as the unit."""
-    lo, hi = c["ci"]
-    what = f"{c['metric'].replace('_', ' ')} {c['condition']} - {c['baseline']}"
-    shown = f"{c['diff']:+.3f} [95% CI {lo:+.3f}, {hi:+.3f}], p = {c['p_value']:.3g}"
-    moved = f"{c['n_up']} of {c['n_tasks']} tasks up and {c['n_down']} down after Holm"
+    lo, hi = c.ci
+    what = f"{c.metric.replace('_', ' ')} {c.condition} - {c.baseline}"
+    shown = f"{signed(c.diff)} [95% CI {signed(lo)}, {signed(hi)}], p = {c.p_value:.3g}"
+    moved = f"{c.n_up} of {c.n_tasks} tasks up and {c.n_down} down after Holm"
     if lo > 0 or hi < 0:
         text = f"- {what}: {shown}: a {'rise' if lo > 0 else 'fall'} the comparison can tell ({moved})."
     else:
-        text = (f"- {what}: {shown}: no difference detected; one of {c['mde']:.3f} or more would have been "
+        text = (f"- {what}: {shown}: no difference detected; one of {num(c.mde)} or more would have been "
                 f"found 80% of the time ({moved}).")
     if level is not None:
-        tlo, thi = level["ci"]
-        text += (f" Over tasks: {level['mean']:+.3f} [t interval {tlo:+.3f}, {thi:+.3f}], p = {level['p_value']:.3g}; "
-                 f"{level['n_up']} tasks up, {level['n_down']} down, sign test p = {level['sign_p']:.3g}.")
+        tlo, thi = level.ci
+        text += (f" Over tasks: {signed(level.mean)} [t interval {signed(tlo)}, {signed(thi)}], "
+                 f"p = {level.p_value:.3g}; {level.n_up} tasks up, {level.n_down} down, sign test p = {level.sign_p:.3g}.")
     return text
 
 
-def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path, levels: list[dict] | None = None) -> Section:
+def _answer(evaluation: Evaluation, evaluated: Components, fig_dir: Path) -> Section:
     """The headline: pooled paired differences (pruned - unpruned, pruned - random) beside the same with
     the task as the unit, and the forest plot."""
-    basis = neurons.meta.get("basis", "chosen on the probe's dev split")
-    if not neurons.neurons:
+    basis = evaluated.meta.get("basis", "chosen on the probe's dev split")
+    if not evaluated.pairs:
         return Section("The answer: nothing was pruned",
-                       f"k = 0: {neurons.why_empty}, so nothing was pruned and there is nothing to compare. "
+                       f"k = 0: {evaluated.why_empty}, so nothing was pruned and there is nothing to compare. "
                        "The sections below show the unpruned model.")
-    pooled = {(c["condition"], c["baseline"], c["metric"]): c for c in comparisons.get("pooled", [])}
-    over = {(t["condition"], t["baseline"], t["metric"]): t for t in levels or []}
+    pooled = {(c.condition, c.baseline, c.metric): c for c in evaluation.comparisons.get("pooled", [])}
+    over = {(t.condition, t.baseline, t.metric): t for t in evaluation.task_level}
     lines = [_verdict(pooled[(cond, base, m)], over.get((cond, base, m))) for cond, base in viz.FOREST_PAIRS
              for m in ("accuracy", "copy_rate") if (cond, base, m) in pooled]
-    n_tasks = next(iter(pooled.values()))["n_tasks"] if pooled else 0
+    n_tasks = next(iter(pooled.values())).n_tasks if pooled else 0
     text = (f"Does pruning the copy neurons change in-context learning beyond what removing any neurons does? "
-            f"The {len(neurons)} neurons pruned here: {basis}.\n\n"
+            f"The {len(evaluated)} neurons pruned here: {basis}.\n\n"
             f"Paired over the same prompts, pooled over {n_tasks} held-out tasks (each task weighs the same; "
             "the probe, on which the neurons were chosen, is left out):\n\n" + "\n".join(lines) +
             "\n\nIntervals: task-stratified paired bootstrap (random sets resampled too); p: stratified "
@@ -243,130 +256,122 @@ def _answer(comparisons: dict[str, list[dict]], neurons, fig_dir: Path, levels: 
             "the tasks fixed: they say whether these tasks moved. \"Over tasks\" takes each task's difference "
             "as one observation (t interval and test, exact sign test): a claim that pruning helps tasks like "
             "these rests on it, and where the two disagree the claim is about these tasks only.")
-    forest = viz.save_figure(viz.plot_forest(comparisons), fig_dir / "forest.png")
+    forest = viz.save_figure(viz.plot_forest(evaluation.comparisons), fig_dir / "forest.png")
     return Section("The answer: paired differences, pooled over tasks", text, [forest])
 
 
-def _per_task(model: HookedModel, settings: dict, neurons, evaluation: list[dict], fig_dir: Path
-              ) -> tuple[Section, Any]:
+def _per_task(settings: Settings, evaluated: Components, evaluation: Evaluation, fig_dir: Path
+              ) -> tuple[Section, pd.DataFrame]:
     """Per-task bars and the mean over tasks per condition family."""
-    cfg = settings["config"]
-    df = viz.task_results_df(evaluation)
+    cfg = settings.config
+    df = viz.task_results_df(evaluation.rows)
     df["copy_effect"] = df["copy_effect"].astype(float)
     means = df.groupby("family")[["accuracy", "copy_rate"]].mean().round(3).reset_index()
     bars = viz.save_figure(viz.plot_task_bars(df), fig_dir / "tasks.png")
     shown = [f for f in ("unpruned", "pruned", "random", "bottom") if f in set(means["family"])]
     unp = means.set_index("family").loc[shown]
-    text = (f"{len(neurons)} copy neurons pruned on {model.cfg.model_name}; {df['task'].nunique()} tasks, "
-            f"{cfg['n_eval']} prompts each (fewer where the data or tokenisation allow fewer), {cfg['shots']} shots. "
-            f"Mean over tasks: accuracy " + " vs ".join(f"{unp.loc[f, 'accuracy']:.3f} {f}" for f in shown) +
-            "; copy rate " + " vs ".join(f"{unp.loc[f, 'copy_rate']:.3f} {f}" for f in shown) +
-            f". Random = mean over {cfg['n_random']} random neuron sets of the same size per layer; bottom = the "
+    text = (f"{len(evaluated)} copy neurons pruned on {settings.model_name}; {df['task'].nunique()} tasks, "
+            f"{cfg.n_eval} prompts each (fewer where the data or tokenisation allow fewer), {cfg.shots} shots. "
+            f"Mean over tasks: accuracy " + " vs ".join(f"{num(unp.loc[f, 'accuracy'])} {f}" for f in shown) +
+            "; copy rate " + " vs ".join(f"{num(unp.loc[f, 'copy_rate'])} {f}" for f in shown) +
+            f". Random = mean over {cfg.n_random} random neuron sets of the same size per layer; bottom = the "
             "lowest-scoring neurons. Whiskers: 95% intervals of each rate alone (the paired comparisons above "
             "are sharper). The table gives, beside the copy rate, the copy effect of closed-label tasks: "
             "P(answer = X | X among the demos) - P(answer = X | X absent), which a preference for a label "
             "does not raise (empty where the prompts cannot estimate it; the result JSON says why).")
     table = df.pivot_table(index="task", columns="family", values=["accuracy", "copy_rate", "copy_effect"],
-                           dropna=False).round(3)
+                           dropna=False)
     table.columns = [f"{m} {c}" for m, c in table.columns]
     return Section("Accuracy and copy rate per task, before and after pruning", text, [bars],
                    table=table.reset_index()), means
 
 
-def _selection(model: HookedModel, settings: dict, neurons, fig_dir: Path) -> Section:
+def _selection(settings: Settings, evaluated: Components, choice: Choice, fig_dir: Path) -> Section:
     """The k sweep and where the neurons are."""
-    cfg = settings["config"]["find"]
-    sweep = neurons.meta.get("sweep", {})
+    cfg, sweep = settings.config.find, choice.sweep
     figs = []
-    if sweep.get("rows"):
-        sdf = pd.DataFrame([sweep["baseline"], *sweep["rows"]])
-        figs.append(viz.save_figure(viz.plot_k_sweep(sdf, sweep.get("chosen_k")), fig_dir / "k_sweep.png"))
-    counts = neurons.layer_counts(model.cfg.n_layers)
-    figs.append(viz.save_figure(viz.plot_layer_distribution(counts), fig_dir / "layers.png"))
+    if sweep.rows:
+        sdf = pd.DataFrame([sweep.baseline, *sweep.rows])
+        figs.append(viz.save_figure(viz.plot_k_sweep(sdf, sweep.chosen_k), fig_dir / "k_sweep.png"))
+    figs.append(viz.save_figure(viz.plot_layer_distribution(evaluated.layer_counts(settings.n_layers)),
+                                fig_dir / "layers.png"))
+    bound = "no perplexity bound" if sweep.max_ppl_increase is None else \
+        f"perplexity bound +{100 * sweep.max_ppl_increase:.0f}%"
+    gate = ("every layer" if cfg.max_completeness_error is None else
+            f"the layers whose IG converged (median completeness error below {100 * cfg.max_completeness_error:.0f}%)")
     return Section(
         "Selecting the copy neurons",
-        f"Integrated Gradients ({cfg['steps']} steps, target `{cfg['target']}`) on {cfg['n']} prompts of the "
-        f"{cfg.get('probe', 'classic')} probe, in the layers whose IG converged (median completeness error below "
-        f"{cfg.get('max_completeness_error')}); k chosen on {cfg['n_dev']} dev prompts of the probe, never on the "
-        f"evaluation tasks (chosen k = {sweep.get('chosen_k')}, perplexity bound {sweep.get('max_ppl_increase')}"
-        f"{'' if sweep.get('chosen_k') else ': ' + neurons.why_empty}). Evaluated below: "
-        f"{neurons.meta.get('basis', 'the chosen set')}.", figs)
+        f"{'Integrated Gradients' if cfg.attribution == 'ig' else cfg.attribution} ({cfg.steps} steps, target "
+        f"`{cfg.target}`) on {cfg.n} prompts of the {cfg.probe} probe, in {gate}; k chosen on {cfg.n_dev} dev "
+        f"prompts of the probe, never on the evaluation tasks (chosen k = {sweep.chosen_k}, {bound}"
+        f"{'' if sweep.chosen_k else ': ' + (sweep.why or choice.components.why_empty)}). Evaluated below: "
+        f"{evaluated.meta.get('basis', 'the chosen set')}.", figs)
 
 
-def _task_vectors(tv: list[dict], fig_dir: Path) -> Section:
-    rows = [{"layer": layer, "task": r["task"], "condition": r["condition"], "accuracy": acc}
-            for r in tv for layer, acc in zip(r["layers"], r["dev_accuracy"])]
+def _task_vectors(results: Sequence[TaskVectorResult], fig_dir: Path) -> Section:
+    rows = [{"layer": layer, "task": r.task, "condition": r.condition, "accuracy": acc}
+            for r in results for layer, acc in zip(r.layers, r.dev_accuracy)]
     tv_fig = viz.save_figure(viz.plot_tv_by_layer(pd.DataFrame(rows)), fig_dir / "task_vectors.png")
-    tv_table = pd.DataFrame([{k: r[k] for k in ("task", "condition", "best_layer", "test_accuracy",
-                                                 "zero_shot_accuracy", "icl_accuracy", "copy_rate")} for r in tv])
+    table = pd.DataFrame([{
+        "task": r.task, "condition": r.condition,
+        "best layer": r.best_layer if r.any_layer_works else "none works",
+        "test accuracy": num(r.test_accuracy) if r.any_layer_works else "–",
+        "zero-shot accuracy": num(r.zero_shot_accuracy), "ICL accuracy": num(r.icl_accuracy),
+        "copy rate": num(r.copy_rate) if r.any_layer_works else "–"} for r in results])
     return Section("Task vectors by layer, unpruned vs pruned",
-                   "Dev accuracy by injection layer; the table gives test accuracy at the best dev "
-                   "layer beside zero-shot and ICL accuracy.", [tv_fig], table=tv_table.round(3))
+                   "Dev accuracy by injection layer; the table gives test accuracy at the best dev layer beside "
+                   "zero-shot and ICL accuracy. \"none works\": no layer's task vector gets a single dev prompt "
+                   "right, so there is no best layer to test.", [tv_fig], table=table)
 
 
-def _patching(patch: dict, fig_dir: Path) -> Section:
-    comp = patch["components"].index("resid_pre") if "resid_pre" in patch["components"] else 0
-    heat = viz.plot_patching_heatmap(patch["values"][comp], patch["tokens"][: len(patch["values"][comp][0])],
-                                     f"{patch['task']} / {patch['corruption']}: {patch['components'][comp]}")
+def _patching(patch: PatchingResult, fig_dir: Path) -> Section:
+    comp = patch.components.index("resid_pre") if "resid_pre" in patch.components else 0
+    values = patch.array()[comp]
+    heat = viz.plot_patching_heatmap(values, patch.tokens[: values.shape[1]],
+                                     f"{patch.task} / {patch.corruption}: {patch.components[comp]}")
+    neurons = ("not patched (no neurons were evaluated)" if patch.neuron_all_positions is None else
+               num(patch.neuron_all_positions))
     return Section("Activation patching",
-                   f"Normalised logit difference when patching clean into corrupted "
-                   f"({patch['corruption']}), averaged over {patch['n_pairs']} prompt pairs. "
-                   f"Copy neurons patched at all positions: {patch.get('neuron_all_positions')}.",
+                   f"Normalised logit difference when patching clean into corrupted ({patch.corruption}), "
+                   f"averaged over {patch.n_pairs} prompt pairs (1: the clean run's, 0: the corrupted run's). "
+                   f"The {patch.neurons} copy neurons patched at all positions: {neurons}.",
                    [viz.save_figure(heat, fig_dir / "patching.png")])
 
 
-def _copy_error_prompt(model: HookedModel, cfg: dict):
-    """A dev probe prompt on which the unpruned model copies a demo label (else the first one)."""
-    find = cfg["find"]
-    _, dev = probe_splits(model.tokenizer, n_attr=find["n"], n_dev=find["n_dev"], shots=find["shots"], seed=find["seed"])
-    preds = predict(model, dev[:16])
-    for prompt, pred in zip(dev, preds):
-        if copy_error(pred, prompt.answer, prompt.demo_labels):
-            return prompt, pred
-    return dev[0], preds[0]
+def _copy_error_up_close(views: Views | None) -> Section:
+    """circuitsvis views of one copy error, drawn from the views stage's data."""
+    title = "A copy error up close"
+    if views is None:
+        return Section(title, "This run's folder holds no views.json (the run was made before the views stage "
+                              "existed): run `mechcopy reproduce` again with the same --out to add it.")
+    p = views.prompt
+    html_views: list[Any] = [viz.attention_heads_view(marked_tokens(views.tokens, a.marked), a.pattern, a.names,
+                                                      f"Attention: {a.chosen_by}") for a in views.attention]
+    if views.neurons is not None:
+        html_views.append(viz.text_activations_view(views.tokens, views.neurons.activations, views.neurons.labels,
+                                                    views.neurons.set_name))
+    shown = [f"attention of {a.chosen_by}" for a in views.attention]
+    if views.neurons is not None:
+        shown.append(f"the activations of the {len(views.neurons.labels)} evaluated neurons most active on it")
+    kind = "a copy error" if views.is_copy_error else "no copy error among the first dev prompts; the first one"
+    return Section(title, f"A dev prompt of the run's probe ({kind}): gold answer {p.answer!r}, demo labels "
+                          f"{list(p.demo_labels)}, model says {views.prediction!r}. Shown: "
+                          + ("; ".join(shown) or "nothing more (no attention, no neurons)") + ".", html=html_views)
 
 
-def _copy_error_up_close(model: HookedModel, settings: dict, neurons) -> Section:
-    """circuitsvis views of one copy error: attention (where the architecture has it) and the neurons."""
-    prompt, pred = _copy_error_prompt(model, settings["config"])
-    counts = neurons.layer_counts(model.cfg.n_layers)
-    layer = max(range(len(counts)), key=counts.__getitem__)
-    views = [viz.neuron_activations_view(model, prompt.text, neurons, max_neurons=50)] if neurons.neurons else []
-    heads = ""
-    if arch_of(model).has_attention:
-        views.insert(0, viz.attention_view(model, prompt.text, layer))
-        top = _top_heads(model, prompt)
-        views.insert(1, viz.head_attention_view(model, prompt, top))
-        heads = (f" The heads that write most of logit(c) - logit(gold) directly on this prompt (direct logit "
-                 f"attribution, c the demo label with the highest logit): {', '.join(f'L{l}H{h}' for l, h in top)}, "
-                 "their attention with the demo-label tokens marked «like this».")
-    return Section("A copy error up close",
-                   f"Gold answer {prompt.answer!r}, demo labels {list(prompt.demo_labels)}, model says "
-                   f"{pred!r}. Attention of layer {layer} (the layer with the most copy neurons) and "
-                   f"the copy neurons' activations over the prompt's tokens.{heads}", html=views)
-
-
-def _top_heads(model: HookedModel, prompt, k: int = 3) -> list[tuple[int, int]]:
-    """The k heads with the largest |direct logit attribution| of logit(c) - logit(gold) on `prompt`."""
-    from mechcopy.head_attribution import direct_logit_attribution
-
-    values = direct_logit_attribution(model, [prompt]).heads[0]
-    idx = values.flatten().abs().topk(min(k, values.numel())).indices
-    return [divmod(int(i), values.shape[1]) for i in idx]
-
-
-def build_report(out_dir: str | Path, model: HookedModel) -> dict:
+def build_report(out_dir: str | Path) -> dict[str, Any]:
     """Figures (PNG too) and circuitsvis views of a `mechcopy reproduce` folder, assembled into
-    `out_dir/report.html`; returns what the report stage records."""
+    `out_dir/report.html`; returns what the report stage records. Reads the folder's files only
+    (`job.Run.read`): no model is loaded or run."""
     out = Path(out_dir)
     fig_dir = out / "figures"
-    settings = json.loads((out / "settings.json").read_text())
-    neurons = Components.load(out / "evaluated.json")
-    evaluation = _stage(out, "evaluate")
-    per_task, means = _per_task(model, settings, neurons, evaluation["results"], fig_dir)
-    sections = [_answer(evaluation["comparisons"], neurons, fig_dir, evaluation.get("task_level")), per_task, _selection(model, settings, neurons, fig_dir),
-                _task_vectors(_stage(out, "task_vectors")["results"], fig_dir),
-                _patching(_stage(out, "patching"), fig_dir), _copy_error_up_close(model, settings, neurons)]
-    path = write_report(out / "report.html", f"mechcopy: copy neurons of {model.cfg.model_name}", sections, settings)
+    run = Run.read(out)
+    per_task, means = _per_task(run.settings, run.evaluated, run.evaluation, fig_dir)
+    sections = [_answer(run.evaluation, run.evaluated, fig_dir), per_task,
+                _selection(run.settings, run.evaluated, run.choice, fig_dir),
+                _task_vectors(run.task_vectors, fig_dir), _patching(run.patching, fig_dir),
+                _copy_error_up_close(run.views)]
+    path = write_report(out / "report.html", f"mechcopy: copy neurons of {run.settings.model_name}", sections,
+                        run.settings.to_json())
     return {"report": str(path), "figures": sorted(str(p) for p in fig_dir.glob("*.png")),
             "mean_over_tasks": means.to_dict("records")}

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -197,9 +197,9 @@ class _Runner:
         position's log-probabilities are `last`): its first token from `last`, the rest continued."""
         first = last[self.rows(at, batch)[:, None], torch.tensor([[x[0] for x in st.labels] for st in stems]
                                                                    ).repeat(self.groups, 1)]
-        first = first.reshape(self.groups, len(stems), -1).cpu().numpy()
+        firsts = first.reshape(self.groups, len(stems), -1).cpu().numpy()
         for k, st in enumerate(stems):
-            self.out[:, st.prompt, st.variant, :] = first[:, k]
+            self.out[:, st.prompt, st.variant, :] = firsts[:, k]
         longer = [(k, j) for k, st in enumerate(stems) for j, x in enumerate(st.labels) if len(x) > 1]
         for s in range(0, len(longer), per_group):
             self._rest(state, batch, at, stems, longer[s:s + per_group])
@@ -281,7 +281,7 @@ def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mappi
         for kind, qs in references.items():
             ref[kind] = out[g, :, at:at + len(qs)]
             at += len(qs)
-        results.append(LabelScores(labels, out[g, :, 0], ref, references))
+        results.append(LabelScores(labels, out[g, :, 0], ref, {k: tuple(v) for k, v in references.items()}))
     return results
 
 
@@ -314,9 +314,9 @@ def score_labels_conditions(model: HookedModel, prompts, labels: Sequence[str], 
     return dict(zip([c.label for c in conditions], scores))
 
 
-def reference_queries(calibrations: Sequence[str], inputs: Sequence[str] = (), seed: int = 0
+def reference_queries(calibrations: Collection[str | None], inputs: Sequence[str] = (), seed: int = 0
                       ) -> dict[str, tuple[str, ...]]:
-    """The reference queries `calibrations` need: `contextual` the content-free queries (`CONTENT_FREE`),
+    """The reference queries `calibrations` need (None, no calibration, needs none): `contextual` the content-free queries (`CONTENT_FREE`),
     `domain` in-domain ones drawn from `inputs` (a task's inputs: `domain_queries`, seeded); `batch`
     needs none."""
     calibrations = check_items(calibrations, (str, type(None)), "calibrations", "e.g. ['contextual', 'batch']")

@@ -57,6 +57,10 @@ class Agreement:
         return {"a": self.a, "b": self.b, "spearman": self.spearman,
                 "jaccard": {str(k): v for k, v in self.jaccard.items()}}
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Agreement":
+        return cls(obj["a"], obj["b"], obj["spearman"], {int(k): v for k, v in obj["jaccard"].items()})
+
 
 def agreement(a: Tensor, b: Tensor, ks: Sequence[int], allowed_layers: Sequence[int] | None = None,
               names: tuple[str, str] = ("a", "b")) -> Agreement:
@@ -67,7 +71,8 @@ def agreement(a: Tensor, b: Tensor, ks: Sequence[int], allowed_layers: Sequence[
                      {int(k): jaccard(top_set(a, k, allowed_layers), top_set(b, k, allowed_layers)) for k in ks})
 
 
-def _summary(x: Sequence[float]) -> dict[str, float]:
+def spread(x: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """Mean, median and the 5% / 95% quantiles of `x`."""
     v = np.asarray(x, dtype=float)
     q05, q50, q95 = np.quantile(v, [0.05, 0.5, 0.95])
     return {"mean": float(v.mean()), "q05": float(q05), "median": float(q50), "q95": float(q95)}
@@ -89,12 +94,19 @@ class BootstrapStability:
 
     def summary(self) -> dict[str, Any]:
         """Mean, median and 5%/95% quantiles over resamples."""
-        return {"spearman": _summary(self.spearman), "jaccard": {str(k): _summary(v) for k, v in self.jaccard.items()}}
+        return {"spearman": spread(self.spearman), "jaccard": {str(k): spread(v) for k, v in self.jaccard.items()}}
 
     def to_json(self) -> dict[str, Any]:
         return {"normalisation": self.normalisation, "n_prompts": self.n_prompts, "n_boot": self.n_boot,
                 "seed": self.seed, **self.summary(), "per_resample": {
                     "spearman": list(self.spearman), "jaccard": {str(k): list(v) for k, v in self.jaccard.items()}}}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "BootstrapStability":
+        """From the per-resample values `to_json` wrote (its summary is recomputed from them)."""
+        per = obj["per_resample"]
+        return cls(obj["normalisation"], obj["n_prompts"], obj["n_boot"], obj["seed"], tuple(per["spearman"]),
+                   {int(k): tuple(v) for k, v in per["jaccard"].items()})
 
 
 def bootstrap_stability(values: Attributions | Float[Tensor, "prompts layers neurons"], ks: Sequence[int],
@@ -136,6 +148,14 @@ class StabilityReport:
                 "bootstrap": [b.to_json() for b in self.bootstrap],
                 "normalisations": [a.to_json() for a in self.normalisations],
                 "settings": [a.to_json() for a in self.settings]}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "StabilityReport":
+        allowed = obj["allowed_layers"]
+        return cls(tuple(obj["ks"]), None if allowed is None else tuple(allowed), obj["reference"],
+                   tuple(BootstrapStability.from_json(b) for b in obj["bootstrap"]),
+                   tuple(Agreement.from_json(a) for a in obj["normalisations"]),
+                   tuple(Agreement.from_json(a) for a in obj["settings"]))
 
 
 def stability_report(attributions: Attributions | Mapping[str, Attributions], ks: Sequence[int] = (5, 30, 100),

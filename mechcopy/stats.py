@@ -57,7 +57,7 @@ def rate_interval(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
-def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
+def seed_interval(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
     """Mean and 95% Student-t interval over independent runs (training seeds): (mean, lo, hi).
 
     With few runs the interval is wide on purpose; one run gives (value, nan, nan).
@@ -121,7 +121,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     return float(_scipy_stats().binomtest(b, b + c, 0.5).pvalue)
 
 
-def holm(p_values: Sequence[float], alpha: float = 0.05) -> np.ndarray:
+def holm(p_values: Sequence[float] | np.ndarray, alpha: float = 0.05) -> np.ndarray:
     """Holm-Bonferroni step-down rejections (bool array, input order) at family-wise level alpha.
 
     Sorted ascending, p_(i) is rejected while p_(i) <= alpha / (m - i) (i from 0) and testing stops
@@ -216,6 +216,26 @@ class Comparison:
         """p_value < 0.05 (unadjusted)."""
         return bool(self.p_value < 0.05)
 
+    @property
+    def n_tasks(self) -> int | None:
+        """A pooled comparison's number of tasks (None for one task's)."""
+        return self.extra.get("n_tasks")
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks a pooled comparison pools (empty for one task's)."""
+        return list(self.extra.get("tasks", []))
+
+    @property
+    def n_up(self) -> int | None:
+        """A pooled comparison's tasks that move up significantly after Holm (None for one task's)."""
+        return self.extra.get("n_up")
+
+    @property
+    def n_down(self) -> int | None:
+        """A pooled comparison's tasks that move down significantly after Holm (None for one task's)."""
+        return self.extra.get("n_down")
+
     def to_json(self) -> dict[str, Any]:
         """Flat dict: the fields (ci as a list) with the extra items merged in."""
         d: dict[str, Any] = {
@@ -225,6 +245,13 @@ class Comparison:
         }
         d.update({k: v.item() if isinstance(v, np.generic) else v for k, v in self.extra.items()})
         return d
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Comparison":
+        """The comparison `to_json` wrote: its fields, and every other key as `extra`."""
+        return cls(obj["task"], obj["condition"], obj["baseline"], obj["metric"], obj["diff"],
+                   (obj["ci"][0], obj["ci"][1]), obj["p_value"], obj["mde"], obj["n"], obj["test"],
+                   {k: v for k, v in obj.items() if k not in _CORE_KEYS})
 
 
 def _outcomes(a: Any, name: str, ndim: tuple[int, ...] = (1,)) -> np.ndarray:

@@ -1,10 +1,12 @@
 """Every task under every condition, checkpointed: `run_evaluation`, the evaluation `mechcopy evaluate`
 and the main job run.
 
-A result row is `TaskResult.to_json()` (the condition's label in `condition`; on closed-label tasks its
-copy effect and demo share beside the copy rate) plus the task's kind, the number of pairs its prompt
-builder dropped, the seconds, and the condition's structured fields in `spec` (`Condition.describe`:
-family, group, kind, ablation, positions, seed, means, readout, versus). `copy_effects` gives the copy
+A result row (`ResultRow`) is one task under one condition: its `TaskResult` (the condition's label in
+`condition`; on closed-label tasks its copy effect and demo share beside the copy rate), the task's kind,
+the number of pairs its prompt builder dropped, the seconds, the condition's structured fields
+(`ConditionSpec`: family, group, kind, ablation, positions, seed, means, readout, versus) and one record
+per prompt (`PromptRecord`: text, answer, demo labels, prediction). As JSON it is `TaskResult.to_json()`
+with those beside it (the spec under `spec`, the records under `per_prompt`). `copy_effects` gives the copy
 effect pooled over tasks and with the task as the unit, for the part of a result that is not rows.
 """
 
@@ -13,23 +15,78 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from mechcopy.arch import HookedModel
-from mechcopy.conditions import UNPRUNED, Condition
+from mechcopy.conditions import UNPRUNED, Condition, ConditionSpec
 from mechcopy.errors import check_items, note
 from mechcopy.copy_effect import copy_effect_report
-from mechcopy.evaluation import check_context, evaluate_conditions
+from mechcopy.evaluation import TaskResult, check_context, evaluate_conditions
 from mechcopy.fingerprint import model_fingerprint, numerics
 from mechcopy.io import append_jsonl, write_jsonl_atomic
 from mechcopy.progress import tqdm
 from mechcopy.scoring import CONTENT_FREE, reference_queries
-from mechcopy.tasks.prompts import PromptSet, build_prompts
+from mechcopy.tasks.prompts import ICLPrompt, PromptSet, build_prompts
 from mechcopy.tasks.task import Task
 
 #: the journal beside a result (`OUT.partial.jsonl`): its finished rows until the result is written
 JOURNAL_SUFFIX = ".partial.jsonl"
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One evaluated prompt as a result row records it: the prompt's text, its gold answer, its demo
+    labels and the prediction (what anyone needs to recompute the outcome from the file alone)."""
+
+    prompt: str
+    answer: str
+    demo_labels: tuple[str, ...]
+    prediction: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "answer": self.answer, "demo_labels": list(self.demo_labels),
+                "prediction": self.prediction}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "PromptRecord":
+        return cls(obj["prompt"], obj["answer"], tuple(obj["demo_labels"]), obj["prediction"])
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One task under one condition: the result, the task's kind, the pairs dropped, the seconds, and
+    the condition's structured fields."""
+
+    result: TaskResult
+    kind: str
+    n_dropped: int
+    seconds: float
+    spec: ConditionSpec
+    per_prompt: tuple[PromptRecord, ...] = ()
+
+    @property
+    def task(self) -> str:
+        return self.result.task
+
+    @property
+    def condition(self) -> str:
+        """The condition's label (`unpruned`, `pruned`, `random-0`, `pruned@20`, ...)."""
+        return self.result.condition
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.result.to_json(), "kind": self.kind, "n_dropped": self.n_dropped, "seconds": self.seconds,
+                "spec": self.spec.to_json(), "per_prompt": [r.to_json() for r in self.per_prompt]}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ResultRow":
+        if "spec" not in obj:
+            raise ValueError(f"result row ({obj.get('task')!r}, {obj.get('condition')!r}) carries no condition spec: "
+                             "it was written by an older mechcopy; evaluate again to compare its conditions")
+        return cls(TaskResult.from_json(obj), obj.get("kind", ""), obj.get("n_dropped", 0), obj.get("seconds", 0.0),
+                   ConditionSpec.from_json(obj["spec"]),
+                   tuple(PromptRecord.from_json(r) for r in obj.get("per_prompt", ())))
 
 
 def build_prompt_sets(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed: int = 0,
@@ -53,7 +110,7 @@ def check_readouts(tasks, conditions: Sequence[Condition]) -> None:
 def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed: int = 0,
                    conditions: Sequence[Condition] | None = None, progress: bool = True,
                    batch_size: int = 128, checkpoint: str | Path | None = None,
-                   gold_in_demos: bool = True, copy_control: bool = False) -> tuple[list[dict], dict]:
+                   gold_in_demos: bool = True, copy_control: bool = False) -> tuple[list[ResultRow], dict[str, list]]:
     """Build prompts for every task and evaluate every condition; returns (result rows, dropped pairs).
 
     `conditions` (default: `UNPRUNED` only) are evaluated in one pass per task (`evaluate_task`),
@@ -81,31 +138,34 @@ def run_evaluation(model: HookedModel, tasks, shots: int = 4, n: int = 100, seed
     prompt_sets = build_prompt_sets(model, tasks, shots, n, seed, gold_in_demos, copy_control)
     keys = _row_keys(model, tasks, shots, n, seed, conditions, gold_in_demos, copy_control) if checkpoint else {}
     done = read_journal(Path(checkpoint), keys) if checkpoint else {}
-    rows, dropped = [], {}
+    rows: list[ResultRow] = []
+    dropped: dict[str, list] = {}
     with tqdm(total=len(tasks) * len(conditions), initial=len(done), desc="evaluate", disable=not progress) as bar:
         for task in tasks:
             ps = prompt_sets[task.name]
             dropped[task.name] = [[list(pair), reason] for pair, reason in ps.dropped]
             todo = [c for c in conditions if keys.get((task.name, c.label)) not in done]
             bar.set_postfix_str(task.name)
-            fresh = {r["condition"]: r for r in evaluate_task(model, task, ps, todo, seed, batch_size)} if todo else {}
+            fresh = {r.condition: r for r in evaluate_task(model, task, ps, todo, seed, batch_size)} if todo else {}
             for c in conditions:
-                key = keys.get((task.name, c.label))
-                if c.label in fresh and checkpoint:
-                    append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": c.label, "row": fresh[c.label],
-                                              "digest": _digest(key, fresh[c.label])})
-                rows.append(fresh[c.label] if c.label in fresh else done[key])
+                if c.label not in fresh:
+                    rows.append(done[keys[(task.name, c.label)]])
+                    continue
+                if checkpoint:
+                    key, row = keys[(task.name, c.label)], fresh[c.label].to_json()
+                    append_jsonl(checkpoint, {"key": key, "task": task.name, "condition": c.label, "row": row,
+                                              "digest": _digest(key, row)})
+                rows.append(fresh[c.label])
             bar.update(len(todo))
     return rows, dropped
 
 
 def evaluate_task(model: HookedModel, task, prompts: PromptSet, conditions: Sequence[Condition],
-                  seed: int = 0, batch_size: int = 128) -> list[dict]:
-    """One task's result rows, one per condition, from one pass: `TaskResult.to_json()` plus the task
-    kind, the number of dropped pairs, the seconds (the pass's time, shared equally by the rows), the
-    condition's `spec` and the per-prompt records (`per_prompt`). A closed-label task's label set is what label-scored conditions choose
-    from (with the reference queries their calibrations need: `scoring.reference_queries`, domain
-    queries from the task's inputs) and gives every row its copy effect."""
+                  seed: int = 0, batch_size: int = 128) -> list[ResultRow]:
+    """One task's result rows, one per condition, from one pass (the seconds: the pass's time, shared
+    equally by the rows; the per-prompt records: `PromptRecord`). A closed-label task's label set is what
+    label-scored conditions choose from (with the reference queries their calibrations need:
+    `scoring.reference_queries`, domain queries from the task's inputs) and gives every row its copy effect."""
     t0 = time.perf_counter()
     labels = task.label_set()
     calibrations = {c.readout.calibration for c in conditions}
@@ -113,19 +173,18 @@ def evaluate_task(model: HookedModel, task, prompts: PromptSet, conditions: Sequ
     results = evaluate_conditions(model, prompts.prompts, conditions, seed=seed, batch_size=batch_size, labels=labels,
                                   references=references)
     seconds = round((time.perf_counter() - t0) / len(results), 2)
-    return [{**results[c.label].to_json(), "kind": task.kind, "n_dropped": len(prompts.dropped), "seconds": seconds,
-             "spec": c.describe(), "per_prompt": per_prompt(prompts.prompts, results[c.label].predictions)}
-            for c in conditions]
+    return [ResultRow(results[c.label], task.kind, len(prompts.dropped), seconds, c.spec,
+                      per_prompt(prompts.prompts, results[c.label].predictions)) for c in conditions]
 
 
-def per_prompt(prompts: Sequence, predictions: Sequence[str]) -> list[dict]:
-    """One record per prompt: its text (`prompt`), gold `answer`, `demo_labels` and the `prediction`, so
-    anyone can recompute a prediction (and its outcome) from the result file alone."""
-    return [{"prompt": p.text, "answer": p.answer, "demo_labels": list(p.demo_labels), "prediction": pred}
-            for p, pred in zip(prompts, predictions)]
+def per_prompt(prompts: Sequence[ICLPrompt], predictions: Sequence[str]) -> tuple[PromptRecord, ...]:
+    """One record per prompt: its text, gold answer, demo labels and the prediction, so anyone can
+    recompute a prediction (and its outcome) from the result file alone."""
+    return tuple(PromptRecord(p.text, p.answer, tuple(p.demo_labels), pred) for p, pred in zip(prompts, predictions))
 
 
-def copy_effects(rows: Sequence[dict], prompt_sets: dict[str, PromptSet], tasks, seed: int = 0) -> dict[str, dict]:
+def copy_effects(rows: Sequence[ResultRow], prompt_sets: dict[str, PromptSet], tasks, seed: int = 0
+                 ) -> dict[str, dict[str, Any]]:
     """The copy effect over tasks, per condition (the per-task figures are in the rows): pooled over
     the closed-label tasks whose effect could be estimated (each task weighs the same; prompts
     resampled within tasks) and with the task as the unit (`stats.task_level`): {condition: {"pooled",
@@ -134,9 +193,9 @@ def copy_effects(rows: Sequence[dict], prompt_sets: dict[str, PromptSet], tasks,
     labels = {t.name: t.label_set() for t in tasks if t.kind != "probe"}
     by_condition: dict[str, dict] = {}
     for r in rows:
-        if r["task"] in labels and labels[r["task"]] is not None:
-            by_condition.setdefault(r["condition"], {})[r["task"]] = (prompt_sets[r["task"]].prompts, r["predictions"],
-                                                                     labels[r["task"]])
+        if labels.get(r.task) is not None:
+            by_condition.setdefault(r.condition, {})[r.task] = (prompt_sets[r.task].prompts, r.result.predictions,
+                                                                labels[r.task])
     out = {}
     for condition, per_task in by_condition.items():
         report = copy_effect_report(per_task, seed=seed)
@@ -192,7 +251,7 @@ def _entry_problem(entry: Any, wanted: set[str]) -> str | None:
     return None
 
 
-def read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, dict]:
+def read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, ResultRow]:
     """The rows of the journal `path` that this run can reuse: key -> row, for the lines whose key is one
     of `keys` and whose row matches its digest. Nothing is dropped without a word: a line a kill cut
     short, a damaged or edited row (evaluated again), and rows of other settings (kept in the journal
@@ -200,6 +259,7 @@ def read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, dict
     and those of other settings."""
     wanted = set(keys.values())
     entries: dict[str, dict] = {}
+    rows: dict[str, ResultRow] = {}
     others: list[dict] = []
     bad: list[str] = []
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
@@ -217,6 +277,11 @@ def read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, dict
         elif problem:
             bad.append(f"line {i}: {problem}")
         else:
+            try:
+                rows[entry["key"]] = ResultRow.from_json(entry["row"])
+            except (KeyError, TypeError, ValueError) as e:
+                bad.append(f"line {i}: its row is not a result row ({type(e).__name__}: {e})")
+                continue
             entries[entry["key"]] = entry
     if path.exists():
         write_jsonl_atomic(path, [*others, *entries.values()])
@@ -229,4 +294,4 @@ def read_journal(path: Path, keys: dict[tuple[str, str], str]) -> dict[str, dict
              "which removes the journal")
     if entries:
         note(f"resuming from {path}: {len(entries)} of {len(keys)} (task, condition) rows already done")
-    return {key: e["row"] for key, e in entries.items()}
+    return {key: rows[key] for key in entries}

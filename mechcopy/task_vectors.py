@@ -21,7 +21,7 @@ injection, and in the zero-shot and ICL baselines, so a "pruned" result is the p
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -34,6 +34,7 @@ from mechcopy.errors import check_items, check_minimums
 from mechcopy.evaluation import check_context, evaluate
 from mechcopy.fingerprint import model_fingerprint
 from mechcopy.hooks import inject_vector
+from mechcopy.io import as_tuples
 from mechcopy.progress import tqdm
 from mechcopy.pruning import pruning_hooks
 from mechcopy.tasks.outcomes import copy_rate
@@ -69,6 +70,10 @@ class TaskVectorConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "TaskVectorConfig":
+        return cls(**{f.name: as_tuples(obj[f.name]) for f in fields(cls) if f.name in obj})
+
     def check(self, model: HookedModel) -> None:
         """Refuse layers the model does not have."""
         n = model.cfg.n_layers
@@ -100,11 +105,24 @@ class TaskVectorResult:
     n_test: int
     n_dropped: int
     predictions: tuple[str, ...]             # test predictions under injection at best_layer
-    config: dict[str, Any] = field(default_factory=dict)
+    config: TaskVectorConfig = field(default_factory=TaskVectorConfig)
     model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def any_layer_works(self) -> bool:
+        """Whether a task vector after some layer gets any dev prompt right (else `best_layer` is only
+        the first layer of the sweep, not a layer that works)."""
+        return max(self.dev_accuracy, default=0.0) > 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "TaskVectorResult":
+        values = {f.name: as_tuples(obj[f.name]) for f in fields(cls) if f.name in obj}
+        if "config" in values:
+            values["config"] = TaskVectorConfig.from_json(values["config"])
+        return cls(**values)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,11 +193,11 @@ def task_vector_experiment(
     return TaskVectorResult(
         task=task.name, condition=condition, layers=tuple(layers), dev_accuracy=tuple(dev_acc),
         best_layer=best, test_accuracy=float(test.accuracy),
-        test_accuracy_ci=tuple(float(x) for x in test.accuracy_ci),
+        test_accuracy_ci=(float(test.accuracy_ci[0]), float(test.accuracy_ci[1])),
         copy_rate=copy_rate(test.predictions, split.test, split.extraction_labels),
         zero_shot_accuracy=float(zero.accuracy), icl_accuracy=float(icl.accuracy),
         icl_copy_rate=float(icl.copy_rate), n_dev=len(split.dev), n_test=len(split.test),
-        n_dropped=len(split.dropped), predictions=tuple(test.predictions), config=config.to_json(),
+        n_dropped=len(split.dropped), predictions=tuple(test.predictions), config=config,
         model=model_fingerprint(model),
     )
 
@@ -192,7 +210,7 @@ def run_task_vectors(model: HookedModel, tasks, config: TaskVectorConfig = TaskV
         raise TypeError(f"config must be a TaskVectorConfig, got {type(config).__name__}")
     tasks = check_items(tasks, Task, "tasks", "mechcopy.tasks.load_tasks('antonyms,to_upper')")
     config.check(model)
-    conditions = [("unpruned", [])]
+    conditions: list[tuple[str, list]] = [("unpruned", [])]
     if neurons is not None:
         as_components(neurons, "neurons").check(model)
         if neurons.pairs:

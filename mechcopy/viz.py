@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,12 @@ from matplotlib.figure import Figure
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.io import write_atomic
-from mechcopy.sites import neuron_site
+from mechcopy.stats import Comparison
+from mechcopy.heads import require_heads
+from mechcopy.views import MARK, attention_patterns, head_view, marked_tokens, neuron_activations
+
+# A 1-D series of numbers: a list, a tuple or a numpy array.
+Series = Sequence[float] | np.ndarray
 
 # One colour per condition family, the same in every figure.
 CONDITION_COLORS = {
@@ -102,10 +107,10 @@ def _ordered_families(families) -> list[str]:
 
 
 def task_results_df(results) -> pd.DataFrame:
-    """`TaskResult`s (objects or their `to_json()` dicts, e.g. `suite.run_evaluation`'s rows) as the
-    table `plot_task_bars` draws.
+    """Result rows (`suite.ResultRow`), `TaskResult`s, or their `to_json()` dicts as the table
+    `plot_task_bars` draws.
 
-    Columns: task, condition, family (the row's `spec` family; the condition itself where a result
+    Columns: task, condition, family (the row's spec family; the condition itself where a result
     carries no spec), n, accuracy, accuracy_lo, accuracy_hi, copy_rate, copy_rate_lo, copy_rate_hi,
     copy_effect (None / NaN where a row has none or it cannot be estimated), copy_share_of_errors, other_rate.
     """
@@ -114,8 +119,8 @@ def task_results_df(results) -> pd.DataFrame:
         d = r if isinstance(r, dict) else r.to_json()
         effect = (d.get("copy_effect") or {}).get("effect")
         rows.append({
-            "task": d["task"], "condition": d["condition"], "family": d.get("spec", {}).get("family", d["condition"]),
-            "n": d["n"],
+            "task": d["task"], "condition": d["condition"],
+            "family": (d.get("spec") or {}).get("family", d["condition"]), "n": d["n"],
             "accuracy": d["accuracy"], "accuracy_lo": d["accuracy_ci"][0], "accuracy_hi": d["accuracy_ci"][1],
             "copy_rate": d["copy_rate"], "copy_rate_lo": d["copy_rate_ci"][0], "copy_rate_hi": d["copy_rate_ci"][1],
             "copy_effect": effect,
@@ -125,7 +130,8 @@ def task_results_df(results) -> pd.DataFrame:
 
 
 def plot_task_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
-    """Accuracy and copy rate per task and condition, grouped bars with interval whiskers.
+    """Accuracy and copy rate per task and condition: one row per task (so any number of tasks reads at
+    page width), the two rates side by side, bars with interval whiskers.
 
     Columns: task, condition, accuracy, accuracy_lo, accuracy_hi, copy_rate, copy_rate_lo,
     copy_rate_hi (rates in [0, 1]; `_lo/_hi` a confidence interval), and optionally family. Conditions
@@ -138,10 +144,10 @@ def plot_task_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
     tasks = list(dict.fromkeys(agg["task"]))
     families = _ordered_families(agg["condition"])
     n_t, n_c = len(tasks), len(families)
-    width = 0.8 / n_c
-    fig = Figure(figsize=(max(6.0, 0.55 * n_t * max(n_c, 2) / 2 + 2), 7.0), layout="constrained")
-    axes = fig.subplots(2, 1, sharex=True)
-    x = np.arange(n_t)
+    height = 0.8 / n_c
+    fig = Figure(figsize=(10.0, 1.6 + n_t * (0.1 + 0.08 * n_c)), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    y = np.arange(n_t)[::-1]                  # the first task on top
     for ax, metric, name in zip(axes, ("accuracy", "copy_rate"), ("accuracy", "copy-error rate")):
         for j, fam in enumerate(families):
             sub = agg[agg["condition"] == fam].set_index("task").reindex(tasks)
@@ -150,15 +156,15 @@ def plot_task_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
             hi = np.clip(sub[f"{metric}_hi"].to_numpy(float) - val, 0, None)
             seeds = int(sub["n_seeds"].max()) if sub["n_seeds"].notna().any() else 1
             label = fam + (f" (mean of {seeds} seeds; whisker = range)" if seeds > 1 else "")
-            ax.bar(x - 0.4 + width * (j + 0.5), val, width, color=_color(fam, families), label=label,
-                   yerr=np.nan_to_num(np.vstack([lo, hi])), capsize=2, error_kw={"elinewidth": 0.8})
-        ax.set_ylabel(name)
-        ax.set_ylim(0, 1.05)
-        ax.grid(axis="y", alpha=0.3)
+            ax.barh(y + 0.4 - height * (j + 0.5), val, height, color=_color(fam, families), label=label,
+                    xerr=np.nan_to_num(np.vstack([lo, hi])), capsize=1.5, error_kw={"elinewidth": 0.7})
+        ax.set_xlabel(name)
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(-0.6, n_t - 0.4)
+        ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
-    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, ncols=min(n_c, 2 if n_t < 5 else 4),
-               loc="outside lower center")
-    axes[1].set_xticks(x, [_label(t) for t in tasks], rotation=45 if n_t > 4 else 0, ha="right" if n_t > 4 else "center")
+    axes[0].set_yticks(y, [_label(t) for t in tasks], fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, ncols=min(n_c, 4), loc="outside lower center")
     fig.suptitle(title or "ICL accuracy and copy-error rate per task (whiskers: 95% interval)")
     return fig
 
@@ -166,14 +172,14 @@ def plot_task_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
 FOREST_PAIRS = (("pruned", "unpruned"), ("pruned", "random"))
 
 
-def plot_forest(comparisons: dict[str, list[dict]], pairs: Sequence[tuple[str, str]] = FOREST_PAIRS,
+def plot_forest(comparisons: Mapping[str, Sequence[Comparison]], pairs: Sequence[tuple[str, str]] = FOREST_PAIRS,
                 metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
     """Paired differences per task with 95% intervals, the pooled difference last (a diamond).
 
-    `comparisons` is {task or "pooled": [comparison dicts]} as `comparisons.compare_rows` returns
-    (fields condition, baseline, metric, diff, ci, p_value, mde). One panel per metric (rows) and
-    (condition, baseline) pair (columns); filled markers are significant at 0.05 (per task,
-    unadjusted); each panel's title gives the pooled difference and its minimal detectable effect.
+    `comparisons` is {task or "pooled": [Comparison, ...]} as `comparisons.compare_rows` returns. One
+    panel per metric (rows) and (condition, baseline) pair (columns); filled markers are significant at
+    0.05 (per task, unadjusted); each panel's title gives the pooled difference and its minimal detectable
+    effect.
     """
     tasks = [t for t in comparisons if t != "pooled"] + (["pooled"] if "pooled" in comparisons else [])
     if not tasks:
@@ -185,22 +191,22 @@ def plot_forest(comparisons: dict[str, list[dict]], pairs: Sequence[tuple[str, s
     for (mi, metric), (pi, (cond, base)) in [(m, p) for m in enumerate(metrics) for p in enumerate(pairs)]:
         ax = axes[mi][pi]
         found = {t: c for t in tasks for c in comparisons[t]
-                 if (c["condition"], c["baseline"], c["metric"]) == (cond, base, metric)}
+                 if (c.condition, c.baseline, c.metric) == (cond, base, metric)}
         for yi, t in zip(y, tasks):
             c = found.get(t)
             if c is None:
                 continue
             pooled = t == "pooled"
             color = "k" if pooled else CONDITION_COLORS.get(cond, "#444444")
-            ax.errorbar(c["diff"], yi, xerr=[[c["diff"] - c["ci"][0]], [c["ci"][1] - c["diff"]]],
+            ax.errorbar(c.diff, yi, xerr=[[c.diff - c.ci[0]], [c.ci[1] - c.diff]],
                         fmt="D" if pooled else "o", ms=7 if pooled else 4, color=color, ecolor=color,
-                        mfc=color if c["p_value"] < 0.05 else "white", elinewidth=1.6 if pooled else 0.9)
+                        mfc=color if c.p_value < 0.05 else "white", elinewidth=1.6 if pooled else 0.9)
         ax.axvline(0, color="#888888", lw=0.8)
         ax.set_yticks(y, [_label(t) for t in tasks], fontsize=7)
         ax.set_xlabel(f"{metric.replace('_', ' ')}: {cond} - {base}")
         ax.grid(axis="x", alpha=0.3)
         p = found.get("pooled")
-        ax.set_title(f"pooled {p['diff']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}], MDE {p['mde']:.3f}"
+        ax.set_title(f"pooled {p.diff:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}], MDE {p.mde:.3f}"
                      if p else f"{cond} - {base}", fontsize=8)
     fig.suptitle(title or "Paired differences per task (95% intervals; filled: p < 0.05)")
     return fig
@@ -242,32 +248,34 @@ def plot_k_sweep(df: pd.DataFrame, chosen_k: int | None = None, title: str | Non
     return fig
 
 
-def plot_k_curve(curve: dict, chosen_k: int | None = None, pairs: Sequence[tuple[str, str]] = FOREST_PAIRS,
-                 metrics: Sequence[str] = ("accuracy", "copy_rate"), title: str | None = None) -> Figure:
+def plot_k_curve(curve: Mapping[str | int, Sequence[Comparison]], chosen_k: int | None = None,
+                 pairs: Sequence[tuple[str, str]] = FOREST_PAIRS, metrics: Sequence[str] = ("accuracy", "copy_rate"),
+                 title: str | None = None) -> Figure:
     """Pooled paired differences along k with 95% intervals: the k curve on the tasks.
 
-    `curve` is {k: [comparison dicts]} (the "pooled" entry of `comparisons.compare_rows` for each k).
+    `curve` is {k: [Comparison, ...]} (the "pooled" entry of `comparisons.compare_rows` for each k).
     One panel per metric, one line per (condition, baseline) pair; filled markers: p < 0.05;
     a dotted line marks `chosen_k`, the dev split's choice (k = 0: no pruning).
     """
     if not curve:
         raise ValueError("plot_k_curve: no k to draw")
-    ks = sorted(int(k) for k in curve)
+    by_k = {int(k): cs for k, cs in curve.items()}
+    ks = sorted(by_k)
     fig = Figure(figsize=(5.0 * len(metrics), 3.8), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     colors = {pair: CONDITION_COLORS.get(pair[1], _EXTRA_COLORS[i]) for i, pair in enumerate(pairs)}
     for ax, metric in zip(axes, metrics):
         for i, pair in enumerate(pairs):
-            found = {k: c for k in ks for c in curve[str(k)] if (c["condition"], c["baseline"], c["metric"]) == (*pair, metric)}
+            found = {k: c for k in ks for c in by_k[k] if (c.condition, c.baseline, c.metric) == (*pair, metric)}
             if not found:
                 continue
             x = np.array(list(found), float) * (1 + 0.04 * (i - (len(pairs) - 1) / 2))   # dodge, on a log axis
-            d = np.array([c["diff"] for c in found.values()])
-            err = np.array([[c["diff"] - c["ci"][0], c["ci"][1] - c["diff"]] for c in found.values()]).T
+            d = np.array([c.diff for c in found.values()])
+            err = np.array([[c.diff - c.ci[0], c.ci[1] - c.diff] for c in found.values()]).T
             ax.errorbar(x, d, yerr=err, fmt="-", color=colors[pair], lw=1.2, elinewidth=0.9, capsize=2,
                         label=f"{pair[0]} - {pair[1]}")
             for xi, di, c in zip(x, d, found.values()):
-                ax.plot(xi, di, "o", ms=5, color=colors[pair], mfc=colors[pair] if c["p_value"] < 0.05 else "white")
+                ax.plot(xi, di, "o", ms=5, color=colors[pair], mfc=colors[pair] if c.p_value < 0.05 else "white")
         ax.axhline(0, color="#888888", lw=0.8)
         if chosen_k:
             ax.axvline(chosen_k, color="k", ls=":", lw=1.2, label=f"chosen k = {chosen_k}")
@@ -283,7 +291,7 @@ def plot_k_curve(curve: dict, chosen_k: int | None = None, pairs: Sequence[tuple
     return fig
 
 
-def plot_layer_distribution(counts: Sequence[int], title: str | None = None) -> Figure:
+def plot_layer_distribution(counts: Sequence[int] | np.ndarray, title: str | None = None) -> Figure:
     """Number of selected neurons per layer (`counts[l]` for layer l, e.g. `NeuronSet.layer_counts()`)."""
     counts = [int(c) for c in counts]
     if not counts:
@@ -423,8 +431,8 @@ def plot_head_maps(panels: dict[str, dict], title: str = "", top: int = 5) -> Fi
     return fig
 
 
-def plot_loss_curve(steps: Sequence[float], losses: Sequence[float] | dict[str, Sequence[float]],
-                    title: str | None = None, evals: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+def plot_loss_curve(steps: Series, losses: Series | dict[str, Series],
+                    title: str | None = None, evals: Mapping[str, tuple[Series, Series]] | None = None,
                     smooth: int = 1) -> Figure:
     """Training loss against step (log scale when it spans more than a factor of 10).
 
@@ -432,20 +440,20 @@ def plot_loss_curve(steps: Sequence[float], losses: Sequence[float] | dict[str, 
     trailing mean over `smooth` steps. With `evals` ({name: (steps, accuracies)}) a second panel shows
     evaluation accuracies during training.
     """
-    steps = np.asarray(steps, float)
+    x = np.asarray(steps, float)
     series = {"loss": losses} if not isinstance(losses, dict) else losses
     fig = Figure(figsize=(9.0 if evals else 6.0, 3.6), layout="constrained")
     axes = fig.subplots(1, 2 if evals else 1, squeeze=False)[0]
     span = []
-    for i, (name, values) in enumerate(series.items()):
-        values = np.asarray(values, float)
-        if values.shape != steps.shape or steps.ndim != 1 or len(steps) == 0:
-            raise ValueError(f"plot_loss_curve: steps and losses must be equal-length 1-D, got {steps.shape}, {values.shape}")
+    for i, (name, raw) in enumerate(series.items()):
+        values = np.asarray(raw, float)
+        if values.shape != x.shape or x.ndim != 1 or len(x) == 0:
+            raise ValueError(f"plot_loss_curve: steps and losses must be equal-length 1-D, got {x.shape}, {values.shape}")
         if smooth > 1:
             csum = np.cumsum(np.insert(values, 0, 0.0))
             lo = np.maximum(0, np.arange(len(values)) - smooth + 1)
             values = (csum[1:] - csum[lo]) / (np.arange(len(values)) + 1 - lo)
-        axes[0].plot(steps, values, color=CONDITION_COLORS["unpruned"] if i == 0 else None, lw=1.4, label=name)
+        axes[0].plot(x, values, color=CONDITION_COLORS["unpruned"] if i == 0 else None, lw=1.4, label=name)
         span += [values.min(), values.max()]
     if min(span) > 0 and max(span) / min(span) > 10:
         axes[0].set_yscale("log")
@@ -455,8 +463,8 @@ def plot_loss_curve(steps: Sequence[float], losses: Sequence[float] | dict[str, 
     if len(series) > 1:
         axes[0].legend(fontsize=8)
     if evals:
-        for name, (x, y) in evals.items():
-            axes[1].plot(x, y, marker=".", label=name)
+        for name, (at, accuracy) in evals.items():
+            axes[1].plot(at, accuracy, marker=".", label=name)
         axes[1].set_xlabel("step")
         axes[1].set_ylabel("accuracy")
         axes[1].set_ylim(0, 1)
@@ -599,87 +607,67 @@ def reset_notebook_script() -> None:
     _NOTEBOOK_SCRIPT.clear()
 
 
-def attention_view(model: HookedModel, text: str, layer: int, heads: Sequence[int] | None = None) -> CircuitsvisHTML:
-    """circuitsvis attention heads of `layer` on `text` (from `blocks.{layer}.attn.hook_pattern`).
+def attention_heads_view(tokens: Sequence[str], pattern, names: Sequence[str], title: str = "Attention"
+                         ) -> CircuitsvisHTML:
+    """circuitsvis attention heads from data: `pattern` [heads, dest, src] over `tokens`, one name per head.
 
     Uses the `AttentionHeads` component (what `circuitsvis.attention.attention_heads` renders; the
     older `attention_patterns` is deprecated in circuitsvis).
     """
-    if not arch_of(model).has_attention:
-        raise ValueError(f"attention_view: a {arch_of(model).name} model has no attention patterns; "
-                         "use neuron_activations_view on its neurons instead")
-    if not 0 <= layer < model.cfg.n_layers:
-        raise IndexError(f"layer {layer} out of range: the model has {model.cfg.n_layers} layers")
-    name = f"blocks.{layer}.attn.hook_pattern"
-    with torch.no_grad():
-        _, cache = model.run_with_cache(text, names_filter=lambda n: n == name)
-    pattern = cache[name][0]  # [head, dest, src]
-    head_ids = list(range(pattern.shape[0])) if heads is None else [int(h) for h in heads]
+    pattern = np.asarray(pattern.detach().cpu().double() if isinstance(pattern, torch.Tensor) else pattern, float)
+    if pattern.ndim != 3 or pattern.shape[0] != len(names) or pattern.shape[1:] != (len(tokens), len(tokens)):
+        raise ValueError(f"attention_heads_view: pattern of shape {pattern.shape} for {len(names)} heads over "
+                         f"{len(tokens)} tokens (expected [heads, tokens, tokens])")
+    return CircuitsvisHTML.build("AttentionHeads", title=title, attention=pattern.round(4), tokens=list(tokens),
+                                 attentionHeadNames=list(names), maskUpperTri=True)
+
+
+def attention_view(model: HookedModel, text: str, layer: int, heads: Sequence[int] | None = None) -> CircuitsvisHTML:
+    """circuitsvis attention heads of `layer` on `text` (`mechcopy.views.attention_patterns`)."""
+    head_ids = list(range(arch_of(model).attention_shape(model)[0])) if heads is None else [int(h) for h in heads]
+    pattern = attention_patterns(model, text, [(layer, h) for h in head_ids])
+    return attention_heads_view(arch_of(model).str_tokens(model, text), pattern, [f"L{layer}H{h}" for h in head_ids],
+                                f"Attention, layer {layer}")
+
+
+def text_activations_view(tokens: Sequence[str], activations, labels: Sequence[str], set_name: str = "neurons"
+                          ) -> CircuitsvisHTML:
+    """circuitsvis `TextNeuronActivations` from data: `activations` [tokens, n] of the n `labels`."""
+    acts = np.asarray(activations.detach().cpu().double() if isinstance(activations, torch.Tensor) else activations,
+                      float)
+    if acts.ndim != 2 or acts.shape != (len(tokens), len(labels)):
+        raise ValueError(f"text_activations_view: activations of shape {acts.shape} for {len(tokens)} tokens and "
+                         f"{len(labels)} labels (expected [tokens, labels])")
     return CircuitsvisHTML.build(
-        "AttentionHeads", title=f"Attention, layer {layer}",
-        attention=pattern[head_ids].double().cpu().numpy().round(4),
-        tokens=arch_of(model).str_tokens(model, text),
-        attentionHeadNames=[f"L{layer}H{h}" for h in head_ids],
-        maskUpperTri=True,
-    )
+        "TextNeuronActivations", title=f"{len(labels)} neurons' activations", tokens=list(tokens),
+        activations=acts[:, None, :].round(4),  # [tokens, 1, neurons]
+        firstDimensionName="Set", secondDimensionName="Neuron", firstDimensionLabels=[set_name],
+        secondDimensionLabels=list(labels))
 
 
 def head_attention_view(model: HookedModel, prompt, heads: Sequence[tuple[int, int]],
-                        mark: str = "«{}»") -> CircuitsvisHTML:
-    """circuitsvis attention patterns of `heads` ((layer, head) pairs, any layers) on an ICL prompt, its
-    demo-label tokens marked (`mark`, a format with one `{}`), so a copy error's attention to the labels
-    shows. Named `L{layer}H{head}`."""
-    from mechcopy.heads import check_heads, require_heads
-    from mechcopy.label_attention import label_positions
-
+                        mark: str = MARK) -> CircuitsvisHTML:
+    """circuitsvis attention patterns of `heads` ((layer, head) pairs, any layers) on an ICL prompt
+    (`ICLPrompt`), its demo-label tokens marked (`mark`, a format with one `{}`), so a copy error's
+    attention to the labels shows. Named `L{layer}H{head}` (the data: `mechcopy.views.head_view`).
+    `prompt` is not annotated so that a model without heads is refused for that first, whatever the prompt."""
     require_heads(model, "head_attention_view")
-    heads = list(check_heads(model, heads)) if heads else []
-    if not heads:
-        raise ValueError("head_attention_view needs at least one (layer, head)")
-    names = {f"blocks.{l}.attn.hook_pattern" for l, _ in heads}
-    with torch.no_grad():
-        _, cache = model.run_with_cache(arch_of(model).tokens(model, prompt.text), names_filter=lambda n: n in names)
-    pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0, h] for l, h in heads])   # [heads, dest, src]
-    tokens = arch_of(model).str_tokens(model, prompt.text)
-    for pos in (p for demo in label_positions(model, prompt) for p in demo):
-        tokens[pos] = mark.format(tokens[pos])
-    return CircuitsvisHTML.build(
-        "AttentionHeads", title="Attention of chosen heads (demo-label tokens marked)",
-        attention=pattern.double().cpu().numpy().round(4), tokens=tokens,
-        attentionHeadNames=[f"L{l}H{h}" for l, h in heads], maskUpperTri=True,
-    )
+    view = head_view(model, prompt, heads, "chosen heads")
+    return attention_heads_view(marked_tokens(arch_of(model).str_tokens(model, prompt.text), view.marked, mark),
+                                view.pattern, view.names, "Attention of chosen heads (demo-label tokens marked)")
 
 
 def neuron_activations_view(model: HookedModel, text: str, neurons, max_neurons: int | None = 200) -> CircuitsvisHTML:
-    """Activations of the neurons in `neurons` (a `NeuronSet`) over the tokens of `text`.
+    """Activations of the neurons in `neurons` (`Components` of neurons) over the tokens of `text`.
 
     Read at each layer's neuron site (`mechcopy.sites.neuron_site`, so transformers and Mamba
-    alike) and shown with circuitsvis' `TextNeuronActivations`, one entry per neuron labelled
-    `L{layer}N{index}`. With more than `max_neurons` neurons, the ones with the largest absolute
-    activation on this text are kept.
+    alike: `mechcopy.views.neuron_activations`) and shown with circuitsvis' `TextNeuronActivations`, one
+    entry per neuron labelled `L{layer}N{index}`. With more than `max_neurons` neurons, the ones with the
+    largest absolute activation on this text are kept.
     """
-    neurons.check(model)
-    by_layer = neurons.by_layer()
-    sites = {neuron_site(model, layer): layer for layer in by_layer}
-    with torch.no_grad():
-        _, cache = model.run_with_cache(text, names_filter=lambda n: n in sites)
-    cols, labels = [], []
-    for site, layer in sites.items():
-        idx = by_layer[layer]
-        cols.append(cache[site][0][:, idx].float())  # [pos, n_in_layer]
-        labels += [f"L{layer}N{int(i)}" for i in idx]
-    acts = torch.cat(cols, dim=1)  # [pos, n]
-    if max_neurons is not None and acts.shape[1] > max_neurons:
-        keep = acts.abs().amax(0).topk(max_neurons).indices.sort().values
-        acts, labels = acts[:, keep], [labels[int(i)] for i in keep]
-    return CircuitsvisHTML.build(
-        "TextNeuronActivations", title=f"{len(labels)} neurons' activations",
-        tokens=arch_of(model).str_tokens(model, text),
-        activations=acts[:, None, :].double().cpu().numpy().round(4),  # [tokens, 1, neurons]
-        firstDimensionName="Set", secondDimensionName="Neuron",
-        firstDimensionLabels=[str(neurons.meta.get("name", "neurons"))],
-        secondDimensionLabels=labels,
-    )
+    acts, labels = neuron_activations(model, text, neurons, max_neurons)
+    return text_activations_view(arch_of(model).str_tokens(model, text), acts, labels,
+                                 str(neurons.meta.get("name", "neurons")))
 
 
 def to_json_props(view: CircuitsvisHTML) -> dict:

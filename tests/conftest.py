@@ -7,6 +7,21 @@ import pytest
 warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
 
 
+@pytest.fixture(scope="module")
+def annotations_unchecked():
+    """The API as users call it: annotations unchecked at run time (the tests check them everywhere else,
+    through jaxtyping's pytest hook), so what a function says of a bad argument is its own refusal, not
+    its annotation's. For the tests that pin those refusals (tests/test_hostile.py, tests/test_fuzz.py)."""
+    from jaxtyping import config
+
+    before = config.jaxtyping_disable
+    config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        config.update("jaxtyping_disable", before)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from mechcopy.models.tiny import tiny_transformer

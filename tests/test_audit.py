@@ -51,9 +51,9 @@ def test_self_consistency_against_direct_runs(case):
                                                                        abs=1e-5)
         expect = paired_means(np.array(row.per_prompt_chosen), np.array(row.per_prompt_random), "probe",
                               f"top-{row.k}", "random", "contrast", seed=4)
-        assert row.chosen_vs_random == expect.to_json()
+        assert row.chosen_vs_random == expect
         assert row.passed == (expect.ci[1] < 0)
-        assert row.chosen_vs_unpruned["diff"] == pytest.approx(chosen.mean() - unpruned.mean(), abs=1e-5)
+        assert row.chosen_vs_unpruned.diff == pytest.approx(chosen.mean() - unpruned.mean(), abs=1e-5)
     assert res.to_json()["rows"][1]["k"] == 30
 
 
@@ -86,7 +86,7 @@ def test_self_consistency_verdict(case):
     assert not bad.passed and not any(r.passed for r in bad.rows)
     # gold_logprob counts the other way: pruning the copy-pushers must raise it
     up = self_consistency(model, prompts, scores, ks=(30,), target="gold_logprob", n_random=4)
-    assert up.rows[0].chosen_vs_random["diff"] > 0 and up.rows[0].passed == (up.rows[0].chosen_vs_random["ci"][0] > 0)
+    assert up.rows[0].chosen_vs_random.diff > 0 and up.rows[0].passed == (up.rows[0].chosen_vs_random.ci[0] > 0)
 
 
 def test_k_curve_against_evaluate(case):

@@ -3,12 +3,16 @@ separate label-scoring runs, the held-out conditions, both criteria by hand, and
 difference (`copy_effect.copy_effect_difference`) against two separate `copy_effect` calls."""
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mechcopy.conditions import ConditionSpec
 from mechcopy.copy_effect import copy_effect, copy_effect_difference
+from mechcopy.evaluation import TaskResult
+from mechcopy.suite import ResultRow
 from mechcopy.tasks.copy_probe import CopyProbeConfig, build_copy_probe
 from mechcopy.tasks.prompts import make_prompt
 
@@ -112,13 +116,13 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     s = tiny_settings(study)
     sels = [_forced_selection(study, tiny, seed, s) for seed in (0, 1)]
     rows, _ = study.heldout(tiny, sels, "no-gold", tmp_path / "ng.jsonl", s, progress=False)
-    names = {r["condition"] for r in rows}
+    names = {r.condition for r in rows}
     assert names == {"unpruned", "pruned@s0", "pruned@s1", "random-0@s0", "random-1000@s1", "contextual", "batch",
                      "pruned+contextual@s0", "pruned+contextual@s1", "pruned+batch@s0", "pruned+batch@s1"}
     again, _ = study.heldout(tiny, sels, "no-gold", tmp_path / "ng.jsonl", s, progress=False)   # resumed: same rows
-    assert [r["predictions"] for r in again] == [r["predictions"] for r in rows]
+    assert [r.result.predictions for r in again] == [r.result.predictions for r in rows]
     cc, _ = study.heldout(tiny, sels, "copy-control", tmp_path / "cc.jsonl", s, progress=False)
-    assert {r["task"] for r in cc} == {"chemical_state"}     # 2 labels: no copy effect to estimate
+    assert {r.task for r in cc} == {"chemical_state"}     # 2 labels: no copy effect to estimate
     probe = study.probe_test(tiny, sels, s)
     prompts = study._probe(tiny.tokenizer, "copy-control", 0, s).test
     crit = study.criteria(sels, probe, rows, cc, prompts, s)
@@ -127,7 +131,7 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
         for cal in ("contextual", "batch"):
             r = crit["versus_calibration"][g][f"pruned@{g}_vs_{cal}"]
             for t, d in r["per_task"].items():
-                assert d == pytest.approx(np.mean(by[f"pruned@{g}"][t]["correct"]) - np.mean(by[cal][t]["correct"]))
+                assert d == pytest.approx(np.mean(by[f"pruned@{g}"][t].result.correct) - np.mean(by[cal][t].result.correct))
         pt = crit["mechanism"][g]["probe_test"]
         rand = [k for k in probe["predictions"] if k.startswith("random-") and k.endswith(f"@{g}")]
         for t, ps in study._by_task(prompts).items():
@@ -136,21 +140,21 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
                 assert pt["tasks"][f"{t}#0"] == pytest.approx(ce(f"pruned@{g}") - ce(rand[0]))
     mean = crit["versus_calibration"]["mean_over_seeds"]["pruned_vs_contextual"]
     for t, d in mean["per_task"].items():
-        assert d == pytest.approx(np.mean([np.mean(by[f"pruned@{g}"][t]["correct"]) for g in ("s0", "s1")])
-                                  - np.mean(by["contextual"][t]["correct"]))
+        assert d == pytest.approx(np.mean([np.mean(by[f"pruned@{g}"][t].result.correct) for g in ("s0", "s1")])
+                                  - np.mean(by["contextual"][t].result.correct))
     # a seed whose dev sweep chose nothing enters the mean over seeds as the unpruned model
     with_empty = study.criteria(sels + [{"seed": 2, "chosen": None}], probe, rows, cc, prompts, s)
     assert with_empty["no_selection"] == ["s2"]
     mean = with_empty["versus_calibration"]["mean_over_seeds"]["pruned_vs_batch"]
     for t, d in mean["per_task"].items():
-        accs = [np.mean(by[c][t]["correct"]) for c in ("pruned@s0", "pruned@s1", "unpruned")]
-        assert d == pytest.approx(np.mean(accs) - np.mean(by["batch"][t]["correct"]))
+        accs = [np.mean(by[c][t].result.correct) for c in ("pruned@s0", "pruned@s1", "unpruned")]
+        assert d == pytest.approx(np.mean(accs) - np.mean(by["batch"][t].result.correct))
     both = crit["mechanism"]["mean_over_seeds"]["probe_test"]
     third = with_empty["mechanism"]["mean_over_seeds"]["probe_test"]
     assert third["diff"] == pytest.approx(both["diff"] * len(both["tasks"]) / len(third["tasks"]))
     table = study.compare(rows, cc, "pruned@s0", "unpruned")
     for t, d in table["accuracy"]["per_task"].items():
-        assert d == pytest.approx(np.mean(by["pruned@s0"][t]["correct"]) - np.mean(by["unpruned"][t]["correct"]))
+        assert d == pytest.approx(np.mean(by["pruned@s0"][t].result.correct) - np.mean(by["unpruned"][t].result.correct))
 
     # the summary reads the same state back from the work folder
     import json
@@ -174,7 +178,7 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     assert row["prompt_diff"] == pytest.approx(row["diff"])
     assert row["prompt_ci"][0] <= row["prompt_diff"] <= row["prompt_ci"][1]
     assert len(json.dumps(doc)) < 64 * 1024
-    assert doc["unpruned"]["accuracy"] == pytest.approx(np.mean([np.mean(r["correct"]) for r in by["unpruned"].values()]))
+    assert doc["unpruned"]["accuracy"] == pytest.approx(np.mean([np.mean(r.result.correct) for r in by["unpruned"].values()]))
     paths = study.write_docs(doc, tmp_path / "docs.json")
     parts = [json.loads(p.read_text()) for p in paths]
     assert [p.name for p in paths] == ["docs.json", "docs_tasks.json", "docs_criteria_neurons.json", "docs_criteria_best.json"]
@@ -186,7 +190,9 @@ def test_mechanism_criterion_on_made_rows(study):
     """A set that removes the copy effect on every task beside a random set that keeps it: criterion 1's
     held-out half holds; swapped, it fails."""
     def row(task, cond, ce):
-        return {"task": task, "condition": cond, "copy_effect": {"effect": ce}, "correct": [True], "copy": [False]}
+        result = TaskResult(task, cond, 1, 1.0, 0.0, 0.0, 0.0, (1.0, 1.0), (0.0, 0.0), ("a",), (True,), (False,),
+                            {"effect": ce})
+        return ResultRow(result, "algorithmic", 0, 0.0, ConditionSpec(cond.split("@")[0], "pruned"))
 
     tasks = ["a", "b", "c", "d"]
     rows = [row(t, "unpruned", 0.3) for t in tasks]
@@ -197,8 +203,8 @@ def test_mechanism_criterion_on_made_rows(study):
     held = crit["mechanism"]["s0"]["heldout"]
     assert held["per_task"] == pytest.approx({t: (0.3 - 0.01 * i) - 0.02 * i for i, t in enumerate(tasks)})
     assert held["holds"] and not crit["mechanism"]["s0"]["holds"]        # no probe half: not a mechanism
-    swapped = [dict(r, condition={"pruned@s0": "random-0@s0", "random-0@s0": "pruned@s0"}.get(r["condition"], r["condition"]))
-               for r in rows]
+    swap = {"pruned@s0": "random-0@s0", "random-0@s0": "pruned@s0"}
+    swapped = [replace(r, result=replace(r.result, condition=swap.get(r.condition, r.condition))) for r in rows]
     assert not study.criteria(sel, None, [], swapped, settings=study.SETTINGS)["mechanism"]["s0"]["heldout"]["holds"]
 
 
@@ -271,15 +277,15 @@ def test_head_arm_by_hand(study, tiny, tmp_path):
                                                   "components": select(scores, "global", k=2).to_json()},
            "means": means.to_json(), "sizes": component_sizes(tiny, probe.attribution, "head").to_json()}
     rows, _ = study.heldout(tiny, [sel], "no-gold", tmp_path / "h.jsonl", s, progress=False, arm="heads")
-    assert {r["condition"] for r in rows} == {"unpruned", "pruned@heads-s0", "random-0@heads-s0",
+    assert {r.condition for r in rows} == {"unpruned", "pruned@heads-s0", "random-0@heads-s0",
                                               "pruned+contextual@heads-s0", "pruned+batch@heads-s0"}
     nrows, _ = study.heldout(tiny, [], "no-gold", tmp_path / "n.jsonl", s, progress=False)
     by = study._rows_by(rows + nrows)
-    assert by["unpruned"]["chemical_state"]["predictions"] == study._rows_by(rows)["unpruned"]["chemical_state"]["predictions"]
-    crit = study.criteria([sel], None, [r for r in rows if r["condition"] != "unpruned"] + nrows, [], settings=s, arm="heads")
+    assert by["unpruned"]["chemical_state"].result.predictions == study._rows_by(rows)["unpruned"]["chemical_state"].result.predictions
+    crit = study.criteria([sel], None, [r for r in rows if r.condition != "unpruned"] + nrows, [], settings=s, arm="heads")
     r = crit["versus_calibration"]["heads-s0"]["pruned@heads-s0_vs_batch"]
     for t, d in r["per_task"].items():
-        assert d == pytest.approx(np.mean(by["pruned@heads-s0"][t]["correct"]) - np.mean(by["batch"][t]["correct"]))
+        assert d == pytest.approx(np.mean(by["pruned@heads-s0"][t].result.correct) - np.mean(by["batch"][t].result.correct))
     # the dev-best arm per seed: the higher dev accuracy, ties to neurons
     n = [{"seed": 0, "chosen": {"dev_accuracy": 0.5}}, {"seed": 1, "chosen": {"dev_accuracy": 0.4}}, {"seed": 2, "chosen": None}]
     h = [{"seed": 0, "chosen": {"dev_accuracy": 0.5}}, {"seed": 1, "chosen": {"dev_accuracy": 0.6}}, {"seed": 2, "chosen": None}]
@@ -287,16 +293,17 @@ def test_head_arm_by_hand(study, tiny, tmp_path):
 
 
 def test_best_arm_takes_each_seeds_winner(study):
-    """`as_best`: each seed's dev-best arm's rows and probe predictions under `best-s<seed>`, nothing else."""
+    """`as_best`: each seed's dev-best arm's rows and probe predictions under `best-s<seed>`, nothing else
+    (rows made by hand; the arm a row came from is marked in its `kind`)."""
     def rows(arm, seed):
         g = study.group_of(arm, seed)
-        return [{"task": "t", "condition": f"{c}@{g}", "arm": arm} for c in ("pruned", "random-0", "pruned+batch")]
+        return [ResultRow(TaskResult("t", f"{c}@{g}", 1, 1.0, 0.0, 0.0, 0.0, (1.0, 1.0), (0.0, 0.0), ("a",), (True,),
+                                     (False,)), arm, 0, 0.0, ConditionSpec(c, "pruned")) for c in ("pruned", "random-0", "pruned+batch")]
 
     sel = lambda seed, acc: {"seed": seed, "chosen": None if acc is None else {"dev_accuracy": acc}}
     states = {
         "neurons": {"selections": [sel(0, 0.5), sel(1, 0.4), sel(2, None)],
-                    "rows": {c: rows("neurons", 0) + rows("neurons", 1) + [{"task": "t", "condition": "unpruned"}]
-                             for c in study.CONSTRUCTIONS},
+                    "rows": {c: rows("neurons", 0) + rows("neurons", 1) for c in study.CONSTRUCTIONS},
                     "probe": {"predictions": {"unpruned": {"t": ["a"]}, "pruned@s0": {"t": ["n0"]}, "pruned@s1": {"t": ["n1"]}}}},
         "heads": {"selections": [sel(0, 0.5), sel(1, 0.6), sel(2, None)],
                   "rows": {c: rows("heads", 0) + rows("heads", 1) for c in study.CONSTRUCTIONS},
@@ -307,7 +314,7 @@ def test_best_arm_takes_each_seeds_winner(study):
     assert best == {0: "neurons", 1: "heads", 2: None}
     got = study.as_best(states, best)
     assert [s["seed"] for s in got["selections"]] == [0, 1, 2] and got["selections"][2]["chosen"] is None
-    by = {(r["condition"], r["arm"]) for r in got["rows"]["no-gold"]}
+    by = {(r.condition, r.kind) for r in got["rows"]["no-gold"]}   # the arm it came from, in `kind` here
     assert by == {("pruned@best-s0", "neurons"), ("random-0@best-s0", "neurons"), ("pruned+batch@best-s0", "neurons"),
                   ("pruned@best-s1", "heads"), ("random-0@best-s1", "heads"), ("pruned+batch@best-s1", "heads")}
     assert got["probe"]["predictions"] == {"unpruned": {"t": ["a"]}, "pruned@best-s0": {"t": ["n0"]},

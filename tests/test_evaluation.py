@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,11 +12,11 @@ from mechcopy import batching, evaluation
 from mechcopy.arch import arch_of
 from mechcopy.comparisons import compare_rows, comparisons_table
 from mechcopy.conditions import UNPRUNED, Condition, standard_conditions
-from mechcopy.evaluation import (evaluate, evaluate_conditions, perplexity, predict, predict_conditions,
+from mechcopy.evaluation import (TaskResult, evaluate, evaluate_conditions, perplexity, predict, predict_conditions,
                                  summarize, _steps)
 from mechcopy.neurons import NeuronSet, model_fingerprint
 from mechcopy.pruning import component_means, condition_hooks, grouped_hooks, pruning_hooks
-from mechcopy.suite import run_evaluation
+from mechcopy.suite import ResultRow, run_evaluation
 from mechcopy.stats import bootstrap_ci
 from mechcopy.models.tiny import tiny_transformer
 from mechcopy.tasks import Task, load_task
@@ -244,12 +245,13 @@ def test_rows_carry_the_copy_effect_beside_the_copy_rate(tiny):
     sets = build_prompt_sets(tiny, [closed, open_task], shots=3, n=8)
     row, open_row = rows
     prompts = sets["answers"].prompts
-    assert row["copy_effect"] == copy_effect(prompts, row["predictions"], closed.label_set(), "answers").to_json()
-    assert row["demo_share"] == demo_share(prompts, row["predictions"], closed.label_set(), "answers").to_json()
-    assert open_row["copy_effect"]["effect"] is None and "open task" in open_row["copy_effect"]["reason"]
+    predictions = row.result.predictions
+    assert row.result.copy_effect == copy_effect(prompts, predictions, closed.label_set(), "answers").to_json()
+    assert row.result.demo_share == demo_share(prompts, predictions, closed.label_set(), "answers").to_json()
+    assert open_row.result.copy_effect["effect"] is None and "open task" in open_row.result.copy_effect["reason"]
     part = copy_effects(rows, sets, [closed, open_task])
     assert set(part) == {"unpruned"} and set(part["unpruned"]) == {"pooled", "task_level", "tasks"}
-    assert "copy_effect" not in {k for r in rows for k in r if k.startswith("pooled")}
+    assert "copy_effect" not in {k for r in rows for k in r.to_json() if k.startswith("pooled")}
 
 
 def test_task_result_outcomes_agree_with_classify(tiny):
@@ -474,29 +476,35 @@ def _fake_rows(seed=0, n=40, group=None):
         for cond in conds:
             correct = rng.random(n) < (0.5 if cond.family != "pruned" else 0.7)
             copy = ~correct & (rng.random(n) < 0.5)
-            rows.append({"task": task, "kind": kind, "condition": cond.label, "correct": correct.tolist(),
-                         "copy": copy.tolist(), "spec": cond.describe()})
+            rows.append(ResultRow(summarize_outcomes(task, cond.label, correct, copy), kind, 0, 0.0, cond.spec))
     return rows
+
+
+def summarize_outcomes(task: str, condition: str, correct: np.ndarray, copy: np.ndarray) -> TaskResult:
+    """A TaskResult holding given per-prompt outcomes (rates from them; intervals not computed)."""
+    n = len(correct)
+    return TaskResult(task, condition, n, float(correct.mean()), float(copy.mean()), 0.0,
+                      float((~correct & ~copy).mean()), (0.0, 1.0), (0.0, 1.0), ("",) * n,
+                      tuple(map(bool, correct)), tuple(map(bool, copy)))
 
 
 def test_compare_rows_by_hand():
     rows = _fake_rows()
     out = compare_rows(rows, n_boot=300)
     assert set(out) == {"a", "b", "copy_probe", "pooled"}
-    by = {(t, c["condition"], c["baseline"], c["metric"]): c for t, cs in out.items() for c in cs}
-    get = {(r["task"], r["condition"]): r for r in rows}
+    by = {(t, c.condition, c.baseline, c.metric): c for t, cs in out.items() for c in cs}
+    get = {(r.task, r.condition): r.result for r in rows}
     for t in ("a", "b", "copy_probe"):
         for cond in ("pruned", "bottom"):
             c = by[(t, cond, "unpruned", "accuracy")]
-            assert c["diff"] == pytest.approx(np.mean(get[(t, cond)]["correct"]) - np.mean(get[(t, "unpruned")]["correct"]))
-            assert {"condition", "baseline", "metric", "diff", "ci", "p_value", "mde", "n"} <= set(c)
-            assert c["ci"][0] <= c["diff"] <= c["ci"][1]
-        rand = np.mean([np.mean(get[(t, f"random-{s}")]["copy"]) for s in (0, 1)])
-        assert by[(t, "pruned", "random", "copy_rate")]["diff"] == pytest.approx(np.mean(get[(t, "pruned")]["copy"]) - rand)
+            assert c.diff == pytest.approx(np.mean(get[(t, cond)].correct) - np.mean(get[(t, "unpruned")].correct))
+            assert c.ci[0] <= c.diff <= c.ci[1] and c.n == 40 and 0 <= c.p_value <= 1 and c.mde > 0
+        rand = np.mean([np.mean(get[(t, f"random-{s}")].copy) for s in (0, 1)])
+        assert by[(t, "pruned", "random", "copy_rate")].diff == pytest.approx(np.mean(get[(t, "pruned")].copy) - rand)
     # pooled: the mean of the held-out tasks' differences; the probe (where the neurons were chosen) is left out
     pooled = by[("pooled", "pruned", "unpruned", "accuracy")]
-    assert pooled["n_tasks"] == 2 and pooled["n"] == 80
-    assert pooled["diff"] == pytest.approx(np.mean([by[(t, "pruned", "unpruned", "accuracy")]["diff"] for t in "ab"]))
+    assert pooled.n_tasks == 2 and pooled.n == 80
+    assert pooled.diff == pytest.approx(np.mean([by[(t, "pruned", "unpruned", "accuracy")].diff for t in "ab"]))
 
 
 def test_compare_rows_groups_by_spec_not_by_name():
@@ -504,14 +512,14 @@ def test_compare_rows_groups_by_spec_not_by_name():
     of its own conditions beside the ungrouped unpruned, labelled as they would be alone."""
     alone = compare_rows(_fake_rows(), n_boot=200)
     grouped = _fake_rows(group=20)
-    assert {r["condition"] for r in grouped} == {"unpruned", "pruned@20", "random-0@20", "random-1@20", "bottom@20"}
-    both = grouped + [r for r in _fake_rows(seed=1) if r["spec"]["family"] != "unpruned"]   # ungrouped: left out
+    assert {r.condition for r in grouped} == {"unpruned", "pruned@20", "random-0@20", "random-1@20", "bottom@20"}
+    both = grouped + [r for r in _fake_rows(seed=1) if r.spec.family != "unpruned"]   # ungrouped: left out
     assert compare_rows(both, n_boot=200, group=20) == alone
-    renamed = [{**r, "spec": {**r["spec"], "name": r["spec"]["name"].replace("random", "baseline")}} for r in _fake_rows()]
-    pooled = {(c["condition"], c["baseline"]) for c in compare_rows(renamed, n_boot=200)["pooled"]}
+    renamed = [replace(r, spec=replace(r.spec, name=r.spec.name.replace("random", "baseline"))) for r in _fake_rows()]
+    pooled = {(c.condition, c.baseline) for c in compare_rows(renamed, n_boot=200)["pooled"]}
     assert ("pruned", "random") in pooled and ("random", "unpruned") in pooled
     with pytest.raises(ValueError, match="older mechcopy"):
-        compare_rows([{k: v for k, v in r.items() if k != "spec"} for r in _fake_rows()])
+        ResultRow.from_json({k: v for k, v in _fake_rows()[0].to_json().items() if k != "spec"})
 
 
 def test_versus_comparisons_and_task_levels_by_hand():
@@ -524,27 +532,26 @@ def test_versus_comparisons_and_task_levels_by_hand():
     rng = np.random.default_rng(3)
     base = read_by([UNPRUNED, Condition("pruned", "pruned")], LABELS)
     conds = base + calibrated_conditions(base, ["contextual"])
-    rows = [{"task": t, "kind": kind, "condition": c.label, "correct": (rng.random(30) < 0.5).tolist(),
-             "copy": (rng.random(30) < 0.3).tolist(), "spec": c.describe()}
+    rows = [ResultRow(summarize_outcomes(t, c.label, rng.random(30) < 0.5, rng.random(30) < 0.3), kind, 0, 0.0, c.spec)
             for t, kind in (("a", "knowledge"), ("b", "sentiment"), ("c", "linguistic"), ("copy_probe", "probe"))
             for c in conds]
     out = compare_rows(rows, n_boot=200)
-    get = {(r["task"], r["condition"]): np.mean(r["correct"]) for r in rows}
-    pairs = {(c["condition"], c["baseline"]) for c in out["a"] if c["metric"] == "accuracy"}
+    get = {(r.task, r.condition): np.mean(r.result.correct) for r in rows}
+    pairs = {(c.condition, c.baseline) for c in out["a"] if c.metric == "accuracy"}
     assert pairs == {("pruned", "unpruned"), ("contextual", "unpruned"), ("pruned+contextual", "unpruned"),
                      ("contextual", "pruned"), ("pruned+contextual", "pruned"), ("pruned+contextual", "contextual")}
-    by = {(t, c["condition"], c["baseline"], c["metric"]): c for t, cs in out.items() for c in cs}
+    by = {(t, c.condition, c.baseline, c.metric): c for t, cs in out.items() for c in cs}
     for t in "abc":
-        assert by[(t, "contextual", "pruned", "accuracy")]["diff"] == pytest.approx(get[(t, "contextual")] - get[(t, "pruned")])
+        assert by[(t, "contextual", "pruned", "accuracy")].diff == pytest.approx(get[(t, "contextual")] - get[(t, "pruned")])
     pooled = by[("pooled", "pruned+contextual", "contextual", "accuracy")]
-    assert pooled["tasks"] == ["a", "b", "c"] and pooled["diff"] == pytest.approx(
+    assert pooled.tasks == ["a", "b", "c"] and pooled.diff == pytest.approx(
         np.mean([get[(t, "pruned+contextual")] - get[(t, "contextual")] for t in "abc"]))
     levels = task_levels(out, seed=0)
     assert len(levels) == len(out["pooled"])
     for level, c in zip(levels, out["pooled"]):
-        want = task_level({t: by[(t, c["condition"], c["baseline"], c["metric"])]["diff"] for t in "abc"},
-                          c["metric"], c["condition"], c["baseline"], seed=0)
-        assert level == want.to_json()
+        want = task_level({t: by[(t, c.condition, c.baseline, c.metric)].diff for t in "abc"},
+                          c.metric, c.condition, c.baseline, seed=0)
+        assert level == want
     assert len(task_level_table(levels)) == len(levels)
 
 
@@ -568,6 +575,6 @@ def test_run_evaluation_builds_prompts_without_gold_in_demos(tiny, monkeypatch):
     task = Task("two", tuple((w, "yes" if i % 2 else "no") for i, w in enumerate("abcdefghijklmnop")))
     rows, _ = run_evaluation(tiny, [task], shots=3, n=8, conditions=[UNPRUNED], progress=False,
                              gold_in_demos=False)
-    assert rows[0]["n"] == 8 and all(p.answer not in p.demo_labels for p in built[0].prompts)
+    assert rows[0].result.n == 8 and all(p.answer not in p.demo_labels for p in built[0].prompts)
     run_evaluation(tiny, [task], shots=3, n=8, progress=False)
     assert any(p.answer in p.demo_labels for p in built[1].prompts)   # the standard construction lets it in

@@ -29,6 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("MECHCOPY_FUZZ_EXAMPLES", "30"))
+# the refusals users get: annotations unchecked at run time, as outside the tests (conftest.annotations_unchecked)
+pytestmark = pytest.mark.usefixtures("annotations_unchecked")
+
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES < 100,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large, HealthCheck.filter_too_much])
@@ -314,7 +317,7 @@ JOURNAL_KEYS = {("t", "unpruned"): "k" * 24, ("t", "pruned"): "p" * 24}
 def test_hostile_journals(tmp_path_factory, text):
     """A generated evaluation journal never stops a run: the rows it returns are this run's, untouched
     since they were written (their digest holds), and every other line is said or kept."""
-    from mechcopy.suite import _digest, read_journal
+    from mechcopy.suite import ResultRow, _digest, read_journal
 
     _count("journals")
     path = tmp_path_factory.mktemp("journal") / "r.partial.jsonl"
@@ -324,8 +327,8 @@ def test_hostile_journals(tmp_path_factory, text):
     assert set(rows) <= set(JOURNAL_KEYS.values())
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     for key, row in rows.items():
-        assert isinstance(row, dict) and any(e.get("key") == key and e.get("digest") == _digest(key, row)
-                                             for e in kept)
+        assert isinstance(row, ResultRow) and any(e.get("key") == key and e.get("digest") == _digest(key, e["row"])
+                                                  and ResultRow.from_json(e["row"]) == row for e in kept)
 
 
 @FUZZ

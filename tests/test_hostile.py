@@ -36,6 +36,9 @@ import torch
 
 from test_reliability import WORDS, Disk, _interrupt_after, _neurons, _task, json_at, make_files, only, snapshot
 
+# the refusals users get: annotations unchecked at run time, as outside the tests (conftest.annotations_unchecked)
+pytestmark = pytest.mark.usefixtures("annotations_unchecked")
+
 KINDS = ("data loss", "silently wrong", "internal error", "raw API exception", "late refusal", "unclear message")
 PART_B = "issue 28 part B, after issue 23"
 PACKAGE = Path(__import__("mechcopy").__file__).resolve().parent    # the package these tests run

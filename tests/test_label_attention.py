@@ -110,7 +110,9 @@ def test_head_heatmap_and_attention_view(model, prompts, tmp_path):
     panels = [ax for ax in fig.axes if ax.images]
     np.testing.assert_allclose(panels[0].images[0].get_array(), values)
     np.testing.assert_allclose(panels[1].images[0].get_array(), 2 * values)
-    with pytest.raises(ValueError, match="2-D"):
+    # a map that is not 2-D: refused by the annotation's shape where the tests check annotations, else by the
+    # function's own check
+    with pytest.raises((ValueError, TypeError), match="2-D|layers heads"):
         viz.plot_head_heatmap(values[0])
     p = prompts[0]
     view = viz.head_attention_view(model, p, [(1, 2), (0, 1)])

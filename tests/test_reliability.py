@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from jaxtyping import TypeCheckError
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 START, END = "<!-- cases:start -->", "<!-- cases:end -->"
@@ -523,7 +524,10 @@ def test_case(case: Case, tiny_model, tmp_path, monkeypatch, capsys, one_thread)
         with pytest.raises(Exception) as info:
             case.call(tmp_path)
         got = f"{type(info.value).__name__}: {info.value}"
-        assert got.startswith(message), got
+        # a call of the wrong type may be refused by its annotation first (the tests check annotations at
+        # run time); without those checks the call's own message is the table's
+        if not (isinstance(info.value, TypeCheckError) and message.startswith("TypeError:")):
+            assert got.startswith(message), got
     assert case.disk.check(tmp_path, before), case.disk.words
     assert not (tmp_path / "RAN").exists(), "a model folder's code ran"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = "probe,attribution,selection,consistency,stability,ablation,kcurve-tasks,evaluate-methods"
+STAGES = "probe,attribution,selection,consistency,stability,ablation,cards,kcurve-tasks,evaluate-methods,evaluate-standard"
 
 
 @pytest.mark.parametrize("variant", ["default"])
@@ -20,6 +20,15 @@ def test_study_stages_run_and_resume(tiny_llama_dir, tmp_path, variant, tiny_cac
                    env={**os.environ, "MECHCOPY_CACHE": str(tiny_cache)})
     out = tmp_path / tiny_llama_dir.name / variant
     res = {s: json.loads((out / f"{s}.json").read_text())["result"] for s in STAGES.split(",")}
+    # every stage's result reads back as its type, and that writes the same JSON again
+    sys.path.insert(0, str(ROOT / "analyses"))
+    try:
+        from study_results import STAGE_TYPES
+    finally:
+        sys.path.remove(str(ROOT / "analyses"))
+    for stage, result in res.items():
+        again = STAGE_TYPES[stage].from_json(result).to_json()
+        assert json.dumps(again, sort_keys=True, default=str) == json.dumps(result, sort_keys=True), stage
     chosen = res["selection"]["chosen_k"]
     # ablation: zeroing and mean ablation at the k curve and the chosen k; zeroing repeats `consistency`
     assert res["ablation"]["ks"] == sorted({5, 10} | ({chosen} if chosen else set()))

@@ -35,6 +35,8 @@ def _task_files(folder: Path, n_tasks: int = 6, n_pairs: int = 30) -> str:
 
 def _without_seconds(obj):
     """The result JSON less its timings (the only part that differs between two equal runs)."""
+    if hasattr(obj, "to_json"):
+        return _without_seconds(obj.to_json())
     if isinstance(obj, dict):
         return {k: _without_seconds(v) for k, v in obj.items() if k != "seconds"}
     if isinstance(obj, list):

@@ -14,7 +14,9 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,12 +118,12 @@ def test_task_bars_draw_the_data():
     acc_ax, copy_ax = fig.axes[:2]
     fams = ["unpruned", "pruned", "random", "bottom"]
     tasks = list(dict.fromkeys(df["task"]))
-    heights = np.array([p.get_height() for p in acc_ax.patches]).reshape(len(fams), len(tasks))
+    heights = np.array([p.get_width() for p in acc_ax.patches]).reshape(len(fams), len(tasks))   # horizontal bars
     for i, fam in enumerate(fams):
         for j, task in enumerate(tasks):
             sub = df[(df.task == task) & (df.condition.str.startswith(fam))]
             assert heights[i, j] == pytest.approx(sub.accuracy.mean())  # random: the mean over seeds
-    copies = np.array([p.get_height() for p in copy_ax.patches]).reshape(len(fams), len(tasks))
+    copies = np.array([p.get_width() for p in copy_ax.patches]).reshape(len(fams), len(tasks))
     assert copies[1, 0] == pytest.approx(df[(df.task == tasks[0]) & (df.condition == "pruned")].copy_rate.item())
     agg = viz.aggregate_conditions(df).set_index(["task", "condition"])
     seeds = df[(df.task == "antonyms") & df.condition.str.startswith("random")]
@@ -131,6 +133,41 @@ def test_task_bars_draw_the_data():
         df[(df.task == "antonyms") & (df.condition == "pruned")].accuracy_hi.item())
     with pytest.raises(ValueError, match="copy_rate_hi"):
         viz.plot_task_bars(df.drop(columns="copy_rate_hi"))
+
+
+def test_task_bars_read_at_page_width_for_every_task():
+    """27 tasks x 4 condition families: one row per task, at most the report's width (10 in at 110 dpi,
+    the page's 1100 px), the figure growing down, not across."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for t in range(27):
+        for fam in ("unpruned", "pruned", "random", "bottom"):
+            acc, cr = rng.uniform(0.1, 0.9), rng.uniform(0.0, 0.5)
+            rows.append(dict(task=f"task_{t}", condition=fam, family=fam, accuracy=acc, accuracy_lo=acc - 0.05,
+                             accuracy_hi=acc + 0.05, copy_rate=cr, copy_rate_lo=cr, copy_rate_hi=cr + 0.04))
+    fig = viz.plot_task_bars(pd.DataFrame(rows))
+    width, height = fig.get_size_inches()
+    assert width * viz.DPI <= 1100 and height > width
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == [f"task_{t}" for t in range(27)]
+    assert len(fig.axes[0].patches) == 27 * 4
+
+
+def test_task_vector_table_says_when_no_layer_works():
+    """A task whose task vector gets no dev prompt right at any layer has no best layer: the report says
+    "none works" instead of "best layer 0, test 0"."""
+    from mechcopy.report import _task_vectors
+    from mechcopy.task_vectors import TaskVectorResult
+
+    def result(dev, test):
+        best = 2 * max(range(3), key=lambda i: dev[i])
+        return TaskVectorResult("t", "unpruned", (0, 2, 4), dev, best, test, (0.0, 1.0), 0.1, 0.0, 0.5, 0.1, 3, 4, 0,
+                                ("a",) * 4)
+
+    works, fails = result((0.0, 0.6666666, 0.3333), 0.75), result((0.0, 0.0, 0.0), 0.0)
+    assert works.any_layer_works and not fails.any_layer_works
+    table = _task_vectors([works, fails], Path(tempfile.mkdtemp())).table
+    assert list(table["best layer"]) == [2, "none works"] and list(table["test accuracy"]) == ["0.750", "–"]
 
 
 def test_task_results_df_reads_results():
@@ -437,11 +474,10 @@ def test_forest_plot_draws_every_task_and_the_pooled_difference():
     ax = axes[0]
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels[-1] == "pooled" or labels[0] == "pooled"
-    pooled = next(c for c in comps["pooled"] if (c["condition"], c["baseline"], c["metric"]) ==
-                  ("pruned", "unpruned", "accuracy"))
+    pooled = next(c for c in comps["pooled"] if (c.condition, c.baseline, c.metric) == ("pruned", "unpruned", "accuracy"))
     xs = [line.get_xdata()[0] for line in ax.lines if len(line.get_xdata()) == 1]
-    assert any(abs(x - pooled["diff"]) < 1e-12 for x in xs)
-    assert f"{pooled['diff']:+.3f}" in ax.get_title() and f"MDE {pooled['mde']:.3f}" in ax.get_title()
+    assert any(abs(x - pooled.diff) < 1e-12 for x in xs)
+    assert f"{pooled.diff:+.3f}" in ax.get_title() and f"MDE {pooled.mde:.3f}" in ax.get_title()
     with pytest.raises(ValueError):
         viz.plot_forest({})
 
@@ -451,26 +487,28 @@ def test_report_answer_gives_the_task_level_figures_beside_the_pooled_ones(tiny,
     comparison with the task as the unit (`comparisons.task_levels`), and says which claim rests on which."""
     from tests.test_evaluation import _fake_rows
 
-    from mechcopy.comparisons import compare_rows, task_levels
+    from mechcopy.comparisons import Evaluation, compare_rows, task_levels
     from mechcopy.report import _answer
 
-    comps = compare_rows(_fake_rows(), n_boot=200)
+    rows = _fake_rows()
+    comps = compare_rows(rows, n_boot=200)
     levels = task_levels(comps, seed=0)
-    text = _answer(comps, tiny_neurons, tmp_path, levels).text
-    over = {(t["condition"], t["baseline"], t["metric"]): t for t in levels}
+    text = _answer(Evaluation(tuple(rows), {}, comps, tuple(levels)), tiny_neurons, tmp_path).text
+    over = {(t.condition, t.baseline, t.metric): t for t in levels}
     for c in comps["pooled"]:
-        key = (c["condition"], c["baseline"], c["metric"])
+        key = (c.condition, c.baseline, c.metric)
         if key[:2] not in viz.FOREST_PAIRS:
             continue
-        lo, hi = over[key]["ci"]
-        line = next(l for l in text.splitlines() if l.startswith(f"- {c['metric'].replace('_', ' ')} "
+        lo, hi = over[key].ci
+        line = next(l for l in text.splitlines() if l.startswith(f"- {c.metric.replace('_', ' ')} "
                                                                    f"{key[0]} - {key[1]}:"))
-        assert f"{c['diff']:+.3f} [95% CI {c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" in line
-        assert (f"Over tasks: {over[key]['mean']:+.3f} [t interval {lo:+.3f}, {hi:+.3f}], "
-                f"p = {over[key]['p_value']:.3g}") in line
-        assert f"sign test p = {over[key]['sign_p']:.3g}" in line
+        assert f"{c.diff:+.3f} [95% CI {c.ci[0]:+.3f}, {c.ci[1]:+.3f}]" in line
+        assert (f"Over tasks: {over[key].mean:+.3f} [t interval {lo:+.3f}, {hi:+.3f}], "
+                f"p = {over[key].p_value:.3g}") in line
+        assert f"sign test p = {over[key].sign_p:.3g}" in line
     assert "a claim that pruning helps tasks like these rests on it" in text
-    assert "Over tasks: " not in _answer(comps, tiny_neurons, tmp_path).text   # no levels given: none shown
+    no_levels = _answer(Evaluation(tuple(rows), {}, comps), tiny_neurons, tmp_path).text
+    assert "Over tasks: " not in no_levels   # no levels given: none shown
 
 
 def test_k_curve_plot_draws_each_k_and_pair():
@@ -480,12 +518,11 @@ def test_k_curve_plot_draws_each_k_and_pair():
 
     pooled = compare_rows(_fake_rows(), n_boot=200)["pooled"]
     # two ks with the same comparisons, the second shifted by +0.1, to tell them apart on the plot
-    curve = {"5": pooled, "50": [{**c, "diff": c["diff"] + 0.1, "ci": [c["ci"][0] + 0.1, c["ci"][1] + 0.1]}
-                                 for c in pooled]}
+    curve = {5: pooled, 50: [replace(c, diff=c.diff + 0.1, ci=(c.ci[0] + 0.1, c.ci[1] + 0.1)) for c in pooled]}
     fig = viz.plot_k_curve(curve, chosen_k=5)
     assert len(fig.axes) == 2   # accuracy, copy rate
     ax = fig.axes[0]
-    acc = {(c["condition"], c["baseline"]): c["diff"] for c in pooled if c["metric"] == "accuracy"}
+    acc = {(c.condition, c.baseline): c.diff for c in pooled if c.metric == "accuracy"}
     points = [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines if len(line.get_xdata()) == 1]
     ys = sorted(round(y, 9) for _, y in points)
     assert ys == sorted(round(d + s, 9) for d in (acc[("pruned", "unpruned")], acc[("pruned", "random")])

@@ -16,8 +16,9 @@ TRANSFORMER = TransformerArch()
 MAMBA = MambaArch()
 
 
-def arch_of(model: HookedModel) -> Arch:
-    """The architecture of `model` (a HookedTransformer or a HookedMamba)."""
+def arch_of(model: object) -> Arch:
+    """The architecture of `model` (a HookedTransformer or a HookedMamba; anything else is refused here,
+    in one line, so the parameter takes any object)."""
     # imported here: TransformerLens (and HookedMamba, built on it) take seconds to import, and every
     # command imports this package before it checks its flags
     from transformer_lens import HookedTransformer

@@ -11,12 +11,74 @@ from __future__ import annotations
 
 import numbers
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Collection, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Collection, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
+from transformer_lens import ActivationCache
+
+#: activations by hook point name: TransformerLens' `ActivationCache` (not a `Mapping`) or a plain mapping
+Cache = ActivationCache | Mapping[str, Tensor]
+
+
+@runtime_checkable
+class ModelConfig(Protocol):
+    """What every hooked model's `cfg` holds and mechcopy reads whatever the architecture
+    (`HookedTransformerConfig`, `MambaConfig`). Fields of one architecture only (a transformer's heads,
+    Mamba's conv width) are read by that architecture's own code (`arch/`), or asked of it
+    (`Arch.attention_shape`)."""
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def d_vocab(self) -> int: ...
+
+    @property
+    def n_ctx(self) -> int: ...
+
+    @property
+    def device(self) -> Any: ...          # str, torch.device or None
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """The tokenizer a hooked model carries (a Hugging Face tokenizer), as far as mechcopy uses it."""
+
+    @property
+    def bos_token_id(self) -> int | None: ...
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    @property
+    def pad_token_id(self) -> int | None: ...
+
+    def __call__(self, text: Any, *args: Any, **kwargs: Any) -> Any: ...
+
+    def decode(self, token_ids: Any, *args: Any, **kwargs: Any) -> str: ...
+
+
+@runtime_checkable
+class Unembedding(Protocol):
+    """The unembedding: logits = resid @ W_U + b_U."""
+
+    @property
+    def W_U(self) -> Tensor: ...
+
+    @property
+    def b_U(self) -> Tensor: ...
 
 
 @runtime_checkable
@@ -24,12 +86,27 @@ class HookedModel(Protocol):
     """A TransformerLens-style hooked language model: `HookedTransformer` or `HookedMamba`.
 
     Both take tokens or (with `start_at_layer`) the residual stream, stop early with
-    `stop_at_layer`, expose hook points by name, and tokenise text the same way.
+    `stop_at_layer`, expose hook points by name, and tokenise text the same way. What a block holds
+    differs by architecture: only `arch/` (and a component kind that needs it) reaches into `blocks`.
     """
 
-    cfg: Any
-    tokenizer: Any
-    blocks: Any
+    @property
+    def cfg(self) -> ModelConfig: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def blocks(self) -> nn.ModuleList: ...
+
+    @property
+    def ln_final(self) -> nn.Module: ...
+
+    @property
+    def unembed(self) -> Unembedding: ...
+
+    @property
+    def hook_dict(self) -> dict[str, Any]: ...
 
     def __call__(self, input: Any, *args: Any, **kwargs: Any) -> Any: ...
 
@@ -46,12 +123,27 @@ class HookedModel(Protocol):
 
     def to_string(self, tokens: Any) -> Any: ...
 
+    def parameters(self, recurse: bool = ...) -> Iterator[nn.Parameter]: ...
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def train(self, mode: bool = ...) -> Any: ...
+
 
 #: `decode(tokens, mask=None)`: logits at the last position of every row, continuing what earlier
 #: calls saw (`mask`: 1 = token, 0 = left padding; only the first call may pad).
 Decoder = Callable[..., Float[Tensor, "rows d_vocab"]]
 #: what a decoder carries between calls: a key/value cache, or a recurrent state
 State = Any
+@runtime_checkable
 class Stepper(Protocol):
     """Blocks for one-token rows at the last position of some prompts, continuing each prompt's clean
     prefix (the fast IG path). Rows are grouped by prompt: with P prompts and n rows, row i belongs to
@@ -107,6 +199,10 @@ class Arch:
 
     def neurons_per_layer(self, model: HookedModel) -> int:
         raise NotImplementedError
+
+    def attention_shape(self, model: HookedModel) -> tuple[int, int]:
+        """(query heads per layer, d_head); a ValueError that says so on a model without attention."""
+        raise ValueError(f"a {self.name} model has no attention")
 
     def architecture_name(self, model: HookedModel) -> str:
         """The name a neuron file records (and is checked against)."""
@@ -203,9 +299,9 @@ class Arch:
         raise NotImplementedError
 
     def clean_run(self, model: HookedModel, tokens: Int[Tensor, "1 pos"], names: Collection[str],
-                  ) -> tuple[Float[Tensor, "1 pos d_model"], Mapping[str, Tensor]]:
+                  ) -> tuple[Float[Tensor, "1 pos d_model"], Mapping[str, Tensor] | ActivationCache]:
         """One forward pass of `tokens` to the last block's output, with the activations at the hook
-        points `names` (no gradient)."""
+        points `names` (no gradient; TransformerLens' `ActivationCache` or a plain mapping)."""
         with torch.no_grad():
             return model.run_with_cache(tokens, stop_at_layer=model.cfg.n_layers, names_filter=lambda n: n in names)
 
@@ -213,7 +309,7 @@ class Arch:
         """Hook points `ig_stepper` reads from each prompt's clean run."""
         raise NotImplementedError
 
-    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]],
+    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 _pos"]],
                    caches: Sequence[Any]) -> Stepper:
         """Blocks for one-token rows at the last position of each of `tokens` (one prompt each), whose
         clean runs cached at least `ig_cache_names(model)` in `caches` (the fast IG path)."""

@@ -4,7 +4,7 @@ the fast IG path."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechcopy.arch.base import Arch, HookedModel, State, Stepper, rows_per_prompt
+
+if TYPE_CHECKING:
+    from mechcopy.models.mamba import MambaBlock, MambaConfig
+
+
+def _block(model: HookedModel, layer: int) -> MambaBlock:
+    """Block `layer` as what it is on a Mamba (`mechcopy.models.mamba.MambaBlock`)."""
+    return cast("MambaBlock", model.blocks[layer])
 
 
 class MambaArch(Arch):
@@ -25,7 +33,7 @@ class MambaArch(Arch):
     tl_patching = False
 
     def neurons_per_layer(self, model: HookedModel) -> int:
-        return int(model.cfg.d_inner)
+        return int(cast("MambaConfig", model.cfg).d_inner)
 
     def architecture_name(self, model: HookedModel) -> str:
         return "mamba"
@@ -47,25 +55,25 @@ class MambaArch(Arch):
         return [f"blocks.{l}.{name}" for l in range(model.cfg.n_layers)
                 for name in ("hook_resid_pre", "mixer.hook_x", "mixer.hook_ssm_state")]
 
-    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]],
+    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 _pos"]],
                    caches: Sequence[Any]) -> Stepper:
         return MambaRows(model, caches)
 
     def prune_weights(self, model: HookedModel, layer: int, idx: Tensor, values: Tensor | None = None) -> None:
-        proj = model.blocks[layer].mixer.out_proj
+        proj = _block(model, layer).mixer.out_proj
         w, idx = proj.weight, idx.to(proj.weight.device)   # [d_model, d_inner]
         with torch.no_grad():
             if values is not None:
                 if proj.bias is None:
                     raise ValueError("mean ablation as a weight edit needs a bias in out_proj, and this Mamba has "
                                      "none (use_bias=False); mean-ablate with hooks instead (pruning.pruning_hooks)")
-                proj.bias += w[:, idx] @ values.to(w)
+                proj.bias.add_(w[:, idx] @ values.to(w))
             w[:, idx] = 0
 
     def neuron_direction(self, model: HookedModel, layer: int, idx: int) -> Tensor:
         """Column `idx` of the layer's `out_proj`."""
         self.check_neuron(model, layer, idx)
-        return model.blocks[layer].mixer.out_proj.weight[:, idx].detach()
+        return _block(model, layer).mixer.out_proj.weight[:, idx].detach()
 
 class MambaRows:
     """One recurrent step per row from its prompt's state after the prefix: the conv window (the last
@@ -81,7 +89,7 @@ class MambaRows:
 
     def _window(self, x: Float[Tensor, "1 pos d_inner"]) -> Float[Tensor, "1 d_inner d_conv_minus_1"]:
         """The conv inputs before the last position, zero-padded on the left as the mixer starts."""
-        keep = self.model.cfg.d_conv - 1
+        keep = cast("MambaConfig", self.model.cfg).d_conv - 1
         prefix = F.pad(x[:, :-1].transpose(1, 2), (keep, 0))
         return prefix[..., prefix.shape[-1] - keep:]
 
@@ -93,10 +101,10 @@ class MambaRows:
     def step(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
         rows = x.shape[0] // self.n_prompts
         conv, ssm = rows_per_prompt(self.conv[layer], rows), rows_per_prompt(self.ssm[layer], rows)
-        return self.model.blocks[layer](x, conv, ssm, False)
+        return _block(self.model, layer)(x, conv, ssm, False)
 
     def enter(self, layer: int, neurons: Float[Tensor, "rows neurons"]) -> Float[Tensor, "rows 1 d_model"]:
-        block = self.model.blocks[layer]
+        block = _block(self.model, layer)
         mixer = block.mixer
         out = mixer.hook_out(mixer.out_proj(mixer.hook_gated(neurons.to(self.model.cfg.dtype)[:, None])))
         resid = rows_per_prompt(self.resid_pre[layer], neurons.shape[0] // self.n_prompts)

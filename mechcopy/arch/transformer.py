@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,30 @@ from torch import Tensor
 from mechcopy.arch.base import Arch, HookedModel, State, Stepper, rows_per_prompt
 from mechcopy.hooks import capture
 
+if TYPE_CHECKING:   # TransformerLens takes seconds to import: at run time only where a model is built
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.components import MLP, GatedMLP, TransformerBlock
+
 #: hook points of a block that `OneTokenBlocks` does not fire: the attention's internals and the
 #: per-head input hooks (`use_attn_in`, `use_split_qkv_input`); a hook on one selects `TLBlocks`
 UNFIRED_HOOKS = (".attn.", ".hook_attn_in", ".hook_q_input", ".hook_k_input", ".hook_v_input")
+
+
+def transformer_cfg(model: HookedModel) -> HookedTransformerConfig:
+    """The model's config as what it is on a transformer (heads, MLP width, positions, norms): what code that
+    runs on transformers only (after `Arch.has_attention`, e.g. `mechcopy.heads`) reads."""
+    return cast("HookedTransformerConfig", model.cfg)
+
+
+def transformer_block(model: HookedModel, layer: int) -> TransformerBlock:
+    """Block `layer` as what it is on a transformer (TransformerLens' `TransformerBlock`: its attention,
+    norms and MLP), for code that runs on transformers only."""
+    return cast("TransformerBlock", model.blocks[layer])
+
+
+def _mlp(block: TransformerBlock) -> MLP | GatedMLP:
+    """The block's MLP: plain or gated (what mechcopy's neurons are the hidden units of)."""
+    return cast("MLP | GatedMLP", block.mlp)
 
 
 class TransformerArch(Arch):
@@ -43,10 +64,17 @@ class TransformerArch(Arch):
     tl_patching = True
 
     def neurons_per_layer(self, model: HookedModel) -> int:
-        return int(model.cfg.d_mlp)
+        d_mlp = transformer_cfg(model).d_mlp
+        if d_mlp is None:
+            raise ValueError("this transformer has no MLP, so no neurons (attention only)")
+        return int(d_mlp)
+
+    def attention_shape(self, model: HookedModel) -> tuple[int, int]:
+        cfg = transformer_cfg(model)
+        return int(cfg.n_heads), int(cfg.d_head)
 
     def architecture_name(self, model: HookedModel) -> str:
-        return model.cfg.original_architecture or "transformer"
+        return transformer_cfg(model).original_architecture or "transformer"
 
     def run_blocks(self, model: HookedModel, x: Tensor, mask: Tensor | None, state: State, start: int | None = None,
                    stop: int | None = None) -> tuple[Tensor, State]:
@@ -56,7 +84,7 @@ class TransformerArch(Arch):
         from transformer_lens import TransformerLensKeyValueCache
 
         cache = state if state is not None else TransformerLensKeyValueCache.init_cache(
-            model.cfg, model.cfg.device, x.shape[0])
+            transformer_cfg(model), model.cfg.device, x.shape[0])
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
         stop = model.cfg.n_layers if stop is None else stop
@@ -78,10 +106,10 @@ class TransformerArch(Arch):
     def ig_cache_names(self, model: HookedModel) -> list[str]:
         return [f"blocks.{l}.hook_{name}" for l in range(model.cfg.n_layers) for name in ("resid_pre", "resid_mid")]
 
-    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]],
+    def ig_stepper(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 _pos"]],
                    caches: Sequence[Any]) -> Stepper:
         """`OneTokenBlocks` where it applies, else `TLBlocks`."""
-        cfg = model.cfg
+        cfg = transformer_cfg(model)
         if cfg.attention_dir != "causal" or cfg.positional_embedding_type == "shortformer":
             raise ValueError(f"the fast IG path continues a causal prefix one token at a time; this model has "
                              f"{cfg.attention_dir} attention and {cfg.positional_embedding_type} positions: "
@@ -91,17 +119,17 @@ class TransformerArch(Arch):
         return TLBlocks(model, tokens, caches)
 
     def prune_weights(self, model: HookedModel, layer: int, idx: Tensor, values: Tensor | None = None) -> None:
-        mlp = model.blocks[layer].mlp
+        mlp = _mlp(transformer_block(model, layer))
         w, idx = mlp.W_out, idx.to(mlp.W_out.device)       # W_out: [d_mlp, d_model]
         with torch.no_grad():
             if values is not None:
-                mlp.b_out += values.to(w) @ w[idx]
+                mlp.b_out.add_(values.to(w) @ w[idx])
             w[idx] = 0
 
     def neuron_direction(self, model: HookedModel, layer: int, idx: int) -> Tensor:
         """Row `idx` of the layer's `W_out`."""
         self.check_neuron(model, layer, idx)
-        return model.blocks[layer].mlp.W_out[idx].detach()
+        return _mlp(transformer_block(model, layer)).W_out[idx].detach()
 
 def one_token_block_unsupported(model: HookedModel) -> str | None:
     """Why `OneTokenBlocks` cannot stand in for `model`'s blocks now (None: it can).
@@ -114,15 +142,16 @@ def one_token_block_unsupported(model: HookedModel) -> str | None:
     from transformer_lens.components import MLP, Attention, GatedMLP, GroupedQueryAttention, TransformerBlock
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-    cfg = model.cfg
+    cfg = transformer_cfg(model)
+    blocks = [transformer_block(model, layer) for layer in range(cfg.n_layers)]
     if cfg.attn_only:
         return "attention-only blocks"
     hooked = [name for name, point in model.hook_dict.items()
               if name.startswith("blocks.") and any(part in name for part in UNFIRED_HOOKS) and point.has_hooks()]
     checks = [
-        (any(type(b) is not TransformerBlock for b in model.blocks), "a block class other than TransformerBlock"),
-        (any(type(b.attn) not in (Attention, GroupedQueryAttention) for b in model.blocks), "an attention class"),
-        (any(type(b.mlp) not in (MLP, GatedMLP) for b in model.blocks) or cfg.is_layer_norm_activation(),
+        (any(type(b) is not TransformerBlock for b in blocks), "a block class other than TransformerBlock"),
+        (any(type(b.attn) not in (Attention, GroupedQueryAttention) for b in blocks), "an attention class"),
+        (any(type(b.mlp) not in (MLP, GatedMLP) for b in blocks) or cfg.is_layer_norm_activation(),
          "an MLP other than a plain or gated one"),
         (cfg.original_architecture in POST_NORM_ARCHITECTURES, "post-norm blocks"),
         (cfg.parallel_attn_mlp, "parallel attention and MLP"),
@@ -133,7 +162,7 @@ def one_token_block_unsupported(model: HookedModel) -> str | None:
         (cfg.use_logn_attn, "log-n query scaling"),
         (cfg.clip_qkv is not None, "clipped queries, keys and values"),
         (cfg.use_attention_sinks, "attention sinks"),
-        (any(b.attn.q_norm is not None for b in model.blocks) and not cfg.use_qk_norm, "q/k norms over all heads"),
+        (any(b.attn.q_norm is not None for b in blocks) and not cfg.use_qk_norm, "q/k norms over all heads"),
         (cfg.n_key_value_heads is not None and cfg.ungroup_grouped_query_attention, "ungrouped key/value heads"),
         (cfg.load_in_4bit, "4-bit weights"),
         (bool(hooked), f"a hook on {hooked[0] if hooked else ''}"),
@@ -209,7 +238,7 @@ def _from_neurons(block, resid_mid: Float[Tensor, "batch pos d_model"],
     return block.hook_resid_post(resid_mid + block.hook_mlp_out(out))
 
 
-def _block(block, x: Float[Tensor, "batch pos d_model"], attention) -> Float[Tensor, "batch pos d_model"]:
+def _run_block(block, x: Float[Tensor, "batch pos d_model"], attention) -> Float[Tensor, "batch pos d_model"]:
     """TransformerLens' pre-norm block around `attention` (normalised input -> attention output), with
     the weights as stored, firing the block's hook points except `UNFIRED_HOOKS`."""
     cfg = block.cfg
@@ -250,8 +279,8 @@ def run_blocks(model: HookedModel, tokens: Int[Tensor, "1 pos"], names: Collecti
     store: dict[str, Tensor] = {}
     with torch.no_grad(), model.hooks(fwd_hooks=[(lambda name: name in names, capture(store))]):
         x = model(tokens, stop_at_layer=0)
-        for block in model.blocks:
-            x = _block(block, x, partial(_causal_attention, block.attn, *_packed_qkv(block.attn)))
+        for block in (transformer_block(model, layer) for layer in range(model.cfg.n_layers)):
+            x = _run_block(block, x, partial(_causal_attention, block.attn, *_packed_qkv(block.attn)))
     return x, store
 
 
@@ -281,16 +310,16 @@ class OneTokenBlocks:
         clean = [[c[f"blocks.{l}.hook_resid_pre"][0] for c in caches] for l in layers]
         self.positions = [r.shape[0] - 1 for r in clean[0]]                  # of the rows: each prompt's last
         with torch.no_grad():
-            self.prefix = [self._prefix(block, resid) for block, resid in zip(model.blocks, clean)]
+            self.prefix = [self._prefix(transformer_block(model, l), resid) for l, resid in zip(layers, clean)]
 
-    def _prefix(self, block, clean: list[Float[Tensor, "pos d_model"]]) -> _Prefix:
+    def _prefix(self, block, clean: list[Float[Tensor, "_pos d_model"]]) -> _Prefix:
         """Pack the layer's q/k/v weights and compute each prompt's prefix keys and values once."""
         attn, width = block.attn, max(self.positions)
         w, b = _packed_qkv(attn)
         keys, values = [], []
         for resid, position in zip(clean, self.positions):
             _, k, v = _qkv(attn, w, b, block.ln1(resid[None]))             # every clean position
-            if self.model.cfg.positional_embedding_type == "rotary":
+            if transformer_cfg(self.model).positional_embedding_type == "rotary":
                 k = _relative_keys(attn, k, position)
             pad = (0, 0, 0, width - position)                               # prefix positions up to width
             keys.append(F.pad(k[0, :position].transpose(0, 1), pad))        # [kv_heads, width, d_head]
@@ -306,17 +335,17 @@ class OneTokenBlocks:
         return None if bool(visible.all()) else visible[:, None, None].to(self.model.cfg.device)
 
     def step(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
-        return _block(self.model.blocks[layer], x, partial(self._attention, layer))
+        return _run_block(transformer_block(self.model, layer), x, partial(self._attention, layer))
 
     def enter(self, layer: int, neurons: Float[Tensor, "rows neurons"]) -> Float[Tensor, "rows 1 d_model"]:
-        block = self.model.blocks[layer]
-        post = block.mlp.hook_post(neurons.to(self.model.cfg.dtype)[:, None])
+        block = transformer_block(self.model, layer)
+        post = _mlp(block).hook_post(neurons.to(self.model.cfg.dtype)[:, None])
         return _from_neurons(block, rows_per_prompt(self.resid_mid[layer], neurons.shape[0] // self.n_prompts), post)
 
     def _attention(self, layer: int, x: Float[Tensor, "rows 1 d_model"]) -> Float[Tensor, "rows 1 d_model"]:
         """One query per row against its prompt's prefix keys and its own key (no rotation: see
         `_relative_keys`)."""
-        attn, p = self.model.blocks[layer].attn, self.prefix[layer]
+        attn, p = transformer_block(self.model, layer).attn, self.prefix[layer]
         z = self._attend(attn, p, *_qkv(attn, p.w_qkv, p.b_qkv, x))         # [rows, n_heads * d_head]
         return F.linear(z[:, None], attn.W_O.reshape(-1, self.model.cfg.d_model).T, attn.b_O)
 
@@ -351,12 +380,12 @@ class TLBlocks:
     """TransformerLens' own blocks on a frozen key/value cache of each prompt's prefix, expanded to its
     rows: whatever TransformerLens runs, several times slower than `OneTokenBlocks`."""
 
-    def __init__(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 pos"]], caches: Sequence[Any]):
+    def __init__(self, model: HookedModel, tokens: Sequence[Int[Tensor, "1 _pos"]], caches: Sequence[Any]):
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
         self.model, self.prefixes = model, []
         for t in tokens:
-            prefix = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+            prefix = TransformerLensKeyValueCache.init_cache(transformer_cfg(model), model.cfg.device, 1)
             with torch.no_grad():
                 model(t[:, :-1], past_kv_cache=prefix, return_type=None)
             prefix.freeze()
@@ -377,12 +406,12 @@ class TLBlocks:
         before any other hook on it runs."""
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-        entry, n, block = self.prefixes[prompt][layer], x.shape[0], self.model.blocks[layer]
+        entry, n, block = self.prefixes[prompt][layer], x.shape[0], transformer_block(self.model, layer)
         rows = TransformerLensKeyValueCacheEntry(entry.past_keys.expand(n, -1, -1, -1),
                                                  entry.past_values.expand(n, -1, -1, -1), frozen=True)
         if neurons is None:
             return block(x, past_kv_cache_entry=rows)
-        handle = block.mlp.hook_post.register_forward_hook(
+        handle = _mlp(block).hook_post.register_forward_hook(
             lambda module, inputs, out: neurons[:, None].to(out.dtype), prepend=True)
         try:
             return block(x, past_kv_cache_entry=rows)

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 import warnings
+from typing import NoReturn
 
 from safetensors import SafetensorError
 
@@ -34,7 +35,7 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line (through `main`) instead of the usage block."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(self.prog, message)
 
 
@@ -60,7 +61,7 @@ def flag_of(args: argparse.Namespace | None, field: str) -> str | None:
 def describe(e: BaseException, args: argparse.Namespace | None = None) -> str:
     """One line for the user: what was wrong and, where the message does not say it, what to do."""
     flag = flag_of(args, e.field) if isinstance(e, FieldError) else None
-    if flag:
+    if flag and isinstance(e, FieldError):
         text = f"argument {flag}: {e.problem}"
     elif isinstance(e, OSError) and e.errno is not None:
         where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)

@@ -162,7 +162,7 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, helps: dict[str, str]
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            if name in (types or {}):
+            if types is not None and name in types:
                 kwargs["type"] = types[name]
             elif kind is tuple:
                 kwargs["type"] = int_list(minimum.get(name, 0))
@@ -191,7 +191,7 @@ def _field(cls: type, path: str) -> tuple[type, str, Any]:
 
 
 def _default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **extra: Any):

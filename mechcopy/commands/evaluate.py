@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mechcopy.commands.common import (add_model_args, add_out_args, at_least, files_in, load_neurons, model_path,
                                       open_model, prepare_out, saved_in, write_result)
-from mechcopy.comparisons import (compare_rows, comparisons_table, results_table, task_level_table,
+from mechcopy.comparisons import (compare_rows, comparisons_json, comparisons_table, results_table, task_level_table,
                                   task_levels)
 from mechcopy.components import MATCHES, Components
 from mechcopy.conditions import (ABLATIONS, CALIBRATIONS, GENERATE, LABELS, POSITIONS, SCORINGS, UNPRUNED, Means,
@@ -107,7 +107,7 @@ def run(args) -> int:
                         random_match=args.random_match, sizes=None if sizes is None else sizes.describe(),
                         random_sets={c.label: {k: c.components.meta.get(k) for k in ("seed", "match", "size_ratio",
                                                                                       "size_mismatch")}
-                                     for c in conditions if c.family == "random"})
+                                     for c in conditions if c.family == "random" and c.components is not None})
     conditions += calibrated_conditions(conditions, args.calibrate or ())
     t0 = time.perf_counter()
     rows, dropped = run_evaluation(model, tasks, args.shots, args.n, args.seed, conditions, checkpoint=checkpoint,
@@ -118,29 +118,31 @@ def run(args) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(results_table(rows).to_string(index=False))
     print(f"\n{len(rows)} evaluations in {settings['seconds']} s")
-    for task, items in dropped.items():
+    for name, items in dropped.items():
         if items:
             (pair, reason), where = items[0], "under \"dropped\" in the results" if out else "(use --out to list them)"
-            print(f"{task}: {len(items)} pairs not used, e.g. {pair}: {reason}; all listed {where}")
-    payload = {"settings": settings, "results": rows, "dropped": dropped,
+            print(f"{name}: {len(items)} pairs not used, e.g. {pair}: {reason}; all listed {where}")
+    payload = {"settings": settings, "results": [r.to_json() for r in rows], "dropped": dropped,
                "copy_effect": copy_effects(rows, prompt_sets, tasks, args.seed)}
     if len(conditions) > 1:
-        payload["comparisons"] = compare_rows(rows, seed=args.seed)
-        payload["task_level"] = task_levels(payload["comparisons"], seed=args.seed)
-        pooled = payload["comparisons"].get(POOLED)
+        comparisons = compare_rows(rows, seed=args.seed)
+        levels = task_levels(comparisons, seed=args.seed)
+        payload["comparisons"] = comparisons_json(comparisons)
+        payload["task_level"] = [t.to_json() for t in levels]
+        pooled = comparisons.get(POOLED)
         if pooled:
             with pd.option_context("display.width", 200, "display.max_columns", 20):
                 print("\npaired comparisons, pooled over the held-out tasks (each task weighs the same):")
                 print(comparisons_table(pooled).to_string(index=False))
                 print("\nthe same with the task as the unit:")
-                print(task_level_table(payload["task_level"]).to_string(index=False))
+                print(task_level_table(levels).to_string(index=False))
             print(UNITS)
         else:
             print("\nno pooled comparison: every task is the probe the neurons were chosen on (the per-task "
                   "comparisons are in the results)")
     if out:
         print(f"wrote {write_result(out, model, payload)}")
-        checkpoint.unlink(missing_ok=True)
+        side_file(out, ".partial.jsonl").unlink(missing_ok=True)
     return 0
 
 

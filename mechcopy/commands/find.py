@@ -13,6 +13,7 @@ from mechcopy.components import component_kind
 from mechcopy.find import ATTRIBUTIONS, CHECKPOINT_SUFFIX, PROBES, SELECTIONS, FindConfig, find_copy_neurons
 from mechcopy.method import COMPONENTS
 from mechcopy.io import side_file
+from mechcopy.method import Choice
 from mechcopy.tasks.probe import FORMATS, ITEM_SETS, ProbeConfig, check_probe_size
 
 HELPS = {
@@ -99,26 +100,28 @@ def run(args) -> int:
     check_probe(config)
     out = prepare_out(args.out, {"--text": config.text, "--model": model_path(args.model)}, args.force,
                       side=[side_file(args.out, s) for s in NEURON_SIDE_SUFFIXES])
+    assert out is not None      # --out is required
     args.saved = saved_in(side_file(out, CHECKPOINT_SUFFIX), "the attributions done so far are")
     t0 = time.perf_counter()
     model = open_model(args)
     neurons = find_copy_neurons(model, out, config)
-    sw = neurons.meta["sweep"]
-    print(f"k sweep on {sw['n_dev']} dev prompts (perplexity bound +{sw['max_ppl_increase']:.0%}):")
-    print(f"  k=0: dev accuracy {sw['baseline']['dev_accuracy']:.3f}, copy rate "
-          f"{sw['baseline']['dev_copy_rate']:.3f}, ppl {sw['baseline']['ppl']:.2f}"
-          + ("  <- chosen" if sw["chosen_k"] == 0 else ""))
-    for r in sw["rows"]:
-        mark = "  <- chosen" if r["k"] == sw["chosen_k"] else ("" if r["feasible"] else "  (ppl bound)")
+    choice = Choice.from_components(neurons)
+    sw = choice.sweep
+    print(f"k sweep on {sw.meta['n_dev']} dev prompts (perplexity bound +{sw.max_ppl_increase:.0%}):")
+    print(f"  k=0: dev accuracy {sw.baseline['dev_accuracy']:.3f}, copy rate "
+          f"{sw.baseline['dev_copy_rate']:.3f}, ppl {sw.baseline['ppl']:.2f}"
+          + ("  <- chosen" if sw.chosen_k == 0 else ""))
+    for r in sw.rows:
+        mark = "  <- chosen" if r["k"] == sw.chosen_k else ("" if r["feasible"] else "  (ppl bound)")
         print(f"  k={r['k']}: dev accuracy {r['dev_accuracy']:.3f}, copy rate {r['dev_copy_rate']:.3f}, "
               f"ppl {r['ppl']:.2f} ({r['ppl_increase']:+.1%}){mark}")
     plural = component_kind(neurons.kind).plural
     if neurons.pairs:
-        counts = {l: c for l, c in enumerate(neurons.meta["layer_counts"]) if c}
+        counts = {l: c for l, c in enumerate(neurons.layer_counts(model.cfg.n_layers)) if c}
         listed = f": {[list(p) for p in neurons.pairs]}" if neurons.kind == "head" else ""
         print(f"{len(neurons)} {plural}, by layer {counts}{listed}")
     else:
-        why = neurons.meta.get("refused") or sw["why"]
+        why = choice.guard.refused if choice.guard is not None and choice.guard.refused else sw.why
         print(f"k = 0 chosen: {why}. The {neurons.kind} file holds no {plural}: there is nothing to prune.")
     print(f"wrote {out} (scores: {neurons.meta['scores_path']}) in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -36,6 +36,7 @@ def run(args) -> int:
     neurons, read = load_neurons("--neurons", args.neurons)
     out = prepare_out(args.out, {"--task": files_in(args.task), "--other-task": files_in(args.other_task), **read,
                                  "--model": model_path(args.model)}, args.force)
+    assert out is not None      # --out is required
     model = open_model(args)
     if args.per_head:
         return _per_head(args, model, task, other, out, t0)

@@ -96,7 +96,7 @@ def process_hf_dir(path: Path, tl_name: str | None = None) -> tuple[dict[str, An
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
     cfg_dict = tl_loading.convert_hf_model_config(tl_name, trust_remote_code=False) if tl_name else _tl_config(path)
     init_weights = cfg_dict.get("init_weights", True)
-    cfg_dict.update(model_name=path.name, original_architecture=hf_model.config.architectures[0], device="cpu",
+    cfg_dict.update(model_name=path.name, original_architecture=_architecture(hf_model.config, path), device="cpu",
                     dtype=torch.float32, tokenizer_name=None, init_weights=False)
     # convert_hf_model_config infers the config from the folder's config.json; check the sizes
     # that matter against the HF model so a name-based guess inside TransformerLens cannot slip by.
@@ -176,14 +176,14 @@ def tl_reference_load(path: Path, name: str, device: str = "cpu", dtype: torch.d
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     cfg_dict = tl_loading.convert_hf_model_config(tl_name, trust_remote_code=False) if tl_name else _tl_config(path)
-    cfg_dict.update(model_name=name, original_architecture=hf_model.config.architectures[0], device=device,
+    cfg_dict.update(model_name=name, original_architecture=_architecture(hf_model.config, path), device=device,
                     dtype=dtype, tokenizer_name=str(path))
     cfg = HookedTransformerConfig(**cfg_dict)
     state_dict = tl_loading.get_pretrained_state_dict(tl_name or str(path), cfg, hf_model=hf_model, dtype=torch.float32)
     del hf_model
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
     model.load_and_process_state_dict(state_dict, **PROCESSING)
-    model.to(cfg.device)
+    model.to(cfg.device or "cpu")
     model.to(dtype)
     model.eval()
     return store_as_read(model)
@@ -191,7 +191,7 @@ def tl_reference_load(path: Path, name: str, device: str = "cpu", dtype: torch.d
 
 def read_orders(model: HookedTransformer) -> dict[str, tuple[int, ...]]:
     """Parameter name -> the permutation under which TransformerLens 3.9 reads it (see `store_as_read`)."""
-    orders = {"unembed.W_U": (1, 0)}
+    orders: dict[str, tuple[int, ...]] = {"unembed.W_U": (1, 0)}
     for i, block in enumerate(model.blocks):
         if model.cfg.gated_mlp:
             orders.update({f"blocks.{i}.mlp.{n}": (1, 0) for n in ("W_gate", "W_in", "W_out")})
@@ -217,6 +217,14 @@ def store_as_read(model: HookedTransformer) -> HookedTransformer:
             back = sorted(range(len(order)), key=order.__getitem__)
             param.data = param.data.permute(*order).contiguous().permute(*back)
     return model
+
+
+def _architecture(config: Any, path: Path) -> str:
+    """The model class a Hugging Face config names (its first `architectures` entry)."""
+    if not config.architectures:
+        raise ValueError(f"{path}/config.json names no architectures: add \"architectures\": [\"<ModelClass>\"] "
+                         "as Hugging Face writes it")
+    return config.architectures[0]
 
 
 def _tl_config(path: Path) -> dict:

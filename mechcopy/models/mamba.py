@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,21 +89,23 @@ class MambaConfig:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "MambaConfig":
-        return cls(**{**data, "dtype": getattr(torch, str(data.get("dtype", "float32")))})
+    def from_json(cls, obj: dict[str, Any]) -> "MambaConfig":
+        """The config `to_json` wrote (dtype by name, float32 where absent)."""
+        return cls(**{**obj, "dtype": getattr(torch, str(obj.get("dtype", "float32")))})
 
 
 @dataclass
 class MambaState:
-    """Per-layer recurrent state after a prefix: the last d_conv-1 conv inputs and the SSM state."""
+    """Per-layer recurrent state after a prefix: the last d_conv-1 conv inputs and the SSM state (None for a
+    layer not run yet)."""
 
-    conv: list[Float[Tensor, "batch d_inner d_conv_minus_1"]]
-    ssm: list[Float[Tensor, "batch d_inner d_state"]]
+    conv: list[Float[Tensor, "batch d_inner d_conv_minus_1"] | None]
+    ssm: list[Float[Tensor, "batch d_inner d_state"] | None]
 
     def repeat_interleave(self, n: int) -> "MambaState":
         """Each batch row repeated n times (to run many variants of one prefix in one batch)."""
-        return MambaState([c.repeat_interleave(n, 0) for c in self.conv],
-                          [s.repeat_interleave(n, 0) for s in self.ssm])
+        return MambaState([None if c is None else c.repeat_interleave(n, 0) for c in self.conv],
+                          [None if s is None else s.repeat_interleave(n, 0) for s in self.ssm])
 
     def index(self, rows) -> "MambaState":
         """The state of batch rows `rows` (layers not run yet stay None)."""
@@ -111,7 +113,8 @@ class MambaState:
                           [None if s is None else s[rows] for s in self.ssm])
 
     def detach(self) -> "MambaState":
-        return MambaState([c.detach() for c in self.conv], [s.detach() for s in self.ssm])
+        return MambaState([None if c is None else c.detach() for c in self.conv],
+                          [None if s is None else s.detach() for s in self.ssm])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,7 +170,7 @@ class Unembed(nn.Module):
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab, dtype=cfg.dtype))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype))
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         return x @ self.W_U + self.b_U
 
 
@@ -184,7 +187,7 @@ class Norm(nn.Module):
         self.hook_scale = HookPoint()       # [batch, pos, 1]: the divisor sqrt(mean(x²) + eps)
         self.hook_normalized = HookPoint()  # [batch, pos, d_model], before the weight
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         dtype = x.dtype
         x = x.to(torch.promote_types(dtype, torch.float32))
         if self.is_ln:
@@ -201,20 +204,20 @@ class MambaMixer(nn.Module):
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         self.cfg = cfg
-        I, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
-        dd = dict(dtype=cfg.dtype)
-        self.in_proj = nn.Linear(cfg.d_model, 2 * I, bias=cfg.use_bias, **dd)
+        I, N, R, dtype = cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.dtype
+        self.in_proj = nn.Linear(cfg.d_model, 2 * I, bias=cfg.use_bias, dtype=dtype)
         self.conv1d = nn.Conv1d(I, I, kernel_size=cfg.d_conv, groups=I, padding=cfg.d_conv - 1,
-                                bias=cfg.conv_bias, **dd)
-        self.x_proj = nn.Linear(I, R + 2 * N, bias=False, **dd)
-        self.dt_proj = nn.Linear(R, I, bias=True, **dd)
-        self.A_log = nn.Parameter(torch.empty(I, N, **dd))
-        self.D = nn.Parameter(torch.empty(I, **dd))
-        self.out_proj = nn.Linear(I, cfg.d_model, bias=cfg.use_bias, **dd)
+                                bias=cfg.conv_bias, dtype=dtype)
+        self.x_proj = nn.Linear(I, R + 2 * N, bias=False, dtype=dtype)
+        self.dt_proj = nn.Linear(R, I, bias=True, dtype=dtype)
+        self.A_log = nn.Parameter(torch.empty(I, N, dtype=dtype))
+        self.D = nn.Parameter(torch.empty(I, dtype=dtype))
+        self.out_proj = nn.Linear(I, cfg.d_model, bias=cfg.use_bias, dtype=dtype)
         self.use_kernels = True
-        for name in ("hook_x", "hook_z", "hook_conv", "hook_delta", "hook_B", "hook_C",
-                     "hook_ssm_state", "hook_ssm_out", "hook_gated", "hook_out"):
-            setattr(self, name, HookPoint())
+        self.hook_x, self.hook_z, self.hook_conv = HookPoint(), HookPoint(), HookPoint()
+        self.hook_delta, self.hook_B, self.hook_C = HookPoint(), HookPoint(), HookPoint()
+        self.hook_ssm_state, self.hook_ssm_out = HookPoint(), HookPoint()
+        self.hook_gated, self.hook_out = HookPoint(), HookPoint()
 
     def _hooked(self, names: Iterable[str]) -> bool:
         return any(getattr(self, n).has_hooks() for n in names)
@@ -428,9 +431,14 @@ class HookedMamba(HookedRootModule):
         p = self.embed.W_E
         if str(p.device) != self.cfg.device or p.dtype != self.cfg.dtype:
             self.cfg = replace(self.cfg, device=str(p.device), dtype=p.dtype)
-            for block in self.blocks:
+            for block in self.mamba_blocks:
                 block.mixer.cfg = self.cfg
         return out
+
+    @property
+    def mamba_blocks(self) -> list[MambaBlock]:
+        """`blocks`, typed as what they are."""
+        return cast("list[MambaBlock]", list(self.blocks))
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
@@ -446,7 +454,7 @@ class HookedMamba(HookedRootModule):
 
     def set_use_kernels(self, flag: bool) -> None:
         """Allow (default) or forbid the mamba-ssm CUDA kernels; the plain path is always exact."""
-        for block in self.blocks:
+        for block in self.mamba_blocks:
             block.mixer.use_kernels = bool(flag)
 
     @torch.no_grad()
@@ -461,11 +469,11 @@ class HookedMamba(HookedRootModule):
         self.embed.W_E.copy_(normal(self.embed.W_E.shape, 1.0))
         self.unembed.W_U.copy_(normal(self.unembed.W_U.shape, 2.0 / cfg.d_model**0.5))
         self.unembed.b_U.zero_()
-        for norm in [self.ln_final] + [block.norm for block in self.blocks]:
+        for norm in [self.ln_final] + [block.norm for block in self.mamba_blocks]:
             norm.w.fill_(1.0)
             if norm.is_ln:
                 norm.b.zero_()
-        for block in self.blocks:
+        for block in self.mamba_blocks:
             m = block.mixer
             m.in_proj.weight.copy_(normal(m.in_proj.weight.shape, 1.0 / cfg.d_model**0.5))
             m.conv1d.weight.copy_(normal(m.conv1d.weight.shape, 1.0 / cfg.d_conv**0.5))
@@ -520,8 +528,8 @@ class HookedMamba(HookedRootModule):
             resid, start = input, (start_at_layer + n if start_at_layer < 0 else start_at_layer)
         n = self.cfg.n_layers
         stop = n if stop_at_layer is None else (stop_at_layer + n if stop_at_layer < 0 else stop_at_layer)
-        convs: list[Tensor] = list(state.conv) if state is not None else [None] * self.cfg.n_layers
-        ssms: list[Tensor] = list(state.ssm) if state is not None else [None] * self.cfg.n_layers
+        convs: list[Tensor | None] = list(state.conv) if state is not None else [None] * self.cfg.n_layers
+        ssms: list[Tensor | None] = list(state.ssm) if state is not None else [None] * self.cfg.n_layers
         for l in range(start, stop):
             if return_state:
                 resid, convs[l], ssms[l] = self.blocks[l](resid, convs[l], ssms[l], True, attention_mask)
@@ -613,7 +621,7 @@ class HookedMamba(HookedRootModule):
         """Each token as a string, for text or a token tensor (batch 1) or a list of texts."""
         tok = self._tok()
         if isinstance(input, list) and input and isinstance(input[0], str):
-            return [self.to_str_tokens(t, prepend_bos) for t in input]
+            return [cast("list[str]", self.to_str_tokens(t, prepend_bos)) for t in input]
         tokens = self.to_tokens(input, prepend_bos=prepend_bos)[0] if isinstance(input, str) else torch.as_tensor(input)
         if tokens.ndim == 2:
             if tokens.shape[0] != 1:

@@ -115,7 +115,7 @@ def run_method(model: HookedModel, config: MethodConfig = MethodConfig(), progre
         "unpruned": {name: {k: v for k, v in r.to_json().items() if k not in PER_PROMPT} for name, r in unpruned.items()},
         "methods": {},
     }
-    tv_hooks = {"unpruned": []}
+    tv_hooks: dict[str, list] = {"unpruned": []}
     for probe in tqdm(c.probes, desc="organism method", disable=not progress):
         attr, dev, _ = splits[probe]
         ig = method.attribute(model, attr, f)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save
 from mechcopy.arch import HookedModel
 from mechcopy.errors import check_minimums, check_number
 from mechcopy.fingerprint import model_fingerprint
-from mechcopy.io import read_json, write_atomic, write_json_atomic
+from mechcopy.io import as_tuples, read_json, write_atomic, write_json_atomic
 from mechcopy.models.zoo import cache_root
 from mechcopy.organisms.data import FAMILIES, CharCodec, episode_length, episode_text, episodes, make_batch
 from mechcopy.progress import tqdm
@@ -81,8 +81,17 @@ class TrainConfig:
     def name(self) -> str:
         return f"{self.arch}-s{self.seed}"
 
+    @property
+    def n_steps(self) -> int:
+        """The training steps (`steps`, which is the architecture's default when not given)."""
+        return int(self.steps if self.steps is not None else DEFAULT_STEPS[self.arch])
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "TrainConfig":
+        return cls(**{f.name: as_tuples(obj[f.name]) for f in fields(cls) if f.name in obj})
 
 
 #: the model sizes `model_kwargs` may set, per architecture (`tiny_transformer`, `tiny_mamba`), and their kinds
@@ -93,7 +102,7 @@ MODEL_KWARGS: dict[str, dict[str, type]] = {
 }
 
 
-def check_model_kwargs(arch: str, kwargs: dict[str, Any], longest: int | None = None,
+def check_model_kwargs(arch: str, kwargs: Any, longest: int | None = None,
                        name: str = "model_kwargs") -> None:
     """Refuse model sizes that cannot build a model (before any training): unknown keys, sizes that
     are not integers >= 1, heads that do not divide d_model (or give an odd head size, which rotary
@@ -125,12 +134,13 @@ def check_model_kwargs(arch: str, kwargs: dict[str, Any], longest: int | None = 
                              f"sequence ({longest} tokens at k_max demonstrations); raise n_ctx or lower k_max")
 
 
-def build_model(arch: str, model_kwargs: dict[str, Any], seed: int, device: str = "cpu"):
+def build_model(arch: str, model_kwargs: dict[str, Any], seed: int, device: str = "cpu") -> HookedModel:
     """A fresh (random) organism of `arch` with the character tokenizer."""
+    model: HookedModel
     if arch == "transformer":  # the models import TransformerLens (seconds): only when one is built
         from mechcopy.models.tiny import tiny_transformer
 
-        model = tiny_transformer(seed=seed, **model_kwargs)
+        model = cast(HookedModel, tiny_transformer(seed=seed, **model_kwargs))   # it has a tokenizer (TL: optional)
     elif arch == "mamba":
         from mechcopy.models.mamba import tiny_mamba
 
@@ -144,7 +154,7 @@ def _lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float
     """Linear warm-up, then cosine to 10% over the steps or the time budget, whichever ends first."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    progress = min(1.0, max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), time_fraction))
+    progress = min(1.0, max((step - cfg.warmup) / max(1, cfg.n_steps - cfg.warmup), time_fraction))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -167,7 +177,7 @@ def quick_accuracy(model: HookedModel, sets: tuple[str, ...] = ("map-heldout", "
 @dataclass(frozen=True)
 class TrainResult:
     out_dir: str
-    config: dict[str, Any]
+    config: TrainConfig
     final_loss: float
     final_accuracy: dict[str, float]
     seconds: float
@@ -176,6 +186,11 @@ class TrainResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "TrainResult":
+        values = {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
+        return cls(**{**values, "config": TrainConfig.from_json(obj["config"])})
 
 
 def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True,
@@ -199,7 +214,7 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg, time_fraction()))
     curve: dict[str, list] = {"step": [], "loss": [], "query_loss": [], "eval_step": [], "eval": []}
     model.train()
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.name}", disable=not progress, mininterval=2)
+    bar = tqdm(range(cfg.n_steps), desc=f"train {cfg.name}", disable=not progress, mininterval=2)
     stopped = None
     for step in bar:
         if budget and step and time.time() - start > budget:    # at least one step, whatever the budget
@@ -234,7 +249,7 @@ def train_organism(cfg: TrainConfig, out_dir: str | Path | None = None, progress
     model.eval()
     seconds = time.time() - start
     final_loss = sum(curve["loss"][-50:]) / len(curve["loss"][-50:])
-    result = TrainResult(str(out_dir) if out_dir else "", cfg.to_json(), final_loss,
+    result = TrainResult(str(out_dir) if out_dir else "", cfg, final_loss,
                          curve["eval"][-1] if curve["eval"] else {}, seconds, len(curve["step"]), stopped)
     if out_dir is not None:
         save_organism(model, cfg, out_dir, curve, result)
@@ -262,7 +277,8 @@ def plot_loss(curve: dict, path: str | Path, title: str = "") -> Path:
     """Loss (smoothed) and periodic held-out accuracies against the step (`viz.plot_loss_curve`)."""
     from mechcopy import viz  # matplotlib: heavy, only for the figure
 
-    evals = {name: (curve["eval_step"], [e[name] for e in curve["eval"]]) for name in (curve["eval"] or [{}])[0]}
+    evals: dict[str, tuple[Sequence[float], Sequence[float]]] = {
+        name: (curve["eval_step"], [e[name] for e in curve["eval"]]) for name in (curve["eval"] or [{}])[0]}
     fig = viz.plot_loss_curve(curve["step"], {"all outputs": curve["loss"], "query": curve["query_loss"]},
                               title=title, evals=evals or None, smooth=max(1, len(curve["loss"]) // 100))
     return viz.save_figure(fig, path)

@@ -245,9 +245,9 @@ class CopyProbe:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "CopyProbe":
-        return cls(CopyProbeConfig.from_json(obj["config"]), obj["seed"], obj["attribution_seed"],
-                   *(tuple(ICLPrompt.from_json(p) for p in obj["prompts"][s]) for s in SPLITS),
-                   dropped=tuple(tuple(d) for d in obj["dropped"]))
+        attribution, dev, test = (tuple(ICLPrompt.from_json(p) for p in obj["prompts"][s]) for s in SPLITS)
+        return cls(CopyProbeConfig.from_json(obj["config"]), obj["seed"], obj["attribution_seed"], attribution, dev,
+                   test, tuple((t, x, why) for t, x, why in obj["dropped"]))
 
 
 def build_copy_probe(tokenizer, config: CopyProbeConfig = CopyProbeConfig(), seed: int = 0,
@@ -291,4 +291,5 @@ def build_copy_probe(tokenizer, config: CopyProbeConfig = CopyProbeConfig(), see
                                  f"for this tokenizer ({len(ps.dropped)} pairs dropped: {reasons}); "
                                  "leave the task out or ask for fewer prompts")
             out[split] += [replace(p, label_space=labels) for p in ps.prompts]
-    return CopyProbe(c, seed, attribution_seed, *(tuple(out[s]) for s in SPLITS), dropped=tuple(dropped))
+    attribution, dev, test = (tuple(out[s]) for s in SPLITS)
+    return CopyProbe(c, seed, attribution_seed, attribution, dev, test, tuple(dropped))

@@ -64,8 +64,8 @@ def outcome_rates(prompts: Sequence[ICLPrompt], predictions: Sequence[str]) -> d
     rates = {o: float((codes == o).mean()) for o in OUTCOMES}
     n_demo = np.mean([len(set(p.demo_labels) - {p.answer}) for p in prompts])
     n_absent = np.mean([len(set(p.label_space) - set(p.demo_labels) - {p.answer}) for p in prompts])
-    rates["copy_per_label"] = rates["copy"] / n_demo
-    rates["in_range_per_label"] = rates["in_range"] / n_absent if n_absent else float("nan")
+    rates["copy_per_label"] = float(rates["copy"] / n_demo)
+    rates["in_range_per_label"] = float(rates["in_range"] / n_absent) if n_absent else float("nan")
     return rates
 
 

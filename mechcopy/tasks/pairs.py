@@ -145,7 +145,7 @@ def label_swap(prompt: ICLPrompt, x: str, z: str, candidates: Sequence[tuple[str
     taken = {prompt.query} | {dx for dx, _ in prompt.demos}
     pool = [(cx, cy) for cx, cy in candidates if cy.strip() == z.strip() and cx not in taken]
     rng.shuffle(pool)
-    demos = [tuple(d) for d in prompt.demos]
+    demos: list[tuple[str, str]] = [(dx, dy) for dx, dy in prompt.demos]
     for i in replaced:
         width = _n_tokens(tokenizer, _fill(template, *demos[i]))
         fits = [c for c in pool if c[0] not in taken and _n_tokens(tokenizer, _fill(template, *c)) == width]
@@ -184,7 +184,7 @@ def label_swaps(prompts: Sequence[ICLPrompt], tokenizer, seed: int = 0,
     if candidates is None:
         found: dict[str, dict[tuple[str, str], None]] = {}
         for p in prompts:
-            found.setdefault(p.task, {}).update(dict.fromkeys([(p.query, p.answer), *map(tuple, p.demos)]))
+            found.setdefault(p.task, {}).update(dict.fromkeys([(p.query, p.answer), *p.demos]))
         candidates = {task: list(pairs) for task, pairs in found.items()}
     rng = random.Random(seed)
     swaps, dropped = [], []
@@ -286,7 +286,8 @@ def align_roles(target_roles: Sequence[str], source_roles: Sequence[str], roles:
     three tokens pairs its last token with a one-token label. `roles` limits the roles paired (default
     every role both prompts have); positions with an empty role are never paired."""
     wanted = None if roles is None else set(roles)
-    t_at, s_at = {}, {}
+    t_at: dict[str, list[int]] = {}
+    s_at: dict[str, list[int]] = {}
     for at, rs in ((t_at, target_roles), (s_at, source_roles)):
         for i, r in enumerate(rs):
             if r and (wanted is None or r in wanted):

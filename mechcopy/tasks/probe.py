@@ -18,7 +18,7 @@ import numbers
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence, TypeVar
 
 from mechcopy.errors import check_number
 from mechcopy.tasks.task import DATA_DIR, PROBE_ITEMS, PROBE_NAME, Task
@@ -146,6 +146,10 @@ class ProbeConfig:
         return {"counts": list(self.counts), "items": self.items, "template": self.template, "shots": self.shots,
                 "balanced": self.balanced, "name": self.name}
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ProbeConfig":
+        return cls(tuple(obj["counts"]), obj["items"], obj["template"], obj["shots"], obj["balanced"])
+
 
 def load_items(which: str = "mixed") -> tuple[str, ...]:
     """The balanced probe's item pool: `words`, `places`, `people`, both kinds of names (`names`: the
@@ -181,8 +185,18 @@ class ProbeSplits:
                 "dropped": [list(d) for d in self.dropped],
                 "prompts": {s: [p.to_json() for p in getattr(self, s)] for s in SPLITS}}
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ProbeSplits":
+        """The splits `to_json` wrote (sizes and gold counts are recomputed from the prompts)."""
+        prompts = {s: tuple(ICLPrompt.from_json(p) for p in obj["prompts"][s]) for s in SPLITS}
+        return cls(ProbeConfig.from_json(obj["config"]), prompts["attribution"], prompts["dev"], prompts["test"],
+                   tuple((item, why) for item, why in obj["dropped"]), obj["seed"])
 
-def _quotas(n: int, labels: Sequence[int], rng: random.Random) -> dict[int, int]:
+
+L = TypeVar("L", bound=Hashable)
+
+
+def _quotas(n: int, labels: Sequence[L], rng: random.Random) -> dict[L, int]:
     """n split over labels as evenly as possible; the remainder goes to a random subset of labels."""
     base, extra = divmod(n, len(labels))
     lucky = set(rng.sample(list(labels), extra))
@@ -288,4 +302,5 @@ def build_probe(tokenizer, config: ProbeConfig = ProbeConfig(), n_attr: int = 10
                     built += 1
         rng.shuffle(prompts)
         splits.append(tuple(prompts))
-    return ProbeSplits(c, *splits, dropped=tuple(dropped), seed=seed)
+    attribution, dev, test = splits
+    return ProbeSplits(c, attribution, dev, test, dropped=tuple(dropped), seed=seed)

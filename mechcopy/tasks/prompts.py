@@ -49,10 +49,10 @@ class ICLPrompt:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "ICLPrompt":
-        return cls(task=obj["task"], text=obj["text"], query=obj["query"], answer=obj["answer"],
-                   answer_ids=tuple(obj["answer_ids"]), demos=tuple(tuple(d) for d in obj["demos"]),
-                   demo_labels=tuple(obj["demo_labels"]), demo_label_ids=tuple(map(tuple, obj["demo_label_ids"])),
-                   label_space=tuple(obj.get("label_space", ())))
+        return cls(obj["task"], obj["text"], obj["query"], obj["answer"], tuple(obj["answer_ids"]),
+                   tuple((x, y) for x, y in obj["demos"]), tuple(obj["demo_labels"]),
+                   tuple(tuple(ids) for ids in obj["demo_label_ids"]), tuple(obj.get("label_space", ())),
+                   obj.get("sep", SEPARATOR))
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def make_prompt(demos: Sequence[tuple[str, str]], query_pair: tuple[str, str], t
             ids = ids[1:]
         label_ids.append(tuple(ids))
     return ICLPrompt(
-        task=task, text=prefix, query=x, answer=y, answer_ids=tuple(cont), demos=tuple(map(tuple, demos)),
+        task=task, text=prefix, query=x, answer=y, answer_ids=tuple(cont), demos=tuple((dx, dy) for dx, dy in demos),
         demo_labels=tuple(dy for _, dy in demos), demo_label_ids=tuple(label_ids), sep=sep,
     )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from mechcopy.tasks.prompts import make_prompt
+from mechcopy.tasks.prompts import ICLPrompt, make_prompt
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def split_task(task, tokenizer, shots: int = 4, n_extract: int = 5, n_dev: int =
 
     # extraction: take pool pairs as dummy queries until n_extract prompts tokenise
     pool, rest = pairs[:n_pool], pairs[n_pool:]
-    extraction = []
+    extraction: list[ICLPrompt] = []
     for i, query in enumerate(pool):
         if len(extraction) == n_extract:
             break
@@ -69,7 +69,7 @@ def split_task(task, tokenizer, shots: int = 4, n_extract: int = 5, n_dev: int =
     if not extraction:
         raise ValueError(f"task {task.name!r}: no extraction prompt could be built ({dropped[:3]})")
 
-    queries = []
+    queries: list[tuple[str, str]] = []
     for pair in rest:
         if len(queries) == n_dev + n_test:
             break

@@ -37,7 +37,7 @@ class Task:
         return len(self.pairs)
 
     def to_json(self) -> dict[str, Any]:
-        extra = {"labels": list(self.labels)} if self.labels else {}
+        extra: dict[str, Any] = {"labels": list(self.labels)} if self.labels else {}
         extra.update({} if self.closed is None else {"closed": self.closed})
         return {"name": self.name, "kind": self.kind, "pairs": [list(p) for p in self.pairs], **extra}
 
@@ -59,6 +59,11 @@ class Task:
             raise ValueError(f"task {self.name!r} is open, so it cannot be scored as a label set: {why}; "
                              "use generation scoring for it")
         return labels
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Task":
+        """The task `to_json` wrote (a user's task file goes through `validate_task_json`, which checks it)."""
+        return cls(obj["name"], tuple((x, y) for x, y in obj["pairs"]), obj.get("kind", "user"))
 
     def distinct_pairs(self) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str], str]]]:
         """The pairs to use (in order) and the (pair, reason) of each pair left out: a repeat of an
