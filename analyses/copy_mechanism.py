@@ -4,7 +4,8 @@
     python analyses/copy_mechanism.py --model smollm2-135m --stage probe       # the probe's test split
     python analyses/copy_mechanism.py --model smollm2-135m --stage heldout --construction no-gold
     python analyses/copy_mechanism.py --model smollm2-135m --stage heldout --construction copy-control
-    python analyses/copy_mechanism.py --model smollm2-135m --stage summary     # docs/data/copy_mechanism_<model>.json
+    python analyses/copy_mechanism.py --model smollm2-135m --components heads --stage select   # the head arm, each stage
+    python analyses/copy_mechanism.py --model smollm2-135m --stage summary     # docs/data/copy_mechanism_<model>*.json
 
 Every stage is resumable: its state goes to `--work` (default `results/copy_mechanism/<model>/`, not
 committed) as soon as it is made, and a stage started again skips what is there (the held-out stages
@@ -23,12 +24,22 @@ the CPU lock, in any order after `select`.
   construction per run: unpruned, each seed's selection (`pruned@s<seed>`) and its size-matched
   random set (`random-<seed>@s<seed>`), contextual and batch calibration, each selection plus each
   calibration; all read by label scoring. Perplexity of every ablation is measured once.
-- **summary**: the tables and both criteria (`criteria`) from the saved state, into the docs JSON.
+- **summary**: the tables and both criteria (`criteria`) from the saved state of both arms, into the docs
+  JSON (`write_docs`: the table, the criteria per arm, the per-task figures).
+
+`--components heads` runs a stage for the head arm (docs/copy_mechanism.md, "Heads, added after the
+neuron run"; exploratory): IG over heads from each attribution prompt's label-swap counterfactual
+(`head_attributions`), the top-h heads mean-ablated, h chosen by the same dev rule (`_dev_sweep`),
+size-matched random heads, heads + calibration; its state files are prefixed `heads_`, its conditions
+grouped `heads-s<seed>`. `--components heads-last` is the same at the last position only (post hoc,
+exploratory; `heads-last_`, `heads-last-s<seed>`). The summary also reads each seed's dev-best of neurons
+and heads (`best_arm`) as an arm of its own (`best-s<seed>`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -54,7 +65,14 @@ SETTINGS: dict[str, Any] = {
                       "object_color", "object_counting", "sentiment_binary", "sentiment_five", "word_language"],
     "n": 30, "prompt_seed": 0, "constructions": ["no-gold", "copy-control"],
     "calibrations": ["contextual", "batch"], "random_match": "size", "n_random_per_seed": 1,
+    # the head arm (docs/copy_mechanism.md, "Heads, added after the neuron run"; exploratory): top-h heads by
+    # IG from the label-swap counterfactual, mean-ablated at every position, h chosen on dev by the same rule
+    "hs": [5, 10, 20],
 }
+#: the arms: `neurons` (frozen), `heads` (the addendum's, exploratory), `heads-last` (post hoc, exploratory: the
+#: head arm's attribution with mean ablation at the last position only); their groups `<arm>-s<seed>`
+#: (neurons: `s<seed>`), their state files prefixed `<arm>_` (neurons: none)
+ARMS = ("neurons", "heads", "heads-last")
 CONSTRUCTIONS = ("no-gold", "copy-control")
 
 
@@ -107,13 +125,66 @@ def _predict_tasks(model, prompts, conditions, batch_size: int = 32) -> dict[str
     return out
 
 
-def select_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = False) -> dict[str, Any]:
-    """One selection seed: IG scores on the probe's attribution split, the dev sweep over k and
-    ablation (label scoring, perplexity bound), the chosen set, its means and the sizes."""
-    from mechcopy import method
-    from mechcopy.conditions import LABELS, UNPRUNED, Condition
+def _dev_sweep(model, probe, candidates: Sequence[Any], settings: dict = SETTINGS) -> dict[str, Any]:
+    """The dev rule (docs/copy_mechanism.md): each candidate `Condition` (an ablation) read by label
+    scoring on the probe's dev split (each probe task weighing the same) and its perplexity increase;
+    the best dev accuracy within the perplexity bound wins (ties to the smaller set), if it beats the
+    unpruned model (else nothing is chosen, and `why` says so)."""
+    from mechcopy.conditions import LABELS, UNPRUNED
     from mechcopy.evaluation import perplexity
-    from mechcopy.pruning import component_means, component_sizes, condition_hooks
+    from mechcopy.pruning import condition_hooks
+
+    s = settings
+    unpruned = replace(UNPRUNED, readout=LABELS)
+    preds = _predict_tasks(model, probe.dev, [unpruned, *candidates])
+    dev = _by_task(probe.dev)
+
+    def accuracy(label: str) -> float:   # every task weighs the same
+        return float(np.mean([np.mean([a.strip() == p.answer.strip() for a, p in zip(preds[label][t], ps)])
+                              for t, ps in dev.items()]))
+
+    base_ppl = perplexity(model, n_tokens=s["ppl_tokens"])
+    rows = []
+    for c in candidates:
+        ppl = perplexity(model, fwd_hooks=condition_hooks(model, c), n_tokens=s["ppl_tokens"])
+        rows.append({"condition": c.name, "ablation": c.ablation, "positions": c.positions, "k": len(c.components),
+                     "dev_accuracy": accuracy(c.label),
+                     "ppl_increase": ppl / base_ppl - 1, "feasible": ppl / base_ppl - 1 <= s["max_ppl_increase"]})
+    baseline = accuracy(unpruned.label)
+    feasible = [r for r in rows if r["feasible"]]
+    best = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"])) if feasible else None
+    if best is None or best["dev_accuracy"] <= baseline:
+        chosen, why = None, ("no (k, ablation) within the perplexity bound" if best is None else
+                             f"no (k, ablation) beats the unpruned dev accuracy {baseline:.3f} "
+                             f"(best: {best['condition']}, {best['dev_accuracy']:.3f})")
+    else:
+        chosen, why = best, ""
+    return {"dev_unpruned_accuracy": baseline, "base_ppl": base_ppl, "sweep": rows, "chosen": chosen, "why": why}
+
+
+def _selection(model, seed: int, n_attr: int, n_dev: int, scores, sweep: dict, means, sizes, t0: float,
+               t_attr: float, extra: dict | None = None) -> dict[str, Any]:
+    """What a select stage saves for one seed (neurons or heads)."""
+    from mechcopy.selection import select
+
+    chosen = sweep["chosen"]
+    comps = None if chosen is None else select(scores, "global", k=chosen["k"])
+    return {"seed": seed, "kind": scores.kind, "n_attribution": n_attr, "n_dev": n_dev,
+            "allowed_layers": None if scores.allowed_layers is None else list(scores.allowed_layers),
+            **{k: sweep[k] for k in ("dev_unpruned_accuracy", "base_ppl", "sweep")},
+            "chosen": None if chosen is None else {**chosen, "components": comps.to_json()}, "why": sweep["why"],
+            "layers_of_chosen": None if comps is None else comps.layer_counts(model.cfg.n_layers),
+            "means": means.to_json() if chosen and chosen["ablation"] == "mean" else None,
+            "sizes": sizes.to_json(), **(extra or {}),
+            "seconds": {"attribution": round(t_attr, 1), "total": round(time.perf_counter() - t0, 1)}}
+
+
+def select_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = False) -> dict[str, Any]:
+    """One selection seed, neurons: IG scores on the probe's attribution split, the dev sweep over k and
+    ablation (`_dev_sweep`), the chosen set, its means and the sizes."""
+    from mechcopy import method
+    from mechcopy.conditions import LABELS, Condition
+    from mechcopy.pruning import component_means, component_sizes
     from mechcopy.selection import select
 
     s = settings
@@ -127,45 +198,83 @@ def select_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = Fa
     reference = f"copy probe attribution split (no-gold), selection seed {seed}"
     means = component_means(model, probe.attribution, "neuron", s["positions"], reference=reference)
     sizes = component_sizes(model, probe.attribution, "neuron", reference=reference)
-    unpruned = replace(UNPRUNED, readout=LABELS)
-    conditions = [unpruned] + [
-        Condition(f"{ab}-k{k}", "pruned", select(scores, "global", k=k), ab, s["positions"],
-                  means if ab == "mean" else None, readout=LABELS)
-        for ab in s["ablations"] for k in s["ks"]]
-    preds = _predict_tasks(model, probe.dev, conditions)
-    dev = _by_task(probe.dev)
-
-    def accuracy(label: str) -> float:   # every task weighs the same
-        return float(np.mean([np.mean([a.strip() == p.answer.strip() for a, p in zip(preds[label][t], ps)])
-                              for t, ps in dev.items()]))
-
-    base_ppl = perplexity(model, n_tokens=s["ppl_tokens"])
-    rows = []
-    for c in conditions[1:]:
-        ppl = perplexity(model, fwd_hooks=condition_hooks(model, c), n_tokens=s["ppl_tokens"])
-        rows.append({"condition": c.name, "ablation": c.ablation, "k": len(c.components), "dev_accuracy": accuracy(c.label),
-                     "ppl_increase": ppl / base_ppl - 1, "feasible": ppl / base_ppl - 1 <= s["max_ppl_increase"]})
-    baseline = accuracy(unpruned.label)
-    feasible = [r for r in rows if r["feasible"]]
-    best = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"])) if feasible else None
-    if best is None or best["dev_accuracy"] <= baseline:
-        chosen, why = None, ("no (k, ablation) within the perplexity bound" if best is None else
-                             f"no (k, ablation) beats the unpruned dev accuracy {baseline:.3f} "
-                             f"(best: {best['condition']}, {best['dev_accuracy']:.3f})")
-    else:
-        chosen, why = best, ""
-    comps = None if chosen is None else select(scores, "global", k=chosen["k"])
-    return {"seed": seed, "n_attribution": len(probe.attribution), "n_dev": len(probe.dev),
-            "allowed_layers": None if scores.allowed_layers is None else list(scores.allowed_layers),
-            "dev_unpruned_accuracy": baseline, "base_ppl": base_ppl, "sweep": rows,
-            "chosen": None if chosen is None else {**chosen, "components": comps.to_json()}, "why": why,
-            "layers_of_chosen": None if comps is None else comps.layer_counts(model.cfg.n_layers),
-            "means": means.to_json() if chosen and chosen["ablation"] == "mean" else None,
-            "sizes": sizes.to_json(), "seconds": {"attribution": round(t_attr, 1),
-                                                  "total": round(time.perf_counter() - t0, 1)}}
+    candidates = [Condition(f"{ab}-k{k}", "pruned", select(scores, "global", k=k), ab, s["positions"],
+                            means if ab == "mean" else None, readout=LABELS)
+                  for ab in s["ablations"] for k in s["ks"]]
+    sweep = _dev_sweep(model, probe, candidates, s)
+    return _selection(model, seed, len(probe.attribution), len(probe.dev), scores, sweep, means, sizes, t0, t_attr)
 
 
-def seed_conditions(model, selections: Sequence[dict], settings: dict = SETTINGS) -> tuple[list, list]:
+def preferred_demo_label(model, prompt) -> str:
+    """The demo label (not the gold) whose first token the clean run's last position prefers: the X of
+    the contrast target (`attribution.make_target("contrast")`)."""
+    import torch
+
+    from mechcopy.attribution import make_target
+
+    with torch.no_grad():
+        logits = model(prompt.text)[0, -1]
+    copy = make_target("contrast", prompt, logits).copy
+    return next(y for y, ids in zip(prompt.demo_labels, prompt.demo_label_ids) if ids[0] == copy)
+
+
+def head_attributions(model, prompts, seed: int, settings: dict = SETTINGS, progress: bool = False):
+    """IG over heads from the label-swap counterfactual (docs/copy_mechanism.md, "Heads"): each prompt's
+    swap of its preferred demo label X (`tasks.pairs.label_swaps`), target logit(X) - logit(gold);
+    returns (attributions, the clean prompts attributed, the reasons of the prompts dropped)."""
+    from mechcopy.head_attribution import head_integrated_gradients, label_swap_target
+    from mechcopy.tasks.pairs import label_swaps
+
+    swaps, dropped = label_swaps(prompts, model.tokenizer, seed=seed,
+                                 choose_x=lambda p: preferred_demo_label(model, p))
+    if not swaps:
+        raise ValueError(f"no label swap on the attribution split: {dropped[:3]}")
+    clean = [w.clean for w in swaps]
+    targets = [label_swap_target(w.clean, w.clean.demo_labels[w.replaced[0]]) for w in swaps]
+    attributions = head_integrated_gradients(model, clean, target=targets, steps=settings["steps"],
+                                             baseline=[w.counterfactual for w in swaps], progress=progress)
+    return attributions, clean, dropped
+
+
+def select_heads_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = False,
+                      positions: str | None = None) -> dict[str, Any]:
+    """One selection seed, heads: `head_attributions` on the probe's attribution split, scored by
+    `method.score` (the IG gate), the dev sweep over h (mean ablation at `positions`, by default the
+    frozen every-position, `_dev_sweep`), the chosen set, its means and the sizes."""
+    from mechcopy import method
+    from mechcopy.conditions import LABELS, Condition
+    from mechcopy.pruning import component_means, component_sizes
+    from mechcopy.selection import select
+
+    s = settings
+    t0 = time.perf_counter()
+    probe = _probe(model.tokenizer, "no-gold", seed, s)
+    attributions, clean, dropped = head_attributions(model, probe.attribution, seed, s, progress)
+    config = method.FindConfig(n=len(clean), shots=s["shots"], steps=s["steps"], attribution="ig",
+                               target="contrast", seed=seed, components="heads")
+    scores = method.score(model, attributions, config, prompts=clean)
+    t_attr = time.perf_counter() - t0
+    reference = f"copy probe attribution split (no-gold), selection seed {seed}"
+    positions = positions or s["positions"]
+    means = component_means(model, probe.attribution, "head", positions, reference=reference)
+    sizes = component_sizes(model, probe.attribution, "head", reference=reference)
+    eligible = int(scores.eligible().sum())
+    candidates = [Condition(f"mean-h{h}", "pruned", select(scores, "global", k=h), "mean", positions, means,
+                            readout=LABELS) for h in s["hs"] if h <= eligible]
+    sweep = _dev_sweep(model, probe, candidates, s)
+    extra = {"n_dropped": len(dropped), "dropped": dropped[:20], "n_eligible": eligible,
+             "scores_top": sorted(([int(l), int(h), float(scores.scores[l, h])] for l, h in
+                                   select(scores, "global", k=min(20, eligible)).pairs), key=lambda r: -r[2])}
+    return _selection(model, seed, len(clean), len(probe.dev), scores, sweep, means, sizes, t0, t_attr, extra)
+
+
+def group_of(arm: str, seed: int) -> str:
+    """The group of an arm's conditions for one selection seed: `s0` (neurons, the frozen names), `heads-s0`."""
+    return f"s{seed}" if arm == "neurons" else f"{arm}-s{seed}"
+
+
+def seed_conditions(model, selections: Sequence[dict], settings: dict = SETTINGS,
+                    arm: str = "neurons") -> tuple[list, list]:
     """(pruned conditions, size-matched random conditions), one group per seed that chose a set."""
     from mechcopy.components import Components, Sizes, random_matched
     from mechcopy.conditions import LABELS, Condition, Means
@@ -177,22 +286,23 @@ def seed_conditions(model, selections: Sequence[dict], settings: dict = SETTINGS
         comps = Components.from_json(sel["chosen"]["components"])
         ab = sel["chosen"]["ablation"]
         means = Means.from_json(sel["means"]) if ab == "mean" else None
-        group = f"s{sel['seed']}"
-        pruned.append(Condition("pruned", "pruned", comps, ab, settings["positions"], means, None, group, LABELS))
+        group = group_of(arm, sel["seed"])
+        positions = sel["chosen"].get("positions", settings["positions"])   # the frozen neuron state has none: all
+        pruned.append(Condition("pruned", "pruned", comps, ab, positions, means, None, group, LABELS))
         sizes = Sizes.from_json(sel["sizes"])
         for r in range(settings["n_random_per_seed"]):
             rseed = 1000 * sel["seed"] + r
             random.append(Condition(f"random-{rseed}", "random", random_matched(model, comps, rseed, settings["random_match"],
-                                    sizes), ab, settings["positions"], means, rseed, group, LABELS))
+                                    sizes), ab, positions, means, rseed, group, LABELS))
     return pruned, random
 
 
-def probe_test(model, selections: Sequence[dict], settings: dict = SETTINGS) -> dict[str, Any]:
+def probe_test(model, selections: Sequence[dict], settings: dict = SETTINGS, arm: str = "neurons") -> dict[str, Any]:
     """The probe's test split (copy-control), unpruned and every seed's set and random sets: answers."""
     from mechcopy.conditions import LABELS, UNPRUNED
 
     probe = _probe(model.tokenizer, "copy-control", settings["probe_seed"], settings)
-    pruned, random = seed_conditions(model, selections, settings)
+    pruned, random = seed_conditions(model, selections, settings, arm)
     conditions = [replace(UNPRUNED, readout=LABELS)] + pruned + random
     t0 = time.perf_counter()
     preds = _predict_tasks(model, probe.test, conditions)
@@ -200,15 +310,18 @@ def probe_test(model, selections: Sequence[dict], settings: dict = SETTINGS) -> 
 
 
 def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Path, settings: dict = SETTINGS,
-            progress: bool = True) -> tuple[list[ResultRow], dict]:
-    """The held-out label tasks in one construction: every condition of the study, label scoring."""
+            progress: bool = True, arm: str = "neurons") -> tuple[list[ResultRow], dict]:
+    """The held-out label tasks in one construction: every condition of the study, label scoring. The
+    neuron arm runs the calibrations alone too; the head arm only its sets, their random sets and the
+    sets + calibration (and the unpruned model again, to check it reproduces the neuron arm's)."""
     from mechcopy.conditions import LABELS, UNPRUNED, calibrated_conditions
     from mechcopy.suite import run_evaluation
     from mechcopy.tasks import load_tasks
 
-    pruned, random = seed_conditions(model, selections, settings)
+    pruned, random = seed_conditions(model, selections, settings, arm)
     conditions = [replace(UNPRUNED, readout=LABELS)] + pruned + random
-    conditions += calibrated_conditions(pruned, settings["calibrations"])
+    conditions += [c for c in calibrated_conditions(pruned, settings["calibrations"])
+                   if arm == "neurons" or c.name not in settings["calibrations"]]
     tasks = load_tasks(",".join(settings["heldout_tasks"]))
     if construction == "copy-control":   # two labels and no gold among the demos: no copy effect to estimate
         tasks = [t for t in tasks if len(t.label_set()) >= 3]
@@ -217,12 +330,12 @@ def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Pa
                           gold_in_demos=False, copy_control=construction == "copy-control")
 
 
-def ablation_costs(model, selections: Sequence[dict], settings: dict = SETTINGS) -> dict[str, float]:
+def ablation_costs(model, selections: Sequence[dict], settings: dict = SETTINGS, arm: str = "neurons") -> dict[str, float]:
     """Relative perplexity increase of every ablation condition (label -> increase)."""
     from mechcopy.evaluation import perplexity
     from mechcopy.pruning import condition_hooks
 
-    pruned, random = seed_conditions(model, selections, settings)
+    pruned, random = seed_conditions(model, selections, settings, arm)
     base = perplexity(model, n_tokens=settings["ppl_tokens"])
     return {c.label: perplexity(model, fwd_hooks=condition_hooks(model, c), n_tokens=settings["ppl_tokens"]) / base - 1
             for c in pruned + random}
@@ -243,10 +356,11 @@ def _ce(row: ResultRow) -> float | None:
 
 
 def compare(rows_no_gold: Sequence[ResultRow], rows_cc: Sequence[ResultRow], condition: str, baseline: str,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, cc_prompts: dict[str, Sequence] | None = None) -> dict[str, Any]:
     """condition - baseline on the held-out tasks: accuracy and copy rate (no-gold; pooled with its
     prompt-level interval, `stats.pooled`, and with the task as the unit, `stats.task_level`) and the
-    copy effect (copy-control; per-task differences, task-level)."""
+    copy effect (copy-control; per-task differences, task-level; with the copy-control prompts of every
+    task, `cc_prompts`, also the paired prompt-level interval of `copy_effect.copy_effect_difference`)."""
     from mechcopy import stats
 
     out: dict[str, Any] = {"condition": condition, "baseline": baseline}
@@ -270,6 +384,15 @@ def compare(rows_no_gold: Sequence[ResultRow], rows_cc: Sequence[ResultRow], con
             level = stats.task_level(diffs, "copy_effect", condition, baseline, seed=seed)
             out["copy_effect"] = {"diff": level.mean, "task_ci": list(level.ci), "task_p": level.p_value,
                                   "sign_p": level.sign_p, "n_tasks": level.n_tasks, "per_task": level.diffs}
+            if cc_prompts is not None:
+                from mechcopy.copy_effect import copy_effect_difference
+
+                paired = copy_effect_difference({t: (cc_prompts[t], by[condition][t].result.predictions,
+                                                     by[baseline][t].result.predictions,
+                                                     (by[baseline][t].result.copy_effect or {})["labels"])
+                                                 for t in diffs}, seed=seed)
+                out["copy_effect"]["prompt_ci"] = paired["ci"]
+                out["copy_effect"]["prompt_diff"] = paired["diff"]
     return out
 
 
@@ -283,7 +406,7 @@ def _level(diffs: dict[str, float], what: str, seed: int = 0) -> dict[str, Any]:
 
 def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Sequence[ResultRow],
              rows_cc: Sequence[ResultRow],
-             probe_prompts=None, settings: dict = SETTINGS, seed: int = 0) -> dict[str, Any]:
+             probe_prompts=None, settings: dict = SETTINGS, seed: int = 0, arm: str = "neurons") -> dict[str, Any]:
     """Both criteria of docs/copy_mechanism.md, per seed and for the mean over seeds.
 
     1. Copying mechanism: on the probe's test split, CE(set) - CE(random) (= dCE(set) - dCE(random)) with a
@@ -297,9 +420,9 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
     unpruned model's, its "set + calibration" the calibration's)."""
     from mechcopy.copy_effect import copy_effect_difference
 
-    seeds = [f"s{sel['seed']}" for sel in selections if sel["chosen"] is not None]
+    seeds = [group_of(arm, sel["seed"]) for sel in selections if sel["chosen"] is not None]
     ng, cc = _rows_by(rows_no_gold), _rows_by(rows_cc)
-    empty = [f"s{sel['seed']}" for sel in selections if sel["chosen"] is None]
+    empty = [group_of(arm, sel["seed"]) for sel in selections if sel["chosen"] is None]
     out: dict[str, Any] = {"seeds": seeds, "no_selection": empty, "mechanism": {}, "versus_calibration": {}}
 
     def randoms(group: str, by: dict) -> list[str]:
@@ -338,7 +461,7 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
                          for t in sorted(set(ng[name]) & set(ng[cal]))}
                     r = _level(d, f"acc({name}) - acc({cal})", seed)
                     r["holds"] = bool(r["task_ci"][0] > 0)
-                    out["versus_calibration"].setdefault(g, {})[f"{name} vs {cal}"] = r
+                    out["versus_calibration"].setdefault(g, {})[f"{name}_vs_{cal}"] = r
     for g in empty:   # nothing pruned: the set is the unpruned model, and so is its random counterpart
         if probe is not None and probe_prompts is not None and probe_parts:
             for t, ps in _by_task(probe_prompts).items():
@@ -371,32 +494,116 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
                      for t in tasks}
                 r = _level(d, f"acc({stem}, mean over seeds) - acc({cal})", seed)
                 r["holds"] = bool(r["task_ci"][0] > 0)
-                r["seeds_holding"] = sum(out["versus_calibration"].get(g, {}).get(f"{stem}@{g} vs {cal}", {}).get("holds", False)
+                r["seeds_holding"] = sum(out["versus_calibration"].get(g, {}).get(f"{stem}@{g}_vs_{cal}", {}).get("holds", False)
                                          for g in seeds)
-                vs_mean[f"{stem} vs {cal}"] = r
+                vs_mean[f"{stem}_vs_{cal}"] = r
     out["versus_calibration"]["mean_over_seeds"] = vs_mean
     return out
 
 
-def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=None) -> dict[str, Any]:
-    """The docs JSON from the saved state (no model needed beyond the tokenizer for the probe prompts)."""
+def _file(arm: str, name: str) -> str:
+    """An arm's state file in the work folder: the neuron arm's frozen names, the others prefixed."""
+    return name if arm == "neurons" else f"{arm}_{name}"
+
+
+def load_state(work: Path, arm: str) -> dict[str, Any]:
+    """An arm's saved state: selections, probe test predictions, held-out rows per construction, costs."""
     import json
 
     from mechcopy.io import read_jsonl
     from mechcopy.suite import ResultRow
 
-    selections = [json.loads(p.read_text()) for p in sorted(work.glob("select_seed*.json"))]
-    probe = json.loads((work / "probe_test.json").read_text()) if (work / "probe_test.json").exists() else None
-    rows = {c: [ResultRow.from_json(e["row"]) for e in read_jsonl(work / f"heldout_{c}.jsonl")
-                if isinstance(e, dict) and "row" in e] for c in CONSTRUCTIONS}
-    costs = json.loads((work / "costs.json").read_text()) if (work / "costs.json").exists() else {}
-    probe_prompts = _probe(tokenizer, "copy-control", settings["probe_seed"], settings).test if tokenizer and probe else None
+    read = lambda name: json.loads((work / _file(arm, name)).read_text()) if (work / _file(arm, name)).exists() else None
+    return {"selections": [json.loads(p.read_text()) for p in sorted(work.glob(_file(arm, "select_seed*.json")))],
+            "probe": read("probe_test.json"), "costs": read("costs.json") or {},
+            "rows": {c: [ResultRow.from_json(e["row"]) for e in read_jsonl(work / _file(arm, f"heldout_{c}.jsonl")) if isinstance(e, dict)
+                         and "row" in e] if (work / _file(arm, f"heldout_{c}.jsonl")).exists() else []
+                     for c in CONSTRUCTIONS}}
+
+
+def best_arm(neurons: Sequence[dict], heads: Sequence[dict]) -> dict[int, str | None]:
+    """Per selection seed, the arm whose chosen set has the higher dev accuracy (a tie goes to neurons,
+    the frozen arm; None: neither chose a set)."""
+    acc = lambda sels, seed: next((s["chosen"]["dev_accuracy"] for s in sels if s["seed"] == seed and s["chosen"]), None)
+    out = {}
+    for seed in sorted({s["seed"] for s in [*neurons, *heads]}):
+        n, h = acc(neurons, seed), acc(heads, seed)
+        out[seed] = None if n is None and h is None else "heads" if n is None or (h is not None and h > n) else "neurons"
+    return out
+
+
+def as_best(states: dict[str, dict], best: dict[int, str | None]) -> dict[str, Any]:
+    """The best mechanistic intervention of each seed as an arm of its own (`best`): its selections, and
+    its rows and probe predictions copied from the winning arm under the group `best-s<seed>`."""
+    def rename(name: str) -> str | None:
+        if "@" not in name:
+            return None
+        stem, group = name.rsplit("@", 1)
+        for seed, arm in best.items():
+            if arm is not None and group == group_of(arm, seed):
+                return f"{stem}@{group_of('best', seed)}"
+        return None
+
+    sels = [next(s for s in states[arm]["selections"] if s["seed"] == seed) if arm else {"seed": seed, "chosen": None}
+            for seed, arm in best.items()]
+    rows = {c: [replace(r, result=replace(r.result, condition=rename(r.condition))) for arm in ARMS
+                for r in states[arm]["rows"][c] if rename(r.condition)] for c in CONSTRUCTIONS}
+    probe = None
+    if states["neurons"]["probe"] is not None:
+        preds = {"unpruned": states["neurons"]["probe"]["predictions"]["unpruned"]}
+        for arm in ARMS:
+            for name, p in ((states[arm]["probe"] or {}).get("predictions") or {}).items():
+                if rename(name):
+                    preds[rename(name)] = p
+        probe = {"predictions": preds}
+    return {"selections": sels, "rows": rows, "probe": probe}
+
+
+def _selection_json(s: dict) -> dict:
+    return {k: v for k, v in s.items() if k not in ("means", "sizes")} | {
+        "chosen": None if s["chosen"] is None else {k: v for k, v in s["chosen"].items() if k != "components"}
+        | {"components": [p for key, p in s["chosen"]["components"].items() if key in ("neurons", "heads")][0]}}
+
+
+def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=None) -> dict[str, Any]:
+    """The docs JSON from the saved state of every arm (no model needed beyond the tokenizer for the probe
+    prompts): the table of every condition against unpruned, both criteria for the neuron arm (the frozen
+    one), the head arms (exploratory) and each seed's dev-best of neurons and heads."""
+    states = {arm: load_state(work, arm) for arm in ARMS}
+    neurons, heads = states["neurons"], states["heads"]
+    probe_prompts = (_probe(tokenizer, "copy-control", settings["probe_seed"], settings).test
+                     if tokenizer and neurons["probe"] else None)
+    reproduced = {}
+    for arm in ARMS[1:]:   # every other arm's unpruned rows must equal the neuron arm's
+        for c in CONSTRUCTIONS:
+            mine = {r.task: r.result.predictions for r in states[arm]["rows"][c] if r.condition == "unpruned"}
+            theirs = {r.task: r.result.predictions for r in neurons["rows"][c] if r.condition == "unpruned"}
+            if mine:
+                reproduced[f"{arm} {c}"] = all(mine[t] == theirs.get(t) for t in mine)
+    rows = {c: neurons["rows"][c] + [r for arm in ARMS[1:] for r in states[arm]["rows"][c] if r.condition != "unpruned"]
+            for c in CONSTRUCTIONS}
+    costs = {k: v for arm in ARMS for k, v in states[arm]["costs"].items()}
     ng = _rows_by(rows["no-gold"])
+    cc_prompts = None
+    if tokenizer is not None:   # the held-out copy-control prompts again (seeded), checked against the rows' effects
+        from mechcopy.copy_effect import copy_effect
+        from mechcopy.tasks import load_tasks
+        from mechcopy.tasks.prompts import build_prompts
+
+        cc_prompts = {t.name: build_prompts(t, tokenizer, shots=settings["shots"], n=settings["n"],
+                                            seed=settings["prompt_seed"], gold_in_demos=False, copy_control=True).prompts
+                      for t in load_tasks(",".join(sorted(_rows_by(rows["copy-control"]).get("unpruned", {}))))} \
+            if rows["copy-control"] else None
+        for t, r in (_rows_by(rows["copy-control"]).get("unpruned", {}) if cc_prompts else {}).items():
+            again = copy_effect(cc_prompts[t], r.result.predictions, (r.result.copy_effect or {})["labels"]).effect
+            if again is None or abs(again - _ce(r)) > 1e-9:
+                raise ValueError(f"the copy-control prompts of {t} rebuilt here do not give the saved copy effect "
+                                 f"({again} vs {_ce(r)}): the prompts changed since the run")
     table = []
     for name in sorted(ng):
         if name == "unpruned":
             continue
-        c = compare(rows["no-gold"], rows["copy-control"], name, "unpruned")
+        c = compare(rows["no-gold"], rows["copy-control"], name, "unpruned", cc_prompts=cc_prompts)
         ablation = name
         for cal in settings["calibrations"]:
             ablation = ablation.replace(f"+{cal}", "")
@@ -406,21 +613,70 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
     levels = {c: {name: {t: {"n": r.result.n, "accuracy": r.result.accuracy, "copy_rate": r.result.copy_rate,
                               "copy_effect": _ce(r)}
                           for t, r in per.items()} for name, per in _rows_by(rows[c]).items()} for c in CONSTRUCTIONS}
+    best = best_arm(neurons["selections"], heads["selections"])
+    crit = {}
+    for arm, state in (*states.items(), ("best", as_best(states, best))):
+        if state["selections"]:   # every arm is read against the same unpruned and calibration rows
+            extra = state["rows"] if arm == "best" else {c: [] for c in CONSTRUCTIONS}
+            crit[arm] = criteria(state["selections"], state["probe"], rows["no-gold"] + extra["no-gold"],
+                                 rows["copy-control"] + extra["copy-control"], probe_prompts, settings, arm=arm)
     return {
-        "what": "the copy-mechanism study (issue 26), neurons only; settings frozen in docs/copy_mechanism.md",
+        "what": "the copy-mechanism study (issue 26): the frozen neuron arm, calibration, and the head arm "
+                "(exploratory); settings in docs/copy_mechanism.md",
         "model": model_name, "settings": settings,
-        "selections": [{k: v for k, v in s.items() if k not in ("means", "sizes")} |
-                       {"chosen": None if s["chosen"] is None else {k: v for k, v in s["chosen"].items() if k != "components"}
-                        | {"neurons": s["chosen"]["components"]["neurons"] if "neurons" in s["chosen"]["components"]
-                           else s["chosen"]["components"]}} for s in selections],
-        "shared_neurons": {f"s{a['seed']}-s{b['seed']}": len({tuple(n) for n in a["chosen"]["components"]["neurons"]}
-                                                            & {tuple(n) for n in b["chosen"]["components"]["neurons"]})
-                           for i, a in enumerate(selections) for b in selections[i + 1:] if a["chosen"] and b["chosen"]},
-        "finished": {"select": [s["seed"] for s in selections], "probe_test": probe is not None,
-                     **{f"heldout_{c}": sorted({r.task for r in rows[c]}) for c in CONSTRUCTIONS}},
+        "selections": {arm: [_selection_json(s) for s in st["selections"]] for arm, st in states.items()},
+        "shared": {arm: {f"s{a['seed']}-s{b['seed']}": len({tuple(n) for n in _selection_json(a)["chosen"]["components"]}
+                                                          & {tuple(n) for n in _selection_json(b)["chosen"]["components"]})
+                         for i, a in enumerate(st["selections"]) for b in st["selections"][i + 1:]
+                         if a["chosen"] and b["chosen"]} for arm, st in states.items()},
+        "best_arm": {f"s{seed}": arm for seed, arm in best.items()},
+        "unpruned_reproduced": reproduced,
+        "finished": {arm: {"select": [s["seed"] for s in st["selections"]], "probe_test": st["probe"] is not None,
+                           **{f"heldout_{c}": sorted({r.task for r in st["rows"][c]}) for c in CONSTRUCTIONS}}
+                     for arm, st in states.items()},
+        "unpruned": {"accuracy": float(np.mean([r.result.accuracy for r in ng.get("unpruned", {}).values()] or [np.nan])),
+                     "copy_rate": float(np.mean([r.result.copy_rate for r in ng.get("unpruned", {}).values()] or [np.nan])),
+                     "copy_effect": float(np.mean([_ce(r) for r in _rows_by(rows["copy-control"]).get("unpruned", {}).values()
+                                                   if _ce(r) is not None] or [np.nan])),
+                     "what": "pooled over the held-out tasks, each weighing the same (no-gold; copy effect: copy-control)"},
         "rows": levels, "table": table, "ppl_increase": costs,
-        "criteria": criteria(selections, probe, rows["no-gold"], rows["copy-control"], probe_prompts, settings),
+        "criteria": crit,
     }
+
+
+def _rounded(obj: Any, digits: int = 4) -> Any:
+    """`obj` with every float at `digits` significant digits (the docs JSON stays small)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
+def write_docs(doc: dict[str, Any], out: Path) -> list[Path]:
+    """The summary as small JSON files (docs/data holds files under 64 KiB): `out` (settings, selections,
+    the table of every condition against unpruned by name, without its per-task lists), `<out>_criteria_<arm>`
+    (both criteria for one arm, per task) and `<out>_tasks` (every condition's per-task figures)."""
+    from mechcopy.io import write_atomic
+
+    doc = _rounded(doc)
+    what = {"neurons": "the frozen arm", "heads": "exploratory", "heads-last": "post hoc, exploratory",
+            "best": "each seed's dev-best of neurons and heads"}
+    parts = {"": doc, "_tasks": {"what": "per held-out task and condition: n, accuracy, copy rate (no-gold), copy "
+                                         "effect (copy-control)", "model": doc["model"], "rows": doc.pop("rows")}}
+    for arm, crit in doc.pop("criteria").items():
+        parts[f"_criteria_{arm}"] = {"what": f"both criteria of docs/copy_mechanism.md for the {arm} arm ({what[arm]})",
+                                     "model": doc["model"], "criteria": crit}
+    for row in doc["table"]:
+        for metric in ("accuracy", "copy_rate", "copy_effect"):
+            (row.get(metric) or {}).pop("per_task", None)
+    doc["table"] = {row["condition"]: row for row in doc["table"]}   # by name: docs cite `table.<condition>.<metric>`
+    paths = [out.with_name(out.stem + suffix + ".json") for suffix in parts]
+    for path, part in zip(paths, parts.values()):
+        write_atomic(path, json.dumps(part, indent=1) + "\n")
+    return paths
 
 
 def main(argv=None) -> int:
@@ -428,6 +684,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--stage", required=True, choices=("select", "probe", "heldout", "costs", "summary"))
     ap.add_argument("--construction", choices=CONSTRUCTIONS, default="no-gold")
+    ap.add_argument("--components", choices=ARMS, default="neurons",
+                    help="the arm a stage runs: neurons (frozen) or heads (the exploratory addendum); summary reads both")
     ap.add_argument("--seeds", default=None, help="selection seeds for --stage select (default: the frozen ones)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", type=Path, default=None)
@@ -455,28 +713,37 @@ def main(argv=None) -> int:
         doc = summary(args.model, work, tokenizer=tok)
         doc["commands"] = [f"python analyses/copy_mechanism.py --model {args.model} --stage {s}" for s in
                            ("select", "probe", "heldout --construction no-gold", "heldout --construction copy-control",
-                            "costs", "summary")]
-        write_json_atomic(out, doc)
-        print(f"wrote {out}", file=sys.stderr)
+                            "costs")] + [f"python analyses/copy_mechanism.py --model {args.model} --components heads --stage {s}"
+                                         for s in ("select", "probe", "heldout --construction no-gold",
+                                                   "heldout --construction copy-control", "costs")] + [
+            f"python analyses/copy_mechanism.py --model {args.model} --stage summary"]
+        print(f"wrote {', '.join(map(str, write_docs(doc, out)))}", file=sys.stderr)
         return 0
     model = load_model(args.model)
-    selections = lambda: [json.loads(p.read_text()) for p in sorted(work.glob("select_seed*.json"))]
+    arm = args.components
+    selections = lambda: load_state(work, arm)["selections"]
     if args.stage == "select":
+        choose = {"neurons": select_seed, "heads": select_heads_seed,
+                  "heads-last": lambda *a, **k: select_heads_seed(*a, **k, positions="last")}[arm]
         seeds = SETTINGS["selection_seeds"] if args.seeds is None else [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
-            path = work / f"select_seed{seed}.json"
+            path = work / _file(arm, f"select_seed{seed}.json")
             if path.exists():
                 continue
-            res = select_seed(model, seed, progress=True)
+            res = choose(model, seed, progress=True)
             write_json_atomic(path, res)
-            print(f"seed {seed}: chosen {res['chosen'] and (res['chosen']['condition'], res['chosen']['dev_accuracy'])} "
+            print(f"{arm} seed {seed}: chosen {res['chosen'] and (res['chosen']['condition'], res['chosen']['dev_accuracy'])} "
                   f"vs unpruned {res['dev_unpruned_accuracy']:.3f}; {res['seconds']}", file=sys.stderr)
     elif args.stage == "probe":
-        write_json_atomic(work / "probe_test.json", probe_test(model, selections()))
+        t0 = time.perf_counter()
+        write_json_atomic(work / _file(arm, "probe_test.json"), probe_test(model, selections(), arm=arm))
+        print(f"{arm} probe test: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     elif args.stage == "costs":
-        write_json_atomic(work / "costs.json", ablation_costs(model, selections()))
+        write_json_atomic(work / _file(arm, "costs.json"), ablation_costs(model, selections(), arm=arm))
     else:
-        heldout(model, selections(), args.construction, work / f"heldout_{args.construction}.jsonl")
+        t0 = time.perf_counter()
+        heldout(model, selections(), args.construction, work / _file(arm, f"heldout_{args.construction}.jsonl"), arm=arm)
+        print(f"{arm} held-out {args.construction}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 
 

@@ -106,7 +106,8 @@ def _forced_selection(study, tiny, seed, s):
     config = method.FindConfig(n=len(probe.attribution), steps=2, seed=seed)
     scores = method.score(tiny, method.attribute(tiny, probe.attribution, config), config)
     comps = select(scores, "global", k=4)
-    return {"seed": seed, "chosen": {"condition": "mean-k4", "ablation": "mean", "k": 4, "components": comps.to_json()},
+    return {"seed": seed, "chosen": {"condition": "mean-k4", "ablation": "mean", "k": 4, "dev_accuracy": 0.5,
+                                     "components": comps.to_json()},
             "means": component_means(tiny, probe.attribution, "neuron", "all").to_json(),
             "sizes": component_sizes(tiny, probe.attribution, "neuron").to_json()}
 
@@ -128,7 +129,7 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     by = study._rows_by(rows)
     for g in ("s0", "s1"):
         for cal in ("contextual", "batch"):
-            r = crit["versus_calibration"][g][f"pruned@{g} vs {cal}"]
+            r = crit["versus_calibration"][g][f"pruned@{g}_vs_{cal}"]
             for t, d in r["per_task"].items():
                 assert d == pytest.approx(np.mean(by[f"pruned@{g}"][t].result.correct) - np.mean(by[cal][t].result.correct))
         pt = crit["mechanism"][g]["probe_test"]
@@ -137,14 +138,14 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
             ce = lambda name: copy_effect(ps, probe["predictions"][name][t], ps[0].label_space).effect
             if ce(f"pruned@{g}") is not None:
                 assert pt["tasks"][f"{t}#0"] == pytest.approx(ce(f"pruned@{g}") - ce(rand[0]))
-    mean = crit["versus_calibration"]["mean_over_seeds"]["pruned vs contextual"]
+    mean = crit["versus_calibration"]["mean_over_seeds"]["pruned_vs_contextual"]
     for t, d in mean["per_task"].items():
         assert d == pytest.approx(np.mean([np.mean(by[f"pruned@{g}"][t].result.correct) for g in ("s0", "s1")])
                                   - np.mean(by["contextual"][t].result.correct))
     # a seed whose dev sweep chose nothing enters the mean over seeds as the unpruned model
     with_empty = study.criteria(sels + [{"seed": 2, "chosen": None}], probe, rows, cc, prompts, s)
     assert with_empty["no_selection"] == ["s2"]
-    mean = with_empty["versus_calibration"]["mean_over_seeds"]["pruned vs batch"]
+    mean = with_empty["versus_calibration"]["mean_over_seeds"]["pruned_vs_batch"]
     for t, d in mean["per_task"].items():
         accs = [np.mean(by[c][t].result.correct) for c in ("pruned@s0", "pruned@s1", "unpruned")]
         assert d == pytest.approx(np.mean(accs) - np.mean(by["batch"][t].result.correct))
@@ -166,9 +167,23 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     (tmp_path / "costs.json").write_text(json.dumps(study.ablation_costs(tiny, sels, s)))
     doc = study.summary("tiny", tmp_path, s, tokenizer=tiny.tokenizer)
     assert {r["condition"] for r in doc["table"]} == names - {"unpruned"}
-    assert doc["criteria"] == json.loads(json.dumps(crit))
+    assert doc["criteria"]["neurons"] == json.loads(json.dumps(crit))
+    # no head arm: every seed's best mechanism is its neuron set, read under its own group names
+    assert doc["best_arm"] == {"s0": "neurons", "s1": "neurons"} and "heads" not in doc["criteria"]
+    best = doc["criteria"]["best"]["versus_calibration"]["mean_over_seeds"]
+    assert best == doc["criteria"]["neurons"]["versus_calibration"]["mean_over_seeds"]
     assert {r["condition"]: r["ppl_increase"] for r in doc["table"]}["pruned+batch@s1"] == doc["ppl_increase"]["pruned@s1"]
+    # the copy effect's paired prompt-level interval, on the copy-control prompts rebuilt from their seed
+    row = {r["condition"]: r for r in doc["table"]}["pruned@s0"]["copy_effect"]
+    assert row["prompt_diff"] == pytest.approx(row["diff"])
+    assert row["prompt_ci"][0] <= row["prompt_diff"] <= row["prompt_ci"][1]
     assert len(json.dumps(doc)) < 64 * 1024
+    assert doc["unpruned"]["accuracy"] == pytest.approx(np.mean([np.mean(r.result.correct) for r in by["unpruned"].values()]))
+    paths = study.write_docs(doc, tmp_path / "docs.json")
+    parts = [json.loads(p.read_text()) for p in paths]
+    assert [p.name for p in paths] == ["docs.json", "docs_tasks.json", "docs_criteria_neurons.json", "docs_criteria_best.json"]
+    assert parts[2]["criteria"]["mechanism"]["s0"]["holds"] == crit["mechanism"]["s0"]["holds"]
+    assert set(parts[1]["rows"]) == {"no-gold", "copy-control"} and "per_task" not in parts[0]["table"]["pruned@s0"]["accuracy"]
 
 
 def test_mechanism_criterion_on_made_rows(study):
@@ -191,3 +206,186 @@ def test_mechanism_criterion_on_made_rows(study):
     swap = {"pruned@s0": "random-0@s0", "random-0@s0": "pruned@s0"}
     swapped = [replace(r, result=replace(r.result, condition=swap.get(r.condition, r.condition))) for r in rows]
     assert not study.criteria(sel, None, [], swapped, settings=study.SETTINGS)["mechanism"]["s0"]["heldout"]["holds"]
+
+
+def test_head_arm_by_hand(study, tiny, tmp_path):
+    """The head arm: IG over heads from each prompt's label-swap counterfactual recomputed on its own, the
+    dev sweep over h against separate label-scoring runs, and the arm's held-out conditions and criteria
+    under its own group names beside the neuron arm's."""
+    import torch
+
+    from mechcopy.attribution import make_target
+    from mechcopy.evaluation import perplexity
+    from mechcopy.head_attribution import head_integrated_gradients
+    from mechcopy.pruning import component_means, pruning_hooks
+    from mechcopy.scoring import score_labels
+    from mechcopy.selection import select
+    from mechcopy.tasks.pairs import label_swaps
+
+    s = {**tiny_settings(study), "hs": [2, 3]}
+    res = study.select_heads_seed(tiny, 1, s)
+    probe = study._probe(tiny.tokenizer, "no-gold", 1, s)
+
+    def preferred(p):   # by hand: the demo label whose first token the clean last position scores highest
+        with torch.no_grad():
+            logits = tiny(p.text)[0, -1]
+        ids = [int(t[0]) for t in p.demo_label_ids]
+        return p.demo_labels[int(np.argmax([float(logits[i]) for i in ids]))]
+
+    swaps, dropped = label_swaps(probe.attribution, tiny.tokenizer, seed=1, choose_x=preferred)
+    assert res["n_attribution"] == len(swaps) and res["n_dropped"] == len(dropped)
+    for w in swaps:   # the target's X is the preferred label, and it is gone from the counterfactual
+        assert w.x == preferred(w.clean).strip() and w.x not in [y.strip() for y in w.counterfactual.demo_labels]
+        assert make_target("contrast", w.clean, tiny(w.clean.text)[0, -1]).copy == w.x_id
+    ig = head_integrated_gradients(tiny, [w.clean for w in swaps], target="contrast", steps=2,
+                                   baseline=[w.counterfactual for w in swaps], method="reference")
+    mine, _, _ = study.head_attributions(tiny, probe.attribution, 1, s)
+    assert mine.values == pytest.approx(ig.values, abs=1e-4)   # the fast path against the reference path
+    assert mine.baseline == "counterfactual"
+    means = component_means(tiny, probe.attribution, "head", "all")
+    base_ppl = perplexity(tiny, n_tokens=64)
+    assert [r["k"] for r in res["sweep"]] == [2, 3] and all(r["ablation"] == "mean" for r in res["sweep"])
+    assert res["dev_unpruned_accuracy"] == pytest.approx(np.mean(
+        [np.mean([a == p.answer for a, p in zip(score_labels(tiny, ps, ps[0].label_space).predict(), ps)])
+         for ps in study._by_task(probe.dev).values()]))
+    from mechcopy import method
+    config = method.FindConfig(n=len(swaps), steps=2, seed=1, components="heads")
+    scores = method.score(tiny, mine, config)
+    for row in res["sweep"]:
+        heads = select(scores, "global", k=row["k"])
+        assert heads.kind == "head"
+        hooks = pruning_hooks(tiny, heads, "mean", "all", means)
+        accs = [np.mean([a == p.answer for a, p in zip(score_labels(tiny, ps, ps[0].label_space, fwd_hooks=hooks).predict(), ps)])
+                for ps in study._by_task(probe.dev).values()]
+        assert row["dev_accuracy"] == pytest.approx(np.mean(accs))
+        assert row["ppl_increase"] == pytest.approx(perplexity(tiny, fwd_hooks=hooks, n_tokens=64) / base_ppl - 1, rel=1e-4)
+
+    # the post-hoc arm: the same heads, mean-ablated at the last position only (means over last positions);
+    # perplexity scores no window's last position, so the cost is 0 by construction
+    last = study.select_heads_seed(tiny, 1, s, positions="last")
+    means_last = component_means(tiny, probe.attribution, "head", "last")
+    for row, frozen in zip(last["sweep"], res["sweep"]):
+        assert (row["positions"], row["k"]) == ("last", frozen["k"]) and row["ppl_increase"] == pytest.approx(0, abs=1e-9)
+        hooks = pruning_hooks(tiny, select(scores, "global", k=row["k"]), "mean", "last", means_last)
+        accs = [np.mean([a == p.answer for a, p in zip(score_labels(tiny, ps, ps[0].label_space, fwd_hooks=hooks).predict(), ps)])
+                for ps in study._by_task(probe.dev).values()]
+        assert row["dev_accuracy"] == pytest.approx(np.mean(accs))
+
+    # a forced head selection per seed runs through the held-out stage under its own names
+    from mechcopy.pruning import component_sizes
+    sel = {"seed": 0, "kind": "head", "chosen": {"condition": "mean-h2", "ablation": "mean", "k": 2, "dev_accuracy": 0.5,
+                                                  "components": select(scores, "global", k=2).to_json()},
+           "means": means.to_json(), "sizes": component_sizes(tiny, probe.attribution, "head").to_json()}
+    rows, _ = study.heldout(tiny, [sel], "no-gold", tmp_path / "h.jsonl", s, progress=False, arm="heads")
+    assert {r.condition for r in rows} == {"unpruned", "pruned@heads-s0", "random-0@heads-s0",
+                                              "pruned+contextual@heads-s0", "pruned+batch@heads-s0"}
+    nrows, _ = study.heldout(tiny, [], "no-gold", tmp_path / "n.jsonl", s, progress=False)
+    by = study._rows_by(rows + nrows)
+    assert by["unpruned"]["chemical_state"].result.predictions == study._rows_by(rows)["unpruned"]["chemical_state"].result.predictions
+    crit = study.criteria([sel], None, [r for r in rows if r.condition != "unpruned"] + nrows, [], settings=s, arm="heads")
+    r = crit["versus_calibration"]["heads-s0"]["pruned@heads-s0_vs_batch"]
+    for t, d in r["per_task"].items():
+        assert d == pytest.approx(np.mean(by["pruned@heads-s0"][t].result.correct) - np.mean(by["batch"][t].result.correct))
+    # the dev-best arm per seed: the higher dev accuracy, ties to neurons
+    n = [{"seed": 0, "chosen": {"dev_accuracy": 0.5}}, {"seed": 1, "chosen": {"dev_accuracy": 0.4}}, {"seed": 2, "chosen": None}]
+    h = [{"seed": 0, "chosen": {"dev_accuracy": 0.5}}, {"seed": 1, "chosen": {"dev_accuracy": 0.6}}, {"seed": 2, "chosen": None}]
+    assert study.best_arm(n, h) == {0: "neurons", 1: "heads", 2: None}
+
+
+def test_best_arm_takes_each_seeds_winner(study):
+    """`as_best`: each seed's dev-best arm's rows and probe predictions under `best-s<seed>`, nothing else
+    (rows made by hand; the arm a row came from is marked in its `kind`)."""
+    def rows(arm, seed):
+        g = study.group_of(arm, seed)
+        return [ResultRow(TaskResult("t", f"{c}@{g}", 1, 1.0, 0.0, 0.0, 0.0, (1.0, 1.0), (0.0, 0.0), ("a",), (True,),
+                                     (False,)), arm, 0, 0.0, ConditionSpec(c, "pruned")) for c in ("pruned", "random-0", "pruned+batch")]
+
+    sel = lambda seed, acc: {"seed": seed, "chosen": None if acc is None else {"dev_accuracy": acc}}
+    states = {
+        "neurons": {"selections": [sel(0, 0.5), sel(1, 0.4), sel(2, None)],
+                    "rows": {c: rows("neurons", 0) + rows("neurons", 1) for c in study.CONSTRUCTIONS},
+                    "probe": {"predictions": {"unpruned": {"t": ["a"]}, "pruned@s0": {"t": ["n0"]}, "pruned@s1": {"t": ["n1"]}}}},
+        "heads": {"selections": [sel(0, 0.5), sel(1, 0.6), sel(2, None)],
+                  "rows": {c: rows("heads", 0) + rows("heads", 1) for c in study.CONSTRUCTIONS},
+                  "probe": {"predictions": {"unpruned": {"t": ["a"]}, "pruned@heads-s1": {"t": ["h1"]}}}},
+        "heads-last": {"selections": [], "rows": {c: [] for c in study.CONSTRUCTIONS}, "probe": None},
+    }
+    best = study.best_arm(states["neurons"]["selections"], states["heads"]["selections"])
+    assert best == {0: "neurons", 1: "heads", 2: None}
+    got = study.as_best(states, best)
+    assert [s["seed"] for s in got["selections"]] == [0, 1, 2] and got["selections"][2]["chosen"] is None
+    by = {(r.condition, r.kind) for r in got["rows"]["no-gold"]}   # the arm it came from, in `kind` here
+    assert by == {("pruned@best-s0", "neurons"), ("random-0@best-s0", "neurons"), ("pruned+batch@best-s0", "neurons"),
+                  ("pruned@best-s1", "heads"), ("random-0@best-s1", "heads"), ("pruned+batch@best-s1", "heads")}
+    assert got["probe"]["predictions"] == {"unpruned": {"t": ["a"]}, "pruned@best-s0": {"t": ["n0"]},
+                                           "pruned@best-s1": {"t": ["h1"]}}
+
+
+def test_recipe_replays_the_dev_best_selection(study, tiny, tmp_path):
+    """`find --recipe copy-mechanism` (`mechcopy.copy_mechanism`): the dev-best chosen set over the seeds of
+    neurons and heads, with its ablation, positions and means over the same attribution prompts recorded so
+    that `evaluate --prune` applies it as the study did; k = 0 with the reason when no seed chose one."""
+    from mechcopy.commands.evaluate import intervention
+    from mechcopy.components import Components
+    from mechcopy.copy_mechanism import best_selection, recipe_components
+    from mechcopy.pruning import component_means
+
+    s = tiny_settings(study)
+    chosen = lambda comps, acc, ab="mean", pos="all": {"condition": f"{ab}-k{len(comps)}", "ablation": ab, "positions": pos,
+                                                        "k": len(comps), "dev_accuracy": acc, "ppl_increase": 0.01,
+                                                        "components": [list(p) for p in comps]}
+    doc = {"model": "tiny", "settings": s, "selections": {
+        "neurons": [{"seed": 0, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(1, 3), (0, 5)], 0.4)},
+                    {"seed": 1, "dev_unpruned_accuracy": 0.3, "chosen": None}],
+        "heads": [{"seed": 0, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(1, 2)], 0.45, pos="last")},
+                  {"seed": 1, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(0, 1)], 0.45)}],
+        "heads-last": [{"seed": 2, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(0, 0)], 0.9)}]}}
+    arm, sel = best_selection(doc)          # heads-last never counts; a tie goes to the lower seed
+    assert (arm, sel["seed"]) == ("heads", 0)
+    comps = recipe_components(tiny, doc)
+    assert comps.kind == "head" and comps.pairs == ((1, 2),) and comps.meta["seed"] == 0
+    probe = study._probe(tiny.tokenizer, "no-gold", 0, s)
+    by_hand = component_means(tiny, probe.attribution, "head", "last")
+    path = comps.save(tmp_path / "c.json")
+    how = intervention(Components.load(path), None, None)
+    assert (how["ablation"], how["positions"], how["source"]) == ("mean", "last", "the file")
+    assert all(np.allclose(how["means"].values[l].numpy(), by_hand.values[l].numpy()) for l in by_hand.values)
+    # neurons win a tie with heads
+    doc["selections"]["neurons"][0]["chosen"]["dev_accuracy"] = 0.45
+    assert best_selection(doc)[0] == "neurons" and recipe_components(tiny, doc).pairs == ((0, 5), (1, 3))
+    # nothing chosen anywhere: an empty file that says why
+    for arm in ("neurons", "heads"):
+        for sel in doc["selections"][arm]:
+            sel["chosen"] = None
+    empty = recipe_components(tiny, doc)
+    assert not empty.pairs and empty.meta["k"] == 0 and "nothing to prune" in empty.meta["why"]
+    assert Components.load(empty.save(tmp_path / "e.json")).meta["k"] == 0
+
+
+def test_recipe_on_the_command_line(study, tiny, tmp_path, monkeypatch, capsys):
+    """`mechcopy find --recipe copy-mechanism --study FILE` writes what `recipe_components` makes, and refuses
+    a study of another model."""
+    import json
+
+    import mechcopy.models
+    from mechcopy.commands import main
+    from mechcopy.components import Components
+    from mechcopy.copy_mechanism import recipe_components
+
+    monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: tiny)
+    s = tiny_settings(study)
+    doc = {"model": "smollm2-135m", "settings": s, "selections": {"neurons": [
+        {"seed": 0, "dev_unpruned_accuracy": 0.3, "chosen": {"condition": "zero-k2", "ablation": "zero", "k": 2,
+                                                             "dev_accuracy": 0.4, "ppl_increase": 0.01,
+                                                             "components": [[0, 1], [1, 2]]}}]}}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(doc))
+    assert main(["find", "--model", "smollm2-135m", "--recipe", "copy-mechanism", "--study", str(path),
+                 "--out", str(tmp_path / "c.json")]) == 0
+    got = Components.load(tmp_path / "c.json")
+    want = recipe_components(tiny, doc)
+    assert got.pairs == want.pairs == ((0, 1), (1, 2)) and got.meta["intervention"] == {"ablation": "zero", "positions": "all"}
+    assert "neurons, selection seed 0" in capsys.readouterr().out
+    assert main(["find", "--model", "gemma-3-270m", "--recipe", "copy-mechanism", "--study", str(path),
+                 "--out", str(tmp_path / "d.json")]) != 0
+    assert "is of 'smollm2-135m', not --model 'gemma-3-270m'" in capsys.readouterr().err

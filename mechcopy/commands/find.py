@@ -59,7 +59,43 @@ def check_probe(config: FindConfig, sizes: str = "--n + --n-dev") -> None:
     check_probe_size(probe, config.n + config.n_dev, sizes)
 
 
+RECIPES = ("copy-mechanism",)
+
+
+def run_recipe(args) -> int:
+    """`--recipe copy-mechanism`: the copy-mechanism study's best mechanistic selection for the model
+    (`mechcopy.copy_mechanism`), written as a component file that `evaluate --prune` applies as recorded."""
+    from mechcopy.copy_mechanism import load_study, recipe_components, study_path
+    from mechcopy.models import zoo
+
+    if args.study is None and args.model not in zoo.ZOO:
+        raise ValueError(f"--recipe copy-mechanism finds the study of a zoo model by name; for {args.model!r} pass "
+                         "--study PATH (a docs/data/copy_mechanism_<model>.json)")
+    study = load_study(args.study or study_path(args.model))
+    if args.model in zoo.ZOO and study["model"] != args.model:
+        raise ValueError(f"the study at {args.study} is of {study['model']!r}, not --model {args.model!r}")
+    out = prepare_out(args.out, {"--model": model_path(args.model), "--study": args.study or study_path(args.model)},
+                      args.force)
+    assert out is not None      # --out is required
+    t0 = time.perf_counter()
+    comps = recipe_components(open_model(args), study)
+    comps.save(out)
+    m = comps.meta
+    if comps.pairs:
+        how = m["intervention"]
+        print(f"the study's best mechanistic selection ({m['arm']}, selection seed {m['seed']}, {m['condition']}: dev "
+              f"accuracy {m['dev_accuracy']:.3f} against {m['dev_unpruned_accuracy']:.3f} unpruned, perplexity "
+              f"{m['ppl_increase']:+.1%}): {len(comps)} {comps.kind}s, {how['ablation']} ablation at "
+              f"{how['positions']} positions")
+    else:
+        print(f"k = 0: {m['why']}")
+    print(f"wrote {out} in {time.perf_counter() - t0:.0f} s (apply it: mechcopy evaluate --prune {out})")
+    return 0
+
+
 def run(args) -> int:
+    if args.recipe is not None:
+        return run_recipe(args)
     config = config_from_args(FindConfig, args)
     check_probe(config)
     out = prepare_out(args.out, {"--text": config.text, "--model": model_path(args.model)}, args.force,
@@ -101,4 +137,9 @@ def register(sub) -> None:
         "probe_format": tuple(FORMATS), "random_match": MATCHES, "components": tuple(COMPONENTS)},
         types={"text": existing_file("text file")})
     add_out_args(p, "neuron file to write (JSON); an interrupted run started again resumes", required=True)
+    p.add_argument("--recipe", choices=RECIPES, default=None,
+                   help="copy-mechanism: write the copy-mechanism study's best mechanistic selection for --model "
+                        "(docs/copy_mechanism.md) instead of searching; the other search flags are ignored")
+    p.add_argument("--study", type=existing_file("study summary"), default=None,
+                   help="with --recipe: the study's summary JSON (default docs/data/copy_mechanism_<model>.json)")
     p.set_defaults(run=run)
