@@ -7,20 +7,20 @@ import time
 from pathlib import Path
 
 from mechcopy.commands.common import (add_config_args, add_model_args, add_out_args, at_least, config_from_args,
-                                      files_in, open_model, prepare_out, write_result)
+                                      files_in, load_neurons, model_path, open_model, prepare_out, write_result)
 from mechcopy.commands.task_vectors import HELPS
-from mechcopy.components import Components
 from mechcopy.function_vectors import run_function_vectors
 from mechcopy.task_vectors import TaskVectorConfig
-from mechcopy.tasks import load_tasks
+from mechcopy.tasks import check_shots, load_tasks
 
 
 def run(args) -> int:
     t0 = time.time()
     tasks = load_tasks(args.tasks)
-    components = Components.load(args.prune) if args.prune else None
+    check_shots(tasks, args.shots, "--shots")
+    components, read = load_neurons("--prune", args.prune)
     config = config_from_args(TaskVectorConfig, args)
-    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), "--prune": args.prune, "--model": args.model},
+    out = prepare_out(args.out, {"--tasks": files_in(args.tasks), **read, "--model": model_path(args.model)},
                       args.force)
     model = open_model(args)
     if components is not None:
