@@ -365,8 +365,10 @@ def plot_patching_heatmap(values: Float[np.ndarray, "layers positions"] | torch.
     return fig
 
 
-def _head_panel(fig: Figure, ax, values: np.ndarray, title: str, label: str, top: int, centre: bool) -> None:
-    """One layers x heads heatmap on `ax`, the `top` heads by absolute value outlined and named."""
+def _head_panel(fig: Figure, ax, values: np.ndarray, title: str, label: str, top: int, centre: bool,
+                outline: Sequence[tuple[int, int]] | None = None) -> None:
+    """One layers x heads heatmap on `ax`, the `top` heads by absolute value outlined and named (or the
+    (layer, head) pairs of `outline`, e.g. another ranking's top heads)."""
     from matplotlib.patches import Rectangle
 
     if values.ndim != 2:
@@ -384,6 +386,8 @@ def _head_panel(fig: Figure, ax, values: np.ndarray, title: str, label: str, top
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, shrink=0.9, label=label)
     order = [int(i) for i in np.argsort(-np.nan_to_num(np.abs(values), nan=-1).ravel(), kind="stable")[:top]]
+    if outline is not None:
+        order = [int(l) * n_h + int(h) for l, h in outline]
     names = []
     for i in order:
         l, h = divmod(i, n_h)
@@ -413,7 +417,8 @@ def plot_head_heatmap(values: Float[np.ndarray, "layers heads"] | torch.Tensor, 
 
 def plot_head_maps(panels: dict[str, dict], title: str = "", top: int = 5) -> Figure:
     """Several layers x heads maps side by side: `panels` is {panel title: {"values": [layers, heads],
-    "label": colour-bar label, "centre": bool (default True)}}, each drawn as `plot_head_heatmap` draws one."""
+    "label": colour-bar label, "centre": bool (default True), "outline": (layer, head) pairs to outline and
+    name instead of the `top` by absolute value (optional)}}, each drawn as `plot_head_heatmap` draws one."""
     if not panels:
         raise ValueError("plot_head_maps: no panels to draw")
     arrays = {k: _as_array(p["values"]) for k, p in panels.items()}
@@ -423,7 +428,7 @@ def plot_head_maps(panels: dict[str, dict], title: str = "", top: int = 5) -> Fi
     fig = Figure(figsize=(cols * max(3.0, 0.28 * n_h + 2.2), rows * max(3.0, 0.16 * n_l + 1.9)), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (name, p) in zip(axes, panels.items()):
-        _head_panel(fig, ax, arrays[name], name, p.get("label", ""), top, p.get("centre", True))
+        _head_panel(fig, ax, arrays[name], name, p.get("label", ""), top, p.get("centre", True), p.get("outline"))
     for ax in axes[len(panels):]:
         ax.set_axis_off()
     if title:
