@@ -711,11 +711,11 @@ def main(argv=None) -> int:
         tok = AutoTokenizer.from_pretrained(cache_root() / "models" / args.model)
         out = args.out or Path(f"docs/data/copy_mechanism_{args.model}.json")
         doc = summary(args.model, work, tokenizer=tok)
-        doc["commands"] = [f"python analyses/copy_mechanism.py --model {args.model} --stage {s}" for s in
-                           ("select", "probe", "heldout --construction no-gold", "heldout --construction copy-control",
-                            "costs")] + [f"python analyses/copy_mechanism.py --model {args.model} --components heads --stage {s}"
-                                         for s in ("select", "probe", "heldout --construction no-gold",
-                                                   "heldout --construction copy-control", "costs")] + [
+        stages = ("select", "probe", "heldout --construction no-gold", "heldout --construction copy-control", "costs")
+        ran = [arm for arm in ARMS if doc["finished"][arm]["select"]]   # the arms with saved selections
+        doc["commands"] = [f"python analyses/copy_mechanism.py --model {args.model}"
+                           + ("" if arm == "neurons" else f" --components {arm}") + f" --stage {s}"
+                           for arm in ran for s in stages] + [
             f"python analyses/copy_mechanism.py --model {args.model} --stage summary"]
         print(f"wrote {', '.join(map(str, write_docs(doc, out)))}", file=sys.stderr)
         return 0
