@@ -17,8 +17,9 @@
   and each top head's percentile among all other heads (`percentile`).
 * **Activation patching** of the top heads on the probe's test split (no-gold; each prompt paired with
   its label-swap counterfactual exactly as the study's attribution pairs them, `head_attributions`):
-  the counterfactual's `z` of one head patched into the clean run (`hooks.patch_from_cache`), at the
-  last position (the attribution's site) and at every position; read as the change of
+  the counterfactual's `z` of one head patched into the clean run (`head_patching`'s batched runner,
+  from the head's layer on), at the last position (the attribution's site) and at every position; read
+  as the change of
   T = logit(X) - logit(gold) at the last position. Its ranking of the top heads (by -dT: a head that
   carries X lowers T when it gets the counterfactual's output) is compared with the attribution's
   (Spearman): self-consistency on prompts the attribution never saw.
@@ -140,29 +141,29 @@ def label_maps(model, prompts) -> dict[str, Any]:
 def patch_effects(model, swap, heads: Sequence[Head]) -> dict[str, Any]:
     """One label swap: T = logit(X) - logit(gold) at the last position on the clean prompt and on its
     counterfactual, and the change of T when one head's `z` comes from the counterfactual run, at the
-    last position (`last`) or at every position (`all`), per head of `heads`."""
+    last position (`last`) or at every position (`all`), per head of `heads`. Each layer's patches run
+    in one batch from the clean run's residual stream entering that layer (`head_patching`'s runner)."""
     import torch
 
     from mechcopy.arch import arch_of
-    from mechcopy.hooks import patch_from_cache
+    from mechcopy.head_patching import _caches, _run_groups
 
     arch = arch_of(model)
     clean, cf = arch.tokens(model, swap.clean.text), arch.tokens(model, swap.counterfactual.text)
     if clean.shape != cf.shape:
         raise ValueError(f"label swap of {swap.clean.query!r}: the prompts differ in length; a swap keeps them aligned")
-    sites = {f"blocks.{l}.attn.hook_z" for l, _ in heads}
-
-    def t_of(logits) -> float:
-        return float(logits[0, -1, swap.x_id] - logits[0, -1, swap.gold_id])
-
+    source, target = _caches(model, cf, clean, "z")
     with torch.no_grad():
-        t_clean = t_of(model(clean))
-        cf_logits, cache = model.run_with_cache(cf, names_filter=lambda n: n in sites)
-        out: dict[str, Any] = {"t_clean": t_clean, "t_cf": t_of(cf_logits), "last": [], "all": []}
-        for l, h in heads:
-            for where, positions in (("last", [clean.shape[1] - 1]), ("all", None)):
-                hook = patch_from_cache(cache, positions=positions, heads=[h])
-                out[where].append(t_of(model.run_with_hooks(clean, fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook)])) - t_clean)
+        t_clean, t_cf = (float(lg[0, swap.x_id] - lg[0, swap.gold_id]) for lg in
+                         (arch.last_logits(model, clean), arch.last_logits(model, cf)))
+    out: dict[str, Any] = {"t_clean": t_clean, "t_cf": t_cf, "last": [0.0] * len(heads), "all": [0.0] * len(heads)}
+    for layer in sorted({l for l, _ in heads}):
+        idx = [i for i, (l, _) in enumerate(heads) if l == layer]
+        groups = [(heads[i][1], positions, None) for i in idx for positions in ([clean.shape[1] - 1], None)]
+        logits = _run_groups(model, layer, "z", source, target[f"blocks.{layer}.hook_resid_pre"], groups)[:, 0]
+        t = (logits[:, swap.x_id] - logits[:, swap.gold_id]).tolist()
+        for j, i in enumerate(idx):
+            out["last"][i], out["all"][i] = t[2 * j] - t_clean, t[2 * j + 1] - t_clean
     return out
 
 
