@@ -48,7 +48,10 @@ Head = tuple[int, int]
 
 def study_module():
     """analyses/copy_mechanism.py (the study's driver), imported from beside this file."""
-    spec = importlib.util.spec_from_file_location("copy_mechanism", Path(__file__).with_name("copy_mechanism.py"))
+    path = Path(__file__).with_name("copy_mechanism.py")
+    spec = importlib.util.spec_from_file_location("copy_mechanism", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the study's driver from {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
