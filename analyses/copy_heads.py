@@ -64,14 +64,16 @@ def name(head: Head) -> str:
 # ---------------------------------------------------------------- the top heads of the attribution
 
 
-def top_heads(selections: Sequence[dict], k: int = 8) -> tuple[list[Head], dict[Head, float], dict[str, Any]]:
+def top_heads(selections: Sequence[dict], k: int = 8, n_heads: int | None = None,
+              ) -> tuple[list[Head], dict[Head, float], dict[str, Any]]:
     """The top `k` heads by the mean over seeds of the attribution scores each selection saved
-    (`scores_top`: [layer, head, score] rows, that seed's top scores only).
+    (`scores_top`: [layer, head, score] rows, that seed's top scores only, or every eligible head's).
 
     Only heads scored on every seed have a mean; a head missing on a seed scored at most that seed's
-    lowest stored score there, so its mean is at most its `bound`. Refused unless the k-th mean is above
-    every such bound (then no head outside the stored rows could be in the top k). Returns (the top k,
-    every complete mean, the check)."""
+    lowest stored score there, so its mean is at most its bound, and so is that of a head in no row
+    unless the rows name all `n_heads` heads. Refused unless the k-th mean is above every such bound
+    (then no head outside the stored rows could be in the top k). Returns (the top k, every complete
+    mean, the check)."""
     per: dict[Head, dict[int, float]] = {}
     floors = []
     for i, sel in enumerate(selections):
@@ -90,12 +92,30 @@ def top_heads(selections: Sequence[dict], k: int = 8) -> tuple[list[Head], dict[
     top = order[:k]
     partial = {h: (sum(v.values()) + sum(floors[i] for i in range(n) if i not in v)) / n
                for h, v in per.items() if len(v) < n}
-    bound = max([*partial.values(), sum(floors) / n])      # a head in no stored row: every seed's floor
+    unstored = [] if n_heads is not None and len(per) >= n_heads else [sum(floors) / n]   # a head in no row
+    bound = max([*partial.values(), *unstored], default=float("-inf"))
     kth = means[top[-1]]
     if bound >= kth:
         raise ValueError(f"the top {k} is not determined by the stored scores: the {k}th mean is {kth:.4f} and a "
                          f"head outside them could reach {bound:.4f}")
     return top, means, {"kth_mean": kth, "max_bound_outside": bound, "floors": floors}
+
+
+def recomputed_scores(model, study, settings: dict, seed: int) -> dict[str, Any]:
+    """Every eligible head's score of one selection seed, computed again as the study's head arm does
+    (`study.head_scores` on the same attribution split), as a selection's `scores_top` rows."""
+    probe = study._probe(model.tokenizer, "no-gold", seed, settings)
+    scores, clean, dropped = study.head_scores(model, probe, seed, settings)
+    ok = scores.eligible()
+    rows = [[l, h, float(scores.scores[l, h])] for l in range(ok.shape[0]) for h in range(ok.shape[1]) if ok[l, h]]
+    return {"seed": seed, "scores_top": sorted(rows, key=lambda r: -r[2]), "n_attribution": len(clean),
+            "n_dropped": len(dropped)}
+
+
+def stored_agree(stored: dict, full: dict) -> float:
+    """The largest difference between a selection's stored top scores and the same heads' recomputed ones."""
+    again = {(l, h): v for l, h, v in full["scores_top"]}
+    return max(abs(v - again[(l, h)]) for l, h, v in stored["scores_top"])
 
 
 def percentile(value: float, reference: Sequence[float]) -> float:
@@ -251,11 +271,24 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.work}: {len(paths)} {args.arm} selections, the study has {len(s['selection_seeds'])} "
                          "seeds; run the study's select stage first")
     selections = [read_json(p) for p in paths]
-    top, means, determined = top_heads(selections, args.k)
     model_name = Path(args.model).name
     out_dir = args.out_dir or Path(f"results/copy_heads/{model_name}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model)
+    scores_from, agreement, score_seconds = "the selections' stored top scores", None, {}
+    try:
+        top, means, determined = top_heads(selections, args.k)
+    except ValueError as e:          # not determined by the stored rows: every head's score again, per seed
+        print(f"{e}; computing every head's score again", file=sys.stderr)
+        seeds = [int(sel["seed"]) for sel in selections]
+        run_stages([(f"scores_seed{seed}", lambda seed=seed: recomputed_scores(model, study, s, seed)) for seed in seeds],
+                   out_dir)
+        done = {seed: read_json(out_dir / f"scores_seed{seed}.json") for seed in seeds}
+        full = [done[seed]["result"] for seed in seeds]
+        score_seconds = {f"scores_seed{seed}": done[seed]["seconds"] for seed in seeds}
+        agreement = [stored_agree(a, b) for a, b in zip(selections, full)]
+        top, means, determined = top_heads(full, args.k, n_heads=model.cfg.n_layers * model.cfg.n_heads)
+        selections, scores_from = full, "every head's score computed again (analyses/copy_mechanism.py head_scores)"
 
     def probe_test_labels():
         return label_maps(model, study._probe(model.tokenizer, "copy-control", s["probe_seed"], s).test)
@@ -307,13 +340,14 @@ def main(argv=None) -> int:
                         "probe_tasks": kept, "probe_tasks_why": why, "shots": s["shots"], "n_test_per_task": s["n_test"],
                         "heldout_tasks": s["heldout_tasks"], "n_per_heldout_task": s["n"], "prompt_seed": s["prompt_seed"],
                         "probe_seed": s["probe_seed"], "threads": args.threads},
-           "attribution": {"determined": determined, "means_complete": {name(h): v for h, v in sorted(means.items())}},
+           "attribution": {"scores_from": scores_from, "stored_vs_recomputed_max_abs": agreement,
+                           "determined": determined, "means_complete": {name(h): v for h, v in sorted(means.items())}},
            "heads": rows, "labels": labels,
            "patching": {**{k: v for k, v in patch.items() if k not in ("last", "all")},
                         **{w: {k: patch[w][k] for k in ("spearman", "spearman_p", "share_of_gap")} for w in ("last", "all")},
                         "read_as": "change of T = logit(X) - logit(gold) at the last position when one head's z comes "
                                    "from the label-swap counterfactual run; rank 1 = the largest drop of T"},
-           "seconds": {**{n: stage[n]["seconds"] for n in stage}, "total_this_run": round(time.time() - t0, 1)}}
+           "seconds": {**score_seconds, **{n: stage[n]["seconds"] for n in stage}, "total_this_run": round(time.time() - t0, 1)}}
     doc = _rounded(doc)
     out = write_json_atomic(args.data / f"copy_mechanism_heads_{model_name}.json", doc)
     shape = np.array(labels["heldout"]["maps"]["to_labels"]).shape
@@ -332,7 +366,7 @@ def main(argv=None) -> int:
             panels["patching z from the label swap, last position, probe test"] = {
                 "values": patch_map, "label": "change of logit(X) - logit(gold)", "outline": top}
         else:
-            panels["attribution: mean IG score over seeds (stored top scores)"] = {
+            panels["attribution: mean IG score over seeds" + (" (stored top scores)" if agreement is None else "")] = {
                 "values": score_map, "label": "score", "outline": top}
     fig = viz.plot_head_maps(panels, f"{model_name}: the attribution's top {args.k} heads outlined")
     figure = viz.save_figure(fig, args.figures / f"copy_mechanism_heads_{model_name}.png", dpi=80)

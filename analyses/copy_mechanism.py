@@ -236,12 +236,24 @@ def head_attributions(model, prompts, seed: int, settings: dict = SETTINGS, prog
     return attributions, clean, dropped
 
 
+def head_scores(model, probe, seed: int, settings: dict = SETTINGS, progress: bool = False):
+    """The head arm's scores of one selection seed: `head_attributions` on the probe's attribution split,
+    scored by `method.score` (the IG gate); returns (scores, the clean prompts attributed, the reasons of
+    the prompts dropped)."""
+    from mechcopy import method
+
+    s = settings
+    attributions, clean, dropped = head_attributions(model, probe.attribution, seed, s, progress)
+    config = method.FindConfig(n=len(clean), shots=s["shots"], steps=s["steps"], attribution="ig",
+                               target="contrast", seed=seed, components="heads")
+    return method.score(model, attributions, config, prompts=clean), clean, dropped
+
+
 def select_heads_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = False,
                       positions: str | None = None) -> dict[str, Any]:
-    """One selection seed, heads: `head_attributions` on the probe's attribution split, scored by
-    `method.score` (the IG gate), the dev sweep over h (mean ablation at `positions`, by default the
-    frozen every-position, `_dev_sweep`), the chosen set, its means and the sizes."""
-    from mechcopy import method
+    """One selection seed, heads: `head_scores` on the probe's attribution split, the dev sweep over h
+    (mean ablation at `positions`, by default the frozen every-position, `_dev_sweep`), the chosen set,
+    its means and the sizes."""
     from mechcopy.conditions import LABELS, Condition
     from mechcopy.pruning import component_means, component_sizes
     from mechcopy.selection import select
@@ -249,10 +261,7 @@ def select_heads_seed(model, seed: int, settings: dict = SETTINGS, progress: boo
     s = settings
     t0 = time.perf_counter()
     probe = _probe(model.tokenizer, "no-gold", seed, s)
-    attributions, clean, dropped = head_attributions(model, probe.attribution, seed, s, progress)
-    config = method.FindConfig(n=len(clean), shots=s["shots"], steps=s["steps"], attribution="ig",
-                               target="contrast", seed=seed, components="heads")
-    scores = method.score(model, attributions, config, prompts=clean)
+    scores, clean, dropped = head_scores(model, probe, seed, s, progress)
     t_attr = time.perf_counter() - t0
     reference = f"copy probe attribution split (no-gold), selection seed {seed}"
     positions = positions or s["positions"]

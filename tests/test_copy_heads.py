@@ -37,6 +37,13 @@ def test_top_heads_by_hand(heads_script):
         heads_script.top_heads(sels, k=3)
     with pytest.raises(ValueError, match="only 3 heads"):
         heads_script.top_heads(sels, k=4)
+    # every head of a 1 x 3 model stored: nothing outside the rows, so the floor bound does not apply
+    full = [{"seed": 0, "scores_top": [[0, 0, 0.5], [0, 1, 0.4], [0, 2, 0.1]]},
+            {"seed": 1, "scores_top": [[0, 0, 0.3], [0, 1, 0.2], [0, 2, 0.1]]}]
+    with pytest.raises(ValueError, match="not determined"):
+        heads_script.top_heads(full, k=3)      # the 3rd mean, 0.1, is what an unstored head could reach (the floors)
+    top, _, check = heads_script.top_heads(full, k=3, n_heads=3)
+    assert top == [(0, 0), (0, 1), (0, 2)] and check["max_bound_outside"] == float("-inf")
 
 
 def test_percentile_and_standing_by_hand(heads_script):
@@ -128,3 +135,32 @@ def test_script_end_to_end_on_a_tiny_model(heads_script, tiny, tmp_path, monkeyp
     assert all(0 <= r["heldout_to_labels_pct"] <= 100 for r in d["heads"])
     assert (tmp_path / "fig" / "copy_mechanism_heads_tiny.png").exists()
     assert (tmp_path / "out" / "patch_probe_test.json").exists() and d["git_revision"]
+
+
+def test_script_recomputes_scores_the_selections_do_not_determine(heads_script, tiny, tmp_path, monkeypatch):
+    import mechcopy
+
+    study = heads_script.study_module()
+    study.SETTINGS = {**study.SETTINGS, "n_attr": 3, "n_dev": 4, "n_test": 4, "steps": 2, "hs": [2], "ppl_tokens": 64,
+                      "max_ppl_increase": 10.0, "heldout_tasks": ["chemical_state"], "n": 3,
+                      "probe_tasks": ["max_digit", "repeated_symbol"]}
+    monkeypatch.setattr(study, "probe_tasks", lambda model, pilot: (["max_digit", "repeated_symbol"], "tiny"))
+    monkeypatch.setattr(heads_script, "study_module", lambda: study)
+    monkeypatch.setattr(mechcopy, "load_model", lambda name: tiny)
+    work = tmp_path / "work"
+    work.mkdir()
+    full = {}
+    for seed in range(3):        # the study's own select path, its stored rows cut to one head
+        sel = study.select_heads_seed(tiny, seed, study.SETTINGS, positions="last")
+        full[seed] = {(l, h): v for l, h, v in sel["scores_top"]}
+        sel["scores_top"] = sel["scores_top"][:1]
+        (work / f"heads-last_select_seed{seed}.json").write_text(json.dumps(sel))
+    args = ["--model", "tiny", "--work", str(work), "--k", "3", "--out-dir", str(tmp_path / "out"),
+            "--data", str(tmp_path / "data"), "--figures", str(tmp_path / "fig")]
+    assert heads_script.main(args) == 0
+    d = json.loads((tmp_path / "data" / "copy_mechanism_heads_tiny.json").read_text())
+    assert d["attribution"]["scores_from"].startswith("every head's score computed again")
+    assert max(d["attribution"]["stored_vs_recomputed_max_abs"]) < 1e-4
+    means = {k: np.mean([full[s][k] for s in range(3)]) for k in full[0]}       # by hand, from the study's scores
+    assert [r["head"] for r in d["heads"]] == [f"L{l}H{h}" for l, h in sorted(means, key=lambda k: -means[k])[:3]]
+    assert set(d["seconds"]) >= {"scores_seed0", "scores_seed2", "patch_probe_test"}
