@@ -358,15 +358,15 @@ def main(argv=None) -> int:
         patch_map[h] = patch["last"]["mean"][i]
     panels: dict[str, dict[str, Any]] = {}
     for key, what in (("probe_test", "copy probe test (copy-control)"), ("heldout", "held-out tasks (no-gold)")):
-        panels[f"attention to demo labels, {what}"] = {"values": np.array(labels[key]["maps"]["to_labels"], float),
+        panels[f"attention to demo labels\n{what}"] = {"values": np.array(labels[key]["maps"]["to_labels"], float),
                                                         "label": "attention", "centre": False, "outline": top}
-        panels[f"OV margin of the attended label, {what}"] = {"values": np.array(labels[key]["maps"]["ov_margin"], float),
+        panels[f"OV margin of the attended label\n{what}"] = {"values": np.array(labels[key]["maps"]["ov_margin"], float),
                                                                "label": "logit / attention", "outline": top}
         if key == "probe_test":
-            panels["patching z from the label swap, last position, probe test"] = {
+            panels["patching z from the label swap\nlast position, probe test"] = {
                 "values": patch_map, "label": "change of logit(X) - logit(gold)", "outline": top}
         else:
-            panels["attribution: mean IG score over seeds" + (" (stored top scores)" if agreement is None else "")] = {
+            panels["attribution: mean IG score over seeds" + ("\n(stored top scores)" if agreement is None else "")] = {
                 "values": score_map, "label": "score", "outline": top}
     fig = viz.plot_head_maps(panels, f"{model_name}: the attribution's top {args.k} heads outlined")
     figure = viz.save_figure(fig, args.figures / f"copy_mechanism_heads_{model_name}.png", dpi=80)

@@ -392,7 +392,11 @@ def _head_panel(fig: Figure, ax, values: np.ndarray, title: str, label: str, top
     for i in order:
         l, h = divmod(i, n_h)
         ax.add_patch(Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="k", lw=1.4))
-        names.append(f"L{l}H{h} {values[l, h]:+.3g}")
+        names.append(f"L{l}H{h}" if outline is not None else f"L{l}H{h} {values[l, h]:+.3g}")
+    if outline is not None:          # given heads: their names only, four to a line
+        lines = [", ".join(names[i:i + 4]) for i in range(0, len(names), 4)]
+        ax.set_title("\n".join([*map(_label, title.split("\n")), *lines]), fontsize=8)
+        return
     ax.set_title(_label(title) + (("\ntop: " + ", ".join(names[:3]) + ("\n" + ", ".join(names[3:]) if names[3:] else ""))
                                   if names else ""), fontsize=8)
 

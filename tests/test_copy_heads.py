@@ -164,3 +164,16 @@ def test_script_recomputes_scores_the_selections_do_not_determine(heads_script, 
     means = {k: np.mean([full[s][k] for s in range(3)]) for k in full[0]}       # by hand, from the study's scores
     assert [r["head"] for r in d["heads"]] == [f"L{l}H{h}" for l, h in sorted(means, key=lambda k: -means[k])[:3]]
     assert set(d["seconds"]) >= {"scores_seed0", "scores_seed2", "patch_probe_test"}
+
+
+def test_head_maps_outline_the_given_heads():
+    from matplotlib.patches import Rectangle
+
+    from mechcopy.viz import plot_head_maps
+
+    values = np.arange(12, dtype=float).reshape(3, 4)
+    fig = plot_head_maps({"a map\nsecond line": {"values": values, "outline": [(0, 1), (2, 0)]}})
+    ax = fig.axes[0]
+    boxes = sorted((int(r.get_y() + 0.5), int(r.get_x() + 0.5)) for r in ax.patches if isinstance(r, Rectangle))
+    assert boxes == [(0, 1), (2, 0)]                 # the given heads, not the largest values (L2H3, ...)
+    assert ax.get_title() == "a map\nsecond line\nL0H1, L2H0"
