@@ -197,20 +197,22 @@ def _rounded(obj: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True, help="the study's work folder (results/copy_mechanism/<model>)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="the study's work folder (default: results/copy_mechanism/<model>, as the study's)")
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     from mechcopy.io import write_atomic
     from mechcopy.provenance import git_revision
 
+    work = args.work or Path(f"results/copy_mechanism/{args.model}")
     out = args.out or Path(f"docs/data/copy_mechanism_per_prompt_{args.model}.json")
     doc = {"what": "per-prompt effects of every condition against unpruned on the same held-out prompts "
                    "(analyses/copy_per_prompt.py's docstring); Δ is the change of each prompt's 0/1 outcome "
                    "(the records hold predictions, not log-probabilities)",
-           "model": args.model, "git_revision": git_revision(), "work": str(args.work),
-           "command": f"python analyses/copy_per_prompt.py --work {args.work} --model {args.model}",
-           "task_columns": list(COUNTS), **per_prompt_report(args.work)}
+           "model": args.model, "git_revision": git_revision(), "work": str(work),
+           "command": f"python analyses/copy_per_prompt.py --work {work} --model {args.model}",
+           "task_columns": list(COUNTS), **per_prompt_report(work)}
     write_atomic(out, json.dumps(_rounded(doc), indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return 0
