@@ -121,7 +121,7 @@ def versus_random(conditions: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
 
 def analyse(rows: Sequence["ResultRow"]) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[str, ...]]]:
     """Every condition of one journal's rows against its `unpruned` rows: ({condition: {family, group,
-    ablation, positions, calibration, tasks: {task: [COUNTS]}, pooled}}, {task: unpruned predictions})."""
+    kind, n_components, ablation, positions, calibration, tasks: {task: [COUNTS]}, pooled}}, {task: unpruned predictions})."""
     base = {r.task: r for r in rows if r.condition == BASELINE}
     if not base:
         raise ValueError(f"no {BASELINE!r} row among {sorted({r.condition for r in rows})}: nothing to compare with")
@@ -132,7 +132,7 @@ def analyse(rows: Sequence["ResultRow"]) -> tuple[dict[str, dict[str, Any]], dic
         if r.task not in base:
             raise ValueError(f"{r.condition!r} on {r.task!r} has no {BASELINE!r} row of that task in the same journal")
         c = out.setdefault(r.condition, {"family": r.spec.family, "group": r.spec.group, "kind": r.spec.kind,
-                                         "ablation": r.spec.ablation, "positions": r.spec.positions,
+                                         "n_components": r.spec.n_components, "ablation": r.spec.ablation, "positions": r.spec.positions,
                                          "calibration": r.spec.readout.calibration, "tasks": {}})
         counts = prompt_counts(base[r.task], r)
         c["tasks"][r.task] = [counts[k] for k in COUNTS]
