@@ -37,6 +37,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -281,8 +282,7 @@ def main(argv=None) -> int:
     except ValueError as e:          # not determined by the stored rows: every head's score again, per seed
         print(f"{e}; computing every head's score again", file=sys.stderr)
         seeds = [int(sel["seed"]) for sel in selections]
-        run_stages([(f"scores_seed{seed}", lambda seed=seed: recomputed_scores(model, study, s, seed)) for seed in seeds],
-                   out_dir)
+        run_stages([(f"scores_seed{seed}", partial(recomputed_scores, model, study, s, seed)) for seed in seeds], out_dir)
         done = {seed: read_json(out_dir / f"scores_seed{seed}.json") for seed in seeds}
         full = [done[seed]["result"] for seed in seeds]
         score_seconds = {f"scores_seed{seed}": done[seed]["seconds"] for seed in seeds}
