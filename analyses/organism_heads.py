@@ -157,7 +157,8 @@ def compare(ablation: dict[str, dict], attribution: dict[str, dict], copy_rate: 
                            torch.tensor([attribution[n]["score"] for n in names], dtype=torch.float64))
     return {"ground_truth_ranking": truth, "attribution_ranking": attr, "spearman": rho,
             "top_ground_truth": truth[0], "top_attribution": attr[0], "answer": "yes" if truth[0] == attr[0] else "no",
-            "counted": copy_rate >= min_copy_rate}
+            "counted": copy_rate >= min_copy_rate, "delta_T_top_ground_truth": ablation[truth[0]]["delta_T"],
+            "delta_T_top_attribution": ablation[attr[0]]["delta_T"]}
 
 
 def run_organism(folder: Path, settings: dict = SETTINGS) -> dict[str, Any]:
@@ -191,7 +192,7 @@ def reproduction(results: Sequence[dict]) -> dict[str, Any]:
         ours = {"test_accuracy": r["unablated"]["accuracy"], "dev_accuracy": r["dev"]["accuracy"],
                 "dev_copy_rate": r["dev"]["copy_rate"]}
         documented = {k: v[r["seed"]] for k, v in DOCUMENTED.items()}
-        rows.append({"seed": r["seed"], "ours": ours, "documented": documented,
+        rows.append({"organism": r["organism"], "seed": r["seed"], "ours": ours, "documented": documented,
                      "same_at_2_decimals": all(abs(ours[k] - documented[k]) <= 0.005 + 1e-9 for k in ours)})
     return {"what": "probe-shift, unablated: test accuracy (400 prompts), dev accuracy and copy rate (200), against "
                     "docs/organisms_tables.md (the first session's organisms)", "rows": rows,

@@ -69,6 +69,7 @@ def test_rankings_answer_and_spearman_by_hand(oh):
     assert got["ground_truth_ranking"] == ["L1H0", "L0H0", "L1H1", "L0H1"]
     assert got["attribution_ranking"] == ["L0H1", "L1H0", "L0H0", "L1H1"]
     assert got["answer"] == "no" and got["counted"]
+    assert (got["delta_T_top_ground_truth"], got["delta_T_top_attribution"]) == (-2.0, 0.1)
     # ranks (1 = largest fall of T / highest score): truth 2, 4, 1, 3; attribution 3, 1, 2, 4
     d2 = sum((a - b) ** 2 for a, b in zip([2, 4, 1, 3], [3, 1, 2, 4]))
     assert got["spearman"] == pytest.approx(1 - 6 * d2 / (4 * (4 ** 2 - 1)))
