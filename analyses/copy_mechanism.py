@@ -6,6 +6,7 @@
     python analyses/copy_mechanism.py --model smollm2-135m --stage heldout --construction copy-control
     python analyses/copy_mechanism.py --model smollm2-135m --components heads --stage select   # the head arm, each stage
     python analyses/copy_mechanism.py --model smollm2-135m --stage summary     # docs/data/copy_mechanism_<model>*.json
+    python analyses/copy_mechanism.py --model smollm2-135m --n 100 --stage heldout ...   # the held-out stages at another n
 
 Every stage is resumable: its state goes to `--work` (default `results/copy_mechanism/<model>/`, not
 committed) as soon as it is made, and a stage started again skips what is there (the held-out stages
@@ -94,8 +95,31 @@ def probe_tasks(model_name: str, pilot: Path = Path("docs/data/copy_probe_pilot.
     return list(SETTINGS["probe_tasks"]), f"the pilot's rule kept {kept} on {model_name} (fewer than two): all six used"
 
 
+def _name(args) -> str:
+    """The study's name for its work folder and docs JSON: the model's, `-n<N>` added for another n."""
+    return args.model if args.n is None else f"{args.model}-n{args.n}"
+
+
 def _work(args) -> Path:
-    return Path(args.work or f"results/copy_mechanism/{args.model}")
+    return Path(args.work or f"results/copy_mechanism/{_name(args)}")
+
+
+#: the state files that do not depend on n, which a rerun at another n reuses from the frozen run's folder
+N_FREE = ("select_seed*.json", "*_select_seed*.json", "probe_test.json", "*_probe_test.json", "costs.json", "*_costs.json")
+
+
+def reuse_n_free(source: Path, work: Path) -> list[str]:
+    """Copy the n-free state (selections, probe test, costs) of the frozen run into a rerun's work folder,
+    where not already there; the names copied."""
+    import shutil
+
+    copied = []
+    for pattern in N_FREE:
+        for path in sorted(source.glob(pattern)):
+            if not (work / path.name).exists():
+                shutil.copyfile(path, work / path.name)
+                copied.append(path.name)
+    return copied
 
 
 def _probe(tokenizer, construction: str, seed: int, settings: dict = SETTINGS):
@@ -690,6 +714,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n", type=int, default=None,
+                    help="held-out prompts per task, to rerun the held-out stages at another n than the frozen one "
+                         "(work folder and docs JSON get -n<N>; the selections, probe test and costs are reused from "
+                         "the frozen run's folder)")
     args = ap.parse_args(argv)
     import json
 
@@ -703,20 +731,29 @@ def main(argv=None) -> int:
     SETTINGS.update(probe_tasks=kept, probe_tasks_why=why)
     work = _work(args)
     work.mkdir(parents=True, exist_ok=True)
+    if args.n is not None:
+        if args.stage in ("select", "probe", "costs"):
+            raise SystemExit(f"--n reruns the held-out stages only: run --stage {args.stage} without it")
+        SETTINGS.update(n=args.n)
+        frozen = Path(f"results/copy_mechanism/{args.model}")
+        copied = reuse_n_free(frozen, work)
+        if copied:
+            print(f"reused from {frozen}: {', '.join(copied)}", file=sys.stderr)
     if args.stage == "summary":
         from transformers import AutoTokenizer
 
         from mechcopy.models.zoo import cache_root
 
         tok = AutoTokenizer.from_pretrained(cache_root() / "models" / args.model)
-        out = args.out or Path(f"docs/data/copy_mechanism_{args.model}.json")
+        out = args.out or Path(f"docs/data/copy_mechanism_{_name(args)}.json")
         doc = summary(args.model, work, tokenizer=tok)
-        doc["commands"] = [f"python analyses/copy_mechanism.py --model {args.model} --stage {s}" for s in
-                           ("select", "probe", "heldout --construction no-gold", "heldout --construction copy-control",
-                            "costs")] + [f"python analyses/copy_mechanism.py --model {args.model} --components heads --stage {s}"
-                                         for s in ("select", "probe", "heldout --construction no-gold",
-                                                   "heldout --construction copy-control", "costs")] + [
-            f"python analyses/copy_mechanism.py --model {args.model} --stage summary"]
+        stages = ("select", "probe", "heldout --construction no-gold", "heldout --construction copy-control", "costs")
+        ran = [arm for arm in ARMS if doc["finished"][arm]["select"]]   # the arms with saved selections
+        n = "" if args.n is None else f" --n {args.n}"
+        doc["commands"] = [f"python analyses/copy_mechanism.py --model {args.model}"
+                           + ("" if arm == "neurons" else f" --components {arm}") + f" --stage {s}"
+                           + (n if s.startswith("heldout") else "") for arm in ran for s in stages] + [
+            f"python analyses/copy_mechanism.py --model {args.model}{n} --stage summary"]
         print(f"wrote {', '.join(map(str, write_docs(doc, out)))}", file=sys.stderr)
         return 0
     model = load_model(args.model)

@@ -234,6 +234,58 @@ def _verdict(c: Comparison, level: TaskLevel | None = None) -> str:
     return text
 
 
+#: the condition families of the copy-mechanism study's frozen arm, in the report's order (a set's rows carry
+#: `@s<seed>`; `random-<n>@s<seed>` is the family `random`)
+STUDY_ORDER = ("contextual", "batch", "pruned", "random", "pruned+contextual", "pruned+batch")
+
+
+def _study_family(name: str) -> str:
+    family = name.split("@")[0]
+    return "random" if family.startswith("random-") else family
+
+
+def _copy_mechanism(model_name: str, root: Path) -> Section:
+    """What fixes copying on this model: the copy-mechanism study's committed summary
+    (`docs/data/copy_mechanism_<model>.json` and its criteria, `analyses/copy_mechanism.py`), its
+    verdicts by the two criteria, and the recommended flag; or how to run it where it has not run."""
+    title = "What fixes copying: the copy-mechanism study"
+    data = root / "docs" / "data"
+    study, crit = data / f"copy_mechanism_{model_name}.json", data / f"copy_mechanism_{model_name}_criteria_neurons.json"
+    if not (study.is_file() and crit.is_file()):
+        return Section(title, f"The copy-mechanism study (docs/copy_mechanism.md) has not been run on {model_name}: "
+                              f"`python analyses/copy_mechanism.py --model {model_name} --stage select` (then its other "
+                              "stages and `--stage summary`) writes it.")
+    doc, c = json.loads(study.read_text()), json.loads(crit.read_text())["criteria"]
+    mech, versus = c["mechanism"]["mean_over_seeds"], c["versus_calibration"]["mean_over_seeds"]
+    ci = lambda d, key="task_ci": f"{signed(d['diff'])} [{signed(d[key][0])}, {signed(d[key][1])}]"
+    rows = [{"condition": name, "Δ accuracy [task CI]": ci(r["accuracy"]), "Δ copy rate [task CI]": ci(r["copy_rate"]),
+             "Δ copy effect [task CI]": ci(r["copy_effect"]) if r["copy_effect"].get("task_ci") else "–",
+             "perplexity cost %": f"{100 * r['ppl_increase']:.1f}"}
+            for name, r in sorted(doc["table"].items(), key=lambda kv: (STUDY_ORDER.index(_study_family(kv[0])), kv[0]))
+            if _study_family(name) in STUDY_ORDER and "heads" not in name]
+    beats = [k for k, v in versus.items() if v["holds"]]
+    h = mech["heldout"]
+    fix = ("**an intervention beats calibration** (" + ", ".join(beats) + "): `mechcopy find --recipe copy-mechanism` "
+           "writes it, `mechcopy evaluate --prune FILE` applies it" if beats else
+           "**calibration is the fix**: no component set chosen on the copy probe beats it on held-out tasks; use "
+           "`mechcopy evaluate --scoring labels --calibrate contextual`")
+    text = (f"The study (criterion committed before its runs; docs/copy_mechanism.md) chose component sets on a copy "
+            f"probe that shares no data with the evaluation, and read them on {len(doc['settings']['heldout_tasks'])} held-out "
+            f"label tasks (each weighing the same): "
+            f"unpruned accuracy {num(doc['unpruned']['accuracy'])}, copy rate {num(doc['unpruned']['copy_rate'])}, copy "
+            f"effect {num(doc['unpruned']['copy_effect'])}; n = {doc['settings']['n']} prompts per task.\n\n"
+            f"- A copying mechanism (criterion 1, the neuron arm over seeds): "
+            f"{'yes' if mech['probe_test']['holds'] and h['holds'] else 'no'}; beyond size-matched random sets on "
+            f"held-out tasks {signed(h['mean'])} [task CI {signed(h['task_ci'][0])}, {signed(h['task_ci'][1])}].\n"
+            f"- Better than calibration (criterion 2): {'yes' if beats else 'no'}; neurons minus contextual calibration "
+            f"{signed(versus['pruned_vs_contextual']['mean'])} [task CI {signed(versus['pruned_vs_contextual']['task_ci'][0])}, "
+            f"{signed(versus['pruned_vs_contextual']['task_ci'][1])}].\n\n"
+            f"So {fix}. The table: each condition minus unpruned (no-gold prompts; the copy effect on copy-control "
+            "prompts); `@s<seed>` is a selection seed's set, `random-` its size-matched random set. The head arms "
+            "(exploratory) are in docs/copy_mechanism.md.")
+    return Section(title, text, table=pd.DataFrame(rows))
+
+
 def _answer(evaluation: Evaluation, evaluated: Components, fig_dir: Path) -> Section:
     """The headline: pooled paired differences (pruned - unpruned, pruned - random) beside the same with
     the task as the unit, and the forest plot."""
@@ -367,7 +419,8 @@ def build_report(out_dir: str | Path) -> dict[str, Any]:
     fig_dir = out / "figures"
     run = Run.read(out)
     per_task, means = _per_task(run.settings, run.evaluated, run.evaluation, fig_dir)
-    sections = [_answer(run.evaluation, run.evaluated, fig_dir), per_task,
+    sections = [_answer(run.evaluation, run.evaluated, fig_dir),
+                _copy_mechanism(run.settings.model_name, Path(__file__).resolve().parents[1]), per_task,
                 _selection(run.settings, run.evaluated, run.choice, fig_dir),
                 _task_vectors(run.task_vectors, fig_dir), _patching(run.patching, fig_dir),
                 _copy_error_up_close(run.views)]

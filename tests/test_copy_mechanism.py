@@ -389,3 +389,21 @@ def test_recipe_on_the_command_line(study, tiny, tmp_path, monkeypatch, capsys):
     assert main(["find", "--model", "gemma-3-270m", "--recipe", "copy-mechanism", "--study", str(path),
                  "--out", str(tmp_path / "d.json")]) != 0
     assert "is of 'smollm2-135m', not --model 'gemma-3-270m'" in capsys.readouterr().err
+
+
+def test_a_rerun_at_another_n_reuses_only_the_n_free_state(study, tmp_path):
+    """`--n`: the selections, probe test and costs of every arm are copied from the frozen run's folder
+    (none depends on n); the held-out journals (which do) are not, and what is already there is kept."""
+    frozen, work = tmp_path / "frozen", tmp_path / "work"
+    frozen.mkdir()
+    work.mkdir()
+    names = ["select_seed0.json", "heads-last_select_seed2.json", "probe_test.json", "heads-last_probe_test.json",
+             "costs.json", "heads-last_costs.json", "heldout_no-gold.jsonl", "heads-last_heldout_copy-control.jsonl"]
+    for name in names:
+        (frozen / name).write_text(name)
+    (work / "costs.json").write_text("mine")
+    copied = study.reuse_n_free(frozen, work)
+    assert sorted(copied) == sorted(n for n in names if not n.endswith(".jsonl") and n != "costs.json")
+    assert (work / "costs.json").read_text() == "mine"
+    assert not list(work.glob("*.jsonl"))
+    assert study.reuse_n_free(frozen, work) == []

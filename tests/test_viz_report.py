@@ -540,3 +540,57 @@ def test_k_curve_plot_says_when_no_pruning_was_chosen():
 
     fig = viz.plot_k_curve({"5": compare_rows(_fake_rows(), n_boot=100)["pooled"]}, chosen_k=0, title="t")
     assert fig._suptitle.get_text() == "t\nthe dev split chose k = 0: no pruning"
+
+
+def _study_files(root: Path, beats: bool) -> None:
+    """A hand-made copy-mechanism study summary and criteria for the model `m` under root/docs/data."""
+    cell = lambda d: {"diff": d, "task_ci": [d - 0.1, d + 0.1]}
+    row = lambda a, c, e, ppl=0.0: {"accuracy": cell(a), "copy_rate": cell(c), "copy_effect": cell(e), "ppl_increase": ppl}
+    table = {"batch": row(0.02, -0.01, 0.0), "contextual": row(0.2, -0.2, -0.15), "pruned@s0": row(0.01, -0.02, -0.03, 0.039),
+             "random-0@s0": row(0.0, 0.0, 0.01, 0.035), "pruned+contextual@s0": row(0.21, -0.22, -0.16, 0.039),
+             "pruned@heads-last-s2": row(0.07, -0.1, -0.09)}
+    study = {"model": "m", "settings": {"n": 30, "heldout_tasks": ["a", "b", "c"]},
+             "unpruned": {"accuracy": 0.4, "copy_rate": 0.5, "copy_effect": 0.2}, "table": table}
+    versus = {"pruned_vs_contextual": {"mean": -0.19, "task_ci": [-0.3, -0.08], "holds": False},
+              "pruned_vs_batch": {"mean": 0.05, "task_ci": [0.01, 0.09], "holds": beats}}
+    crit = {"criteria": {"mechanism": {"mean_over_seeds": {"probe_test": {"holds": True},
+                                                           "heldout": {"mean": 0.01, "task_ci": [-0.01, 0.03], "holds": False}}},
+                         "versus_calibration": {"mean_over_seeds": versus}}}
+    data = root / "docs" / "data"
+    data.mkdir(parents=True)
+    (data / "copy_mechanism_m.json").write_text(json.dumps(study))
+    (data / "copy_mechanism_m_criteria_neurons.json").write_text(json.dumps(crit))
+
+
+@pytest.mark.parametrize("beats", [False, True])
+def test_report_copy_mechanism_section_follows_the_study(tmp_path, beats):
+    """The report's study section shows the committed study's rows (frozen arm only, in order, the
+    numbers as written), its verdicts, and recommends calibration unless an intervention beats it."""
+    from mechcopy.report import _copy_mechanism
+
+    _study_files(tmp_path, beats)
+    s = _copy_mechanism("m", tmp_path)
+    assert list(s.table["condition"]) == ["contextual", "batch", "pruned@s0", "random-0@s0", "pruned+contextual@s0"]
+    assert s.table.iloc[0]["Δ accuracy [task CI]"] == "+0.200 [+0.100, +0.300]"
+    assert s.table.iloc[2]["perplexity cost %"] == "3.9"
+    assert "A copying mechanism (criterion 1, the neuron arm over seeds): no" in s.text
+    assert ("an intervention beats calibration** (pruned_vs_batch)" in s.text) == beats
+    assert ("**calibration is the fix**" in s.text) == (not beats)
+    assert "has not been run" in _copy_mechanism("other", tmp_path).text
+
+
+def test_report_copy_mechanism_section_reads_the_committed_smollm2_study():
+    """On the committed SmolLM2 study the section's verdict is the criteria file's and its contextual row
+    is the summary's."""
+    from mechcopy.report import _copy_mechanism
+
+    root = Path(__file__).resolve().parents[1]
+    data = root / "docs" / "data"
+    table = json.loads((data / "copy_mechanism_smollm2-135m.json").read_text())["table"]
+    versus = json.loads((data / "copy_mechanism_smollm2-135m_criteria_neurons.json").read_text())[
+        "criteria"]["versus_calibration"]["mean_over_seeds"]
+    s = _copy_mechanism("smollm2-135m", root)
+    acc = table["contextual"]["accuracy"]
+    row = s.table.set_index("condition").loc["contextual"]
+    assert row["Δ accuracy [task CI]"] == f"{acc['diff']:+.3f} [{acc['task_ci'][0]:+.3f}, {acc['task_ci'][1]:+.3f}]"
+    assert ("**calibration is the fix**" in s.text) == (not any(v["holds"] for v in versus.values()))
