@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 
     from mechcopy import load_model
     from mechcopy.fingerprint import model_fingerprint
-    from mechcopy.io import write_json_atomic
+    from mechcopy.io import write_atomic
     from mechcopy.provenance import git_revision
 
     torch.set_num_threads(args.threads)
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                "command": "python analyses/copy_probe_pilot.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "settings": settings, "keep_rule": KEEP_RULE,
                "kept": kept, "dropped": dropped, "models": models}
-        write_json_atomic(args.out, doc)
+        write_atomic(args.out, json.dumps(doc, indent=1))   # one indent: two models' pilots stay under docs/data's 64 KiB
         print(f"{name}: {sum(res['seconds'].values()):.0f} s; kept so far {kept}", file=sys.stderr)
         del model
     return 0
