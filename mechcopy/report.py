@@ -264,22 +264,27 @@ def _copy_mechanism(model_name: str, root: Path) -> Section:
             for name, r in sorted(doc["table"].items(), key=lambda kv: (STUDY_ORDER.index(_study_family(kv[0])), kv[0]))
             if _study_family(name) in STUDY_ORDER and "heads" not in name]
     beats = [k for k, v in versus.items() if v["holds"]]
-    h = mech["heldout"]
     fix = ("**an intervention beats calibration** (" + ", ".join(beats) + "): `mechcopy find --recipe copy-mechanism` "
            "writes it, `mechcopy evaluate --prune FILE` applies it" if beats else
            "**calibration is the fix**: no component set chosen on the copy probe beats it on held-out tasks; use "
            "`mechcopy evaluate --scoring labels --calibrate contextual`")
+    if "heldout" in mech:
+        h, vc = mech["heldout"], versus["pruned_vs_contextual"]
+        verdicts = (f"- A copying mechanism (criterion 1, the neuron arm over seeds): "
+                    f"{'yes' if mech['probe_test']['holds'] and h['holds'] else 'no'}; beyond size-matched random sets on "
+                    f"held-out tasks {signed(h['mean'])} [task CI {signed(h['task_ci'][0])}, {signed(h['task_ci'][1])}].\n"
+                    f"- Better than calibration (criterion 2): {'yes' if beats else 'no'}; neurons minus contextual "
+                    f"calibration {signed(vc['mean'])} [task CI {signed(vc['task_ci'][0])}, {signed(vc['task_ci'][1])}].")
+    else:   # no seed chose a neuron set: nothing to test, and the method is the unpruned model
+        verdicts = ("- The neuron arm chose no set on any selection seed (none within the perplexity bound beat the "
+                    "unpruned model on the probe's dev split): nothing to prune, so no copying mechanism to test, and "
+                    "the method is the unpruned model against calibration.")
     text = (f"The study (criterion committed before its runs; docs/copy_mechanism.md) chose component sets on a copy "
             f"probe that shares no data with the evaluation, and read them on {len(doc['settings']['heldout_tasks'])} held-out "
             f"label tasks (each weighing the same): "
             f"unpruned accuracy {num(doc['unpruned']['accuracy'])}, copy rate {num(doc['unpruned']['copy_rate'])}, copy "
             f"effect {num(doc['unpruned']['copy_effect'])}; n = {doc['settings']['n']} prompts per task.\n\n"
-            f"- A copying mechanism (criterion 1, the neuron arm over seeds): "
-            f"{'yes' if mech['probe_test']['holds'] and h['holds'] else 'no'}; beyond size-matched random sets on "
-            f"held-out tasks {signed(h['mean'])} [task CI {signed(h['task_ci'][0])}, {signed(h['task_ci'][1])}].\n"
-            f"- Better than calibration (criterion 2): {'yes' if beats else 'no'}; neurons minus contextual calibration "
-            f"{signed(versus['pruned_vs_contextual']['mean'])} [task CI {signed(versus['pruned_vs_contextual']['task_ci'][0])}, "
-            f"{signed(versus['pruned_vs_contextual']['task_ci'][1])}].\n\n"
+            + verdicts + "\n\n"
             f"So {fix}. The table: each condition minus unpruned (no-gold prompts; the copy effect on copy-control "
             "prompts); `@s<seed>` is a selection seed's set, `random-` its size-matched random set. The head arms "
             "(exploratory) are in docs/copy_mechanism.md.")

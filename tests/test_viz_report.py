@@ -579,17 +579,19 @@ def test_report_copy_mechanism_section_follows_the_study(tmp_path, beats):
     assert "has not been run" in _copy_mechanism("other", tmp_path).text
 
 
-def test_report_copy_mechanism_section_reads_the_committed_smollm2_study():
-    """On the committed SmolLM2 study the section's verdict is the criteria file's and its contextual row
-    is the summary's."""
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma-3-270m"])
+def test_report_copy_mechanism_section_reads_the_committed_study(model):
+    """On each committed study (SmolLM2's neuron sets; Gemma's, where no seed chose one) the section's
+    verdict is the criteria file's and its contextual row is the summary's."""
     from mechcopy.report import _copy_mechanism
 
     root = Path(__file__).resolve().parents[1]
     data = root / "docs" / "data"
-    table = json.loads((data / "copy_mechanism_smollm2-135m.json").read_text())["table"]
-    versus = json.loads((data / "copy_mechanism_smollm2-135m_criteria_neurons.json").read_text())[
-        "criteria"]["versus_calibration"]["mean_over_seeds"]
-    s = _copy_mechanism("smollm2-135m", root)
+    table = json.loads((data / f"copy_mechanism_{model}.json").read_text())["table"]
+    crit = json.loads((data / f"copy_mechanism_{model}_criteria_neurons.json").read_text())["criteria"]
+    versus = crit["versus_calibration"]["mean_over_seeds"]
+    s = _copy_mechanism(model, root)
+    assert ("chose no set on any selection seed" in s.text) == (not crit["seeds"])
     acc = table["contextual"]["accuracy"]
     row = s.table.set_index("condition").loc["contextual"]
     assert row["Δ accuracy [task CI]"] == f"{acc['diff']:+.3f} [{acc['task_ci'][0]:+.3f}, {acc['task_ci'][1]:+.3f}]"
