@@ -127,3 +127,15 @@ def best_k_chosen(monkeypatch):
         return max(rows, key=lambda r: r["dev_accuracy"])["k"], ""
 
     monkeypatch.setattr(sweeps, "_choose_k", best)
+
+
+def analysis_script(name: str):
+    """The module of `analyses/<name>.py` (the analyses are scripts, not a package), loaded once per call."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "analyses" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 `mechcopy evaluate`'s JSON (checked against the per-prompt outcomes of its rows), and its Markdown tables
 pass the docs' number check against the extract."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,15 +12,13 @@ from mechcopy.neurons import NeuronSet, model_fingerprint
 from mechcopy.tasks.task import Task
 from tests.test_docs_numbers import blocks, check_block
 from tests.test_evaluation import ANSWERS
+from conftest import analysis_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("calibration_extract", ROOT / "analyses" / "calibration_extract.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return analysis_script("calibration_extract")
 
 
 def _task(name: str, shift: int) -> Task:

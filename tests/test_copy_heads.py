@@ -2,24 +2,19 @@
 and percentile logic against hand examples, the patching effect against a hand-written hook and against
 `head_patching.patch_heads`, the Spearman summary by hand, and the script end to end on a tiny model."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import analysis_script
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def heads_script():
-    spec = importlib.util.spec_from_file_location("copy_heads", ROOT / "analyses" / "copy_heads.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return analysis_script("copy_heads")
 
 
 def test_top_heads_by_hand(heads_script):

@@ -2,9 +2,7 @@
 separate label-scoring runs, the held-out conditions, both criteria by hand, and the paired copy-effect
 difference (`copy_effect.copy_effect_difference`) against two separate `copy_effect` calls."""
 
-import importlib.util
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +13,14 @@ from mechcopy.evaluation import TaskResult
 from mechcopy.suite import ResultRow
 from mechcopy.tasks.copy_probe import CopyProbeConfig, build_copy_probe
 from mechcopy.tasks.prompts import make_prompt
+from conftest import analysis_script
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("copy_mechanism", ROOT / "analyses" / "copy_mechanism.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return analysis_script("copy_mechanism")
 
 
 def tiny_settings(study):

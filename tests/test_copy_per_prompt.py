@@ -2,23 +2,20 @@
 journal round trip through its command, and its committed SmolLM2 figures against the study's own pooled
 differences (computed there from the same rows by another path). No model."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from mechcopy.suite import ResultRow
+from conftest import analysis_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def pp():
-    spec = importlib.util.spec_from_file_location("copy_per_prompt", ROOT / "analyses" / "copy_per_prompt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return analysis_script("copy_per_prompt")
 
 
 def row_json(task, condition, predictions, gold, demos, family=None, group=None, prompts=None):

@@ -1,23 +1,18 @@
 """The copy-probe pilot (analyses/copy_probe_pilot.py) on a tiny model: its figures recomputed by hand from
 its predictions, and its keep rule on hand-made results."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from mechcopy.tasks.copy_probe import CopyProbeConfig, build_copy_probe
+from conftest import analysis_script
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("copy_probe_pilot", ROOT / "analyses" / "copy_probe_pilot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return analysis_script("copy_probe_pilot")
 
 
 def test_pilot_figures_by_hand(script, tiny):

@@ -2,26 +2,20 @@
 against a hand-written hook, the rankings / yes-no rule on a hand-made example, Spearman by hand, the shift
 probe's label swaps staying within the prompt's shift, the zero-baseline fallback, and a whole organism run."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from mechcopy.organisms import probe_splits
 from mechcopy.organisms.data import LETTERS
+from conftest import analysis_script
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def oh():
-    spec = importlib.util.spec_from_file_location("organism_heads", ROOT / "analyses" / "organism_heads.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return analysis_script("organism_heads")
 
 
 @pytest.fixture(scope="module")
