@@ -233,19 +233,21 @@ def _rounded(x: Any, nd: int = 4) -> Any:
 
 
 def main(argv=None) -> int:
+    from mechcopy.commands.common import at_least
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--work", type=Path, required=True, help="the study's work folder (its heads-last selections)")
     ap.add_argument("--arm", default="heads-last", help="the arm whose selections hold the head scores")
     ap.add_argument("--pilot", type=Path, default=Path("docs/data/copy_probe_pilot.json"),
                     help="the copy-probe pilot that fixes the model's probe tasks")
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--n-test", type=int, default=None, help="probe test prompts per task (default: the study's)")
-    ap.add_argument("--n", type=int, default=None, help="held-out prompts per task (default: the study's)")
+    ap.add_argument("--k", type=at_least(1), default=8)
+    ap.add_argument("--n-test", type=at_least(1), default=None, help="probe test prompts per task (default: the study's)")
+    ap.add_argument("--n", type=at_least(1), default=None, help="held-out prompts per task (default: the study's)")
     ap.add_argument("--out-dir", type=Path, default=None)
     ap.add_argument("--data", type=Path, default=Path("docs/data"))
     ap.add_argument("--figures", type=Path, default=Path("docs/figures"))
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=at_least(1), default=1)
     args = ap.parse_args(argv)
 
     import torch

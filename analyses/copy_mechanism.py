@@ -260,17 +260,21 @@ def head_attributions(model, prompts, seed: int, settings: dict = SETTINGS, prog
     return attributions, clean, dropped
 
 
-def head_scores(model, probe, seed: int, settings: dict = SETTINGS, progress: bool = False):
-    """The head arm's scores of one selection seed: `head_attributions` on the probe's attribution split,
-    scored by `method.score` (the IG gate); returns (scores, the clean prompts attributed, the reasons of
-    the prompts dropped)."""
+def score_heads(model, attributions, clean: Sequence, seed: int, settings: dict = SETTINGS):
+    """Head attributions of the prompts `clean` scored as the study scores them (`method.score`: min-max per
+    prompt, IG's completeness gate)."""
     from mechcopy import method
 
-    s = settings
-    attributions, clean, dropped = head_attributions(model, probe.attribution, seed, s, progress)
-    config = method.FindConfig(n=len(clean), shots=s["shots"], steps=s["steps"], attribution="ig",
+    config = method.FindConfig(n=len(clean), shots=settings["shots"], steps=settings["steps"], attribution="ig",
                                target="contrast", seed=seed, components="heads")
-    return method.score(model, attributions, config, prompts=clean), clean, dropped
+    return method.score(model, attributions, config, prompts=clean)
+
+
+def head_scores(model, probe, seed: int, settings: dict = SETTINGS, progress: bool = False):
+    """The head arm's scores of one selection seed: `head_attributions` on the probe's attribution split,
+    `score_heads`; returns (scores, the clean prompts attributed, the reasons of the prompts dropped)."""
+    attributions, clean, dropped = head_attributions(model, probe.attribution, seed, settings, progress)
+    return score_heads(model, attributions, clean, seed, settings), clean, dropped
 
 
 def select_heads_seed(model, seed: int, settings: dict = SETTINGS, progress: bool = False,
@@ -713,6 +717,8 @@ def write_docs(doc: dict[str, Any], out: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
+    from mechcopy.commands.common import at_least
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--stage", required=True, choices=("select", "probe", "heldout", "costs", "summary"))
@@ -722,12 +728,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default=None, help="selection seeds for --stage select (default: the frozen ones)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--n", type=int, default=None,
+    ap.add_argument("--threads", type=at_least(1), default=1)
+    ap.add_argument("--n", type=at_least(1), default=None,
                     help="held-out prompts per task, to rerun the held-out stages at another n than the frozen one "
                          "(work folder and docs JSON get -n<N>; the selections, probe test and costs are reused from "
                          "the frozen run's folder)")
     args = ap.parse_args(argv)
+    if args.n is not None and args.stage in ("select", "probe", "costs"):
+        ap.error(f"--n reruns the held-out stages only: run --stage {args.stage} without it")
     import json
 
     import torch
@@ -741,8 +749,6 @@ def main(argv=None) -> int:
     work = _work(args)
     work.mkdir(parents=True, exist_ok=True)
     if args.n is not None:
-        if args.stage in ("select", "probe", "costs"):
-            raise SystemExit(f"--n reruns the held-out stages only: run --stage {args.stage} without it")
         SETTINGS.update(n=args.n)
         frozen = Path(f"results/copy_mechanism/{args.model}")
         copied = reuse_n_free(frozen, work)

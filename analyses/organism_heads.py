@@ -121,20 +121,18 @@ def single_head_ablations(model, attribution: Sequence, test: Sequence, settings
 def attribute_heads(model, attribution: Sequence, settings: dict = SETTINGS) -> dict[str, Any]:
     """The study's head attribution on `attribution` (label-swap counterfactual; zero where no prompt has a
     swap), scored as the study scores it: per head its score, whether its layer passed IG's gate, the mean IG."""
-    from mechcopy import method
     from mechcopy.head_attribution import head_integrated_gradients
     from mechcopy.heads import all_heads
 
+    driver = study()
     prompts = by_function(attribution)
     try:
-        ig, clean, dropped = study().head_attributions(model, prompts, settings["seed"], settings)
+        ig, clean, dropped = driver.head_attributions(model, prompts, settings["seed"], settings)
         baseline = "label-swap counterfactual"
     except ValueError as e:   # no prompt has a label swap
         ig, clean, dropped = head_integrated_gradients(model, prompts, steps=settings["steps"]), prompts, [str(e)]
         baseline = "zero"
-    config = method.FindConfig(n=len(clean), shots=settings["shots"], steps=settings["steps"], attribution="ig",
-                               target="contrast", seed=settings["seed"], components="heads")
-    scores = method.score(model, ig, config, prompts=clean)
+    scores = driver.score_heads(model, ig, clean, settings["seed"], settings)
     eligible, mean_ig = scores.eligible(), ig.values.mean(0)
     return {"baseline": baseline, "n_prompts": len(clean), "n_dropped": len(dropped), "dropped": dropped[:5],
             "completeness_error_by_layer": ig.completeness_error().median(0).values.tolist(),
@@ -208,10 +206,12 @@ def summarise(results: Sequence[dict], settings: dict = SETTINGS) -> dict[str, A
 
 
 def main(argv=None) -> int:
+    from mechcopy.commands.common import at_least
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("organisms", nargs="+", type=Path, help="organism folders (mechcopy train-organism --arch transformer)")
     ap.add_argument("--out", type=Path, default=Path("docs/data/copy_mechanism_organisms.json"))
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=at_least(1), default=1)
     args = ap.parse_args(argv)
     from mechcopy.io import write_json_atomic
     from mechcopy.provenance import git_revision

@@ -385,9 +385,8 @@ def _head_panel(fig: Figure, ax, values: np.ndarray, title: str, label: str, top
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, shrink=0.9, label=label)
-    order = [int(i) for i in np.argsort(-np.nan_to_num(np.abs(values), nan=-1).ravel(), kind="stable")[:top]]
-    if outline is not None:
-        order = [int(l) * n_h + int(h) for l, h in outline]
+    order = ([int(l) * n_h + int(h) for l, h in outline] if outline is not None else
+             [int(i) for i in np.argsort(-np.nan_to_num(np.abs(values), nan=-1).ravel(), kind="stable")[:top]])
     names = []
     for i in order:
         l, h = divmod(i, n_h)

@@ -172,3 +172,10 @@ def test_head_maps_outline_the_given_heads():
     boxes = sorted((int(r.get_y() + 0.5), int(r.get_x() + 0.5)) for r in ax.patches if isinstance(r, Rectangle))
     assert boxes == [(0, 1), (2, 0)]                 # the given heads, not the largest values (L2H3, ...)
     assert ax.get_title() == "a map\nsecond line\nL0H1, L2H0"
+
+
+@pytest.mark.parametrize("option", ["--k", "--n", "--n-test", "--threads"])
+def test_copy_heads_refuses_a_bad_number_before_the_model_loads(heads_script, option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        heads_script.main(["--work", str(tmp_path), option, "0"])
+    assert e.value.code == 2 and f"{option}: must be an integer >= 1" in capsys.readouterr().err

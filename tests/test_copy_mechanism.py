@@ -402,3 +402,15 @@ def test_a_rerun_at_another_n_reuses_only_the_n_free_state(study, tmp_path):
     assert (work / "costs.json").read_text() == "mine"
     assert not list(work.glob("*.jsonl"))
     assert study.reuse_n_free(frozen, work) == []
+
+
+@pytest.mark.parametrize("argv, says", [(["--stage", "heldout", "--n", "0"], "--n: must be an integer >= 1"),
+                                        (["--stage", "select", "--n", "100"], "reruns the held-out stages only"),
+                                        (["--stage", "summary", "--threads", "0"], "--threads: must be an integer >= 1")])
+def test_the_driver_refuses_a_bad_option_before_anything_runs(study, argv, says, capsys, monkeypatch):
+    import mechcopy
+
+    monkeypatch.setattr(mechcopy, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        study.main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
