@@ -43,7 +43,8 @@ from mechcopy.arch import HookedModel, arch_of
 from mechcopy.arch.transformer import transformer_block, transformer_cfg
 from mechcopy.attribution import (METHODS, TARGETS, Attributions, TargetSpec, _f, _first_tokens, _target_values,
                                   make_target, path_gradients, quadrature)
-from mechcopy.heads import frozen_norm, head_cache_names, head_site, head_writes, norm_bias, require_heads
+from mechcopy.heads import (final_norm, frozen_norm, head_cache_names, head_site, head_writes, norm_bias,
+                            require_direct_effects, require_heads)
 from mechcopy.progress import tqdm
 
 
@@ -144,19 +145,12 @@ def direct_logit_attribution(model: HookedModel, prompts: Sequence, target="cont
                              progress: bool = False) -> HeadDLA:
     """Per-head direct logit attribution of a contrast target (`contrast`, or one two-token `TargetSpec`
     per prompt such as `label_swap_target`) over `prompts`; see `HeadDLA`."""
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-
     require_heads(model, "direct logit attribution per head")
-    cfg = transformer_cfg(model)
-    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
-        raise NotImplementedError(f"{cfg.original_architecture} normalises after the residual add: a head's "
-                                  "direct effect is not a sum of terms there")
-    if getattr(cfg, "output_logits_soft_cap", None) and cfg.output_logits_soft_cap > 0:
-        raise ValueError("the model soft-caps its logits, so the logit difference is not a sum of direct effects")
-    n_layers = cfg.n_layers
+    require_direct_effects(model, "direct logit attribution")
+    n_layers = model.cfg.n_layers
     names = set(head_cache_names(model)) | {"blocks.0.hook_resid_pre"} | {f"blocks.{l}.hook_mlp_out" for l in range(n_layers)}
-    final_norm = model.ln_final if cfg.normalization_type is not None else torch.nn.Identity()
-    if hasattr(final_norm, "hook_scale"):
+    final = final_norm(model)
+    if hasattr(final, "hook_scale"):
         names.add("ln_final.hook_scale")
     rows = []
     for prompt in tqdm(prompts, desc="DLA", disable=not progress):
@@ -178,14 +172,14 @@ def direct_logit_attribution(model: HookedModel, prompts: Sequence, target="cont
             scale = cache["ln_final.hook_scale"][0, -1] if "ln_final.hook_scale" in names else None
 
             def dla(x: Tensor) -> Tensor:
-                return _f(frozen_norm(final_norm, scale, x)) @ direction
+                return _f(frozen_norm(final, scale, x)) @ direction
 
             per_layer = [head_writes(model, cache, l) for l in range(n_layers)]
             out["heads"].append(torch.stack([dla(h[0]) for h, _ in per_layer]))
             out["attn_bias"].append(torch.stack([dla(b[0]) for _, b in per_layer]))
             out["mlp"].append(torch.stack([dla(cache[f"blocks.{l}.hook_mlp_out"][0, -1]) for l in range(n_layers)]))
             out["embed"].append(dla(cache["blocks.0.hook_resid_pre"][0, -1]))
-            final_bias = _f(torch.as_tensor(norm_bias(final_norm), device=direction.device)) * direction
+            final_bias = _f(torch.as_tensor(norm_bias(final), device=direction.device)) * direction
             out["constant"].append(final_bias.sum() + _f(b_U[spec.copy] - b_U[spec.gold]))
             out["logit_diff"].append(_f(last[spec.copy] - last[spec.gold]))
     t = {k: torch.stack(v).cpu() for k, v in out.items()}

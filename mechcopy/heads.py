@@ -146,6 +146,25 @@ def frozen_norm(norm, scale: Tensor | None, x: Float[Tensor, "... d_model"]) -> 
     return x * norm.w if hasattr(norm, "w") else x
 
 
+def final_norm(model: HookedModel):
+    """The model's final norm (`ln_final`), or an `Identity` on a model without one."""
+    return model.ln_final if transformer_cfg(model).normalization_type is not None else torch.nn.Identity()
+
+
+def require_direct_effects(model: HookedModel, what: str) -> None:
+    """Raise (one line) unless a component's direct effect on a logit is a term of a sum: refuses
+    post-norm blocks (they normalise after the residual add) and soft-capped output logits."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    cfg = transformer_cfg(model)
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        raise NotImplementedError(f"{cfg.original_architecture} normalises after the residual add: a component's "
+                                  f"direct effect is not a sum of terms there, so {what} cannot run on it")
+    if getattr(cfg, "output_logits_soft_cap", None) and cfg.output_logits_soft_cap > 0:
+        raise ValueError(f"the model soft-caps its logits, so a logit is not a sum of direct effects: {what} "
+                         "refuses it")
+
+
 def norm_bias(norm) -> Tensor | float:
     """The bias a norm adds after scaling (LayerNorm's `b`), else 0."""
     return norm.b if hasattr(norm, "b") else 0.0
