@@ -305,6 +305,31 @@ def select_heads_seed(model, seed: int, settings: dict = SETTINGS, progress: boo
     return _selection(model, seed, len(clean), len(probe.dev), scores, sweep, means, sizes, t0, t_attr, extra)
 
 
+def unibias_candidates(model, probe, seed: int, settings: dict = SETTINGS) -> tuple[list, dict[str, Any]]:
+    """The UniBias-style arm's candidates for one selection seed (docs/copy_mechanism.md, "A UniBias-style
+    selection"): every head's and neuron's direct label push on the probe's attribution split (no-gold,
+    `label_push.label_push`), scored by `label_push.unibias_scores`; the top k heads (k in `unibias_hs`)
+    and the top k neurons (k in `unibias_ks`), each zeroed at the last position, read by label scoring.
+    Returns (candidates, extras: per kind the top 20 with their scores, how many score above 0, seconds)."""
+    from mechcopy.conditions import LABELS, Condition
+    from mechcopy.label_push import label_push, unibias_scores
+    from mechcopy.selection import select
+
+    candidates, extra = [], {"seed": seed, "n_attribution": len(probe.attribution)}
+    for kind, ks, tag in (("head", settings.get("unibias_hs", [5, 10, 20]), "h"),
+                          ("neuron", settings.get("unibias_ks", [10, 20, 50, 100, 200]), "k")):
+        t0 = time.perf_counter()
+        scores = unibias_scores(label_push(model, probe.attribution, kind))
+        eligible = int(scores.eligible().sum())
+        candidates += [Condition(f"zero-{tag}{k}", "pruned", select(scores, "global", k=k), "zero", "last",
+                                 readout=LABELS) for k in ks if k <= eligible]
+        extra[kind] = {"seconds": round(time.perf_counter() - t0, 1), "n_positive": int((scores.scores > 0).sum()),
+                       "n_consistent_by_task": scores.meta["n_consistent_by_task"],
+                       "scores_top": sorted(([int(l), int(c), float(scores.scores[l, c])] for l, c in
+                                             select(scores, "global", k=min(20, eligible)).pairs), key=lambda r: -r[2])}
+    return candidates, extra
+
+
 def group_of(arm: str, seed: int) -> str:
     """The group of an arm's conditions for one selection seed: `s0` (neurons, the frozen names), `heads-s0`."""
     return f"s{seed}" if arm == "neurons" else f"{arm}-s{seed}"

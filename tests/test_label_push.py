@@ -171,6 +171,8 @@ def test_unibias_scores_equal_a_plain_loop():
     raw[:4, 0, 1] = [[5, -2.5, -2.5], [-3, 1.5, 1.5], [5, -2.5, -2.5], [-3, 1.5, 1.5]]   # biased, inconsistent
     raw[4:, 0, 1] = [[4, -4, 0], [-4, 4, 0], [4, -4, 0]]
     raw[:, 1, 4] += np.array([3.0, -3.0, 0.0])          # strongly biased in both tasks (toward the first label)
+    raw[:4, 1, 2] = [[1.9, -0.95, -0.95], [0.1, -0.05, -0.05]] * 2   # bias 1, population sd 0.9 (sample sd 1.04)
+    raw[4:, 1, 2] = 0.0
     raw[4:, ..., 2] = np.nan
     push = _made_up(raw, tasks, labels)
     scores = unibias_scores(push)
@@ -178,6 +180,7 @@ def test_unibias_scores_equal_a_plain_loop():
     np.testing.assert_allclose(scores.scores.numpy(), want, rtol=1e-5, atol=1e-6)
     assert scores.scores[0, 1] == 0      # biased (1 in a, 4/3 in b) but standard deviations 4 and 3.8: dropped
     assert float(scores.scores[0, 0]) == pytest.approx(1.0)      # bias 1, standard deviation 0, in both tasks
+    assert float(scores.scores[1, 2]) == pytest.approx(0.5)      # kept in task a (sd 0.9 < 1), 0 in b
     assert 0 < (want > 0).sum() < want.size          # the test data has both kept and dropped components
     chosen = select(scores, "global", k=1)
     assert chosen.kind == "neuron" and chosen.pairs == ((1, 4),)
@@ -216,3 +219,25 @@ def test_refusals(prompts, mamba):
         label_push(plain, [replace(prompts[0], label_space=())], "neuron")
     with pytest.raises(ValueError, match="no prompts"):
         label_push(plain, [], "head")
+
+
+def test_unibias_candidates_of_the_study(model, prompts):
+    """The study's arm (analyses/copy_mechanism.py): the top k heads and neurons of `unibias_scores`, zeroed
+    at the last position and read by label scoring; k larger than the model has is left out."""
+    from types import SimpleNamespace
+
+    from conftest import analysis_script
+    from mechcopy.conditions import LABELS
+
+    cm = analysis_script("copy_mechanism")
+    settings = {"unibias_hs": [2, 5, 99], "unibias_ks": [3, 10]}
+    candidates, extra = cm.unibias_candidates(model, SimpleNamespace(attribution=prompts), 0, settings)
+    assert [c.name for c in candidates] == ["zero-h2", "zero-h5", "zero-k3", "zero-k10"]
+    heads = unibias_scores(label_push(model, prompts, "head"))
+    for c in candidates:
+        assert (c.family, c.ablation, c.positions, c.readout) == ("pruned", "zero", "last", LABELS)
+        assert c.components.kind == ("head" if "-h" in c.name else "neuron")
+    assert candidates[0].components.pairs == select(heads, "global", k=2).pairs
+    top = extra["head"]["scores_top"]
+    assert len(top) == 12 and top[0][2] == pytest.approx(float(heads.scores.max()))
+    assert len(extra["neuron"]["scores_top"]) == 20 and extra["n_attribution"] == 3
