@@ -42,7 +42,7 @@ from torch import Tensor
 
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.arch.base import Cache
-from mechcopy.arch.transformer import transformer_block, transformer_cfg
+from mechcopy.arch.transformer import _mlp, transformer_block, transformer_cfg
 from mechcopy.attribution import CopyScores
 from mechcopy.components import component_kind
 from mechcopy.fingerprint import model_fingerprint
@@ -139,7 +139,7 @@ def neuron_writes(model: HookedModel, cache: Cache, layer: int, directions: Floa
     so neurons + bias = `hook_mlp_out` exactly."""
     act = cache[arch_of(model).neuron_site(model, layer)][:, position]            # [batch, neurons]
     per_neuron = act.to(directions.dtype)[..., None] * directions
-    b_out = transformer_block(model, layer).mlp.b_out
+    b_out = _mlp(transformer_block(model, layer)).b_out
     bias = b_out.expand(act.shape[0], -1)
     post = post_mlp_norm(model, layer)
     if post is not None:
@@ -170,8 +170,8 @@ def label_push(model: HookedModel, prompts: Sequence, kind: str, progress: bool 
     final = final_norm(model)
     if hasattr(final, "hook_scale"):
         names.add("ln_final.hook_scale")
-    directions = None
-    if kind == "neuron":       # once per call: the rows of W_out, layer by layer
+    directions: list[Tensor] = []      # neurons: the rows of W_out, layer by layer, once per call
+    if kind == "neuron":
         directions = [torch.stack([arch.neuron_direction(model, l, i) for i in range(width)]) for l in range(n_layers)]
     labels = tuple(tuple(p.label_space) for p in prompts)
     most = max(len(ls) for ls in labels)
@@ -194,7 +194,7 @@ def label_push(model: HookedModel, prompts: Sequence, kind: str, progress: bool 
             per_layer, bias_layer = [], []
             for l in range(n_layers):
                 parts, bias = (head_writes(model, cache, l) if kind == "head"
-                               else neuron_writes(model, cache, l, directions[l]))           # type: ignore[index]
+                               else neuron_writes(model, cache, l, directions[l]))
                 per_layer.append(onto_labels(parts))
                 bias_layer.append(onto_labels(bias))
         pushes.append(_pad(torch.stack(per_layer).cpu(), most))
