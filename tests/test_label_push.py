@@ -241,3 +241,38 @@ def test_unibias_candidates_of_the_study(model, prompts):
     top = extra["head"]["scores_top"]
     assert len(top) == 12 and top[0][2] == pytest.approx(float(heads.scores.max()))
     assert len(extra["neuron"]["scores_top"]) == 20 and extra["n_attribution"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "gemma"])
+def test_completeness_on_the_zoo_models(request, name):
+    """On the real models (Gemma 3 with its post-attention and post-MLP norms), on copy-probe prompts:
+    heads + bias and neurons + bias per layer equal the sublayer outputs' push, and every term equals
+    the centred label logits."""
+    from mechcopy.heads import final_norm
+    from mechcopy.tasks.copy_probe import CopyProbeConfig, build_copy_probe
+
+    model = request.getfixturevalue(name)
+    config = CopyProbeConfig(("last_digit", "star_count"), "no-gold", 4, n_attr=2, n_dev=0, n_test=0)
+    prompts = list(build_copy_probe(model.tokenizer, config, seed=0).attribution)[:3]
+    heads, neurons = label_push(model, prompts, "head"), label_push(model, prompts, "neuron")
+    norm = final_norm(model)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            logits, cache = model.run_with_cache(p.text)
+            ids = list(heads.label_ids[i])
+            k = len(ids)
+
+            def onto(x):
+                y = x / cache["ln_final.hook_scale"][0, -1] * getattr(norm, "w", 1.0) @ model.W_U[:, ids]
+                return y - y.mean()
+
+            for l in range(model.cfg.n_layers):
+                for push, hook in ((heads, "hook_attn_out"), (neurons, "hook_mlp_out")):
+                    got = push.push[i, l, :, :k].sum(0) + push.bias[i, l, :k]
+                    torch.testing.assert_close(got, onto(cache[f"blocks.{l}.{hook}"][0, -1]), atol=2e-4, rtol=1e-4)
+            want = logits[0, -1, ids] - logits[0, -1, ids].mean()
+            const = model.b_U[ids] - model.b_U[ids].mean()
+            total = sum(x.push[i, ..., :k].sum((0, 1)) + x.bias[i, :, :k].sum(0) for x in (heads, neurons))
+            torch.testing.assert_close(total + onto(cache["blocks.0.hook_resid_pre"][0, -1]) + const, want,
+                                       atol=2e-4, rtol=1e-4)
