@@ -192,12 +192,22 @@ def head_writes(model: HookedModel, cache: Cache, layer: int, position: int = -1
     z = cache[head_site(model, layer)][:, position]                            # [batch, heads, d_head]
     per_head = torch.einsum("bhd,hdm->bhm", z.to(attn.W_O.dtype), attn.W_O)
     bias = attn.b_O.expand(z.shape[0], -1)
-    post = post_attention_norm(model, layer)
-    if post is not None:
-        scale = cache[f"blocks.{layer}.ln1_post.hook_scale"][:, position] if hasattr(post, "hook_scale") else None
-        per_head = frozen_norm(post, None if scale is None else scale[:, None], per_head)
-        bias = frozen_norm(post, scale, bias) + norm_bias(post)
-    return per_head, bias
+    return through_post_norm(post_attention_norm(model, layer), f"blocks.{layer}.ln1_post.hook_scale", cache, position,
+                             per_head, bias)
+
+
+def through_post_norm(norm, scale_name: str, cache: Cache, position: int, parts: Float[Tensor, "batch n d_model"],
+                      bias: Float[Tensor, "batch d_model"]
+                      ) -> tuple[Float[Tensor, "batch n d_model"], Float[Tensor, "batch d_model"]]:
+    """The parts and bias term of a sublayer's output, after the norm it goes through before the residual
+    add (`norm`; None: none, returned as given): each through `norm` with its scale frozen at the value
+    the whole output gave it (`cache[scale_name]` at `position`), the norm's own bias added to the bias
+    term, so that parts + bias = the normed output exactly."""
+    if norm is None:
+        return parts, bias
+    scale = cache[scale_name][:, position] if hasattr(norm, "hook_scale") else None
+    return (frozen_norm(norm, None if scale is None else scale[:, None], parts),
+            frozen_norm(norm, scale, bias) + norm_bias(norm))
 
 
 def head_cache_names(model: HookedModel, layers: Iterable[int] | None = None) -> list[str]:

@@ -46,8 +46,8 @@ from mechcopy.arch.transformer import _mlp, transformer_block, transformer_cfg
 from mechcopy.attribution import CopyScores
 from mechcopy.components import component_kind
 from mechcopy.fingerprint import model_fingerprint
-from mechcopy.heads import (final_norm, frozen_norm, head_cache_names, head_writes, norm_bias, require_direct_effects,
-                            require_heads)
+from mechcopy.heads import (final_norm, frozen_norm, head_cache_names, head_writes, require_direct_effects,
+                            require_heads, through_post_norm)
 from mechcopy.progress import tqdm
 
 #: the component kinds a push is computed for
@@ -141,12 +141,8 @@ def neuron_writes(model: HookedModel, cache: Cache, layer: int, directions: Floa
     per_neuron = act.to(directions.dtype)[..., None] * directions
     b_out = _mlp(transformer_block(model, layer)).b_out
     bias = b_out.expand(act.shape[0], -1)
-    post = post_mlp_norm(model, layer)
-    if post is not None:
-        scale = cache[f"blocks.{layer}.ln2_post.hook_scale"][:, position] if hasattr(post, "hook_scale") else None
-        per_neuron = frozen_norm(post, None if scale is None else scale[:, None], per_neuron)
-        bias = frozen_norm(post, scale, bias) + norm_bias(post)
-    return per_neuron, bias
+    return through_post_norm(post_mlp_norm(model, layer), f"blocks.{layer}.ln2_post.hook_scale", cache, position,
+                             per_neuron, bias)
 
 
 def _neuron_cache_names(model: HookedModel) -> list[str]:
