@@ -35,6 +35,14 @@ size-matched random heads, heads + calibration; its state files are prefixed `he
 grouped `heads-s<seed>`. `--components heads-last` is the same at the last position only (post hoc,
 exploratory; `heads-last_`, `heads-last-s<seed>`). The summary also reads each seed's dev-best of neurons
 and heads (`best_arm`) as an arm of its own (`best-s<seed>`).
+
+The third session's arms (docs/copy_mechanism.md, "Third session"; exploratory) run the same stages, and
+`--stage summary` with `--components <arm>` writes each into docs JSON of its own
+(`copy_mechanism_<model>[-n<N>]_<arm>*.json`, `only_arm`): `--components heads-attn` down-weights the answer
+position's attention to the demo-label tokens (`Condition(ablation="label-attention")`) in the top h heads of
+each seed's `heads-last` ranking, (h, f) chosen on dev (`select_attention_seed`; run after `heads-last`'s
+select); `--components unibias` zeroes at the last position the heads or neurons whose direct push favours
+one label (`unibias_candidates`, `select_unibias_seed`).
 """
 
 from __future__ import annotations
@@ -74,6 +82,14 @@ SETTINGS: dict[str, Any] = {
 #: head arm's attribution with mean ablation at the last position only); their groups `<arm>-s<seed>`
 #: (neurons: `s<seed>`), their state files prefixed `<arm>_` (neurons: none)
 ARMS = ("neurons", "heads", "heads-last")
+#: the third session's arms (docs/copy_mechanism.md, "Third session"; exploratory), each summarised into docs
+#: JSON of its own beside the unpruned and calibration rows (`summary(..., arm=...)`): `heads-attn` down-weights
+#: the answer position's attention to the demo labels in the top heads of the `heads-last` ranking; `unibias`
+#: zeroes, at the last position, the heads or neurons whose direct push favours one label
+EXTRA_ARMS = ("heads-attn", "unibias")
+#: the third session's settings (its plan, before its results): the down-weighting factors of `heads-attn`,
+#: the set sizes of `unibias`
+THIRD = {"attn_factors": [0.0, 0.5], "unibias_hs": [5, 10, 20], "unibias_ks": [10, 20, 50, 100, 200]}
 CONSTRUCTIONS = ("no-gold", "copy-control")
 
 
@@ -152,9 +168,9 @@ def _predict_tasks(model, prompts, conditions, batch_size: int = 32) -> dict[str
 def _dev_sweep(model, probe, candidates: Sequence[Any], settings: dict = SETTINGS) -> dict[str, Any]:
     """The dev rule (docs/copy_mechanism.md): each candidate `Condition` (an ablation) read by label
     scoring on the probe's dev split (each probe task weighing the same) and its perplexity increase;
-    the best dev accuracy within the perplexity bound wins (ties to the smaller set), if it beats the
-    unpruned model (else nothing is chosen, and `why` says so)."""
-    from mechcopy.conditions import LABELS, UNPRUNED
+    the best dev accuracy within the perplexity bound wins (ties to the smaller set, then the larger
+    down-weighting factor), if it beats the unpruned model (else nothing is chosen, and `why` says so)."""
+    from mechcopy.conditions import LABEL_ATTENTION, LABELS, UNPRUNED
     from mechcopy.evaluation import perplexity
     from mechcopy.pruning import condition_hooks
 
@@ -170,13 +186,15 @@ def _dev_sweep(model, probe, candidates: Sequence[Any], settings: dict = SETTING
     base_ppl = perplexity(model, n_tokens=s["ppl_tokens"])
     rows = []
     for c in candidates:
-        ppl = perplexity(model, fwd_hooks=condition_hooks(model, c), n_tokens=s["ppl_tokens"])
+        # down-weighting the attention to demo labels changes nothing on plain text (no demo labels): cost 0
+        ppl = base_ppl if c.ablation == LABEL_ATTENTION else perplexity(model, fwd_hooks=condition_hooks(model, c),
+                                                                         n_tokens=s["ppl_tokens"])
         rows.append({"condition": c.name, "ablation": c.ablation, "positions": c.positions, "k": len(c.components),
-                     "dev_accuracy": accuracy(c.label),
+                     **({} if c.factor is None else {"factor": c.factor}), "dev_accuracy": accuracy(c.label),
                      "ppl_increase": ppl / base_ppl - 1, "feasible": ppl / base_ppl - 1 <= s["max_ppl_increase"]})
     baseline = accuracy(unpruned.label)
     feasible = [r for r in rows if r["feasible"]]
-    best = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"])) if feasible else None
+    best = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"], r.get("factor", 0.0))) if feasible else None
     if best is None or best["dev_accuracy"] <= baseline:
         chosen, why = None, ("no (k, ablation) within the perplexity bound" if best is None else
                              f"no (k, ablation) beats the unpruned dev accuracy {baseline:.3f} "
@@ -330,6 +348,55 @@ def unibias_candidates(model, probe, seed: int, settings: dict = SETTINGS) -> tu
     return candidates, extra
 
 
+def _chosen(model, seed: int, probe, sweep: dict, candidates: Sequence[Any], t0: float, extra: dict) -> dict[str, Any]:
+    """What a select stage of a third-session arm saves for one seed: the dev sweep, the chosen candidate's
+    components (and its kind's sizes at the answer position, for size-matched random sets)."""
+    from mechcopy.pruning import component_sizes
+
+    chosen = sweep["chosen"]
+    cond = None if chosen is None else next(c for c in candidates if c.name == chosen["condition"])
+    comps = None if cond is None else cond.components
+    sizes = None if comps is None else component_sizes(
+        model, probe.attribution, comps.kind, reference=f"copy probe attribution split (no-gold), selection seed {seed}")
+    return {"seed": seed, "kind": None if comps is None else comps.kind, "n_attribution": len(probe.attribution),
+            "n_dev": len(probe.dev), **{k: sweep[k] for k in ("dev_unpruned_accuracy", "base_ppl", "sweep")},
+            "chosen": None if comps is None else {**chosen, "components": comps.to_json()}, "why": sweep["why"],
+            "layers_of_chosen": None if comps is None else comps.layer_counts(model.cfg.n_layers),
+            "means": None, "sizes": None if sizes is None else sizes.to_json(), **extra,
+            "seconds": {"total": round(time.perf_counter() - t0, 1)}}
+
+
+def select_attention_seed(model, seed: int, work: Path, settings: dict = SETTINGS) -> dict[str, Any]:
+    """One selection seed, `heads-attn`: the top h heads of the seed's last-position head ranking (its
+    `heads-last` select file, not recomputed), the answer position's attention to the demo labels times f;
+    (h, f) by the dev rule (`_dev_sweep`; cost 0 by construction)."""
+    from mechcopy.conditions import LABEL_ATTENTION, LABELS, Condition
+    from mechcopy.heads import head_set
+
+    path = work / _file("heads-last", f"select_seed{seed}.json")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: heads-attn takes the heads-last ranking of seed {seed}; run "
+                                "`--components heads-last --stage select` first")
+    ranking = [(int(l), int(h)) for l, h, _ in json.loads(path.read_text())["scores_top"]]
+    t0 = time.perf_counter()
+    probe = _probe(model.tokenizer, "no-gold", seed, settings)
+    candidates = [Condition(f"attn-h{h}-f{f:g}", "pruned", head_set(model, ranking[:h]), LABEL_ATTENTION, "last",
+                            readout=LABELS, factor=f)
+                  for h in settings["hs"] if h <= len(ranking) for f in THIRD["attn_factors"]]
+    sweep = _dev_sweep(model, probe, candidates, settings)
+    return _chosen(model, seed, probe, sweep, candidates, t0, {"ranking_from": path.name, "ranking_top": ranking})
+
+
+def select_unibias_seed(model, seed: int, settings: dict = SETTINGS) -> dict[str, Any]:
+    """One selection seed, `unibias`: the UniBias-style candidates (`unibias_candidates`, heads and neurons
+    zeroed at the last position), one chosen by the dev rule (`_dev_sweep`)."""
+    t0 = time.perf_counter()
+    probe = _probe(model.tokenizer, "no-gold", seed, settings)
+    candidates, extra = unibias_candidates(model, probe, seed, {**settings, **THIRD})
+    sweep = _dev_sweep(model, probe, candidates, settings)
+    return _chosen(model, seed, probe, sweep, candidates, t0, extra)
+
+
 def group_of(arm: str, seed: int) -> str:
     """The group of an arm's conditions for one selection seed: `s0` (neurons, the frozen names), `heads-s0`."""
     return f"s{seed}" if arm == "neurons" else f"{arm}-s{seed}"
@@ -350,12 +417,13 @@ def seed_conditions(model, selections: Sequence[dict], settings: dict = SETTINGS
         means = Means.from_json(sel["means"]) if ab == "mean" else None
         group = group_of(arm, sel["seed"])
         positions = sel["chosen"].get("positions", settings["positions"])   # the frozen neuron state has none: all
-        pruned.append(Condition("pruned", "pruned", comps, ab, positions, means, None, group, LABELS))
+        factor = sel["chosen"].get("factor")           # heads-attn only
+        pruned.append(Condition("pruned", "pruned", comps, ab, positions, means, None, group, LABELS, factor=factor))
         sizes = Sizes.from_json(sel["sizes"])
         for r in range(settings["n_random_per_seed"]):
             rseed = 1000 * sel["seed"] + r
             random.append(Condition(f"random-{rseed}", "random", random_matched(model, comps, rseed, settings["random_match"],
-                                    sizes), ab, positions, means, rseed, group, LABELS))
+                                    sizes), ab, positions, means, rseed, group, LABELS, factor=factor))
     return pruned, random
 
 
@@ -382,7 +450,10 @@ def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Pa
 
     pruned, random = seed_conditions(model, selections, settings, arm)
     conditions = [replace(UNPRUNED, readout=LABELS)] + pruned + random
-    conditions += [c for c in calibrated_conditions(pruned, settings["calibrations"])
+    # down-weighting the attention at the answer position does not combine with contextual calibration (its
+    # content-free queries have answer positions of their own): batch calibration only
+    calibrations = [x for x in settings["calibrations"] if arm != "heads-attn" or x == "batch"]
+    conditions += [c for c in calibrated_conditions(pruned, calibrations)
                    if arm == "neurons" or c.name not in settings["calibrations"]]
     tasks = load_tasks(",".join(settings["heldout_tasks"]))
     if construction == "copy-control":   # two labels and no gold among the demos: no copy effect to estimate
@@ -399,7 +470,8 @@ def ablation_costs(model, selections: Sequence[dict], settings: dict = SETTINGS,
 
     pruned, random = seed_conditions(model, selections, settings, arm)
     base = perplexity(model, n_tokens=settings["ppl_tokens"])
-    return {c.label: perplexity(model, fwd_hooks=condition_hooks(model, c), n_tokens=settings["ppl_tokens"]) / base - 1
+    return {c.label: 0.0 if c.ablation == "label-attention" else    # plain text has no demo labels: cost 0
+            perplexity(model, fwd_hooks=condition_hooks(model, c), n_tokens=settings["ppl_tokens"]) / base - 1
             for c in pruned + random}
 
 
@@ -627,24 +699,27 @@ def _selection_json(s: dict) -> dict:
         | {"components": [p for key, p in s["chosen"]["components"].items() if key in ("neurons", "heads")][0]}}
 
 
-def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=None) -> dict[str, Any]:
+def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=None,
+            arm: str | None = None) -> dict[str, Any]:
     """The docs JSON from the saved state of every arm (no model needed beyond the tokenizer for the probe
     prompts): the table of every condition against unpruned, both criteria for the neuron arm (the frozen
-    one), the head arms (exploratory) and each seed's dev-best of neurons and heads."""
-    states = {arm: load_state(work, arm) for arm in ARMS}
-    neurons, heads = states["neurons"], states["heads"]
+    one), the head arms (exploratory) and each seed's dev-best of neurons and heads. With `arm` (one of
+    `EXTRA_ARMS`): that arm alone, against the neuron arm's unpruned and calibration rows (`only_arm`)."""
+    arms = ARMS if arm is None else ("neurons", arm)
+    states = {a: load_state(work, a) for a in arms}
+    neurons = states["neurons"]
     probe_prompts = (_probe(tokenizer, "copy-control", settings["probe_seed"], settings).test
                      if tokenizer and neurons["probe"] else None)
     reproduced = {}
-    for arm in ARMS[1:]:   # every other arm's unpruned rows must equal the neuron arm's
+    for a in arms[1:]:   # every other arm's unpruned rows must equal the neuron arm's
         for c in CONSTRUCTIONS:
-            mine = {r.task: r.result.predictions for r in states[arm]["rows"][c] if r.condition == "unpruned"}
+            mine = {r.task: r.result.predictions for r in states[a]["rows"][c] if r.condition == "unpruned"}
             theirs = {r.task: r.result.predictions for r in neurons["rows"][c] if r.condition == "unpruned"}
             if mine:
-                reproduced[f"{arm} {c}"] = all(mine[t] == theirs.get(t) for t in mine)
-    rows = {c: neurons["rows"][c] + [r for arm in ARMS[1:] for r in states[arm]["rows"][c] if r.condition != "unpruned"]
+                reproduced[f"{a} {c}"] = all(mine[t] == theirs.get(t) for t in mine)
+    rows = {c: neurons["rows"][c] + [r for a in arms[1:] for r in states[a]["rows"][c] if r.condition != "unpruned"]
             for c in CONSTRUCTIONS}
-    costs = {k: v for arm in ARMS for k, v in states[arm]["costs"].items()}
+    costs = {k: v for a in arms for k, v in states[a]["costs"].items()}
     ng = _rows_by(rows["no-gold"])
     cc_prompts = None
     if tokenizer is not None:   # the held-out copy-control prompts again (seeded), checked against the rows' effects
@@ -675,14 +750,15 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
     levels = {c: {name: {t: {"n": r.result.n, "accuracy": r.result.accuracy, "copy_rate": r.result.copy_rate,
                               "copy_effect": _ce(r)}
                           for t, r in per.items()} for name, per in _rows_by(rows[c]).items()} for c in CONSTRUCTIONS}
-    best = best_arm(neurons["selections"], heads["selections"])
+    best = best_arm(neurons["selections"], states["heads"]["selections"]) if arm is None else {}
     crit = {}
-    for arm, state in (*states.items(), ("best", as_best(states, best))):
+    read = list(states.items()) + ([("best", as_best(states, best))] if arm is None else [])
+    for a, state in read:
         if state["selections"]:   # every arm is read against the same unpruned and calibration rows
-            extra = state["rows"] if arm == "best" else {c: [] for c in CONSTRUCTIONS}
-            crit[arm] = criteria(state["selections"], state["probe"], rows["no-gold"] + extra["no-gold"],
-                                 rows["copy-control"] + extra["copy-control"], probe_prompts, settings, arm=arm)
-    return {
+            extra = state["rows"] if a == "best" else {c: [] for c in CONSTRUCTIONS}
+            crit[a] = criteria(state["selections"], state["probe"], rows["no-gold"] + extra["no-gold"],
+                               rows["copy-control"] + extra["copy-control"], probe_prompts, settings, arm=a)
+    doc = {
         "what": "the copy-mechanism study (issue 26): the frozen neuron arm, calibration, and the head arm "
                 "(exploratory); settings in docs/copy_mechanism.md",
         "model": model_name, "settings": settings,
@@ -704,6 +780,20 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
         "rows": levels, "table": table, "ppl_increase": costs,
         "criteria": crit,
     }
+    return doc if arm is None else only_arm(doc, arm, settings)
+
+
+def only_arm(doc: dict[str, Any], arm: str, settings: dict = SETTINGS) -> dict[str, Any]:
+    """A summary of `arm` beside the neuron arm cut to `arm`'s own conditions, selections and criteria, and
+    the rows it is compared with (unpruned, each calibration alone), so that its docs JSON stays small."""
+    keep = lambda name: name in ("unpruned", *settings["calibrations"]) or name.split("@")[-1].startswith(f"{arm}-s")
+    return {**doc, "what": f"the copy-mechanism study's {arm} arm (third session, exploratory), against the unpruned "
+                           "model and calibration; settings in docs/copy_mechanism.md",
+            "selections": {arm: doc["selections"][arm]}, "shared": {arm: doc["shared"][arm]},
+            "finished": {arm: doc["finished"][arm]}, "criteria": {arm: doc["criteria"].get(arm, {})},
+            "table": [row for row in doc["table"] if keep(row["condition"])],
+            "ppl_increase": {k: v for k, v in doc["ppl_increase"].items() if keep(k)},
+            "rows": {c: {name: per for name, per in by.items() if keep(name)} for c, by in doc["rows"].items()}}
 
 
 def _rounded(obj: Any, digits: int = 4) -> Any:
@@ -725,7 +815,8 @@ def write_docs(doc: dict[str, Any], out: Path) -> list[Path]:
 
     doc = _rounded(doc)
     what = {"neurons": "the frozen arm", "heads": "exploratory", "heads-last": "post hoc, exploratory",
-            "best": "each seed's dev-best of neurons and heads"}
+            "best": "each seed's dev-best of neurons and heads", "heads-attn": "third session, exploratory",
+            "unibias": "third session, exploratory"}
     parts = {"": doc, "_tasks": {"what": "per held-out task and condition: n, accuracy, copy rate (no-gold), copy "
                                          "effect (copy-control)", "model": doc["model"], "rows": doc.pop("rows")}}
     for arm, crit in doc.pop("criteria").items():
@@ -748,8 +839,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--stage", required=True, choices=("select", "probe", "heldout", "costs", "summary"))
     ap.add_argument("--construction", choices=CONSTRUCTIONS, default="no-gold")
-    ap.add_argument("--components", choices=ARMS, default="neurons",
-                    help="the arm a stage runs: neurons (frozen) or heads (the exploratory addendum); summary reads both")
+    ap.add_argument("--components", choices=ARMS + EXTRA_ARMS, default="neurons",
+                    help="the arm a stage runs: neurons (frozen), heads, heads-last (exploratory); summary reads these "
+                         "three together. heads-attn, unibias (third session, exploratory): summary writes each alone")
     ap.add_argument("--seeds", default=None, help="selection seeds for --stage select (default: the frozen ones)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", type=Path, default=None)
@@ -785,15 +877,17 @@ def main(argv=None) -> int:
         from mechcopy.models.zoo import cache_root
 
         tok = AutoTokenizer.from_pretrained(cache_root() / "models" / args.model)
-        out = args.out or Path(f"docs/data/copy_mechanism_{_name(args)}.json")
-        doc = summary(args.model, work, tokenizer=tok)
+        extra = args.components if args.components in EXTRA_ARMS else None
+        out = args.out or Path(f"docs/data/copy_mechanism_{_name(args)}{'' if extra is None else '_' + extra}.json")
+        doc = summary(args.model, work, tokenizer=tok, arm=extra)
         stages = ("select", "probe", "heldout --construction no-gold", "heldout --construction copy-control", "costs")
-        ran = [arm for arm in ARMS if doc["finished"][arm]["select"]]   # the arms with saved selections
+        ran = [arm for arm in doc["finished"] if doc["finished"][arm]["select"]]   # the arms with saved selections
         n = "" if args.n is None else f" --n {args.n}"
         doc["commands"] = [f"python analyses/copy_mechanism.py --model {args.model}"
                            + ("" if arm == "neurons" else f" --components {arm}") + f" --stage {s}"
                            + (n if s.startswith("heldout") else "") for arm in ran for s in stages] + [
-            f"python analyses/copy_mechanism.py --model {args.model}{n} --stage summary"]
+            f"python analyses/copy_mechanism.py --model {args.model}{n}"
+            + ("" if extra is None else f" --components {extra}") + " --stage summary"]
         print(f"wrote {', '.join(map(str, write_docs(doc, out)))}", file=sys.stderr)
         return 0
     model = load_model(args.model)
@@ -801,7 +895,9 @@ def main(argv=None) -> int:
     selections = lambda: load_state(work, arm)["selections"]
     if args.stage == "select":
         choose = {"neurons": select_seed, "heads": select_heads_seed,
-                  "heads-last": lambda *a, **k: select_heads_seed(*a, **k, positions="last")}[arm]
+                  "heads-last": lambda *a, **k: select_heads_seed(*a, **k, positions="last"),
+                  "heads-attn": lambda m, seed, progress: select_attention_seed(m, seed, work),
+                  "unibias": lambda m, seed, progress: select_unibias_seed(m, seed)}[arm]
         seeds = SETTINGS["selection_seeds"] if args.seeds is None else [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
             path = work / _file(arm, f"select_seed{seed}.json")

@@ -32,6 +32,8 @@ from mechcopy.io import side_file
 from mechcopy.selection import bottom_set
 
 ABLATIONS = ("zero", "mean")
+#: a condition's other way to act on heads: down-weight the answer position's attention to demo labels
+LABEL_ATTENTION = "label-attention"
 POSITIONS = ("all", "last")
 SCORINGS = ("generate", "labels")
 CALIBRATIONS = ("contextual", "batch", "domain")
@@ -130,6 +132,7 @@ class ConditionSpec:
     means: dict[str, Any] | None = None        # `Means.describe()`
     readout: Readout = GENERATE
     versus: tuple[str, ...] = ()
+    factor: float | None = None                # label-attention only
 
     @property
     def label(self) -> str:
@@ -139,7 +142,8 @@ class ConditionSpec:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "group": self.group, "kind": self.kind,
                 "n_components": self.n_components, "ablation": self.ablation, "positions": self.positions,
-                "seed": self.seed, "means": self.means, "readout": self.readout.to_json(), "versus": list(self.versus)}
+                "seed": self.seed, "means": self.means, "readout": self.readout.to_json(), "versus": list(self.versus),
+                **({} if self.factor is None else {"factor": self.factor})}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "ConditionSpec":
@@ -157,7 +161,13 @@ class Condition:
     seed that drew a random set, the group it belongs to in a study (a k, a method; None outside one),
     the `readout` (generation, or label scoring with an optional calibration), and `versus`: the names
     of other conditions of its group it is compared with besides `unpruned` (a calibration against
-    pruning). `label` is the name result rows carry."""
+    pruning). `label` is the name result rows carry.
+
+    `ablation="label-attention"` does not ablate the heads it names: at the answer position (the
+    prompt's last token) it multiplies their attention to the prompt's demo-label tokens by `factor`
+    (0 <= factor <= 1; 0 removes it) and renormalises (`pruning.LabelAttention`). Those key positions
+    differ per prompt, so it needs label scoring (without contextual or domain calibration, whose
+    reference queries have answer positions of their own), `positions="last"` and heads."""
 
     name: str
     family: str = ""
@@ -169,6 +179,7 @@ class Condition:
     group: str | int | None = None
     readout: Readout = GENERATE
     versus: tuple[str, ...] = ()
+    factor: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -181,8 +192,8 @@ class Condition:
         object.__setattr__(self, "versus", tuple(self.versus))
         if not isinstance(self.readout, Readout):
             raise ValueError(f"condition {self.name}: readout must be a conditions.Readout, got {self.readout!r}")
-        if self.ablation not in ABLATIONS:
-            raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join(ABLATIONS)}")
+        if self.ablation not in (*ABLATIONS, LABEL_ATTENTION):
+            raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join((*ABLATIONS, LABEL_ATTENTION))}")
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
         if self.ablation == "mean":
@@ -193,6 +204,23 @@ class Condition:
                                  f"{self.components.kind}s")
         elif self.means is not None:
             raise ValueError(f"condition {self.label}: means are for mean ablation (ablation='mean')")
+        if self.ablation == LABEL_ATTENTION:
+            self._check_label_attention()
+        elif self.factor is not None:
+            raise ValueError(f"condition {self.label}: factor is for ablation='label-attention'")
+
+    def _check_label_attention(self) -> None:
+        where = f"condition {self.label} (label-attention)"
+        factor = check_number(self.factor, f"{where}: factor", low=0.0)
+        if factor > 1:
+            raise ValueError(f"{where}: factor must be at most 1 (it down-weights), got {self.factor}")
+        if self.components is None or self.components.kind != "head":
+            raise ValueError(f"{where}: down-weights attention, so its components must be heads")
+        if self.positions != "last":
+            raise ValueError(f"{where}: acts at the answer position only: positions='last'")
+        if not self.readout.labels or self.readout.calibration in ("contextual", "domain"):
+            raise ValueError(f"{where}: needs label scoring without contextual or domain calibration "
+                             f"(readout=Readout('labels') or Readout('labels', 'batch')), got {self.readout}")
 
     @property
     def label(self) -> str:
@@ -211,7 +239,7 @@ class Condition:
                              None if self.components is None else self.components.kind,
                              0 if self.components is None else len(self.components), self.ablation, self.positions,
                              self.seed, None if self.means is None else self.means.describe(), self.readout,
-                             self.versus)
+                             self.versus, self.factor)
 
     def describe(self) -> dict[str, Any]:
         """`spec` as JSON."""
@@ -228,7 +256,8 @@ class Condition:
         means = obj.get("means")
         return cls(obj["name"], obj["family"], None if comps is None else Components.from_json(comps),
                    obj["ablation"], obj["positions"], None if means is None else Means.from_json(means),
-                   obj.get("seed"), obj.get("group"), Readout.from_json(obj.get("readout")), tuple(obj.get("versus", ())))
+                   obj.get("seed"), obj.get("group"), Readout.from_json(obj.get("readout")), tuple(obj.get("versus", ())),
+                   obj.get("factor"))
 
 
 UNPRUNED = Condition("unpruned")

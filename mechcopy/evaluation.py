@@ -229,7 +229,7 @@ def predict_conditions(model: HookedModel, prompts: Prompts, conditions: Sequenc
 def _ablation_key(c: Condition) -> tuple:
     """What a condition's label scores depend on: its ablation, not its readout."""
     comps = (c.components.kind, c.components.pairs) if c.ablates and c.components is not None else None
-    return comps, c.ablation if c.ablates else None, c.positions if c.ablates else None, id(c.means)
+    return comps, c.ablation if c.ablates else None, c.positions if c.ablates else None, id(c.means), c.factor
 
 
 def _read_labels(model: HookedModel, prompts: list[ICLPrompt], conditions: Sequence[Condition],

@@ -372,6 +372,24 @@ def scale_attention(keys, factor: float, heads=None, query: int = -1, renormalis
     return _named(hook, f"scale_attention[x{factor}]")
 
 
+def scale_last_query(scale: Float[Tensor, "rows head key"]) -> Hook:
+    """At `blocks.{l}.attn.hook_pattern` [rows head query key]: the last query's attention multiplied by
+    `scale` (1 where untouched) and renormalised, i.e. log(scale) added to its scores before the softmax.
+    One scale per row, head and key: several prompts, each with its own key positions, and several row
+    groups, each with its own heads (`label_attention.AttentionEdits`)."""
+
+    def hook(pattern: Float[Tensor, "rows head q k"], hook) -> Float[Tensor, "rows head q k"]:
+        if pattern.ndim != 4 or tuple(scale.shape) != (pattern.shape[0], pattern.shape[1], pattern.shape[-1]):
+            raise ValueError(f"scale_last_query: a scale of shape {tuple(scale.shape)} does not fit the attention "
+                             f"pattern at {getattr(hook, 'name', 'this hook point')} {list(pattern.shape)} "
+                             "([rows head query key] needs a scale [rows head key])")
+        row = pattern[:, :, -1] * scale.to(pattern.device, pattern.dtype)
+        row = row / row.sum(-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)
+        return torch.cat([pattern[:, :, :-1], row[:, :, None]], dim=2)
+
+    return _named(hook, f"scale_last_query[{scale.shape[0]}]")
+
+
 def inject_vector(vector: Float[Tensor, "d"] | Float[Tensor, "batch d"], position: int | Tensor = -1) -> Hook:
     """Overwrite the activation at `position` (int, or one per batch row) with `vector`."""
     vector = _finite_values(vector, "inject_vector's vector")

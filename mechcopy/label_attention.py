@@ -34,7 +34,9 @@ from torch import Tensor
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.arch.transformer import transformer_block, transformer_cfg
 from mechcopy.attribution import _first_tokens
-from mechcopy.heads import frozen_norm, kv_head, post_attention_norm, require_heads
+from mechcopy.conditions import LABEL_ATTENTION, Condition
+from mechcopy.heads import frozen_norm, kv_head, n_heads, post_attention_norm, require_heads
+from mechcopy.hooks import Hook, scale_last_query
 from mechcopy.tasks.pairs import token_roles
 
 OUTCOMES = ("correct", "copy", "other")
@@ -162,3 +164,47 @@ def label_attention(model: HookedModel, prompts: Sequence) -> LabelAttention:
         out["label_share"].append(torch.tensor(sum(map(len, positions)) / tokens.shape[1]))
     return LabelAttention(**{k: torch.stack(v).cpu() for k, v in out.items()}, outcomes=tuple(outcomes),
                           predicted=tuple(predicted))
+
+
+# ---------------------------------------------------------------- down-weighting the attention to demo labels
+
+
+@dataclass(frozen=True)
+class AttentionEdits:
+    """What the label-attention conditions of one forked pass do (`attention_edits`): per layer, the factor
+    of each (row group, head) (1: untouched), and each prompt's demo-label token positions. Only the pass
+    that ends at the answer position takes `hooks` (the prompt's own tokens: the label scorer's prefix
+    pass); later tokens attend as they would."""
+
+    factors: dict[int, Float[Tensor, "groups heads"]]
+    keys: tuple[tuple[int, ...], ...]
+
+    def hooks(self, batch: Sequence[int], lengths: Sequence[int], width: int) -> list[tuple[str, Hook]]:
+        """The hooks for prompts `batch` (lengths `lengths`, left-padded to `width`; rows group-major):
+        in each row, the answer position's attention to its prompt's label tokens times its group's factor."""
+        mask = torch.zeros(len(batch), width, dtype=torch.bool)
+        for r, (i, n) in enumerate(zip(batch, lengths)):
+            mask[r, [width - n + k for k in self.keys[i]]] = True
+        out = []
+        for layer, f in sorted(self.factors.items()):
+            scale = torch.where(mask[None, :, None, :], f[:, None, :, None], torch.ones(()))   # [groups B heads width]
+            out.append((f"blocks.{layer}.attn.hook_pattern", scale_last_query(scale.reshape(-1, *scale.shape[2:]))))
+        return out
+
+
+def attention_edits(model: HookedModel, conditions: Sequence[Condition], prompts: Sequence) -> AttentionEdits | None:
+    """The label-attention edits of `conditions` (row group g: `conditions[g]`) on `prompts`, or None when
+    no condition down-weights attention (`Condition` with `ablation="label-attention"`)."""
+    edits = [(g, c) for g, c in enumerate(conditions) if c.ablation == LABEL_ATTENTION]
+    if not edits:
+        return None
+    require_heads(model, "down-weighting the attention to demo labels")
+    factors: dict[int, Tensor] = {}
+    for g, c in edits:
+        assert c.components is not None and c.factor is not None     # Condition checks both
+        c.components.check(model)
+        for layer, idx in c.components.by_layer().items():
+            factors.setdefault(layer, torch.ones(len(conditions), n_heads(model)))[g, idx] = float(c.factor)
+    return AttentionEdits(factors, tuple(tuple(sorted(k for pos in label_positions(model, p) for k in pos))
+                                         for p in prompts))
+

@@ -23,7 +23,7 @@ from torch import Tensor
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
 from mechcopy.components import Components, Sizes, as_components, component_kind
-from mechcopy.conditions import ABLATIONS, POSITIONS, Condition, Means
+from mechcopy.conditions import ABLATIONS, LABEL_ATTENTION, POSITIONS, Condition, Means
 from mechcopy.errors import check_number
 from mechcopy.hooks import Hook, ablate_by_group, capture, set_units, zero_units
 from mechcopy.tasks.prompts import PromptSet
@@ -60,22 +60,31 @@ def _values(model: HookedModel, kind: str, layer: int, idx: Tensor, means: Means
 
 
 def condition_hooks(model: HookedModel, condition: Condition) -> list[tuple[str, Hook]]:
-    """The hooks of one condition run on its own (none for a condition that ablates nothing)."""
+    """The hooks of one condition run on its own (none for a condition that ablates nothing). A
+    label-attention condition has none to give: its key positions are each prompt's own demo labels
+    (the label scorer applies it, `label_attention.attention_edits`)."""
     if condition.components is None or not condition.ablates:
         return []
+    if condition.ablation == LABEL_ATTENTION:
+        raise ValueError(f"condition {condition.label} down-weights each prompt's attention to its demo labels: it has "
+                         "no prompt-free hooks; score it with evaluation.evaluate_conditions (label scoring)")
     return pruning_hooks(model, condition.components, condition.ablation, condition.positions, condition.means)
 
 
 def grouped_hooks(model: HookedModel, conditions: Sequence[Condition]) -> tuple[int, list[tuple[str, Hook]]]:
     """One hook per site that ablates, in row group g, what `conditions[g]` ablates (zero or mean, at
     every position or the last), and the first layer any condition touches: the rows may share every
-    block before it (n_layers if none). Each group gets exactly what `condition_hooks` give it alone."""
+    block before it (n_layers if none). Each group gets exactly what `condition_hooks` give it alone.
+    Label-attention conditions get no hook here (their edit depends on the prompt:
+    `label_attention.attention_edits`), but the fork comes before their first layer too."""
     groups, n_layers = len(conditions), model.cfg.n_layers
     scales: dict[tuple[int, str], Tensor] = {}
     adds: dict[tuple[int, str], Tensor] = {}
+    edited = [layer for c in conditions if c.ablation == LABEL_ATTENTION and c.components is not None
+              for layer in c.components.by_layer()]
     for g, cond in enumerate(conditions):
         comps = cond.components
-        if comps is None or not cond.ablates:
+        if comps is None or not cond.ablates or cond.ablation == LABEL_ATTENTION:
             continue
         comps.check(model)
         kind = component_kind(comps.kind)
@@ -90,7 +99,7 @@ def grouped_hooks(model: HookedModel, conditions: Sequence[Condition]) -> tuple[
     hooks = [(component_kind(kind).site(model, layer),
               ablate_by_group(scale, adds.get((layer, kind)), last, component_kind(kind).axis))
              for (layer, kind), scale in sorted(scales.items())]
-    return min((layer for layer, _ in scales), default=n_layers), hooks
+    return min([layer for layer, _ in scales] + edited, default=n_layers), hooks
 
 
 @contextmanager

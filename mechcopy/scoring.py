@@ -41,6 +41,7 @@ from mechcopy.batching import left_pad, token_batches
 from mechcopy.conditions import Condition
 from mechcopy.errors import check_items, check_number
 from mechcopy.hooks import check_hook_points
+from mechcopy.label_attention import AttentionEdits, attention_edits
 from mechcopy.progress import tqdm
 from mechcopy.pruning import grouped_hooks
 from mechcopy.tasks.prompts import TEMPLATE, ICLPrompt, PromptSet, _continuation, encode, make_prompt
@@ -131,13 +132,15 @@ class _Stem:
 
 def _score_tree(model: HookedModel, prefixes: Sequence[Sequence[int]], stems: Sequence[_Stem], n_variants: int,
                 n_labels: int, fwd_hooks=(), batch_size: int = 32, groups: int = 1, fork_at: int = 0,
-                progress: bool = False) -> np.ndarray:
+                progress: bool = False, edits: AttentionEdits | None = None) -> np.ndarray:
     """Summed log-probabilities of every stem's labels [groups, prompts, variants, labels], as a tree:
     each prompt's prefix once (left-padded batches, forked into `groups` row groups as `Arch.decoder`
     forks them), each query part once as a continuation of it (stems of one length together, so no
     padding enters a state that is continued again), and each label of two or more tokens as a
     continuation of its stem (right-padded: padding after a row's last token changes none of its
-    positions). A label's first token is read from its stem's last position."""
+    positions). A label's first token is read from its stem's last position. `edits` (label-attention
+    conditions; prompts without reference queries, so each prefix ends at its answer position) act on
+    the prefix pass only."""
     arch = arch_of(model)
     device = getattr(model.cfg, "device", "cpu")
     ids = [torch.tensor(list(p), dtype=torch.long, device=device) for p in prefixes]
@@ -151,9 +154,12 @@ def _score_tree(model: HookedModel, prefixes: Sequence[Sequence[int]], stems: Se
         for batch in tqdm(token_batches(ids, [1] * len(ids), per_group, True), desc="label scores",
                           disable=not progress, leave=False):
             tokens, mask = left_pad([ids[i] for i in batch], run.pad_id)
-            resid, state = arch.run_blocks(model, tokens, mask, None, stop=fork_at)
-            fork = torch.arange(len(batch), device=resid.device).repeat(groups)
-            resid, state = arch.run_blocks(model, resid[fork], mask[fork], arch.select_rows(state, fork), start=fork_at)
+            edit = [] if edits is None else edits.hooks(batch, [len(ids[i]) for i in batch], tokens.shape[1])
+            with model.hooks(fwd_hooks=edit):
+                resid, state = arch.run_blocks(model, tokens, mask, None, stop=fork_at)
+                fork = torch.arange(len(batch), device=resid.device).repeat(groups)
+                resid, state = arch.run_blocks(model, resid[fork], mask[fork], arch.select_rows(state, fork),
+                                               start=fork_at)
             last = run.logprobs(resid[:, -1])                      # [groups * B, vocab]
             where = {i: b for b, i in enumerate(batch)}
             todo = [st for i in batch for st in by_prompt.get(i, [])]
@@ -246,7 +252,7 @@ def _check_labels(labels: Sequence[str], prompts: Sequence[ICLPrompt]) -> tuple[
 
 def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mapping[str, Sequence[str]] | None,
            fwd_hooks, template: str, sep: str | None, batch_size: int, groups: int, fork_at: int,
-           progress: bool) -> list[LabelScores]:
+           progress: bool, conditions: Sequence[Condition] = ()) -> list[LabelScores]:
     """One LabelScores per row group: every prompt, and every reference query with its demos, scored
     over `labels` in one pass per batch of prompts (their common token prefix runs once)."""
     prompts = check_items(_prompts(prompts), ICLPrompt, "prompts", "tasks.prompts.build_prompts(...).prompts")
@@ -259,6 +265,10 @@ def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mappi
         if kind not in ("contextual", "domain") or not qs:
             raise ValueError(f"reference queries are 'contextual' or 'domain', each a non-empty list; got {kind!r}: {qs}")
     queries = [q for qs in references.values() for q in qs]
+    edits = attention_edits(model, conditions, prompts)
+    if edits is not None and queries:
+        raise ValueError("label-attention conditions act at each prompt's answer position; score them without "
+                         "reference queries (no contextual or domain calibration in the same call)")
     arch, tok = arch_of(model), model.tokenizer
     prefixes, stems = [], []
     for i, p in enumerate(prompts):
@@ -274,7 +284,7 @@ def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mappi
         prefixes.append(toks[0][:cut])
         stems += [_Stem(i, v, tuple(t[cut:]), lids) for v, (t, lids) in enumerate(zip(toks, ids))]
     out = _score_tree(model, prefixes, stems, 1 + len(queries), len(labels), fwd_hooks, batch_size, groups, fork_at,
-                      progress)
+                      progress, edits)
     results = []
     for g in range(groups):
         ref, at = {}, 1
@@ -304,13 +314,14 @@ def score_labels_conditions(model: HookedModel, prompts, labels: Sequence[str], 
                             progress: bool = False) -> dict[str, LabelScores]:
     """`score_labels` under every condition's ablation in one pass ({condition label: LabelScores}; the
     conditions' readouts play no part here): the blocks before the first ablated layer run once, then
-    one row group per condition (`pruning.grouped_hooks`, as `evaluation.predict_conditions` does)."""
+    one row group per condition (`pruning.grouped_hooks`, as `evaluation.predict_conditions` does;
+    label-attention conditions by `label_attention.attention_edits`, at the answer position)."""
     conditions = list(conditions)
     if not conditions:
         raise ValueError("no conditions to score: pass e.g. [mechcopy.conditions.UNPRUNED]")
     fork_at, hooks = grouped_hooks(model, conditions)
     scores = _score(model, prompts, labels, references, hooks, template, sep, batch_size, len(conditions), fork_at,
-                    progress)
+                    progress, conditions)
     return dict(zip([c.label for c in conditions], scores))
 
 

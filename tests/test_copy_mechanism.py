@@ -287,6 +287,64 @@ def test_head_arm_by_hand(study, tiny, tmp_path):
     assert study.best_arm(n, h) == {0: "neurons", 1: "heads", 2: None}
 
 
+def test_attention_arm_by_hand(study, tiny, tmp_path):
+    """heads-attn: the top h heads of the seed's heads-last ranking, the answer position's attention to the
+    demo labels times f; each (h, f) of the dev sweep against a separate label-scoring run of that one
+    condition, cost 0, the dev rule's choice (ties to the smaller h, then the larger f); the held-out stage
+    under the arm's names with batch calibration only, its random heads down-weighted by the same f."""
+    import json
+
+    from mechcopy.conditions import LABEL_ATTENTION, LABELS, Condition
+    from mechcopy.heads import head_set
+    from mechcopy.pruning import component_sizes
+    from mechcopy.scoring import score_labels_conditions
+
+    s = {**tiny_settings(study), "hs": [1, 2]}
+    ranking = [[1, 0, 0.9], [0, 2, 0.8], [1, 3, 0.7]]
+    (tmp_path / "heads-last_select_seed1.json").write_text(json.dumps({"scores_top": ranking}))
+    res = study.select_attention_seed(tiny, 1, tmp_path, s)
+    probe = study._probe(tiny.tokenizer, "no-gold", 1, s)
+    assert [(r["k"], r["factor"]) for r in res["sweep"]] == [(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)]
+    for row in res["sweep"]:
+        heads = head_set(tiny, [(l, h) for l, h, _ in ranking[:row["k"]]])
+        c = Condition("x", components=heads, ablation=LABEL_ATTENTION, positions="last", factor=row["factor"], readout=LABELS)
+        accs = [np.mean([a == p.answer for a, p in zip(score_labels_conditions(tiny, ps, ps[0].label_space, [c])["x"].predict(), ps)])
+                for ps in study._by_task(probe.dev).values()]
+        assert row["dev_accuracy"] == pytest.approx(np.mean(accs)) and row["ppl_increase"] == 0.0
+    best = max(res["sweep"], key=lambda r: (r["dev_accuracy"], -r["k"], r["factor"]))
+    if best["dev_accuracy"] > res["dev_unpruned_accuracy"]:
+        assert res["chosen"]["condition"] == best["condition"] and res["chosen"]["factor"] == best["factor"]
+    else:
+        assert res["chosen"] is None and "beats the unpruned" in res["why"]
+    with pytest.raises(FileNotFoundError, match="heads-last"):
+        study.select_attention_seed(tiny, 2, tmp_path, s)
+
+    sel = {"seed": 0, "kind": "head", "chosen": {"condition": "attn-h2-f0", "ablation": LABEL_ATTENTION, "positions": "last",
+                                                  "k": 2, "factor": 0.0, "dev_accuracy": 0.5,
+                                                  "components": head_set(tiny, [(1, 0), (0, 2)]).to_json()},
+           "means": None, "sizes": component_sizes(tiny, probe.attribution, "head").to_json()}
+    rows, _ = study.heldout(tiny, [sel], "no-gold", tmp_path / "a.jsonl", s, progress=False, arm="heads-attn")
+    assert {r.condition for r in rows} == {"unpruned", "pruned@heads-attn-s0", "random-0@heads-attn-s0",
+                                              "pruned+batch@heads-attn-s0"}
+    assert {r.spec.factor for r in rows if r.condition != "unpruned"} == {0.0}
+    assert study.ablation_costs(tiny, [sel], s, arm="heads-attn") == {"pruned@heads-attn-s0": 0.0, "random-0@heads-attn-s0": 0.0}
+
+
+def test_an_extra_arm_is_summarised_alone(study):
+    """only_arm keeps the arm's own conditions, selections and criteria, and the rows it is compared with."""
+    doc = {"selections": {"neurons": [1], "unibias": [2]}, "shared": {"neurons": {}, "unibias": {"a": 1}},
+           "finished": {"neurons": {}, "unibias": {"select": [0]}}, "criteria": {"neurons": {"x": 1}, "unibias": {"y": 2}},
+           "table": [{"condition": c} for c in ("contextual", "batch", "pruned@s0", "pruned@unibias-s0",
+                                                "random-0@unibias-s1", "pruned+batch@unibias-s0", "pruned@heads-last-s0")],
+           "ppl_increase": {"pruned@s0": 0.1, "pruned@unibias-s0": 0.0},
+           "rows": {"no-gold": {"unpruned": 1, "pruned@s0": 2, "pruned@unibias-s0": 3}}}
+    out = study.only_arm(doc, "unibias")
+    assert [r["condition"] for r in out["table"]] == ["contextual", "batch", "pruned@unibias-s0", "random-0@unibias-s1",
+                                                      "pruned+batch@unibias-s0"]
+    assert out["selections"] == {"unibias": [2]} and out["criteria"] == {"unibias": {"y": 2}}
+    assert out["ppl_increase"] == {"pruned@unibias-s0": 0.0} and out["rows"]["no-gold"] == {"unpruned": 1, "pruned@unibias-s0": 3}
+
+
 def test_best_arm_takes_each_seeds_winner(study):
     """`as_best`: each seed's dev-best arm's rows and probe predictions under `best-s<seed>`, nothing else
     (rows made by hand; the arm a row came from is marked in its `kind`)."""

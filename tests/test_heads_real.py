@@ -44,3 +44,36 @@ def test_heads_on_a_zoo_model(model):
     layer = model.cfg.n_layers - 3
     pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, -1]
     torch.testing.assert_close(la.to_labels[0, layer], pattern[:, sum(positions, [])].sum(-1), atol=1e-5, rtol=1e-4)
+
+
+def test_label_attention_edit_on_smollm2(smollm2):
+    """On SmolLM2 (grouped-query heads, BPE labels of several tokens, left-padded prompts of different
+    lengths) the label-attention condition scores each label as a full forward pass of prompt + label does
+    with the answer position's attention to the demo labels removed by hand (`hooks.scale_attention`)."""
+    import numpy as np
+
+    from mechcopy.conditions import LABELS, UNPRUNED, Condition
+    from mechcopy.hooks import scale_attention
+    from mechcopy.scoring import label_ids, score_labels_conditions
+    from mechcopy.tasks import load_tasks
+    from mechcopy.tasks.prompts import build_prompts
+
+    model = smollm2
+    task = load_tasks("sentiment_five")[0]
+    labels = task.require_labels()
+    prompts = build_prompts(task, model.tokenizer, shots=4, n=3, seed=0, gold_in_demos=False).prompts
+    heads = {23: [0, 2], 26: [1]}
+    edit = Condition("edit", components=H.head_set(model, [(l, h) for l, hs in heads.items() for h in hs]),
+                     ablation="label-attention", positions="last", factor=0.0, readout=LABELS)
+    got = score_labels_conditions(model, prompts, labels, [UNPRUNED, edit], batch_size=8)
+    for i, p in enumerate(prompts):
+        ids = model.to_tokens(p.text)[0].tolist()
+        keys = sum(label_positions(model, p), [])
+        hooks = [(f"blocks.{l}.attn.hook_pattern", scale_attention(keys, 0.0, heads=hs, query=len(ids) - 1))
+                 for l, hs in heads.items()]
+        for j, x in enumerate(label_ids(model.tokenizer, p, labels)):
+            with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+                logp = torch.log_softmax(model(torch.tensor([ids + list(x)])).float(), -1)[0]
+            want = float(sum(logp[len(ids) - 1 + t, tok] for t, tok in enumerate(x)))
+            assert abs(got["edit"].logprobs[i, j] - want) < 2e-3, (i, labels[j])
+    assert not np.allclose(got["edit"].logprobs, got["unpruned"].logprobs, atol=1e-3)

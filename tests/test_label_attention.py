@@ -123,3 +123,106 @@ def test_head_heatmap_and_attention_view(model, prompts, tmp_path):
     marked = [i for i, t in enumerate(props["tokens"]) if t.startswith("«")]
     assert marked == sum(_label_positions_by_hand(p), [])
     assert "http" not in view.local_src.split("<script", 1)[0]
+
+
+# ---------------------------------------------------------------- down-weighting the attention to demo labels
+
+EDIT_LABELS = ("no", "yes", "maybe")
+EDIT_WORDS = ("cat", "moon", "sky", "river", "stone", "apple", "tree", "house", "lamp", "road", "bird", "fish")
+
+
+def _edit_prompts(model, n: int = 6):
+    from mechcopy.tasks import Task
+    from mechcopy.tasks.prompts import build_prompts
+
+    task = Task("answers", tuple((w, EDIT_LABELS[i % 3]) for i, w in enumerate(EDIT_WORDS)))
+    return build_prompts(task, model.tokenizer, shots=3, n=n, seed=4).prompts
+
+
+def _edited_by_hand(model, prompt, label: str, heads: dict[int, list[int]], factor: float) -> float:
+    """log p(label | prompt) from one full forward pass of prompt + label, the answer position's attention
+    to the demo-label tokens (found by hand) times `factor` in `heads`, renormalised (`hooks.scale_attention`
+    at that one query)."""
+    from mechcopy.hooks import scale_attention
+
+    ids = model.to_tokens(prompt.text)[0].tolist()
+    label_tokens = [model.tokenizer.convert_tokens_to_ids(c) for c in label]
+    keys = sum(_label_positions_by_hand(prompt), [])
+    hooks = [(f"blocks.{l}.attn.hook_pattern", scale_attention(keys, factor, heads=hs, query=len(ids) - 1))
+             for l, hs in heads.items()]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        logp = torch.log_softmax(model(torch.tensor([ids + label_tokens])).float(), -1)[0]
+    return float(sum(logp[len(ids) - 1 + t, x] for t, x in enumerate(label_tokens)))
+
+
+def test_label_attention_conditions_equal_the_edit_by_hand(model):
+    """In one forked pass beside an unedited and a zero-ablated row group, each label-attention condition
+    scores every label as a full forward pass with the answer position's attention edited by hand does
+    (left-padded batches, labels of 2-5 tokens, heads in both layers); factor 1 changes nothing."""
+    from mechcopy.conditions import LABELS, UNPRUNED, Condition
+    from mechcopy.heads import head_set
+    from mechcopy.scoring import score_labels_conditions
+
+    prompts = _edit_prompts(model)
+    assert len({len(p.text) for p in prompts}) > 1
+    a, b = {0: [1], 1: [0, 3]}, {1: [2]}
+    sets = {name: head_set(model, [(l, h) for l, hs in heads.items() for h in hs]) for name, heads in (("a", a), ("b", b))}
+    conditions = [UNPRUNED,
+                  Condition("a0", components=sets["a"], ablation="label-attention", positions="last", factor=0.0, readout=LABELS),
+                  Condition("zero-b", components=sets["b"], readout=LABELS),
+                  Condition("b-half", components=sets["b"], ablation="label-attention", positions="last", factor=0.5,
+                            readout=LABELS),
+                  Condition("a1", components=sets["a"], ablation="label-attention", positions="last", factor=1.0, readout=LABELS)]
+    got = score_labels_conditions(model, prompts, EDIT_LABELS, conditions, batch_size=10)
+    for name, heads, factor in (("a0", a, 0.0), ("b-half", b, 0.5)):
+        want = np.array([[_edited_by_hand(model, p, y, heads, factor) for y in EDIT_LABELS] for p in prompts])
+        np.testing.assert_allclose(got[name].logprobs, want, atol=1e-4, err_msg=name)
+        assert not np.allclose(got[name].logprobs, got["unpruned"].logprobs, atol=1e-3)
+    np.testing.assert_allclose(got["a1"].logprobs, got["unpruned"].logprobs, atol=1e-5)
+
+
+def test_label_attention_through_the_evaluator(model):
+    """evaluate_conditions reads a label-attention condition (plain and batch-calibrated) as it reads its
+    scores alone; the calibrations that need reference queries sit beside it in the same call."""
+    from mechcopy.conditions import LABELS, UNPRUNED, Condition, Readout
+    from mechcopy.evaluation import evaluate_conditions
+    from mechcopy.heads import head_set
+    from mechcopy.scoring import score_labels_conditions
+
+    prompts = _edit_prompts(model, n=5)
+    heads = head_set(model, [(1, 0), (1, 3)])
+    edit = Condition("edit", components=heads, ablation="label-attention", positions="last", factor=0.0, readout=LABELS)
+    conditions = [UNPRUNED, edit, Condition("edit+batch", components=heads, ablation="label-attention", positions="last",
+                                            factor=0.0, readout=Readout("labels", "batch")),
+                  Condition("contextual", readout=Readout("labels", "contextual"))]
+    res = evaluate_conditions(model, prompts, conditions, labels=EDIT_LABELS)
+    alone = score_labels_conditions(model, prompts, EDIT_LABELS, [edit])["edit"]
+    assert list(res["edit"].predictions) == alone.predict()
+    assert list(res["edit+batch"].predictions) == alone.predict("batch")
+
+
+def test_label_attention_conditions_are_checked(model):
+    from mechcopy.components import Components
+    from mechcopy.conditions import LABELS, Condition, Readout
+    from mechcopy.fingerprint import model_fingerprint
+    from mechcopy.heads import head_set
+    from mechcopy.pruning import condition_hooks
+    from mechcopy.scoring import CONTENT_FREE, score_labels_conditions
+
+    heads = head_set(model, [(0, 1)])
+    ok = dict(components=heads, ablation="label-attention", positions="last", factor=0.0, readout=LABELS)
+    neurons = Components(((0, 1),), model_fingerprint(model))
+    for bad, match in ((dict(components=neurons), "must be heads"), (dict(positions="all"), "positions='last'"),
+                       (dict(factor=1.5), "at most 1"), (dict(factor=-0.1), "factor"), (dict(factor=None), "factor"),
+                       (dict(readout=Readout()), "label scoring"),
+                       (dict(readout=Readout("labels", "contextual")), "contextual")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            Condition("x", **{**ok, **bad})
+    with pytest.raises(ValueError, match="factor is for"):
+        Condition("x", components=heads, factor=0.5)
+    edit = Condition("x", **ok)
+    assert Condition.from_json(edit.to_json()) == edit and edit.describe()["factor"] == 0.0
+    with pytest.raises(ValueError, match="no prompt-free hooks"):
+        condition_hooks(model, edit)
+    with pytest.raises(ValueError, match="without reference queries"):
+        score_labels_conditions(model, _edit_prompts(model, 2), EDIT_LABELS, [edit], references={"contextual": CONTENT_FREE})
