@@ -450,10 +450,7 @@ def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Pa
 
     pruned, random = seed_conditions(model, selections, settings, arm)
     conditions = [replace(UNPRUNED, readout=LABELS)] + pruned + random
-    # down-weighting the attention at the answer position does not combine with contextual calibration (its
-    # content-free queries have answer positions of their own): batch calibration only
-    calibrations = [x for x in settings["calibrations"] if arm != "heads-attn" or x == "batch"]
-    conditions += [c for c in calibrated_conditions(pruned, calibrations)
+    conditions += [c for c in calibrated_conditions(pruned, settings["calibrations"])
                    if arm == "neurons" or c.name not in settings["calibrations"]]
     tasks = load_tasks(",".join(settings["heldout_tasks"]))
     if construction == "copy-control":   # two labels and no gold among the demos: no copy effect to estimate

@@ -166,8 +166,8 @@ class Condition:
     `ablation="label-attention"` does not ablate the heads it names: at the answer position (the
     prompt's last token) it multiplies their attention to the prompt's demo-label tokens by `factor`
     (0 <= factor <= 1; 0 removes it) and renormalises (`pruning.LabelAttention`). Those key positions
-    differ per prompt, so it needs label scoring (without contextual or domain calibration, whose
-    reference queries have answer positions of their own), `positions="last"` and heads."""
+    differ per prompt, so it needs label scoring (the label scorer edits the answer position of each
+    prompt and of each reference query of a calibration), `positions="last"` and heads."""
 
     name: str
     family: str = ""
@@ -218,9 +218,9 @@ class Condition:
             raise ValueError(f"{where}: down-weights attention, so its components must be heads")
         if self.positions != "last":
             raise ValueError(f"{where}: acts at the answer position only: positions='last'")
-        if not self.readout.labels or self.readout.calibration in ("contextual", "domain"):
-            raise ValueError(f"{where}: needs label scoring without contextual or domain calibration "
-                             f"(readout=Readout('labels') or Readout('labels', 'batch')), got {self.readout}")
+        if not self.readout.labels:
+            raise ValueError(f"{where}: needs label scoring (readout=Readout('labels'), with any calibration), "
+                             f"got {self.readout}")
 
     @property
     def label(self) -> str:

@@ -172,19 +172,23 @@ def label_attention(model: HookedModel, prompts: Sequence) -> LabelAttention:
 @dataclass(frozen=True)
 class AttentionEdits:
     """What the label-attention conditions of one forked pass do (`attention_edits`): per layer, the factor
-    of each (row group, head) (1: untouched), and each prompt's demo-label token positions. Only the pass
-    that ends at the answer position takes `hooks` (the prompt's own tokens: the label scorer's prefix
-    pass); later tokens attend as they would."""
+    of each (row group, head) (1: untouched), and each prompt's demo-label token positions. Only the
+    passes that end at an answer position take `hooks` (the prompt's, or a reference query's with the
+    same demos: the label scorer's prefix or query pass); later tokens attend as they would."""
 
     factors: dict[int, Float[Tensor, "groups heads"]]
     keys: tuple[tuple[int, ...], ...]
 
-    def hooks(self, batch: Sequence[int], lengths: Sequence[int], width: int) -> list[tuple[str, Hook]]:
-        """The hooks for prompts `batch` (lengths `lengths`, left-padded to `width`; rows group-major):
-        in each row, the answer position's attention to its prompt's label tokens times its group's factor."""
+    def hooks(self, batch: Sequence[int], pads: Sequence[int], width: int,
+              edit: Sequence[bool] | None = None) -> list[tuple[str, Hook]]:
+        """The hooks of one pass over prompts `batch` (rows group-major; each row's keys shifted by its left
+        padding `pads`, `width` keys in all, the pass's last query at an answer position): in each row, that
+        query's attention to its prompt's label tokens times its group's factor (rows where `edit` is False
+        untouched)."""
         mask = torch.zeros(len(batch), width, dtype=torch.bool)
-        for r, (i, n) in enumerate(zip(batch, lengths)):
-            mask[r, [width - n + k for k in self.keys[i]]] = True
+        for r, (i, pad) in enumerate(zip(batch, pads)):
+            if edit is None or edit[r]:
+                mask[r, [pad + k for k in self.keys[i]]] = True
         out = []
         for layer, f in sorted(self.factors.items()):
             scale = torch.where(mask[None, :, None, :], f[:, None, :, None], torch.ones(()))   # [groups B heads width]

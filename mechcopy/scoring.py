@@ -139,14 +139,21 @@ def _score_tree(model: HookedModel, prefixes: Sequence[Sequence[int]], stems: Se
     padding enters a state that is continued again), and each label of two or more tokens as a
     continuation of its stem (right-padded: padding after a row's last token changes none of its
     positions). A label's first token is read from its stem's last position. `edits` (label-attention
-    conditions; prompts without reference queries, so each prefix ends at its answer position) act on
-    the prefix pass only."""
+    conditions) act on the passes that end at an answer position: the prefix pass of the prompts whose
+    stems are bare, and every query part's pass; never on a label's later tokens."""
     arch = arch_of(model)
     device = getattr(model.cfg, "device", "cpu")
     ids = [torch.tensor(list(p), dtype=torch.long, device=device) for p in prefixes]
     by_prompt: dict[int, list[_Stem]] = {}
     for st in stems:
         by_prompt.setdefault(st.prompt, []).append(st)
+    bare_of = {i: [st for st in sts if not st.tokens] for i, sts in by_prompt.items()}
+    if edits is not None and any(bare_of[i] and len(bare_of[i]) < len(sts) for i, sts in by_prompt.items()):
+        raise ValueError("a prompt's own query is a prefix of one of its reference queries: the shared prefix would "
+                         "end at one variant's answer position and not the other's, so label-attention conditions "
+                         "cannot be scored exactly on it; use other reference queries")
+    if edits is not None and any(k >= len(prefixes[i]) for i, keys in enumerate(edits.keys) for k in keys):
+        raise ValueError("a demo label lies after the prefix its prompt shares with its reference queries")
     out = np.full((groups, len(prefixes), n_variants, n_labels), np.nan)
     per_group = max(1, batch_size // groups)
     run = _Runner(model, arch, groups, out)
@@ -154,7 +161,11 @@ def _score_tree(model: HookedModel, prefixes: Sequence[Sequence[int]], stems: Se
         for batch in tqdm(token_batches(ids, [1] * len(ids), per_group, True), desc="label scores",
                           disable=not progress, leave=False):
             tokens, mask = left_pad([ids[i] for i in batch], run.pad_id)
-            edit = [] if edits is None else edits.hooks(batch, [len(ids[i]) for i in batch], tokens.shape[1])
+            width = tokens.shape[1]
+            pads = {i: width - len(ids[i]) for i in batch}
+            # the prefix pass ends at the answer position of the prompts with a bare stem (no query part)
+            edit = [] if edits is None else edits.hooks(batch, [pads[i] for i in batch], width,
+                                                        [bool(bare_of[i]) for i in batch])
             with model.hooks(fwd_hooks=edit):
                 resid, state = arch.run_blocks(model, tokens, mask, None, stop=fork_at)
                 fork = torch.arange(len(batch), device=resid.device).repeat(groups)
@@ -173,7 +184,11 @@ def _score_tree(model: HookedModel, prefixes: Sequence[Sequence[int]], stems: Se
                     chunk = same[s:s + per_group]
                     x = torch.tensor([st.tokens for st in chunk], device=device).repeat(groups, 1)
                     rows = run.rows([where[st.prompt] for st in chunk], len(batch))
-                    resid, after = arch.run_blocks(model, x, None, arch.select_rows(state, rows))
+                    # a query part ends at its variant's answer position
+                    edit = [] if edits is None else edits.hooks([st.prompt for st in chunk],
+                                                                [pads[st.prompt] for st in chunk], width + n)
+                    with model.hooks(fwd_hooks=edit):
+                        resid, after = arch.run_blocks(model, x, None, arch.select_rows(state, rows))
                     run.labels(after, len(chunk), list(range(len(chunk))), run.logprobs(resid[:, -1]), chunk, per_group)
     if np.isnan(out).any():
         raise ValueError("some label scores were not computed: every (prompt, query, label) needs a stem")
@@ -266,9 +281,6 @@ def _score(model: HookedModel, prompts, labels: Sequence[str], references: Mappi
             raise ValueError(f"reference queries are 'contextual' or 'domain', each a non-empty list; got {kind!r}: {qs}")
     queries = [q for qs in references.values() for q in qs]
     edits = attention_edits(model, conditions, prompts)
-    if edits is not None and queries:
-        raise ValueError("label-attention conditions act at each prompt's answer position; score them without "
-                         "reference queries (no contextual or domain calibration in the same call)")
     arch, tok = arch_of(model), model.tokenizer
     prefixes, stems = [], []
     for i, p in enumerate(prompts):

@@ -291,7 +291,7 @@ def test_attention_arm_by_hand(study, tiny, tmp_path):
     """heads-attn: the top h heads of the seed's heads-last ranking, the answer position's attention to the
     demo labels times f; each (h, f) of the dev sweep against a separate label-scoring run of that one
     condition, cost 0, the dev rule's choice (ties to the smaller h, then the larger f); the held-out stage
-    under the arm's names with batch calibration only, its random heads down-weighted by the same f."""
+    under the arm's names with both calibrations, its random heads down-weighted by the same f."""
     import json
 
     from mechcopy.conditions import LABEL_ATTENTION, LABELS, Condition
@@ -325,7 +325,7 @@ def test_attention_arm_by_hand(study, tiny, tmp_path):
            "means": None, "sizes": component_sizes(tiny, probe.attribution, "head").to_json()}
     rows, _ = study.heldout(tiny, [sel], "no-gold", tmp_path / "a.jsonl", s, progress=False, arm="heads-attn")
     assert {r.condition for r in rows} == {"unpruned", "pruned@heads-attn-s0", "random-0@heads-attn-s0",
-                                              "pruned+batch@heads-attn-s0"}
+                                              "pruned+contextual@heads-attn-s0", "pruned+batch@heads-attn-s0"}
     assert {r.spec.factor for r in rows if r.condition != "unpruned"} == {0.0}
     assert study.ablation_costs(tiny, [sel], s, arm="heads-attn") == {"pruned@heads-attn-s0": 0.0, "random-0@heads-attn-s0": 0.0}
 

@@ -207,15 +207,13 @@ def test_label_attention_conditions_are_checked(model):
     from mechcopy.fingerprint import model_fingerprint
     from mechcopy.heads import head_set
     from mechcopy.pruning import condition_hooks
-    from mechcopy.scoring import CONTENT_FREE, score_labels_conditions
 
     heads = head_set(model, [(0, 1)])
     ok = dict(components=heads, ablation="label-attention", positions="last", factor=0.0, readout=LABELS)
     neurons = Components(((0, 1),), model_fingerprint(model))
     for bad, match in ((dict(components=neurons), "must be heads"), (dict(positions="all"), "positions='last'"),
                        (dict(factor=1.5), "at most 1"), (dict(factor=-0.1), "factor"), (dict(factor=None), "factor"),
-                       (dict(readout=Readout()), "label scoring"),
-                       (dict(readout=Readout("labels", "contextual")), "contextual")):
+                       (dict(readout=Readout()), "label scoring")):
         with pytest.raises((ValueError, TypeError), match=match):
             Condition("x", **{**ok, **bad})
     with pytest.raises(ValueError, match="factor is for"):
@@ -224,5 +222,26 @@ def test_label_attention_conditions_are_checked(model):
     assert Condition.from_json(edit.to_json()) == edit and edit.describe()["factor"] == 0.0
     with pytest.raises(ValueError, match="no prompt-free hooks"):
         condition_hooks(model, edit)
-    with pytest.raises(ValueError, match="without reference queries"):
-        score_labels_conditions(model, _edit_prompts(model, 2), EDIT_LABELS, [edit], references={"contextual": CONTENT_FREE})
+
+
+def test_label_attention_edits_each_reference_query_too(model):
+    """Contextual calibration's content-free queries (with the prompt's demos) are scored with their own
+    answer position's attention to the demo labels edited, as a full forward pass of that query's prompt
+    edited by hand is."""
+    from mechcopy.conditions import LABELS, UNPRUNED, Condition, Readout
+    from mechcopy.heads import head_set
+    from mechcopy.scoring import CONTENT_FREE, score_labels_conditions, with_query
+
+    prompts = _edit_prompts(model, n=3)
+    heads = {0: [2], 1: [1, 3]}
+    edit = Condition("edit", components=head_set(model, [(l, h) for l, hs in heads.items() for h in hs]),
+                     ablation="label-attention", positions="last", factor=0.0, readout=Readout("labels", "contextual"))
+    got = score_labels_conditions(model, prompts, EDIT_LABELS, [UNPRUNED, edit], references={"contextual": CONTENT_FREE},
+                                  batch_size=4)["edit"]
+    for i, p in enumerate(prompts):
+        want = [_edited_by_hand(model, p, y, heads, 0.0) for y in EDIT_LABELS]
+        np.testing.assert_allclose(got.logprobs[i], want, atol=1e-4)
+        for v, q in enumerate(CONTENT_FREE):
+            ref = with_query(p, q, model.tokenizer)
+            want = [_edited_by_hand(model, ref, y, heads, 0.0) for y in EDIT_LABELS]
+            np.testing.assert_allclose(got.reference["contextual"][i, v], want, atol=1e-4, err_msg=f"{i} {q!r}")
