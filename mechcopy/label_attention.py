@@ -35,7 +35,7 @@ from mechcopy.arch import HookedModel, arch_of
 from mechcopy.arch.transformer import transformer_block, transformer_cfg
 from mechcopy.attribution import _first_tokens
 from mechcopy.conditions import LABEL_ATTENTION, Condition
-from mechcopy.heads import frozen_norm, kv_head, n_heads, post_attention_norm, require_heads
+from mechcopy.heads import final_norm, frozen_norm, kv_head, n_heads, post_attention_norm, require_heads
 from mechcopy.hooks import Hook, scale_last_query
 from mechcopy.tasks.pairs import token_roles
 
@@ -115,7 +115,7 @@ def label_attention(model: HookedModel, prompts: Sequence) -> LabelAttention:
     layers, n_heads = cfg.n_layers, cfg.n_heads
     names = {f"blocks.{l}.attn.hook_{n}" for l in range(layers) for n in ("pattern", "v")}
     names |= {f"blocks.{l}.ln1_post.hook_scale" for l in range(layers)} | {"ln_final.hook_scale"}
-    final_norm = model.ln_final if cfg.normalization_type is not None else torch.nn.Identity()
+    norm = final_norm(model)
     kv = torch.tensor([kv_head(model, h) for h in range(n_heads)])
     out: dict[str, list[Tensor]] = {k: [] for k in ("to_labels", "to_bos", "to_demo", "attended", "ov_logit", "ov_margin", "label_share")}
     outcomes, predicted = [], []
@@ -146,8 +146,8 @@ def label_attention(model: HookedModel, prompts: Sequence) -> LabelAttention:
                     if post is not None:
                         scale = cache[f"blocks.{l}.ln1_post.hook_scale"][0, -1] if hasattr(post, "hook_scale") else None
                         write = frozen_norm(post, scale, write)
-                    scale = cache["ln_final.hook_scale"][0, -1] if hasattr(final_norm, "hook_scale") else None
-                    resid = frozen_norm(final_norm, scale, write).float()
+                    scale = cache["ln_final.hook_scale"][0, -1] if hasattr(norm, "hook_scale") else None
+                    resid = frozen_norm(norm, scale, write).float()
                     own = label_ids[d]
                     others = sorted((set(label_ids) | {int(prompt.answer_ids[0])}) - {own})
                     lo = resid @ model.unembed.W_U[:, [own] + others].float()
