@@ -904,6 +904,9 @@ def main(argv=None) -> int:
             write_json_atomic(path, res)
             print(f"{arm} seed {seed}: chosen {res['chosen'] and (res['chosen']['condition'], res['chosen']['dev_accuracy'])} "
                   f"vs unpruned {res['dev_unpruned_accuracy']:.3f}; {res['seconds']}", file=sys.stderr)
+    elif arm != "neurons" and not any(sel["chosen"] for sel in selections()):
+        # the arm's rows would be the unpruned model's alone, which the neuron arm's stages already hold
+        print(f"{arm}: no selection seed chose a set, so --stage {args.stage} has nothing to run", file=sys.stderr)
     elif args.stage == "probe":
         t0 = time.perf_counter()
         write_json_atomic(work / _file(arm, "probe_test.json"), probe_test(model, selections(), arm=arm))

@@ -472,3 +472,19 @@ def test_the_driver_refuses_a_bad_option_before_anything_runs(study, argv, says,
     with pytest.raises(SystemExit) as e:
         study.main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["probe", "costs", "heldout"])
+def test_an_arm_that_chose_nothing_runs_no_later_stage(study, stage, tmp_path, capsys, monkeypatch):
+    """A third-session arm whose every seed chose nothing: its later stages would only score the unpruned
+    model again, so they write nothing and say why."""
+    import json
+
+    import mechcopy
+
+    monkeypatch.setattr(mechcopy, "load_model", lambda *a, **k: object())
+    for seed in (0, 1):
+        (tmp_path / f"unibias_select_seed{seed}.json").write_text(json.dumps({"seed": seed, "chosen": None}))
+    assert study.main(["--components", "unibias", "--stage", stage, "--work", str(tmp_path)]) == 0
+    assert "no selection seed chose a set" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unibias_select_seed0.json", "unibias_select_seed1.json"]
