@@ -133,6 +133,11 @@ def unfenced(text: str) -> str:
     return "\n".join(out)
 
 
+def _bare(printed: str) -> bool:
+    """A number printed without decimals or exponent."""
+    return not re.search(r"[.eE]", printed)
+
+
 def blocks(doc: Path, text: str | None = None) -> list[Block]:
     text = unfenced(doc.read_text(encoding="utf-8") if text is None else text)
     out = []
@@ -165,7 +170,8 @@ def check_block(b: Block, data) -> list[str]:
         errors = []
         for spec in b.header.partition("prose:")[2].split(","):
             v = value(data, spec)
-            if v is not None and not any(matches(p, v) for p in printed):
+            # a fraction is not "printed" by a bare 0 or 1 (a seed, a count) standing beside it in the text
+            if v is not None and not any(matches(p, v) and not (_bare(p) and 0 < abs(v) < 1) for p in printed):
                 errors.append(f"{spec.strip()} = {v!r} is not printed in the paragraph after it")
         return errors
     table = []
@@ -348,3 +354,6 @@ def test_checker_catches_mistakes():
     assert "not printed" in run("<!-- check source=docs/data/x.json prose: speed.fast -->\n- fast: 9 s\n- 1.87\n")[0]
     assert "not printed" in run("Source: docs/data/x.json\n<!-- check prose: speed.share*100 -->\n"
                                 "It copies in 52% of prompts.\n")[0]
+    # a share is not printed by a seed number beside it (0.513 is within 0.5 of "seed 1", but no printed share)
+    assert "not printed" in run("Source: docs/data/x.json\n<!-- check prose: speed.share -->\n"
+                                "Seed 1 copies in 0.49 of prompts.\n")[0]
