@@ -287,8 +287,31 @@ def _copy_mechanism(model_name: str, root: Path) -> Section:
             + verdicts + "\n\n"
             f"So {fix}. The table: each condition minus unpruned (no-gold prompts; the copy effect on copy-control "
             "prompts); `@s<seed>` is a selection seed's set, `random-` its size-matched random set. The head arms "
-            "(exploratory) are in docs/copy_mechanism.md.")
+            "(exploratory) are in docs/copy_mechanism.md." + _attention_lever(model_name, data))
     return Section(title, text, table=pd.DataFrame(rows))
+
+
+def _attention_lever(model_name: str, data: Path) -> str:
+    """A sentence on the study's `heads-attn` arm where it ran on the model (exploratory: removing the answer
+    position's attention to the demo labels in the top heads), from its docs JSON (the n = 100 rerun's if
+    there is one): its accuracy change per seed and its gain minus contextual calibration's."""
+    for stem in (f"copy_mechanism_{model_name}-n100_heads-attn", f"copy_mechanism_{model_name}_heads-attn"):
+        study, crit = data / f"{stem}.json", data / f"{stem}_criteria_heads-attn.json"
+        if study.is_file() and crit.is_file():
+            break
+    else:
+        return ""
+    doc = json.loads(study.read_text())
+    versus = json.loads(crit.read_text())["criteria"]["versus_calibration"].get("mean_over_seeds", {})
+    gains = [r["accuracy"]["diff"] for name, r in sorted(doc["table"].items()) if name.startswith("pruned@heads-attn-")]
+    if not gains or "pruned_vs_contextual" not in versus:
+        return ""
+    vc = versus["pruned_vs_contextual"]
+    return (f"\n\nThe strongest mechanistic lever the study found (exploratory): removing the answer position's "
+            f"attention to the demo labels in the top heads (`heads-attn`, n = {doc['settings']['n']}) changes held-out "
+            f"accuracy by {', '.join(signed(g) for g in gains)} (per selection seed), at no perplexity cost; its gain "
+            f"minus contextual calibration's is {signed(vc['mean'])} [task CI {signed(vc['task_ci'][0])}, "
+            f"{signed(vc['task_ci'][1])}]" + (" (it beats calibration)." if vc["holds"] else ", so calibration stays the fix."))
 
 
 def _answer(evaluation: Evaluation, evaluated: Components, fig_dir: Path) -> Section:

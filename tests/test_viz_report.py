@@ -577,6 +577,7 @@ def test_report_copy_mechanism_section_follows_the_study(tmp_path, beats):
     assert ("an intervention beats calibration** (pruned_vs_batch)" in s.text) == beats
     assert ("**calibration is the fix**" in s.text) == (not beats)
     assert "has not been run" in _copy_mechanism("other", tmp_path).text
+    assert "strongest mechanistic lever" not in s.text                       # no heads-attn files for `m`
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma-3-270m"])
@@ -596,3 +597,7 @@ def test_report_copy_mechanism_section_reads_the_committed_study(model):
     row = s.table.set_index("condition").loc["contextual"]
     assert row["Δ accuracy [task CI]"] == f"{acc['diff']:+.3f} [{acc['task_ci'][0]:+.3f}, {acc['task_ci'][1]:+.3f}]"
     assert ("**calibration is the fix**" in s.text) == (not any(v["holds"] for v in versus.values()))
+    lever = data / f"copy_mechanism_{model}-n100_heads-attn_criteria_heads-attn.json"
+    if lever.is_file():   # the exploratory heads-attn arm's sentence, its numbers from its own files
+        vc = json.loads(lever.read_text())["criteria"]["versus_calibration"]["mean_over_seeds"]["pruned_vs_contextual"]
+        assert f"minus contextual calibration's is {vc['mean']:+.3f} [task CI {vc['task_ci'][0]:+.3f}" in s.text
