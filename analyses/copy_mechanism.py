@@ -443,8 +443,9 @@ def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Pa
             progress: bool = True, arm: str = "neurons") -> tuple[list[ResultRow], dict]:
     """The held-out label tasks in one construction: every condition of the study, label scoring. The
     neuron arm runs the calibrations alone too; the head arm only its sets, their random sets and the
-    sets + calibration (and the unpruned model again, to check it reproduces the neuron arm's)."""
-    from mechcopy.conditions import LABELS, UNPRUNED, calibrated_conditions
+    sets + calibration (and the unpruned model again, to check it reproduces the neuron arm's); heads-attn
+    also its control `others` (the same heads' attention to as many other demo tokens removed)."""
+    from mechcopy.conditions import LABEL_ATTENTION, LABELS, OTHER_ATTENTION, UNPRUNED, calibrated_conditions
     from mechcopy.suite import run_evaluation
     from mechcopy.tasks import load_tasks
 
@@ -452,6 +453,9 @@ def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Pa
     conditions = [replace(UNPRUNED, readout=LABELS)] + pruned + random
     conditions += [c for c in calibrated_conditions(pruned, settings["calibrations"])
                    if arm == "neurons" or c.name not in settings["calibrations"]]
+    # heads-attn's control that keeps the heads: as much attention to other demo tokens removed instead
+    conditions += [replace(p, name="others", family="others", ablation=OTHER_ATTENTION, seed=int(str(p.group).rpartition("-s")[2]))
+                   for p in pruned if p.ablation == LABEL_ATTENTION]
     tasks = load_tasks(",".join(settings["heldout_tasks"]))
     if construction == "copy-control":   # two labels and no gold among the demos: no copy effect to estimate
         tasks = [t for t in tasks if len(t.label_set()) >= 3]
@@ -629,6 +633,25 @@ def criteria(selections: Sequence[dict], probe: dict | None, rows_no_gold: Seque
                                          for g in seeds)
                 vs_mean[f"{stem}_vs_{cal}"] = r
     out["versus_calibration"]["mean_over_seeds"] = vs_mean
+    others = [g for g in seeds if f"others@{g}" in ng]
+    if others:   # heads-attn: the label edit against the same heads' edit of other demo tokens
+        out["versus_others"] = {}
+        acc = {g: {t: float(np.mean(ng[f"pruned@{g}"][t].result.correct) - np.mean(ng[f"others@{g}"][t].result.correct))
+                   for t in sorted(set(ng[f"pruned@{g}"]) & set(ng[f"others@{g}"]))} for g in others}
+        ce = {g: {t: float(abs(_ce(cc[f"others@{g}"][t])) - abs(_ce(cc[f"pruned@{g}"][t])))
+                  for t in sorted(set(cc.get(f"pruned@{g}", {})) & set(cc.get(f"others@{g}", {})))
+                  if _ce(cc[f"pruned@{g}"][t]) is not None and _ce(cc[f"others@{g}"][t]) is not None} for g in others}
+        for g in others:
+            out["versus_others"][g] = {"accuracy": _level(acc[g], "acc(set) - acc(others)", seed)}
+            if len(ce[g]) >= 2:
+                out["versus_others"][g]["copy_effect"] = _level(ce[g], "|CE(others)| - |CE(set)|", seed)
+        mean_others: dict[str, Any] = {}
+        for key, per in (("accuracy", acc), ("copy_effect", ce)):
+            tasks = sorted(set.intersection(*(set(d) for d in per.values())))
+            if len(tasks) >= 2:
+                mean_others[key] = _level({t: float(np.mean([per[g][t] for g in others])) for t in tasks},
+                                          f"{key}, mean over seeds", seed)
+        out["versus_others"]["mean_over_seeds"] = mean_others
     return out
 
 

@@ -34,6 +34,9 @@ from mechcopy.selection import bottom_set
 ABLATIONS = ("zero", "mean")
 #: a condition's other way to act on heads: down-weight the answer position's attention to demo labels
 LABEL_ATTENTION = "label-attention"
+#: its control: the same heads' attention to as many other demo tokens, drawn per prompt, scaled instead
+OTHER_ATTENTION = "other-attention"
+ATTENTION_EDITS = (LABEL_ATTENTION, OTHER_ATTENTION)
 POSITIONS = ("all", "last")
 SCORINGS = ("generate", "labels")
 CALIBRATIONS = ("contextual", "batch", "domain")
@@ -167,7 +170,9 @@ class Condition:
     prompt's last token) it multiplies their attention to the prompt's demo-label tokens by `factor`
     (0 <= factor <= 1; 0 removes it) and renormalises (`pruning.LabelAttention`). Those key positions
     differ per prompt, so it needs label scoring (the label scorer edits the answer position of each
-    prompt and of each reference query of a calibration), `positions="last"` and heads."""
+    prompt and of each reference query of a calibration), `positions="last"` and heads. Its control,
+    `ablation="other-attention"`, scales the attention to as many other tokens of the demos instead, drawn
+    per prompt (`label_attention.other_positions`, seeded by the prompt and `seed`)."""
 
     name: str
     family: str = ""
@@ -192,8 +197,8 @@ class Condition:
         object.__setattr__(self, "versus", tuple(self.versus))
         if not isinstance(self.readout, Readout):
             raise ValueError(f"condition {self.name}: readout must be a conditions.Readout, got {self.readout!r}")
-        if self.ablation not in (*ABLATIONS, LABEL_ATTENTION):
-            raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join((*ABLATIONS, LABEL_ATTENTION))}")
+        if self.ablation not in (*ABLATIONS, *ATTENTION_EDITS):
+            raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join((*ABLATIONS, *ATTENTION_EDITS))}")
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
         if self.ablation == "mean":
@@ -204,13 +209,13 @@ class Condition:
                                  f"{self.components.kind}s")
         elif self.means is not None:
             raise ValueError(f"condition {self.label}: means are for mean ablation (ablation='mean')")
-        if self.ablation == LABEL_ATTENTION:
+        if self.ablation in ATTENTION_EDITS:
             self._check_label_attention()
         elif self.factor is not None:
-            raise ValueError(f"condition {self.label}: factor is for ablation='label-attention'")
+            raise ValueError(f"condition {self.label}: factor is for ablation='label-attention' (or 'other-attention')")
 
     def _check_label_attention(self) -> None:
-        where = f"condition {self.label} (label-attention)"
+        where = f"condition {self.label} ({self.ablation})"
         factor = check_number(self.factor, f"{where}: factor", low=0.0)
         if factor > 1:
             raise ValueError(f"{where}: factor must be at most 1 (it down-weights), got {self.factor}")

@@ -23,6 +23,8 @@ read, so maps can be split by copy errors and correct answers.
 
 from __future__ import annotations
 
+import random
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -34,7 +36,7 @@ from torch import Tensor
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.arch.transformer import transformer_block, transformer_cfg
 from mechcopy.attribution import _first_tokens
-from mechcopy.conditions import LABEL_ATTENTION, Condition
+from mechcopy.conditions import ATTENTION_EDITS, LABEL_ATTENTION, Condition
 from mechcopy.heads import final_norm, frozen_norm, kv_head, n_heads, post_attention_norm, require_heads
 from mechcopy.hooks import Hook, scale_last_query
 from mechcopy.tasks.pairs import token_roles
@@ -171,44 +173,59 @@ def label_attention(model: HookedModel, prompts: Sequence) -> LabelAttention:
 
 @dataclass(frozen=True)
 class AttentionEdits:
-    """What the label-attention conditions of one forked pass do (`attention_edits`): per layer, the factor
-    of each (row group, head) (1: untouched), and each prompt's demo-label token positions. Only the
-    passes that end at an answer position take `hooks` (the prompt's, or a reference query's with the
-    same demos: the label scorer's prefix or query pass); later tokens attend as they would."""
+    """What the attention-edit conditions of one forked pass do (`attention_edits`): per layer, the factor
+    of each (row group, head) (1: untouched), and per row group the key positions of each prompt (its
+    demo-label tokens, or for `other-attention` as many other demo tokens; none for a group that edits
+    nothing). Only the passes that end at an answer position take `hooks` (the prompt's, or a reference
+    query's with the same demos: the label scorer's prefix or query pass); later tokens attend as they would."""
 
     factors: dict[int, Float[Tensor, "groups heads"]]
-    keys: tuple[tuple[int, ...], ...]
+    keys: tuple[tuple[tuple[int, ...], ...], ...]          # [group][prompt] -> key positions
 
     def hooks(self, batch: Sequence[int], pads: Sequence[int], width: int,
               edit: Sequence[bool] | None = None) -> list[tuple[str, Hook]]:
         """The hooks of one pass over prompts `batch` (rows group-major; each row's keys shifted by its left
         padding `pads`, `width` keys in all, the pass's last query at an answer position): in each row, that
-        query's attention to its prompt's label tokens times its group's factor (rows where `edit` is False
-        untouched)."""
-        mask = torch.zeros(len(batch), width, dtype=torch.bool)
-        for r, (i, pad) in enumerate(zip(batch, pads)):
-            if edit is None or edit[r]:
-                mask[r, [pad + k for k in self.keys[i]]] = True
+        query's attention to its group's keys of its prompt times its group's factor (rows where `edit` is
+        False untouched)."""
+        mask = torch.zeros(len(self.keys), len(batch), width, dtype=torch.bool)
+        for g, keys in enumerate(self.keys):
+            for r, (i, pad) in enumerate(zip(batch, pads)):
+                if keys[i] and (edit is None or edit[r]):
+                    mask[g, r, [pad + k for k in keys[i]]] = True
         out = []
         for layer, f in sorted(self.factors.items()):
-            scale = torch.where(mask[None, :, None, :], f[:, None, :, None], torch.ones(()))   # [groups B heads width]
+            scale = torch.where(mask[:, :, None, :], f[:, None, :, None], torch.ones(()))   # [groups B heads width]
             out.append((f"blocks.{layer}.attn.hook_pattern", scale_last_query(scale.reshape(-1, *scale.shape[2:]))))
         return out
 
 
+def other_positions(model: HookedModel, prompt, seed: int = 0) -> list[int]:
+    """As many token positions as `prompt` has demo-label tokens, drawn at random (seeded by the prompt's
+    text and `seed`) among the demos' other tokens (before the last demo label; not the first token, not a
+    label): the keys of the `other-attention` control."""
+    labels = sorted(k for pos in label_positions(model, prompt) for k in pos)
+    candidates = sorted(set(range(1, labels[-1])) - set(labels))
+    rng = random.Random(zlib.crc32(prompt.text.encode()) ^ seed)
+    return sorted(rng.sample(candidates, min(len(labels), len(candidates))))
+
+
 def attention_edits(model: HookedModel, conditions: Sequence[Condition], prompts: Sequence) -> AttentionEdits | None:
-    """The label-attention edits of `conditions` (row group g: `conditions[g]`) on `prompts`, or None when
-    no condition down-weights attention (`Condition` with `ablation="label-attention"`)."""
-    edits = [(g, c) for g, c in enumerate(conditions) if c.ablation == LABEL_ATTENTION]
+    """The attention edits of `conditions` (row group g: `conditions[g]`) on `prompts`, or None when no
+    condition edits attention (`Condition` with `ablation="label-attention"` or its control
+    `"other-attention"`)."""
+    edits = [(g, c) for g, c in enumerate(conditions) if c.ablation in ATTENTION_EDITS]
     if not edits:
         return None
     require_heads(model, "down-weighting the attention to demo labels")
     factors: dict[int, Tensor] = {}
+    keys: list[tuple[tuple[int, ...], ...]] = [tuple(() for _ in prompts)] * len(conditions)
+    labels = tuple(tuple(sorted(k for pos in label_positions(model, p) for k in pos)) for p in prompts)
     for g, c in edits:
         assert c.components is not None and c.factor is not None     # Condition checks both
         c.components.check(model)
         for layer, idx in c.components.by_layer().items():
             factors.setdefault(layer, torch.ones(len(conditions), n_heads(model)))[g, idx] = float(c.factor)
-    return AttentionEdits(factors, tuple(tuple(sorted(k for pos in label_positions(model, p) for k in pos))
-                                         for p in prompts))
-
+        keys[g] = labels if c.ablation == LABEL_ATTENTION else tuple(tuple(other_positions(model, p, c.seed or 0))
+                                                                      for p in prompts)
+    return AttentionEdits(factors, tuple(keys))

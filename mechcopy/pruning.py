@@ -23,7 +23,7 @@ from torch import Tensor
 from mechcopy.arch import HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
 from mechcopy.components import Components, Sizes, as_components, component_kind
-from mechcopy.conditions import ABLATIONS, LABEL_ATTENTION, POSITIONS, Condition, Means
+from mechcopy.conditions import ABLATIONS, ATTENTION_EDITS, POSITIONS, Condition, Means
 from mechcopy.errors import check_number
 from mechcopy.hooks import Hook, ablate_by_group, capture, set_units, zero_units
 from mechcopy.tasks.prompts import PromptSet
@@ -65,7 +65,7 @@ def condition_hooks(model: HookedModel, condition: Condition) -> list[tuple[str,
     (the label scorer applies it, `label_attention.attention_edits`)."""
     if condition.components is None or not condition.ablates:
         return []
-    if condition.ablation == LABEL_ATTENTION:
+    if condition.ablation in ATTENTION_EDITS:
         raise ValueError(f"condition {condition.label} down-weights each prompt's attention to its demo labels: it has "
                          "no prompt-free hooks; score it with evaluation.evaluate_conditions (label scoring)")
     return pruning_hooks(model, condition.components, condition.ablation, condition.positions, condition.means)
@@ -80,11 +80,11 @@ def grouped_hooks(model: HookedModel, conditions: Sequence[Condition]) -> tuple[
     groups, n_layers = len(conditions), model.cfg.n_layers
     scales: dict[tuple[int, str], Tensor] = {}
     adds: dict[tuple[int, str], Tensor] = {}
-    edited = [layer for c in conditions if c.ablation == LABEL_ATTENTION and c.components is not None
+    edited = [layer for c in conditions if c.ablation in ATTENTION_EDITS and c.components is not None
               for layer in c.components.by_layer()]
     for g, cond in enumerate(conditions):
         comps = cond.components
-        if comps is None or not cond.ablates or cond.ablation == LABEL_ATTENTION:
+        if comps is None or not cond.ablates or cond.ablation in ATTENTION_EDITS:
             continue
         comps.check(model)
         kind = component_kind(comps.kind)

@@ -152,7 +152,7 @@ def _score_tree(model: HookedModel, prefixes: Sequence[Sequence[int]], stems: Se
         raise ValueError("a prompt's own query is a prefix of one of its reference queries: the shared prefix would "
                          "end at one variant's answer position and not the other's, so label-attention conditions "
                          "cannot be scored exactly on it; use other reference queries")
-    if edits is not None and any(k >= len(prefixes[i]) for i, keys in enumerate(edits.keys) for k in keys):
+    if edits is not None and any(k >= len(prefixes[i]) for group in edits.keys for i, keys in enumerate(group) for k in keys):
         raise ValueError("a demo label lies after the prefix its prompt shares with its reference queries")
     out = np.full((groups, len(prefixes), n_variants, n_labels), np.nan)
     per_group = max(1, batch_size // groups)

@@ -325,8 +325,15 @@ def test_attention_arm_by_hand(study, tiny, tmp_path):
            "means": None, "sizes": component_sizes(tiny, probe.attribution, "head").to_json()}
     rows, _ = study.heldout(tiny, [sel], "no-gold", tmp_path / "a.jsonl", s, progress=False, arm="heads-attn")
     assert {r.condition for r in rows} == {"unpruned", "pruned@heads-attn-s0", "random-0@heads-attn-s0",
-                                              "pruned+contextual@heads-attn-s0", "pruned+batch@heads-attn-s0"}
+                                              "pruned+contextual@heads-attn-s0", "pruned+batch@heads-attn-s0",
+                                              "others@heads-attn-s0"}
     assert {r.spec.factor for r in rows if r.condition != "unpruned"} == {0.0}
+    assert {(r.spec.ablation, r.spec.seed) for r in rows if r.condition == "others@heads-attn-s0"} == {("other-attention", 0)}
+    by = study._rows_by(rows)
+    crit = study.criteria([sel], None, rows, [], settings=s, arm="heads-attn")["versus_others"]
+    for t, d in crit["heads-attn-s0"]["accuracy"]["per_task"].items():   # the label edit against its control
+        assert d == pytest.approx(np.mean(by["pruned@heads-attn-s0"][t].result.correct)
+                                  - np.mean(by["others@heads-attn-s0"][t].result.correct))
     assert study.ablation_costs(tiny, [sel], s, arm="heads-attn") == {"pruned@heads-attn-s0": 0.0, "random-0@heads-attn-s0": 0.0}
 
 

@@ -245,3 +245,38 @@ def test_label_attention_edits_each_reference_query_too(model):
             ref = with_query(p, q, model.tokenizer)
             want = [_edited_by_hand(model, ref, y, heads, 0.0) for y in EDIT_LABELS]
             np.testing.assert_allclose(got.reference["contextual"][i, v], want, atol=1e-4, err_msg=f"{i} {q!r}")
+
+
+def test_other_attention_control_edits_other_demo_tokens(model):
+    """The control's keys: as many demo tokens as the prompt has label tokens, none of them a label or the
+    first token, all before the last label, the same on every call (and another draw for another seed);
+    scored as a full forward pass with those keys' attention removed by hand, beside the label edit."""
+    from mechcopy.conditions import LABELS, Condition
+    from mechcopy.heads import head_set
+    from mechcopy.hooks import scale_attention
+    from mechcopy.scoring import score_labels_conditions
+
+    prompts = _edit_prompts(model, n=4)
+    heads = head_set(model, [(1, 0), (1, 2)])
+    for p in prompts:
+        labels = sum(_label_positions_by_hand(p), [])
+        keys = LA.other_positions(model, p, seed=3)
+        assert len(keys) == len(labels) and not set(keys) & set(labels) and 0 < min(keys) and max(keys) < max(labels)
+        assert keys == LA.other_positions(model, p, seed=3)
+    assert any(LA.other_positions(model, p, 3) != LA.other_positions(model, p, 4) for p in prompts)
+    edit = dict(components=heads, positions="last", factor=0.0, readout=LABELS)
+    got = score_labels_conditions(model, prompts, EDIT_LABELS, [Condition("labels", ablation="label-attention", **edit),
+                                                                 Condition("others", ablation="other-attention", seed=3, **edit)],
+                                  batch_size=6)
+    for i, p in enumerate(prompts):
+        ids = model.to_tokens(p.text)[0].tolist()
+        hooks = [("blocks.1.attn.hook_pattern", scale_attention(LA.other_positions(model, p, 3), 0.0, heads=[0, 2],
+                                                                query=len(ids) - 1))]
+        for j, y in enumerate(EDIT_LABELS):
+            label_tokens = [model.tokenizer.convert_tokens_to_ids(c) for c in y]
+            with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+                logp = torch.log_softmax(model(torch.tensor([ids + label_tokens])).float(), -1)[0]
+            want = float(sum(logp[len(ids) - 1 + t, x] for t, x in enumerate(label_tokens)))
+            assert abs(got["others"].logprobs[i, j] - want) < 1e-4
+        np.testing.assert_allclose(got["labels"].logprobs[i], [_edited_by_hand(model, p, y, {1: [0, 2]}, 0.0)
+                                                              for y in EDIT_LABELS], atol=1e-4)
