@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mechcopy.arch import Decoder, HookedModel, arch_of
 from mechcopy.batching import left_pad, token_batches
-from mechcopy.conditions import Condition
+from mechcopy.conditions import OTHER_ATTENTION, Condition
 from mechcopy.copy_effect import copy_effect, demo_share
 from mechcopy.errors import FieldError, check_items, check_number
 from mechcopy.hooks import check_hook_points
@@ -229,7 +229,8 @@ def predict_conditions(model: HookedModel, prompts: Prompts, conditions: Sequenc
 def _ablation_key(c: Condition) -> tuple:
     """What a condition's label scores depend on: its ablation, not its readout."""
     comps = (c.components.kind, c.components.pairs) if c.ablates and c.components is not None else None
-    return comps, c.ablation if c.ablates else None, c.positions if c.ablates else None, id(c.means), c.factor
+    drawn = c.seed if c.ablates and c.ablation == OTHER_ATTENTION else None    # its keys are drawn with the seed
+    return comps, c.ablation if c.ablates else None, c.positions if c.ablates else None, id(c.means), c.factor, drawn
 
 
 def _read_labels(model: HookedModel, prompts: list[ICLPrompt], conditions: Sequence[Condition],

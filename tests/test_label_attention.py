@@ -268,6 +268,17 @@ def test_other_attention_control_edits_other_demo_tokens(model):
     got = score_labels_conditions(model, prompts, EDIT_LABELS, [Condition("labels", ablation="label-attention", **edit),
                                                                  Condition("others", ablation="other-attention", seed=3, **edit)],
                                   batch_size=6)
+    # two draws of the control on the same heads are two conditions, not one ablation read twice
+    from mechcopy.evaluation import evaluate_conditions
+    both = evaluate_conditions(model, prompts, [Condition("o3", ablation="other-attention", seed=3, **edit),
+                                                Condition("o4", ablation="other-attention", seed=4, **edit)], labels=EDIT_LABELS)
+    alone = {s: score_labels_conditions(model, prompts, EDIT_LABELS, [Condition("x", ablation="other-attention", seed=s, **edit)])["x"]
+             for s in (3, 4)}
+    assert list(both["o3"].predictions) == alone[3].predict() and list(both["o4"].predictions) == alone[4].predict()
+    assert not np.allclose(alone[3].logprobs, alone[4].logprobs)
+    from mechcopy.evaluation import _ablation_key
+    assert _ablation_key(Condition("a", ablation="other-attention", seed=3, **edit)) != \
+        _ablation_key(Condition("b", ablation="other-attention", seed=4, **edit))
     for i, p in enumerate(prompts):
         ids = model.to_tokens(p.text)[0].tolist()
         hooks = [("blocks.1.attn.hook_pattern", scale_attention(LA.other_positions(model, p, 3), 0.0, heads=[0, 2],
