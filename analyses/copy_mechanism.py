@@ -90,7 +90,10 @@ EXTRA_ARMS = ("heads-attn", "unibias")
 #: the third session's settings (its plan, before its results): the down-weighting factors of `heads-attn`,
 #: the set sizes of `unibias`
 THIRD = {"attn_factors": [0.0, 0.5], "unibias_hs": [5, 10, 20], "unibias_ks": [10, 20, 50, 100, 200]}
-CONSTRUCTIONS = ("no-gold", "copy-control")
+#: the held-out constructions: the two the criteria read, and `standard` (demos drawn freely: ordinary ICL,
+#: where copying is often right; docs/copy_mechanism.md, "Fourth session": the cost check `standard_check`)
+CRITERIA_CONSTRUCTIONS = ("no-gold", "copy-control")
+CONSTRUCTIONS = (*CRITERIA_CONSTRUCTIONS, "standard")
 
 
 def probe_tasks(model_name: str, pilot: Path = Path("docs/data/copy_probe_pilot.json")) -> tuple[list[str], str]:
@@ -165,14 +168,25 @@ def _predict_tasks(model, prompts, conditions, batch_size: int = 32) -> dict[str
     return out
 
 
+def _ppl_increase(model, condition, base_ppl: float, settings: dict = SETTINGS) -> float:
+    """The relative perplexity increase of `condition` on the plain-text sample. An attention edit
+    (`conditions.ATTENTION_EDITS`) acts on demo tokens, which plain text has none of: cost 0."""
+    from mechcopy.conditions import ATTENTION_EDITS
+    from mechcopy.evaluation import perplexity
+    from mechcopy.pruning import condition_hooks
+
+    if condition.ablation in ATTENTION_EDITS:
+        return 0.0
+    return perplexity(model, fwd_hooks=condition_hooks(model, condition), n_tokens=settings["ppl_tokens"]) / base_ppl - 1
+
+
 def _dev_sweep(model, probe, candidates: Sequence[Any], settings: dict = SETTINGS) -> dict[str, Any]:
     """The dev rule (docs/copy_mechanism.md): each candidate `Condition` (an ablation) read by label
     scoring on the probe's dev split (each probe task weighing the same) and its perplexity increase;
     the best dev accuracy within the perplexity bound wins (ties to the smaller set, then the larger
     down-weighting factor), if it beats the unpruned model (else nothing is chosen, and `why` says so)."""
-    from mechcopy.conditions import LABEL_ATTENTION, LABELS, UNPRUNED
+    from mechcopy.conditions import LABELS, UNPRUNED
     from mechcopy.evaluation import perplexity
-    from mechcopy.pruning import condition_hooks
 
     s = settings
     unpruned = replace(UNPRUNED, readout=LABELS)
@@ -186,12 +200,10 @@ def _dev_sweep(model, probe, candidates: Sequence[Any], settings: dict = SETTING
     base_ppl = perplexity(model, n_tokens=s["ppl_tokens"])
     rows = []
     for c in candidates:
-        # down-weighting the attention to demo labels changes nothing on plain text (no demo labels): cost 0
-        ppl = base_ppl if c.ablation == LABEL_ATTENTION else perplexity(model, fwd_hooks=condition_hooks(model, c),
-                                                                         n_tokens=s["ppl_tokens"])
+        cost = _ppl_increase(model, c, base_ppl, s)
         rows.append({"condition": c.name, "ablation": c.ablation, "positions": c.positions, "k": len(c.components),
                      **({} if c.factor is None else {"factor": c.factor}), "dev_accuracy": accuracy(c.label),
-                     "ppl_increase": ppl / base_ppl - 1, "feasible": ppl / base_ppl - 1 <= s["max_ppl_increase"]})
+                     "ppl_increase": cost, "feasible": cost <= s["max_ppl_increase"]})
     baseline = accuracy(unpruned.label)
     feasible = [r for r in rows if r["feasible"]]
     best = max(feasible, key=lambda r: (r["dev_accuracy"], -r["k"], r.get("factor", 0.0))) if feasible else None
@@ -441,7 +453,8 @@ def probe_test(model, selections: Sequence[dict], settings: dict = SETTINGS, arm
 
 def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Path, settings: dict = SETTINGS,
             progress: bool = True, arm: str = "neurons") -> tuple[list[ResultRow], dict]:
-    """The held-out label tasks in one construction: every condition of the study, label scoring. The
+    """The held-out label tasks in one construction (`CONSTRUCTIONS`): every condition of the study, label
+    scoring. The
     neuron arm runs the calibrations alone too; the head arm only its sets, their random sets and the
     sets + calibration (and the unpruned model again, to check it reproduces the neuron arm's); heads-attn
     also its control `others` (the same heads' attention to as many other demo tokens removed)."""
@@ -453,27 +466,26 @@ def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Pa
     conditions = [replace(UNPRUNED, readout=LABELS)] + pruned + random
     conditions += [c for c in calibrated_conditions(pruned, settings["calibrations"])
                    if arm == "neurons" or c.name not in settings["calibrations"]]
-    # heads-attn's control that keeps the heads: as much attention to other demo tokens removed instead
-    conditions += [replace(p, name="others", family="others", ablation=OTHER_ATTENTION, seed=int(str(p.group).rpartition("-s")[2]))
-                   for p in pruned if p.ablation == LABEL_ATTENTION]
+    # heads-attn's control that keeps the heads: as much attention to other demo tokens removed instead,
+    # drawn with the selection's seed (`pruned` holds one condition per seed that chose a set, in order)
+    chose = [sel for sel in selections if sel["chosen"] is not None]
+    conditions += [replace(p, name="others", family="others", ablation=OTHER_ATTENTION, seed=sel["seed"])
+                   for p, sel in zip(pruned, chose, strict=True) if p.ablation == LABEL_ATTENTION]
     tasks = load_tasks(",".join(settings["heldout_tasks"]))
     if construction == "copy-control":   # two labels and no gold among the demos: no copy effect to estimate
         tasks = [t for t in tasks if len(t.label_set()) >= 3]
     return run_evaluation(model, tasks, shots=settings["shots"], n=settings["n"], seed=settings["prompt_seed"],
                           conditions=conditions, progress=progress, batch_size=64, checkpoint=checkpoint,
-                          gold_in_demos=False, copy_control=construction == "copy-control")
+                          gold_in_demos=construction == "standard", copy_control=construction == "copy-control")
 
 
 def ablation_costs(model, selections: Sequence[dict], settings: dict = SETTINGS, arm: str = "neurons") -> dict[str, float]:
     """Relative perplexity increase of every ablation condition (label -> increase)."""
     from mechcopy.evaluation import perplexity
-    from mechcopy.pruning import condition_hooks
 
     pruned, random = seed_conditions(model, selections, settings, arm)
     base = perplexity(model, n_tokens=settings["ppl_tokens"])
-    return {c.label: 0.0 if c.ablation == "label-attention" else    # plain text has no demo labels: cost 0
-            perplexity(model, fwd_hooks=condition_hooks(model, c), n_tokens=settings["ppl_tokens"]) / base - 1
-            for c in pruned + random}
+    return {c.label: _ppl_increase(model, c, base, settings) for c in pruned + random}
 
 
 # ---------------------------------------------------------------- the summary: tables and criteria
@@ -529,6 +541,37 @@ def compare(rows_no_gold: Sequence[ResultRow], rows_cc: Sequence[ResultRow], con
                 out["copy_effect"]["prompt_ci"] = paired["ci"]
                 out["copy_effect"]["prompt_diff"] = paired["diff"]
     return out
+
+
+def standard_check(rows: Sequence[ResultRow], selections: dict[str, Sequence[dict]], seed: int = 0) -> dict[str, Any] | None:
+    """The standard construction (docs/copy_mechanism.md, "Fourth session"): does an intervention cost
+    ordinary ICL? Every condition against unpruned (accuracy and the rate of wrong answers that are a demo
+    label, `compare`), and per arm of `selections` the mean over its seeds of acc(set) - acc(unpruned) per
+    task (a seed that chose nothing counts as the unpruned model, 0), task-level; `harms`: the task-level
+    interval of Δ accuracy lies below 0. None when the construction has not run."""
+    by = _rows_by(rows)
+    if "unpruned" not in by:
+        return None
+    base = {t: float(np.mean(r.result.correct)) for t, r in by["unpruned"].items()}
+    table = {}
+    for name in sorted(by):
+        row = compare(rows, [], name, "unpruned", seed=seed) if name != "unpruned" else {}
+        if "accuracy" in row:
+            table[name] = {**row, "harms": row["accuracy"]["task_ci"][1] < 0}
+    over = {}
+    for arm, sels in selections.items():
+        groups = [group_of(arm, sel["seed"]) for sel in sels if sel["chosen"] is not None]
+        if not groups or any(f"pruned@{g}" not in by or set(by[f"pruned@{g}"]) != set(base) for g in groups):
+            continue   # nothing chosen, or not run on every task
+        acc = lambda g, t: float(np.mean(by[f"pruned@{g}"][t].result.correct))
+        diffs = {t: (sum(acc(g, t) for g in groups) + b * (len(sels) - len(groups))) / len(sels) - b for t, b in base.items()}
+        level = _level(diffs, "accuracy", seed)
+        over[arm] = {**level, "harms": level["task_ci"][1] < 0, "seeds": len(sels), "chose": len(groups)}
+    return {"what": "the standard construction (demos drawn freely): every condition against the unpruned model, "
+                    "and each arm over its seeds; harms = the task-level 95% interval of Δ accuracy below 0",
+            "unpruned": {"accuracy": float(np.mean(list(base.values()))),
+                         "copy_rate": float(np.mean([r.result.copy_rate for r in by["unpruned"].values()]))},
+            "table": table, "over_seeds": over}
 
 
 def _level(diffs: dict[str, float], what: str, seed: int = 0) -> dict[str, Any]:
@@ -769,7 +812,7 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
         table.append(c)
     levels = {c: {name: {t: {"n": r.result.n, "accuracy": r.result.accuracy, "copy_rate": r.result.copy_rate,
                               "copy_effect": _ce(r)}
-                          for t, r in per.items()} for name, per in _rows_by(rows[c]).items()} for c in CONSTRUCTIONS}
+                          for t, r in per.items()} for name, per in _rows_by(rows[c]).items()} for c in CRITERIA_CONSTRUCTIONS}
     best = best_arm(neurons["selections"], states["heads"]["selections"]) if arm is None else {}
     crit = {}
     read = list(states.items()) + ([("best", as_best(states, best))] if arm is None else [])
@@ -799,6 +842,7 @@ def summary(model_name: str, work: Path, settings: dict = SETTINGS, tokenizer=No
                      "what": "pooled over the held-out tasks, each weighing the same (no-gold; copy effect: copy-control)"},
         "rows": levels, "table": table, "ppl_increase": costs,
         "criteria": crit,
+        "standard": standard_check(rows["standard"], {a: st["selections"] for a, st in states.items()}),
     }
     return doc if arm is None else only_arm(doc, arm, settings)
 
@@ -813,7 +857,11 @@ def only_arm(doc: dict[str, Any], arm: str, settings: dict = SETTINGS) -> dict[s
             "finished": {arm: doc["finished"][arm]}, "criteria": {arm: doc["criteria"].get(arm, {})},
             "table": [row for row in doc["table"] if keep(row["condition"])],
             "ppl_increase": {k: v for k, v in doc["ppl_increase"].items() if keep(k)},
-            "rows": {c: {name: per for name, per in by.items() if keep(name)} for c, by in doc["rows"].items()}}
+            "rows": {c: {name: per for name, per in by.items() if keep(name)} for c, by in doc["rows"].items()},
+            "standard": doc.get("standard") and {**doc["standard"],
+                                                 "table": {k: v for k, v in doc["standard"]["table"].items() if keep(k)},
+                                                 "over_seeds": {k: v for k, v in doc["standard"]["over_seeds"].items()
+                                                                if k == arm}}}
 
 
 def _rounded(obj: Any, digits: int = 4) -> Any:
@@ -830,7 +878,8 @@ def _rounded(obj: Any, digits: int = 4) -> Any:
 def write_docs(doc: dict[str, Any], out: Path) -> list[Path]:
     """The summary as small JSON files (docs/data holds files under 64 KiB): `out` (settings, selections,
     the table of every condition against unpruned by name, without its per-task lists), `<out>_criteria_<arm>`
-    (both criteria for one arm, per task) and `<out>_tasks` (every condition's per-task figures)."""
+    (both criteria for one arm, per task), `<out>_tasks` (every condition's per-task figures) and, once the
+    standard construction has run, `<out>_standard` (`standard_check`, per task)."""
     from mechcopy.io import write_atomic
 
     doc = _rounded(doc)
@@ -839,6 +888,9 @@ def write_docs(doc: dict[str, Any], out: Path) -> list[Path]:
             "unibias": "third session, exploratory"}
     parts = {"": doc, "_tasks": {"what": "per held-out task and condition: n, accuracy, copy rate (no-gold), copy "
                                          "effect (copy-control)", "model": doc["model"], "rows": doc.pop("rows")}}
+    standard = doc.pop("standard", None)
+    if standard is not None:
+        parts["_standard"] = {"model": doc["model"], **standard}
     for arm, crit in doc.pop("criteria").items():
         parts[f"_criteria_{arm}"] = {"what": f"both criteria of docs/copy_mechanism.md for the {arm} arm ({what[arm]})",
                                      "model": doc["model"], "criteria": crit}

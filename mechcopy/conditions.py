@@ -271,13 +271,14 @@ UNPRUNED = Condition("unpruned")
 def standard_conditions(model: HookedModel, components: Components, n_random: int = 5, seed: int = 0,
                         scores: CopyScores | None = None, group: str | int | None = None, ablation: str = "zero",
                         positions: str = "all", means: Means | None = None, readout: Readout = GENERATE,
-                        match: str = "layer", sizes: Sizes | None = None) -> list[Condition]:
+                        match: str = "layer", sizes: Sizes | None = None,
+                        factor: float | None = None) -> list[Condition]:
     """The evaluation's conditions around a selection (`UNPRUNED` comes first, separately): `pruned`
     (the selection), `random-<s>` (random sets matched on layer, or with `match="size"` on layer and
     size, `components.random_matched` with `sizes`; seeds seed..seed+n_random-1) and `bottom` (the
     lowest-scoring set of the same size, from `scores` or the scores file the set names: see
-    `find_scores`), all ablated the same way and read by `readout`. An empty selection (find chose
-    k = 0) gives none."""
+    `find_scores`), all ablated the same way (an attention edit with its `factor`) and read by
+    `readout`. An empty selection (find chose k = 0) gives none."""
     as_components(components)
     check_number(n_random, "n_random", low=0, integer=True)
     check_number(seed, "seed", low=0, integer=True)
@@ -286,7 +287,7 @@ def standard_conditions(model: HookedModel, components: Components, n_random: in
         return []
 
     def condition(name: str, family: str, comps: Components, s: int | None = None) -> Condition:
-        return Condition(name, family, comps, ablation, positions, means, s, group, readout)
+        return Condition(name, family, comps, ablation, positions, means, s, group, readout, factor=factor)
 
     out = [condition("pruned", "pruned", components)]
     out += [condition(f"random-{s}", "random", random_matched(model, components, s, match, sizes), s)

@@ -60,14 +60,15 @@ def _values(model: HookedModel, kind: str, layer: int, idx: Tensor, means: Means
 
 
 def condition_hooks(model: HookedModel, condition: Condition) -> list[tuple[str, Hook]]:
-    """The hooks of one condition run on its own (none for a condition that ablates nothing). A
-    label-attention condition has none to give: its key positions are each prompt's own demo labels
-    (the label scorer applies it, `label_attention.attention_edits`)."""
+    """The hooks of one condition run on its own (none for a condition that ablates nothing). An
+    attention edit (`conditions.ATTENTION_EDITS`: label or other attention) has none to give: its key
+    positions are each prompt's own demo tokens (the label scorer applies it, `label_attention.attention_edits`)."""
     if condition.components is None or not condition.ablates:
         return []
     if condition.ablation in ATTENTION_EDITS:
-        raise ValueError(f"condition {condition.label} down-weights each prompt's attention to its demo labels: it has "
-                         "no prompt-free hooks; score it with evaluation.evaluate_conditions (label scoring)")
+        raise ValueError(f"condition {condition.label} ({condition.ablation}) down-weights each prompt's attention to "
+                         "some of its demo tokens: it has no prompt-free hooks; score it with "
+                         "evaluation.evaluate_conditions (label scoring)")
     return pruning_hooks(model, condition.components, condition.ablation, condition.positions, condition.means)
 
 

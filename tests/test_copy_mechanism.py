@@ -179,6 +179,31 @@ def test_heldout_and_criteria_by_hand(study, tiny, tmp_path):
     assert [p.name for p in paths] == ["docs.json", "docs_tasks.json", "docs_criteria_neurons.json", "docs_criteria_best.json"]
     assert parts[2]["criteria"]["mechanism"]["s0"]["holds"] == crit["mechanism"]["s0"]["holds"]
     assert set(parts[1]["rows"]) == {"no-gold", "copy-control"} and "per_task" not in parts[0]["table"]["pruned@s0"]["accuracy"]
+    assert doc["standard"] is None      # the standard construction has not run
+
+    # the standard construction: demos drawn freely (the gold may be among them), the same conditions
+    std, _ = study.heldout(tiny, sels, "standard", tmp_path / "heldout_standard.jsonl", s, progress=False)
+    assert {r.condition for r in std} == names and {r.task for r in std} == {"chemical_state", "sentiment_binary"}
+    from mechcopy.tasks import load_tasks
+    from mechcopy.tasks.prompts import build_prompts
+    built = [build_prompts(t, tiny.tokenizer, shots=s["shots"], n=s["n"], seed=0, gold_in_demos=True).prompts
+             for t in load_tasks("chemical_state,sentiment_binary")]
+    assert any(p.answer in p.demo_labels for ps in built for p in ps)   # unlike no-gold
+    by_std = study._rows_by(std)
+    check = study.standard_check(std, {"neurons": sels + [{"seed": 2, "chosen": None}]})
+    for t, d in check["table"]["pruned@s1"]["accuracy"]["per_task"].items():
+        assert d == pytest.approx(np.mean(by_std["pruned@s1"][t].result.correct) - np.mean(by_std["unpruned"][t].result.correct))
+    row = check["table"]["batch"]
+    assert row["harms"] == (row["accuracy"]["task_ci"][1] < 0)
+    over = check["over_seeds"]["neurons"]
+    for t, d in over["per_task"].items():   # the seed that chose nothing counts as unpruned
+        acc = lambda c: np.mean(by_std[c][t].result.correct)
+        assert d == pytest.approx((acc("pruned@s0") + acc("pruned@s1") + acc("unpruned")) / 3 - acc("unpruned"))
+    assert (over["seeds"], over["chose"]) == (3, 2)
+    doc = study.summary("tiny", tmp_path, s, tokenizer=tiny.tokenizer)
+    assert doc["standard"]["table"].keys() == check["table"].keys() and doc["finished"]["neurons"]["heldout_standard"]
+    paths = study.write_docs(doc, tmp_path / "docs.json")
+    assert paths[2].name == "docs_standard.json" and "over_seeds" in json.loads(paths[2].read_text())
 
 
 def test_mechanism_criterion_on_made_rows(study):
@@ -383,8 +408,8 @@ def test_best_arm_takes_each_seeds_winner(study):
 
 def test_recipe_replays_the_dev_best_selection(study, tiny, tmp_path):
     """`find --recipe copy-mechanism` (`mechcopy.copy_mechanism`): the dev-best chosen set over the seeds of
-    neurons and heads, with its ablation, positions and means over the same attribution prompts recorded so
-    that `evaluate --prune` applies it as the study did; k = 0 with the reason when no seed chose one."""
+    every arm, with its ablation, positions and means over the same attribution prompts recorded so that
+    `evaluate --prune` applies it as the study did; k = 0 with the reason when no seed chose one."""
     from mechcopy.commands.evaluate import intervention
     from mechcopy.components import Components
     from mechcopy.copy_mechanism import best_selection, recipe_components
@@ -399,8 +424,8 @@ def test_recipe_replays_the_dev_best_selection(study, tiny, tmp_path):
                     {"seed": 1, "dev_unpruned_accuracy": 0.3, "chosen": None}],
         "heads": [{"seed": 0, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(1, 2)], 0.45, pos="last")},
                   {"seed": 1, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(0, 1)], 0.45)}],
-        "heads-last": [{"seed": 2, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(0, 0)], 0.9)}]}}
-    arm, sel = best_selection(doc)          # heads-last never counts; a tie goes to the lower seed
+        "heads-last": [{"seed": 2, "dev_unpruned_accuracy": 0.3, "chosen": chosen([(0, 0)], 0.3)}]}}
+    arm, sel = best_selection(doc)          # a tie goes to the lower seed
     assert (arm, sel["seed"]) == ("heads", 0)
     comps = recipe_components(tiny, doc)
     assert comps.kind == "head" and comps.pairs == ((1, 2),) and comps.meta["seed"] == 0
@@ -408,18 +433,94 @@ def test_recipe_replays_the_dev_best_selection(study, tiny, tmp_path):
     by_hand = component_means(tiny, probe.attribution, "head", "last")
     path = comps.save(tmp_path / "c.json")
     how = intervention(Components.load(path), None, None)
-    assert (how["ablation"], how["positions"], how["source"]) == ("mean", "last", "the file")
+    assert (how["ablation"], how["positions"], how["source"], how["factor"]) == ("mean", "last", "the file", None)
     assert all(np.allclose(how["means"].values[l].numpy(), by_hand.values[l].numpy()) for l in by_hand.values)
     # neurons win a tie with heads
     doc["selections"]["neurons"][0]["chosen"]["dev_accuracy"] = 0.45
     assert best_selection(doc)[0] == "neurons" and recipe_components(tiny, doc).pairs == ((0, 5), (1, 3))
+    # every arm counts: a later arm with a higher dev accuracy wins, its attention edit recorded with its factor
+    doc["selections"]["heads-last"][0]["chosen"]["dev_accuracy"] = 0.5
+    assert best_selection(doc)[0] == "heads-last"
+    attn = {**chosen([(1, 0), (0, 2)], 0.5, ab="label-attention", pos="last"), "factor": 0.0}
+    doc["selections"]["heads-attn"] = [{"seed": 1, "kind": "head", "dev_unpruned_accuracy": 0.3, "chosen": attn}]
+    assert best_selection(doc)[0] == "heads-last"          # a tie goes to the earlier arm
+    attn["dev_accuracy"] = 0.55
+    comps = recipe_components(tiny, doc)
+    assert comps.meta["arm"] == "heads-attn" and comps.pairs == ((0, 2), (1, 0))
+    assert comps.meta["intervention"] == {"ablation": "label-attention", "positions": "last", "factor": 0.0}
+    how = intervention(Components.load(comps.save(tmp_path / "a.json")), None, None)
+    assert (how["ablation"], how["positions"], how["factor"]) == ("label-attention", "last", 0.0)
+    assert intervention(comps, "zero", None)["factor"] is None     # flags that ablate the heads drop the factor
+    # unibias records its own kind
+    doc["selections"]["unibias"] = [{"seed": 0, "kind": "neuron", "dev_unpruned_accuracy": 0.3,
+                                     "chosen": chosen([(1, 4)], 0.6, ab="zero", pos="last")}]
+    comps = recipe_components(tiny, doc)
+    assert (comps.kind, comps.meta["arm"], comps.meta["intervention"]) == ("neuron", "unibias",
+                                                                          {"ablation": "zero", "positions": "last"})
     # nothing chosen anywhere: an empty file that says why
-    for arm in ("neurons", "heads"):
+    for arm in doc["selections"]:
         for sel in doc["selections"][arm]:
             sel["chosen"] = None
     empty = recipe_components(tiny, doc)
     assert not empty.pairs and empty.meta["k"] == 0 and "nothing to prune" in empty.meta["why"]
     assert Components.load(empty.save(tmp_path / "e.json")).meta["k"] == 0
+
+
+def test_the_recipe_reads_the_arms_summarised_beside_the_study(study, tmp_path):
+    """`load_study`: the selections of `copy_mechanism_<model>*_<arm>.json` beside the study join it; two
+    files that disagree on an arm are refused."""
+    import json
+
+    from mechcopy.copy_mechanism import load_study
+
+    sel = lambda acc: [{"seed": 0, "dev_unpruned_accuracy": 0.3, "chosen": {"dev_accuracy": acc}}]
+    (tmp_path / "copy_mechanism_m.json").write_text(json.dumps({"model": "m", "settings": {},
+                                                                "selections": {"neurons": sel(0.4)}}))
+    (tmp_path / "copy_mechanism_m-n100_heads-attn.json").write_text(json.dumps({"selections": {"heads-attn": sel(0.5)}}))
+    (tmp_path / "copy_mechanism_m-n100_heads-attn_criteria_heads-attn.json").write_text(json.dumps({"criteria": {}}))
+    (tmp_path / "copy_mechanism_other_unibias.json").write_text(json.dumps({"selections": {"unibias": sel(0.9)}}))
+    got = load_study(tmp_path / "copy_mechanism_m.json")
+    assert got["selections"] == {"neurons": sel(0.4), "heads-attn": sel(0.5)}
+    (tmp_path / "copy_mechanism_m_heads-attn.json").write_text(json.dumps({"selections": {"heads-attn": sel(0.6)}}))
+    with pytest.raises(ValueError, match="other heads-attn selections"):
+        load_study(tmp_path / "copy_mechanism_m.json")
+
+
+def test_evaluate_applies_a_recorded_attention_edit(tiny, tmp_path, monkeypatch, capsys):
+    """`evaluate --prune` with a heads-attn file: the pruned condition is the label-attention edit with the
+    recorded factor (its predictions those of a separate label-scoring run of that condition), its random
+    heads get the same edit; generation is refused before the model loads."""
+    import json
+
+    import mechcopy.models
+    from mechcopy.commands import main
+    from mechcopy.conditions import LABEL_ATTENTION, LABELS, Condition
+    from mechcopy.heads import head_set
+    from mechcopy.scoring import score_labels_conditions
+    from mechcopy.tasks import load_tasks
+    from mechcopy.tasks.prompts import build_prompts
+
+    loads = []
+    monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: loads.append(name) or tiny)
+    heads = head_set(tiny, [(1, 0), (0, 2)])
+    comps = type(heads)(heads.pairs, heads.model, {"intervention": {"ablation": LABEL_ATTENTION, "positions": "last",
+                                                                    "factor": 0.5}}, kind="head")
+    path = comps.save(tmp_path / "c.json")
+    out = tmp_path / "r.json"
+    argv = ["evaluate", "--model", "tiny", "--tasks", "chemical_state", "--shots", "3", "--n", "6", "--prune", str(path),
+            "--n-random", "1", "--no-gold-in-demos", "--out", str(out)]
+    assert main(argv) != 0 and "add --scoring labels" in capsys.readouterr().err and not loads
+    assert main([*argv, "--scoring", "labels", "--calibrate", "contextual"]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["condition"]: r for r in data["results"]}
+    assert data["settings"]["factor"] == 0.5 and data["settings"]["ablation"] == LABEL_ATTENTION
+    assert {(rows[c]["spec"]["ablation"], rows[c]["spec"]["factor"]) for c in ("pruned", "random-0", "pruned+contextual")} \
+        == {(LABEL_ATTENTION, 0.5)}
+    (task,) = load_tasks("chemical_state")
+    prompts = build_prompts(task, tiny.tokenizer, shots=3, n=6, seed=0, gold_in_demos=False).prompts
+    c = Condition("x", components=heads, ablation=LABEL_ATTENTION, positions="last", factor=0.5, readout=LABELS)
+    by_hand = score_labels_conditions(tiny, prompts, task.require_labels(), [c])["x"].predict()
+    assert rows["pruned"]["predictions"] == list(by_hand)
 
 
 def test_recipe_on_the_command_line(study, tiny, tmp_path, monkeypatch, capsys):

@@ -16,8 +16,8 @@ from mechcopy.commands.common import (add_model_args, add_out_args, at_least, fi
 from mechcopy.comparisons import (compare_rows, comparisons_json, comparisons_table, results_table, task_level_table,
                                   task_levels)
 from mechcopy.components import MATCHES, Components
-from mechcopy.conditions import (ABLATIONS, CALIBRATIONS, GENERATE, LABELS, POSITIONS, SCORINGS, UNPRUNED, Means,
-                                 calibrated_conditions, find_scores, read_by, standard_conditions)
+from mechcopy.conditions import (ABLATIONS, ATTENTION_EDITS, CALIBRATIONS, GENERATE, LABELS, POSITIONS, SCORINGS,
+                                 UNPRUNED, Means, calibrated_conditions, find_scores, read_by, standard_conditions)
 from mechcopy.io import side_file
 from mechcopy.pruning import component_means, component_sizes
 from mechcopy.stats import POOLED
@@ -41,11 +41,13 @@ def calibrations(text: str) -> tuple[str, ...]:
 
 def intervention(components: Components, ablation: str | None, positions: str | None) -> dict:
     """How a component file's set is ablated: the flags where given, else what the file records in meta
-    `intervention` (`ablation`, `positions`, optionally the `means` as `Means.to_json`), else zero at
-    every position. Recorded means are used only for mean ablation at the positions they were taken at."""
+    `intervention` (`ablation`, `positions`, optionally the `means` as `Means.to_json`, or the `factor` of
+    an attention edit), else zero at every position. Recorded means are used only for mean ablation at
+    the positions they were taken at."""
     recorded = components.meta.get("intervention") or {}
     out = {"ablation": ablation or recorded.get("ablation", "zero"),
-           "positions": positions or recorded.get("positions", "all"), "means": None, "source": "flags"}
+           "positions": positions or recorded.get("positions", "all"), "means": None, "source": "flags",
+           "factor": recorded.get("factor") if ablation is None and recorded.get("ablation") in ATTENTION_EDITS else None}
     if ablation is None and positions is None:
         out["source"] = "the file" if recorded else "the default (zero at every position)"
     if out["ablation"] == "mean" and recorded.get("means") is not None:
@@ -70,6 +72,11 @@ def run(args) -> int:
         for task in tasks:
             task.require_labels()
     neurons, read = load_neurons("--prune", args.prune)
+    how = intervention(neurons, args.ablation, args.positions) if neurons is not None else None
+    if how is not None and how["ablation"] in ATTENTION_EDITS and neurons.pairs and args.scoring != "labels":
+        raise ValueError(f"{args.prune} records an attention edit ({how['ablation']}, factor {how['factor']}): it acts "
+                         "at each prompt's answer position on its demo-label tokens, which only label scoring "
+                         "follows; add --scoring labels (or --ablation zero|mean to ablate the heads instead)")
     scores = find_scores(neurons) if neurons is not None and neurons.pairs else None
     checkpoint = side_file(args.out, ".partial.jsonl") if args.out else None
     out = prepare_out(args.out, {"--tasks": files_in(args.tasks), **read, "--model": model_path(args.model)},
@@ -93,16 +100,17 @@ def run(args) -> int:
         prompts = [p for ps in prompt_sets.values() for p in ps.prompts]
         if args.random_match == "size" and neurons.pairs and n_random:
             sizes = component_sizes(model, prompts, neurons.kind, f"the {len(prompts)} evaluated prompts")
-        how = intervention(neurons, args.ablation, args.positions)
+        assert how is not None
         means = how["means"]
         if how["ablation"] == "mean" and means is None and neurons.pairs:
             means = component_means(model, prompts, neurons.kind, how["positions"],
                                     f"the {len(prompts)} evaluated prompts")
         conditions += standard_conditions(model, neurons, n_random, args.seed, scores=scores, readout=readout,
                                           match=args.random_match, sizes=sizes, ablation=how["ablation"],
-                                          positions=how["positions"], means=means)
+                                          positions=how["positions"], means=means, factor=how["factor"])
         settings.update(prune=str(args.prune), kind=neurons.kind, n_neurons=len(neurons), n_random=n_random,
                         ablation=how["ablation"], positions=how["positions"], intervention_from=how["source"],
+                        **({} if how["factor"] is None else {"factor": how["factor"]}),
                         means=None if means is None else means.describe(),
                         random_match=args.random_match, sizes=None if sizes is None else sizes.describe(),
                         random_sets={c.label: {k: c.components.meta.get(k) for k in ("seed", "match", "size_ratio",

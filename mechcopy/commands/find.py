@@ -85,8 +85,8 @@ def run_recipe(args) -> int:
         how = m["intervention"]
         print(f"the study's best mechanistic selection ({m['arm']}, selection seed {m['seed']}, {m['condition']}: dev "
               f"accuracy {m['dev_accuracy']:.3f} against {m['dev_unpruned_accuracy']:.3f} unpruned, perplexity "
-              f"{m['ppl_increase']:+.1%}): {len(comps)} {comps.kind}s, {how['ablation']} ablation at "
-              f"{how['positions']} positions")
+              f"{m['ppl_increase']:+.1%}): {len(comps)} {comps.kind}s, {how['ablation']}"
+              f"{'' if how.get('factor') is None else ' x ' + str(how['factor'])} at {how['positions']} positions")
     else:
         print(f"k = 0: {m['why']}")
     print(f"wrote {out} in {time.perf_counter() - t0:.0f} s (apply it: mechcopy evaluate --prune {out})")
