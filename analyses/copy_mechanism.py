@@ -904,12 +904,73 @@ def write_docs(doc: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def recipe_check(model_name: str, work: Path, n: int, settings: dict = SETTINGS) -> dict[str, Any]:
+    """The recipe end to end as a user runs it (docs/copy_mechanism.md, "The recipe"): `mechcopy find --recipe
+    copy-mechanism`, then `mechcopy evaluate --prune` with its file on the held-out tasks (no-gold, label
+    scoring, both calibrations, two random sets); its pooled gains over unpruned beside calibration's, and its
+    predictions against the study's own of the same prompts (the work folder's no-gold journals)."""
+    from mechcopy.commands import main as cli
+    from mechcopy.components import Components
+    from mechcopy.io import read_jsonl
+    from mechcopy.suite import ResultRow
+
+    folder = work / "recipe"
+    folder.mkdir(parents=True, exist_ok=True)
+    comp, result = folder / "c.json", folder / "eval.json"
+    find = ["find", "--model", model_name, "--recipe", "copy-mechanism", "--out", str(comp), "--threads", "1"]
+    evaluate = ["evaluate", "--model", model_name, "--tasks", ",".join(settings["heldout_tasks"]), "--n", str(n),
+                "--shots", str(settings["shots"]), "--seed", str(settings["prompt_seed"]), "--no-gold-in-demos",
+                "--scoring", "labels", "--calibrate", ",".join(settings["calibrations"]), "--prune", str(comp),
+                "--n-random", "2", "--out", str(result), "--threads", "1"]
+    seconds = {}
+    for what, argv in (("find_recipe", find), ("evaluate", evaluate)):
+        t0 = time.perf_counter()
+        if cli([*argv, "--force"]) != 0:
+            raise RuntimeError(f"mechcopy {' '.join(argv)} failed (its message is above)")
+        seconds[what] = time.perf_counter() - t0
+    meta = Components.load(comp).meta
+    data = json.loads(result.read_text())
+    study: dict[tuple[str, str], tuple[str, ...]] = {}
+    arms = ["neurons"] + ([meta["arm"]] if meta.get("arm", "neurons") != "neurons" else [])
+    for arm in arms:
+        for e in read_jsonl(work / _file(arm, "heldout_no-gold.jsonl")):
+            if isinstance(e, dict) and "row" in e:
+                r = ResultRow.from_json(e["row"])
+                study[(r.task, r.condition)] = r.result.predictions
+    group = group_of(meta["arm"], meta["seed"]) if meta.get("k") else None
+    as_study = lambda c: c if c in ("unpruned", *settings["calibrations"]) else \
+        f"{c}@{group}" if group and (c == "pruned" or c.startswith("pruned+")) else None
+    comparison = []
+    for row in data["results"]:
+        name = as_study(row["condition"])
+        theirs = study.get((row["task"], name)) if name else None
+        if theirs is not None:
+            comparison.append({"task": row["task"], "evaluate_condition": row["condition"], "study_condition": name,
+                               "n": row["n"], "same_predictions": sum(a == b for a, b in zip(row["predictions"], theirs)),
+                               "accuracy": row["accuracy"]})
+    gains = {t["condition"]: t for t in data.get("task_level", [])
+             if t["metric"] == "accuracy" and t["baseline"] == "unpruned"}
+    pooled = {c["condition"]: c for c in data.get("comparisons", {}).get("pooled", [])
+              if c["metric"] == "accuracy" and c["baseline"] == "unpruned"}
+    return {"what": f"find --recipe copy-mechanism then evaluate --prune on {model_name}, against the study's held-out "
+                    f"predictions of the same prompts ({work}/*heldout_no-gold.jsonl)",
+            "commands": [f"mechcopy {' '.join(find)}", f"mechcopy {' '.join(evaluate)}"],
+            "machine": "2 CPU cores, under the CPU lock, one thread",
+            "recipe": {k: v for k, v in meta.items() if k != "intervention"}
+            | {k: v for k, v in (meta.get("intervention") or {}).items() if k != "means"},
+            "seconds": seconds, "comparison": comparison,
+            "gain_over_unpruned": {c: {"pooled": pooled[c]["diff"], "prompt_ci": pooled[c]["ci"],
+                                       "task_mean": gains[c]["mean"], "task_ci": gains[c]["ci"]}
+                                   for c in gains if c in pooled},
+            "unpruned_accuracy": float(np.mean([r["accuracy"] for r in data["results"] if r["condition"] == "unpruned"]))}
+
+
 def main(argv=None) -> int:
     from mechcopy.commands.common import at_least
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--stage", required=True, choices=("select", "probe", "heldout", "costs", "summary"))
+    ap.add_argument("--stage", required=True, choices=("select", "probe", "heldout", "costs", "summary", "recipe"))
     ap.add_argument("--construction", choices=CONSTRUCTIONS, default="no-gold")
     ap.add_argument("--components", choices=ARMS + EXTRA_ARMS, default="neurons",
                     help="the arm a stage runs: neurons (frozen), heads, heads-last (exploratory); summary reads these "
@@ -952,15 +1013,23 @@ def main(argv=None) -> int:
         extra = args.components if args.components in EXTRA_ARMS else None
         out = args.out or Path(f"docs/data/copy_mechanism_{_name(args)}{'' if extra is None else '_' + extra}.json")
         doc = summary(args.model, work, tokenizer=tok, arm=extra)
-        stages = ("select", "probe", "heldout --construction no-gold", "heldout --construction copy-control", "costs")
+        stages = lambda arm: ("select", "probe", "heldout --construction no-gold", "heldout --construction copy-control",
+                              "costs") + (("heldout --construction standard",) if doc["finished"][arm].get("heldout_standard")
+                                          else ())
         ran = [arm for arm in doc["finished"] if doc["finished"][arm]["select"]]   # the arms with saved selections
         n = "" if args.n is None else f" --n {args.n}"
         doc["commands"] = [f"python analyses/copy_mechanism.py --model {args.model}"
                            + ("" if arm == "neurons" else f" --components {arm}") + f" --stage {s}"
-                           + (n if s.startswith("heldout") else "") for arm in ran for s in stages] + [
+                           + (n if s.startswith("heldout") else "") for arm in ran for s in stages(arm)] + [
             f"python analyses/copy_mechanism.py --model {args.model}{n}"
             + ("" if extra is None else f" --components {extra}") + " --stage summary"]
         print(f"wrote {', '.join(map(str, write_docs(doc, out)))}", file=sys.stderr)
+        return 0
+    if args.stage == "recipe":
+        doc = recipe_check(args.model, work, SETTINGS["n"])
+        out = args.out or Path(f"docs/data/copy_mechanism_recipe_{args.model}.json")
+        write_json_atomic(out, _rounded(doc))
+        print(f"wrote {out}", file=sys.stderr)
         return 0
     model = load_model(args.model)
     arm = args.components

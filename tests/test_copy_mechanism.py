@@ -466,6 +466,49 @@ def test_recipe_replays_the_dev_best_selection(study, tiny, tmp_path):
     assert Components.load(empty.save(tmp_path / "e.json")).meta["k"] == 0
 
 
+def test_the_recipe_end_to_end_gives_the_studys_predictions(study, tiny, tmp_path, monkeypatch):
+    """`--stage recipe` (`recipe_check`): `find --recipe` then `evaluate --prune` on the held-out tasks, as a
+    user runs them, give the study's own predictions of the same prompts for a heads-attn selection (the
+    attention edit, its calibrations) and the unpruned model; the gains over unpruned come from the same run."""
+    import json
+
+    import mechcopy.models
+    from mechcopy.components import Components
+    from mechcopy.heads import head_set
+    from mechcopy.pruning import component_sizes
+
+    s = tiny_settings(study)
+    heads = head_set(tiny, [(1, 0), (0, 2)])
+    probe = study._probe(tiny.tokenizer, "no-gold", 0, s)
+    sel = {"seed": 0, "kind": "head", "dev_unpruned_accuracy": 0.3,
+           "chosen": {"condition": "attn-h2-f0", "ablation": "label-attention", "positions": "last", "k": 2,
+                      "factor": 0.0, "dev_accuracy": 0.5, "ppl_increase": 0.0, "components": heads.to_json()},
+           "means": None, "sizes": component_sizes(tiny, probe.attribution, "head").to_json()}
+    work = tmp_path / "work"
+    work.mkdir()
+    study.heldout(tiny, [{"seed": 0, "chosen": None}], "no-gold", work / "heldout_no-gold.jsonl", s, progress=False)
+    study.heldout(tiny, [sel], "no-gold", work / "heads-attn_heldout_no-gold.jsonl", s, progress=False, arm="heads-attn")
+    data = tmp_path / "docs" / "data"
+    data.mkdir(parents=True)
+    (data / "copy_mechanism_smollm2-135m.json").write_text(json.dumps(
+        {"model": "smollm2-135m", "settings": s, "selections": {"neurons": [{"seed": 0, "chosen": None}]}}))
+    (data / "copy_mechanism_smollm2-135m-n6_heads-attn.json").write_text(json.dumps(
+        {"selections": {"heads-attn": [study._selection_json(sel)]}}))
+    monkeypatch.setattr(mechcopy.models, "load_model", lambda name, **kw: tiny)
+    monkeypatch.chdir(tmp_path)
+    doc = study.recipe_check("smollm2-135m", work, s["n"], s)
+    assert (doc["recipe"]["arm"], doc["recipe"]["ablation"], doc["recipe"]["factor"]) == ("heads-attn", "label-attention", 0.0)
+    assert Components.load(work / "recipe" / "c.json").pairs == heads.pairs
+    got = {(c["task"], c["evaluate_condition"]): c for c in doc["comparison"]}
+    conditions = ("unpruned", "pruned", "contextual", "pruned+contextual", "batch", "pruned+batch")
+    assert set(got) == {(t, c) for t in s["heldout_tasks"] for c in conditions}
+    assert all(c["same_predictions"] == c["n"] == s["n"] for c in got.values())
+    assert {"pruned", "contextual", "batch", "random"} <= set(doc["gain_over_unpruned"])
+    rows = json.loads((work / "recipe" / "eval.json").read_text())["results"]
+    acc = lambda c: np.mean([r["accuracy"] for r in rows if r["condition"] == c])
+    assert doc["gain_over_unpruned"]["pruned"]["task_mean"] == pytest.approx(acc("pruned") - acc("unpruned"))
+
+
 def test_the_recipe_reads_the_arms_summarised_beside_the_study(study, tmp_path):
     """`load_study`: the selections of `copy_mechanism_<model>*_<arm>.json` beside the study join it; two
     files that disagree on an arm are refused."""
