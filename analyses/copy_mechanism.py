@@ -43,6 +43,12 @@ position's attention to the demo-label tokens (`Condition(ablation="label-attent
 each seed's `heads-last` ranking, (h, f) chosen on dev (`select_attention_seed`; run after `heads-last`'s
 select); `--components unibias` zeroes at the last position the heads or neurons whose direct push favours
 one label (`unibias_candidates`, `select_unibias_seed`).
+
+The fourth session's stages (docs/copy_mechanism.md, "Fourth session"): `--stage heldout --construction
+standard` (demos drawn freely: what an intervention costs ordinary ICL; `standard_check`, into
+`<docs JSON>_standard.json`), and `--stage recipe`, which runs `mechcopy find --recipe copy-mechanism` and
+`mechcopy evaluate --prune` with its file as a user would and checks their predictions against the study's
+journals (`recipe_check`, into `docs/data/copy_mechanism_recipe_<model>.json`).
 """
 
 from __future__ import annotations
