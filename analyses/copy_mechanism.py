@@ -48,7 +48,9 @@ The fourth session's stages (docs/copy_mechanism.md, "Fourth session"): `--stage
 standard` (demos drawn freely: what an intervention costs ordinary ICL; `standard_check`, into
 `<docs JSON>_standard.json`), and `--stage recipe`, which runs `mechcopy find --recipe copy-mechanism` and
 `mechcopy evaluate --prune` with its file as a user would and checks their predictions against the study's
-journals (`recipe_check`, into `docs/data/copy_mechanism_recipe_<model>.json`).
+journals (`recipe_check`, into `docs/data/copy_mechanism_recipe_<model>.json`); and the arm `--components
+vowel`, the set `mechcopy find` chose on the paper's vowel probe (`VOWEL_SETS`, `select_vowel_seed`), one
+selection, its later stages as the other arms'.
 """
 
 from __future__ import annotations
@@ -92,7 +94,10 @@ ARMS = ("neurons", "heads", "heads-last")
 #: JSON of its own beside the unpruned and calibration rows (`summary(..., arm=...)`): `heads-attn` down-weights
 #: the answer position's attention to the demo labels in the top heads of the `heads-last` ranking; `unibias`
 #: zeroes, at the last position, the heads or neurons whose direct push favours one label
-EXTRA_ARMS = ("heads-attn", "unibias")
+EXTRA_ARMS = ("heads-attn", "unibias", "vowel")
+#: the `vowel` arm's set per model (fourth session; docs/replication.md): the neurons `mechcopy find` chose on
+#: the paper's vowel probe (SmolLM2's `find` chose none)
+VOWEL_SETS = {"gemma-3-270m": Path("docs/data/gemma-3-270m-k10-neurons.json")}
 #: the third session's settings (its plan, before its results): the down-weighting factors of `heads-attn`,
 #: the set sizes of `unibias`
 THIRD = {"attn_factors": [0.0, 0.5], "unibias_hs": [5, 10, 20], "unibias_ks": [10, 20, 50, 100, 200]}
@@ -413,6 +418,28 @@ def select_unibias_seed(model, seed: int, settings: dict = SETTINGS) -> dict[str
     candidates, extra = unibias_candidates(model, probe, seed, {**settings, **THIRD})
     sweep = _dev_sweep(model, probe, candidates, settings)
     return _chosen(model, seed, probe, sweep, candidates, t0, extra)
+
+
+def select_vowel_seed(model, model_name: str, seed: int = 0, settings: dict = SETTINGS) -> dict[str, Any]:
+    """`vowel` (fourth session): the paper's method as it ran, not chosen on the copy probe: the neurons
+    `mechcopy find` chose on the vowel probe (`VOWEL_SETS`), zeroed at every position as `find` applies
+    them. Its dev accuracy and cost on the copy probe are recorded (`_dev_sweep` of that one set), but it is
+    the chosen set whatever they say; sizes on the seed's attribution split, for its size-matched random set."""
+    from mechcopy.components import Components
+    from mechcopy.conditions import LABELS, Condition
+
+    if model_name not in VOWEL_SETS:
+        raise ValueError(f"no vowel-probe set for {model_name}: `mechcopy find` chose k = 0 on it (docs/replication.md), "
+                         f"so the vowel arm has nothing to run; sets exist for {', '.join(VOWEL_SETS)}")
+    t0 = time.perf_counter()
+    comps = Components.load(VOWEL_SETS[model_name])
+    comps.check(model)
+    probe = _probe(model.tokenizer, "no-gold", seed, settings)
+    candidate = Condition(f"zero-k{len(comps)}", "pruned", comps, "zero", "all", readout=LABELS)
+    sweep = _dev_sweep(model, probe, [candidate], settings)
+    sweep = {**sweep, "chosen": sweep["sweep"][0],
+             "why": "not chosen by the dev rule: the set find chose on the vowel probe, evaluated as it is"}
+    return _chosen(model, seed, probe, sweep, [candidate], t0, {"source": str(VOWEL_SETS[model_name])})
 
 
 def group_of(arm: str, seed: int) -> str:
@@ -857,7 +884,7 @@ def only_arm(doc: dict[str, Any], arm: str, settings: dict = SETTINGS) -> dict[s
     """A summary of `arm` beside the neuron arm cut to `arm`'s own conditions, selections and criteria, and
     the rows it is compared with (unpruned, each calibration alone), so that its docs JSON stays small."""
     keep = lambda name: name in ("unpruned", *settings["calibrations"]) or name.split("@")[-1].startswith(f"{arm}-s")
-    return {**doc, "what": f"the copy-mechanism study's {arm} arm (third session, exploratory), against the unpruned "
+    return {**doc, "what": f"the copy-mechanism study's {arm} arm (exploratory), against the unpruned "
                            "model and calibration; settings in docs/copy_mechanism.md",
             "selections": {arm: doc["selections"][arm]}, "shared": {arm: doc["shared"][arm]},
             "finished": {arm: doc["finished"][arm]}, "criteria": {arm: doc["criteria"].get(arm, {})},
@@ -891,7 +918,7 @@ def write_docs(doc: dict[str, Any], out: Path) -> list[Path]:
     doc = _rounded(doc)
     what = {"neurons": "the frozen arm", "heads": "exploratory", "heads-last": "post hoc, exploratory",
             "best": "each seed's dev-best of neurons and heads", "heads-attn": "third session, exploratory",
-            "unibias": "third session, exploratory"}
+            "unibias": "third session, exploratory", "vowel": "fourth session, the paper's vowel-probe set"}
     parts = {"": doc, "_tasks": {"what": "per held-out task and condition: n, accuracy, copy rate (no-gold), copy "
                                          "effect (copy-control)", "model": doc["model"], "rows": doc.pop("rows")}}
     standard = doc.pop("standard", None)
@@ -980,7 +1007,8 @@ def main(argv=None) -> int:
     ap.add_argument("--construction", choices=CONSTRUCTIONS, default="no-gold")
     ap.add_argument("--components", choices=ARMS + EXTRA_ARMS, default="neurons",
                     help="the arm a stage runs: neurons (frozen), heads, heads-last (exploratory); summary reads these "
-                         "three together. heads-attn, unibias (third session, exploratory): summary writes each alone")
+                         "three together. heads-attn, unibias (third session), vowel (fourth session: the paper's "
+                         "vowel-probe set; one selection): summary writes each alone")
     ap.add_argument("--seeds", default=None, help="selection seeds for --stage select (default: the frozen ones)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", type=Path, default=None)
@@ -1044,8 +1072,10 @@ def main(argv=None) -> int:
         choose = {"neurons": select_seed, "heads": select_heads_seed,
                   "heads-last": lambda *a, **k: select_heads_seed(*a, **k, positions="last"),
                   "heads-attn": lambda m, seed, progress: select_attention_seed(m, seed, work),
-                  "unibias": lambda m, seed, progress: select_unibias_seed(m, seed)}[arm]
+                  "unibias": lambda m, seed, progress: select_unibias_seed(m, seed),
+                  "vowel": lambda m, seed, progress: select_vowel_seed(m, args.model, seed)}[arm]
         seeds = SETTINGS["selection_seeds"] if args.seeds is None else [int(s) for s in args.seeds.split(",")]
+        seeds = seeds[:1] if arm == "vowel" else seeds     # one set: one selection
         for seed in seeds:
             path = work / _file(arm, f"select_seed{seed}.json")
             if path.exists():

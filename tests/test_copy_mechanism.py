@@ -362,6 +362,33 @@ def test_attention_arm_by_hand(study, tiny, tmp_path):
     assert study.ablation_costs(tiny, [sel], s, arm="heads-attn") == {"pruned@heads-attn-s0": 0.0, "random-0@heads-attn-s0": 0.0}
 
 
+def test_the_vowel_arm_takes_finds_set_as_it_is(study, tiny, tmp_path, monkeypatch):
+    """`vowel`: the set `find` chose on the vowel probe, zeroed at every position, chosen whatever the copy
+    probe's dev split says; its dev accuracy against a separate label-scoring run; refused for a model
+    without a set."""
+    from mechcopy.components import Components
+    from mechcopy.conditions import LABELS, Condition
+    from mechcopy.fingerprint import model_fingerprint
+    from mechcopy.scoring import score_labels_conditions
+
+    s = tiny_settings(study)
+    path = Components(((0, 3), (1, 5), (1, 7)), model_fingerprint(tiny), {"k": 3}).save(tmp_path / "v.json")
+    monkeypatch.setitem(study.VOWEL_SETS, "tiny", path)
+    sel = study.select_vowel_seed(tiny, "tiny", 0, s)
+    ch = sel["chosen"]
+    assert (ch["ablation"], ch["positions"], ch["k"], sel["kind"]) == ("zero", "all", 3, "neuron")
+    assert Components.from_json(ch["components"]).pairs == ((0, 3), (1, 5), (1, 7)) and sel["source"] == str(path)
+    probe = study._probe(tiny.tokenizer, "no-gold", 0, s)
+    c = Condition("x", components=Components.load(path), ablation="zero", positions="all", readout=LABELS)
+    accs = [np.mean([a == p.answer for a, p in zip(score_labels_conditions(tiny, ps, ps[0].label_space, [c])["x"].predict(), ps)])
+            for ps in study._by_task(probe.dev).values()]
+    assert ch["dev_accuracy"] == pytest.approx(np.mean(accs)) and ch["ppl_increase"] > 0
+    rows, _ = study.heldout(tiny, [sel], "no-gold", tmp_path / "h.jsonl", s, progress=False, arm="vowel")
+    assert {"pruned@vowel-s0", "random-0@vowel-s0", "pruned+batch@vowel-s0"} <= {r.condition for r in rows}
+    with pytest.raises(ValueError, match="chose k = 0"):
+        study.select_vowel_seed(tiny, "smollm2-135m", 0, s)
+
+
 def test_an_extra_arm_is_summarised_alone(study):
     """only_arm keeps the arm's own conditions, selections and criteria, and the rows it is compared with."""
     doc = {"selections": {"neurons": [1], "unibias": [2]}, "shared": {"neurons": {}, "unibias": {"a": 1}},
