@@ -307,11 +307,28 @@ def _attention_lever(model_name: str, data: Path) -> str:
     if not gains or "pruned_vs_contextual" not in versus:
         return ""
     vc = versus["pruned_vs_contextual"]
-    return (f"\n\nThe strongest mechanistic lever the study found (exploratory): removing the answer position's "
+    text = (f"\n\nThe strongest mechanistic lever the study found (exploratory): removing the answer position's "
             f"attention to the demo labels in the top heads (`heads-attn`, n = {doc['settings']['n']}) changes held-out "
             f"accuracy by {', '.join(signed(g) for g in gains)} (per selection seed), at no perplexity cost; its gain "
             f"minus contextual calibration's is {signed(vc['mean'])} [task CI {signed(vc['task_ci'][0])}, "
             f"{signed(vc['task_ci'][1])}]" + (" (it beats calibration)." if vc["holds"] else ", so calibration stays the fix."))
+    return text + _ordinary_icl(data / f"{stem}_standard.json")
+
+
+def _ordinary_icl(path: Path) -> str:
+    """A sentence on what `heads-attn` and contextual calibration cost ordinary ICL (the standard
+    construction, demos drawn freely: `analyses/copy_mechanism.py`'s `standard_check`), where it ran."""
+    if not path.is_file():
+        return ""
+    doc = json.loads(path.read_text())
+    arm, cal = doc["over_seeds"].get("heads-attn"), doc["table"].get("contextual")
+    if arm is None or cal is None:
+        return ""
+    ci = lambda d: f"[task CI {signed(d['task_ci'][0])}, {signed(d['task_ci'][1])}]"
+    harm = lambda d: "it harms ordinary ICL" if d["harms"] else "no harm detected"
+    return (f" Where the gold may be among the demos (the standard construction, where copying is often right), "
+            f"it changes accuracy by {signed(arm['mean'])} {ci(arm)} over seeds ({harm(arm)}); contextual calibration "
+            f"by {signed(cal['accuracy']['diff'])} {ci(cal['accuracy'])} ({harm(cal)}).")
 
 
 def _answer(evaluation: Evaluation, evaluated: Components, fig_dir: Path) -> Section:

@@ -601,3 +601,23 @@ def test_report_copy_mechanism_section_reads_the_committed_study(model):
     if lever.is_file():   # the exploratory heads-attn arm's sentence, its numbers from its own files
         vc = json.loads(lever.read_text())["criteria"]["versus_calibration"]["mean_over_seeds"]["pruned_vs_contextual"]
         assert f"minus contextual calibration's is {vc['mean']:+.3f} [task CI {vc['task_ci'][0]:+.3f}" in s.text
+        std = data / f"copy_mechanism_{model}-n100_heads-attn_standard.json"
+        if std.is_file():   # and what it costs ordinary ICL (the standard construction)
+            o = json.loads(std.read_text())["over_seeds"]["heads-attn"]
+            assert f"it changes accuracy by {o['mean']:+.3f} [task CI {o['task_ci'][0]:+.3f}" in s.text
+            assert ("it harms ordinary ICL" in s.text) == (o["harms"] or json.loads(std.read_text())["table"]["contextual"]["harms"])
+
+
+def test_report_says_what_the_attention_edit_costs_ordinary_icl(tmp_path):
+    """The standard construction's sentence: the arm over seeds and contextual calibration, each with its
+    task-level interval and the harm rule's word; nothing where the construction has not run."""
+    from mechcopy.report import _ordinary_icl
+
+    path = tmp_path / "s.json"
+    assert _ordinary_icl(path) == ""
+    cal = {"accuracy": {"diff": 0.05, "task_ci": [-0.01, 0.11]}, "harms": False}
+    path.write_text(json.dumps({"table": {"contextual": cal},
+                                "over_seeds": {"heads-attn": {"mean": -0.2, "task_ci": [-0.3, -0.1], "harms": True}}}))
+    text = _ordinary_icl(path)
+    assert "by -0.200 [task CI -0.300, -0.100] over seeds (it harms ordinary ICL)" in text
+    assert "contextual calibration by +0.050 [task CI -0.010, +0.110] (no harm detected)" in text
