@@ -487,10 +487,9 @@ def probe_test(model, selections: Sequence[dict], settings: dict = SETTINGS, arm
 def heldout(model, selections: Sequence[dict], construction: str, checkpoint: Path, settings: dict = SETTINGS,
             progress: bool = True, arm: str = "neurons") -> tuple[list[ResultRow], dict]:
     """The held-out label tasks in one construction (`CONSTRUCTIONS`): every condition of the study, label
-    scoring. The
-    neuron arm runs the calibrations alone too; the head arm only its sets, their random sets and the
-    sets + calibration (and the unpruned model again, to check it reproduces the neuron arm's); heads-attn
-    also its control `others` (the same heads' attention to as many other demo tokens removed)."""
+    scoring. The neuron arm runs the calibrations alone too; the head arm only its sets, their random sets
+    and the sets + calibration (and the unpruned model again, to check it reproduces the neuron arm's);
+    heads-attn also its control `others` (the same heads' attention to as many other demo tokens removed)."""
     from mechcopy.conditions import LABEL_ATTENTION, LABELS, OTHER_ATTENTION, UNPRUNED, calibrated_conditions
     from mechcopy.suite import run_evaluation
     from mechcopy.tasks import load_tasks
@@ -592,14 +591,14 @@ def standard_check(rows: Sequence[ResultRow], selections: dict[str, Sequence[dic
         if "accuracy" in row:
             table[name] = {**row, "harms": row["accuracy"]["task_ci"][1] < 0}
     over = {}
-    for arm, sels in selections.items():
-        groups = [group_of(arm, sel["seed"]) for sel in sels if sel["chosen"] is not None]
-        if not groups or any(f"pruned@{g}" not in by or set(by[f"pruned@{g}"]) != set(base) for g in groups):
+    for arm, sels in selections.items():   # each seed's set; a seed that chose nothing is the unpruned model
+        names = [f"pruned@{group_of(arm, sel['seed'])}" if sel["chosen"] is not None else "unpruned" for sel in sels]
+        chose = len(names) - names.count("unpruned")
+        if not chose or any(set(by.get(n, {})) != set(base) for n in names):
             continue   # nothing chosen, or not run on every task
-        acc = lambda g, t: float(np.mean(by[f"pruned@{g}"][t].result.correct))
-        diffs = {t: (sum(acc(g, t) for g in groups) + b * (len(sels) - len(groups))) / len(sels) - b for t, b in base.items()}
+        diffs = {t: float(np.mean([np.mean(by[n][t].result.correct) for n in names])) - b for t, b in base.items()}
         level = _level(diffs, "accuracy", seed)
-        over[arm] = {**level, "harms": level["task_ci"][1] < 0, "seeds": len(sels), "chose": len(groups)}
+        over[arm] = {**level, "harms": level["task_ci"][1] < 0, "seeds": len(sels), "chose": chose}
     return {"what": "the standard construction (demos drawn freely): every condition against the unpruned model, "
                     "and each arm over its seeds; harms = the task-level 95% interval of Δ accuracy below 0",
             "unpruned": {"accuracy": float(np.mean(list(base.values()))),
