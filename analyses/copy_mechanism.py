@@ -1019,6 +1019,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.n is not None and args.stage in ("select", "probe", "costs"):
         ap.error(f"--n reruns the held-out stages only: run --stage {args.stage} without it")
+    if args.components == "vowel" and args.stage != "summary" and args.model not in VOWEL_SETS:
+        ap.error(f"--components vowel: no vowel-probe set for {args.model} (`mechcopy find` chose k = 0 on it); "
+                 f"sets exist for {', '.join(VOWEL_SETS)}")
     import json
 
     import torch

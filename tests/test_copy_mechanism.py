@@ -642,7 +642,8 @@ def test_a_rerun_at_another_n_reuses_only_the_n_free_state(study, tmp_path):
 
 @pytest.mark.parametrize("argv, says", [(["--stage", "heldout", "--n", "0"], "--n: must be an integer >= 1"),
                                         (["--stage", "select", "--n", "100"], "reruns the held-out stages only"),
-                                        (["--stage", "summary", "--threads", "0"], "--threads: must be an integer >= 1")])
+                                        (["--stage", "summary", "--threads", "0"], "--threads: must be an integer >= 1"),
+                                        (["--stage", "select", "--components", "vowel"], "--components vowel: no vowel-probe set for smollm2-135m")])
 def test_the_driver_refuses_a_bad_option_before_anything_runs(study, argv, says, capsys, monkeypatch):
     import mechcopy
 
